@@ -85,7 +85,10 @@ pub struct ObjectRef {
 impl ObjectRef {
     /// A reference to `kind/name`.
     pub fn new(kind: Kind, name: impl Into<String>) -> Self {
-        ObjectRef { kind, name: name.into() }
+        ObjectRef {
+            kind,
+            name: name.into(),
+        }
     }
 }
 
@@ -153,7 +156,10 @@ fn is_zero(n: &u64) -> bool {
 impl ObjectMeta {
     /// Metadata carrying only a name.
     pub fn named(name: impl Into<String>) -> Self {
-        ObjectMeta { name: name.into(), ..Default::default() }
+        ObjectMeta {
+            name: name.into(),
+            ..Default::default()
+        }
     }
 }
 
@@ -177,7 +183,13 @@ pub struct Object {
 impl Object {
     /// A new object with no status.
     pub fn new(kind: Kind, metadata: ObjectMeta, spec: serde_json::Value) -> Self {
-        Object { api_version: API_VERSION.to_owned(), kind, metadata, spec, status: None }
+        Object {
+            api_version: API_VERSION.to_owned(),
+            kind,
+            metadata,
+            spec,
+            status: None,
+        }
     }
 
     /// This object's reference.

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `vmctl` command.
+
+fn main() -> std::process::ExitCode {
+    vmctl::run()
+}

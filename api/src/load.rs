@@ -1,0 +1,208 @@
+//! Loading resources from a path: a VMFile, a manifest, a directory of
+//! them, or standard input.
+
+use std::path::{Path, PathBuf};
+
+use miette::Diagnostic;
+
+use crate::diag::FileDiagnostics;
+use crate::resources::Resource;
+
+/// The name of the VMFile looked for in the current directory.
+pub const VMFILE_NAME: &str = "VMFile.kdl";
+
+/// What a file format is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// VMFile.kdl.
+    Kdl,
+    /// A YAML or JSON manifest.
+    Manifest,
+}
+
+/// Why resources could not be loaded.
+#[derive(Debug, thiserror::Error, Diagnostic)]
+pub enum LoadError {
+    /// The named file does not exist.
+    #[error("{} not found", path.display())]
+    #[diagnostic(
+        code(vmctl::vmfile::not_found),
+        help("create VMFile.kdl in the current directory or name a file with -f/--file")
+    )]
+    NotFound {
+        /// The path that was looked for.
+        path: PathBuf,
+    },
+    /// The file exists but could not be read.
+    #[error("cannot read {}", path.display())]
+    #[diagnostic(code(vmctl::io), help("check the file's permissions"))]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A directory held no VMFiles or manifests.
+    #[error("{} holds no .kdl, .yaml, .yml or .json files", path.display())]
+    #[diagnostic(
+        code(vmctl::vmfile::not_found),
+        help("name a file, or a directory with VMFiles or manifests")
+    )]
+    EmptyDir {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// One or more files have errors.
+    #[error("{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; "))]
+    #[diagnostic(code(vmctl::vmfile::validation))]
+    Invalid(#[related] Vec<FileDiagnostics>),
+    /// Two files define the same object.
+    #[error("{kind} `{name}` is defined in both {first} and {second}")]
+    #[diagnostic(
+        code(vmctl::vmfile::validation),
+        help("names must be unique across the files applied together")
+    )]
+    Duplicate {
+        /// Kind of the object.
+        kind: String,
+        /// Its name.
+        name: String,
+        /// The first file.
+        first: String,
+        /// The second file.
+        second: String,
+    },
+}
+
+/// Resources loaded from one or more files.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The resources, in file order.
+    pub resources: Vec<Resource>,
+    /// The source file of each resource (same index).
+    pub sources: Vec<String>,
+    /// Names of the VMs defined by VMFiles, in file order.
+    pub vm_names: Vec<String>,
+    /// Warnings of files that were accepted.
+    pub warnings: Vec<FileDiagnostics>,
+}
+
+/// Guesses the format of `path` with content `text`.
+pub fn detect_format(path: &Path, text: &str) -> Format {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("kdl") => Format::Kdl,
+        Some("yaml" | "yml" | "json") => Format::Manifest,
+        _ => {
+            let first = text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("//"));
+            match first {
+                Some(l) if l.starts_with("vm ") || l.starts_with("vm\t") || l.starts_with("/*") => {
+                    Format::Kdl
+                }
+                _ => Format::Manifest,
+            }
+        }
+    }
+}
+
+/// Parses `text` of the file `path` (shown to the user as `display`).
+pub fn parse_text(
+    path: &Path,
+    display: &str,
+    text: &str,
+    into: &mut Loaded,
+) -> Result<(), FileDiagnostics> {
+    match detect_format(path, text) {
+        Format::Kdl => {
+            let t = crate::vmfile::parse(display, text, &crate::vmfile::Context::for_file(path))?;
+            into.sources
+                .extend(std::iter::repeat_n(display.to_owned(), t.resources.len()));
+            into.resources.extend(t.resources);
+            into.vm_names.extend(t.vm_names);
+            into.warnings.extend(t.warnings);
+        }
+        Format::Manifest => {
+            let (res, warnings) = crate::manifest::parse(display, text)?;
+            into.sources
+                .extend(std::iter::repeat_n(display.to_owned(), res.len()));
+            into.resources.extend(res);
+            into.warnings.extend(warnings);
+        }
+    }
+    Ok(())
+}
+
+/// Loads a file, every VMFile/manifest of a directory (sorted), or stdin for `-`.
+pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    let mut loaded = Loaded::default();
+    let mut invalid = Vec::new();
+    let files: Vec<PathBuf> = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|source| {
+            LoadError::Io {
+                path: path.into(),
+                source,
+            }
+        })?;
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        if let Err(d) = parse_text(&cwd.join("stdin"), "<stdin>", &text, &mut loaded) {
+            invalid.push(d);
+        }
+        Vec::new()
+    } else if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|source| LoadError::Io {
+                path: path.into(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("kdl" | "yaml" | "yml" | "json")
+                )
+            })
+            .collect();
+        v.sort();
+        if v.is_empty() {
+            return Err(LoadError::EmptyDir { path: path.into() });
+        }
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => LoadError::NotFound { path: f.clone() },
+            _ => LoadError::Io {
+                path: f.clone(),
+                source,
+            },
+        })?;
+        if let Err(d) = parse_text(&f, &f.display().to_string(), &text, &mut loaded) {
+            invalid.push(d);
+        }
+    }
+    if !invalid.is_empty() {
+        return Err(LoadError::Invalid(invalid));
+    }
+    let mut seen = std::collections::HashMap::new();
+    for (r, src) in loaded.resources.iter().zip(&loaded.sources) {
+        let key = (r.kind(), r.name().to_owned());
+        if let Some(first) = seen.insert(key, src.clone()) {
+            // Images derived from one source are identical; anything else is a clash.
+            if r.kind() != crate::meta::Kind::Image {
+                return Err(LoadError::Duplicate {
+                    kind: r.kind().to_string(),
+                    name: r.name().to_owned(),
+                    first,
+                    second: src.clone(),
+                });
+            }
+        }
+    }
+    Ok(loaded)
+}

@@ -1,0 +1,592 @@
+//! The typed resources: VirtualMachine, Image and Provision, their specs and
+//! statuses.
+//!
+//! Status follows KubeVirt's shape: one display `phase`, a list of
+//! `conditions`, `observedGeneration`, and for VMs a start-failure counter with
+//! a backoff deadline. Desired power state is in the spec, never in status.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{Condition, Kind, Object, ObjectMeta, Time};
+
+/// Generates a typed resource struct for one kind, with conversions to and
+/// from the kind-erased [`Object`].
+macro_rules! resource {
+    ($(#[$doc:meta])* $name:ident, $kind:expr, $spec:ty, $status:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        pub struct $name {
+            /// Always `vmctl/v1alpha1`.
+            pub api_version: String,
+            /// The kind's name.
+            pub kind: Kind,
+            /// Metadata.
+            pub metadata: ObjectMeta,
+            /// What the user wants.
+            pub spec: $spec,
+            /// What the controllers observed.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub status: Option<$status>,
+        }
+
+        impl $name {
+            /// The kind of this resource.
+            pub const KIND: Kind = $kind;
+
+            /// A new resource with the given name and spec and no status.
+            pub fn new(name: impl Into<String>, spec: $spec) -> Self {
+                $name {
+                    api_version: crate::meta::API_VERSION.to_owned(),
+                    kind: $kind,
+                    metadata: ObjectMeta::named(name),
+                    spec,
+                    status: None,
+                }
+            }
+
+            /// Converts into the kind-erased form the store keeps.
+            pub fn to_object(&self) -> Object {
+                Object {
+                    api_version: self.api_version.clone(),
+                    kind: $kind,
+                    metadata: self.metadata.clone(),
+                    spec: serde_json::to_value(&self.spec).expect("specs always serialise"),
+                    status: self
+                        .status
+                        .as_ref()
+                        .map(|s| serde_json::to_value(s).expect("statuses always serialise")),
+                }
+            }
+
+            /// Converts from the kind-erased form. Fails if the object is of
+            /// another kind or its spec or status do not match the types.
+            pub fn from_object(obj: &Object) -> Result<Self, serde_json::Error> {
+                if obj.kind != $kind {
+                    return Err(<serde_json::Error as serde::de::Error>::custom(format!(
+                        "expected kind {}, found {}",
+                        $kind, obj.kind
+                    )));
+                }
+                Ok($name {
+                    api_version: obj.api_version.clone(),
+                    kind: $kind,
+                    metadata: obj.metadata.clone(),
+                    spec: serde_json::from_value(obj.spec.clone())?,
+                    status: obj.status.clone().map(serde_json::from_value).transpose()?,
+                })
+            }
+        }
+    };
+}
+
+resource!(
+    /// A virtual machine.
+    VirtualMachine,
+    Kind::VirtualMachine,
+    VirtualMachineSpec,
+    VirtualMachineStatus
+);
+resource!(
+    /// A base disk image that VMs boot from (a copy-on-write overlay is made per VM).
+    Image,
+    Kind::Image,
+    ImageSpec,
+    ImageStatus
+);
+resource!(
+    /// The provisioning steps run over SSH on one VM after it boots.
+    Provision,
+    Kind::Provision,
+    ProvisionSpec,
+    ProvisionStatus
+);
+
+/// Any one resource, tagged by `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Resource {
+    /// A VirtualMachine.
+    VirtualMachine(VirtualMachine),
+    /// An Image.
+    Image(Image),
+    /// A Provision.
+    Provision(Provision),
+}
+
+impl Resource {
+    /// The resource's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Resource::VirtualMachine(_) => Kind::VirtualMachine,
+            Resource::Image(_) => Kind::Image,
+            Resource::Provision(_) => Kind::Provision,
+        }
+    }
+
+    /// The resource's metadata.
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Resource::VirtualMachine(r) => &r.metadata,
+            Resource::Image(r) => &r.metadata,
+            Resource::Provision(r) => &r.metadata,
+        }
+    }
+
+    /// The resource's metadata, mutably.
+    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Resource::VirtualMachine(r) => &mut r.metadata,
+            Resource::Image(r) => &mut r.metadata,
+            Resource::Provision(r) => &mut r.metadata,
+        }
+    }
+
+    /// The resource's name.
+    pub fn name(&self) -> &str {
+        &self.metadata().name
+    }
+
+    /// Converts into the kind-erased form the store keeps.
+    pub fn to_object(&self) -> Object {
+        match self {
+            Resource::VirtualMachine(r) => r.to_object(),
+            Resource::Image(r) => r.to_object(),
+            Resource::Provision(r) => r.to_object(),
+        }
+    }
+
+    /// Converts from the kind-erased form.
+    pub fn from_object(obj: &Object) -> Result<Self, serde_json::Error> {
+        Ok(match obj.kind {
+            Kind::VirtualMachine => Resource::VirtualMachine(VirtualMachine::from_object(obj)?),
+            Kind::Image => Resource::Image(Image::from_object(obj)?),
+            Kind::Provision => Resource::Provision(Provision::from_object(obj)?),
+        })
+    }
+}
+
+// ---------------------------------------------------------------- shared ----
+
+/// A local file whose content matters to the spec. The digest is taken when
+/// the file is applied, so that editing the file later is a spec change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalFile {
+    /// Absolute path on the host.
+    pub path: String,
+    /// `sha256:<hex>` of the content when it was applied. Filled in by the
+    /// parser when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+// -------------------------------------------------------- VirtualMachine ----
+
+/// The desired power state of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum PowerState {
+    /// Booted and executing.
+    #[default]
+    Running,
+    /// Shut down; the disk is kept.
+    Stopped,
+    /// Paused in memory.
+    Suspended,
+}
+
+/// What happens when a spec change cannot be applied to a running VM
+/// (vcpus, memory, disk, network, image, cloud-init).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum UpdatePolicy {
+    /// Report a `RestartRequired` condition and keep running; the change
+    /// takes effect at the next stop/start.
+    #[default]
+    RestartRequired,
+    /// Stop the VM and start it again with the new spec (the disk is kept).
+    Restart,
+}
+
+/// Desired state of a virtual machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualMachineSpec {
+    /// The name of the Image the VM boots from.
+    pub image: String,
+    /// Number of virtual CPUs (1–255).
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// Memory in MiB (16–4194304).
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// Disk size in GiB; when unset the overlay has the base image's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u64>,
+    /// Networking.
+    #[serde(default)]
+    pub network: Network,
+    /// Guest initialisation through cloud-init's NoCloud seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
+    /// How vmctl connects over SSH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshConfig>,
+    /// Desired power state.
+    #[serde(default)]
+    pub power_state: PowerState,
+    /// What to do when a change needs a restart.
+    #[serde(default)]
+    pub update_policy: UpdatePolicy,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_memory() -> u64 {
+    1024
+}
+
+/// Networking mode of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "mode", rename_all = "camelCase", deny_unknown_fields)]
+pub enum Network {
+    /// QEMU user-mode (SLIRP) networking; SSH through a forwarded loopback port.
+    #[default]
+    User,
+    /// A TAP device on a Linux bridge.
+    Tap {
+        /// The bridge to attach to.
+        #[serde(default = "default_bridge")]
+        bridge: String,
+    },
+    /// An illumos VNIC (Propolis backend).
+    Vnic {
+        /// The VNIC's name.
+        name: String,
+    },
+    /// No network device.
+    None,
+}
+
+fn default_bridge() -> String {
+    "br0".to_owned()
+}
+
+/// cloud-init settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloudInit {
+    /// Guest hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// A public key file to authorise for the SSH user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_key: Option<LocalFile>,
+    /// A raw user-data file passed through instead of the generated one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<LocalFile>,
+}
+
+/// SSH connection settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SshConfig {
+    /// User to connect as (default `vm`).
+    #[serde(default = "default_ssh_user")]
+    pub user: String,
+    /// Private key file; default: the generated key, then `~/.ssh` defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    /// How long to wait for SSH to answer after boot, in seconds (default 120).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+}
+
+/// The SSH user when none is given.
+pub fn default_ssh_user() -> String {
+    "vm".to_owned()
+}
+
+/// Display phase of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum VmPhase {
+    /// Accepted, waiting for its image or to be scheduled.
+    #[default]
+    Pending,
+    /// Disk and seed being prepared, hypervisor starting.
+    Starting,
+    /// Running.
+    Running,
+    /// Paused.
+    Suspended,
+    /// Shutting down.
+    Stopping,
+    /// Not running.
+    Stopped,
+    /// Start failed; retrying with backoff.
+    CrashLoopBackOff,
+    /// An error that retrying will not fix.
+    Failed,
+    /// Being deleted.
+    Terminating,
+}
+
+/// Start-failure bookkeeping for backoff.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StartFailure {
+    /// Consecutive failed starts.
+    pub count: u32,
+    /// When the last start failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// Not retried before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<Time>,
+}
+
+/// What is known about the running VM.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmRuntime {
+    /// Hypervisor backend (`qemu`, `propolis`, `fake`).
+    #[serde(default)]
+    pub backend: String,
+    /// Work directory on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<String>,
+    /// The qcow2 overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<String>,
+    /// The cloud-init seed ISO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_iso: Option<String>,
+    /// Hypervisor process id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// VNC display address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc: Option<String>,
+    /// SSH host (127.0.0.1 for user networking, else the guest IP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_host: Option<String>,
+    /// SSH port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_port: Option<u16>,
+    /// The NIC's MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// The instance id given to cloud-init; changes when the VM is recreated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+}
+
+/// Observed state of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineStatus {
+    /// Display phase.
+    #[serde(default)]
+    pub phase: VmPhase,
+    /// Conditions: `ImageReady`, `Ready`, `SshReady`, `RestartRequired`, …
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Generation of the spec this status reflects.
+    #[serde(default)]
+    pub observed_generation: u64,
+    /// Start failures and backoff.
+    #[serde(default)]
+    pub start_failures: StartFailure,
+    /// Runtime details of the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<VmRuntime>,
+}
+
+// ----------------------------------------------------------------- Image ----
+
+/// Where an image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum ImageSource {
+    /// A file on the host (absolute path).
+    Path(String),
+    /// A URL to download into the cache (`.zst`/`.zstd` are decompressed).
+    Url(String),
+}
+
+/// Desired state of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageSpec {
+    /// Where the image comes from.
+    pub source: ImageSource,
+    /// Expected digest, `sha256:<hex>` or `sha512:<hex>`, verified while downloading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+}
+
+/// Display phase of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum ImagePhase {
+    /// Not looked at yet.
+    #[default]
+    Pending,
+    /// Being downloaded.
+    Downloading,
+    /// Available on disk.
+    Ready,
+    /// Could not be made available.
+    Failed,
+}
+
+/// Download progress, updated coarsely.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Bytes done.
+    pub bytes: u64,
+    /// Total bytes, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+}
+
+/// Observed state of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageStatus {
+    /// Display phase.
+    #[serde(default)]
+    pub phase: ImagePhase,
+    /// Conditions: `Ready`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Generation of the spec this status reflects.
+    #[serde(default)]
+    pub observed_generation: u64,
+    /// Path of the usable image on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Detected format (`qcow2`, `raw`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Size of the file in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// Virtual disk size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_size_bytes: Option<u64>,
+    /// Download progress while downloading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+// ------------------------------------------------------------- Provision ----
+
+/// One provisioning step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum ProvisionStep {
+    /// Run a command with the user's shell.
+    Shell {
+        /// The command line.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        inline: Option<String>,
+        /// A local script, uploaded to `/tmp/vmctl-provision-<step>.sh` and run.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        script: Option<LocalFile>,
+    },
+    /// Upload a local file over SFTP, keeping its mode.
+    File {
+        /// The local file.
+        source: LocalFile,
+        /// Absolute path on the guest.
+        destination: String,
+    },
+}
+
+/// Desired state of a VM's provisioning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProvisionSpec {
+    /// The VirtualMachine to provision.
+    pub vm: String,
+    /// Steps, run in order; the first failure stops the run.
+    pub steps: Vec<ProvisionStep>,
+    /// Changed by `vmctl provision` to ask for a re-run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_token: Option<String>,
+}
+
+/// Display phase of a Provision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum ProvisionPhase {
+    /// Waiting for the VM to run and answer SSH.
+    #[default]
+    Pending,
+    /// Steps are running.
+    Running,
+    /// Every step succeeded.
+    Succeeded,
+    /// A step failed or SSH never answered.
+    Failed,
+}
+
+/// Display phase of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum StepPhase {
+    /// Not run yet.
+    #[default]
+    Pending,
+    /// Running now.
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Exited non-zero or could not run.
+    Failed,
+    /// Not run because an earlier step failed.
+    Skipped,
+}
+
+/// What happened to one step in the last run.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepStatus {
+    /// Index of the step (0-based).
+    pub index: u32,
+    /// Phase.
+    pub phase: StepPhase,
+    /// Exit code of a shell step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// When it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// Error message, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Observed state of a Provision.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisionStatus {
+    /// Display phase.
+    #[serde(default)]
+    pub phase: ProvisionPhase,
+    /// Conditions: `Ready`, `SshReady`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Generation of the spec this status reflects.
+    #[serde(default)]
+    pub observed_generation: u64,
+    /// Per-step results of the last run.
+    #[serde(default)]
+    pub steps: Vec<StepStatus>,
+    /// The VM instance id the last run provisioned (a recreated VM re-runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_instance_id: Option<String>,
+}

@@ -1,0 +1,328 @@
+//! Validation of typed resources, shared by the VMFile and manifest readers.
+//!
+//! Checks return [`FieldError`]s naming the field by its path in the
+//! manifest form (`spec.vcpus`); each reader maps paths back to spans in its
+//! own source so the user sees the exact place.
+
+use crate::meta::{API_VERSION, Kind};
+use crate::names::{NAME_HELP, check_name};
+use crate::resources::{
+    CloudInit, ImageSource, ImageSpec, Network, ProvisionSpec, ProvisionStep, Resource,
+    VirtualMachineSpec,
+};
+
+/// Valid range of `vcpus`.
+pub const VCPUS: (u64, u64) = (1, 255);
+/// Valid range of memory in MiB.
+pub const MEMORY_MIB: (u64, u64) = (1, 16 * 1024 * 1024);
+/// Valid range of disk size in GiB.
+pub const DISK_GIB: (u64, u64) = (1, 64 * 1024);
+/// Valid range of the SSH timeout in seconds.
+pub const SSH_TIMEOUT: (u64, u64) = (1, 24 * 3600);
+
+/// Whether a finding stops the file from being applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The file is rejected.
+    Error,
+    /// Reported, but the file is accepted.
+    Warning,
+}
+
+/// One problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `spec.network.bridge`.
+    pub path: String,
+    /// What is wrong, one sentence, no trailing period.
+    pub message: String,
+    /// What to do about it.
+    pub help: Option<String>,
+    /// Error or warning.
+    pub severity: Severity,
+}
+
+impl FieldError {
+    /// An error at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            path: path.into(),
+            message: message.into(),
+            help: None,
+            severity: Severity::Error,
+        }
+    }
+
+    /// Adds a help line.
+    pub fn help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+
+    /// Makes this a warning.
+    pub fn warning(mut self) -> Self {
+        self.severity = Severity::Warning;
+        self
+    }
+}
+
+/// Checks that `value` lies in `range`, naming the field in the message.
+pub fn check_range(path: &str, what: &str, value: u64, range: (u64, u64)) -> Option<FieldError> {
+    (value < range.0 || value > range.1).then(|| {
+        FieldError::new(path, format!("{what} {value} is out of range")).help(format!(
+            "{what} must be between {} and {}",
+            range.0, range.1
+        ))
+    })
+}
+
+/// Validates one resource of any kind.
+pub fn validate(resource: &Resource) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    let (api_version, kind, name) = match resource {
+        Resource::VirtualMachine(r) => (&r.api_version, r.kind, &r.metadata.name),
+        Resource::Image(r) => (&r.api_version, r.kind, &r.metadata.name),
+        Resource::Provision(r) => (&r.api_version, r.kind, &r.metadata.name),
+    };
+    if api_version != API_VERSION {
+        errs.push(
+            FieldError::new(
+                "apiVersion",
+                format!("unsupported apiVersion `{api_version}`"),
+            )
+            .help(format!("this vmctl speaks `{API_VERSION}`")),
+        );
+    }
+    if kind != resource.kind() {
+        errs.push(FieldError::new(
+            "kind",
+            format!("kind {kind} does not match the object"),
+        ));
+    }
+    if let Err(msg) = check_name(name) {
+        errs.push(FieldError::new("metadata.name", msg).help(NAME_HELP));
+    }
+    match resource {
+        Resource::VirtualMachine(r) => validate_vm(&r.spec, &mut errs),
+        Resource::Image(r) => validate_image(&r.spec, &mut errs),
+        Resource::Provision(r) => validate_provision(&r.spec, &mut errs),
+    }
+    errs
+}
+
+fn validate_vm(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
+    if let Err(msg) = check_name(&spec.image) {
+        errs.push(FieldError::new("spec.image", format!("image reference: {msg}")).help(NAME_HELP));
+    }
+    errs.extend(check_range("spec.vcpus", "vcpus", spec.vcpus.into(), VCPUS));
+    errs.extend(check_range(
+        "spec.memoryMib",
+        "memory (MiB)",
+        spec.memory_mib,
+        MEMORY_MIB,
+    ));
+    if let Some(d) = spec.disk_gib {
+        errs.extend(check_range("spec.diskGib", "disk (GiB)", d, DISK_GIB));
+    }
+    match &spec.network {
+        Network::Tap { bridge } => {
+            if let Err(m) = check_ifname(bridge) {
+                errs.push(FieldError::new(
+                    "spec.network.bridge",
+                    format!("bridge {m}"),
+                ));
+            }
+        }
+        Network::Vnic { name } => {
+            if let Err(m) = check_ifname(name) {
+                errs.push(FieldError::new("spec.network.name", format!("VNIC {m}")));
+            }
+        }
+        Network::User | Network::None => {}
+    }
+    if let Some(ci) = &spec.cloud_init {
+        validate_cloud_init(ci, errs);
+    }
+    if let Some(ssh) = &spec.ssh {
+        if !is_unix_user(&ssh.user) {
+            errs.push(
+                FieldError::new("spec.ssh.user", format!("`{}` is not a valid user name", ssh.user))
+                    .help("user names are 1-32 lowercase letters, digits, '_' or '-', starting with a letter or '_'"),
+            );
+        }
+        if let Some(t) = ssh.timeout_seconds {
+            errs.extend(check_range(
+                "spec.ssh.timeoutSeconds",
+                "SSH timeout (s)",
+                t.into(),
+                SSH_TIMEOUT,
+            ));
+        }
+        if let Some(k) = &ssh.private_key {
+            check_abs("spec.ssh.privateKey", k, errs);
+        }
+    }
+}
+
+fn validate_cloud_init(ci: &CloudInit, errs: &mut Vec<FieldError>) {
+    if let Some(h) = &ci.hostname {
+        if let Err(m) = check_name(h) {
+            errs.push(
+                FieldError::new(
+                    "spec.cloudInit.hostname",
+                    format!("hostname: {}", m.replacen("name", "hostname", 1)),
+                )
+                .help("a hostname is a DNS label: lowercase letters, digits and '-'"),
+            );
+        }
+    }
+    if let Some(f) = &ci.ssh_key {
+        check_abs("spec.cloudInit.sshKey.path", &f.path, errs);
+    }
+    if let Some(f) = &ci.user_data {
+        check_abs("spec.cloudInit.userData.path", &f.path, errs);
+    }
+    if ci.ssh_key.is_some() && ci.user_data.is_some() {
+        errs.push(
+            FieldError::new("spec.cloudInit.sshKey", "ssh-key is ignored when user-data is given")
+                .help("put the key in your user-data's ssh_authorized_keys, or drop user-data to let vmctl generate it")
+                .warning(),
+        );
+    }
+}
+
+fn validate_image(spec: &ImageSpec, errs: &mut Vec<FieldError>) {
+    match &spec.source {
+        ImageSource::Path(p) => check_abs("spec.source.path", p, errs),
+        ImageSource::Url(u) => {
+            if let Err(m) = check_url(u) {
+                errs.push(
+                    FieldError::new("spec.source.url", m)
+                        .help("give an http://, https:// or file:// URL"),
+                );
+            }
+        }
+    }
+    if let Some(c) = &spec.checksum {
+        if let Err(m) = check_checksum(c) {
+            errs.push(
+                FieldError::new("spec.checksum", m)
+                    .help("write it as `sha256:<64 hex digits>` or `sha512:<128 hex digits>`"),
+            );
+        }
+    }
+}
+
+fn validate_provision(spec: &ProvisionSpec, errs: &mut Vec<FieldError>) {
+    if let Err(msg) = check_name(&spec.vm) {
+        errs.push(FieldError::new("spec.vm", format!("VM reference: {msg}")).help(NAME_HELP));
+    }
+    for (i, step) in spec.steps.iter().enumerate() {
+        let at = format!("spec.steps[{i}]");
+        match step {
+            ProvisionStep::Shell { inline, script } => match (inline, script) {
+                (Some(_), Some(_)) => errs.push(
+                    FieldError::new(
+                        format!("{at}.script"),
+                        "a shell provisioner has both `inline` and `script`",
+                    )
+                    .help("keep exactly one of them; use two provision blocks to run both"),
+                ),
+                (None, None) => errs.push(
+                    FieldError::new(at.clone(), "a shell provisioner needs `inline` or `script`")
+                        .help("add `inline \"command\"` or `script \"path/to/script.sh\"`"),
+                ),
+                (None, Some(s)) => check_abs(&format!("{at}.script.path"), &s.path, errs),
+                (Some(_), None) => {}
+            },
+            ProvisionStep::File {
+                source,
+                destination,
+            } => {
+                check_abs(&format!("{at}.source.path"), &source.path, errs);
+                if !destination.starts_with('/') {
+                    errs.push(
+                        FieldError::new(
+                            format!("{at}.destination"),
+                            format!("destination `{destination}` is not an absolute path"),
+                        )
+                        .help("give the full path on the guest, e.g. `/home/vm/app.conf`"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn check_abs(path: &str, value: &str, errs: &mut Vec<FieldError>) {
+    if !value.starts_with('/') {
+        errs.push(FieldError::new(path, format!("`{value}` is not an absolute path")).help(
+            "manifests carry absolute host paths; VMFiles resolve relative paths against their directory",
+        ));
+    }
+}
+
+/// Checks a Linux interface name (bridges, TAP devices, VNICs).
+pub fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!("name `{name}` must be 1-15 characters"));
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c.is_whitespace() || c == ':')
+        || name == "."
+        || name == ".."
+    {
+        return Err(format!(
+            "name `{name}` contains characters not allowed in an interface name"
+        ));
+    }
+    Ok(())
+}
+
+fn is_unix_user(u: &str) -> bool {
+    let mut chars = u.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && u.len() <= 32
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+/// Checks an image URL.
+pub fn check_url(u: &str) -> Result<(), String> {
+    match url::Url::parse(u) {
+        Ok(url) if matches!(url.scheme(), "http" | "https" | "file") => {
+            if url.path().ends_with('/') || url.path().is_empty() {
+                Err(format!("URL `{u}` does not name a file"))
+            } else {
+                Ok(())
+            }
+        }
+        Ok(url) => Err(format!("URL scheme `{}` is not supported", url.scheme())),
+        Err(e) => Err(format!("`{u}` is not a valid URL: {e}")),
+    }
+}
+
+/// Checks a `sha256:`/`sha512:` checksum.
+pub fn check_checksum(c: &str) -> Result<(), String> {
+    let (algo, hex) = c
+        .split_once(':')
+        .ok_or_else(|| format!("checksum `{c}` has no algorithm prefix"))?;
+    let want = match algo {
+        "sha256" => 64,
+        "sha512" => 128,
+        other => return Err(format!("checksum algorithm `{other}` is not supported")),
+    };
+    if hex.len() != want || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("{algo} checksum must be {want} hex digits"));
+    }
+    Ok(())
+}
+
+/// Which kinds a manifest may contain, for error messages.
+pub fn kinds_list() -> String {
+    Kind::ALL
+        .iter()
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,756 @@
+//! Reading one `vm` block.
+
+use std::io::Read;
+
+use kdl::{KdlEntry, KdlNode};
+use miette::SourceSpan;
+use sha2::{Digest, Sha256};
+
+use super::reader::{CODE, Reader, Spanned, name_span};
+use super::{Context, SpanMap};
+use crate::diag::Problem;
+use crate::resources::{
+    CloudInit, ImageSource, LocalFile, Network, PowerState, Provision, ProvisionSpec,
+    ProvisionStep, Resource, SshConfig, UpdatePolicy, VirtualMachine, VirtualMachineSpec,
+    default_ssh_user,
+};
+
+const VM_NODES: &[&str] = &[
+    "image",
+    "image-url",
+    "vcpus",
+    "memory",
+    "disk",
+    "network",
+    "cloud-init",
+    "ssh",
+    "provision",
+    "power-state",
+    "update-policy",
+];
+
+/// A VM block read from the file, with the spans of its fields.
+#[derive(Debug)]
+pub struct VmDraft {
+    pub name: Spanned<String>,
+    pub image_source: Option<Spanned<ImageSource>>,
+    pub checksum: Option<Spanned<String>>,
+    spec: VirtualMachineSpec,
+    steps: Vec<ProvisionStep>,
+    vm_spans: SpanMap,
+    prov_spans: SpanMap,
+}
+
+impl VmDraft {
+    /// The VirtualMachine and, when there are steps, its Provision, each
+    /// with the spans of its fields.
+    pub fn into_resources(mut self, image_name: Option<String>) -> Vec<(Resource, SpanMap)> {
+        // A VM without a usable image source has already been reported;
+        // the placeholder keeps validation of the other fields going.
+        self.spec.image = image_name.unwrap_or_else(|| "missing-image".to_owned());
+        let mut vm = VirtualMachine::new(self.name.value.clone(), self.spec);
+        vm.metadata
+            .labels
+            .insert("vmctl.dev/vm".into(), self.name.value.clone());
+        let mut out = vec![(Resource::VirtualMachine(vm), self.vm_spans)];
+        if !self.steps.is_empty() {
+            let spec = ProvisionSpec {
+                vm: self.name.value.clone(),
+                steps: self.steps,
+                run_token: None,
+            };
+            let mut p = Provision::new(self.name.value.clone(), spec);
+            p.metadata
+                .labels
+                .insert("vmctl.dev/vm".into(), self.name.value);
+            out.push((Resource::Provision(p), self.prov_spans));
+        }
+        out
+    }
+}
+
+/// Reads one `vm "name" { … }` block.
+pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft> {
+    let entries = rd.entries(node, &[], 1);
+    let name = match entries.args.first() {
+        Some(e) => rd.string(e, "the VM name")?,
+        None => {
+            rd.push(
+                Problem::error(CODE, name_span(node), "`vm` needs a name")
+                    .label("missing name")
+                    .help("write it as `vm \"dev\" { … }`"),
+            );
+            return None;
+        }
+    };
+    let mut d = VmDraft {
+        name: name.clone(),
+        image_source: None,
+        checksum: None,
+        spec: VirtualMachineSpec {
+            image: String::new(),
+            vcpus: 1,
+            memory_mib: 1024,
+            disk_gib: None,
+            network: Network::User,
+            cloud_init: None,
+            ssh: None,
+            power_state: PowerState::Running,
+            update_policy: UpdatePolicy::RestartRequired,
+        },
+        steps: Vec::new(),
+        vm_spans: SpanMap::new(),
+        prov_spans: SpanMap::new(),
+    };
+    for key in ["", "metadata.name", "spec"] {
+        d.vm_spans.insert(key.into(), name.span);
+        d.prov_spans.insert(key.into(), name.span);
+    }
+    d.prov_spans.insert("spec.vm".into(), name.span);
+    let Some(children) = node.children() else {
+        rd.push(
+            Problem::error(CODE, name.span, format!("VM `{}` has no image", name.value))
+                .label("no block")
+                .help("give it a block with an image: `vm \"dev\" { image-url \"https://…\" }`"),
+        );
+        return Some(d);
+    };
+    let mut first: std::collections::HashMap<&str, SourceSpan> = Default::default();
+    let mut image_node_span = None;
+    for child in children.nodes() {
+        let cname = child.name().value();
+        if !VM_NODES.contains(&cname) {
+            rd.unknown_node(child, "a `vm` block", VM_NODES);
+            continue;
+        }
+        if cname != "provision" {
+            let key = if cname == "image-url" { "image" } else { cname };
+            if let Some(f) = first.get(key) {
+                if key == "image" {
+                    rd.push(
+                        Problem::error(CODE, name_span(child), "a VM has exactly one image source")
+                            .label("second image source")
+                            .help("keep either `image` (a local file) or `image-url` (a download), not both"),
+                    );
+                } else {
+                    rd.duplicate(child, *f);
+                }
+                continue;
+            }
+            first.insert(key, name_span(child));
+        }
+        match cname {
+            "image" | "image-url" => {
+                image_node_span = Some(name_span(child));
+                read_image(rd, child, ctx, &mut d);
+            }
+            "vcpus" => {
+                if let Some(v) = rd
+                    .leaf(child, "vcpus 2")
+                    .and_then(|e| rd.integer(e, "vcpus"))
+                {
+                    d.vm_spans.insert("spec.vcpus".into(), v.span);
+                    d.spec.vcpus = u32::try_from(v.value).unwrap_or(u32::MAX);
+                    if v.value > u64::from(u32::MAX) {
+                        rd.error(
+                            v.span,
+                            format!("vcpus {} is out of range", v.value),
+                            "vcpus must be between 1 and 255",
+                        );
+                    }
+                }
+            }
+            "memory" => {
+                if let Some(e) = rd.leaf(child, "memory 2048") {
+                    if let Some(v) = read_size(rd, e, "memory", 1) {
+                        d.vm_spans.insert("spec.memoryMib".into(), v.span);
+                        d.spec.memory_mib = v.value;
+                    }
+                }
+            }
+            "disk" => {
+                if let Some(e) = rd.leaf(child, "disk 20") {
+                    if let Some(v) = read_size(rd, e, "disk", 1024) {
+                        d.vm_spans.insert("spec.diskGib".into(), v.span);
+                        d.spec.disk_gib = Some(v.value);
+                    }
+                }
+            }
+            "network" => read_network(rd, child, &mut d),
+            "cloud-init" => read_cloud_init(rd, child, ctx, &mut d),
+            "ssh" => read_ssh(rd, child, ctx, &mut d),
+            "provision" => read_provision(rd, child, ctx, &mut d),
+            "power-state" => {
+                if let Some(s) = rd
+                    .leaf(child, "power-state \"running\"")
+                    .and_then(|e| rd.string(e, "power-state"))
+                {
+                    d.vm_spans.insert("spec.powerState".into(), s.span);
+                    match s.value.to_ascii_lowercase().as_str() {
+                        "running" => d.spec.power_state = PowerState::Running,
+                        "stopped" => d.spec.power_state = PowerState::Stopped,
+                        "suspended" => d.spec.power_state = PowerState::Suspended,
+                        other => rd.error(
+                            s.span,
+                            format!("unknown power state `{other}`"),
+                            "use \"running\", \"stopped\" or \"suspended\"",
+                        ),
+                    }
+                }
+            }
+            "update-policy" => {
+                if let Some(s) = rd
+                    .leaf(child, "update-policy \"restart\"")
+                    .and_then(|e| rd.string(e, "update-policy"))
+                {
+                    d.vm_spans.insert("spec.updatePolicy".into(), s.span);
+                    match s.value.as_str() {
+                        "restart" => d.spec.update_policy = UpdatePolicy::Restart,
+                        "restart-required" => d.spec.update_policy = UpdatePolicy::RestartRequired,
+                        other => rd.error(s.span, format!("unknown update policy `{other}`"), "use \"restart-required\" (report and wait) or \"restart\" (restart the VM)"),
+                    }
+                }
+            }
+            _ => unreachable!("checked against VM_NODES"),
+        }
+    }
+    if d.image_source.is_none() && image_node_span.is_none() {
+        rd.push(
+            Problem::error(
+                CODE,
+                name.span,
+                format!("VM `{}` has no image source", name.value),
+            )
+            .label("no image")
+            .help("add `image \"path/to/disk.qcow2\"` or `image-url \"https://…/disk.qcow2\"`"),
+        );
+    }
+    Some(d)
+}
+
+/// Reads a size: a plain integer in the node's unit (MiB for memory, GiB
+/// for disk) or a string with a unit suffix (`"2G"`, `"512M"`).
+fn read_size(rd: &mut Reader, e: &KdlEntry, what: &str, mib_per_unit: u64) -> Option<Spanned<u64>> {
+    if let Some(s) = e.value().as_string() {
+        let span = rd.vspan(e);
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let mib: Option<u64> = match unit.trim().to_ascii_uppercase().as_str() {
+            "M" | "MB" | "MIB" => Some(1),
+            "G" | "GB" | "GIB" => Some(1024),
+            "T" | "TB" | "TIB" => Some(1024 * 1024),
+            _ => None,
+        };
+        let value = num
+            .parse::<u64>()
+            .ok()
+            .zip(mib)
+            .and_then(|(n, m)| n.checked_mul(m));
+        return match value {
+            Some(v) if v % mib_per_unit == 0 => Some(Spanned {
+                value: v / mib_per_unit,
+                span,
+            }),
+            Some(_) => {
+                rd.error(
+                    span,
+                    format!("{what} `{s}` is not a whole number of GiB"),
+                    "give the disk size in whole gigabytes",
+                );
+                None
+            }
+            None => {
+                rd.error(
+                    span,
+                    format!("{what} `{s}` is not a size"),
+                    format!(
+                        "write a number ({} ) or a string with a unit like \"2G\" or \"512M\"",
+                        if mib_per_unit == 1 { "MiB" } else { "GiB" }
+                    ),
+                );
+                None
+            }
+        };
+    }
+    rd.integer(e, what)
+}
+
+fn read_image(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
+    let is_url = node.name().value() == "image-url";
+    let entries = rd.entries(node, &["checksum"], 1);
+    rd.no_children(node);
+    let Some(arg) = entries.args.first() else {
+        let ex = if is_url {
+            "image-url \"https://example.com/disk.qcow2\""
+        } else {
+            "image \"images/disk.qcow2\""
+        };
+        rd.push(
+            Problem::error(
+                CODE,
+                name_span(node),
+                format!("`{}` needs a value", node.name().value()),
+            )
+            .label("missing value")
+            .help(format!("write it as `{ex}`")),
+        );
+        return;
+    };
+    let Some(s) = rd.string(arg, node.name().value()) else {
+        return;
+    };
+    if let Some(c) = entries.props.get("checksum") {
+        if let Some(c) = rd.string(c, "checksum") {
+            if let Err(m) = crate::validate::check_checksum(&c.value) {
+                rd.error(c.span, m, "write it as `checksum=\"sha256:<64 hex digits>\"` or `sha512:<128 hex digits>`");
+            }
+            d.checksum = Some(c);
+        }
+    }
+    if is_url {
+        if let Err(m) = crate::validate::check_url(&s.value) {
+            rd.error(
+                s.span,
+                m,
+                "give an http://, https:// or file:// URL of a disk image",
+            );
+            return;
+        }
+        d.image_source = Some(Spanned {
+            value: ImageSource::Url(s.value),
+            span: s.span,
+        });
+    } else {
+        let path = ctx.resolve(&s.value);
+        if !path.exists() {
+            rd.push(
+                Problem::error(
+                    CODE,
+                    s.span,
+                    format!("image file {} does not exist (yet)", path.display()),
+                )
+                .label("not found")
+                .help(format!(
+                    "the Image will wait until it exists; relative paths are resolved against {}",
+                    ctx.base_dir.display()
+                ))
+                .warning(),
+            );
+        }
+        d.image_source = Some(Spanned {
+            value: ImageSource::Path(path.to_string_lossy().into_owned()),
+            span: s.span,
+        });
+    }
+}
+
+fn read_network(rd: &mut Reader, node: &KdlNode, d: &mut VmDraft) {
+    let entries = rd.entries(node, &["bridge", "name"], 1);
+    let Some(mode) = entries
+        .args
+        .first()
+        .and_then(|e| rd.string(e, "network mode"))
+    else {
+        if entries.args.is_empty() {
+            rd.push(
+                Problem::error(CODE, name_span(node), "`network` needs a mode")
+                    .label("missing mode")
+                    .help("write `network \"user\"`, `\"tap\"`, `\"vnic\"` or `\"none\"`"),
+            );
+        }
+        return;
+    };
+    d.vm_spans.insert("spec.network".into(), mode.span);
+    // The bridge or VNIC name may be a property or a child node; the tool we
+    // replace silently ignored the child form.
+    let mut attrs: std::collections::HashMap<&str, Spanned<String>> = Default::default();
+    for key in ["bridge", "name"] {
+        if let Some(e) = entries.props.get(key) {
+            if let Some(v) = rd.string(e, key) {
+                attrs.insert(key, v);
+            }
+        }
+    }
+    if let Some(children) = node.children() {
+        for c in children.nodes() {
+            let cname = c.name().value();
+            let key = match cname {
+                "bridge" => "bridge",
+                "name" => "name",
+                _ => {
+                    rd.unknown_node(c, "a `network` block", &["bridge", "name"]);
+                    continue;
+                }
+            };
+            let Some(v) = rd
+                .leaf(c, &format!("{key} \"br0\""))
+                .and_then(|e| rd.string(e, key))
+            else {
+                continue;
+            };
+            if let Some(prev) = attrs.get(key) {
+                rd.push(
+                    Problem::error(
+                        CODE,
+                        v.span,
+                        format!("`{key}` is given both as a property and in the block"),
+                    )
+                    .label("second value")
+                    .help(format!("keep one: the property says `{}`", prev.value)),
+                );
+                continue;
+            }
+            attrs.insert(key, v);
+        }
+    }
+    let wrong = |rd: &mut Reader,
+                 key: &str,
+                 mode: &str,
+                 attrs: &std::collections::HashMap<&str, Spanned<String>>| {
+        if let Some(v) = attrs.get(key) {
+            rd.error(
+                v.span,
+                format!("`{key}` does not apply to network mode `{mode}`"),
+                match key {
+                    "bridge" => "only `network \"tap\"` takes a bridge",
+                    _ => "only `network \"vnic\"` takes a name",
+                },
+            );
+        }
+    };
+    d.spec.network = match mode.value.as_str() {
+        "user" | "none" => {
+            wrong(rd, "bridge", &mode.value, &attrs);
+            wrong(rd, "name", &mode.value, &attrs);
+            if mode.value == "user" {
+                Network::User
+            } else {
+                Network::None
+            }
+        }
+        "tap" => {
+            wrong(rd, "name", "tap", &attrs);
+            let bridge = attrs.get("bridge").map(|b| {
+                d.vm_spans.insert("spec.network.bridge".into(), b.span);
+                b.value.clone()
+            });
+            Network::Tap {
+                bridge: bridge.unwrap_or_else(|| "br0".into()),
+            }
+        }
+        "vnic" => {
+            wrong(rd, "bridge", "vnic", &attrs);
+            match attrs.get("name") {
+                Some(n) => {
+                    d.vm_spans.insert("spec.network.name".into(), n.span);
+                    Network::Vnic {
+                        name: n.value.clone(),
+                    }
+                }
+                None => {
+                    rd.error(
+                        mode.span,
+                        "network mode `vnic` needs a VNIC name",
+                        "write `network \"vnic\" name=\"vnic0\"`",
+                    );
+                    return;
+                }
+            }
+        }
+        other => {
+            let help = match crate::diag::did_you_mean(other, &["user", "tap", "vnic", "none"]) {
+                Some(s) => format!(
+                    "did you mean \"{s}\"? Modes are \"user\", \"tap\", \"vnic\" and \"none\""
+                ),
+                None => "modes are \"user\", \"tap\", \"vnic\" and \"none\"".into(),
+            };
+            rd.push(
+                Problem::error(CODE, mode.span, format!("unknown network mode `{other}`"))
+                    .label("unknown mode")
+                    .help(help),
+            );
+            return;
+        }
+    };
+}
+
+/// Reads a local file path and captures its content digest, so that an
+/// edit to the file is a change of the spec.
+fn read_file(
+    rd: &mut Reader,
+    e: &KdlEntry,
+    what: &str,
+    ctx: &Context,
+) -> Option<Spanned<LocalFile>> {
+    let s = rd.string(e, what)?;
+    let path = ctx.resolve(&s.value);
+    match digest_file(&path) {
+        Ok(digest) => Some(Spanned {
+            value: LocalFile {
+                path: path.to_string_lossy().into_owned(),
+                digest: Some(digest),
+            },
+            span: s.span,
+        }),
+        Err(err) => {
+            let msg = match err.kind() {
+                std::io::ErrorKind::NotFound => format!("{what} {} does not exist", path.display()),
+                _ => format!("cannot read {what} {}: {err}", path.display()),
+            };
+            rd.push(
+                Problem::error(CODE, s.span, msg)
+                    .label("cannot read")
+                    .help(format!(
+                        "paths are resolved against the VMFile's directory ({}); `~` is your home",
+                        ctx.base_dir.display()
+                    )),
+            );
+            None
+        }
+    }
+}
+
+/// `sha256:<hex>` of a file's content, streamed.
+pub fn digest_file(path: &std::path::Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    if f.metadata()?.is_dir() {
+        return Err(std::io::Error::other("it is a directory, not a file"));
+    }
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+fn read_cloud_init(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
+    rd.entries(node, &[], 0);
+    let mut ci = CloudInit::default();
+    d.vm_spans.insert("spec.cloudInit".into(), name_span(node));
+    const KNOWN: &[&str] = &["hostname", "ssh-key", "user-data"];
+    let mut seen: std::collections::HashMap<String, SourceSpan> = Default::default();
+    for c in node.children().map(|c| c.nodes()).unwrap_or_default() {
+        let cname = c.name().value();
+        if !KNOWN.contains(&cname) {
+            rd.unknown_node(c, "a `cloud-init` block", KNOWN);
+            continue;
+        }
+        if let Some(f) = seen.insert(cname.to_owned(), name_span(c)) {
+            rd.duplicate(c, f);
+            continue;
+        }
+        let Some(e) = rd.leaf(c, &format!("{cname} \"…\"")) else {
+            continue;
+        };
+        match cname {
+            "hostname" => {
+                if let Some(h) = rd.string(e, "hostname") {
+                    d.vm_spans.insert("spec.cloudInit.hostname".into(), h.span);
+                    ci.hostname = Some(h.value);
+                }
+            }
+            "ssh-key" => {
+                if let Some(f) = read_file(rd, e, "ssh-key", ctx) {
+                    d.vm_spans.insert("spec.cloudInit.sshKey".into(), f.span);
+                    ci.ssh_key = Some(f.value);
+                }
+            }
+            _ => {
+                if let Some(f) = read_file(rd, e, "user-data", ctx) {
+                    d.vm_spans.insert("spec.cloudInit.userData".into(), f.span);
+                    ci.user_data = Some(f.value);
+                }
+            }
+        }
+    }
+    d.spec.cloud_init = Some(ci);
+}
+
+fn read_ssh(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
+    rd.entries(node, &[], 0);
+    let mut ssh = SshConfig {
+        user: default_ssh_user(),
+        private_key: None,
+        timeout_seconds: None,
+    };
+    d.vm_spans.insert("spec.ssh".into(), name_span(node));
+    const KNOWN: &[&str] = &["user", "private-key", "timeout"];
+    let mut seen: std::collections::HashMap<String, SourceSpan> = Default::default();
+    for c in node.children().map(|c| c.nodes()).unwrap_or_default() {
+        let cname = c.name().value();
+        if !KNOWN.contains(&cname) {
+            rd.unknown_node(c, "an `ssh` block", KNOWN);
+            continue;
+        }
+        if let Some(f) = seen.insert(cname.to_owned(), name_span(c)) {
+            rd.duplicate(c, f);
+            continue;
+        }
+        let Some(e) = rd.leaf(c, &format!("{cname} \"…\"")) else {
+            continue;
+        };
+        match cname {
+            "user" => {
+                if let Some(u) = rd.string(e, "user") {
+                    d.vm_spans.insert("spec.ssh.user".into(), u.span);
+                    ssh.user = u.value;
+                }
+            }
+            "private-key" => {
+                if let Some(k) = rd.string(e, "private-key") {
+                    let path = ctx.resolve(&k.value);
+                    if !path.exists() {
+                        rd.push(
+                            Problem::error(CODE, k.span, format!("private key {} does not exist", path.display()))
+                                .label("not found")
+                                .help("vmctl will fail to connect until it exists; paths are relative to the VMFile")
+                                .warning(),
+                        );
+                    }
+                    d.vm_spans.insert("spec.ssh.privateKey".into(), k.span);
+                    ssh.private_key = Some(path.to_string_lossy().into_owned());
+                }
+            }
+            _ => {
+                if let Some(t) = rd.integer(e, "timeout") {
+                    d.vm_spans.insert("spec.ssh.timeoutSeconds".into(), t.span);
+                    ssh.timeout_seconds = Some(u32::try_from(t.value).unwrap_or(u32::MAX));
+                }
+            }
+        }
+    }
+    d.spec.ssh = Some(ssh);
+}
+
+fn read_provision(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
+    let idx = d.steps.len();
+    let at = format!("spec.steps[{idx}]");
+    let entries = rd.entries(node, &[], 1);
+    let Some(kind) = entries
+        .args
+        .first()
+        .and_then(|e| rd.string(e, "provisioner type"))
+    else {
+        if entries.args.is_empty() {
+            rd.push(
+                Problem::error(CODE, name_span(node), "`provision` needs a type")
+                    .label("missing type")
+                    .help("write `provision \"shell\" { … }` or `provision \"file\" { … }`"),
+            );
+        }
+        return;
+    };
+    d.prov_spans.insert(at.clone(), kind.span);
+    let known: &[&str] = match kind.value.as_str() {
+        "shell" => &["inline", "script"],
+        "file" => &["source", "destination"],
+        other => {
+            let help = match crate::diag::did_you_mean(other, &["shell", "file"]) {
+                Some(s) => format!("did you mean \"{s}\"?"),
+                None => "provisioner types are \"shell\" and \"file\"".into(),
+            };
+            rd.push(
+                Problem::error(
+                    CODE,
+                    kind.span,
+                    format!("unknown provisioner type `{other}`"),
+                )
+                .label("unknown type")
+                .help(help),
+            );
+            return;
+        }
+    };
+    let mut inline = None;
+    let mut script = None;
+    let mut source = None;
+    let mut destination = None;
+    let mut seen: std::collections::HashMap<String, SourceSpan> = Default::default();
+    let context = format!("a `provision \"{}\"` block", kind.value);
+    for c in node.children().map(|c| c.nodes()).unwrap_or_default() {
+        let cname = c.name().value();
+        if !known.contains(&cname) {
+            rd.unknown_node(c, &context, known);
+            continue;
+        }
+        if let Some(f) = seen.insert(cname.to_owned(), name_span(c)) {
+            rd.duplicate(c, f);
+            continue;
+        }
+        let Some(e) = rd.leaf(c, &format!("{cname} \"…\"")) else {
+            continue;
+        };
+        match cname {
+            "inline" => {
+                if let Some(s) = rd.string(e, "inline") {
+                    d.prov_spans.insert(format!("{at}.inline"), s.span);
+                    inline = Some(s.value);
+                }
+            }
+            "script" => {
+                // Keep the step even when the file is unreadable so the
+                // "exactly one of" check still sees it.
+                if let Some(f) = read_file(rd, e, "script", ctx) {
+                    d.prov_spans.insert(format!("{at}.script"), f.span);
+                    script = Some(f.value);
+                } else {
+                    script = Some(LocalFile {
+                        path: "/unreadable".into(),
+                        digest: None,
+                    });
+                }
+            }
+            "source" => {
+                if let Some(f) = read_file(rd, e, "source", ctx) {
+                    d.prov_spans.insert(format!("{at}.source"), f.span);
+                    source = Some(f.value);
+                } else {
+                    source = Some(LocalFile {
+                        path: "/unreadable".into(),
+                        digest: None,
+                    });
+                }
+            }
+            _ => {
+                if let Some(s) = rd.string(e, "destination") {
+                    d.prov_spans.insert(format!("{at}.destination"), s.span);
+                    destination = Some(s.value);
+                }
+            }
+        }
+    }
+    let step = if kind.value == "shell" {
+        ProvisionStep::Shell { inline, script }
+    } else {
+        match (source, destination) {
+            (Some(source), Some(destination)) => ProvisionStep::File {
+                source,
+                destination,
+            },
+            (s, dst) => {
+                let missing = match (s.is_none(), dst.is_none()) {
+                    (true, true) => "`source` and `destination`",
+                    (true, false) => "`source`",
+                    _ => "`destination`",
+                };
+                rd.error(
+                    kind.span,
+                    format!("a file provisioner needs {missing}"),
+                    "write `provision \"file\" { source \"local/file\"; destination \"/absolute/path/on/guest\" }`",
+                );
+                // Keep indices aligned with the file for later steps.
+                ProvisionStep::Shell {
+                    inline: Some(String::new()),
+                    script: None,
+                }
+            }
+        }
+    };
+    d.steps.push(step);
+}
