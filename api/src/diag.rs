@@ -126,6 +126,19 @@ impl FileDiagnostics {
         }
     }
 
+    /// The text of the file.
+    pub fn text(&self) -> &str {
+        self.source.inner().as_str()
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    pub fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = self.text().get(..offset).unwrap_or("");
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+        (line, column)
+    }
+
     /// Whether any problem is an error (warnings alone do not reject a file).
     pub fn has_errors(&self) -> bool {
         self.problems.iter().any(|p| p.severity == Severity::Error)

@@ -405,14 +405,20 @@ pub struct VirtualMachineStatus {
 
 // ----------------------------------------------------------------- Image ----
 
-/// Where an image comes from.
+/// Where an image comes from: `{path: …}` or `{url: …}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum ImageSource {
-    /// A file on the host (absolute path).
-    Path(String),
+    /// A file on the host.
+    Path {
+        /// Absolute path of the image file.
+        path: String,
+    },
     /// A URL to download into the cache (`.zst`/`.zstd` are decompressed).
-    Url(String),
+    Url {
+        /// The http(s) or file URL.
+        url: String,
+    },
 }
 
 /// Desired state of an image.

@@ -193,8 +193,8 @@ fn validate_cloud_init(ci: &CloudInit, errs: &mut Vec<FieldError>) {
 
 fn validate_image(spec: &ImageSpec, errs: &mut Vec<FieldError>) {
     match &spec.source {
-        ImageSource::Path(p) => check_abs("spec.source.path", p, errs),
-        ImageSource::Url(u) => {
+        ImageSource::Path { path: p } => check_abs("spec.source.path", p, errs),
+        ImageSource::Url { url: u } => {
             if let Err(m) = check_url(u) {
                 errs.push(
                     FieldError::new("spec.source.url", m)

@@ -206,8 +206,8 @@ fn locate(spans: &SpanMap, path: &str) -> SourceSpan {
 /// The cache key of an image source.
 fn source_key(src: &Option<ImageSource>) -> String {
     match src {
-        Some(ImageSource::Url(u)) => format!("url:{u}"),
-        Some(ImageSource::Path(p)) => format!("path:{p}"),
+        Some(ImageSource::Url { url: u }) => format!("url:{u}"),
+        Some(ImageSource::Path { path: p }) => format!("path:{p}"),
         None => String::new(),
     }
 }
@@ -239,14 +239,14 @@ fn share_images(
             continue;
         }
         let file_name = match &src.value {
-            ImageSource::Url(u) => url::Url::parse(u)
+            ImageSource::Url { url: u } => url::Url::parse(u)
                 .ok()
                 .and_then(|u| {
                     u.path_segments()
                         .and_then(|mut s| s.next_back().map(str::to_owned))
                 })
                 .unwrap_or_default(),
-            ImageSource::Path(p) => Path::new(p)
+            ImageSource::Path { path: p } => Path::new(p)
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_default(),
@@ -255,8 +255,8 @@ fn share_images(
         let mut spans = SpanMap::new();
         spans.insert(String::new(), src.span);
         let path = match &src.value {
-            ImageSource::Url(_) => "spec.source.url",
-            ImageSource::Path(_) => "spec.source.path",
+            ImageSource::Url { .. } => "spec.source.url",
+            ImageSource::Path { .. } => "spec.source.path",
         };
         spans.insert(path.to_owned(), src.span);
         if let Some(c) = &d.checksum {

@@ -318,7 +318,7 @@ fn read_image(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
             return;
         }
         d.image_source = Some(Spanned {
-            value: ImageSource::Url(s.value),
+            value: ImageSource::Url { url: s.value },
             span: s.span,
         });
     } else {
@@ -339,7 +339,7 @@ fn read_image(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
             );
         }
         d.image_source = Some(Spanned {
-            value: ImageSource::Path(path.to_string_lossy().into_owned()),
+            value: ImageSource::Path { path: path.to_string_lossy().into_owned() },
             span: s.span,
         });
     }

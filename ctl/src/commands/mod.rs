@@ -29,7 +29,14 @@ pub(crate) fn print_warnings(warnings: &[vmctl_api::diag::FileDiagnostics]) {
 pub(crate) fn load_or_report(
     file: &std::path::Path,
 ) -> miette::Result<Result<vmctl_api::load::Loaded, ExitCode>> {
-    match vmctl_api::load::load(file) {
+    report(vmctl_api::load::load(file))
+}
+
+/// Prints warnings of a load, or every file's diagnostics when it failed.
+pub(crate) fn report(
+    result: Result<vmctl_api::load::Loaded, vmctl_api::load::LoadError>,
+) -> miette::Result<Result<vmctl_api::load::Loaded, ExitCode>> {
+    match result {
         Ok(l) => {
             print_warnings(&l.warnings);
             Ok(Ok(l))

@@ -35,16 +35,8 @@ struct JsonResult {
 fn problems_json(diags: &[FileDiagnostics]) -> Vec<JsonProblem> {
     let mut out = Vec::new();
     for d in diags {
-        let text = std::fs::read_to_string(&d.file).unwrap_or_default();
         for p in &d.problems {
-            let before = text.get(..p.span.offset()).unwrap_or("");
-            let line = before.matches('\n').count() + 1;
-            let column = before
-                .rsplit('\n')
-                .next()
-                .map(|l| l.chars().count())
-                .unwrap_or(0)
-                + 1;
+            let (line, column) = d.line_col(p.span.offset());
             out.push(JsonProblem {
                 file: d.file.clone(),
                 severity: match p.severity {
@@ -95,8 +87,7 @@ pub fn run(file: &Path, output: Output) -> miette::Result<ExitCode> {
             ExitCode::FAILURE
         });
     }
-    drop(result);
-    let loaded = match super::load_or_report(file)? {
+    let loaded = match super::report(result)? {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };

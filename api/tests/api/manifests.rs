@@ -1,0 +1,112 @@
+//! YAML/JSON manifests: same validation, and manifest → YAML → manifest is identity.
+
+use proptest::prelude::*;
+use vmctl_api::manifest::{parse, to_yaml};
+use vmctl_api::resources::*;
+
+#[test]
+fn manifests_go_through_the_same_validation() {
+    let src = r#"apiVersion: vmctl/v1alpha1
+kind: VirtualMachine
+metadata:
+  name: ../x
+spec:
+  image: base
+  vcpus: 70000
+---
+apiVersion: vmctl/v1alpha1
+kind: Gadget
+metadata:
+  name: g
+spec: {}
+"#;
+    let d = parse("bad.yaml", src).unwrap_err();
+    let text = d.render_plain();
+    assert!(text.contains("metadata.name"), "{text}");
+    assert!(text.contains("vcpus 70000 is out of range"), "{text}");
+    assert!(text.contains("unknown kind `Gadget`"), "{text}");
+    crate::settings().bind(|| insta::assert_snapshot!("manifest_errors", text));
+}
+
+#[test]
+fn unknown_fields_are_rejected() {
+    let src = "apiVersion: vmctl/v1alpha1\nkind: Image\nmetadata: {name: a}\nspec:\n  source: {url: 'https://e.com/a.img'}\n  chksum: x\n";
+    let d = parse("x.yaml", src).unwrap_err();
+    assert!(d.render_plain().contains("chksum"), "{}", d.render_plain());
+}
+
+fn name() -> impl Strategy<Value = String> {
+    "[a-z][a-z0-9-]{0,20}[a-z0-9]"
+}
+
+fn local_file() -> impl Strategy<Value = LocalFile> {
+    ("/[a-z]{1,8}/[a-z]{1,8}", "[0-9a-f]{64}")
+        .prop_map(|(path, d)| LocalFile { path, digest: Some(format!("sha256:{d}")) })
+}
+
+fn vm() -> impl Strategy<Value = Resource> {
+    (
+        name(),
+        name(),
+        1u32..=255,
+        1u64..=65536,
+        proptest::option::of(1u64..=1000),
+        prop_oneof![
+            Just(Network::User),
+            Just(Network::None),
+            name().prop_map(|b| Network::Tap { bridge: b.chars().take(15).collect::<String>().trim_end_matches('-').to_owned() }),
+        ],
+        proptest::option::of((proptest::option::of(name()), proptest::option::of(local_file()))),
+        proptest::option::of(("[a-z_][a-z0-9_]{0,10}", proptest::option::of(1u32..=3600))),
+        prop_oneof![Just(PowerState::Running), Just(PowerState::Stopped), Just(PowerState::Suspended)],
+    )
+        .prop_map(|(n, image, vcpus, memory_mib, disk_gib, network, ci, ssh, power_state)| {
+            Resource::VirtualMachine(VirtualMachine::new(
+                n,
+                VirtualMachineSpec {
+                    image,
+                    vcpus,
+                    memory_mib,
+                    disk_gib,
+                    network,
+                    cloud_init: ci.map(|(hostname, ssh_key)| CloudInit { hostname, ssh_key, user_data: None }),
+                    ssh: ssh.map(|(user, timeout_seconds)| SshConfig { user, private_key: None, timeout_seconds }),
+                    power_state,
+                    update_policy: UpdatePolicy::RestartRequired,
+                },
+            ))
+        })
+}
+
+fn image() -> impl Strategy<Value = Resource> {
+    (
+        name(),
+        prop_oneof![
+            "/[a-z]{1,8}/[a-z]{1,8}\\.qcow2".prop_map(|path| ImageSource::Path { path }),
+            "https://[a-z]{1,8}\\.com/[a-z]{1,8}\\.img".prop_map(|url| ImageSource::Url { url }),
+        ],
+        proptest::option::of("[0-9a-f]{64}".prop_map(|h| format!("sha256:{h}"))),
+    )
+        .prop_map(|(n, source, checksum)| Resource::Image(Image::new(n, ImageSpec { source, checksum })))
+}
+
+fn provision() -> impl Strategy<Value = Resource> {
+    let step = prop_oneof![
+        ".{0,40}".prop_map(|s| ProvisionStep::Shell { inline: Some(s), script: None }),
+        local_file().prop_map(|f| ProvisionStep::Shell { inline: None, script: Some(f) }),
+        (local_file(), "/[a-z]{1,8}/[a-z.]{1,8}").prop_map(|(source, destination)| ProvisionStep::File { source, destination }),
+    ];
+    (name(), proptest::collection::vec(step, 1..5))
+        .prop_map(|(n, steps)| Resource::Provision(Provision::new(n.clone(), ProvisionSpec { vm: n, steps, run_token: None })))
+}
+
+proptest! {
+    #[test]
+    fn manifest_to_yaml_to_manifest_is_identity(
+        resources in proptest::collection::vec(prop_oneof![vm(), image(), provision()], 1..6)
+    ) {
+        let yaml = to_yaml(&resources);
+        let (back, _warnings) = parse("gen.yaml", &yaml).map_err(|d| TestCaseError::fail(d.render_plain()))?;
+        prop_assert_eq!(back, resources);
+    }
+}

@@ -1,0 +1,237 @@
+//! VMFile.kdl translation and diagnostics.
+
+use std::path::Path;
+
+use vmctl_api::resources::{ImageSource, Network, ProvisionStep, Resource};
+use vmctl_api::vmfile::{Context, parse};
+
+fn ctx(dir: &Path) -> Context {
+    Context { base_dir: dir.to_path_buf(), home: Some("/home/user".into()) }
+}
+
+fn parse_ok(src: &str) -> Vec<Resource> {
+    let dir = tempfile::tempdir().unwrap();
+    match parse("VMFile.kdl", src, &ctx(dir.path())) {
+        Ok(t) => t.resources,
+        Err(d) => panic!("{}", d.render_plain()),
+    }
+}
+
+fn parse_err(src: &str) -> vmctl_api::diag::FileDiagnostics {
+    let dir = tempfile::tempdir().unwrap();
+    parse("VMFile.kdl", src, &ctx(dir.path())).expect_err("the file must be rejected")
+}
+
+fn vm(res: &[Resource], name: &str) -> vmctl_api::VirtualMachine {
+    res.iter()
+        .find_map(|r| match r {
+            Resource::VirtualMachine(v) if v.metadata.name == name => Some(v.clone()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn defaults_follow_the_manual() {
+    let res = parse_ok(r#"vm "min" { image-url "https://example.com/a.qcow2" }"#);
+    let v = vm(&res, "min");
+    assert_eq!(v.spec.vcpus, 1);
+    assert_eq!(v.spec.memory_mib, 1024);
+    assert_eq!(v.spec.disk_gib, None);
+    assert_eq!(v.spec.network, Network::User);
+    assert!(v.spec.cloud_init.is_none());
+    assert!(v.spec.ssh.is_none());
+    assert_eq!(res.len(), 2, "one Image and one VM, no Provision without steps");
+}
+
+#[test]
+fn ssh_user_defaults_to_vm_when_block_present() {
+    let res = parse_ok(r#"vm "a" { image-url "https://example.com/a.qcow2"; ssh { } }"#);
+    assert_eq!(vm(&res, "a").spec.ssh.unwrap().user, "vm");
+}
+
+#[test]
+fn tap_bridge_is_read_from_child_node_and_from_property() {
+    // Regression: the tool we replace ignored the child form and used br0.
+    let res = parse_ok(
+        r#"
+vm "child" { image-url "https://example.com/a.qcow2"; network "tap" { bridge "brchild" } }
+vm "prop" { image-url "https://example.com/a.qcow2"; network "tap" bridge="brprop" }
+vm "default" { image-url "https://example.com/a.qcow2"; network "tap" }
+"#,
+    );
+    assert_eq!(vm(&res, "child").spec.network, Network::Tap { bridge: "brchild".into() });
+    assert_eq!(vm(&res, "prop").spec.network, Network::Tap { bridge: "brprop".into() });
+    assert_eq!(vm(&res, "default").spec.network, Network::Tap { bridge: "br0".into() });
+}
+
+#[test]
+fn vnic_takes_a_name() {
+    let res = parse_ok(r#"vm "a" { image-url "https://example.com/a.qcow2"; network "vnic" name="vnic0" }"#);
+    assert_eq!(vm(&res, "a").spec.network, Network::Vnic { name: "vnic0".into() });
+    let d = parse_err(r#"vm "a" { image-url "https://example.com/a.qcow2"; network "vnic" }"#);
+    assert!(d.render_plain().contains("needs a VNIC name"));
+}
+
+#[test]
+fn vms_with_one_url_share_one_image() {
+    let res = parse_ok(
+        r#"
+vm "a" { image-url "https://example.com/img/debian.qcow2" }
+vm "b" { image-url "https://example.com/img/debian.qcow2" }
+vm "c" { image-url "https://example.com/other/debian.qcow2" }
+"#,
+    );
+    let images: Vec<_> = res.iter().filter(|r| matches!(r, Resource::Image(_))).collect();
+    assert_eq!(images.len(), 2, "two distinct URLs, two Images");
+    assert_eq!(vm(&res, "a").spec.image, vm(&res, "b").spec.image);
+    assert_ne!(vm(&res, "a").spec.image, vm(&res, "c").spec.image);
+    assert!(vm(&res, "a").spec.image.starts_with("debian-qcow2-"));
+}
+
+#[test]
+fn integers_are_never_truncated() {
+    for (src, needle) in [
+        ("vcpus 70000", "vcpus 70000 is out of range"),
+        ("vcpus 99999999999999999999", "out of range"),
+        ("vcpus 0", "vcpus 0 is out of range"),
+        ("vcpus -1", "must be positive"),
+        ("vcpus 1.5", "must be an integer"),
+        (r#"vcpus "2""#, "must be an integer"),
+        ("memory 0", "memory (MiB) 0 is out of range"),
+        ("disk 0", "disk (GiB) 0 is out of range"),
+        (r#"memory "lots""#, "is not a size"),
+    ] {
+        let d = parse_err(&format!(r#"vm "a" {{ image-url "https://example.com/a.qcow2"; {src} }}"#));
+        let text = d.render_plain();
+        assert!(text.contains(needle), "{src}: expected {needle:?} in\n{text}");
+    }
+}
+
+#[test]
+fn memory_accepts_unit_strings() {
+    let res = parse_ok(r#"vm "a" { image-url "https://example.com/a.qcow2"; memory "2G"; disk "20G" }"#);
+    assert_eq!(vm(&res, "a").spec.memory_mib, 2048);
+    assert_eq!(vm(&res, "a").spec.disk_gib, Some(20));
+}
+
+#[test]
+fn bad_names_are_rejected_with_located_diagnostics() {
+    for name in ["../x", "a/b", "", "Web", &"a".repeat(64)] {
+        let src = format!(r#"vm "{name}" {{ image-url "https://example.com/a.qcow2" }}"#);
+        let d = parse_err(&src);
+        let p = &d.problems[0];
+        assert!(p.message.contains("name"), "{name:?}: {}", p.message);
+        // The label points at the name string itself.
+        assert_eq!(&src[p.span.offset()..p.span.offset() + p.span.len()], format!("\"{name}\""));
+    }
+}
+
+#[test]
+fn five_mistakes_are_reported_in_one_run() {
+    let src = r#"
+vm "web" {
+    image-url "https://example.com/a.qcow2"
+    vcpus 70000
+    memry 2048
+    network "tapp"
+    provision "shell" { }
+    provision "file" { source "VMFile.kdl"; destination "relative" }
+}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("VMFile.kdl"), src).unwrap();
+    let d = parse("VMFile.kdl", src, &ctx(dir.path())).unwrap_err();
+    assert_eq!(d.error_count(), 5, "{}", d.render_plain());
+    crate::settings().bind(|| insta::assert_snapshot!("five_mistakes", d.render_plain()));
+}
+
+#[test]
+fn unknown_nodes_and_properties_suggest_the_right_name() {
+    let d = parse_err(
+        r#"vm "a" {
+    image-url "https://example.com/a.qcow2"
+    cloud-init { hostnme "x" }
+    network "tap" brige="br0"
+}"#,
+    );
+    let text = d.render_plain();
+    assert!(text.contains("did you mean `hostname`?"), "{text}");
+    assert!(text.contains("did you mean `bridge`?"), "{text}");
+}
+
+#[test]
+fn image_sources_are_exactly_one() {
+    let both = parse_err(r#"vm "a" { image "/x.qcow2"; image-url "https://example.com/a.qcow2" }"#);
+    assert!(both.render_plain().contains("exactly one image source"));
+    let none = parse_err(r#"vm "a" { vcpus 1 }"#);
+    assert!(none.render_plain().contains("has no image source"));
+}
+
+#[test]
+fn vm_names_must_be_unique() {
+    let d = parse_err(
+        r#"vm "a" { image-url "https://example.com/a.qcow2" }
+vm "a" { image-url "https://example.com/a.qcow2" }"#,
+    );
+    assert!(d.render_plain().contains("used twice"));
+}
+
+#[test]
+fn paths_resolve_against_the_vmfile_dir_and_home() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("scripts")).unwrap();
+    std::fs::write(dir.path().join("scripts/setup.sh"), "echo one\n").unwrap();
+    let c = ctx(dir.path());
+    let src = r#"vm "a" {
+    image "~/images/base.qcow2"
+    provision "shell" { script "scripts/setup.sh" }
+}"#;
+    let t = parse("VMFile.kdl", src, &c).unwrap();
+    let img = t.resources.iter().find_map(|r| if let Resource::Image(i) = r { Some(i.clone()) } else { None }).unwrap();
+    assert_eq!(img.spec.source, ImageSource::Path { path: "/home/user/images/base.qcow2".into() });
+    assert!(t.warnings.is_some(), "a missing local image is a warning");
+    let prov = t.resources.iter().find_map(|r| if let Resource::Provision(p) = r { Some(p.clone()) } else { None }).unwrap();
+    let ProvisionStep::Shell { script: Some(f), .. } = &prov.spec.steps[0] else { panic!() };
+    assert_eq!(Path::new(&f.path), dir.path().join("scripts/setup.sh"));
+}
+
+#[test]
+fn editing_a_script_changes_the_provision_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("s.sh");
+    let src = r#"vm "a" { image-url "https://example.com/a.qcow2"; provision "shell" { script "s.sh" } }"#;
+    std::fs::write(&script, "echo one\n").unwrap();
+    let before = parse("VMFile.kdl", src, &ctx(dir.path())).unwrap().resources;
+    std::fs::write(&script, "echo two\n").unwrap();
+    let after = parse("VMFile.kdl", src, &ctx(dir.path())).unwrap().resources;
+    assert_ne!(before, after);
+    std::fs::write(&script, "echo one\n").unwrap();
+    let again = parse("VMFile.kdl", src, &ctx(dir.path())).unwrap().resources;
+    assert_eq!(before, again);
+}
+
+#[test]
+fn kdl_syntax_errors_are_located() {
+    let d = parse_err("vm \"a\" {\n    vcpus 2\n    image-url \"unterminated\n}\n");
+    assert!(d.problems.iter().all(|p| p.code == "vmctl::vmfile::parse_failed"));
+    assert!(d.problems[0].span.offset() > 0);
+}
+
+#[test]
+fn examples_translate_as_snapshotted() {
+    let root = crate::repo_root().join("examples");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    for dir in dirs {
+        let file = dir.join("VMFile.kdl");
+        if !file.exists() {
+            continue;
+        }
+        let src = std::fs::read_to_string(&file).unwrap();
+        let c = Context { base_dir: dir.clone(), home: Some("/home/user".into()) };
+        let t = parse("VMFile.kdl", &src, &c).unwrap_or_else(|d| panic!("{}", d.render_plain()));
+        let name = format!("example_{}", dir.file_name().unwrap().to_string_lossy());
+        crate::settings().bind(|| insta::assert_snapshot!(name, vmctl_api::manifest::to_yaml(&t.resources)));
+    }
+}
