@@ -135,7 +135,12 @@ impl FileDiagnostics {
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
         let before = self.text().get(..offset).unwrap_or("");
         let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+        let column = before
+            .rsplit('\n')
+            .next()
+            .map(|l| l.chars().count())
+            .unwrap_or(0)
+            + 1;
         (line, column)
     }
 

@@ -106,6 +106,10 @@ resource!(
 /// Any one resource, tagged by `kind`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "resources are handled a few at a time; boxing would only complicate matching"
+)]
 pub enum Resource {
     /// A VirtualMachine.
     VirtualMachine(VirtualMachine),

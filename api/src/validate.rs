@@ -165,16 +165,16 @@ fn validate_vm(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
 }
 
 fn validate_cloud_init(ci: &CloudInit, errs: &mut Vec<FieldError>) {
-    if let Some(h) = &ci.hostname {
-        if let Err(m) = check_name(h) {
-            errs.push(
-                FieldError::new(
-                    "spec.cloudInit.hostname",
-                    format!("hostname: {}", m.replacen("name", "hostname", 1)),
-                )
-                .help("a hostname is a DNS label: lowercase letters, digits and '-'"),
-            );
-        }
+    if let Some(h) = &ci.hostname
+        && let Err(m) = check_name(h)
+    {
+        errs.push(
+            FieldError::new(
+                "spec.cloudInit.hostname",
+                format!("hostname: {}", m.replacen("name", "hostname", 1)),
+            )
+            .help("a hostname is a DNS label: lowercase letters, digits and '-'"),
+        );
     }
     if let Some(f) = &ci.ssh_key {
         check_abs("spec.cloudInit.sshKey.path", &f.path, errs);
@@ -203,13 +203,13 @@ fn validate_image(spec: &ImageSpec, errs: &mut Vec<FieldError>) {
             }
         }
     }
-    if let Some(c) = &spec.checksum {
-        if let Err(m) = check_checksum(c) {
-            errs.push(
-                FieldError::new("spec.checksum", m)
-                    .help("write it as `sha256:<64 hex digits>` or `sha512:<128 hex digits>`"),
-            );
-        }
+    if let Some(c) = &spec.checksum
+        && let Err(m) = check_checksum(c)
+    {
+        errs.push(
+            FieldError::new("spec.checksum", m)
+                .help("write it as `sha256:<64 hex digits>` or `sha512:<128 hex digits>`"),
+        );
     }
 }
 

@@ -161,19 +161,19 @@ pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft
                 }
             }
             "memory" => {
-                if let Some(e) = rd.leaf(child, "memory 2048") {
-                    if let Some(v) = read_size(rd, e, "memory", 1) {
-                        d.vm_spans.insert("spec.memoryMib".into(), v.span);
-                        d.spec.memory_mib = v.value;
-                    }
+                if let Some(e) = rd.leaf(child, "memory 2048")
+                    && let Some(v) = read_size(rd, e, "memory", 1)
+                {
+                    d.vm_spans.insert("spec.memoryMib".into(), v.span);
+                    d.spec.memory_mib = v.value;
                 }
             }
             "disk" => {
-                if let Some(e) = rd.leaf(child, "disk 20") {
-                    if let Some(v) = read_size(rd, e, "disk", 1024) {
-                        d.vm_spans.insert("spec.diskGib".into(), v.span);
-                        d.spec.disk_gib = Some(v.value);
-                    }
+                if let Some(e) = rd.leaf(child, "disk 20")
+                    && let Some(v) = read_size(rd, e, "disk", 1024)
+                {
+                    d.vm_spans.insert("spec.diskGib".into(), v.span);
+                    d.spec.disk_gib = Some(v.value);
                 }
             }
             "network" => read_network(rd, child, &mut d),
@@ -300,13 +300,17 @@ fn read_image(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
     let Some(s) = rd.string(arg, node.name().value()) else {
         return;
     };
-    if let Some(c) = entries.props.get("checksum") {
-        if let Some(c) = rd.string(c, "checksum") {
-            if let Err(m) = crate::validate::check_checksum(&c.value) {
-                rd.error(c.span, m, "write it as `checksum=\"sha256:<64 hex digits>\"` or `sha512:<128 hex digits>`");
-            }
-            d.checksum = Some(c);
+    if let Some(c) = entries.props.get("checksum")
+        && let Some(c) = rd.string(c, "checksum")
+    {
+        if let Err(m) = crate::validate::check_checksum(&c.value) {
+            rd.error(
+                c.span,
+                m,
+                "write it as `checksum=\"sha256:<64 hex digits>\"` or `sha512:<128 hex digits>`",
+            );
         }
+        d.checksum = Some(c);
     }
     if is_url {
         if let Err(m) = crate::validate::check_url(&s.value) {
@@ -339,7 +343,9 @@ fn read_image(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
             );
         }
         d.image_source = Some(Spanned {
-            value: ImageSource::Path { path: path.to_string_lossy().into_owned() },
+            value: ImageSource::Path {
+                path: path.to_string_lossy().into_owned(),
+            },
             span: s.span,
         });
     }
@@ -366,10 +372,10 @@ fn read_network(rd: &mut Reader, node: &KdlNode, d: &mut VmDraft) {
     // replace silently ignored the child form.
     let mut attrs: std::collections::HashMap<&str, Spanned<String>> = Default::default();
     for key in ["bridge", "name"] {
-        if let Some(e) = entries.props.get(key) {
-            if let Some(v) = rd.string(e, key) {
-                attrs.insert(key, v);
-            }
+        if let Some(e) = entries.props.get(key)
+            && let Some(v) = rd.string(e, key)
+        {
+            attrs.insert(key, v);
         }
     }
     if let Some(children) = node.children() {

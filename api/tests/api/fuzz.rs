@@ -11,18 +11,30 @@ const SEEDS: &[&str] = &[
 ];
 
 fn check(src: &str) -> Result<(), TestCaseError> {
-    let ctx = Context { base_dir: crate::repo_root().join("examples/full"), home: Some("/home/user".into()) };
+    let ctx = Context {
+        base_dir: crate::repo_root().join("examples/full"),
+        home: Some("/home/user".into()),
+    };
     match parse("VMFile.kdl", src, &ctx) {
         Ok(t) => {
             for r in &t.resources {
-                prop_assert!(vmctl_api::validate::validate(r).iter().all(|e| e.severity == vmctl_api::validate::Severity::Warning));
+                prop_assert!(
+                    vmctl_api::validate::validate(r)
+                        .iter()
+                        .all(|e| e.severity == vmctl_api::validate::Severity::Warning)
+                );
             }
         }
         Err(d) => {
             prop_assert!(d.has_errors());
             for p in &d.problems {
                 let end = p.span.offset() + p.span.len();
-                prop_assert!(end <= src.len(), "span {:?} outside a file of {} bytes", p.span, src.len());
+                prop_assert!(
+                    end <= src.len(),
+                    "span {:?} outside a file of {} bytes",
+                    p.span,
+                    src.len()
+                );
                 prop_assert!(src.is_char_boundary(p.span.offset()) && src.is_char_boundary(end));
             }
             // Rendering must not panic either.
@@ -71,11 +83,24 @@ fn apply(src: &str, muts: &[Mutation]) -> String {
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<usize>(), 0usize..20).prop_map(|(a, l)| Mutation::Delete(a, l)),
-        (any::<usize>(), prop_oneof![
-            Just("\"".to_owned()), Just("{".to_owned()), Just("}".to_owned()), Just(";".to_owned()),
-            Just(" 70000".to_owned()), Just(" -1".to_owned()), Just(" x=1".to_owned()), Just("é".to_owned()),
-            Just("\nvm \"Z\" {}".to_owned()), Just(" #null".to_owned()), Just("/-".to_owned()), ".{0,8}"
-        ]).prop_map(|(a, s)| Mutation::Insert(a, s)),
+        (
+            any::<usize>(),
+            prop_oneof![
+                Just("\"".to_owned()),
+                Just("{".to_owned()),
+                Just("}".to_owned()),
+                Just(";".to_owned()),
+                Just(" 70000".to_owned()),
+                Just(" -1".to_owned()),
+                Just(" x=1".to_owned()),
+                Just("é".to_owned()),
+                Just("\nvm \"Z\" {}".to_owned()),
+                Just(" #null".to_owned()),
+                Just("/-".to_owned()),
+                ".{0,8}"
+            ]
+        )
+            .prop_map(|(a, s)| Mutation::Insert(a, s)),
         (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Mutation::Swap(a, b)),
     ]
 }

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Insta settings that hide machine-specific paths.
@@ -41,7 +44,9 @@ fn regex_escape(s: &str) -> String {
 #[test]
 fn checked_in_schemas_match_the_types() {
     for kind in vmctl_api::Kind::ALL {
-        let path = repo_root().join("schemas").join(vmctl_api::schema::schema_file_name(kind));
+        let path = repo_root()
+            .join("schemas")
+            .join(vmctl_api::schema::schema_file_name(kind));
         let want = vmctl_api::schema::schema_json(kind);
         if std::env::var_os("VMCTL_BLESS").is_some() {
             std::fs::write(&path, &want).unwrap();

@@ -40,8 +40,10 @@ fn name() -> impl Strategy<Value = String> {
 }
 
 fn local_file() -> impl Strategy<Value = LocalFile> {
-    ("/[a-z]{1,8}/[a-z]{1,8}", "[0-9a-f]{64}")
-        .prop_map(|(path, d)| LocalFile { path, digest: Some(format!("sha256:{d}")) })
+    ("/[a-z]{1,8}/[a-z]{1,8}", "[0-9a-f]{64}").prop_map(|(path, d)| LocalFile {
+        path,
+        digest: Some(format!("sha256:{d}")),
+    })
 }
 
 fn vm() -> impl Strategy<Value = Resource> {
@@ -54,28 +56,52 @@ fn vm() -> impl Strategy<Value = Resource> {
         prop_oneof![
             Just(Network::User),
             Just(Network::None),
-            name().prop_map(|b| Network::Tap { bridge: b.chars().take(15).collect::<String>().trim_end_matches('-').to_owned() }),
+            name().prop_map(|b| Network::Tap {
+                bridge: b
+                    .chars()
+                    .take(15)
+                    .collect::<String>()
+                    .trim_end_matches('-')
+                    .to_owned()
+            }),
         ],
-        proptest::option::of((proptest::option::of(name()), proptest::option::of(local_file()))),
+        proptest::option::of((
+            proptest::option::of(name()),
+            proptest::option::of(local_file()),
+        )),
         proptest::option::of(("[a-z_][a-z0-9_]{0,10}", proptest::option::of(1u32..=3600))),
-        prop_oneof![Just(PowerState::Running), Just(PowerState::Stopped), Just(PowerState::Suspended)],
+        prop_oneof![
+            Just(PowerState::Running),
+            Just(PowerState::Stopped),
+            Just(PowerState::Suspended)
+        ],
     )
-        .prop_map(|(n, image, vcpus, memory_mib, disk_gib, network, ci, ssh, power_state)| {
-            Resource::VirtualMachine(VirtualMachine::new(
-                n,
-                VirtualMachineSpec {
-                    image,
-                    vcpus,
-                    memory_mib,
-                    disk_gib,
-                    network,
-                    cloud_init: ci.map(|(hostname, ssh_key)| CloudInit { hostname, ssh_key, user_data: None }),
-                    ssh: ssh.map(|(user, timeout_seconds)| SshConfig { user, private_key: None, timeout_seconds }),
-                    power_state,
-                    update_policy: UpdatePolicy::RestartRequired,
-                },
-            ))
-        })
+        .prop_map(
+            |(n, image, vcpus, memory_mib, disk_gib, network, ci, ssh, power_state)| {
+                Resource::VirtualMachine(VirtualMachine::new(
+                    n,
+                    VirtualMachineSpec {
+                        image,
+                        vcpus,
+                        memory_mib,
+                        disk_gib,
+                        network,
+                        cloud_init: ci.map(|(hostname, ssh_key)| CloudInit {
+                            hostname,
+                            ssh_key,
+                            user_data: None,
+                        }),
+                        ssh: ssh.map(|(user, timeout_seconds)| SshConfig {
+                            user,
+                            private_key: None,
+                            timeout_seconds,
+                        }),
+                        power_state,
+                        update_policy: UpdatePolicy::RestartRequired,
+                    },
+                ))
+            },
+        )
 }
 
 fn image() -> impl Strategy<Value = Resource> {
@@ -87,17 +113,38 @@ fn image() -> impl Strategy<Value = Resource> {
         ],
         proptest::option::of("[0-9a-f]{64}".prop_map(|h| format!("sha256:{h}"))),
     )
-        .prop_map(|(n, source, checksum)| Resource::Image(Image::new(n, ImageSpec { source, checksum })))
+        .prop_map(|(n, source, checksum)| {
+            Resource::Image(Image::new(n, ImageSpec { source, checksum }))
+        })
 }
 
 fn provision() -> impl Strategy<Value = Resource> {
     let step = prop_oneof![
-        ".{0,40}".prop_map(|s| ProvisionStep::Shell { inline: Some(s), script: None }),
-        local_file().prop_map(|f| ProvisionStep::Shell { inline: None, script: Some(f) }),
-        (local_file(), "/[a-z]{1,8}/[a-z.]{1,8}").prop_map(|(source, destination)| ProvisionStep::File { source, destination }),
+        ".{0,40}".prop_map(|s| ProvisionStep::Shell {
+            inline: Some(s),
+            script: None
+        }),
+        local_file().prop_map(|f| ProvisionStep::Shell {
+            inline: None,
+            script: Some(f)
+        }),
+        (local_file(), "/[a-z]{1,8}/[a-z.]{1,8}").prop_map(|(source, destination)| {
+            ProvisionStep::File {
+                source,
+                destination,
+            }
+        }),
     ];
-    (name(), proptest::collection::vec(step, 1..5))
-        .prop_map(|(n, steps)| Resource::Provision(Provision::new(n.clone(), ProvisionSpec { vm: n, steps, run_token: None })))
+    (name(), proptest::collection::vec(step, 1..5)).prop_map(|(n, steps)| {
+        Resource::Provision(Provision::new(
+            n.clone(),
+            ProvisionSpec {
+                vm: n,
+                steps,
+                run_token: None,
+            },
+        ))
+    })
 }
 
 proptest! {

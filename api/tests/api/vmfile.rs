@@ -6,7 +6,10 @@ use vmctl_api::resources::{ImageSource, Network, ProvisionStep, Resource};
 use vmctl_api::vmfile::{Context, parse};
 
 fn ctx(dir: &Path) -> Context {
-    Context { base_dir: dir.to_path_buf(), home: Some("/home/user".into()) }
+    Context {
+        base_dir: dir.to_path_buf(),
+        home: Some("/home/user".into()),
+    }
 }
 
 fn parse_ok(src: &str) -> Vec<Resource> {
@@ -41,7 +44,11 @@ fn defaults_follow_the_manual() {
     assert_eq!(v.spec.network, Network::User);
     assert!(v.spec.cloud_init.is_none());
     assert!(v.spec.ssh.is_none());
-    assert_eq!(res.len(), 2, "one Image and one VM, no Provision without steps");
+    assert_eq!(
+        res.len(),
+        2,
+        "one Image and one VM, no Provision without steps"
+    );
 }
 
 #[test]
@@ -60,15 +67,37 @@ vm "prop" { image-url "https://example.com/a.qcow2"; network "tap" bridge="brpro
 vm "default" { image-url "https://example.com/a.qcow2"; network "tap" }
 "#,
     );
-    assert_eq!(vm(&res, "child").spec.network, Network::Tap { bridge: "brchild".into() });
-    assert_eq!(vm(&res, "prop").spec.network, Network::Tap { bridge: "brprop".into() });
-    assert_eq!(vm(&res, "default").spec.network, Network::Tap { bridge: "br0".into() });
+    assert_eq!(
+        vm(&res, "child").spec.network,
+        Network::Tap {
+            bridge: "brchild".into()
+        }
+    );
+    assert_eq!(
+        vm(&res, "prop").spec.network,
+        Network::Tap {
+            bridge: "brprop".into()
+        }
+    );
+    assert_eq!(
+        vm(&res, "default").spec.network,
+        Network::Tap {
+            bridge: "br0".into()
+        }
+    );
 }
 
 #[test]
 fn vnic_takes_a_name() {
-    let res = parse_ok(r#"vm "a" { image-url "https://example.com/a.qcow2"; network "vnic" name="vnic0" }"#);
-    assert_eq!(vm(&res, "a").spec.network, Network::Vnic { name: "vnic0".into() });
+    let res = parse_ok(
+        r#"vm "a" { image-url "https://example.com/a.qcow2"; network "vnic" name="vnic0" }"#,
+    );
+    assert_eq!(
+        vm(&res, "a").spec.network,
+        Network::Vnic {
+            name: "vnic0".into()
+        }
+    );
     let d = parse_err(r#"vm "a" { image-url "https://example.com/a.qcow2"; network "vnic" }"#);
     assert!(d.render_plain().contains("needs a VNIC name"));
 }
@@ -82,7 +111,10 @@ vm "b" { image-url "https://example.com/img/debian.qcow2" }
 vm "c" { image-url "https://example.com/other/debian.qcow2" }
 "#,
     );
-    let images: Vec<_> = res.iter().filter(|r| matches!(r, Resource::Image(_))).collect();
+    let images: Vec<_> = res
+        .iter()
+        .filter(|r| matches!(r, Resource::Image(_)))
+        .collect();
     assert_eq!(images.len(), 2, "two distinct URLs, two Images");
     assert_eq!(vm(&res, "a").spec.image, vm(&res, "b").spec.image);
     assert_ne!(vm(&res, "a").spec.image, vm(&res, "c").spec.image);
@@ -102,15 +134,21 @@ fn integers_are_never_truncated() {
         ("disk 0", "disk (GiB) 0 is out of range"),
         (r#"memory "lots""#, "is not a size"),
     ] {
-        let d = parse_err(&format!(r#"vm "a" {{ image-url "https://example.com/a.qcow2"; {src} }}"#));
+        let d = parse_err(&format!(
+            r#"vm "a" {{ image-url "https://example.com/a.qcow2"; {src} }}"#
+        ));
         let text = d.render_plain();
-        assert!(text.contains(needle), "{src}: expected {needle:?} in\n{text}");
+        assert!(
+            text.contains(needle),
+            "{src}: expected {needle:?} in\n{text}"
+        );
     }
 }
 
 #[test]
 fn memory_accepts_unit_strings() {
-    let res = parse_ok(r#"vm "a" { image-url "https://example.com/a.qcow2"; memory "2G"; disk "20G" }"#);
+    let res =
+        parse_ok(r#"vm "a" { image-url "https://example.com/a.qcow2"; memory "2G"; disk "20G" }"#);
     assert_eq!(vm(&res, "a").spec.memory_mib, 2048);
     assert_eq!(vm(&res, "a").spec.disk_gib, Some(20));
 }
@@ -123,7 +161,10 @@ fn bad_names_are_rejected_with_located_diagnostics() {
         let p = &d.problems[0];
         assert!(p.message.contains("name"), "{name:?}: {}", p.message);
         // The label points at the name string itself.
-        assert_eq!(&src[p.span.offset()..p.span.offset() + p.span.len()], format!("\"{name}\""));
+        assert_eq!(
+            &src[p.span.offset()..p.span.offset() + p.span.len()],
+            format!("\"{name}\"")
+        );
     }
 }
 
@@ -188,11 +229,41 @@ fn paths_resolve_against_the_vmfile_dir_and_home() {
     provision "shell" { script "scripts/setup.sh" }
 }"#;
     let t = parse("VMFile.kdl", src, &c).unwrap();
-    let img = t.resources.iter().find_map(|r| if let Resource::Image(i) = r { Some(i.clone()) } else { None }).unwrap();
-    assert_eq!(img.spec.source, ImageSource::Path { path: "/home/user/images/base.qcow2".into() });
+    let img = t
+        .resources
+        .iter()
+        .find_map(|r| {
+            if let Resource::Image(i) = r {
+                Some(i.clone())
+            } else {
+                None
+            }
+        })
+        .unwrap();
+    assert_eq!(
+        img.spec.source,
+        ImageSource::Path {
+            path: "/home/user/images/base.qcow2".into()
+        }
+    );
     assert!(t.warnings.is_some(), "a missing local image is a warning");
-    let prov = t.resources.iter().find_map(|r| if let Resource::Provision(p) = r { Some(p.clone()) } else { None }).unwrap();
-    let ProvisionStep::Shell { script: Some(f), .. } = &prov.spec.steps[0] else { panic!() };
+    let prov = t
+        .resources
+        .iter()
+        .find_map(|r| {
+            if let Resource::Provision(p) = r {
+                Some(p.clone())
+            } else {
+                None
+            }
+        })
+        .unwrap();
+    let ProvisionStep::Shell {
+        script: Some(f), ..
+    } = &prov.spec.steps[0]
+    else {
+        panic!()
+    };
     assert_eq!(Path::new(&f.path), dir.path().join("scripts/setup.sh"));
 }
 
@@ -202,26 +273,39 @@ fn editing_a_script_changes_the_provision_spec() {
     let script = dir.path().join("s.sh");
     let src = r#"vm "a" { image-url "https://example.com/a.qcow2"; provision "shell" { script "s.sh" } }"#;
     std::fs::write(&script, "echo one\n").unwrap();
-    let before = parse("VMFile.kdl", src, &ctx(dir.path())).unwrap().resources;
+    let before = parse("VMFile.kdl", src, &ctx(dir.path()))
+        .unwrap()
+        .resources;
     std::fs::write(&script, "echo two\n").unwrap();
-    let after = parse("VMFile.kdl", src, &ctx(dir.path())).unwrap().resources;
+    let after = parse("VMFile.kdl", src, &ctx(dir.path()))
+        .unwrap()
+        .resources;
     assert_ne!(before, after);
     std::fs::write(&script, "echo one\n").unwrap();
-    let again = parse("VMFile.kdl", src, &ctx(dir.path())).unwrap().resources;
+    let again = parse("VMFile.kdl", src, &ctx(dir.path()))
+        .unwrap()
+        .resources;
     assert_eq!(before, again);
 }
 
 #[test]
 fn kdl_syntax_errors_are_located() {
     let d = parse_err("vm \"a\" {\n    vcpus 2\n    image-url \"unterminated\n}\n");
-    assert!(d.problems.iter().all(|p| p.code == "vmctl::vmfile::parse_failed"));
+    assert!(
+        d.problems
+            .iter()
+            .all(|p| p.code == "vmctl::vmfile::parse_failed")
+    );
     assert!(d.problems[0].span.offset() > 0);
 }
 
 #[test]
 fn examples_translate_as_snapshotted() {
     let root = crate::repo_root().join("examples");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     dirs.sort();
     for dir in dirs {
         let file = dir.join("VMFile.kdl");
@@ -229,9 +313,13 @@ fn examples_translate_as_snapshotted() {
             continue;
         }
         let src = std::fs::read_to_string(&file).unwrap();
-        let c = Context { base_dir: dir.clone(), home: Some("/home/user".into()) };
+        let c = Context {
+            base_dir: dir.clone(),
+            home: Some("/home/user".into()),
+        };
         let t = parse("VMFile.kdl", &src, &c).unwrap_or_else(|d| panic!("{}", d.render_plain()));
         let name = format!("example_{}", dir.file_name().unwrap().to_string_lossy());
-        crate::settings().bind(|| insta::assert_snapshot!(name, vmctl_api::manifest::to_yaml(&t.resources)));
+        crate::settings()
+            .bind(|| insta::assert_snapshot!(name, vmctl_api::manifest::to_yaml(&t.resources)));
     }
 }

@@ -4,13 +4,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn vmctl(args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
     cmd.args(args).current_dir(repo()).env("NO_COLOR", "1");
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     if let Some(s) = stdin {
@@ -28,7 +35,10 @@ fn example_files() -> Vec<PathBuf> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("kdl" | "yaml" | "yml" | "json")) {
+            } else if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("kdl" | "yaml" | "yml" | "json")
+            ) {
                 out.push(p);
             }
         }
@@ -57,49 +67,97 @@ fn every_example_validates() {
 fn validate_rejects_bad_files_with_located_diagnostics() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("VMFile.kdl");
-    std::fs::write(&f, "vm \"web\" {\n    image-url \"https://example.com/a.qcow2\"\n    vcpus 70000\n}\n").unwrap();
+    std::fs::write(
+        &f,
+        "vm \"web\" {\n    image-url \"https://example.com/a.qcow2\"\n    vcpus 70000\n}\n",
+    )
+    .unwrap();
     let out = vmctl(&["validate", "-f", f.to_str().unwrap()], None);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vcpus 70000 is out of range"), "{err}");
-    assert!(err.contains("VMFile.kdl:3:11"), "the diagnostic names file, line and column: {err}");
-    assert!(out.stdout.is_empty(), "nothing on stdout for an invalid file");
+    assert!(
+        err.contains("VMFile.kdl:3:11"),
+        "the diagnostic names file, line and column: {err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout for an invalid file"
+    );
 }
 
 #[test]
 fn validate_json_reports_lines_and_columns() {
-    let out = vmctl(&["validate", "-o", "json", "-f", "-"], Some("vm \"a\" {\n  vcpus 0\n}\n"));
+    let out = vmctl(
+        &["validate", "-o", "json", "-f", "-"],
+        Some("vm \"a\" {\n  vcpus 0\n}\n"),
+    );
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["valid"], false);
     let problems = v["problems"].as_array().unwrap();
-    assert!(problems.iter().any(|p| p["line"] == 2 && p["message"].as_str().unwrap().contains("vcpus 0")));
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["line"] == 2 && p["message"].as_str().unwrap().contains("vcpus 0"))
+    );
 }
 
 #[test]
 fn missing_vmfile_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vmctl")).arg("validate").current_dir(dir.path()).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        .arg("validate")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("vmctl::vmfile::not_found") && err.contains("VMFile.kdl not found"), "{err}");
+    assert!(
+        err.contains("vmctl::vmfile::not_found") && err.contains("VMFile.kdl not found"),
+        "{err}"
+    );
 }
 
 #[test]
 fn convert_output_is_a_manifest_that_validates_again() {
     for fmt in ["yaml", "json"] {
-        let out = vmctl(&["convert", "-f", "examples/multi-vm/VMFile.kdl", "-o", fmt], None);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = vmctl(
+            &["convert", "-f", "examples/multi-vm/VMFile.kdl", "-o", fmt],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8(out.stdout).unwrap();
         let back = vmctl(&["convert", "-f", "-", "-o", fmt], Some(&text));
-        assert!(back.status.success(), "{}", String::from_utf8_lossy(&back.stderr));
-        assert_eq!(String::from_utf8(back.stdout).unwrap(), text, "convert is stable on its own output ({fmt})");
+        assert!(
+            back.status.success(),
+            "{}",
+            String::from_utf8_lossy(&back.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(back.stdout).unwrap(),
+            text,
+            "convert is stable on its own output ({fmt})"
+        );
     }
 }
 
 #[test]
 fn convert_shares_one_image_between_two_vms() {
-    let out = vmctl(&["convert", "-f", "examples/multi-vm/VMFile.kdl", "-o", "json"], None);
+    let out = vmctl(
+        &[
+            "convert",
+            "-f",
+            "examples/multi-vm/VMFile.kdl",
+            "-o",
+            "json",
+        ],
+        None,
+    );
     let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let kinds: Vec<&str> = v.iter().map(|o| o["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds.iter().filter(|k| **k == "Image").count(), 1);
@@ -109,10 +167,15 @@ fn convert_shares_one_image_between_two_vms() {
 
 #[test]
 fn schema_prints_the_checked_in_schema() {
-    for (arg, file) in [("vm", "vm"), ("Image", "image"), ("provisions", "provision")] {
+    for (arg, file) in [
+        ("vm", "vm"),
+        ("Image", "image"),
+        ("provisions", "provision"),
+    ] {
         let out = vmctl(&["schema", arg], None);
         assert!(out.status.success());
-        let want = std::fs::read_to_string(repo().join(format!("schemas/{file}.schema.json"))).unwrap();
+        let want =
+            std::fs::read_to_string(repo().join(format!("schemas/{file}.schema.json"))).unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap(), want);
     }
     let bad = vmctl(&["schema", "gadget"], None);
