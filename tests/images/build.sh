@@ -130,7 +130,7 @@ make_disk() {
     fsmb=$((used * 12 / 10 + extra + 32))
     log "ext4 filesystem: ${fsmb} MiB for ${used} MiB of files"
     rm -f "$WORK/fs.img"
-    mkfs.ext4 -q -F -L root -U random -E root_owner=0:0 -d "$dir" "$WORK/fs.img" "${fsmb}M"
+    mkfs.ext4 -q -F -L root -U "${UUID_FOR_DISK:-random}" -E root_owner=0:0 -d "$dir" "$WORK/fs.img" "${fsmb}M"
     # disk = 1 MiB (MBR + GRUB core image) + the filesystem
     truncate -s $(((fsmb + 1) * 1024 * 1024)) "$WORK/disk.raw"
     printf 'label: dos\nstart=2048, type=83, bootable\n' | sfdisk -q "$WORK/disk.raw" >&2
@@ -249,7 +249,45 @@ build_tiny() {
 
 # ---------------------------------------------------------------------------
 build_cloud() {
-    die "cloud image not implemented yet"
+    local R=$WORK/rootfs kver uuid
+    # dbus: without it systemd-logind does not run and the ACPI power button is ignored
+    local pkgs=linux-image-cloud-amd64,systemd,systemd-sysv,dbus,cloud-init,openssh-server,sudo,ifupdown,isc-dhcp-client
+    log "mmdebstrap --variant=minbase --include=$pkgs"
+    # The initramfs configuration must be in place before the kernel is set up.
+    "${MMDEB[@]}" --variant=minbase --include="$pkgs" \
+        --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+        --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+        --setup-hook='mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d"' \
+        --setup-hook='echo MODULES=list > "$1/etc/initramfs-tools/conf.d/vmctl.conf"' \
+        --setup-hook="grep -v '^#' '$HERE/cloud/initramfs-modules' > \"\$1/usr/share/initramfs-tools/modules.d/vmctl\"" \
+        "$SUITE" "$R" "${MIRRORS[@]}" >&2
+    kver=$(ls "$R/lib/modules")
+    [ -f "$R/boot/vmlinuz-$kver" ] && [ -f "$R/boot/initrd.img-$kver" ] || die "no kernel/initrd in $R/boot"
+    log "kernel $kver, initrd $(du -h "$R/boot/initrd.img-$kver" | cut -f1)"
+    uuid=$(cat /proc/sys/kernel/random/uuid)
+
+    install -m 644 "$HERE/cloud/99-vmctl.cfg" "$R/etc/cloud/cloud.cfg.d/99-vmctl.cfg"
+    printf 'UUID=%s / ext4 errors=remount-ro 0 1\n' "$uuid" > "$R/etc/fstab"
+    echo debian > "$R/etc/hostname"
+    printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' > "$R/etc/hosts"
+    rm -f "$R/etc/resolv.conf"; : > "$R/etc/resolv.conf"
+    if ! grep -q interfaces.d "$R/etc/network/interfaces" 2>/dev/null; then
+        printf 'source /etc/network/interfaces.d/*\n\nauto lo\niface lo inet loopback\n' > "$R/etc/network/interfaces"
+    fi
+    # per-instance state: generated on first boot of each VM
+    rm -f "$R"/etc/ssh/ssh_host_*
+    : > "$R/etc/machine-id"
+    rm -f "$R/var/lib/dbus/machine-id"
+    rm -rf "$R/var/lib/cloud"
+    rm -rf "$R"/var/lib/apt/lists/* "$R"/var/cache/apt/*.bin "$R"/var/log/*.log "$R"/tmp/* 2>/dev/null || true
+    # the host's apt options were only needed for the build
+    rm -f "$R/etc/apt/apt.conf.d/99mmdebstrap"
+
+    mkdir -p "$R/boot/grub"
+    grub_cfg "/boot/vmlinuz-$kver" "/boot/initrd.img-$kver" \
+        "root=UUID=$uuid ro console=ttyS0,115200 net.ifnames=0" > "$R/boot/grub/grub.cfg"
+    UUID_FOR_DISK=$uuid make_disk "$R" "$WORK/out/$NAME.qcow2" 1536
 }
 
 mkdir -p "$WORK/out"
