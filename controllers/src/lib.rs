@@ -1,1 +1,172 @@
-//! placeholder
+//! The controllers of a vmctl agent.
+//!
+//! Three controllers bring the world to what the store's objects ask for:
+//!
+//! ```text
+//!   Image ──Ready──▶ VirtualMachine ──Ready──▶ Provision
+//!   (ImageFetcher)   (Hypervisor)              (Provisioner)
+//! ```
+//!
+//! Each is a [`runtime::Reconciler`] run by a kube-runtime style
+//! [`runtime::Controller`]: list then watch the store, a queue that never
+//! runs one object twice at once, bounded concurrency, exponential backoff
+//! with jitter, periodic resync. Drivers are traits ([`drivers`]); the
+//! in-memory fake ([`drivers::fake`]) runs the whole control plane without
+//! a hypervisor.
+//!
+//! # Entry point
+//!
+//! ```no_run
+//! # async fn demo(store: std::sync::Arc<dyn vmctl_store::Store>) {
+//! use vmctl_controllers::{Drivers, RuntimeConfig, run};
+//! use vmctl_controllers::drivers::fake::FakeConfig;
+//!
+//! let (stop, shutdown) = tokio::sync::watch::channel(false);
+//! let drivers = Drivers::fake(FakeConfig::from_env().unwrap());
+//! let task = tokio::spawn(run(store, drivers, RuntimeConfig::default(), shutdown));
+//! // … later:
+//! stop.send(true).unwrap();
+//! task.await.unwrap().unwrap();
+//! # }
+//! ```
+
+pub mod context;
+pub mod drivers;
+pub mod image;
+pub mod provision;
+pub mod runtime;
+pub mod vm;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use vmctl_store::Store;
+
+pub use context::Context;
+pub use drivers::fake::{FakeConfig, FakeWorld};
+use drivers::{Hypervisor, ImageFetcher, Provisioner};
+use runtime::controller::ControllerConfig;
+pub use runtime::{Action, BackoffPolicy, Controller, Reconciler};
+
+/// The drivers the controllers act through.
+#[derive(Debug, Clone)]
+pub struct Drivers {
+    /// Runs VM instances.
+    pub hypervisor: Arc<dyn Hypervisor>,
+    /// Makes images available locally.
+    pub images: Arc<dyn ImageFetcher>,
+    /// Runs provisioning steps.
+    pub provisioner: Arc<dyn Provisioner>,
+}
+
+impl Drivers {
+    /// The in-memory fake drivers, sharing a new [`FakeWorld`]. Use
+    /// [`FakeWorld::drivers`] to keep a handle on the world.
+    pub fn fake(config: FakeConfig) -> Self {
+        FakeWorld::new(config).drivers()
+    }
+}
+
+/// How the controllers are tuned.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Objects of one kind reconciled at once.
+    pub concurrency: usize,
+    /// Backoff after reconcile errors (per object, with jitter).
+    pub backoff: BackoffPolicy,
+    /// Backoff between failed VM starts (`status.startFailures.retryAfter`).
+    pub start_backoff: BackoffPolicy,
+    /// Every object is reconciled at least this often.
+    pub resync: Option<Duration>,
+    /// How long a VM is given to shut down before it is forced.
+    pub stop_timeout: Duration,
+    /// How long a Provision waits for SSH by default.
+    pub ssh_timeout: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            concurrency: 32,
+            backoff: BackoffPolicy::default(),
+            start_backoff: BackoffPolicy {
+                base: Duration::from_secs(10),
+                max: Duration::from_secs(300),
+            },
+            resync: Some(Duration::from_secs(300)),
+            stop_timeout: Duration::from_secs(30),
+            ssh_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    fn controller(&self) -> ControllerConfig {
+        ControllerConfig {
+            concurrency: self.concurrency,
+            backoff: self.backoff,
+            resync: self.resync,
+        }
+    }
+}
+
+/// Errors of [`run`].
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A controller task panicked.
+    #[error("a controller panicked")]
+    Panicked,
+}
+
+/// Runs the Image, VirtualMachine and Provision controllers until
+/// `shutdown` becomes true (or its sender is dropped). In-flight reconciles
+/// finish before it returns. Aborting the returned future instead stops
+/// everything at once, as a killed agent would.
+pub async fn run(
+    store: Arc<dyn Store>,
+    drivers: Drivers,
+    config: RuntimeConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let ctx = Arc::new(Context {
+        store: store.clone(),
+        drivers,
+        config: config.clone(),
+    });
+    let cc = config.controller();
+    let images = Controller::new(
+        image::ImageReconciler::new(ctx.clone()),
+        store.clone(),
+        cc.clone(),
+    );
+    let vms = Controller::new(
+        vm::VmReconciler::new(ctx.clone()),
+        store.clone(),
+        cc.clone(),
+    );
+    let provisions = Controller::new(provision::ProvisionReconciler::new(ctx), store, cc);
+    let mut set = tokio::task::JoinSet::new();
+    let sd = shutdown.clone();
+    set.spawn(async move {
+        images.run(sd).await;
+        "image"
+    });
+    let sd = shutdown.clone();
+    set.spawn(async move {
+        vms.run(sd).await;
+        "virtualmachine"
+    });
+    set.spawn(async move {
+        provisions.run(shutdown).await;
+        "provision"
+    });
+    while let Some(res) = set.join_next().await {
+        match res {
+            Ok(name) => tracing::debug!(controller = name, "controller stopped"),
+            Err(e) if e.is_panic() => return Err(RunError::Panicked),
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}

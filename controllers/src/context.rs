@@ -1,0 +1,89 @@
+//! What every reconciler shares: the store, the drivers, the tuning, and
+//! helpers that write through the store without blocking the runtime.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use vmctl_api::{Note, NoteType, Object, ObjectRef};
+use vmctl_store::Store;
+
+use crate::runtime::controller::{ControllerError, blocking};
+use crate::{Drivers, RuntimeConfig};
+
+/// Shared by the reconcilers of one agent.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The object store.
+    pub store: Arc<dyn Store>,
+    /// The drivers.
+    pub drivers: Drivers,
+    /// Tuning.
+    pub config: RuntimeConfig,
+}
+
+impl Context {
+    /// The object, read fresh from the store.
+    pub async fn get(&self, r: &ObjectRef) -> Result<Option<Object>, ControllerError> {
+        let (store, r) = (self.store.clone(), r.clone());
+        blocking(move || store.get(&r)).await
+    }
+
+    /// Writes `status` if it differs from `obj`'s, expecting `obj`'s
+    /// resourceVersion. Returns the object as it now is.
+    pub async fn write_status<S: Serialize>(
+        &self,
+        obj: &Object,
+        status: &S,
+    ) -> Result<Object, ControllerError> {
+        let value = serde_json::to_value(status).expect("statuses always serialise");
+        if obj.status.as_ref() == Some(&value) {
+            return Ok(obj.clone());
+        }
+        let (store, r, rv) = (
+            self.store.clone(),
+            obj.object_ref(),
+            obj.metadata.resource_version,
+        );
+        let written = blocking(move || store.update_status(&r, value, Some(rv))).await?;
+        Ok(written.object.unwrap_or_else(|| obj.clone()))
+    }
+
+    /// Replaces `obj`'s finalizers, expecting its resourceVersion. Returns
+    /// the object as it now is, `None` once deleted.
+    pub async fn set_finalizers(
+        &self,
+        obj: &Object,
+        finalizers: Vec<String>,
+    ) -> Result<Option<Object>, ControllerError> {
+        let (store, r, rv) = (
+            self.store.clone(),
+            obj.object_ref(),
+            obj.metadata.resource_version,
+        );
+        let written = blocking(move || store.set_finalizers(&r, finalizers, Some(rv))).await?;
+        Ok(written.object)
+    }
+
+    /// Records a note; a failure is logged, never returned, because a lost
+    /// note must not undo or repeat the step it reports.
+    pub async fn note(
+        &self,
+        object: &ObjectRef,
+        type_: NoteType,
+        source: &str,
+        reason: &str,
+        message: impl Into<String>,
+    ) {
+        let note = Note {
+            type_,
+            reason: reason.to_owned(),
+            message: message.into(),
+            object: object.clone(),
+            source: Some(source.to_owned()),
+        };
+        let store = self.store.clone();
+        if let Err(e) = blocking(move || store.record_note(note)).await {
+            tracing::warn!(error = %e, reason, "cannot record note");
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The driver traits the controllers act through.
+//!
+//! ```text
+//!   ImageController ──▶ ImageFetcher   (ensure an image is on disk)
+//!   VmController    ──▶ Hypervisor     (prepare / start / stop / … one instance)
+//!   ProvisionCtl    ──▶ Provisioner    (wait for SSH, run steps)
+//! ```
+//!
+//! The traits know nothing of QEMU: QMP sockets, pidfiles and command lines
+//! live inside the QEMU driver, zones and propolis-server's API inside the
+//! Propolis one. Every method is idempotent where the name allows it
+//! (`prepare` of a prepared instance, `destroy` of a missing one), because
+//! reconcilers run again after a crash without knowing how far they got.
+//!
+//! The traits return boxed futures so that they can be used as
+//! `Arc<dyn Trait>` without the `async-trait` crate.
+
+pub mod fake;
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use vmctl_api::{ImageSpec, ProvisionStep, SshConfig, VirtualMachineSpec, VmRuntime};
+
+/// A boxed, sendable future, as the driver traits return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Everything a driver operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The instance (or image, or VM) the operation needs does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The operation is not possible in the instance's current state.
+    #[error("cannot {op} {name}: instance is {state:?}")]
+    InvalidState {
+        /// The operation attempted.
+        op: &'static str,
+        /// The instance's name.
+        name: String,
+        /// Its state at the time.
+        state: InstanceState,
+    },
+    /// The operation did not finish in time.
+    #[error("{0} timed out")]
+    Timeout(String),
+    /// A failure injected by the fake driver.
+    #[error("injected failure: {0}")]
+    Injected(String),
+    /// A host I/O operation failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Any other backend failure, described by the backend.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Short for `Result<T, DriverError>`.
+pub type Result<T, E = DriverError> = std::result::Result<T, E>;
+
+/// The observed state of a hypervisor instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceState {
+    /// Prepared (disk, seed) but not running.
+    Stopped,
+    /// Executing.
+    Running,
+    /// Paused in memory.
+    Suspended,
+}
+
+/// What the hypervisor reports about one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// Its state.
+    pub state: InstanceState,
+    /// Runtime details, as shown in the VM's `status.runtime`.
+    pub runtime: VmRuntime,
+}
+
+/// What the hypervisor needs to prepare an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceSpec {
+    /// The VM's name; instances are keyed by it.
+    pub name: String,
+    /// The VM's spec.
+    pub spec: VirtualMachineSpec,
+    /// The base image the instance boots from.
+    pub image: LocalImage,
+}
+
+/// Runs VM instances: QEMU, Propolis, or the fake.
+pub trait Hypervisor: Send + Sync + Debug {
+    /// The backend's name as shown in `status.runtime.backend`.
+    fn backend(&self) -> &'static str;
+    /// Creates the instance's disk, seed and configuration if it does not
+    /// exist yet; a prepared instance is left as it is.
+    fn prepare<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<InstanceStatus>>;
+    /// Boots a prepared, stopped instance.
+    fn start<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<InstanceStatus>>;
+    /// Shuts an instance down, forcefully after `timeout`.
+    fn stop<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<()>>;
+    /// Pauses a running instance.
+    fn suspend<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// Continues a paused instance.
+    fn resume<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// Stops the instance if needed and removes everything it owns. A
+    /// missing instance is not an error.
+    fn destroy<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// The instance's state, `None` if it does not exist.
+    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<InstanceStatus>>>;
+}
+
+/// An image available on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalImage {
+    /// Path of the image file.
+    pub path: String,
+    /// Its format (`qcow2`, `raw`).
+    pub format: String,
+    /// File size in bytes.
+    pub size_bytes: u64,
+    /// Virtual disk size in bytes, when known.
+    pub virtual_size_bytes: Option<u64>,
+}
+
+/// Download progress reported by [`ImageFetcher::ensure`]: bytes done, total if known.
+pub type ProgressFn<'a> = &'a (dyn Fn(u64, Option<u64>) + Send + Sync);
+
+/// Makes images available locally (copy, download, decompress, verify).
+pub trait ImageFetcher: Send + Sync + Debug {
+    /// The image if it is already available and matches `spec`, without
+    /// fetching anything.
+    fn lookup<'a>(
+        &'a self,
+        name: &'a str,
+        spec: &'a ImageSpec,
+    ) -> BoxFuture<'a, Result<Option<LocalImage>>>;
+    /// Makes the image available, fetching it if needed.
+    fn ensure<'a>(
+        &'a self,
+        name: &'a str,
+        spec: &'a ImageSpec,
+        progress: ProgressFn<'a>,
+    ) -> BoxFuture<'a, Result<LocalImage>>;
+}
+
+/// Where and how to reach a VM over SSH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    /// The VM's name.
+    pub vm: String,
+    /// The VM's runtime (host, port, instance id).
+    pub runtime: VmRuntime,
+    /// The SSH settings of the VM's spec.
+    pub ssh: Option<SshConfig>,
+}
+
+/// How one step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// The exit code (0 for a successful file upload).
+    pub exit_code: i32,
+}
+
+/// Output of a running step, line by line.
+pub type OutputFn<'a> = &'a (dyn Fn(&str) + Send + Sync);
+
+/// Runs provisioning steps on a VM.
+pub trait Provisioner: Send + Sync + Debug {
+    /// Waits until the VM answers SSH, at most `timeout`.
+    fn wait_ssh<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Runs one step. A step that ran and exited non-zero is `Ok` with its
+    /// exit code; `Err` means it could not be run at all.
+    fn run_step<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        index: u32,
+        step: &'a ProvisionStep,
+        output: OutputFn<'a>,
+    ) -> BoxFuture<'a, Result<StepOutcome>>;
+}

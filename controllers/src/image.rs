@@ -1,0 +1,180 @@
+//! The Image controller: makes every Image available on the host.
+//!
+//! ```text
+//!   Pending ──▶ Downloading ──ok──▶ Ready   (note Pulled)
+//!                   │
+//!                   └──error──▶ Failed      (note Failed; retried with backoff)
+//! ```
+//!
+//! Observe first: an image the fetcher already has is Ready without a fetch.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use vmctl_api::{
+    Condition, ConditionStatus, Image, ImagePhase, ImageStatus, Kind, NoteType, Object,
+    set_condition,
+};
+
+use crate::Context;
+use crate::drivers::{DriverError, LocalImage};
+use crate::runtime::controller::ControllerError;
+use crate::runtime::{Action, ReconcileError, Reconciler};
+
+/// Errors of the Image controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The object's spec or status does not match the Image schema.
+    #[error("invalid Image object")]
+    Decode(#[source] serde_json::Error),
+    /// Reading or writing the store failed.
+    #[error("store access failed")]
+    Store(#[source] ControllerError),
+    /// The fetcher could not make the image available.
+    #[error("cannot fetch image {name}")]
+    Fetch {
+        /// The image.
+        name: String,
+        /// Why.
+        #[source]
+        source: DriverError,
+    },
+}
+
+impl ReconcileError for ImageError {
+    fn is_conflict(&self) -> bool {
+        matches!(self, ImageError::Store(e) if e.is_conflict())
+    }
+}
+
+impl From<ControllerError> for ImageError {
+    fn from(e: ControllerError) -> Self {
+        ImageError::Store(e)
+    }
+}
+
+/// Reconciles Images.
+#[derive(Debug)]
+pub struct ImageReconciler {
+    ctx: Arc<Context>,
+}
+
+impl ImageReconciler {
+    /// An Image reconciler using `ctx`.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        ImageReconciler { ctx }
+    }
+}
+
+fn ready_condition(
+    status: ConditionStatus,
+    reason: &str,
+    message: String,
+    generation: u64,
+) -> Condition {
+    Condition {
+        type_: "Ready".into(),
+        status,
+        reason: reason.into(),
+        message,
+        last_transition_time: None,
+        observed_generation: generation,
+    }
+}
+
+fn set_ready(status: &mut ImageStatus, img: &LocalImage, generation: u64) {
+    status.phase = ImagePhase::Ready;
+    status.observed_generation = generation;
+    status.path = Some(img.path.clone());
+    status.format = Some(img.format.clone());
+    status.size_bytes = Some(img.size_bytes);
+    status.virtual_size_bytes = img.virtual_size_bytes;
+    status.progress = None;
+    let cond = ready_condition(
+        ConditionStatus::True,
+        "Available",
+        String::new(),
+        generation,
+    );
+    set_condition(&mut status.conditions, cond, Utc::now());
+}
+
+impl Reconciler for ImageReconciler {
+    type Error = ImageError;
+    const KIND: Kind = Kind::Image;
+    const NAME: &'static str = "image-controller";
+
+    async fn reconcile(&self, obj: Arc<Object>) -> Result<Action, ImageError> {
+        let ctx = &self.ctx;
+        let image = Image::from_object(&obj).map_err(ImageError::Decode)?;
+        if image.metadata.deletion_timestamp.is_some() {
+            // Images hold no finalizer: the cached file is kept for reuse.
+            return Ok(Action::await_change());
+        }
+        let name = image.metadata.name.as_str();
+        let generation = image.metadata.generation;
+        let r = obj.object_ref();
+        let old = image.status.clone().unwrap_or_default();
+        let mut status = old.clone();
+        let fetcher = &ctx.drivers.images;
+
+        // Observe: already there?
+        let found = fetcher.lookup(name, &image.spec).await.ok().flatten();
+        if let Some(img) = found
+            && (old.phase == ImagePhase::Ready || old.observed_generation != generation)
+        {
+            set_ready(&mut status, &img, generation);
+            if status != old {
+                ctx.write_status(&obj, &status).await?;
+                if old.phase != ImagePhase::Ready {
+                    let msg = format!("Image {name} is available at {}", img.path);
+                    ctx.note(&r, NoteType::Normal, Self::NAME, "Pulled", msg)
+                        .await;
+                }
+            }
+            return Ok(Action::await_change());
+        }
+
+        // Act: fetch.
+        status.phase = ImagePhase::Downloading;
+        let cond = ready_condition(
+            ConditionStatus::False,
+            "Downloading",
+            "fetching the image".into(),
+            generation,
+        );
+        set_condition(&mut status.conditions, cond, Utc::now());
+        let obj = ctx.write_status(&obj, &status).await?;
+        // Progress is kept in memory; writing every update would churn the log.
+        let progress = |_done: u64, _total: Option<u64>| {};
+        match fetcher.ensure(name, &image.spec, &progress).await {
+            Ok(img) => {
+                set_ready(&mut status, &img, generation);
+                ctx.write_status(&obj, &status).await?;
+                let msg = format!("Image {name} is available at {}", img.path);
+                ctx.note(&r, NoteType::Normal, Self::NAME, "Pulled", msg)
+                    .await;
+                Ok(Action::await_change())
+            }
+            Err(source) => {
+                status.phase = ImagePhase::Failed;
+                status.observed_generation = generation;
+                let message = format!("{source}");
+                let cond = ready_condition(
+                    ConditionStatus::False,
+                    "FetchFailed",
+                    message.clone(),
+                    generation,
+                );
+                set_condition(&mut status.conditions, cond, Utc::now());
+                ctx.write_status(&obj, &status).await?;
+                ctx.note(&r, NoteType::Warning, Self::NAME, "Failed", message)
+                    .await;
+                Err(ImageError::Fetch {
+                    name: name.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The watch loop and the workers of one controller.
+//!
+//! ```text
+//!            list ok: trigger every object of the kind
+//!   Listing ───────────────────────────────────────────▶ Watching(watch)
+//!      ▲  list failed: wait, retry                          │ event: trigger
+//!      └──────── TooOld / watch failed ─────────────────────┘ its objects
+//! ```
+//!
+//! Workers start only after the first list: before it the queue is empty.
+//! Each of `concurrency` workers takes an object from the [`Queue`], reads it
+//! fresh from the store, reconciles it inside a `tracing` span carrying the
+//! object reference, and schedules the next run from the [`Action`] (or the
+//! backoff on error).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::Instrument;
+use vmctl_api::{Kind, Object, ObjectRef};
+use vmctl_store::{Change, Event, Store, StoreError, Watch};
+
+use super::queue::{BackoffPolicy, Queue};
+use super::{ReconcileError, Reconciler};
+
+/// Errors of the runtime itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// A blocking store call could not be joined (it panicked or was cancelled).
+    #[error("store task failed")]
+    Join(#[source] tokio::task::JoinError),
+    /// The store failed.
+    #[error("store failed")]
+    Store(#[source] StoreError),
+}
+
+/// Runs a blocking store call on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ControllerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ControllerError::Join)?
+        .map_err(ControllerError::Store)
+}
+
+/// Which objects refer to which, for cross-kind triggers: VMs by image,
+/// Provisions by VM. Built from the listing and `Applied`/`Deleted` events.
+#[derive(Debug, Default)]
+pub struct Relations {
+    vms_by_image: HashMap<String, BTreeSet<String>>,
+    image_of_vm: HashMap<String, String>,
+    provisions_by_vm: HashMap<String, BTreeSet<String>>,
+    vm_of_provision: HashMap<String, String>,
+}
+
+impl Relations {
+    fn set(
+        forward: &mut HashMap<String, String>,
+        reverse: &mut HashMap<String, BTreeSet<String>>,
+        from: &str,
+        to: Option<&str>,
+    ) {
+        if let Some(old) = forward.remove(from)
+            && let Some(set) = reverse.get_mut(&old)
+        {
+            set.remove(from);
+            if set.is_empty() {
+                reverse.remove(&old);
+            }
+        }
+        if let Some(to) = to {
+            forward.insert(from.to_owned(), to.to_owned());
+            reverse
+                .entry(to.to_owned())
+                .or_default()
+                .insert(from.to_owned());
+        }
+    }
+
+    /// Records `obj`'s references.
+    pub fn observe(&mut self, obj: &Object) {
+        let field = |f: &str| obj.spec.get(f).and_then(|v| v.as_str()).map(str::to_owned);
+        match obj.kind {
+            Kind::VirtualMachine => Self::set(
+                &mut self.image_of_vm,
+                &mut self.vms_by_image,
+                obj.name(),
+                field("image").as_deref(),
+            ),
+            Kind::Provision => Self::set(
+                &mut self.vm_of_provision,
+                &mut self.provisions_by_vm,
+                obj.name(),
+                field("vm").as_deref(),
+            ),
+            Kind::Image => {}
+        }
+    }
+
+    /// Forgets `r`'s references.
+    pub fn forget(&mut self, r: &ObjectRef) {
+        match r.kind {
+            Kind::VirtualMachine => {
+                Self::set(&mut self.image_of_vm, &mut self.vms_by_image, &r.name, None)
+            }
+            Kind::Provision => Self::set(
+                &mut self.vm_of_provision,
+                &mut self.provisions_by_vm,
+                &r.name,
+                None,
+            ),
+            Kind::Image => {}
+        }
+    }
+
+    /// The VMs that boot from `image`.
+    pub fn vms_using(&self, image: &str) -> impl Iterator<Item = ObjectRef> + '_ {
+        let set = self.vms_by_image.get(image);
+        set.into_iter()
+            .flatten()
+            .map(|n| ObjectRef::new(Kind::VirtualMachine, n.clone()))
+    }
+
+    /// The Provisions of `vm`.
+    pub fn provisions_of(&self, vm: &str) -> impl Iterator<Item = ObjectRef> + '_ {
+        let set = self.provisions_by_vm.get(vm);
+        set.into_iter()
+            .flatten()
+            .map(|n| ObjectRef::new(Kind::Provision, n.clone()))
+    }
+
+    fn clear(&mut self) {
+        *self = Relations::default();
+    }
+}
+
+/// The watch loop's state; see the module docs.
+enum State {
+    /// About to list (after `delay`).
+    Listing { delay: Duration },
+    /// Following the log.
+    Watching { watch: Box<Watch> },
+}
+
+/// How the runtime of one controller is tuned.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Objects reconciled at once.
+    pub concurrency: usize,
+    /// Backoff after reconcile errors.
+    pub backoff: BackoffPolicy,
+    /// Every object is reconciled at least this often (`None`: only on change).
+    pub resync: Option<Duration>,
+}
+
+/// One controller: a reconciler, its queue, watch loop and workers.
+#[derive(Debug)]
+pub struct Controller<R> {
+    reconciler: Arc<R>,
+    store: Arc<dyn Store>,
+    queue: Arc<Queue>,
+    config: ControllerConfig,
+}
+
+impl<R: Reconciler> Controller<R> {
+    /// A controller for `reconciler` over `store`.
+    pub fn new(reconciler: R, store: Arc<dyn Store>, config: ControllerConfig) -> Self {
+        Controller {
+            reconciler: Arc::new(reconciler),
+            store,
+            queue: Arc::new(Queue::new(config.backoff)),
+            config,
+        }
+    }
+
+    /// Runs until `shutdown` becomes true (or its sender is dropped). In-flight
+    /// reconciles finish first.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..self.config.concurrency.max(1) {
+            tasks.spawn(worker(
+                self.reconciler.clone(),
+                self.store.clone(),
+                self.queue.clone(),
+                self.config.resync,
+                shutdown.clone(),
+            ));
+        }
+        let mut watcher = Watcher {
+            state: State::Listing {
+                delay: Duration::ZERO,
+            },
+            store: self.store.clone(),
+            queue: self.queue.clone(),
+            reconciler: self.reconciler.clone(),
+            relations: Relations::default(),
+        };
+        loop {
+            tokio::select! {
+                // step() is cancel-safe: Watch::next loses nothing when
+                // dropped, and a dropped list is simply redone.
+                () = watcher.step() => {}
+                // changed() is cancel-safe.
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() || shutdown.has_changed().is_err() {
+                break;
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+struct Watcher<R> {
+    state: State,
+    store: Arc<dyn Store>,
+    queue: Arc<Queue>,
+    reconciler: Arc<R>,
+    relations: Relations,
+}
+
+impl<R: Reconciler> Watcher<R> {
+    /// Advances the state machine by one list or one event.
+    async fn step(&mut self) {
+        match &mut self.state {
+            State::Listing { delay } => {
+                if !delay.is_zero() {
+                    tokio::time::sleep(*delay).await;
+                }
+                let store = self.store.clone();
+                let listed = blocking(move || {
+                    let listing = store.list(None)?;
+                    let watch = store.watch(listing.resource_version)?;
+                    Ok((listing, watch))
+                })
+                .await;
+                match listed {
+                    Ok((listing, watch)) => {
+                        self.relations.clear();
+                        for obj in &listing.objects {
+                            self.relations.observe(obj);
+                        }
+                        for obj in listing.objects.iter().filter(|o| o.kind == R::KIND) {
+                            self.queue.trigger(obj.object_ref());
+                        }
+                        tracing::debug!(
+                            controller = R::NAME,
+                            objects = listing.objects.len(),
+                            rv = listing.resource_version,
+                            "listed"
+                        );
+                        self.state = State::Watching {
+                            watch: Box::new(watch),
+                        };
+                    }
+                    Err(e) => {
+                        tracing::warn!(controller = R::NAME, error = %e, "list failed; retrying");
+                        self.state = State::Listing {
+                            delay: Duration::from_secs(1),
+                        };
+                    }
+                }
+            }
+            State::Watching { watch } => match watch.next().await {
+                Ok(ev) => self.on_event(&ev),
+                Err(StoreError::TooOld { .. }) => {
+                    tracing::info!(controller = R::NAME, "watch too old; re-listing");
+                    self.state = State::Listing {
+                        delay: Duration::ZERO,
+                    };
+                }
+                Err(e) => {
+                    tracing::warn!(controller = R::NAME, error = %e, "watch failed; re-listing");
+                    self.state = State::Listing {
+                        delay: Duration::from_secs(1),
+                    };
+                }
+            },
+        }
+    }
+
+    fn on_event(&mut self, ev: &Event) {
+        match &ev.change {
+            Change::Applied { object, .. } => self.relations.observe(object),
+            Change::Deleted => self.relations.forget(&ev.object),
+            _ => {}
+        }
+        if ev.object.kind == R::KIND {
+            match &ev.change {
+                // Status is written only by this controller, and notes change
+                // nothing: neither needs another run.
+                Change::StatusUpdated { .. } | Change::Noted { .. } => {}
+                Change::Deleted => self.queue.forget(&ev.object),
+                _ => self.queue.trigger(ev.object.clone()),
+            }
+        } else if !matches!(ev.change, Change::Noted { .. }) {
+            for r in self.reconciler.related(&self.relations, ev) {
+                self.queue.trigger(r);
+            }
+        }
+    }
+}
+
+async fn worker<R: Reconciler>(
+    reconciler: Arc<R>,
+    store: Arc<dyn Store>,
+    queue: Arc<Queue>,
+    resync: Option<Duration>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let r = tokio::select! {
+            // Queue::next is cancel-safe: an object is taken only when returned.
+            r = queue.next() => r,
+            // changed() is cancel-safe.
+            _ = shutdown.changed() => break,
+        };
+        let s = store.clone();
+        let key = r.clone();
+        let obj = match blocking(move || s.get(&key)).await {
+            Ok(Some(obj)) => Arc::new(obj),
+            Ok(None) => {
+                queue.finish(&r);
+                queue.forget(&r);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(object = %r, error = %e, "cannot read object");
+                queue.schedule_after(r.clone(), queue.backoff(&r));
+                queue.finish(&r);
+                continue;
+            }
+        };
+        let span = tracing::info_span!(
+            "reconcile",
+            controller = R::NAME,
+            object = %r,
+            generation = obj.metadata.generation,
+            rv = obj.metadata.resource_version,
+        );
+        let result = reconciler
+            .reconcile(obj.clone())
+            .instrument(span.clone())
+            .await;
+        let _enter = span.enter();
+        match result {
+            Ok(action) => {
+                queue.reset_backoff(&r);
+                if let Some(d) = action.requeue_after().or(resync) {
+                    queue.schedule_after(r.clone(), d);
+                }
+            }
+            Err(e) if e.is_conflict() => {
+                tracing::debug!(error = %e, "conflict; retrying with fresh data");
+                queue.trigger(r.clone());
+            }
+            Err(e) => {
+                let backoff = queue.backoff(&r);
+                tracing::warn!(error = %ErrorChain(&e), ?backoff, "reconcile failed");
+                let action = reconciler.error_policy(&obj, &e, backoff);
+                if let Some(d) = action.requeue_after().or(resync) {
+                    queue.schedule_after(r.clone(), d);
+                }
+            }
+        }
+        queue.finish(&r);
+    }
+}
+
+/// Displays an error with its whole `source` chain, once, at the edge.
+#[derive(Debug)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut src = self.0.source();
+        while let Some(e) = src {
+            write!(f, ": {e}")?;
+            src = e.source();
+        }
+        Ok(())
+    }
+}
+
+impl ControllerError {
+    /// Whether this is a store conflict (the object moved on).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, ControllerError::Store(StoreError::Conflict { .. }))
+    }
+}

@@ -1,0 +1,358 @@
+//! The VirtualMachine controller: drives each VM to its `powerState`.
+//!
+//! ```text
+//!   Pending ──image Ready──▶ (Starting) ──ok──▶ Running ◀──resume── Suspended
+//!      │                         │                │  └────suspend────▲
+//!      │                         │ error          └──stop──▶ Stopped
+//!      │                         ▼
+//!      │                   CrashLoopBackOff ── retryAfter passed ──▶ (Starting)
+//!      ▼
+//!   deletion requested ──▶ Terminating ── destroy, drop finalizer ──▶ gone
+//! ```
+//!
+//! Observe first, then act: the hypervisor's view of the instance decides
+//! what to do, so a run after a crash picks up wherever the last one stopped.
+//! The finalizer `vmctl.dev/vm-teardown` is added before the first start, so
+//! a deleted VM's instance is destroyed before the object goes. Start
+//! failures are counted in `status.startFailures`, with a `retryAfter`
+//! deadline growing exponentially, and reported by a Warning note `BackOff`.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use vmctl_api::{
+    Condition, ConditionStatus, Image, ImagePhase, Kind, NoteType, Object, ObjectRef, PowerState,
+    VirtualMachine, VirtualMachineStatus, VmPhase, set_condition,
+};
+use vmctl_store::{Change, Event};
+
+use crate::Context;
+use crate::drivers::{DriverError, InstanceSpec, InstanceState, LocalImage};
+use crate::runtime::controller::ControllerError;
+use crate::runtime::{Action, ReconcileError, Reconciler, Relations};
+
+/// The finalizer that makes a deleted VM wait for its teardown.
+pub const FINALIZER: &str = "vmctl.dev/vm-teardown";
+
+/// Errors of the VirtualMachine controller.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The object's spec or status does not match the VirtualMachine schema.
+    #[error("invalid VirtualMachine object")]
+    Decode(#[source] serde_json::Error),
+    /// Reading or writing the store failed.
+    #[error("store access failed")]
+    Store(#[source] ControllerError),
+    /// A hypervisor operation failed.
+    #[error("cannot {op} VM {name}")]
+    Driver {
+        /// The operation.
+        op: &'static str,
+        /// The VM.
+        name: String,
+        /// Why.
+        #[source]
+        source: DriverError,
+    },
+}
+
+impl ReconcileError for VmError {
+    fn is_conflict(&self) -> bool {
+        matches!(self, VmError::Store(e) if e.is_conflict())
+    }
+}
+
+impl From<ControllerError> for VmError {
+    fn from(e: ControllerError) -> Self {
+        VmError::Store(e)
+    }
+}
+
+fn driver(op: &'static str, name: &str) -> impl FnOnce(DriverError) -> VmError {
+    let name = name.to_owned();
+    move |source| VmError::Driver { op, name, source }
+}
+
+/// Reconciles VirtualMachines.
+#[derive(Debug)]
+pub struct VmReconciler {
+    ctx: Arc<Context>,
+}
+
+impl VmReconciler {
+    /// A VirtualMachine reconciler using `ctx`.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        VmReconciler { ctx }
+    }
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: u64) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        },
+        reason: reason.into(),
+        message,
+        last_transition_time: None,
+        observed_generation: generation,
+    }
+}
+
+/// The image a VM boots from, if it is Ready.
+fn ready_image(obj: Option<&Object>) -> Result<LocalImage, (&'static str, String)> {
+    let Some(obj) = obj else {
+        return Err(("ImageNotFound", "the image does not exist".into()));
+    };
+    let image = Image::from_object(obj).map_err(|e| ("ImageInvalid", e.to_string()))?;
+    let status = image.status.unwrap_or_default();
+    match (status.phase, status.path) {
+        (ImagePhase::Ready, Some(path)) => Ok(LocalImage {
+            path,
+            format: status.format.unwrap_or_else(|| "raw".into()),
+            size_bytes: status.size_bytes.unwrap_or_default(),
+            virtual_size_bytes: status.virtual_size_bytes,
+        }),
+        (phase, _) => Err(("ImageNotReady", format!("the image is {phase:?}"))),
+    }
+}
+
+impl VmReconciler {
+    async fn finalize(&self, obj: &Object, vm: &VirtualMachine) -> Result<Action, VmError> {
+        let ctx = &self.ctx;
+        if !obj.metadata.finalizers.iter().any(|f| f == FINALIZER) {
+            return Ok(Action::await_change());
+        }
+        let name = vm.metadata.name.as_str();
+        let mut status = vm.status.clone().unwrap_or_default();
+        status.phase = VmPhase::Terminating;
+        let generation = vm.metadata.generation;
+        let cond = condition(
+            "Ready",
+            false,
+            "Terminating",
+            "being deleted".into(),
+            generation,
+        );
+        set_condition(&mut status.conditions, cond, Utc::now());
+        let obj = ctx.write_status(obj, &status).await?;
+        ctx.drivers
+            .hypervisor
+            .destroy(name)
+            .await
+            .map_err(driver("destroy", name))?;
+        let r = obj.object_ref();
+        let msg = format!("Destroyed VM {name} and its resources");
+        ctx.note(&r, NoteType::Normal, Self::NAME_, "Destroyed", msg)
+            .await;
+        let rest = obj
+            .metadata
+            .finalizers
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        ctx.set_finalizers(&obj, rest).await?;
+        Ok(Action::await_change())
+    }
+
+    const NAME_: &'static str = "vm-controller";
+}
+
+impl Reconciler for VmReconciler {
+    type Error = VmError;
+    const KIND: Kind = Kind::VirtualMachine;
+    const NAME: &'static str = VmReconciler::NAME_;
+
+    async fn reconcile(&self, obj: Arc<Object>) -> Result<Action, VmError> {
+        let ctx = &self.ctx;
+        let hv = &ctx.drivers.hypervisor;
+        let vm = VirtualMachine::from_object(&obj).map_err(VmError::Decode)?;
+        if vm.metadata.deletion_timestamp.is_some() {
+            return self.finalize(&obj, &vm).await;
+        }
+        let name = vm.metadata.name.as_str();
+        let generation = vm.metadata.generation;
+        let r = obj.object_ref();
+        let mut status: VirtualMachineStatus = vm.status.clone().unwrap_or_default();
+        let now = Utc::now();
+
+        // Observe.
+        let image_ref = ObjectRef::new(Kind::Image, vm.spec.image.clone());
+        let image = ready_image(ctx.get(&image_ref).await?.as_ref());
+        let cond = match &image {
+            Ok(_) => condition("ImageReady", true, "ImageReady", String::new(), generation),
+            Err((reason, msg)) => condition("ImageReady", false, reason, msg.clone(), generation),
+        };
+        set_condition(&mut status.conditions, cond, now);
+        let mut instance = hv.status(name).await.map_err(driver("inspect", name))?;
+
+        if instance.is_none() && vm.spec.power_state != PowerState::Stopped && image.is_err() {
+            status.phase = VmPhase::Pending;
+            status.observed_generation = generation;
+            let cond = condition("Ready", false, "WaitingForImage", String::new(), generation);
+            set_condition(&mut status.conditions, cond, now);
+            ctx.write_status(&obj, &status).await?;
+            // The image's status change wakes this VM.
+            return Ok(Action::await_change());
+        }
+
+        // The finalizer goes on before anything exists that would need it.
+        let mut obj = (*obj).clone();
+        if !obj.metadata.finalizers.iter().any(|f| f == FINALIZER) {
+            let mut fins = obj.metadata.finalizers.clone();
+            fins.push(FINALIZER.to_owned());
+            obj = ctx.set_finalizers(&obj, fins).await?.unwrap_or(obj);
+        }
+
+        // Act.
+        let want = vm.spec.power_state;
+        let state = instance.as_ref().map(|i| i.state);
+        if want != PowerState::Stopped && matches!(state, None | Some(InstanceState::Stopped)) {
+            if let Some(retry_after) = status.start_failures.retry_after
+                && retry_after > now
+            {
+                status.phase = VmPhase::CrashLoopBackOff;
+                status.observed_generation = generation;
+                ctx.write_status(&obj, &status).await?;
+                return Ok(Action::requeue(
+                    (retry_after - now).to_std().unwrap_or_default(),
+                ));
+            }
+            if instance.is_none() {
+                let image = image.clone().expect("checked above");
+                let spec = InstanceSpec {
+                    name: name.to_owned(),
+                    spec: vm.spec.clone(),
+                    image,
+                };
+                instance = Some(hv.prepare(&spec).await.map_err(driver("prepare", name))?);
+            }
+            match hv.start(name).await {
+                Ok(st) => {
+                    status.start_failures = Default::default();
+                    let port = st
+                        .runtime
+                        .ssh_port
+                        .map(|p| format!(", SSH on port {p}"))
+                        .unwrap_or_default();
+                    instance = Some(st);
+                    let msg = format!("Started VM {name}{port}");
+                    ctx.note(&r, NoteType::Normal, Self::NAME, "Started", msg)
+                        .await;
+                }
+                Err(e) => return self.start_failed(&obj, status, instance, e).await,
+            }
+        }
+        let state = instance.as_ref().map(|i| i.state);
+        let next = match (want, state) {
+            (PowerState::Suspended, Some(InstanceState::Running)) => {
+                hv.suspend(name).await.map_err(driver("suspend", name))?;
+                ctx.note(
+                    &r,
+                    NoteType::Normal,
+                    Self::NAME,
+                    "Suspended",
+                    format!("Suspended VM {name}"),
+                )
+                .await;
+                Some(InstanceState::Suspended)
+            }
+            (PowerState::Running, Some(InstanceState::Suspended)) => {
+                hv.resume(name).await.map_err(driver("resume", name))?;
+                ctx.note(
+                    &r,
+                    NoteType::Normal,
+                    Self::NAME,
+                    "Resumed",
+                    format!("Resumed VM {name}"),
+                )
+                .await;
+                Some(InstanceState::Running)
+            }
+            (PowerState::Stopped, Some(InstanceState::Running | InstanceState::Suspended)) => {
+                hv.stop(name, ctx.config.stop_timeout)
+                    .await
+                    .map_err(driver("stop", name))?;
+                ctx.note(
+                    &r,
+                    NoteType::Normal,
+                    Self::NAME,
+                    "Stopped",
+                    format!("Stopped VM {name}"),
+                )
+                .await;
+                Some(InstanceState::Stopped)
+            }
+            (_, s) => s,
+        };
+
+        // Report.
+        let (phase, ready, reason) = match next {
+            Some(InstanceState::Running) => (VmPhase::Running, true, "Running"),
+            Some(InstanceState::Suspended) => (VmPhase::Suspended, false, "Suspended"),
+            Some(InstanceState::Stopped) | None => (VmPhase::Stopped, false, "Stopped"),
+        };
+        status.phase = phase;
+        status.observed_generation = generation;
+        if let Some(inst) = instance {
+            status.runtime = Some(inst.runtime);
+        }
+        let cond = condition("Ready", ready, reason, String::new(), generation);
+        set_condition(&mut status.conditions, cond, Utc::now());
+        ctx.write_status(&obj, &status).await?;
+        Ok(Action::await_change())
+    }
+
+    fn related(&self, rel: &Relations, ev: &Event) -> Vec<ObjectRef> {
+        match (&ev.change, ev.object.kind) {
+            (Change::Noted { .. }, _) => Vec::new(),
+            (_, Kind::Image) => rel.vms_using(&ev.object.name).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl VmReconciler {
+    async fn start_failed(
+        &self,
+        obj: &Object,
+        mut status: VirtualMachineStatus,
+        instance: Option<crate::drivers::InstanceStatus>,
+        err: DriverError,
+    ) -> Result<Action, VmError> {
+        let ctx = &self.ctx;
+        let name = obj.name();
+        let now = Utc::now();
+        let generation = obj.metadata.generation;
+        let count = status.start_failures.count.saturating_add(1);
+        let delay = ctx.config.start_backoff.jittered(count);
+        let retry_after = now + chrono::Duration::from_std(delay).unwrap_or_default();
+        status.start_failures.count = count;
+        status.start_failures.last_failure_time = Some(now);
+        status.start_failures.retry_after = Some(retry_after);
+        status.phase = VmPhase::CrashLoopBackOff;
+        status.observed_generation = generation;
+        if let Some(inst) = instance {
+            status.runtime = Some(inst.runtime);
+        }
+        let cond = condition("Ready", false, "StartFailed", err.to_string(), generation);
+        set_condition(&mut status.conditions, cond, now);
+        ctx.write_status(obj, &status).await?;
+        let msg = format!(
+            "Back-off restarting failed VM {name} (failure {count}: {err}); retry in {:.1}s",
+            delay.as_secs_f64()
+        );
+        ctx.note(
+            &obj.object_ref(),
+            NoteType::Warning,
+            Self::NAME,
+            "BackOff",
+            msg,
+        )
+        .await;
+        Ok(Action::requeue(delay))
+    }
+}
