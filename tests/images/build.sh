@@ -75,14 +75,21 @@ if [ -f "$IMAGE" ]; then
     exit 0
 fi
 
+remove_tree() { # a build dir; mmdebstrap may leave mounts behind when killed
+    local m
+    for m in $(grep -o " $1/[^ ]*" /proc/mounts | sort -r || true); do
+        umount -l "$m" 2>/dev/null || true
+    done
+    rm -rf "$1"
+}
+# Build dirs of this key left by killed builds (we hold the lock: none is live).
+for old in "$CACHE/.tmp-$NAME-$KEY".*; do
+    [ -d "$old" ] && { log "removing stale $old"; remove_tree "$old"; }
+done
 WORK=$(mktemp -d "$CACHE/.tmp-$NAME-$KEY.XXXXXX")
 cleanup() {
     local rc=$?
-    # mmdebstrap may leave mounts behind when interrupted
-    if [ -d "$WORK" ]; then
-        grep -o " $WORK/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-        rm -rf "$WORK"
-    fi
+    [ -d "$WORK" ] && remove_tree "$WORK"
     exit $rc
 }
 trap cleanup EXIT
@@ -291,7 +298,7 @@ build_cloud() {
 }
 
 mkdir -p "$WORK/out"
-"build_$NAME"
+"build_$NAME" >&2
 {
     echo "name=$NAME"
     echo "key=$KEY"
