@@ -1,1 +1,18 @@
-//! placeholder
+//! The per-host vmctl agent.
+//!
+//! The agent is the only process that opens the store. It runs the
+//! controllers and serves JSON over HTTP on a Unix socket (mode 0600, in a
+//! 0700 data directory). Streams (watch) are newline-delimited JSON.
+//!
+//! ```text
+//!  vmctl ──HTTP/unix──▶ api (axum) ──spawn_blocking──▶ Store (sled)
+//!                                                        │ watch
+//!                                                 controllers ──▶ drivers
+//! ```
+
+pub mod api;
+pub mod config;
+pub mod server;
+
+pub use config::AgentConfig;
+pub use server::{AgentError, run};

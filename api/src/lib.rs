@@ -10,6 +10,7 @@ pub mod resources;
 pub mod schema;
 pub mod validate;
 pub mod vmfile;
+pub mod wire;
 
 pub use meta::*;
 pub use resources::*;

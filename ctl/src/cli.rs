@@ -14,6 +14,30 @@ pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
+    /// Data directory of the agent [default: $XDG_DATA_HOME/vmctl or ~/.local/share/vmctl].
+    #[arg(long, global = true, env = "VMCTL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The agent's socket [default: <data-dir>/agent.sock].
+    #[arg(long, global = true, env = "VMCTL_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Do not start an agent when none answers.
+    #[arg(long, global = true)]
+    pub no_autostart: bool,
+}
+
+/// Output formats of `get`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GetOutput {
+    /// A table.
+    Table,
+    /// A table with more columns.
+    Wide,
+    /// JSON.
+    Json,
+    /// YAML.
+    Yaml,
+    /// `kind/name` per line.
+    Name,
 }
 
 /// Output formats for commands that print resources.
@@ -49,6 +73,78 @@ pub enum Command {
         file: PathBuf,
         /// Output format: yaml (multi-document) or json (an array).
         #[arg(short = 'o', long = "output", value_enum, default_value = "yaml")]
+        output: Output,
+    },
+    /// Run the agent in the foreground (for a service manager).
+    ///
+    /// vmctl starts one in the background by itself when none is running.
+    Agent {
+        /// Hypervisor driver: qemu, or fake (in memory, for tests and benchmarks).
+        #[arg(long, env = "VMCTL_DRIVER", default_value = "qemu")]
+        driver: String,
+    },
+    /// Create or update the resources of a VMFile or manifest.
+    ///
+    /// Prints created / configured / unchanged per object.
+    Apply {
+        /// VMFile.kdl, a YAML/JSON manifest, a directory of them, or - for stdin.
+        #[arg(short = 'f', long = "file", default_value = "VMFile.kdl")]
+        file: PathBuf,
+        /// Show what would change without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Delete objects earlier applied from this file that it no longer has
+        /// (deleting a VM deletes its disk).
+        #[arg(long)]
+        prune: bool,
+        /// Output format of the result.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// List objects.
+    Get {
+        /// Kind: vm, image, provision; all kinds when omitted.
+        kind: Option<String>,
+        /// One object's name.
+        name: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: GetOutput,
+        /// Only objects with these labels (key=value, repeatable).
+        #[arg(short = 'l', long = "selector")]
+        selector: Vec<String>,
+    },
+    /// Show one object in detail: spec, status, conditions and recent notes.
+    Describe {
+        /// Kind: vm, image, provision.
+        kind: String,
+        /// Name.
+        name: String,
+    },
+    /// Delete an object, or every object of a file.
+    Delete {
+        /// Kind: vm, image, provision.
+        kind: Option<String>,
+        /// Name.
+        name: Option<String>,
+        /// Delete every object this file defines.
+        #[arg(short = 'f', long = "file", conflicts_with_all = ["kind", "name"])]
+        file: Option<PathBuf>,
+    },
+    /// Show every recorded change of one object, oldest first.
+    History {
+        /// Kind: vm, image, provision.
+        kind: String,
+        /// Name.
+        name: String,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show notes (Kubernetes-style events) recorded by the controllers.
+    Events {
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
         output: Output,
     },
     /// Print the JSON Schema of a kind (vm, image, provision), or of all kinds.

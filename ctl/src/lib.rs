@@ -3,6 +3,7 @@
 //! stderr.
 
 pub mod cli;
+pub mod client;
 pub mod commands;
 pub mod output;
 

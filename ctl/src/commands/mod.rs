@@ -1,6 +1,13 @@
 //! One module per command.
 
+mod agent;
+mod apply;
 mod convert;
+mod delete;
+mod describe;
+mod events;
+mod get;
+mod history;
 mod schema;
 mod validate;
 
@@ -10,7 +17,27 @@ use crate::cli::{Cli, Command};
 
 /// Runs the command.
 pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
+    let g = Globals::new(&cli);
     match cli.command {
+        Command::Agent { driver } => agent::run(&g, driver),
+        Command::Apply {
+            file,
+            dry_run,
+            prune,
+            output,
+        } => apply::run(&g, &file, dry_run, prune, output),
+        Command::Get {
+            kind,
+            name,
+            output,
+            selector,
+        } => get::run(&g, kind.as_deref(), name.as_deref(), output, &selector),
+        Command::Describe { kind, name } => describe::run(&g, &kind, &name),
+        Command::Delete { kind, name, file } => {
+            delete::run(&g, kind.as_deref(), name.as_deref(), file.as_deref())
+        }
+        Command::History { kind, name, output } => history::run(&g, &kind, &name, output),
+        Command::Events { output } => events::run(&g, output),
         Command::Validate { file, output } => validate::run(&file, output),
         Command::Convert { file, output } => convert::run(&file, output),
         Command::Schema { kind } => schema::run(kind.as_deref()),
@@ -49,4 +76,103 @@ pub(crate) fn report(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Settings shared by every command, resolved once.
+#[derive(Debug, Clone)]
+pub struct Globals {
+    /// The data directory.
+    pub data_dir: std::path::PathBuf,
+    /// The agent socket.
+    pub socket: std::path::PathBuf,
+    /// Whether to start an agent when none answers.
+    pub autostart: bool,
+}
+
+impl Globals {
+    fn new(cli: &Cli) -> Self {
+        let data_dir = cli
+            .data_dir
+            .clone()
+            .unwrap_or_else(vmctl_agent::config::default_data_dir);
+        let socket = cli
+            .socket
+            .clone()
+            .unwrap_or_else(|| vmctl_agent::config::default_socket(&data_dir));
+        Globals {
+            data_dir,
+            socket,
+            autostart: !cli.no_autostart,
+        }
+    }
+
+    /// A client of the agent, started when needed.
+    pub fn client(&self) -> miette::Result<crate::client::Client> {
+        Ok(crate::client::connect(
+            &self.data_dir,
+            &self.socket,
+            self.autostart,
+        )?)
+    }
+}
+
+/// Parses a kind argument.
+pub(crate) fn kind_arg(s: &str) -> miette::Result<vmctl_api::Kind> {
+    vmctl_api::Kind::parse(s).ok_or_else(|| {
+        miette::miette!(
+            code = "vmctl::cli::unknown_kind",
+            help = "kinds are vm, image and provision",
+            "unknown kind `{s}`"
+        )
+    })
+}
+
+/// Checks a name argument before it reaches the agent or a path.
+pub(crate) fn name_arg(s: &str) -> miette::Result<()> {
+    vmctl_api::names::check_name(s).map_err(|m| {
+        miette::miette!(
+            code = "vmctl::cli::bad_name",
+            help = vmctl_api::names::NAME_HELP,
+            "{m}"
+        )
+    })
+}
+
+/// Human age of a timestamp, kubectl style.
+pub(crate) fn age(t: Option<vmctl_api::Time>) -> String {
+    let Some(t) = t else { return "-".into() };
+    let s = (chrono::Utc::now() - t).num_seconds().max(0);
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        7200..172800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// Renders rows as left-aligned columns separated by three spaces.
+pub(crate) fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }

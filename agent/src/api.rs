@@ -1,0 +1,471 @@
+//! The HTTP API: thin handlers that validate input, call the store off the
+//! async runtime, and map errors to statuses with one explicit `match`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use vmctl_api::wire::{
+    ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, ErrorBody, Health, ObjectList,
+};
+use vmctl_api::{Kind, Object, ObjectRef, Resource};
+use vmctl_store::{Outcome, Store, StoreError};
+
+use crate::config::AgentConfig;
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    store: Arc<dyn Store>,
+    cfg: Arc<AgentConfig>,
+}
+
+impl AppState {
+    /// State over a store.
+    pub fn new(store: Arc<dyn Store>, cfg: AgentConfig) -> Self {
+        AppState {
+            store,
+            cfg: Arc::new(cfg),
+        }
+    }
+}
+
+/// An error response: status and JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>, help: Option<&str>) -> Self {
+        ApiError {
+            status,
+            body: ErrorBody {
+                code: code.into(),
+                message: message.into(),
+                help: help.map(Into::into),
+            },
+        }
+    }
+
+    fn bad_request(message: impl Into<String>, help: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "vmctl::api::bad_request",
+            message,
+            Some(help),
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        // Explicit per variant: a new store error must be mapped deliberately.
+        let (status, code, help) = match &e {
+            StoreError::NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "vmctl::api::not_found",
+                Some("run `vmctl get` to list objects"),
+            ),
+            StoreError::Conflict { .. } => (
+                StatusCode::CONFLICT,
+                "vmctl::api::conflict",
+                Some("the object changed meanwhile; read it again and retry"),
+            ),
+            StoreError::TooOld { .. } => (
+                StatusCode::GONE,
+                "vmctl::api::too_old",
+                Some("list again and watch from the listing's resourceVersion"),
+            ),
+            StoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "vmctl::api::bad_request", None),
+            StoreError::SchemaTooNew { .. } | StoreError::Corrupt { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "vmctl::store::unusable",
+                Some("see the agent log"),
+            ),
+            StoreError::Poisoned | StoreError::Sled(_) | StoreError::Codec(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "vmctl::store::failed",
+                Some("see the agent log"),
+            ),
+        };
+        let mut message = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            src = s.source();
+        }
+        ApiError::new(status, code, message, help)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Runs a blocking store call off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "vmctl::api::panic",
+                e.to_string(),
+                None,
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
+fn parse_kind(s: &str) -> ApiResult<Kind> {
+    Kind::parse(s).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "vmctl::api::unknown_kind",
+            format!("unknown kind `{s}`"),
+            Some("kinds are vm, image and provision"),
+        )
+    })
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            format!("malformed request body: {e}"),
+            "send JSON matching the API (see openapi.json)",
+        )
+    })
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/healthz", get(health))
+        .route("/v1/apply", post(apply))
+        .route("/v1/objects", get(list_all))
+        .route("/v1/objects/{kind}", get(list_kind))
+        .route("/v1/objects/{kind}/{name}", get(get_one).delete(delete_one))
+        .route("/v1/history/{kind}/{name}", get(history))
+        .route("/v1/notes", get(notes_all))
+        .route("/v1/notes/{kind}/{name}", get(notes_one))
+        .route("/v1/watch", get(watch))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "vmctl::api::no_route",
+                "no such endpoint",
+                Some("see openapi.json"),
+            )
+        })
+        .with_state(state)
+}
+
+async fn health(State(st): State<AppState>) -> Json<Health> {
+    Json(Health {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        driver: st.cfg.driver.clone(),
+        data_dir: st.cfg.data_dir.display().to_string(),
+        last_seq: st.store.last_seq(),
+    })
+}
+
+/// Validates every object before writing any, so a bad request changes nothing.
+fn validate_objects(objects: &[Object]) -> ApiResult<()> {
+    for (i, obj) in objects.iter().enumerate() {
+        let res = Resource::from_object(obj).map_err(|e| {
+            ApiError::bad_request(
+                format!(
+                    "objects[{i}] ({}/{}): {e}",
+                    obj.kind.short(),
+                    obj.metadata.name
+                ),
+                "compare with `vmctl schema`",
+            )
+        })?;
+        let errors: Vec<String> = vmctl_api::validate::validate(&res)
+            .into_iter()
+            .filter(|e| e.severity == vmctl_api::validate::Severity::Error)
+            .map(|e| format!("{}: {}", e.path, e.message))
+            .collect();
+        if !errors.is_empty() {
+            return Err(ApiError::bad_request(
+                format!(
+                    "objects[{i}] ({}/{}) is invalid: {}",
+                    obj.kind.short(),
+                    obj.metadata.name,
+                    errors.join("; ")
+                ),
+                "run `vmctl validate` on the file",
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn apply(State(st): State<AppState>, body: Bytes) -> ApiResult<Json<ApplyResponse>> {
+    let req: ApplyRequest = parse_json(&body)?;
+    validate_objects(&req.objects)?;
+    let store = st.store.clone();
+    let results = blocking(move || apply_blocking(&*store, req)).await?;
+    Ok(Json(ApplyResponse { results }))
+}
+
+fn apply_blocking(store: &dyn Store, req: ApplyRequest) -> Result<Vec<ApplyResult>, StoreError> {
+    let mut results = Vec::new();
+    let mut wanted = std::collections::HashSet::new();
+    for mut obj in req.objects {
+        obj.status = None;
+        let r = obj.object_ref();
+        wanted.insert(r.clone());
+        if req.dry_run {
+            let outcome = match store.get(&r)? {
+                None => ApplyOutcome::Created,
+                Some(cur) if cur.spec == obj.spec && cur.metadata.labels == obj.metadata.labels => {
+                    ApplyOutcome::Unchanged
+                }
+                Some(_) => ApplyOutcome::Configured,
+            };
+            results.push(ApplyResult {
+                object: r,
+                outcome,
+                generation: 0,
+                resource_version: 0,
+            });
+            continue;
+        }
+        let w = store.apply(obj, req.source.clone(), None)?;
+        let outcome = match w.outcome {
+            Outcome::Created => ApplyOutcome::Created,
+            Outcome::Unchanged => ApplyOutcome::Unchanged,
+            _ => ApplyOutcome::Configured,
+        };
+        let (generation, resource_version) = w
+            .object
+            .as_ref()
+            .map(|o| (o.metadata.generation, o.metadata.resource_version))
+            .unwrap_or((0, 0));
+        results.push(ApplyResult {
+            object: r,
+            outcome,
+            generation,
+            resource_version,
+        });
+    }
+    let source_file = req.source.as_ref().and_then(|s| s.file.clone());
+    if let (true, Some(file)) = (req.prune, source_file) {
+        for obj in store.list(None)?.objects {
+            let same_source =
+                obj.metadata.source.as_ref().and_then(|s| s.file.as_deref()) == Some(file.as_str());
+            let r = obj.object_ref();
+            if same_source && !wanted.contains(&r) && obj.metadata.deletion_timestamp.is_none() {
+                if !req.dry_run {
+                    store.request_delete(&r, None)?;
+                }
+                results.push(ApplyResult {
+                    object: r,
+                    outcome: ApplyOutcome::Pruned,
+                    generation: obj.metadata.generation,
+                    resource_version: obj.metadata.resource_version,
+                });
+            }
+        }
+    }
+    Ok(results)
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    /// `key=value[,key=value]` label selector.
+    #[serde(default)]
+    labels: Option<String>,
+}
+
+fn selector(q: &ListQuery) -> ApiResult<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for part in q
+        .labels
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            ApiError::bad_request(
+                format!("label selector `{part}` has no `=`"),
+                "write labels=key=value[,key=value]",
+            )
+        })?;
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(out)
+}
+
+async fn list(st: AppState, kind: Option<Kind>, q: ListQuery) -> ApiResult<Json<ObjectList>> {
+    let sel = selector(&q)?;
+    let store = st.store.clone();
+    let listing = blocking(move || store.list(kind)).await?;
+    let items = listing
+        .objects
+        .into_iter()
+        .filter(|o| sel.iter().all(|(k, v)| o.metadata.labels.get(k) == Some(v)))
+        .collect();
+    Ok(Json(ObjectList {
+        items,
+        resource_version: listing.resource_version,
+    }))
+}
+
+async fn list_all(
+    State(st): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<ObjectList>> {
+    list(st, None, q).await
+}
+
+async fn list_kind(
+    State(st): State<AppState>,
+    Path(kind): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<ObjectList>> {
+    let kind = parse_kind(&kind)?;
+    list(st, Some(kind), q).await
+}
+
+async fn get_one(
+    State(st): State<AppState>,
+    Path((kind, name)): Path<(String, String)>,
+) -> ApiResult<Json<Object>> {
+    let r = ObjectRef::new(parse_kind(&kind)?, name);
+    let store = st.store.clone();
+    let rr = r.clone();
+    match blocking(move || store.get(&rr)).await? {
+        Some(o) => Ok(Json(o)),
+        None => Err(StoreError::NotFound(r).into()),
+    }
+}
+
+async fn delete_one(
+    State(st): State<AppState>,
+    Path((kind, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let r = ObjectRef::new(parse_kind(&kind)?, name);
+    let store = st.store.clone();
+    let w = blocking(move || store.request_delete(&r, None)).await?;
+    Ok((StatusCode::ACCEPTED, Json(w.object)).into_response())
+}
+
+async fn history(
+    State(st): State<AppState>,
+    Path((kind, name)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<vmctl_store::Event>>> {
+    let r = ObjectRef::new(parse_kind(&kind)?, name);
+    let store = st.store.clone();
+    Ok(Json(blocking(move || store.history(&r)).await?))
+}
+
+/// A recorded note on the wire.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NoteOut {
+    seq: u64,
+    time: vmctl_api::Time,
+    #[serde(flatten)]
+    note: vmctl_api::Note,
+}
+
+async fn notes(st: AppState, r: Option<ObjectRef>) -> ApiResult<Json<Vec<NoteOut>>> {
+    let store = st.store.clone();
+    let notes = blocking(move || store.notes(r.as_ref())).await?;
+    Ok(Json(
+        notes
+            .into_iter()
+            .map(|n| NoteOut {
+                seq: n.seq,
+                time: n.time,
+                note: n.note,
+            })
+            .collect(),
+    ))
+}
+
+async fn notes_all(State(st): State<AppState>) -> ApiResult<Json<Vec<NoteOut>>> {
+    notes(st, None).await
+}
+
+async fn notes_one(
+    State(st): State<AppState>,
+    Path((kind, name)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<NoteOut>>> {
+    let r = ObjectRef::new(parse_kind(&kind)?, name);
+    notes(st, Some(r)).await
+}
+
+#[derive(Debug, Deserialize)]
+struct WatchQuery {
+    /// Stream events with a sequence above this.
+    #[serde(default)]
+    after: u64,
+}
+
+async fn watch(State(st): State<AppState>, Query(q): Query<WatchQuery>) -> ApiResult<Response> {
+    let mut w = st.store.watch(q.after).map_err(ApiError::from)?;
+    let stream = async_stream(move |tx| async move {
+        loop {
+            match w.next().await {
+                Ok(ev) => {
+                    let mut line = serde_json::to_vec(&*ev).unwrap_or_default();
+                    line.push(b'\n');
+                    if tx.send(Bytes::from(line)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // The watcher fell behind or the log was compacted: tell
+                    // the client to list again, then end the stream.
+                    let body = serde_json::json!({"type": "resync", "message": e.to_string()});
+                    let mut line = serde_json::to_vec(&body).unwrap_or_default();
+                    line.push(b'\n');
+                    let _ = tx.send(Bytes::from(line)).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// A stream fed by a task through a small bounded channel: a slow client
+/// only slows its own task, never a writer.
+fn async_stream<F, Fut>(
+    f: F,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },
+    )
+}

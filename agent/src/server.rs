@@ -1,0 +1,124 @@
+//! Starting and stopping the agent: lock, store, socket, signals.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use vmctl_store::{SledStore, Store, StoreError};
+
+use crate::api::{self, AppState};
+use crate::config::AgentConfig;
+
+/// Why the agent could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Another agent holds the data directory.
+    #[error("another vmctl agent is already running on {0}")]
+    Locked(PathBuf),
+    /// The data directory could not be prepared.
+    #[error("cannot prepare the data directory {0}")]
+    DataDir(PathBuf, #[source] std::io::Error),
+    /// The store could not be opened.
+    #[error("cannot open the store")]
+    Store(#[source] StoreError),
+    /// The socket could not be bound.
+    #[error("cannot listen on {0}")]
+    Bind(PathBuf, #[source] std::io::Error),
+    /// The requested driver does not exist.
+    #[error("unknown or unavailable driver `{0}`")]
+    Driver(String),
+    /// Serving failed.
+    #[error("the API server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+impl AgentError {
+    /// What the user should do about it.
+    pub fn help(&self) -> String {
+        match self {
+            AgentError::Locked(_) => "use the running agent (vmctl talks to it), or stop it first".into(),
+            AgentError::DataDir(..) => "check the permissions of the data directory (XDG_DATA_HOME)".into(),
+            AgentError::Store(StoreError::Corrupt { hint, .. }) => hint.clone(),
+            AgentError::Store(_) => "see the error above; the store was not modified".into(),
+            AgentError::Bind(..) => "another process may use the socket path; pass --socket".into(),
+            AgentError::Driver(_) => {
+                "the QEMU driver is not built yet; `--driver fake` runs the control plane in memory (tests only)".into()
+            }
+            AgentError::Serve(_) => "see the agent log".into(),
+        }
+    }
+}
+
+/// Takes the data directory's lock so that one agent at a time owns it.
+fn lock(cfg: &AgentConfig) -> Result<File, AgentError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.data_dir)
+        .map_err(|e| AgentError::DataDir(cfg.data_dir.clone(), e))?;
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| AgentError::DataDir(cfg.data_dir.clone(), e))?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(cfg.lock_file())
+        .map_err(|e| AgentError::DataDir(cfg.data_dir.clone(), e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::Locked(cfg.data_dir.clone())),
+        Err(std::fs::TryLockError::Error(e)) => Err(AgentError::DataDir(cfg.data_dir.clone(), e)),
+    }
+}
+
+/// Binds the socket, replacing a stale one, with mode 0600.
+fn bind(cfg: &AgentConfig) -> Result<UnixListener, AgentError> {
+    // We hold the lock, so a socket file left here belongs to a dead agent.
+    match std::fs::remove_file(&cfg.socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(AgentError::Bind(cfg.socket.clone(), e)),
+    }
+    let listener =
+        UnixListener::bind(&cfg.socket).map_err(|e| AgentError::Bind(cfg.socket.clone(), e))?;
+    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| AgentError::Bind(cfg.socket.clone(), e))?;
+    Ok(listener)
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail");
+    tokio::select! {
+        // Both arms only wait for a signal; dropping either loses nothing.
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    if cfg.driver != "fake" {
+        return Err(AgentError::Driver(cfg.driver.clone()));
+    }
+    let _lock = lock(&cfg)?;
+    let db = cfg.db_dir();
+    let store = tokio::task::spawn_blocking(move || SledStore::open(db))
+        .await
+        .expect("the store open task does not panic")
+        .map_err(AgentError::Store)?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let listener = bind(&cfg)?;
+    tracing::info!(socket = %cfg.socket.display(), driver = %cfg.driver, "agent listening");
+    let state = AppState::new(store, cfg.clone());
+    let app = api::router(state);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    let _ = std::fs::remove_file(&cfg.socket);
+    served.map_err(AgentError::Serve)
+}

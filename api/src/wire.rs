@@ -1,0 +1,101 @@
+//! The agent's wire types: JSON bodies of its HTTP API.
+
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{ApplySource, Object, ObjectRef};
+
+/// Current API path prefix.
+pub const API_PREFIX: &str = "/v1";
+
+/// `POST /v1/apply`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApplyRequest {
+    /// The objects to create or update (status is ignored).
+    pub objects: Vec<Object>,
+    /// Where they come from (recorded in history, used by `prune`).
+    #[serde(default)]
+    pub source: Option<ApplySource>,
+    /// Compute the outcome without writing anything.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Delete objects applied earlier from the same source file that are
+    /// not in `objects`.
+    #[serde(default)]
+    pub prune: bool,
+}
+
+/// What applying one object did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ApplyOutcome {
+    /// The object did not exist.
+    Created,
+    /// Its spec, labels, annotations or source changed.
+    Configured,
+    /// Nothing changed.
+    Unchanged,
+    /// Deleted by `prune`.
+    Pruned,
+}
+
+/// The result for one object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResult {
+    /// The object.
+    pub object: ObjectRef,
+    /// What happened.
+    pub outcome: ApplyOutcome,
+    /// Its generation after the write.
+    pub generation: u64,
+    /// Its resourceVersion after the write.
+    pub resource_version: u64,
+}
+
+/// `POST /v1/apply` response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResponse {
+    /// One result per object, in request order, then pruned objects.
+    pub results: Vec<ApplyResult>,
+}
+
+/// Every error response's body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    /// A stable machine-readable code, e.g. `vmctl::api::not_found`.
+    pub code: String,
+    /// What went wrong.
+    pub message: String,
+    /// What to do about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub help: Option<String>,
+}
+
+/// `GET /v1/healthz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    /// Agent version.
+    pub version: String,
+    /// Agent process id.
+    pub pid: u32,
+    /// The hypervisor driver in use.
+    pub driver: String,
+    /// The data directory.
+    pub data_dir: String,
+    /// Last sequence number of the log.
+    pub last_seq: u64,
+}
+
+/// `GET /v1/objects` response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectList {
+    /// The objects.
+    pub items: Vec<Object>,
+    /// Watch from here to see every later change.
+    pub resource_version: u64,
+}

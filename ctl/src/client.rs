@@ -1,0 +1,262 @@
+//! A small blocking HTTP/1.1 client for the agent's Unix socket, and the
+//! agent auto-start.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use vmctl_api::wire::ErrorBody;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum ClientError {
+    /// No agent answers on the socket.
+    #[error("no vmctl agent answers on {}", socket.display())]
+    #[diagnostic(
+        code(vmctl::agent::unreachable),
+        help("start one with `vmctl agent`, or drop --no-autostart; its log is {}", log.display())
+    )]
+    Unreachable {
+        /// The socket tried.
+        socket: PathBuf,
+        /// The agent's log file.
+        log: PathBuf,
+    },
+    /// The agent answered with an error.
+    #[error("{}", body.message)]
+    #[diagnostic(code(vmctl::agent::error))]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The error body.
+        body: ErrorBody,
+        /// Its help line.
+        #[help]
+        help: Option<String>,
+    },
+    /// Talking to the agent failed.
+    #[error("talking to the agent failed")]
+    #[diagnostic(code(vmctl::agent::io))]
+    Io(#[source] std::io::Error),
+    /// The agent's answer was not what this vmctl expects.
+    #[error("unexpected answer from the agent: {0}")]
+    #[diagnostic(
+        code(vmctl::agent::protocol),
+        help("are vmctl and the agent the same version? restart the agent")
+    )]
+    Protocol(String),
+}
+
+/// A connection target.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The socket path.
+    pub socket: PathBuf,
+}
+
+/// A response whose body has not been read yet.
+#[derive(Debug)]
+pub struct Response {
+    /// The HTTP status.
+    pub status: u16,
+    chunked: bool,
+    reader: BufReader<UnixStream>,
+}
+
+impl Response {
+    /// Reads the whole body.
+    pub fn body(mut self) -> Result<Vec<u8>, ClientError> {
+        let mut out = Vec::new();
+        if self.chunked {
+            while let Some(chunk) = self.next_chunk()? {
+                out.extend(chunk);
+            }
+        } else {
+            self.reader.read_to_end(&mut out).map_err(ClientError::Io)?;
+        }
+        Ok(out)
+    }
+
+    fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).map_err(ClientError::Io)?;
+        let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+            .map_err(|_| ClientError::Protocol(format!("bad chunk header {line:?}")))?;
+        if size == 0 {
+            return Ok(None);
+        }
+        let mut buf = vec![0; size + 2];
+        self.reader.read_exact(&mut buf).map_err(ClientError::Io)?;
+        buf.truncate(size);
+        Ok(Some(buf))
+    }
+
+    /// Calls `f` with each line of a newline-delimited JSON stream until it
+    /// returns false or the stream ends.
+    pub fn lines(mut self, mut f: impl FnMut(&[u8]) -> bool) -> Result<(), ClientError> {
+        let mut pending = Vec::new();
+        loop {
+            let chunk = if self.chunked {
+                match self.next_chunk()? {
+                    Some(c) => c,
+                    None => return Ok(()),
+                }
+            } else {
+                let mut buf = vec![0; 8192];
+                let n = self.reader.read(&mut buf).map_err(ClientError::Io)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.truncate(n);
+                buf
+            };
+            pending.extend(chunk);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                if !f(&line[..line.len() - 1]) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Sends a request and reads the status line and headers.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response, ClientError> {
+        let mut s = UnixStream::connect(&self.socket).map_err(ClientError::Io)?;
+        let body = body.unwrap_or(b"");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: vmctl\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes())
+            .and_then(|()| s.write_all(body))
+            .map_err(ClientError::Io)?;
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        reader.read_line(&mut line).map_err(ClientError::Io)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
+        let mut chunked = false;
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h).map_err(ClientError::Io)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("transfer-encoding")
+                    && v.trim().eq_ignore_ascii_case("chunked")
+                {
+                    chunked = true;
+                }
+            }
+        }
+        Ok(Response {
+            status,
+            chunked,
+            reader,
+        })
+    }
+
+    /// Sends a JSON request and decodes a JSON answer, turning error
+    /// statuses into [`ClientError::Api`].
+    pub fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let bytes = body.map(|b| serde_json::to_vec(b).expect("requests serialise"));
+        let resp = self.send(method, path, bytes.as_deref())?;
+        let status = resp.status;
+        let body = resp.body()?;
+        if status >= 400 {
+            let err: ErrorBody = serde_json::from_slice(&body).map_err(|_| {
+                ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)))
+            })?;
+            return Err(ClientError::Api {
+                status,
+                help: err.help.clone(),
+                body: err,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Whether an agent answers.
+    pub fn ping(&self) -> bool {
+        self.call::<serde_json::Value>("GET", "/v1/healthz", None::<&()>)
+            .is_ok()
+    }
+}
+
+/// Connects to the agent, starting one in the background when none answers
+/// (unless `autostart` is false), and waits up to 10 s for it.
+pub fn connect(data_dir: &Path, socket: &Path, autostart: bool) -> Result<Client, ClientError> {
+    let client = Client {
+        socket: socket.to_path_buf(),
+    };
+    if client.ping() {
+        return Ok(client);
+    }
+    let log = data_dir.join("agent.log");
+    let unreachable = || ClientError::Unreachable {
+        socket: socket.to_path_buf(),
+        log: log.clone(),
+    };
+    if !autostart {
+        return Err(unreachable());
+    }
+    std::fs::create_dir_all(data_dir).map_err(ClientError::Io)?;
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(ClientError::Io)?;
+    let exe = std::env::current_exe().map_err(ClientError::Io)?;
+    eprintln!("starting the vmctl agent (log: {})", log.display());
+    let mut child = Command::new(exe)
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().map_err(ClientError::Io)?)
+        .stderr(logf)
+        .process_group(0)
+        .spawn()
+        .map_err(ClientError::Io)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if client.ping() {
+            return Ok(client);
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            // It exited: maybe another agent won the race, else it failed.
+            if client.ping() {
+                return Ok(client);
+            }
+            return Err(unreachable());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(unreachable())
+}
+
+use std::os::unix::process::CommandExt as _;

@@ -1,0 +1,37 @@
+//! `vmctl agent`: run the agent in the foreground.
+
+use std::process::ExitCode;
+
+use super::Globals;
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub fn run(g: &Globals, driver: String) -> miette::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = vmctl_agent::AgentConfig::new(g.data_dir.clone());
+    cfg.socket = g.socket.clone();
+    cfg.driver = driver;
+    let rt = tokio::runtime::Runtime::new()
+        .map_err(|e| miette::miette!("cannot start the runtime: {e}"))?;
+    match rt.block_on(vmctl_agent::run(cfg)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            Err(miette::miette!(
+                code = "vmctl::agent::failed",
+                help = e.help(),
+                "{msg}"
+            ))
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! `vmctl delete KIND NAME | -f FILE`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use vmctl_api::ObjectRef;
+
+use super::{Globals, kind_arg, name_arg};
+use crate::output::print;
+
+/// Requests deletion; objects with finalizers go once controllers clean up.
+pub fn run(
+    g: &Globals,
+    kind: Option<&str>,
+    name: Option<&str>,
+    file: Option<&Path>,
+) -> miette::Result<ExitCode> {
+    let refs: Vec<ObjectRef> = match (kind, name, file) {
+        (_, _, Some(f)) => match super::load_or_report(f)? {
+            Ok(l) => l
+                .resources
+                .iter()
+                .rev()
+                .map(|r| ObjectRef::new(r.kind(), r.name()))
+                .collect(),
+            Err(code) => return Ok(code),
+        },
+        (Some(k), Some(n), None) => {
+            name_arg(n)?;
+            vec![ObjectRef::new(kind_arg(k)?, n)]
+        }
+        _ => {
+            return Err(miette::miette!(
+                code = "vmctl::cli::usage",
+                help = "write `vmctl delete vm NAME` or `vmctl delete -f VMFile.kdl`",
+                "delete needs a kind and a name, or -f FILE"
+            ));
+        }
+    };
+    let client = g.client()?;
+    let mut out = String::new();
+    for r in refs {
+        let gone: Option<serde_json::Value> = client.call(
+            "DELETE",
+            &format!("/v1/objects/{}/{}", r.kind.short(), r.name),
+            None::<&()>,
+        )?;
+        let what = if gone.is_some() {
+            "deletion requested"
+        } else {
+            "deleted"
+        };
+        out.push_str(&format!("{r} {what}\n"));
+    }
+    print(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
