@@ -1,0 +1,139 @@
+//! Injected failures: backoff visible in status and notes, then recovery.
+
+use vmctl_api::{ImagePhase, Kind, NoteType, ProvisionPhase, StepPhase, VmPhase};
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_starts_back_off_visibly_then_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world();
+    w.configure(|c| {
+        c.fail_starts.insert("flaky".into(), 3);
+    });
+    let agent = Agent::start(dir.path(), w).await;
+    let s = agent.store.clone();
+    apply(&s, image("img")).await;
+    apply(&s, vm("flaky", "img")).await;
+
+    let mut seen_backoff = false;
+    eventually("Ready after the failures are used up", WAIT, || {
+        let (obj, st) = vm_status(&s, "flaky").unwrap();
+        if st.phase == VmPhase::CrashLoopBackOff {
+            assert!(st.start_failures.count >= 1);
+            assert!(st.start_failures.retry_after.is_some());
+            seen_backoff = true;
+        }
+        is_ready(&obj)
+    })
+    .await;
+    assert!(seen_backoff, "CrashLoopBackOff was visible in status");
+    let (_, st) = vm_status(&s, "flaky").unwrap();
+    assert_eq!(st.start_failures.count, 0, "reset on success");
+    let notes = notes(&s, Kind::VirtualMachine, "flaky");
+    let backoffs: Vec<_> = notes.iter().filter(|n| n.reason == "BackOff").collect();
+    assert_eq!(backoffs.len(), 3);
+    assert!(backoffs.iter().all(|n| n.type_ == NoteType::Warning));
+    assert_eq!(notes.last().unwrap().reason, "Started");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_image_fetch_is_retried_until_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world();
+    w.configure(|c| {
+        c.fail_images.insert("broken".into());
+    });
+    let agent = Agent::start(dir.path(), w.clone()).await;
+    let s = agent.store.clone();
+    apply(&s, image("broken")).await;
+    apply(&s, vm("waiting", "broken")).await;
+    eventually("image Failed", WAIT, || {
+        get(&s, Kind::Image, "broken")
+            .is_some_and(|o| o.status.is_some_and(|st| st["phase"] == "Failed"))
+    })
+    .await;
+    eventually("retried at least twice", WAIT, || {
+        reasons(&s, Kind::Image, "broken")
+            .iter()
+            .filter(|r| *r == "Failed")
+            .count()
+            >= 2
+    })
+    .await;
+    assert_eq!(vm_status(&s, "waiting").unwrap().1.phase, VmPhase::Pending);
+
+    w.configure(|c| c.fail_images.clear());
+    eventually("VM Ready after the image recovers", WAIT, || {
+        all_ready(&s, Kind::VirtualMachine)
+    })
+    .await;
+    let img = get(&s, Kind::Image, "broken").unwrap();
+    let st: vmctl_api::ImageStatus = serde_json::from_value(img.status.unwrap()).unwrap();
+    assert_eq!(st.phase, ImagePhase::Ready);
+    assert_eq!(reasons(&s, Kind::Image, "broken").last().unwrap(), "Pulled");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_step_fails_the_provision_and_skips_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world();
+    w.configure(|c| {
+        c.fail_steps.insert(("box".into(), 1));
+    });
+    let agent = Agent::start(dir.path(), w.clone()).await;
+    let s = agent.store.clone();
+    apply(&s, image("img")).await;
+    apply(&s, vm("box", "img")).await;
+    apply(&s, provision("prov", "box", 3)).await;
+    eventually("provision Failed", WAIT, || {
+        provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Failed)
+    })
+    .await;
+    let (_, st) = provision_status(&s, "prov").unwrap();
+    let phases: Vec<_> = st.steps.iter().map(|s| s.phase).collect();
+    assert_eq!(
+        phases,
+        [StepPhase::Succeeded, StepPhase::Failed, StepPhase::Skipped]
+    );
+    assert_eq!(st.steps[1].exit_code, Some(1));
+    assert_eq!(reasons(&s, Kind::Provision, "prov"), ["ProvisionFailed"]);
+    // A failed run is final for this generation: no retry loop.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(w.steps_run().len(), 2);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_never_answers_ssh_keeps_its_provision_pending_and_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world();
+    w.configure(|c| {
+        c.ssh_unreachable.insert("mute".into());
+    });
+    let agent = Agent::start(dir.path(), w.clone()).await;
+    let s = agent.store.clone();
+    apply(&s, image("img")).await;
+    apply(&s, vm("mute", "img")).await;
+    apply(&s, provision("prov", "mute", 1)).await;
+    eventually("two SshTimeout notes", WAIT, || {
+        reasons(&s, Kind::Provision, "prov")
+            .iter()
+            .filter(|r| *r == "SshTimeout")
+            .count()
+            >= 2
+    })
+    .await;
+    assert_eq!(
+        provision_status(&s, "prov").unwrap().1.phase,
+        ProvisionPhase::Pending
+    );
+    w.configure(|c| c.ssh_unreachable.clear());
+    eventually("provision Succeeded", WAIT, || {
+        provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
+    })
+    .await;
+    agent.stop().await;
+}

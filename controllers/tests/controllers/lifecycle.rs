@@ -1,0 +1,166 @@
+//! Apply, edit, delete.
+
+use serde_json::json;
+use vmctl_api::{Kind, ObjectRef, ProvisionPhase, VmPhase};
+use vmctl_controllers::vm::FINALIZER;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applying_images_vms_and_provisions_makes_them_all_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), world()).await;
+    let s = agent.store.clone();
+    apply(&s, image("debian")).await;
+    for i in 0..5 {
+        apply(&s, vm(&format!("vm{i}"), "debian")).await;
+    }
+    apply(&s, provision("setup", "vm0", 3)).await;
+
+    eventually("every VM Ready", WAIT, || {
+        all_ready(&s, Kind::VirtualMachine)
+    })
+    .await;
+    eventually("provision Succeeded", WAIT, || {
+        provision_status(&s, "setup").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
+    })
+    .await;
+
+    assert!(all_ready(&s, Kind::Image));
+    let (obj, st) = vm_status(&s, "vm0").unwrap();
+    assert_eq!(st.phase, VmPhase::Running);
+    assert_eq!(st.observed_generation, 1);
+    assert!(obj.metadata.finalizers.contains(&FINALIZER.to_owned()));
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "ImageReady" && c.reason == "ImageReady")
+    );
+    let runtime = st.runtime.unwrap();
+    assert_eq!(runtime.backend, "fake");
+    assert!(runtime.instance_id.is_some());
+    assert_eq!(reasons(&s, Kind::Image, "debian"), ["Pulled"]);
+    assert_eq!(reasons(&s, Kind::VirtualMachine, "vm0"), ["Started"]);
+    assert_eq!(
+        reasons(&s, Kind::Provision, "setup"),
+        ["ProvisionSucceeded"]
+    );
+    let (_, pst) = provision_status(&s, "setup").unwrap();
+    assert_eq!(pst.steps.len(), 3);
+    assert_eq!(pst.vm_instance_id, runtime.instance_id);
+    assert_eq!(agent.world.instances().len(), 5);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_applied_before_its_image_waits_then_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), world()).await;
+    let s = agent.store.clone();
+    apply(&s, vm("early", "later")).await;
+    eventually("VM Pending on its image", WAIT, || {
+        vm_status(&s, "early").is_some_and(|(_, st)| {
+            st.phase == VmPhase::Pending
+                && st
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "ImageReady" && c.reason == "ImageNotFound")
+        })
+    })
+    .await;
+    assert!(agent.world.instances().is_empty());
+    apply(&s, image("later")).await;
+    eventually("VM Ready once the image is", WAIT, || {
+        all_ready(&s, Kind::VirtualMachine)
+    })
+    .await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_a_vm_reconciles_the_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), world()).await;
+    let s = agent.store.clone();
+    apply(&s, image("img")).await;
+    apply(&s, vm("box", "img")).await;
+    apply(&s, provision("prov", "box", 1)).await;
+    eventually("provisioned", WAIT, || {
+        provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
+    })
+    .await;
+
+    let stopped = apply(
+        &s,
+        vm_with("box", json!({"image": "img", "powerState": "Stopped"})),
+    )
+    .await;
+    assert_eq!(stopped.metadata.generation, 2);
+    eventually("observedGeneration 2, Stopped", WAIT, || {
+        vm_status(&s, "box")
+            .is_some_and(|(_, st)| st.observed_generation == 2 && st.phase == VmPhase::Stopped)
+    })
+    .await;
+    assert!(reasons(&s, Kind::VirtualMachine, "box").contains(&"Stopped".to_owned()));
+
+    apply(
+        &s,
+        vm_with("box", json!({"image": "img", "powerState": "Suspended"})),
+    )
+    .await;
+    eventually("observedGeneration 3, Suspended", WAIT, || {
+        vm_status(&s, "box")
+            .is_some_and(|(_, st)| st.observed_generation == 3 && st.phase == VmPhase::Suspended)
+    })
+    .await;
+    apply(&s, vm("box", "img")).await;
+    eventually("observedGeneration 4, Running", WAIT, || {
+        vm_status(&s, "box").is_some_and(|(o, st)| st.observed_generation == 4 && is_ready(&o))
+    })
+    .await;
+    assert_eq!(
+        agent.world.instances_created(),
+        1,
+        "the instance was kept across power changes"
+    );
+    // Same instance: provisioning is not repeated.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(agent.world.steps_run().len(), 1);
+
+    // A new Provision generation runs again.
+    let p = apply(&s, provision("prov", "box", 2)).await;
+    assert_eq!(p.metadata.generation, 2);
+    eventually("provision generation 2 finished", WAIT, || {
+        provision_status(&s, "prov").is_some_and(|(_, st)| {
+            st.observed_generation == 2 && st.phase == ProvisionPhase::Succeeded
+        })
+    })
+    .await;
+    assert_eq!(agent.world.steps_run().len(), 3);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_vm_runs_its_finalizer_then_the_object_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), world()).await;
+    let s = agent.store.clone();
+    apply(&s, image("img")).await;
+    apply(&s, vm("doomed", "img")).await;
+    apply(&s, vm("kept", "img")).await;
+    eventually("Ready", WAIT, || all_ready(&s, Kind::VirtualMachine)).await;
+    assert_eq!(agent.world.instances().len(), 2);
+
+    delete(&s, ObjectRef::new(Kind::VirtualMachine, "doomed")).await;
+    eventually("object gone", WAIT, || {
+        get(&s, Kind::VirtualMachine, "doomed").is_none()
+    })
+    .await;
+    assert!(
+        !agent.world.instances().contains_key("doomed"),
+        "instance destroyed"
+    );
+    assert!(agent.world.instances().contains_key("kept"));
+    assert!(reasons(&s, Kind::VirtualMachine, "doomed").contains(&"Destroyed".to_owned()));
+    agent.stop().await;
+}

@@ -1,0 +1,8 @@
+//! Integration tests of the controllers against the fake drivers and a real
+//! sled store in a temporary directory.
+
+mod common;
+mod concurrency;
+mod failures;
+mod lifecycle;
+mod restart;
