@@ -1,1 +1,198 @@
-fn main() {}
+//! Store benchmarks (a plain harness: the figures are throughputs and
+//! latency percentiles, which criterion's per-iteration model fits badly).
+//!
+//! Run: `cargo bench -p vmctl-store --bench store`. The database lives in
+//! `$VMCTL_BENCH_DIR` (default: the system temp dir); use a real disk.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use vmctl_api::{Kind, Object, ObjectMeta, ObjectRef};
+use vmctl_store::{Durability, Options, Retention, SledStore, Store};
+
+fn tempdir() -> tempfile::TempDir {
+    match std::env::var_os("VMCTL_BENCH_DIR") {
+        Some(d) => tempfile::tempdir_in(d).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    }
+}
+
+fn vm(name: &str) -> Object {
+    Object::new(
+        Kind::VirtualMachine,
+        ObjectMeta::named(name),
+        serde_json::json!({"cpus": 2, "memory": "2GiB"}),
+    )
+}
+
+fn status(n: u64) -> serde_json::Value {
+    serde_json::json!({"phase": "Running", "heartbeat": n, "conditions": [{"type": "Ready", "status": "True"}]})
+}
+
+fn writes_per_second(writers: usize, per_writer: u64, durability: Durability) -> f64 {
+    let dir = tempdir();
+    let s = SledStore::open_with(
+        dir.path().join("db"),
+        Options {
+            durability,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for w in 0..writers {
+        s.apply(vm(&format!("w{w}")), None, None).unwrap();
+    }
+    let start = Instant::now();
+    std::thread::scope(|sc| {
+        for w in 0..writers {
+            let s = &s;
+            sc.spawn(move || {
+                let r = ObjectRef::new(Kind::VirtualMachine, format!("w{w}"));
+                for n in 0..per_writer {
+                    s.update_status(&r, status(n), None).unwrap();
+                }
+            });
+        }
+    });
+    let rate = (writers as u64 * per_writer) as f64 / start.elapsed().as_secs_f64();
+    let (flushes, spent) = s.flush_stats();
+    eprintln!(
+        "  ({writers} writers: {flushes} flushes, {:?} per flush)",
+        spent / flushes.max(1) as u32
+    );
+    rate
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Time from the start of a durable write to its arrival at each watcher.
+fn watch_latency(watchers: usize, writes: u64) -> (Duration, Duration) {
+    let dir = tempdir();
+    let s = SledStore::open(dir.path().join("db")).unwrap();
+    s.apply(vm("a"), None, None).unwrap();
+    let base = Instant::now();
+    let starts: Arc<Vec<AtomicU64>> =
+        Arc::new((0..writes + 2).map(|_| AtomicU64::new(0)).collect());
+    let from = s.last_seq();
+    let handles: Vec<_> = (0..watchers)
+        .map(|_| {
+            let mut w = s.watch(from).unwrap();
+            let starts = starts.clone();
+            std::thread::spawn(move || {
+                let mut lat = Vec::with_capacity(writes as usize);
+                for _ in 0..writes {
+                    let ev = w.next_blocking().unwrap();
+                    let now = base.elapsed().as_nanos() as u64;
+                    let start = starts[(ev.seq - from - 1) as usize].load(Ordering::SeqCst);
+                    lat.push(Duration::from_nanos(now.saturating_sub(start)));
+                }
+                lat
+            })
+        })
+        .collect();
+    let r = ObjectRef::new(Kind::VirtualMachine, "a");
+    for n in 0..writes {
+        starts[n as usize].store(base.elapsed().as_nanos() as u64, Ordering::SeqCst);
+        s.update_status(&r, status(n), None).unwrap();
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let mut all: Vec<Duration> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    all.sort();
+    (percentile(&all, 0.5), percentile(&all, 0.99))
+}
+
+fn list_10k() -> Duration {
+    let dir = tempdir();
+    let s = SledStore::open_with(
+        dir.path().join("db"),
+        Options {
+            durability: Durability::None,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for i in 0..10_000 {
+        s.apply(vm(&format!("vm-{i:05}")), None, None).unwrap();
+    }
+    let mut times: Vec<Duration> = (0..11)
+        .map(|_| {
+            let t = Instant::now();
+            assert_eq!(
+                s.list(Some(Kind::VirtualMachine)).unwrap().objects.len(),
+                10_000
+            );
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn size_under_status_churn() -> (u64, u64, u64, u64) {
+    let dir = tempdir();
+    let s = SledStore::open_with(
+        dir.path().join("db"),
+        Options {
+            durability: Durability::None,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for o in 0..100 {
+        s.apply(vm(&format!("vm-{o}")), None, None).unwrap();
+    }
+    for n in 0..1_000 {
+        for o in 0..100 {
+            s.update_status(
+                &ObjectRef::new(Kind::VirtualMachine, format!("vm-{o}")),
+                status(n),
+                None,
+            )
+            .unwrap();
+        }
+    }
+    let events_before = s.last_seq();
+    let before = s.size_on_disk().unwrap();
+    let report = s.compact(&Retention::default()).unwrap();
+    let after = s.size_on_disk().unwrap();
+    (before, after, events_before, report.kept)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs nothing.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for d in [Durability::Fsync, Durability::SledFlush] {
+        println!(
+            "durable writes/s ({d:?}), 1 writer:   {:>8.0}",
+            writes_per_second(1, 3_000, d)
+        );
+        println!(
+            "durable writes/s ({d:?}), 16 writers: {:>8.0}",
+            writes_per_second(16, 1_000, d)
+        );
+    }
+    if std::env::args().any(|a| a == "writes") {
+        return;
+    }
+    for watchers in [1, 100] {
+        let (p50, p99) = watch_latency(watchers, 1_000);
+        println!("commit→watcher, {watchers:>3} watchers: p50 {p50:?}  p99 {p99:?}");
+    }
+    println!("list 10,000 objects (median of 11): {:?}", list_10k());
+    let (before, after, events, kept) = size_under_status_churn();
+    println!(
+        "100,000 status updates: {:.1} MiB on disk, {events} events before compaction; \
+         {:.1} MiB, {kept} events after (default retention)",
+        mib(before),
+        mib(after)
+    );
+}

@@ -43,7 +43,12 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { window: 10_000, status_per_object: 3, notes_per_object: 50, forget_deleted: false }
+        Retention {
+            window: 10_000,
+            status_per_object: 3,
+            notes_per_object: 50,
+            forget_deleted: false,
+        }
     }
 }
 
@@ -135,8 +140,17 @@ pub(crate) fn compact(inner: &Inner, r: &Retention) -> Result<CompactReport> {
         inner.index.apply_batch(index)?;
     }
     inner.db.flush()?;
-    let report = CompactReport { floor, dropped: drop.len() as u64, kept: inner.events.len() as u64 };
-    tracing::info!(floor, dropped = report.dropped, kept = report.kept, "store compacted");
+    let report = CompactReport {
+        floor,
+        dropped: drop.len() as u64,
+        kept: inner.events.len() as u64,
+    };
+    tracing::info!(
+        floor,
+        dropped = report.dropped,
+        kept = report.kept,
+        "store compacted"
+    );
     Ok(report)
 }
 
@@ -146,27 +160,45 @@ mod tests {
     use vmctl_api::Kind;
 
     fn ev(seq: u64, change: Change) -> Event {
-        Event { seq, time: chrono::Utc::now(), object: ObjectRef::new(Kind::Image, "a"), change }
+        Event {
+            seq,
+            time: chrono::Utc::now(),
+            object: ObjectRef::new(Kind::Image, "a"),
+            change,
+        }
     }
 
     /// Walks `log` backwards like `compact` and returns the kept sequences.
     fn kept(log: &[Event], r: &Retention) -> Vec<u64> {
         let mut seen = Seen::default();
-        let mut out: Vec<u64> = log.iter().rev().filter(|e| !droppable(&mut seen, e, r)).map(|e| e.seq).collect();
+        let mut out: Vec<u64> = log
+            .iter()
+            .rev()
+            .filter(|e| !droppable(&mut seen, e, r))
+            .map(|e| e.seq)
+            .collect();
         out.reverse();
         out
     }
 
     fn status(n: u64) -> Change {
-        Change::StatusUpdated { status: serde_json::json!({ "n": n }) }
+        Change::StatusUpdated {
+            status: serde_json::json!({ "n": n }),
+        }
     }
 
     #[test]
     fn only_the_newest_statuses_survive_and_at_least_one_always_does() {
         let log: Vec<Event> = (1..=5).map(|n| ev(n, status(n))).collect();
-        let r = Retention { status_per_object: 0, ..Retention::default() };
+        let r = Retention {
+            status_per_object: 0,
+            ..Retention::default()
+        };
         assert_eq!(kept(&log, &r), vec![5]);
-        let r = Retention { status_per_object: 2, ..Retention::default() };
+        let r = Retention {
+            status_per_object: 2,
+            ..Retention::default()
+        };
         assert_eq!(kept(&log, &r), vec![4, 5]);
     }
 
@@ -174,7 +206,10 @@ mod tests {
     fn statuses_before_a_deletion_go_but_the_deletion_stays() {
         let log = vec![ev(1, status(1)), ev(2, Change::Deleted)];
         assert_eq!(kept(&log, &Retention::default()), vec![2]);
-        let r = Retention { forget_deleted: true, ..Retention::default() };
+        let r = Retention {
+            forget_deleted: true,
+            ..Retention::default()
+        };
         assert_eq!(kept(&log, &r), Vec::<u64>::new());
     }
 }

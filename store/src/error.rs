@@ -22,7 +22,9 @@ pub enum StoreError {
         actual: u64,
     },
     /// A watch asked for a sequence number that compaction already dropped.
-    #[error("sequence {requested} is too old: the log starts after {oldest}; re-list and watch again")]
+    #[error(
+        "sequence {requested} is too old: the log starts after {oldest}; re-list and watch again"
+    )]
     TooOld {
         /// The sequence number the watcher asked to resume after.
         requested: u64,
@@ -30,7 +32,9 @@ pub enum StoreError {
         oldest: u64,
     },
     /// The database was written by a newer vmctl and cannot be read safely.
-    #[error("store schema version {found} is newer than this build supports ({supported}); upgrade vmctl")]
+    #[error(
+        "store schema version {found} is newer than this build supports ({supported}); upgrade vmctl"
+    )]
     SchemaTooNew {
         /// The schema version recorded in the database.
         found: u32,

@@ -92,7 +92,11 @@ struct EnvelopeRef<'a, T> {
 
 /// Encodes a record (event or object) in its versioned envelope.
 pub(crate) fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(&EnvelopeRef { v: EVENT_VERSION, body }).map_err(StoreError::Codec)
+    serde_json::to_vec(&EnvelopeRef {
+        v: EVENT_VERSION,
+        body,
+    })
+    .map_err(StoreError::Codec)
 }
 
 /// Decodes a record written by [`encode`], refusing unknown versions.
@@ -103,7 +107,10 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T> {
     }
     let Version { v } = serde_json::from_slice(bytes).map_err(StoreError::Codec)?;
     if v != EVENT_VERSION {
-        return Err(StoreError::SchemaTooNew { found: v, supported: EVENT_VERSION });
+        return Err(StoreError::SchemaTooNew {
+            found: v,
+            supported: EVENT_VERSION,
+        });
     }
     let env: Envelope<T> = serde_json::from_slice(bytes).map_err(StoreError::Codec)?;
     Ok(env.body)
@@ -180,7 +187,13 @@ mod tests {
     #[test]
     fn records_from_a_newer_encoding_are_refused() {
         let err = decode::<Event>(br#"{"v":2,"seq":1}"#).unwrap_err();
-        assert!(matches!(err, StoreError::SchemaTooNew { found: 2, supported: 1 }));
+        assert!(matches!(
+            err,
+            StoreError::SchemaTooNew {
+                found: 2,
+                supported: 1
+            }
+        ));
     }
 
     #[test]

@@ -21,7 +21,11 @@ pub fn apply_event(prev: Option<Object>, ev: &Event) -> Option<Object> {
     match &ev.change {
         Change::Applied { created, object } => {
             let mut next = (**object).clone();
-            next.status = if *created { None } else { prev.and_then(|p| p.status) };
+            next.status = if *created {
+                None
+            } else {
+                prev.and_then(|p| p.status)
+            };
             Some(with_rv(next))
         }
         Change::StatusUpdated { status } => prev.map(|mut o| {
@@ -64,19 +68,32 @@ mod tests {
     use vmctl_api::{Kind, ObjectMeta};
 
     fn ev(seq: u64, change: Change) -> Event {
-        Event { seq, time: chrono::Utc::now(), object: ObjectRef::new(Kind::Image, "a"), change }
+        Event {
+            seq,
+            time: chrono::Utc::now(),
+            object: ObjectRef::new(Kind::Image, "a"),
+            change,
+        }
     }
 
     fn applied(created: bool, spec: serde_json::Value) -> Change {
         let obj = Object::new(Kind::Image, ObjectMeta::named("a"), spec);
-        Change::Applied { created, object: Box::new(obj) }
+        Change::Applied {
+            created,
+            object: Box::new(obj),
+        }
     }
 
     #[test]
     fn a_spec_change_keeps_the_status_and_a_recreate_drops_it() {
         let log = [
             ev(1, applied(true, serde_json::json!({"n": 1}))),
-            ev(2, Change::StatusUpdated { status: serde_json::json!({"ok": true}) }),
+            ev(
+                2,
+                Change::StatusUpdated {
+                    status: serde_json::json!({"ok": true}),
+                },
+            ),
             ev(3, applied(false, serde_json::json!({"n": 2}))),
         ];
         let objs = fold(&log);
@@ -84,7 +101,12 @@ mod tests {
         assert_eq!(a.status, Some(serde_json::json!({"ok": true})));
         assert_eq!(a.metadata.resource_version, 3);
 
-        let log = [log[0].clone(), log[1].clone(), ev(4, Change::Deleted), ev(5, applied(true, serde_json::json!({})))];
+        let log = [
+            log[0].clone(),
+            log[1].clone(),
+            ev(4, Change::Deleted),
+            ev(5, applied(true, serde_json::json!({}))),
+        ];
         let objs = fold(&log);
         assert_eq!(objs[&ObjectRef::new(Kind::Image, "a")].status, None);
     }
@@ -98,7 +120,15 @@ mod tests {
             object: ObjectRef::new(Kind::Image, "a"),
             source: None,
         };
-        let log = [ev(1, applied(true, serde_json::json!({}))), ev(2, Change::Noted { note })];
-        assert_eq!(fold(&log)[&ObjectRef::new(Kind::Image, "a")].metadata.resource_version, 1);
+        let log = [
+            ev(1, applied(true, serde_json::json!({}))),
+            ev(2, Change::Noted { note }),
+        ];
+        assert_eq!(
+            fold(&log)[&ObjectRef::new(Kind::Image, "a")]
+                .metadata
+                .resource_version,
+            1
+        );
     }
 }

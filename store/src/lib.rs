@@ -34,7 +34,7 @@ pub use compact::{CompactReport, Retention};
 pub use error::{Result, StoreError};
 pub use event::{Change, Event};
 pub use plan::Outcome;
-pub use sled_store::{OpenReport, Options, RebuildReport, SCHEMA_VERSION, SledStore};
+pub use sled_store::{Durability, OpenReport, Options, RebuildReport, SCHEMA_VERSION, SledStore};
 pub use watch::Watch;
 
 /// The result of a write.
@@ -82,11 +82,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// apply source. The store assigns uid, generation, resourceVersion and
     /// timestamps; status and (after create) finalizers of `obj` are
     /// ignored. Nothing changed: [`Outcome::Unchanged`], no event.
-    fn apply(&self, obj: Object, source: Option<ApplySource>, expected_rv: Option<u64>) -> Result<Written>;
+    fn apply(
+        &self,
+        obj: Object,
+        source: Option<ApplySource>,
+        expected_rv: Option<u64>,
+    ) -> Result<Written>;
     /// Replaces the status; cannot touch the spec.
-    fn update_status(&self, r: &ObjectRef, status: serde_json::Value, expected_rv: Option<u64>) -> Result<Written>;
+    fn update_status(
+        &self,
+        r: &ObjectRef,
+        status: serde_json::Value,
+        expected_rv: Option<u64>,
+    ) -> Result<Written>;
     /// Replaces the finalizers; clearing them on an object being deleted deletes it.
-    fn set_finalizers(&self, r: &ObjectRef, finalizers: Vec<String>, expected_rv: Option<u64>) -> Result<Written>;
+    fn set_finalizers(
+        &self,
+        r: &ObjectRef,
+        finalizers: Vec<String>,
+        expected_rv: Option<u64>,
+    ) -> Result<Written>;
     /// Deletes at once if there are no finalizers, else sets the deletion timestamp.
     fn request_delete(&self, r: &ObjectRef, expected_rv: Option<u64>) -> Result<Written>;
     /// Appends a note about an object (which need not exist); returns its sequence.

@@ -31,12 +31,18 @@ pub(crate) type Plan = Option<(Change, Outcome)>;
 
 /// Fails with [`StoreError::Conflict`] if `expected` is given and differs
 /// from the current resourceVersion (0 when the object does not exist).
-pub(crate) fn check_expected(r: &ObjectRef, prev: Option<&Object>, expected: Option<u64>) -> Result<()> {
+pub(crate) fn check_expected(
+    r: &ObjectRef,
+    prev: Option<&Object>,
+    expected: Option<u64>,
+) -> Result<()> {
     let actual = prev.map_or(0, |o| o.metadata.resource_version);
     match expected {
-        Some(expected) if expected != actual => {
-            Err(StoreError::Conflict { object: r.clone(), expected, actual })
-        }
+        Some(expected) if expected != actual => Err(StoreError::Conflict {
+            object: r.clone(),
+            expected,
+            actual,
+        }),
         _ => Ok(()),
     }
 }
@@ -68,7 +74,13 @@ pub(crate) fn apply(
         m.deletion_timestamp = None;
         m.source = source;
         obj.status = None;
-        return Ok(Some((Change::Applied { created: true, object: Box::new(obj) }, Outcome::Created)));
+        return Ok(Some((
+            Change::Applied {
+                created: true,
+                object: Box::new(obj),
+            },
+            Outcome::Created,
+        )));
     };
     let spec_changed = prev.spec != desired.spec;
     let meta_changed = prev.metadata.labels != desired.metadata.labels
@@ -88,7 +100,13 @@ pub(crate) fn apply(
     if spec_changed {
         obj.metadata.generation += 1;
     }
-    Ok(Some((Change::Applied { created: false, object: Box::new(obj) }, Outcome::Configured)))
+    Ok(Some((
+        Change::Applied {
+            created: false,
+            object: Box::new(obj),
+        },
+        Outcome::Configured,
+    )))
 }
 
 /// Plans a status write; an identical status appends nothing.
@@ -122,7 +140,10 @@ pub(crate) fn set_finalizers(
     if prev.metadata.finalizers == finalizers {
         return Ok(None);
     }
-    Ok(Some((Change::FinalizersSet { finalizers }, Outcome::Updated)))
+    Ok(Some((
+        Change::FinalizersSet { finalizers },
+        Outcome::Updated,
+    )))
 }
 
 /// Plans a delete request: immediate without finalizers, else a deletion
@@ -141,5 +162,8 @@ pub(crate) fn request_delete(
     if prev.metadata.deletion_timestamp.is_some() {
         return Ok(None);
     }
-    Ok(Some((Change::DeletionRequested { at: now }, Outcome::Terminating)))
+    Ok(Some((
+        Change::DeletionRequested { at: now },
+        Outcome::Terminating,
+    )))
 }

@@ -1,6 +1,6 @@
 //! The sled implementation of [`Store`]: opening, checking, writing, reading.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use vmctl_api::{ApplySource, Kind, Note, Object, ObjectRef, Time};
 
-use crate::commit::Committer;
+use crate::commit::{Answer, BatchWriter, Committer, Planner, Request};
 use crate::compact::{self, CompactReport, Retention};
 use crate::error::{Result, StoreError};
 use crate::event::{self, Change, Event};
@@ -23,11 +23,25 @@ const META_SCHEMA: &[u8] = b"schema_version";
 const META_LAST_SEQ: &[u8] = b"last_seq";
 pub(crate) const META_FLOOR: &[u8] = b"compaction_floor";
 
+/// What "on disk" means before a write is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// sled's flush, then `fdatasync` of the database file. sled 0.34 on
+    /// Linux flushes with `sync_file_range`, which neither flushes the
+    /// drive's write cache nor the file's size: survives a killed process,
+    /// not a power cut. This adds the real sync. The default.
+    Fsync,
+    /// sled's flush only: survives a killed process, maybe not a power cut.
+    SledFlush,
+    /// No flush at all: for tests.
+    None,
+}
+
 /// How to open a store.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Flush (fsync) before acknowledging a write. Only tests turn this off.
-    pub fsync: bool,
+    /// What to wait for before acknowledging a write.
+    pub durability: Durability,
     /// Events buffered per live watcher before it falls back to reading the log.
     pub watch_buffer: usize,
     /// sled's page cache, in bytes.
@@ -36,7 +50,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { fsync: true, watch_buffer: 1024, cache_capacity: 64 << 20 }
+        Options {
+            durability: Durability::Fsync,
+            watch_buffer: 1024,
+            cache_capacity: 64 << 20,
+        }
     }
 }
 
@@ -82,6 +100,141 @@ pub(crate) struct Inner {
     /// Watches must resume at or above this sequence.
     pub(crate) floor: AtomicU64,
     pub(crate) committer: Committer,
+    durability: Durability,
+    /// sled's data file, for the `fdatasync` sled does not do.
+    data_file: std::fs::File,
+}
+
+/// One planned write of a batch, encoded.
+struct Staged {
+    seq: u64,
+    event: Vec<u8>,
+    key: Vec<u8>,
+    object: Option<Vec<u8>>,
+    index_key: Vec<u8>,
+}
+
+/// A staged write and the event it appends.
+type StagedEvent = (Staged, Arc<Event>);
+
+impl Inner {
+    fn get_key(&self, key: &[u8]) -> Result<Option<Object>> {
+        self.objects
+            .get(key)?
+            .map(|v| event::decode(&v))
+            .transpose()
+    }
+
+    /// Plans one request against `overlay` (the objects as this batch left
+    /// them) or the tree, and stages its event.
+    fn stage(
+        &self,
+        req_object: &ObjectRef,
+        plan: Planner,
+        seq: u64,
+        now: Time,
+        overlay: &mut HashMap<Vec<u8>, Option<Object>>,
+    ) -> Result<(Written, Option<StagedEvent>)> {
+        let key = event::object_key(req_object);
+        let prev = match overlay.get(&key) {
+            Some(o) => o.clone(),
+            None => self.get_key(&key)?,
+        };
+        let Some((change, outcome)) = plan(prev.as_ref(), now)? else {
+            return Ok((
+                Written {
+                    outcome: Outcome::Unchanged,
+                    object: prev,
+                    seq: None,
+                },
+                None,
+            ));
+        };
+        let ev = Event {
+            seq,
+            time: now,
+            object: req_object.clone(),
+            change,
+        };
+        let next = fold::apply_event(prev, &ev);
+        let staged = Staged {
+            seq,
+            event: event::encode(&ev)?,
+            object: next.as_ref().map(event::encode).transpose()?,
+            index_key: event::index_key(req_object, seq),
+            key: key.clone(),
+        };
+        overlay.insert(key, next.clone());
+        Ok((
+            Written {
+                outcome,
+                object: next,
+                seq: Some(seq),
+            },
+            Some((staged, Arc::new(ev))),
+        ))
+    }
+}
+
+impl BatchWriter for Inner {
+    fn commit_batch(&self, batch: Vec<Request>) -> Result<Vec<Answer>> {
+        let mut last_seq = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let now = chrono::Utc::now();
+        let mut seq = *last_seq;
+        let mut overlay = HashMap::new();
+        let mut staged = Vec::new();
+        let mut answers = Vec::with_capacity(batch.len());
+        for Request {
+            object,
+            plan,
+            reply,
+        } in batch
+        {
+            match self.stage(&object, plan, seq + 1, now, &mut overlay) {
+                Ok((written, Some((st, ev)))) => {
+                    seq = st.seq;
+                    staged.push(st);
+                    answers.push((reply, Ok(written), Some(ev)));
+                }
+                Ok((written, None)) => answers.push((reply, Ok(written), None)),
+                Err(e) => answers.push((reply, Err(e), None)),
+            }
+        }
+        if staged.is_empty() {
+            return Ok(answers);
+        }
+        (&self.events, &self.objects, &self.index, &self.meta)
+            .transaction(|(events, objects, index, meta)| {
+                for st in &staged {
+                    events.insert(&event::seq_key(st.seq), st.event.as_slice())?;
+                    match &st.object {
+                        Some(b) => objects.insert(st.key.as_slice(), b.as_slice())?,
+                        None => objects.remove(st.key.as_slice())?,
+                    };
+                    index.insert(st.index_key.as_slice(), &[])?;
+                }
+                meta.insert(META_LAST_SEQ, &event::seq_key(seq))?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
+            })?;
+        *last_seq = seq;
+        Ok(answers)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.durability != Durability::None {
+            self.db.flush()?;
+        }
+        if self.durability == Durability::Fsync {
+            self.data_file
+                .sync_data()
+                .map_err(|e| StoreError::Sled(e.into()))?;
+        }
+        Ok(())
+    }
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<Option<u64>> {
@@ -92,11 +245,15 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<Option<u64>> {
 /// background threads hold the previous handle of this process for a few
 /// milliseconds after it is dropped.
 fn open_db(path: &Path, opts: &Options) -> Result<sled::Db> {
-    let config = sled::Config::new().path(path).cache_capacity(opts.cache_capacity);
+    let config = sled::Config::new()
+        .path(path)
+        .cache_capacity(opts.cache_capacity);
     let mut attempts = 0;
     loop {
         match config.open() {
-            Err(sled::Error::Io(e)) if attempts < 200 && e.to_string().contains("could not acquire lock") => {
+            Err(sled::Error::Io(e))
+                if attempts < 200 && e.to_string().contains("could not acquire lock") =>
+            {
                 attempts += 1;
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
@@ -122,23 +279,33 @@ impl SledStore {
         let index = db.open_tree("index")?;
         match meta.get(META_SCHEMA)? {
             Some(v) => {
-                let found = v.as_ref().try_into().map(u32::from_be_bytes).map_err(|_| {
-                    StoreError::corrupt("unreadable schema version", &path)
-                })?;
+                let found = v
+                    .as_ref()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::corrupt("unreadable schema version", &path))?;
                 if found > SCHEMA_VERSION {
-                    return Err(StoreError::SchemaTooNew { found, supported: SCHEMA_VERSION });
+                    return Err(StoreError::SchemaTooNew {
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
                 }
             }
             None if events.is_empty() && objects.is_empty() => {
                 meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
                 db.flush()?;
             }
-            None => return Err(StoreError::corrupt("schema version missing from a non-empty store", &path)),
+            None => {
+                return Err(StoreError::corrupt(
+                    "schema version missing from a non-empty store",
+                    &path,
+                ));
+            }
         }
         let last_seq = read_u64(&meta, META_LAST_SEQ)?.unwrap_or(0);
         let floor = read_u64(&meta, META_FLOOR)?.unwrap_or(0);
         let inner = Arc::new(Inner {
-            path,
+            path: path.clone(),
             db,
             events,
             objects,
@@ -146,9 +313,15 @@ impl SledStore {
             meta,
             writer: Mutex::new(last_seq),
             floor: AtomicU64::new(floor),
-            committer: Committer::new(last_seq, opts.watch_buffer, opts.fsync),
+            committer: Committer::new(last_seq, opts.watch_buffer),
+            durability: opts.durability,
+            data_file: std::fs::File::open(path.join("db"))
+                .map_err(|e| StoreError::Sled(e.into()))?,
         });
-        let mut store = SledStore { inner, report: OpenReport::default() };
+        let mut store = SledStore {
+            inner,
+            report: OpenReport::default(),
+        };
         store.report = store.check_and_repair()?;
         Ok(store)
     }
@@ -169,6 +342,16 @@ impl SledStore {
         self.inner.floor.load(Ordering::SeqCst)
     }
 
+    /// Flushes done since open and the time spent in them (for benchmarks).
+    pub fn flush_stats(&self) -> (u64, std::time::Duration) {
+        let c = &self.inner.committer;
+        let nanos = c.flush_nanos.load(Ordering::Relaxed);
+        (
+            c.flushes.load(Ordering::Relaxed),
+            std::time::Duration::from_nanos(nanos),
+        )
+    }
+
     /// Bytes the database takes on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
         Ok(self.inner.db.size_on_disk()?)
@@ -176,7 +359,12 @@ impl SledStore {
 
     /// Every event in the log, oldest first.
     pub fn events(&self) -> Result<Vec<Event>> {
-        self.inner.events.iter().values().map(|v| event::decode(&v?)).collect()
+        self.inner
+            .events
+            .iter()
+            .values()
+            .map(|v| event::decode(&v?))
+            .collect()
     }
 
     /// The materialised objects tree, decoded.
@@ -194,7 +382,10 @@ impl SledStore {
         let w = self.writer();
         let folded = fold::fold(&self.checked_log(*w)?);
         if self.objects().ok().as_ref() != Some(&folded) {
-            return Err(StoreError::corrupt("objects tree differs from the log", &self.inner.path));
+            return Err(StoreError::corrupt(
+                "objects tree differs from the log",
+                &self.inner.path,
+            ));
         }
         Ok(())
     }
@@ -244,7 +435,11 @@ impl SledStore {
         let folded = fold::fold(&log);
         let index_ok = self.inner.index.len() == log.len();
         let objects_ok = self.objects().ok().as_ref() == Some(&folded);
-        let mut report = OpenReport { events: log.len() as u64, objects: folded.len() as u64, repaired: false };
+        let mut report = OpenReport {
+            events: log.len() as u64,
+            objects: folded.len() as u64,
+            repaired: false,
+        };
         if !(index_ok && objects_ok) {
             tracing::warn!(
                 path = %self.inner.path.display(), index_ok, objects_ok,
@@ -276,78 +471,77 @@ impl SledStore {
     }
 
     fn get_key(&self, key: &[u8]) -> Result<Option<Object>> {
-        self.inner.objects.get(key)?.map(|v| event::decode(&v)).transpose()
+        self.inner.get_key(key)
     }
 
-    /// Plans, commits and waits for one write.
-    fn write(&self, r: &ObjectRef, plan: impl FnOnce(Option<&Object>, Time) -> Result<Plan>) -> Result<Written> {
-        let inner = &self.inner;
-        inner.committer.check()?;
-        let mut last_seq = self.writer();
-        let key = event::object_key(r);
-        let prev = self.get_key(&key)?;
-        let now = chrono::Utc::now();
-        let Some((change, outcome)) = plan(prev.as_ref(), now)? else {
-            drop(last_seq);
-            // What the caller saw may have been committed but not flushed yet.
-            let rv = prev.as_ref().map_or(0, |o| o.metadata.resource_version);
-            inner.committer.wait_durable(&inner.db, rv)?;
-            return Ok(Written { outcome: Outcome::Unchanged, object: prev, seq: None });
-        };
-        let seq = *last_seq + 1;
-        let ev = Event { seq, time: now, object: r.clone(), change };
-        let next = fold::apply_event(prev, &ev);
-        let ev_bytes = event::encode(&ev)?;
-        let obj_bytes = next.as_ref().map(event::encode).transpose()?;
-        let index_key = event::index_key(r, seq);
-        (&inner.events, &inner.objects, &inner.index, &inner.meta)
-            .transaction(|(events, objects, index, meta)| {
-                events.insert(&event::seq_key(seq), ev_bytes.as_slice())?;
-                match &obj_bytes {
-                    Some(b) => objects.insert(key.as_slice(), b.as_slice())?,
-                    None => objects.remove(key.as_slice())?,
-                };
-                index.insert(index_key.as_slice(), &[])?;
-                meta.insert(META_LAST_SEQ, &event::seq_key(seq))?;
-                Ok::<_, ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => StoreError::Sled(e),
-                TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
-            })?;
-        *last_seq = seq;
-        inner.committer.committed(Arc::new(ev));
-        drop(last_seq);
-        inner.committer.wait_durable(&inner.db, seq)?;
-        Ok(Written { outcome, object: next, seq: Some(seq) })
+    fn write(
+        &self,
+        r: &ObjectRef,
+        plan: impl FnOnce(Option<&Object>, Time) -> Result<Plan> + Send + 'static,
+    ) -> Result<Written> {
+        self.inner
+            .committer
+            .submit(&*self.inner, r.clone(), Box::new(plan))
     }
 
     fn event_at(&self, seq: u64) -> Result<Option<Event>> {
-        self.inner.events.get(event::seq_key(seq))?.map(|v| event::decode(&v)).transpose()
+        self.inner
+            .events
+            .get(event::seq_key(seq))?
+            .map(|v| event::decode(&v))
+            .transpose()
     }
 }
 
 impl Store for SledStore {
-    fn apply(&self, obj: Object, source: Option<ApplySource>, expected_rv: Option<u64>) -> Result<Written> {
+    fn apply(
+        &self,
+        obj: Object,
+        source: Option<ApplySource>,
+        expected_rv: Option<u64>,
+    ) -> Result<Written> {
         let r = obj.object_ref();
-        self.write(&r, |prev, now| plan::apply(prev, obj, source, expected_rv, now))
+        self.write(&r, move |prev, now| {
+            plan::apply(prev, obj, source, expected_rv, now)
+        })
     }
 
-    fn update_status(&self, r: &ObjectRef, status: serde_json::Value, expected_rv: Option<u64>) -> Result<Written> {
-        self.write(r, |prev, _| plan::update_status(r, prev, status, expected_rv))
+    fn update_status(
+        &self,
+        r: &ObjectRef,
+        status: serde_json::Value,
+        expected_rv: Option<u64>,
+    ) -> Result<Written> {
+        let r2 = r.clone();
+        self.write(r, move |prev, _| {
+            plan::update_status(&r2, prev, status, expected_rv)
+        })
     }
 
-    fn set_finalizers(&self, r: &ObjectRef, finalizers: Vec<String>, expected_rv: Option<u64>) -> Result<Written> {
-        self.write(r, |prev, _| plan::set_finalizers(r, prev, finalizers, expected_rv))
+    fn set_finalizers(
+        &self,
+        r: &ObjectRef,
+        finalizers: Vec<String>,
+        expected_rv: Option<u64>,
+    ) -> Result<Written> {
+        let r2 = r.clone();
+        self.write(r, move |prev, _| {
+            plan::set_finalizers(&r2, prev, finalizers, expected_rv)
+        })
     }
 
     fn request_delete(&self, r: &ObjectRef, expected_rv: Option<u64>) -> Result<Written> {
-        self.write(r, |prev, now| plan::request_delete(r, prev, expected_rv, now))
+        let r2 = r.clone();
+        self.write(r, move |prev, now| {
+            plan::request_delete(&r2, prev, expected_rv, now)
+        })
     }
 
     fn record_note(&self, note: Note) -> Result<u64> {
         let r = note.object.clone();
-        let w = self.write(&r, |_, _| Ok(Some((Change::Noted { note }, Outcome::Updated))))?;
+        let w = self.write(&r, move |_, _| {
+            Ok(Some((Change::Noted { note }, Outcome::Updated)))
+        })?;
         Ok(w.seq.unwrap_or_default())
     }
 
@@ -361,8 +555,14 @@ impl Store for SledStore {
             Some(k) => self.inner.objects.scan_prefix(event::kind_prefix(k)),
             None => self.inner.objects.iter(),
         };
-        let objects = iter.values().map(|v| event::decode(&v?)).collect::<Result<Vec<Object>>>()?;
-        Ok(Listing { objects, resource_version })
+        let objects = iter
+            .values()
+            .map(|v| event::decode(&v?))
+            .collect::<Result<Vec<Object>>>()?;
+        Ok(Listing {
+            objects,
+            resource_version,
+        })
     }
 
     fn watch(&self, after: u64) -> Result<Watch> {
@@ -390,7 +590,11 @@ impl Store for SledStore {
         Ok(events
             .into_iter()
             .filter_map(|ev| match ev.change {
-                Change::Noted { note } => Some(RecordedNote { seq: ev.seq, time: ev.time, note }),
+                Change::Noted { note } => Some(RecordedNote {
+                    seq: ev.seq,
+                    time: ev.time,
+                    note,
+                }),
                 _ => None,
             })
             .collect())
@@ -408,10 +612,15 @@ impl Store for SledStore {
         let w = self.writer();
         let log = self.checked_log(*w)?;
         let folded = fold::fold(&log);
-        let changed = self.objects().ok().as_ref() != Some(&folded) || self.inner.index.len() != log.len();
+        let changed =
+            self.objects().ok().as_ref() != Some(&folded) || self.inner.index.len() != log.len();
         if changed {
             self.write_view(&log, &folded)?;
         }
-        Ok(RebuildReport { events: log.len() as u64, objects: folded.len() as u64, changed })
+        Ok(RebuildReport {
+            events: log.len() as u64,
+            objects: folded.len() as u64,
+            changed,
+        })
     }
 }

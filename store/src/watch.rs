@@ -40,7 +40,10 @@ pub struct Watch {
 
 impl std::fmt::Debug for Watch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watch").field("pos", &self.pos).field("catching_up", &self.catching_up).finish()
+        f.debug_struct("Watch")
+            .field("pos", &self.pos)
+            .field("catching_up", &self.catching_up)
+            .finish()
     }
 }
 
@@ -49,7 +52,13 @@ impl Watch {
         // Subscribe before anything is read, so no event falls between the
         // tree and the live feed.
         let rx = inner.committer.subscribe();
-        let mut w = Watch { inner, rx, pos: after, backlog: VecDeque::new(), catching_up: true };
+        let mut w = Watch {
+            inner,
+            rx,
+            pos: after,
+            backlog: VecDeque::new(),
+            catching_up: true,
+        };
         w.check_floor()?;
         Ok(w)
     }
@@ -62,7 +71,10 @@ impl Watch {
     fn check_floor(&mut self) -> Result<()> {
         let oldest = self.inner.floor.load(Ordering::SeqCst);
         if self.pos < oldest {
-            return Err(StoreError::TooOld { requested: self.pos, oldest });
+            return Err(StoreError::TooOld {
+                requested: self.pos,
+                oldest,
+            });
         }
         Ok(())
     }

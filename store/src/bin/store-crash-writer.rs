@@ -42,7 +42,11 @@ fn writer(store: &SledStore, t: usize, out: &Mutex<std::io::Stdout>) {
         let r = ObjectRef::new(Kind::VirtualMachine, name.clone());
         let (seq, change) = match n % 4 {
             0 | 1 => {
-                let obj = Object::new(Kind::VirtualMachine, ObjectMeta::named(name.clone()), serde_json::json!({ "n": n }));
+                let obj = Object::new(
+                    Kind::VirtualMachine,
+                    ObjectMeta::named(name.clone()),
+                    serde_json::json!({ "n": n }),
+                );
                 (store.apply(obj, None, None).expect("apply").seq, "Applied")
             }
             2 => match store.update_status(&r, serde_json::json!({ "beat": n }), None) {
@@ -63,11 +67,21 @@ fn writer(store: &SledStore, t: usize, out: &Mutex<std::io::Stdout>) {
         };
         if let Some(seq) = seq {
             let mut o = out.lock().unwrap();
-            writeln!(o, "ack {seq} {} {name} {change} {n}", Kind::VirtualMachine.as_str()).unwrap();
+            writeln!(
+                o,
+                "ack {seq} {} {name} {change} {n}",
+                Kind::VirtualMachine.as_str()
+            )
+            .unwrap();
             o.flush().unwrap();
         }
         if t == 0 && n % 500 == 0 {
-            let r = Retention { window: 100, status_per_object: 1, notes_per_object: 2, forget_deleted: false };
+            let r = Retention {
+                window: 100,
+                status_per_object: 1,
+                notes_per_object: 2,
+                forget_deleted: false,
+            };
             store.compact(&r).expect("compact");
         }
     }
