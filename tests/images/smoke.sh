@@ -6,7 +6,8 @@
 #   tests/images/smoke.sh tiny|cloud
 #
 # Env: SMOKE_TIMEOUT (seconds to wait for SSH; 120 tiny, 400 cloud),
-#      SMOKE_MEM (MiB; 512 tiny, 1024 cloud), SMOKE_KEEP=1 keeps the temp dir.
+#      SMOKE_MEM (MiB; 512 tiny, 1024 cloud), SMOKE_KEEP=1 keeps the temp dir,
+#      SMOKE_SEED=scsi puts the seed on a virtio-scsi cdrom (default virtio-blk).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 NAME=${1:-}
@@ -66,10 +67,18 @@ QMP=$(free_port)
 # the host key is pinned: a guest presenting any other key fails the test
 echo "[127.0.0.1]:$PORT $(cut -d' ' -f1,2 "$T/hostkey.pub")" > "$T/known_hosts"
 
+# SMOKE_SEED=scsi attaches the seed as a virtio-scsi cdrom instead of virtio-blk
+if [ "${SMOKE_SEED:-virtio}" = scsi ]; then
+    SEED_ARGS=(-device virtio-scsi-pci,id=scsi0
+        -drive "file=$T/seed.iso,if=none,id=seed,format=raw,media=cdrom,readonly=on"
+        -device scsi-cd,bus=scsi0.0,drive=seed)
+else
+    SEED_ARGS=(-drive "file=$T/seed.iso,if=virtio,format=raw,readonly=on")
+fi
 START=$(date +%s.%N)
 qemu-system-x86_64 -machine q35 -accel tcg -m "$MEM" -smp 1 \
     -drive "file=$T/disk.qcow2,if=virtio,format=qcow2" \
-    -drive "file=$T/seed.iso,if=virtio,format=raw,readonly=on" \
+    "${SEED_ARGS[@]}" \
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$PORT-:22" -device virtio-net-pci,netdev=n0 \
     -display none -serial "file:$T/serial.log" -monitor none \
     -qmp "tcp:127.0.0.1:$QMP,server=on,wait=off" &
