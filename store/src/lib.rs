@@ -26,6 +26,7 @@ pub mod event;
 pub mod fold;
 mod plan;
 mod sled_store;
+mod sled_write;
 mod watch;
 
 use vmctl_api::{ApplySource, Kind, Note, Object, ObjectRef, Time};
