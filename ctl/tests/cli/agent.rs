@@ -1,0 +1,363 @@
+//! The agent as a black box: its socket, its lock, its API, shutdown, and
+//! the commands that talk to it (fake driver).
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// An agent process on a temporary data directory, killed on drop.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+}
+
+impl Agent {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("vmctl")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir().join("agent.sock")
+    }
+
+    pub fn start() -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Agent { dir, child: None };
+        a.spawn();
+        a
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+            .args(["agent", "--driver", "fake", "--data-dir"])
+            .arg(self.data_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if raw(&self.socket(), "GET", "/v1/healthz", "").0 == 200 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent did not come up");
+    }
+
+    /// Runs `vmctl` against this agent, never auto-starting another.
+    pub fn vmctl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+        cmd.args(args)
+            .arg("--no-autostart")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .current_dir(crate::repo())
+            .env("NO_COLOR", "1")
+            .env("USER", "tester")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(s) = stdin {
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A raw HTTP request over the socket; returns status and body.
+pub fn raw(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let Ok(mut s) = UnixStream::connect(socket) else {
+        return (0, String::new());
+    };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn socket_is_0600_and_data_dir_is_0700() {
+    let a = Agent::start();
+    let sock = std::fs::metadata(a.socket()).unwrap().permissions().mode() & 0o777;
+    let dir = std::fs::metadata(a.data_dir())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(sock, 0o600);
+    assert_eq!(dir, 0o700);
+}
+
+#[test]
+fn a_second_agent_on_the_same_data_dir_is_refused() {
+    let a = Agent::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        .args(["agent", "--driver", "fake", "--data-dir"])
+        .arg(a.data_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("another vmctl agent is already running"),
+        "{}",
+        stderr(&out)
+    );
+    // The first one still answers.
+    assert_eq!(raw(&a.socket(), "GET", "/v1/healthz", "").0, 200);
+}
+
+#[test]
+fn malformed_requests_get_4xx_json_and_change_nothing() {
+    let a = Agent::start();
+    let before = raw(&a.socket(), "GET", "/v1/healthz", "").1;
+    for (method, path, body, want) in [
+        ("POST", "/v1/apply", "{not json", 400),
+        ("POST", "/v1/apply", r#"{"objects":[{"bad":1}]}"#, 400),
+        (
+            "POST",
+            "/v1/apply",
+            r#"{"objects":[{"apiVersion":"vmctl/v1alpha1","kind":"VirtualMachine","metadata":{"name":"../x"},"spec":{"image":"i"}}]}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/apply",
+            r#"{"objects":[{"apiVersion":"vmctl/v1alpha1","kind":"Image","metadata":{"name":"ok"},"spec":{"source":{"url":"https://e.com/a.img"}}},{"apiVersion":"vmctl/v1alpha1","kind":"VirtualMachine","metadata":{"name":"v"},"spec":{"image":"ok","vcpus":70000}}]}"#,
+            400,
+        ),
+        ("GET", "/v1/objects/gadget", "", 404),
+        ("GET", "/v1/objects/vm/nope", "", 404),
+        ("GET", "/v1/nowhere", "", 404),
+        ("GET", "/v1/objects?labels=novalue", "", 400),
+    ] {
+        let (status, body) = raw(&a.socket(), method, path, body);
+        assert_eq!(status, want, "{method} {path}: {body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("JSON error body: {body}"));
+        assert!(v["code"].as_str().unwrap().starts_with("vmctl::"), "{body}");
+        assert!(!v["message"].as_str().unwrap().is_empty());
+    }
+    let list = raw(&a.socket(), "GET", "/v1/objects", "").1;
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(
+        v["items"].as_array().unwrap().len(),
+        0,
+        "nothing was written: {list}"
+    );
+    let after = raw(&a.socket(), "GET", "/v1/healthz", "").1;
+    let seq = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["lastSeq"].clone();
+    assert_eq!(seq(&before), seq(&after), "no event was appended");
+}
+
+#[test]
+fn apply_reports_created_configured_unchanged_and_history_shows_the_source() {
+    let a = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("VMFile.kdl");
+    std::fs::write(
+        &f,
+        "vm \"web\" {\n    image-url \"https://example.com/debian.qcow2\"\n    vcpus 1\n}\n",
+    )
+    .unwrap();
+    let fs = f.to_str().unwrap();
+    let out = a.vmctl(&["apply", "-f", fs], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "image/debian-qcow2-8beb404e created\nvm/web created\n"
+    );
+    let again = a.vmctl(&["apply", "-f", fs], None);
+    assert_eq!(
+        stdout(&again),
+        "image/debian-qcow2-8beb404e unchanged\nvm/web unchanged\n"
+    );
+    std::fs::write(
+        &f,
+        "vm \"web\" {\n    image-url \"https://example.com/debian.qcow2\"\n    vcpus 2\n}\n",
+    )
+    .unwrap();
+    let dry = a.vmctl(&["apply", "-f", fs, "--dry-run"], None);
+    assert_eq!(
+        stdout(&dry),
+        "image/debian-qcow2-8beb404e unchanged (dry run)\nvm/web configured (dry run)\n"
+    );
+    let changed = a.vmctl(&["apply", "-f", fs], None);
+    assert_eq!(
+        stdout(&changed),
+        "image/debian-qcow2-8beb404e unchanged\nvm/web configured\n"
+    );
+    let vm: serde_json::Value =
+        serde_json::from_str(&stdout(&a.vmctl(&["get", "vm", "web", "-o", "json"], None))).unwrap();
+    assert_eq!(vm[0]["metadata"]["generation"], 2);
+    assert_eq!(vm[0]["spec"]["vcpus"], 2);
+    let hist = stdout(&a.vmctl(&["history", "vm", "web"], None));
+    assert!(hist.contains("created, generation 1"), "{hist}");
+    assert!(hist.contains("spec changed, generation 2"), "{hist}");
+    assert!(
+        hist.contains(fs) && hist.contains("tester via vmctl apply"),
+        "{hist}"
+    );
+}
+
+#[test]
+fn prune_deletes_only_what_the_file_dropped_and_only_when_asked() {
+    let a = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("VMFile.kdl");
+    let fs = f.to_str().unwrap();
+    std::fs::write(&f, "vm \"a\" { image-url \"https://e.com/x.img\" }\nvm \"b\" { image-url \"https://e.com/x.img\" }\n").unwrap();
+    assert!(a.vmctl(&["apply", "-f", fs], None).status.success());
+    std::fs::write(&f, "vm \"a\" { image-url \"https://e.com/x.img\" }\n").unwrap();
+    assert!(a.vmctl(&["apply", "-f", fs], None).status.success());
+    let names = stdout(&a.vmctl(&["get", "vm", "-o", "name"], None));
+    assert_eq!(names, "vm/a\nvm/b\n", "without --prune nothing is deleted");
+    let pruned = a.vmctl(&["apply", "-f", fs, "--prune"], None);
+    assert!(
+        stdout(&pruned).contains("vm/b pruned"),
+        "{}",
+        stdout(&pruned)
+    );
+    let names = stdout(&a.vmctl(&["get", "vm", "-o", "name"], None));
+    assert!(
+        !names.contains("vm/b")
+            || stdout(&a.vmctl(&["get", "vm", "b", "-o", "json"], None))
+                .contains("deletionTimestamp")
+    );
+}
+
+#[test]
+fn get_and_describe_render_tables() {
+    let a = Agent::start();
+    assert!(
+        a.vmctl(&["apply", "-f", "examples/multi-vm/VMFile.kdl"], None)
+            .status
+            .success()
+    );
+    let table = stdout(&a.vmctl(&["get", "vm"], None));
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("VCPUS") && lines[0].contains("MEMORY"),
+        "{table}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("db ") && l.contains("4096Mi")),
+        "{table}"
+    );
+    let labelled = stdout(&a.vmctl(&["get", "vm", "-l", "vmctl.dev/vm=web", "-o", "name"], None));
+    assert_eq!(labelled, "vm/web\n");
+    let d = stdout(&a.vmctl(&["describe", "vm", "web"], None));
+    for want in [
+        "Name:             web",
+        "Kind:             VirtualMachine",
+        "Generation:       1",
+        "memoryMib: 2048",
+    ] {
+        assert!(d.contains(want), "missing {want:?} in\n{d}");
+    }
+    let bad = a.vmctl(&["describe", "vm", "../x"], None);
+    assert!(
+        !bad.status.success() && stderr(&bad).contains("could escape"),
+        "{}",
+        stderr(&bad)
+    );
+    let missing = a.vmctl(&["describe", "vm", "nope"], None);
+    assert!(
+        !missing.status.success() && stderr(&missing).contains("vm/nope not found"),
+        "{}",
+        stderr(&missing)
+    );
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_a_restarted_agent_keeps_everything() {
+    let mut a = Agent::start();
+    assert!(
+        a.vmctl(&["apply", "-f", "examples/multi-vm/VMFile.kdl"], None)
+            .status
+            .success()
+    );
+    let status = a.stop();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    assert!(!a.socket().exists(), "the socket is removed on shutdown");
+    let no = a.vmctl(&["get"], None);
+    assert!(
+        !no.status.success() && stderr(&no).contains("no vmctl agent answers"),
+        "{}",
+        stderr(&no)
+    );
+    a.spawn();
+    let names = stdout(&a.vmctl(&["get", "vm", "-o", "name"], None));
+    assert_eq!(names, "vm/db\nvm/web\n");
+}
+
+#[test]
+fn commands_start_an_agent_when_none_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        .args(["get", "--data-dir"])
+        .arg(dir.path())
+        .env("VMCTL_DRIVER", "fake")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("starting the vmctl agent"),
+        "{}",
+        stderr(&out)
+    );
+    let sock = dir.path().join("agent.sock");
+    assert!(sock.exists());
+    let health: serde_json::Value =
+        serde_json::from_str(&raw(&sock, "GET", "/v1/healthz", "").1).unwrap();
+    let pid = health["pid"].as_u64().unwrap().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+}
