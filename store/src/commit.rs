@@ -4,12 +4,14 @@
 //! buffer and serialises transactions behind a global lock, so a
 //! transaction per write plus a flush per write caps near 2,000 writes/s
 //! on this machine however many writers there are. Instead a writer queues
-//! its request; the first writer to find no leader becomes the leader and,
-//! until the queue is empty, takes every queued request, plans each in
+//! its request; the first writer to find no leader becomes the leader,
+//! takes every queued request, plans each in
 //! order against the objects as the batch leaves them, commits the whole
 //! batch in ONE transaction (each write's event, object, index entry and
 //! the last sequence), flushes once, publishes the events to watchers and
-//! answers every writer. A write is never split across transactions, so a
+//! answers every writer; then it hands leadership to the oldest queued
+//! writer (if any) and returns, so its own caller is never held hostage by
+//! other writers' traffic. A write is never split across transactions, so a
 //! crash keeps or loses each write whole.
 //!
 //! ```text
@@ -40,7 +42,19 @@ pub(crate) type Planner = Box<dyn FnOnce(Option<&Object>, Time) -> Result<Plan> 
 pub(crate) struct Request {
     pub(crate) object: ObjectRef,
     pub(crate) plan: Planner,
-    pub(crate) reply: SyncSender<Result<Written>>,
+    pub(crate) reply: SyncSender<Reply>,
+}
+
+/// What a waiting writer is told.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one message per write, moved once; boxing would add an allocation per write"
+)]
+pub(crate) enum Reply {
+    /// Its write is done (durable) or failed.
+    Done(Result<Written>),
+    /// The previous leader handed over: commit the next batch.
+    Lead,
 }
 
 #[derive(Default)]
@@ -50,11 +64,7 @@ struct Queue {
 }
 
 /// Where to send a write's result, the result, and the event it appended.
-pub(crate) type Answer = (
-    SyncSender<Result<Written>>,
-    Result<Written>,
-    Option<Arc<Event>>,
-);
+pub(crate) type Answer = (SyncSender<Reply>, Result<Written>, Option<Arc<Event>>);
 
 /// Commits a batch: given the requests, returns the events written (in
 /// sequence order) and one answer per request. Implemented by the backend.
@@ -133,27 +143,43 @@ impl Committer {
         if lead {
             self.lead(backend);
         }
-        answer.recv().unwrap_or(Err(StoreError::Poisoned))
+        loop {
+            match answer.recv() {
+                Ok(Reply::Done(result)) => return result,
+                Ok(Reply::Lead) => self.lead(backend),
+                // The batch was dropped: its transaction or flush failed.
+                Err(_) => return Err(StoreError::Poisoned),
+            }
+        }
     }
 
+    /// Commits one batch, then hands leadership to a queued writer (so no
+    /// writer leads forever and waits unboundedly for its own answer).
     fn lead(&self, backend: &impl BatchWriter) {
-        loop {
-            let batch = {
-                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                if q.requests.is_empty() {
-                    q.leader = false;
-                    return;
-                }
-                std::mem::take(&mut q.requests)
-            };
+        let batch = std::mem::take(
+            &mut self
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .requests,
+        );
+        if !batch.is_empty() {
             self.commit(backend, batch);
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        match q.requests.first() {
+            // The channel holds one message and this writer has none yet.
+            Some(next) => {
+                let _ = next.reply.send(Reply::Lead);
+            }
+            None => q.leader = false,
         }
     }
 
     fn commit(&self, backend: &impl BatchWriter, batch: Vec<Request>) {
         if self.poisoned.load(Ordering::SeqCst) {
             for r in batch {
-                let _ = r.reply.send(Err(StoreError::Poisoned));
+                let _ = r.reply.send(Reply::Done(Err(StoreError::Poisoned)));
             }
             return;
         }
@@ -185,7 +211,7 @@ impl Committer {
                 // No receivers is fine: nobody is watching.
                 let _ = self.tx.send(ev);
             }
-            let _ = reply.send(result);
+            let _ = reply.send(Reply::Done(result));
         }
     }
 }
