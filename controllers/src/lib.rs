@@ -33,6 +33,7 @@
 pub mod context;
 pub mod drivers;
 pub mod image;
+pub mod images;
 pub mod provision;
 pub mod runtime;
 pub mod vm;
