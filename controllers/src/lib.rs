@@ -36,6 +36,7 @@ pub mod image;
 pub mod images;
 pub mod provision;
 pub mod runtime;
+pub mod seed;
 pub mod vm;
 
 use std::sync::Arc;
