@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod config;
+pub mod openapi;
 pub mod server;
 
 pub use config::AgentConfig;

@@ -1,5 +1,6 @@
 //! The agent's wire types: JSON bodies of its HTTP API.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{ApplySource, Object, ObjectRef};
@@ -8,7 +9,7 @@ use crate::meta::{ApplySource, Object, ObjectRef};
 pub const API_PREFIX: &str = "/v1";
 
 /// `POST /v1/apply`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ApplyRequest {
     /// The objects to create or update (status is ignored).
@@ -26,7 +27,7 @@ pub struct ApplyRequest {
 }
 
 /// What applying one object did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum ApplyOutcome {
     /// The object did not exist.
@@ -40,7 +41,7 @@ pub enum ApplyOutcome {
 }
 
 /// The result for one object.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApplyResult {
     /// The object.
@@ -54,7 +55,7 @@ pub struct ApplyResult {
 }
 
 /// `POST /v1/apply` response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApplyResponse {
     /// One result per object, in request order, then pruned objects.
@@ -62,7 +63,7 @@ pub struct ApplyResponse {
 }
 
 /// Every error response's body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
     /// A stable machine-readable code, e.g. `vmctl::api::not_found`.
@@ -75,7 +76,7 @@ pub struct ErrorBody {
 }
 
 /// `GET /v1/healthz`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Health {
     /// Agent version.
@@ -91,7 +92,7 @@ pub struct Health {
 }
 
 /// `GET /v1/objects` response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectList {
     /// The objects.

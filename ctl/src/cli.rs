@@ -100,6 +100,16 @@ pub enum Command {
         /// Output format of the result.
         #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
         output: Output,
+        /// Wait until every applied object is Ready; exit non-zero with the
+        /// failing condition's reason.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Re-apply whenever the file (or a script or file it uses) is saved.
+        #[arg(long, conflicts_with_all = ["wait", "dry_run"])]
+        watch: bool,
     },
     /// List objects.
     Get {

@@ -10,6 +10,7 @@ mod get;
 mod history;
 mod schema;
 mod validate;
+mod wait;
 
 use std::process::ExitCode;
 
@@ -25,7 +26,21 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             dry_run,
             prune,
             output,
-        } => apply::run(&g, &file, dry_run, prune, output),
+            wait,
+            timeout,
+            watch,
+        } => apply::run(
+            &g,
+            &apply::ApplyArgs {
+                file,
+                dry_run,
+                prune,
+                output,
+                wait,
+                timeout: std::time::Duration::from_secs(timeout),
+                watch,
+            },
+        ),
         Command::Get {
             kind,
             name,

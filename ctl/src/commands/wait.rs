@@ -1,0 +1,170 @@
+//! Waiting until applied objects are Ready, with live per-object progress.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use vmctl_api::{Object, ObjectRef};
+
+use crate::client::{Client, ClientError};
+
+/// Where one object stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Not there yet; the text says what it is doing.
+    Progressing(String),
+    /// Ready at its current generation.
+    Ready,
+    /// Failed for a reason retrying will not fix (or not soon).
+    Failed(String),
+}
+
+fn ready_condition(o: &Object) -> Option<vmctl_api::Condition> {
+    let conds = o.status.as_ref()?.get("conditions")?.clone();
+    let conds: Vec<vmctl_api::Condition> = serde_json::from_value(conds).ok()?;
+    conds.into_iter().find(|c| c.type_ == "Ready")
+}
+
+/// Classifies an object by its status.
+pub(crate) fn state(o: &Object) -> State {
+    let st = o.status.as_ref();
+    let phase = st
+        .and_then(|s| s.get("phase"))
+        .and_then(|p| p.as_str())
+        .unwrap_or("Pending");
+    let observed = st
+        .and_then(|s| s.get("observedGeneration"))
+        .and_then(|g| g.as_u64())
+        .unwrap_or(0);
+    let ready = ready_condition(o);
+    if observed < o.metadata.generation {
+        return State::Progressing(format!(
+            "{phase} (waiting for generation {} to be observed)",
+            o.metadata.generation
+        ));
+    }
+    let reason = ready
+        .as_ref()
+        .map(|c| {
+            if c.message.is_empty() {
+                c.reason.clone()
+            } else {
+                format!("{}: {}", c.reason, c.message)
+            }
+        })
+        .unwrap_or_default();
+    if phase == "Failed" {
+        return State::Failed(if reason.is_empty() {
+            "Failed".into()
+        } else {
+            reason
+        });
+    }
+    match ready {
+        Some(c) if c.status == vmctl_api::ConditionStatus::True => State::Ready,
+        _ if reason.is_empty() => State::Progressing(phase.to_owned()),
+        _ => State::Progressing(format!("{phase} ({reason})")),
+    }
+}
+
+/// Polls the objects until all are Ready, one fails, or `timeout` passes.
+/// Prints each object's progress to stderr when it changes.
+pub(crate) fn wait_ready(
+    client: &Client,
+    refs: &[ObjectRef],
+    timeout: Duration,
+) -> miette::Result<ExitCode> {
+    let deadline = Instant::now() + timeout;
+    let mut last: BTreeMap<ObjectRef, State> = BTreeMap::new();
+    loop {
+        let mut all_ready = true;
+        for r in refs {
+            let path = format!("/v1/objects/{}/{}", r.kind.short(), r.name);
+            let st = match client.call::<Object>("GET", &path, None::<&()>) {
+                Ok(o) => state(&o),
+                Err(ClientError::Api { status: 404, .. }) => {
+                    State::Failed("deleted while waiting".into())
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if last.get(r) != Some(&st) {
+                match &st {
+                    State::Progressing(s) => eprintln!("  {r}: {s}"),
+                    State::Ready => eprintln!("  {r}: Ready"),
+                    State::Failed(s) => eprintln!("  {r}: Failed: {s}"),
+                }
+                last.insert(r.clone(), st.clone());
+            }
+            match st {
+                State::Ready => {}
+                State::Failed(reason) => {
+                    return Err(miette::miette!(
+                        code = "vmctl::apply::failed",
+                        help = format!(
+                            "run `vmctl describe {} {}` for details",
+                            r.kind.short(),
+                            r.name
+                        ),
+                        "{r} failed: {reason}"
+                    ));
+                }
+                State::Progressing(_) => all_ready = false,
+            }
+        }
+        if all_ready {
+            eprintln!("all {} objects are Ready", refs.len());
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() >= deadline {
+            let pending: Vec<String> = last
+                .iter()
+                .filter_map(|(r, s)| match s {
+                    State::Progressing(p) => Some(format!("{r}: {p}")),
+                    _ => None,
+                })
+                .collect();
+            return Err(miette::miette!(
+                code = "vmctl::apply::timeout",
+                help = "raise --timeout, or run `vmctl describe` on the objects still waiting",
+                "timed out after {}s; not Ready: {}",
+                timeout.as_secs(),
+                pending.join("; ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(generation: u64, status: serde_json::Value) -> Object {
+        let mut o = Object::new(
+            vmctl_api::Kind::VirtualMachine,
+            vmctl_api::ObjectMeta::named("a"),
+            serde_json::json!({}),
+        );
+        o.metadata.generation = generation;
+        o.status = Some(status);
+        o
+    }
+
+    #[test]
+    fn ready_needs_the_current_generation_observed() {
+        let ready = serde_json::json!({"phase": "Running", "observedGeneration": 1,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Running", "message": ""}]});
+        assert_eq!(state(&obj(1, ready.clone())), State::Ready);
+        assert!(matches!(state(&obj(2, ready)), State::Progressing(_)));
+    }
+
+    #[test]
+    fn failed_phase_carries_the_ready_reason() {
+        let failed = serde_json::json!({"phase": "Failed", "observedGeneration": 1,
+            "conditions": [{"type": "Ready", "status": "False", "reason": "ImageNotFound", "message": "no such file"}]});
+        assert_eq!(
+            state(&obj(1, failed)),
+            State::Failed("ImageNotFound: no such file".into())
+        );
+    }
+}
