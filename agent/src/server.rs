@@ -29,6 +29,12 @@ pub enum AgentError {
     /// The requested driver does not exist.
     #[error("unknown or unavailable driver `{0}`")]
     Driver(String),
+    /// The fake driver's environment settings are invalid.
+    #[error("invalid fake driver settings")]
+    FakeConfig(#[source] vmctl_controllers::drivers::fake::FakeConfigError),
+    /// The controllers stopped with an error.
+    #[error("the controllers failed")]
+    Controllers(#[source] vmctl_controllers::RunError),
     /// Serving failed.
     #[error("the API server failed")]
     Serve(#[source] std::io::Error),
@@ -46,7 +52,8 @@ impl AgentError {
             AgentError::Driver(_) => {
                 "the QEMU driver is not built yet; `--driver fake` runs the control plane in memory (tests only)".into()
             }
-            AgentError::Serve(_) => "see the agent log".into(),
+            AgentError::Serve(_) | AgentError::Controllers(_) => "see the agent log".into(),
+            AgentError::FakeConfig(_) => "fix the VMCTL_FAKE_* environment variables".into(),
         }
     }
 }
@@ -100,11 +107,20 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// The drivers for the configured driver name.
+fn drivers(cfg: &AgentConfig) -> Result<vmctl_controllers::Drivers, AgentError> {
+    match cfg.driver.as_str() {
+        "fake" => {
+            let fake = vmctl_controllers::FakeConfig::from_env().map_err(AgentError::FakeConfig)?;
+            Ok(vmctl_controllers::Drivers::fake(fake))
+        }
+        other => Err(AgentError::Driver(other.to_owned())),
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
-    if cfg.driver != "fake" {
-        return Err(AgentError::Driver(cfg.driver.clone()));
-    }
+    let drivers = drivers(&cfg)?;
     let _lock = lock(&cfg)?;
     let db = cfg.db_dir();
     let store = tokio::task::spawn_blocking(move || SledStore::open(db))
@@ -114,11 +130,27 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let store: Arc<dyn Store> = Arc::new(store);
     let listener = bind(&cfg)?;
     tracing::info!(socket = %cfg.socket.display(), driver = %cfg.driver, "agent listening");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let controllers = tokio::spawn(vmctl_controllers::run(
+        store.clone(),
+        drivers,
+        vmctl_controllers::RuntimeConfig::default(),
+        stopped,
+    ));
     let state = AppState::new(store, cfg.clone());
     let app = api::router(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&cfg.socket);
-    served.map_err(AgentError::Serve)
+    let _ = stop.send(true);
+    let ctl = controllers.await;
+    served.map_err(AgentError::Serve)?;
+    match ctl {
+        Ok(r) => r.map_err(AgentError::Controllers),
+        Err(e) => {
+            tracing::error!(error = %e, "controller task failed");
+            Ok(())
+        }
+    }
 }
