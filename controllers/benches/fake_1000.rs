@@ -15,13 +15,17 @@ use vmctl_controllers::{FakeConfig, FakeWorld, RuntimeConfig, run};
 use vmctl_store::{Change, SledStore, Store};
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn ready(status: &serde_json::Value) -> bool {
-    status["conditions"]
-        .as_array()
-        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    status["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
 }
 
 async fn one_run(vms: usize, images: usize) -> Duration {
@@ -29,8 +33,12 @@ async fn one_run(vms: usize, images: usize) -> Duration {
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let world = FakeWorld::new(FakeConfig::default());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let controllers =
-        tokio::spawn(run(store.clone(), world.drivers(), RuntimeConfig::default(), shutdown));
+    let controllers = tokio::spawn(run(
+        store.clone(),
+        world.drivers(),
+        RuntimeConfig::default(),
+        shutdown,
+    ));
     let mut watch = store.watch(store.last_seq()).unwrap();
 
     let start = Instant::now();
@@ -80,11 +88,17 @@ fn main() {
     let mut times: Vec<Duration> = (0..runs)
         .map(|i| {
             let t = rt.block_on(one_run(vms, images));
-            println!("run {i}: {vms} VMs, {images} images: all Ready in {:.3} s", t.as_secs_f64());
+            println!(
+                "run {i}: {vms} VMs, {images} images: all Ready in {:.3} s",
+                t.as_secs_f64()
+            );
             t
         })
         .collect();
     times.sort();
     let median = times[times.len() / 2];
-    println!("fake_1000: median {:.3} s over {runs} runs ({vms} VMs, {images} images, fsync on)", median.as_secs_f64());
+    println!(
+        "fake_1000: median {:.3} s over {runs} runs ({vms} VMs, {images} images, fsync on)",
+        median.as_secs_f64()
+    );
 }

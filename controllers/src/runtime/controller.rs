@@ -392,3 +392,124 @@ impl ControllerError {
         matches!(self, ControllerError::Store(StoreError::Conflict { .. }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+    use vmctl_api::VirtualMachine;
+    use vmctl_store::{Retention, SledStore};
+
+    use super::*;
+    use crate::runtime::Action;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    struct Never;
+
+    impl ReconcileError for Never {
+        fn is_conflict(&self) -> bool {
+            false
+        }
+    }
+
+    struct Noop;
+
+    impl Reconciler for Noop {
+        type Error = Never;
+        const KIND: Kind = Kind::VirtualMachine;
+        const NAME: &'static str = "noop";
+
+        async fn reconcile(&self, _obj: Arc<Object>) -> Result<Action, Never> {
+            Ok(Action::await_change())
+        }
+    }
+
+    fn vm(name: &str) -> Object {
+        let spec = serde_json::from_value(json!({"image": "img"})).unwrap();
+        VirtualMachine::new(name, spec).to_object()
+    }
+
+    async fn take_all(q: &Queue) -> Vec<ObjectRef> {
+        let mut got = Vec::new();
+        while let Ok(r) = tokio::time::timeout(Duration::from_millis(20), q.next()).await {
+            q.finish(&r);
+            got.push(r);
+        }
+        got.sort();
+        got
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_is_too_old_relists_and_triggers_every_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        store.apply(vm("a"), None, None).unwrap();
+        let queue = Arc::new(Queue::default());
+        let mut w = Watcher {
+            state: State::Listing {
+                delay: Duration::ZERO,
+            },
+            store: store.clone(),
+            queue: queue.clone(),
+            reconciler: Arc::new(Noop),
+            relations: Relations::default(),
+        };
+        w.step().await;
+        assert!(matches!(w.state, State::Watching { .. }));
+        assert_eq!(
+            take_all(&queue).await,
+            [ObjectRef::new(Kind::VirtualMachine, "a")]
+        );
+
+        // The watcher falls behind a compaction.
+        store.apply(vm("b"), None, None).unwrap();
+        store
+            .compact(&Retention {
+                window: 0,
+                ..Retention::default()
+            })
+            .unwrap();
+        w.step().await;
+        assert!(
+            matches!(w.state, State::Listing { .. }),
+            "TooOld goes back to listing"
+        );
+        w.step().await;
+        assert!(matches!(w.state, State::Watching { .. }));
+        let all = [
+            ObjectRef::new(Kind::VirtualMachine, "a"),
+            ObjectRef::new(Kind::VirtualMachine, "b"),
+        ];
+        assert_eq!(take_all(&queue).await, all);
+    }
+
+    #[tokio::test]
+    async fn status_writes_and_notes_do_not_trigger_their_own_controller() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let queue = Arc::new(Queue::default());
+        let mut w = Watcher {
+            state: State::Listing {
+                delay: Duration::ZERO,
+            },
+            store: store.clone(),
+            queue: queue.clone(),
+            reconciler: Arc::new(Noop),
+            relations: Relations::default(),
+        };
+        w.step().await;
+        let a = store.apply(vm("a"), None, None).unwrap().object.unwrap();
+        w.step().await;
+        assert_eq!(take_all(&queue).await.len(), 1, "an apply triggers");
+        store
+            .update_status(&a.object_ref(), json!({"phase": "Running"}), None)
+            .unwrap();
+        w.step().await;
+        assert!(
+            take_all(&queue).await.is_empty(),
+            "its own status write does not"
+        );
+    }
+}

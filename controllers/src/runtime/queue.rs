@@ -179,12 +179,13 @@ impl Queue {
         }
     }
 
+    /// Whether the earliest heap entry is due. It may be stale, which costs
+    /// at most one spurious wake-up; scanning `pending` would cost O(n).
     fn has_due(&self) -> bool {
         let s = self.lock();
-        let now = Instant::now();
-        s.pending
-            .iter()
-            .any(|(r, &t)| t <= now && !s.running.contains(r))
+        s.heap
+            .peek()
+            .is_some_and(|Reverse((at, _, _))| *at <= Instant::now())
     }
 
     /// Marks `r` as no longer running; a trigger that arrived meanwhile makes it pending again.
