@@ -69,9 +69,16 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Time from the start of a durable write to its arrival at each watcher.
-fn watch_latency(watchers: usize, writes: u64) -> (Duration, Duration) {
+fn watch_latency(watchers: usize, writes: u64, durability: Durability) -> (Duration, Duration) {
     let dir = tempdir();
-    let s = SledStore::open(dir.path().join("db")).unwrap();
+    let s = SledStore::open_with(
+        dir.path().join("db"),
+        Options {
+            durability,
+            ..Options::default()
+        },
+    )
+    .unwrap();
     s.apply(vm("a"), None, None).unwrap();
     let base = Instant::now();
     let starts: Arc<Vec<AtomicU64>> =
@@ -170,7 +177,11 @@ fn main() {
         return;
     }
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let only = |what: &str| std::env::args().any(|a| a == what);
     for d in [Durability::Fsync, Durability::SledFlush] {
+        if only("latency") {
+            break;
+        }
         println!(
             "durable writes/s ({d:?}), 1 writer:   {:>8.0}",
             writes_per_second(1, 3_000, d)
@@ -180,12 +191,16 @@ fn main() {
             writes_per_second(16, 1_000, d)
         );
     }
-    if std::env::args().any(|a| a == "writes") {
-        return;
+    for d in [Durability::Fsync, Durability::SledFlush, Durability::None] {
+        for watchers in [1, 100] {
+            let (p50, p99) = watch_latency(watchers, 1_000, d);
+            println!(
+                "write start→watcher ({d:?}), {watchers:>3} watchers: p50 {p50:?}  p99 {p99:?}"
+            );
+        }
     }
-    for watchers in [1, 100] {
-        let (p50, p99) = watch_latency(watchers, 1_000);
-        println!("commit→watcher, {watchers:>3} watchers: p50 {p50:?}  p99 {p99:?}");
+    if only("latency") {
+        return;
     }
     println!("list 10,000 objects (median of 11): {:?}", list_10k());
     let (before, after, events, kept) = size_under_status_churn();
