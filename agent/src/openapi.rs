@@ -7,6 +7,9 @@ use serde_json::{Value, json};
 use vmctl_api::Object;
 use vmctl_api::wire::{ApplyRequest, ApplyResponse, ErrorBody, Health, ObjectList};
 
+/// Builds a JSON Schema for a body, registering definitions in the generator.
+pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
+
 /// One endpoint.
 #[derive(Debug)]
 pub struct Route {
@@ -17,9 +20,9 @@ pub struct Route {
     /// One-line summary.
     pub summary: &'static str,
     /// Request body schema.
-    pub request: Option<fn(&mut SchemaGenerator) -> Schema>,
+    pub request: Option<SchemaFn>,
     /// Success status and body schema; `None` body for NDJSON streams.
-    pub response: (u16, Option<fn(&mut SchemaGenerator) -> Schema>),
+    pub response: (u16, Option<SchemaFn>),
     /// Query parameters: name, description.
     pub query: &'static [(&'static str, &'static str)],
 }

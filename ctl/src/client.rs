@@ -158,12 +158,11 @@ impl Client {
             if h.is_empty() {
                 break;
             }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("transfer-encoding")
-                    && v.trim().eq_ignore_ascii_case("chunked")
-                {
-                    chunked = true;
-                }
+            if let Some((k, v)) = h.split_once(':')
+                && k.eq_ignore_ascii_case("transfer-encoding")
+                && v.trim().eq_ignore_ascii_case("chunked")
+            {
+                chunked = true;
             }
         }
         Ok(Response {

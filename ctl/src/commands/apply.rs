@@ -170,10 +170,10 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
     .map_err(|e| miette::miette!("cannot handle Ctrl-C: {e}"))?;
     let fs_tx = tx.clone();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev {
-            if !matches!(ev.kind, notify::EventKind::Access(_)) {
-                let _ = fs_tx.send(Wake::Changed);
-            }
+        if let Ok(ev) = ev
+            && !matches!(ev.kind, notify::EventKind::Access(_))
+        {
+            let _ = fs_tx.send(Wake::Changed);
         }
     })
     .map_err(|e| miette::miette!("cannot watch files: {e}"))?;
@@ -186,11 +186,7 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
     eprintln!("watching {} for changes (Ctrl-C to stop)", a.file.display());
     let objects =
         |l: &Loaded| -> Vec<Object> { l.resources.iter().map(Resource::to_object).collect() };
-    loop {
-        match rx.recv() {
-            Ok(Wake::Changed) => {}
-            Ok(Wake::Interrupted) | Err(_) => break,
-        }
+    while let Ok(Wake::Changed) = rx.recv() {
         // Debounce: editors write several events per save.
         let mut interrupted = false;
         while let Ok(w) = rx.recv_timeout(Duration::from_millis(100)) {
@@ -228,7 +224,7 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
                 if changes.is_empty() {
                     eprintln!("[{stamp}] re-applied: no changes");
                 } else {
-                    eprint!("[{stamp}] re-applied:\n");
+                    eprintln!("[{stamp}] re-applied:");
                     print(&changes)?;
                 }
             }
