@@ -341,23 +341,31 @@ async fn worker<R: Reconciler>(
             generation = obj.metadata.generation,
             rv = obj.metadata.resource_version,
         );
-        let result = reconciler
-            .reconcile(obj.clone())
-            .instrument(span.clone())
-            .await;
+        // Its own task, so that a panicking reconcile costs one backoff for
+        // one object instead of a worker and an object stuck as running.
+        let (rec, o) = (reconciler.clone(), obj.clone());
+        let mut task = AbortOnDrop(tokio::spawn(
+            async move { rec.reconcile(o).await }.instrument(span.clone()),
+        ));
+        let result = (&mut task.0).await;
         let _enter = span.enter();
         match result {
-            Ok(action) => {
+            Err(join) => {
+                let backoff = queue.backoff(&r);
+                tracing::error!(error = %join, ?backoff, "reconcile panicked");
+                queue.schedule_after(r.clone(), backoff);
+            }
+            Ok(Ok(action)) => {
                 queue.reset_backoff(&r);
                 if let Some(d) = action.requeue_after().or(resync) {
                     queue.schedule_after(r.clone(), d);
                 }
             }
-            Err(e) if e.is_conflict() => {
+            Ok(Err(e)) if e.is_conflict() => {
                 tracing::debug!(error = %e, "conflict; retrying with fresh data");
                 queue.trigger(r.clone());
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 let backoff = queue.backoff(&r);
                 tracing::warn!(error = %ErrorChain(&e), ?backoff, "reconcile failed");
                 let action = reconciler.error_policy(&obj, &e, backoff);
@@ -367,6 +375,15 @@ async fn worker<R: Reconciler>(
             }
         }
         queue.finish(&r);
+    }
+}
+
+/// Aborts the task when dropped: a killed controller leaves no reconcile running.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -511,5 +528,46 @@ mod tests {
             take_all(&queue).await.is_empty(),
             "its own status write does not"
         );
+    }
+
+    struct PanicsOnce(std::sync::atomic::AtomicUsize);
+
+    impl Reconciler for PanicsOnce {
+        type Error = Never;
+        const KIND: Kind = Kind::VirtualMachine;
+        const NAME: &'static str = "panics-once";
+
+        async fn reconcile(&self, _obj: Arc<Object>) -> Result<Action, Never> {
+            if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                panic!("first run panics");
+            }
+            Ok(Action::await_change())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_reconcile_is_retried_after_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        store.apply(vm("a"), None, None).unwrap();
+        let config = ControllerConfig {
+            concurrency: 1,
+            backoff: BackoffPolicy {
+                base: Duration::from_millis(10),
+                max: Duration::from_millis(10),
+            },
+            resync: None,
+        };
+        let c = Controller::new(PanicsOnce(Default::default()), store, config);
+        let rec = c.reconciler.clone();
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(c.run(shutdown));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while rec.0.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "not retried");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.send(true).unwrap();
+        task.await.unwrap();
     }
 }
