@@ -16,6 +16,7 @@
 //! `Arc<dyn Trait>` without the `async-trait` crate.
 
 pub mod fake;
+pub mod qemu;
 
 use std::fmt::Debug;
 use std::future::Future;

@@ -1,0 +1,833 @@
+//! The QEMU hypervisor driver (Linux).
+//!
+//! One work dir per VM, `<data_dir>/vms/<name>/` (mode 0700):
+//!
+//! ```text
+//!   disk.qcow2      overlay on the cached base image        (disk.rs)
+//!   seed.iso        cloud-init NoCloud seed                  (crate::seed)
+//!   id_ed25519*     key vmctl logs in with; host_ed25519* the pinned host key
+//!   vm.json         what prepare saw of the spec; start builds the argv from it
+//!   ssh-port        forwarded host port, reused across restarts while free
+//!   qmp.sock        QMP                                      (qmp.rs)
+//!   serial.sock     serial console; console.log its transcript
+//!   qemu.pid        written by QEMU; qemu.log its stderr
+//!   exit.status     how the last QEMU ended                  (process.rs)
+//!   stop.requested  present when vmctl asked it to end
+//! ```
+//!
+//! Lifecycle, as QMP sees it:
+//!
+//! ```text
+//!            prepare            start (spawn, wait for QMP)
+//!   (none) ──────────▶ Stopped ─────────────────────────────▶ Running
+//!                        ▲  ▲     stop: system_powerdown,         │  ▲
+//!                        │  └──── then quit, then SIGKILL ────────┘  │ cont
+//!                        │  QEMU died (exit.status)          stop    │
+//!                        └──────────────────────────────── Suspended ◀┘
+//! ```
+//!
+//! QEMU runs under a supervisor that outlives the agent, so a restarted
+//! agent adopts it: the pidfile names a live process whose command line
+//! carries this VM's QMP socket, and QMP answers. Nothing keeps per-VM
+//! state in memory except locks; every call observes the host first.
+
+pub mod accel;
+pub mod args;
+pub mod disk;
+pub mod process;
+pub mod qmp;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vmctl_api::{Network, VmRuntime, default_ssh_user};
+
+use self::accel::{Accel, AccelError};
+use self::args::{LaunchPlan, PlanError, qemu_args};
+use self::disk::DiskError;
+use self::process::Exit;
+use self::qmp::{Qmp, QmpError};
+use super::{
+    BoxFuture, DriverError, Hypervisor, InstanceSpec, InstanceState, InstanceStatus, Result,
+};
+use crate::seed::{KeyError, SeedError, SeedSpec, SeedTool, build_seed, ensure_vm_keys};
+
+/// Diagnostic code: QEMU could not be started or died while starting.
+pub const SPAWN_FAILED: &str = "vmctl::qemu::spawn_failed";
+/// Diagnostic code: QMP did not answer.
+pub const QMP_CONNECT_FAILED: &str = "vmctl::qemu::qmp_connect_failed";
+/// Diagnostic code: a QMP command failed.
+pub const QMP_COMMAND_FAILED: &str = "vmctl::qemu::qmp_command_failed";
+
+/// Where a VM's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The work dir.
+    pub root: PathBuf,
+}
+
+impl Layout {
+    /// The layout of the work dir `root`.
+    pub fn new(root: &Path) -> Self {
+        Layout {
+            root: root.to_owned(),
+        }
+    }
+    /// The qcow2 overlay.
+    pub fn disk(&self) -> PathBuf {
+        self.root.join("disk.qcow2")
+    }
+    /// The cloud-init seed.
+    pub fn seed(&self) -> PathBuf {
+        self.root.join("seed.iso")
+    }
+    /// The QMP socket.
+    pub fn qmp_sock(&self) -> PathBuf {
+        self.root.join("qmp.sock")
+    }
+    /// The serial console socket.
+    pub fn serial_sock(&self) -> PathBuf {
+        self.root.join("serial.sock")
+    }
+    /// The serial console transcript.
+    pub fn console_log(&self) -> PathBuf {
+        self.root.join("console.log")
+    }
+    /// QEMU's pidfile.
+    pub fn pidfile(&self) -> PathBuf {
+        self.root.join("qemu.pid")
+    }
+    /// QEMU's standard error.
+    pub fn stderr_log(&self) -> PathBuf {
+        self.root.join("qemu.log")
+    }
+    /// How the last QEMU ended.
+    pub fn exit_file(&self) -> PathBuf {
+        self.root.join("exit.status")
+    }
+    /// Marker: vmctl asked the running QEMU to end.
+    pub fn stop_marker(&self) -> PathBuf {
+        self.root.join("stop.requested")
+    }
+    /// The saved [`VmConfig`].
+    pub fn config_file(&self) -> PathBuf {
+        self.root.join("vm.json")
+    }
+    /// The forwarded SSH port.
+    pub fn port_file(&self) -> PathBuf {
+        self.root.join("ssh-port")
+    }
+    /// cloud-init's instance id.
+    pub fn instance_id_file(&self) -> PathBuf {
+        self.root.join("instance-id")
+    }
+}
+
+/// Settings of the QEMU driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuConfig {
+    /// vmctl's data dir; work dirs are `<data_dir>/vms/<name>`.
+    pub data_dir: PathBuf,
+    /// The emulator.
+    pub qemu_binary: PathBuf,
+    /// A fixed accelerator; `None` detects one.
+    pub accel: Option<Accel>,
+    /// What writes the seed ISO.
+    pub seed_tool: SeedTool,
+    /// How long a started QEMU may take to answer QMP.
+    pub start_timeout: Duration,
+    /// How long one QMP command may take.
+    pub qmp_timeout: Duration,
+    /// How long `quit` may take before SIGKILL.
+    pub kill_grace: Duration,
+}
+
+impl QemuConfig {
+    /// Defaults for `data_dir`: `qemu-system-x86_64` from `PATH`, detected
+    /// accelerator.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        QemuConfig {
+            data_dir: data_dir.into(),
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            accel: None,
+            seed_tool: SeedTool::Auto,
+            start_timeout: Duration::from_secs(30),
+            qmp_timeout: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Applies `VMCTL_ACCEL` (`kvm`, `tcg`, `auto`), which wins over the
+    /// config's accelerator.
+    pub fn with_env_overrides(mut self) -> Result<Self, AccelError> {
+        let env = std::env::var(accel::ACCEL_ENV).ok();
+        self.accel = accel::resolve_override(env.as_deref(), self.accel)?;
+        Ok(self)
+    }
+}
+
+/// What `prepare` saved of the spec: the part `start` needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmConfig {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Networking.
+    pub network: Network,
+}
+
+/// How the last QEMU of a VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastExit {
+    /// Its exit code or signal.
+    pub exit: Exit,
+    /// Whether vmctl asked it to end (stop, destroy); if not, it died or
+    /// the guest powered off by itself.
+    pub requested: bool,
+}
+
+/// Errors of the QEMU driver.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// QEMU did not come up.
+    #[error("QEMU for {name} did not start: {reason}")]
+    Spawn {
+        /// The VM.
+        name: String,
+        /// What happened, with the end of QEMU's stderr.
+        reason: String,
+    },
+    /// QMP did not answer.
+    #[error("Cannot reach QMP of {name}")]
+    QmpConnect {
+        /// The VM.
+        name: String,
+        /// Why.
+        #[source]
+        source: QmpError,
+    },
+    /// A QMP command failed.
+    #[error("QMP command on {name} failed")]
+    QmpCommand {
+        /// The VM.
+        name: String,
+        /// Why.
+        #[source]
+        source: QmpError,
+    },
+    /// The disk could not be made or grown.
+    #[error("Disk of {name}")]
+    Disk {
+        /// The VM.
+        name: String,
+        /// Why.
+        #[source]
+        source: DiskError,
+    },
+    /// The seed could not be built.
+    #[error("Seed of {name}")]
+    Seed {
+        /// The VM.
+        name: String,
+        /// Why.
+        #[source]
+        source: SeedError,
+    },
+    /// The VM's keys could not be made.
+    #[error("Keys of {name}")]
+    Keys {
+        /// The VM.
+        name: String,
+        /// Why.
+        #[source]
+        source: KeyError,
+    },
+    /// The spec cannot run on QEMU.
+    #[error("Spec of {name}")]
+    Plan {
+        /// The VM.
+        name: String,
+        /// Why.
+        #[source]
+        source: PlanError,
+    },
+    /// A host file operation failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl QemuError {
+    /// The diagnostic code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            QemuError::Spawn { .. } | QemuError::Plan { .. } | QemuError::Io { .. } => SPAWN_FAILED,
+            QemuError::QmpConnect { .. } => QMP_CONNECT_FAILED,
+            QemuError::QmpCommand { .. } => QMP_COMMAND_FAILED,
+            QemuError::Disk { source, .. } => source.code(),
+            QemuError::Seed { source, .. } => source.code(),
+            QemuError::Keys { source, .. } => source.code(),
+        }
+    }
+}
+
+impl From<QemuError> for DriverError {
+    fn from(e: QemuError) -> Self {
+        let code = e.code();
+        match e {
+            QemuError::Io { context, source } => DriverError::Io { context, source },
+            e => {
+                // DriverError has no code or source of its own yet: keep
+                // the whole chain and the code in the message.
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(": ");
+                    msg.push_str(&s.to_string());
+                    src = s.source();
+                }
+                DriverError::Backend(format!("{msg} [{code}]"))
+            }
+        }
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> QemuError {
+    let context = context.into();
+    move |source| QemuError::Io { context, source }
+}
+
+/// The QEMU driver.
+#[derive(Debug)]
+pub struct QemuDriver {
+    config: QemuConfig,
+    accel: tokio::sync::OnceCell<Accel>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl QemuDriver {
+    /// A driver keeping its VMs under `config.data_dir`.
+    pub fn new(config: QemuConfig) -> Self {
+        QemuDriver {
+            config,
+            accel: tokio::sync::OnceCell::new(),
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The driver's settings.
+    pub fn config(&self) -> &QemuConfig {
+        &self.config
+    }
+
+    /// The work dir layout of VM `name`.
+    pub fn layout(&self, name: &str) -> Layout {
+        Layout::new(&self.config.data_dir.join("vms").join(name))
+    }
+
+    /// The accelerator VMs start with: the configured one, else detected
+    /// once per driver (and cached per boot in the data dir).
+    pub async fn accel(&self) -> Accel {
+        if let Some(a) = self.config.accel {
+            return a;
+        }
+        *self
+            .accel
+            .get_or_init(|| accel::detect(&self.config.data_dir, &self.config.qemu_binary))
+            .await
+    }
+
+    /// How the last QEMU of `name` ended, if it ran and is gone.
+    pub fn last_exit(&self, name: &str) -> Option<LastExit> {
+        let l = self.layout(name);
+        if process::running_pid(&l).is_some() {
+            return None;
+        }
+        process::read_exit(&l).map(|exit| LastExit {
+            exit,
+            requested: l.stop_marker().exists(),
+        })
+    }
+
+    /// The pid of the running QEMU of `name`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        process::running_pid(&self.layout(name))
+    }
+
+    fn lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(name.to_owned()).or_default().clone()
+    }
+
+    async fn qmp(&self, name: &str, l: &Layout) -> Result<Qmp, QemuError> {
+        Qmp::connect(&l.qmp_sock(), self.config.qmp_timeout)
+            .await
+            .map_err(|source| QemuError::QmpConnect {
+                name: name.to_owned(),
+                source,
+            })
+    }
+
+    async fn command(&self, name: &str, l: &Layout, cmd: &str) -> Result<(), QemuError> {
+        let mut q = self.qmp(name, l).await?;
+        q.execute(cmd, None)
+            .await
+            .map(drop)
+            .map_err(|source| QemuError::QmpCommand {
+                name: name.to_owned(),
+                source,
+            })
+    }
+
+    async fn do_prepare(&self, spec: &InstanceSpec) -> Result<Option<InstanceStatus>, QemuError> {
+        let name = &spec.name;
+        let l = self.layout(name);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&l.root)
+            .map_err(io_err(format!("Cannot create {}", l.root.display())))?;
+        let keys = ensure_vm_keys(&l.root, &format!("vmctl@{name}")).map_err(|source| {
+            QemuError::Keys {
+                name: name.clone(),
+                source,
+            }
+        })?;
+        let instance_id = match std::fs::read_to_string(l.instance_id_file()) {
+            Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
+            _ => {
+                let id = format!("{name}-{}", uuid::Uuid::new_v4().simple());
+                std::fs::write(l.instance_id_file(), &id)
+                    .map_err(io_err("Cannot write the instance id"))?;
+                id
+            }
+        };
+        if !l.seed().exists() {
+            let seed = seed_spec(spec, instance_id, &keys)?;
+            let (out, tool) = (l.seed(), self.config.seed_tool);
+            tokio::task::spawn_blocking(move || build_seed(&seed, &out, tool))
+                .await
+                .map_err(|e| io_err("Seed builder panicked")(std::io::Error::other(e)))?
+                .map_err(|source| QemuError::Seed {
+                    name: name.clone(),
+                    source,
+                })?;
+        }
+        // A running QEMU holds the disk's lock; the overlay is grown at
+        // the next prepare after it stopped.
+        if process::running_pid(&l).is_none() || !l.disk().exists() {
+            disk::ensure_overlay(&spec.image, &l.disk(), spec.spec.disk_gib)
+                .await
+                .map_err(|source| QemuError::Disk {
+                    name: name.clone(),
+                    source,
+                })?;
+        }
+        if read_port(&l).is_none() {
+            let port = free_port().map_err(io_err("Cannot find a free port"))?;
+            write_port(&l, port)?;
+        }
+        let cfg = VmConfig {
+            vcpus: spec.spec.vcpus,
+            memory_mib: spec.spec.memory_mib,
+            network: spec.spec.network.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&cfg).map_err(|e| io_err("")(e.into()))?;
+        std::fs::write(l.config_file(), json).map_err(io_err("Cannot write vm.json"))?;
+        self.observe(name, &l).await
+    }
+
+    async fn do_start(&self, name: &str) -> Result<Option<InstanceStatus>, QemuError> {
+        let l = self.layout(name);
+        if process::running_pid(&l).is_some() {
+            // Already running, maybe started by a previous agent: adopt it.
+            return self.observe(name, &l).await;
+        }
+        let Some(cfg) = read_config(&l) else {
+            return Ok(None);
+        };
+        let mut port = read_port(&l).unwrap_or(0);
+        if matches!(cfg.network, Network::User) && !port_is_free(port) {
+            port = free_port().map_err(io_err("Cannot find a free port"))?;
+            write_port(&l, port)?;
+        }
+        let accel = self.accel().await;
+        let plan = LaunchPlan::new(
+            name,
+            &l.root,
+            accel,
+            cfg.vcpus,
+            cfg.memory_mib,
+            &cfg.network,
+            port,
+            l.seed().exists(),
+        )
+        .map_err(|source| QemuError::Plan {
+            name: name.to_owned(),
+            source,
+        })?;
+        let argv = qemu_args(&plan);
+        for stale in [
+            l.exit_file(),
+            l.stop_marker(),
+            l.pidfile(),
+            l.qmp_sock(),
+            l.serial_sock(),
+        ] {
+            let _ = std::fs::remove_file(stale);
+        }
+        tracing::info!(vm = name, %accel, port, "starting QEMU");
+        process::spawn_supervised(&self.config.qemu_binary, &argv, &l).map_err(|e| {
+            QemuError::Spawn {
+                name: name.to_owned(),
+                reason: format!("cannot run {}: {e}", self.config.qemu_binary.display()),
+            }
+        })?;
+        let deadline = tokio::time::Instant::now() + self.config.start_timeout;
+        loop {
+            if let Some(exit) = process::read_exit(&l) {
+                return Err(QemuError::Spawn {
+                    name: name.to_owned(),
+                    reason: format!("QEMU {exit}: {}", log_tail(&l.stderr_log())),
+                });
+            }
+            if process::running_pid(&l).is_some()
+                && Qmp::connect(&l.qmp_sock(), self.config.qmp_timeout)
+                    .await
+                    .is_ok()
+            {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                if let Some(pid) = process::running_pid(&l) {
+                    let _ = process::kill(pid, "KILL");
+                }
+                return Err(QemuError::Spawn {
+                    name: name.to_owned(),
+                    reason: format!(
+                        "no QMP after {:?}: {}",
+                        self.config.start_timeout,
+                        log_tail(&l.stderr_log())
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.observe(name, &l).await
+    }
+
+    async fn do_stop(&self, name: &str, timeout: Duration) -> Result<(), QemuError> {
+        let l = self.layout(name);
+        let Some(pid) = process::running_pid(&l) else {
+            return Ok(());
+        };
+        let _ = std::fs::write(l.stop_marker(), b"");
+        match self.qmp(name, &l).await {
+            Ok(mut q) => {
+                // A paused guest cannot see the power button.
+                if q.query_status().await.is_ok_and(|s| s != "running") {
+                    let _ = q.execute("cont", None).await;
+                }
+                if let Err(e) = q.execute("system_powerdown", None).await {
+                    tracing::warn!(vm = name, error = %e, "system_powerdown failed");
+                }
+            }
+            Err(e) => tracing::warn!(vm = name, error = %e, "no QMP to power down"),
+        }
+        if process::wait_gone(pid, timeout).await {
+            return Ok(());
+        }
+        tracing::warn!(
+            vm = name,
+            ?timeout,
+            "guest ignored ACPI power-off; quitting QEMU"
+        );
+        self.kill(name, &l, pid).await
+    }
+
+    /// `quit`, then SIGKILL after the grace period.
+    async fn kill(&self, name: &str, l: &Layout, pid: u32) -> Result<(), QemuError> {
+        let _ = std::fs::write(l.stop_marker(), b"");
+        let _ = self.command(name, l, "quit").await;
+        if process::wait_gone(pid, self.config.kill_grace).await {
+            return Ok(());
+        }
+        process::kill(pid, "KILL").map_err(io_err(format!("Cannot kill QEMU {pid}")))?;
+        if process::wait_gone(pid, Duration::from_secs(5)).await {
+            Ok(())
+        } else {
+            Err(QemuError::Io {
+                context: format!("QEMU {pid} survived SIGKILL"),
+                source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+            })
+        }
+    }
+
+    async fn observe(&self, name: &str, l: &Layout) -> Result<Option<InstanceStatus>, QemuError> {
+        let Some(cfg) = read_config(l) else {
+            return Ok(None);
+        };
+        let pid = process::running_pid(l);
+        let state = match pid {
+            Some(_) => {
+                let mut q = self.qmp(name, l).await?;
+                let status = q
+                    .query_status()
+                    .await
+                    .map_err(|source| QemuError::QmpCommand {
+                        name: name.to_owned(),
+                        source,
+                    })?;
+                run_state(&status)
+            }
+            None => {
+                self.note_exit(name, l).await;
+                InstanceState::Stopped
+            }
+        };
+        let user_net = matches!(cfg.network, Network::User);
+        let path = |p: PathBuf| p.exists().then(|| p.display().to_string());
+        let runtime = VmRuntime {
+            backend: "qemu".to_owned(),
+            work_dir: Some(l.root.display().to_string()),
+            overlay: path(l.disk()),
+            seed_iso: path(l.seed()),
+            pid: pid.filter(|_| state != InstanceState::Stopped),
+            vnc: None,
+            ssh_host: user_net.then(|| "127.0.0.1".to_owned()),
+            ssh_port: read_port(l).filter(|_| user_net),
+            mac: (!matches!(cfg.network, Network::None)).then(|| args::mac_for(name)),
+            instance_id: std::fs::read_to_string(l.instance_id_file())
+                .ok()
+                .map(|s| s.trim().to_owned()),
+        };
+        Ok(Some(InstanceStatus { state, runtime }))
+    }
+
+    /// Logs how a QEMU that vmctl did not stop ended. QEMU is gone the
+    /// moment its pid is; the supervisor writes the status a moment later.
+    async fn note_exit(&self, name: &str, l: &Layout) {
+        if !l.pidfile().exists() {
+            return;
+        }
+        for _ in 0..20 {
+            if l.exit_file().exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(exit) = process::read_exit(l)
+            && !l.stop_marker().exists()
+            && exit != Exit::Code(0)
+        {
+            tracing::warn!(vm = name, %exit, "QEMU died");
+        }
+    }
+}
+
+/// `query-status` run states to instance states. A guest stopped by an
+/// error (I/O error, panic, watchdog) is not executing, so it is Suspended.
+fn run_state(status: &str) -> InstanceState {
+    match status {
+        "paused" | "suspended" | "io-error" | "internal-error" | "guest-panicked" | "watchdog" => {
+            InstanceState::Suspended
+        }
+        "shutdown" => InstanceState::Stopped,
+        _ => InstanceState::Running,
+    }
+}
+
+fn seed_spec(
+    spec: &InstanceSpec,
+    instance_id: String,
+    keys: &crate::seed::VmKeys,
+) -> Result<SeedSpec, QemuError> {
+    let read = |path: &str| {
+        std::fs::read(path).map_err(io_err(format!("Cannot read {path} for {}", spec.name)))
+    };
+    let ci = spec.spec.cloud_init.as_ref();
+    let mut authorized_keys = vec![keys.user.public_openssh.trim().to_owned()];
+    if let Some(f) = ci.and_then(|c| c.ssh_key.as_ref()) {
+        let text = String::from_utf8_lossy(&read(&f.path)?).into_owned();
+        authorized_keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
+        );
+    }
+    let raw_user_data = match ci.and_then(|c| c.user_data.as_ref()) {
+        Some(f) => Some(read(&f.path)?),
+        None => None,
+    };
+    Ok(SeedSpec {
+        instance_id,
+        hostname: ci
+            .and_then(|c| c.hostname.clone())
+            .unwrap_or_else(|| spec.name.clone()),
+        user: spec
+            .spec
+            .ssh
+            .as_ref()
+            .map(|s| s.user.clone())
+            .unwrap_or_else(default_ssh_user),
+        authorized_keys,
+        host_key: Some(keys.host.to_host_key()),
+        raw_user_data,
+        network_config: None,
+    })
+}
+
+fn read_config(l: &Layout) -> Option<VmConfig> {
+    serde_json::from_slice(&std::fs::read(l.config_file()).ok()?).ok()
+}
+
+fn read_port(l: &Layout) -> Option<u16> {
+    std::fs::read_to_string(l.port_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn write_port(l: &Layout, port: u16) -> Result<(), QemuError> {
+    std::fs::write(l.port_file(), port.to_string()).map_err(io_err("Cannot record the SSH port"))
+}
+
+/// A port free on 127.0.0.1 now (bound, read, released).
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
+fn port_is_free(port: u16) -> bool {
+    port != 0 && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// The last lines of QEMU's stderr, for error messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+    if tail.is_empty() {
+        "(no output)".to_owned()
+    } else {
+        tail
+    }
+}
+
+fn not_running(op: &'static str, name: &str) -> DriverError {
+    DriverError::InvalidState {
+        op,
+        name: name.to_owned(),
+        state: InstanceState::Stopped,
+    }
+}
+
+impl Hypervisor for QemuDriver {
+    fn backend(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn prepare<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<InstanceStatus>> {
+        Box::pin(async move {
+            let lock = self.lock(&spec.name);
+            let _guard = lock.lock().await;
+            self.do_prepare(spec)
+                .await?
+                .ok_or_else(|| DriverError::NotFound(spec.name.clone()))
+        })
+    }
+
+    fn start<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<InstanceStatus>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            self.do_start(name)
+                .await?
+                .ok_or_else(|| DriverError::NotFound(name.to_owned()))
+        })
+    }
+
+    fn stop<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            if read_config(&self.layout(name)).is_none() {
+                return Err(DriverError::NotFound(name.to_owned()));
+            }
+            Ok(self.do_stop(name, timeout).await?)
+        })
+    }
+
+    fn suspend<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            let l = self.layout(name);
+            if process::running_pid(&l).is_none() {
+                return Err(not_running("suspend", name));
+            }
+            Ok(self.command(name, &l, "stop").await?)
+        })
+    }
+
+    fn resume<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            let l = self.layout(name);
+            if process::running_pid(&l).is_none() {
+                return Err(not_running("resume", name));
+            }
+            Ok(self.command(name, &l, "cont").await?)
+        })
+    }
+
+    fn destroy<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            let l = self.layout(name);
+            if let Some(pid) = process::running_pid(&l) {
+                self.kill(name, &l, pid).await?;
+            }
+            match std::fs::remove_dir_all(&l.root) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(QemuError::Io {
+                        context: format!("Cannot remove {}", l.root.display()),
+                        source: e,
+                    })?;
+                }
+                _ => {}
+            }
+            self.locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+            Ok(())
+        })
+    }
+
+    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<InstanceStatus>>> {
+        Box::pin(async move {
+            let l = self.layout(name);
+            Ok(self.observe(name, &l).await?)
+        })
+    }
+}
