@@ -123,6 +123,9 @@ pub enum Command {
         /// Only objects with these labels (key=value, repeatable).
         #[arg(short = 'l', long = "selector")]
         selector: Vec<String>,
+        /// After listing, print a row whenever a listed kind changes (Ctrl-C to stop).
+        #[arg(short = 'w', long = "watch")]
+        watch: bool,
     },
     /// Show one object in detail: spec, status, conditions and recent notes.
     Describe {
@@ -140,6 +143,18 @@ pub enum Command {
         /// Delete every object this file defines.
         #[arg(short = 'f', long = "file", conflicts_with_all = ["kind", "name"])]
         file: Option<PathBuf>,
+        /// Wait until the objects are gone (their finalizers have run).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Show how the live objects differ from a file (exit 1 when they differ).
+    Diff {
+        /// VMFile.kdl, a YAML/JSON manifest, a directory of them, or - for stdin.
+        #[arg(short = 'f', long = "file", default_value = "VMFile.kdl")]
+        file: PathBuf,
     },
     /// Show every recorded change of one object, oldest first.
     History {
@@ -156,6 +171,9 @@ pub enum Command {
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
         output: Output,
+        /// Keep printing new notes as they are recorded (Ctrl-C to stop).
+        #[arg(short = 'w', long = "watch")]
+        watch: bool,
     },
     /// Print the JSON Schema of a kind (vm, image, provision), or of all kinds.
     Schema {

@@ -14,6 +14,7 @@ pub fn run(
     kind: Option<&str>,
     name: Option<&str>,
     file: Option<&Path>,
+    wait: Option<std::time::Duration>,
 ) -> miette::Result<ExitCode> {
     let refs: Vec<ObjectRef> = match (kind, name, file) {
         (_, _, Some(f)) => match super::load_or_report(f)? {
@@ -39,7 +40,7 @@ pub fn run(
     };
     let client = g.client()?;
     let mut out = String::new();
-    for r in refs {
+    for r in &refs {
         let gone: Option<serde_json::Value> = client.call(
             "DELETE",
             &format!("/v1/objects/{}/{}", r.kind.short(), r.name),
@@ -53,5 +54,34 @@ pub fn run(
         out.push_str(&format!("{r} {what}\n"));
     }
     print(&out)?;
+    if let Some(timeout) = wait {
+        let deadline = std::time::Instant::now() + timeout;
+        for r in &refs {
+            loop {
+                let path = format!("/v1/objects/{}/{}", r.kind.short(), r.name);
+                match client.call::<serde_json::Value>("GET", &path, None::<&()>) {
+                    Err(crate::client::ClientError::Api { status: 404, .. }) => {
+                        eprintln!("{r} gone");
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                    Ok(o) if std::time::Instant::now() >= deadline => {
+                        return Err(miette::miette!(
+                            code = "vmctl::delete::timeout",
+                            help = format!(
+                                "run `vmctl describe {} {}`: its finalizers {} have not run",
+                                r.kind.short(),
+                                r.name,
+                                o["metadata"]["finalizers"]
+                            ),
+                            "{r} still exists after {}s",
+                            timeout.as_secs()
+                        ));
+                    }
+                    Ok(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+                }
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,9 +8,14 @@ use crate::cli::Output;
 use crate::output::print;
 
 /// Prints every note, oldest first.
-pub fn run(g: &Globals, output: Output) -> miette::Result<ExitCode> {
+pub fn run(g: &Globals, output: Output, watch: bool) -> miette::Result<ExitCode> {
     let client = g.client()?;
     let raw: Vec<serde_json::Value> = client.call("GET", "/v1/notes", None::<&()>)?;
+    let after = raw
+        .iter()
+        .filter_map(|n| n["seq"].as_u64())
+        .max()
+        .unwrap_or(0);
     match output {
         Output::Json => print(&format!(
             "{}\n",
@@ -22,7 +27,7 @@ pub fn run(g: &Globals, output: Output) -> miette::Result<ExitCode> {
                 .into_iter()
                 .filter_map(|v| serde_json::from_value(v).ok())
                 .collect();
-            if notes.is_empty() {
+            if notes.is_empty() && !watch {
                 eprintln!("No events.");
                 return Ok(ExitCode::SUCCESS);
             }
@@ -43,8 +48,38 @@ pub fn run(g: &Globals, output: Output) -> miette::Result<ExitCode> {
                     n.message.clone(),
                 ]);
             }
-            print(&table(&rows))?;
+            if rows.len() > 1 {
+                print(&table(&rows))?;
+            }
         }
+    }
+    if watch {
+        let resp = client.send("GET", &format!("/v1/watch?after={after}"), None)?;
+        resp.lines(|line| {
+            let Ok(ev) = serde_json::from_slice::<serde_json::Value>(line) else {
+                return true;
+            };
+            if ev["change"]["type"] != "noted" {
+                return ev["type"] != "resync";
+            }
+            let n = &ev["change"]["note"];
+            let text = match output {
+                Output::Text => format!(
+                    "{}   {}   {}   {}/{}   {}\n",
+                    ev["time"].as_str().unwrap_or(""),
+                    n["type"].as_str().unwrap_or(""),
+                    n["reason"].as_str().unwrap_or(""),
+                    n["object"]["kind"]
+                        .as_str()
+                        .and_then(vmctl_api::Kind::parse)
+                        .map_or("?", |k| k.short()),
+                    n["object"]["name"].as_str().unwrap_or(""),
+                    n["message"].as_str().unwrap_or(""),
+                ),
+                _ => format!("{}\n", serde_json::to_string(&ev).unwrap_or_default()),
+            };
+            print(&text).is_ok()
+        })?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -145,6 +145,7 @@ pub fn run(
     name: Option<&str>,
     output: GetOutput,
     selector: &[String],
+    watch: bool,
 ) -> miette::Result<ExitCode> {
     let kind = kind.map(kind_arg).transpose()?;
     if let Some(n) = name {
@@ -160,6 +161,7 @@ pub fn run(
         }
     }
     let client = g.client()?;
+    let mut rv = 0;
     let objects = match (kind, name) {
         (Some(k), Some(n)) => vec![client.call::<Object>(
             "GET",
@@ -176,13 +178,69 @@ pub fn run(
             } else {
                 format!("{path}?labels={}", selector.join(","))
             };
-            client.call::<ObjectList>("GET", &path, None::<&()>)?.items
+            let list = client.call::<ObjectList>("GET", &path, None::<&()>)?;
+            rv = list.resource_version;
+            list.items
         }
     };
+    if watch {
+        if !objects.is_empty() {
+            print(&render(&objects, output))?;
+        }
+        return watch_rows(&client, kind, name, rv, output);
+    }
     if objects.is_empty() && matches!(output, GetOutput::Table | GetOutput::Wide) {
         eprintln!("No resources found.");
         return Ok(ExitCode::SUCCESS);
     }
     print(&render(&objects, output))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one row (or document) per change of a matching object until the
+/// stream ends or the user interrupts.
+fn watch_rows(
+    client: &crate::client::Client,
+    kind: Option<Kind>,
+    name: Option<&str>,
+    after: u64,
+    output: GetOutput,
+) -> miette::Result<ExitCode> {
+    let resp = client.send("GET", &format!("/v1/watch?after={after}"), None)?;
+    let mut failure = None;
+    resp.lines(|line| {
+        let Ok(ev) = serde_json::from_slice::<serde_json::Value>(line) else {
+            return true;
+        };
+        if ev["type"] == "resync" {
+            failure = Some(ev["message"].as_str().unwrap_or("resync").to_owned());
+            return false;
+        }
+        let Ok(r) = serde_json::from_value::<vmctl_api::ObjectRef>(ev["object"].clone()) else {
+            return true;
+        };
+        if kind.is_some_and(|k| k != r.kind)
+            || name.is_some_and(|n| n != r.name)
+            || ev["change"]["type"] == "noted"
+        {
+            return true;
+        }
+        let path = format!("/v1/objects/{}/{}", r.kind.short(), r.name);
+        let text = match client.call::<Object>("GET", &path, None::<&()>) {
+            Ok(o) => match output {
+                GetOutput::Table | GetOutput::Wide => table(&[row(&o, output == GetOutput::Wide)]),
+                _ => render(&[o], output),
+            },
+            Err(_) => format!("{r} deleted\n"),
+        };
+        print(&text).is_ok()
+    })?;
+    match failure {
+        Some(m) => Err(miette::miette!(
+            code = "vmctl::get::resync",
+            help = "run the command again",
+            "watch ended: {m}"
+        )),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }

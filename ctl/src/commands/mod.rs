@@ -5,6 +5,7 @@ mod apply;
 mod convert;
 mod delete;
 mod describe;
+mod diff;
 mod events;
 mod get;
 mod history;
@@ -46,13 +47,32 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             name,
             output,
             selector,
-        } => get::run(&g, kind.as_deref(), name.as_deref(), output, &selector),
+            watch,
+        } => get::run(
+            &g,
+            kind.as_deref(),
+            name.as_deref(),
+            output,
+            &selector,
+            watch,
+        ),
         Command::Describe { kind, name } => describe::run(&g, &kind, &name),
-        Command::Delete { kind, name, file } => {
-            delete::run(&g, kind.as_deref(), name.as_deref(), file.as_deref())
-        }
+        Command::Delete {
+            kind,
+            name,
+            file,
+            wait,
+            timeout,
+        } => delete::run(
+            &g,
+            kind.as_deref(),
+            name.as_deref(),
+            file.as_deref(),
+            wait.then(|| std::time::Duration::from_secs(timeout)),
+        ),
+        Command::Diff { file } => diff::run(&g, &file),
         Command::History { kind, name, output } => history::run(&g, &kind, &name, output),
-        Command::Events { output } => events::run(&g, output),
+        Command::Events { output, watch } => events::run(&g, output, watch),
         Command::Validate { file, output } => validate::run(&file, output),
         Command::Convert { file, output } => convert::run(&file, output),
         Command::Schema { kind } => schema::run(kind.as_deref()),
