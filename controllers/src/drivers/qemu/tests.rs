@@ -106,7 +106,11 @@ async fn tiny_image_boots_suspends_stops_is_adopted_and_dies_visibly() {
     let pid = st.runtime.pid.unwrap();
     assert_eq!(st.runtime.ssh_host.as_deref(), Some("127.0.0.1"));
     let banner = wait_ssh(port, Duration::from_secs(180)).await;
-    eprintln!("SSH banner {banner:?} after {:?}", t0.elapsed());
+    eprintln!(
+        "SSH banner {:?} after {:?}",
+        banner.lines().next(),
+        t0.elapsed()
+    );
 
     d.suspend(name).await.unwrap();
     assert_eq!(state(&d, name).await, Some(InstanceState::Suspended));
