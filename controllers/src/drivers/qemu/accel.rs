@@ -225,6 +225,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn detection_is_cached_per_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = Path::new("qemu-system-x86_64");
+        let t = std::time::Instant::now();
+        let first = detect(dir.path(), qemu).await;
+        eprintln!("detected {first} in {:?}", t.elapsed());
+        assert!(t.elapsed() < PROBE_TIMEOUT + Duration::from_secs(3));
+        assert!(dir.path().join("accel-probe.json").exists());
+        assert_eq!(detect(dir.path(), qemu).await, first);
+    }
+
+    #[tokio::test]
     async fn probe_payload_exits_under_tcg() {
         let dir = tempfile::tempdir().unwrap();
         assert!(probe(dir.path(), Path::new("qemu-system-x86_64"), Accel::Tcg).await);

@@ -105,16 +105,12 @@ pub async fn ensure_overlay(
     let want = disk_gib.map(|g| g * GIB);
     if overlay.exists() {
         let current = virtual_size(overlay).await?;
-        return match want {
-            Some(w) if w > current => {
+        return match growth(current, disk_gib)? {
+            Some(w) => {
                 resize(overlay, w).await?;
                 Ok(DiskAction::Grown)
             }
-            Some(w) if w < current => Err(DiskError::ShrinkRefused {
-                requested_gib: disk_gib.unwrap_or_default(),
-                current_bytes: current,
-            }),
-            _ => Ok(DiskAction::Unchanged),
+            None => Ok(DiskAction::Unchanged),
         };
     }
     let base_path = std::path::absolute(&base.path).unwrap_or_else(|_| PathBuf::from(&base.path));
@@ -151,6 +147,19 @@ pub async fn ensure_overlay(
     }
     std::fs::rename(&tmp, overlay).map_err(DiskError::Spawn)?;
     Ok(DiskAction::Created)
+}
+
+/// The size a disk of `current` bytes must grow to for `disk_gib`, if any;
+/// a smaller `disk_gib` is refused.
+pub fn growth(current: u64, disk_gib: Option<u64>) -> Result<Option<u64>, DiskError> {
+    match disk_gib.map(|g| g * GIB) {
+        Some(w) if w > current => Ok(Some(w)),
+        Some(w) if w < current => Err(DiskError::ShrinkRefused {
+            requested_gib: disk_gib.unwrap_or_default(),
+            current_bytes: current,
+        }),
+        _ => Ok(None),
+    }
 }
 
 /// The disk's virtual size in bytes.

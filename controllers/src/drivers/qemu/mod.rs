@@ -427,15 +427,28 @@ impl QemuDriver {
                     source,
                 })?;
         }
-        // A running QEMU holds the disk's lock; the overlay is grown at
-        // the next prepare after it stopped.
-        if process::running_pid(&l).is_none() || !l.disk().exists() {
+        let disk_err = |source| QemuError::Disk {
+            name: name.clone(),
+            source,
+        };
+        if process::running_pid(&l).is_some() && l.disk().exists() {
+            // A running QEMU holds the image's lock: grow it through QMP,
+            // and the guest sees the new size at once.
+            let current = disk::virtual_size(&l.disk()).await.map_err(disk_err)?;
+            if let Some(bytes) = disk::growth(current, spec.spec.disk_gib).map_err(disk_err)? {
+                let mut q = self.qmp(name, &l).await?;
+                let args = serde_json::json!({ "device": "disk0", "size": bytes });
+                q.execute("block_resize", Some(args))
+                    .await
+                    .map_err(|source| QemuError::QmpCommand {
+                        name: name.clone(),
+                        source,
+                    })?;
+            }
+        } else {
             disk::ensure_overlay(&spec.image, &l.disk(), spec.spec.disk_gib)
                 .await
-                .map_err(|source| QemuError::Disk {
-                    name: name.clone(),
-                    source,
-                })?;
+                .map_err(disk_err)?;
         }
         if read_port(&l).is_none() {
             let port = free_port().map_err(io_err("Cannot find a free port"))?;

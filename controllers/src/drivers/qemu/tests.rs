@@ -112,6 +112,18 @@ async fn tiny_image_boots_suspends_stops_is_adopted_and_dies_visibly() {
         t0.elapsed()
     );
 
+    // `disk` grows a running VM's disk through QMP; shrinking is refused.
+    let mut grown = spec.clone();
+    grown.spec.disk_gib = Some(2);
+    d.prepare(&grown).await.unwrap();
+    assert_eq!(
+        disk::virtual_size(&work.join("disk.qcow2")).await.unwrap(),
+        2 << 30
+    );
+    grown.spec.disk_gib = Some(1);
+    let err = d.prepare(&grown).await.unwrap_err().to_string();
+    assert!(err.contains(disk::SHRINK_REFUSED), "{err}");
+
     d.suspend(name).await.unwrap();
     assert_eq!(state(&d, name).await, Some(InstanceState::Suspended));
     d.resume(name).await.unwrap();
