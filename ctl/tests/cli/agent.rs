@@ -264,12 +264,16 @@ fn prune_deletes_only_what_the_file_dropped_and_only_when_asked() {
         "{}",
         stdout(&pruned)
     );
-    let names = stdout(&a.vmctl(&["get", "vm", "-o", "name"], None));
-    assert!(
-        !names.contains("vm/b")
-            || stdout(&a.vmctl(&["get", "vm", "b", "-o", "json"], None))
-                .contains("deletionTimestamp")
-    );
+    // The VM's finalizer runs first (the fake driver tears it down), then it goes.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let names = stdout(&a.vmctl(&["get", "vm", "-o", "name"], None));
+        if names == "vm/a\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "vm/b never went: {names}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -360,4 +364,82 @@ fn commands_start_an_agent_when_none_runs() {
         serde_json::from_str(&raw(&sock, "GET", "/v1/healthz", "").1).unwrap();
     let pid = health["pid"].as_u64().unwrap().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+}
+
+fn snapshot_settings() -> insta::Settings {
+    let mut s = insta::Settings::clone_current();
+    s.add_filter(&crate::repo().display().to_string(), "[REPO]");
+    s.add_filter(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+        "[UID]",
+    );
+    s.add_filter(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)",
+        "[TIME]",
+    );
+    s.add_filter(r"\b\d+[smhd]\b( ago)?", "[AGE]");
+    s.add_filter(r"ResourceVersion:  \d+", "ResourceVersion:  [RV]");
+    s.add_filter(r"\b200\d\d\b", "[PORT]");
+    s.set_snapshot_path("snapshots");
+    s.set_prepend_module_to_snapshot(false);
+    s
+}
+
+#[test]
+fn get_and_describe_output_after_wait() {
+    let a = Agent::start();
+    let out = a.vmctl(
+        &[
+            "apply",
+            "-f",
+            "examples/declarative/VMFile.kdl",
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("all 3 objects are Ready"),
+        "{}",
+        stderr(&out)
+    );
+    let get = stdout(&a.vmctl(&["get", "-o", "wide"], None));
+    let describe = stdout(&a.vmctl(&["describe", "vm", "webserver"], None));
+    let prov = stdout(&a.vmctl(&["describe", "provision", "webserver"], None));
+    snapshot_settings().bind(|| {
+        insta::assert_snapshot!("get_wide", get);
+        insta::assert_snapshot!("describe_vm", describe);
+        insta::assert_snapshot!("describe_provision", prov);
+    });
+}
+
+#[test]
+fn wait_fails_with_the_failing_conditions_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Agent { dir, child: None };
+    // SAFETY-free env handoff: the agent reads VMCTL_FAKE_* at start.
+    let child = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        .args(["agent", "--driver", "fake", "--data-dir"])
+        .arg(a.data_dir())
+        .env("VMCTL_FAKE_FAIL_IMAGES", "bad-img-c9e6519b")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    a.child = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while raw(&a.socket(), "GET", "/v1/healthz", "").0 != 200 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = a.vmctl(
+        &["apply", "-f", "-", "--wait", "--timeout", "5"],
+        Some("vm \"v\" { image-url \"https://example.com/bad.img\" }\n"),
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("image/bad-img-c9e6519b"), "{err}");
+    assert!(err.contains("timed out") || err.contains("failed"), "{err}");
 }
