@@ -120,9 +120,7 @@ impl Reconciler for ImageReconciler {
 
         // Observe: already there?
         let found = fetcher.lookup(name, &image.spec).await.ok().flatten();
-        if let Some(img) = found
-            && (old.phase == ImagePhase::Ready || old.observed_generation != generation)
-        {
+        if let Some(img) = found {
             set_ready(&mut status, &img, generation);
             if status != old {
                 ctx.write_status(&obj, &status).await?;

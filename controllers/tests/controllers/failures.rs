@@ -72,7 +72,12 @@ async fn a_failed_image_fetch_is_retried_until_it_succeeds() {
     let img = get(&s, Kind::Image, "broken").unwrap();
     let st: vmctl_api::ImageStatus = serde_json::from_value(img.status.unwrap()).unwrap();
     assert_eq!(st.phase, ImagePhase::Ready);
-    assert_eq!(reasons(&s, Kind::Image, "broken").last().unwrap(), "Pulled");
+    eventually("Pulled noted last", WAIT, || {
+        reasons(&s, Kind::Image, "broken")
+            .last()
+            .is_some_and(|r| r == "Pulled")
+    })
+    .await;
     agent.stop().await;
 }
 
@@ -90,6 +95,11 @@ async fn a_failing_step_fails_the_provision_and_skips_the_rest() {
     apply(&s, provision("prov", "box", 3)).await;
     eventually("provision Failed", WAIT, || {
         provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Failed)
+    })
+    .await;
+    // The note follows the status write.
+    eventually("ProvisionFailed noted", WAIT, || {
+        !reasons(&s, Kind::Provision, "prov").is_empty()
     })
     .await;
     let (_, st) = provision_status(&s, "prov").unwrap();

@@ -25,6 +25,11 @@ async fn applying_images_vms_and_provisions_makes_them_all_ready() {
         provision_status(&s, "setup").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
     })
     .await;
+    // The note follows the status write.
+    eventually("ProvisionSucceeded noted", WAIT, || {
+        !reasons(&s, Kind::Provision, "setup").is_empty()
+    })
+    .await;
 
     assert!(all_ready(&s, Kind::Image));
     let (obj, st) = vm_status(&s, "vm0").unwrap();

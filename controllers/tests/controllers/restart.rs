@@ -64,6 +64,11 @@ async fn a_restart_does_not_repeat_finished_work() {
         provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
     })
     .await;
+    // The note follows the status write.
+    eventually("ProvisionSucceeded noted", WAIT, || {
+        !reasons(&s, Kind::Provision, "prov").is_empty()
+    })
+    .await;
     let seq_before = s.last_seq();
     drop(s);
     agent.stop().await;
