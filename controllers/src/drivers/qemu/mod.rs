@@ -34,6 +34,8 @@
 pub mod accel;
 pub mod args;
 pub mod disk;
+mod error;
+mod layout;
 pub mod process;
 pub mod qmp;
 
@@ -49,86 +51,18 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vmctl_api::{Network, VmRuntime, default_ssh_user};
 
+pub use self::error::{QMP_COMMAND_FAILED, QMP_CONNECT_FAILED, QemuError, SPAWN_FAILED};
+pub use self::layout::Layout;
+
 use self::accel::{Accel, AccelError};
-use self::args::{LaunchPlan, PlanError, qemu_args};
-use self::disk::DiskError;
+use self::args::{LaunchPlan, qemu_args};
+use self::error::io_err;
 use self::process::Exit;
-use self::qmp::{Qmp, QmpError};
+use self::qmp::Qmp;
 use super::{
     BoxFuture, DriverError, Hypervisor, InstanceSpec, InstanceState, InstanceStatus, Result,
 };
-use crate::seed::{KeyError, SeedError, SeedSpec, SeedTool, build_seed, ensure_vm_keys};
-
-/// Diagnostic code: QEMU could not be started or died while starting.
-pub const SPAWN_FAILED: &str = "vmctl::qemu::spawn_failed";
-/// Diagnostic code: QMP did not answer.
-pub const QMP_CONNECT_FAILED: &str = "vmctl::qemu::qmp_connect_failed";
-/// Diagnostic code: a QMP command failed.
-pub const QMP_COMMAND_FAILED: &str = "vmctl::qemu::qmp_command_failed";
-
-/// Where a VM's files are.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
-    /// The work dir.
-    pub root: PathBuf,
-}
-
-impl Layout {
-    /// The layout of the work dir `root`.
-    pub fn new(root: &Path) -> Self {
-        Layout {
-            root: root.to_owned(),
-        }
-    }
-    /// The qcow2 overlay.
-    pub fn disk(&self) -> PathBuf {
-        self.root.join("disk.qcow2")
-    }
-    /// The cloud-init seed.
-    pub fn seed(&self) -> PathBuf {
-        self.root.join("seed.iso")
-    }
-    /// The QMP socket.
-    pub fn qmp_sock(&self) -> PathBuf {
-        self.root.join("qmp.sock")
-    }
-    /// The serial console socket.
-    pub fn serial_sock(&self) -> PathBuf {
-        self.root.join("serial.sock")
-    }
-    /// The serial console transcript.
-    pub fn console_log(&self) -> PathBuf {
-        self.root.join("console.log")
-    }
-    /// QEMU's pidfile.
-    pub fn pidfile(&self) -> PathBuf {
-        self.root.join("qemu.pid")
-    }
-    /// QEMU's standard error.
-    pub fn stderr_log(&self) -> PathBuf {
-        self.root.join("qemu.log")
-    }
-    /// How the last QEMU ended.
-    pub fn exit_file(&self) -> PathBuf {
-        self.root.join("exit.status")
-    }
-    /// Marker: vmctl asked the running QEMU to end.
-    pub fn stop_marker(&self) -> PathBuf {
-        self.root.join("stop.requested")
-    }
-    /// The saved [`VmConfig`].
-    pub fn config_file(&self) -> PathBuf {
-        self.root.join("vm.json")
-    }
-    /// The forwarded SSH port.
-    pub fn port_file(&self) -> PathBuf {
-        self.root.join("ssh-port")
-    }
-    /// cloud-init's instance id.
-    pub fn instance_id_file(&self) -> PathBuf {
-        self.root.join("instance-id")
-    }
-}
+use crate::seed::{SeedSpec, SeedTool, build_seed, ensure_vm_keys};
 
 /// Settings of the QEMU driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,122 +127,6 @@ pub struct LastExit {
     /// Whether vmctl asked it to end (stop, destroy); if not, it died or
     /// the guest powered off by itself.
     pub requested: bool,
-}
-
-/// Errors of the QEMU driver.
-#[derive(Debug, thiserror::Error)]
-pub enum QemuError {
-    /// QEMU did not come up.
-    #[error("QEMU for {name} did not start: {reason}")]
-    Spawn {
-        /// The VM.
-        name: String,
-        /// What happened, with the end of QEMU's stderr.
-        reason: String,
-    },
-    /// QMP did not answer.
-    #[error("Cannot reach QMP of {name}")]
-    QmpConnect {
-        /// The VM.
-        name: String,
-        /// Why.
-        #[source]
-        source: QmpError,
-    },
-    /// A QMP command failed.
-    #[error("QMP command on {name} failed")]
-    QmpCommand {
-        /// The VM.
-        name: String,
-        /// Why.
-        #[source]
-        source: QmpError,
-    },
-    /// The disk could not be made or grown.
-    #[error("Disk of {name}")]
-    Disk {
-        /// The VM.
-        name: String,
-        /// Why.
-        #[source]
-        source: DiskError,
-    },
-    /// The seed could not be built.
-    #[error("Seed of {name}")]
-    Seed {
-        /// The VM.
-        name: String,
-        /// Why.
-        #[source]
-        source: SeedError,
-    },
-    /// The VM's keys could not be made.
-    #[error("Keys of {name}")]
-    Keys {
-        /// The VM.
-        name: String,
-        /// Why.
-        #[source]
-        source: KeyError,
-    },
-    /// The spec cannot run on QEMU.
-    #[error("Spec of {name}")]
-    Plan {
-        /// The VM.
-        name: String,
-        /// Why.
-        #[source]
-        source: PlanError,
-    },
-    /// A host file operation failed.
-    #[error("{context}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl QemuError {
-    /// The diagnostic code.
-    pub fn code(&self) -> &'static str {
-        match self {
-            QemuError::Spawn { .. } | QemuError::Plan { .. } | QemuError::Io { .. } => SPAWN_FAILED,
-            QemuError::QmpConnect { .. } => QMP_CONNECT_FAILED,
-            QemuError::QmpCommand { .. } => QMP_COMMAND_FAILED,
-            QemuError::Disk { source, .. } => source.code(),
-            QemuError::Seed { source, .. } => source.code(),
-            QemuError::Keys { source, .. } => source.code(),
-        }
-    }
-}
-
-impl From<QemuError> for DriverError {
-    fn from(e: QemuError) -> Self {
-        let code = e.code();
-        match e {
-            QemuError::Io { context, source } => DriverError::Io { context, source },
-            e => {
-                // DriverError has no code or source of its own yet: keep
-                // the whole chain and the code in the message.
-                let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg.push_str(": ");
-                    msg.push_str(&s.to_string());
-                    src = s.source();
-                }
-                DriverError::Backend(format!("{msg} [{code}]"))
-            }
-        }
-    }
-}
-
-fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> QemuError {
-    let context = context.into();
-    move |source| QemuError::Io { context, source }
 }
 
 /// The QEMU driver.
