@@ -15,6 +15,7 @@
 //! The traits return boxed futures so that they can be used as
 //! `Arc<dyn Trait>` without the `async-trait` crate.
 
+pub mod cached;
 pub mod fake;
 pub mod qemu;
 

@@ -1,0 +1,73 @@
+//! The real [`ImageFetcher`]: the on-disk image cache of [`crate::images`]
+//! (downloads with checksums and zstd, local paths inspected with qemu-img).
+
+use std::path::Path;
+
+use vmctl_api::ImageSpec;
+
+use super::{BoxFuture, DriverError, ImageFetcher, LocalImage, ProgressFn, Result};
+use crate::images::{ImageCache, ImageError};
+
+/// Fetches images into `<data_dir>/images`.
+#[derive(Debug)]
+pub struct CachedImages {
+    cache: ImageCache,
+}
+
+impl CachedImages {
+    /// A fetcher whose cache lives in `data_dir`.
+    pub fn new(data_dir: &Path) -> Self {
+        CachedImages {
+            cache: ImageCache::in_data_dir(data_dir),
+        }
+    }
+}
+
+/// Keeps the code and help of an image error in the driver error's text,
+/// which is what status conditions and notes show.
+fn driver_error(e: ImageError) -> DriverError {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    if let Some(h) = e.help() {
+        msg.push_str(&format!(" ({h})"));
+    }
+    DriverError::Backend(format!("{msg} [{}]", e.code()))
+}
+
+impl ImageFetcher for CachedImages {
+    fn lookup<'a>(
+        &'a self,
+        _name: &'a str,
+        spec: &'a ImageSpec,
+    ) -> BoxFuture<'a, Result<Option<LocalImage>>> {
+        Box::pin(async move {
+            Ok(self
+                .cache
+                .lookup_spec(spec)
+                .await
+                .map_err(driver_error)?
+                .map(Into::into))
+        })
+    }
+
+    fn ensure<'a>(
+        &'a self,
+        _name: &'a str,
+        spec: &'a ImageSpec,
+        progress: ProgressFn<'a>,
+    ) -> BoxFuture<'a, Result<LocalImage>> {
+        Box::pin(async move {
+            let img = self
+                .cache
+                .ensure(spec, |p: vmctl_api::Progress| progress(p.bytes, p.total))
+                .await
+                .map_err(driver_error)?;
+            Ok(img.into())
+        })
+    }
+}
