@@ -190,10 +190,9 @@ async fn unknown_instance_is_absent_or_not_found() {
     d.destroy("nope").await.unwrap();
 }
 
-#[tokio::test]
-async fn qemu_that_cannot_start_reports_spawn_failed_with_stderr() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("base.qcow2");
+/// A blank disk: the firmware finds nothing to boot and ignores ACPI.
+fn blank_image(dir: &Path) -> PathBuf {
+    let image = dir.join("base.qcow2");
     let st = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&image)
@@ -201,6 +200,34 @@ async fn qemu_that_cannot_start_reports_spawn_failed_with_stderr() {
         .status()
         .unwrap();
     assert!(st.success());
+    image
+}
+
+#[tokio::test]
+async fn stop_escalates_to_quit_when_the_guest_ignores_acpi() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let d = driver(dir.path());
+    let mut spec = instance("deaf", &image);
+    spec.spec.memory_mib = 64;
+    d.prepare(&spec).await.unwrap();
+    let pid = d.start("deaf").await.unwrap().runtime.pid.unwrap();
+    let t = Instant::now();
+    d.stop("deaf", Duration::from_secs(1)).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(!process::is_alive(pid));
+    assert_eq!(state(&d, "deaf").await, Some(InstanceState::Stopped));
+    let exit = d.last_exit("deaf").unwrap();
+    assert!(exit.requested);
+    // Stopping a stopped instance is a no-op.
+    d.stop("deaf", Duration::from_secs(1)).await.unwrap();
+    d.destroy("deaf").await.unwrap();
+}
+
+#[tokio::test]
+async fn qemu_that_cannot_start_reports_spawn_failed_with_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
     let mut config = QemuConfig::new(dir.path());
     config.accel = Some(Accel::Tcg);
     config.seed_tool = SeedTool::PureRust;
@@ -220,4 +247,53 @@ fn run_states_map_to_instance_states() {
     assert_eq!(run_state("paused"), InstanceState::Suspended);
     assert_eq!(run_state("guest-panicked"), InstanceState::Suspended);
     assert_eq!(run_state("shutdown"), InstanceState::Stopped);
+}
+
+/// The "agent" of [`qemu_outlives_the_agent_process_and_is_adopted`]:
+/// starts a VM in `VMCTL_TEST_AGENT_DIR` and exits. Does nothing when run
+/// on its own.
+#[tokio::test]
+async fn helper_agent_starts_a_vm_and_exits() {
+    let Some(dir) = std::env::var_os("VMCTL_TEST_AGENT_DIR") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let d = driver(&dir);
+    let mut spec = instance("orphan", &blank_image(&dir));
+    spec.spec.memory_mib = 64;
+    d.prepare(&spec).await.unwrap();
+    let pid = d.start("orphan").await.unwrap().runtime.pid.unwrap();
+    std::fs::write(dir.join("started-pid"), pid.to_string()).unwrap();
+}
+
+#[tokio::test]
+async fn qemu_outlives_the_agent_process_and_is_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "drivers::qemu::tests::helper_agent_starts_a_vm_and_exits",
+        ])
+        .env("VMCTL_TEST_AGENT_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let pid: u32 = std::fs::read_to_string(dir.path().join("started-pid"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The agent process is gone; its QEMU is not.
+    let d = driver(dir.path());
+    let st = d.status("orphan").await.unwrap().unwrap();
+    assert_eq!(
+        (st.state, st.runtime.pid),
+        (InstanceState::Running, Some(pid))
+    );
+    assert_eq!(d.start("orphan").await.unwrap().runtime.pid, Some(pid));
+    d.destroy("orphan").await.unwrap();
+    assert!(!process::is_alive(pid));
 }
