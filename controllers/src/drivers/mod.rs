@@ -18,6 +18,7 @@
 pub mod cached;
 pub mod fake;
 pub mod qemu;
+pub mod ssh;
 
 use std::fmt::Debug;
 use std::future::Future;

@@ -1,0 +1,280 @@
+//! The blocking half: running a command with its output streamed line by
+//! line, SFTP uploads, and the three step types on an open session.
+//!
+//! Output ordering: the channel is opened with
+//! [`ExtendedData::Merge`], so libssh2 hands stderr bytes to the same
+//! stream as stdout, in the order the packets arrived. That is the order
+//! the guest's sshd read them from the command's two pipes — the closest
+//! to "the order the guest printed them" SSH can give, and unlike polling
+//! the two streams separately it cannot reorder lines that were already
+//! ordered on the wire. The price is that a line cannot be told to be
+//! stderr; provisioning logs do not need to.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use ssh2::{ExtendedData, FileStat, OpenFlags, OpenType, Session};
+use vmctl_api::ProvisionStep;
+use vmctl_api::resources::LocalFile;
+
+use super::error::SshError;
+
+/// LIBSSH2_FX_NO_SUCH_FILE, as carried by [`ssh2::ErrorCode::SFTP`].
+const FX_NO_SUCH_FILE: i32 = 2;
+
+/// Where a step's output lines go: the caller's callback (through a
+/// channel, see `mod.rs`) and, for provisioning, `provision.log`.
+pub(super) struct Sink {
+    lines: tokio::sync::mpsc::Sender<String>,
+    log: Option<(PathBuf, File)>,
+}
+
+impl Sink {
+    /// A sink that sends lines to `lines` and, with `log`, appends them to
+    /// that file.
+    pub fn new(
+        lines: tokio::sync::mpsc::Sender<String>,
+        log: Option<&Path>,
+    ) -> Result<Self, SshError> {
+        let log = match log {
+            Some(path) => {
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| SshError::Log {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                Some((path.to_owned(), f))
+            }
+            None => None,
+        };
+        Ok(Self { lines, log })
+    }
+
+    /// Writes a line to the log only (headers, footers).
+    pub fn log_only(&mut self, line: &str) -> Result<(), SshError> {
+        if let Some((path, f)) = &mut self.log {
+            writeln!(f, "{line}").map_err(|source| SshError::Log {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// One line of output: logged, then handed to the caller. Fails with
+    /// [`SshError::Cancelled`] once the caller is gone.
+    fn line(&mut self, line: &str) -> Result<(), SshError> {
+        self.log_only(line)?;
+        self.lines
+            .blocking_send(line.to_owned())
+            .map_err(|_| SshError::Cancelled)
+    }
+}
+
+/// Runs `command` on the guest, streaming its merged stdout and stderr to
+/// `sink` line by line, and returns its exit status. A command killed by
+/// a signal gets 128 + the signal's number, as a shell reports it.
+pub(super) fn run_command(sess: &Session, command: &str, sink: &mut Sink) -> Result<i32, SshError> {
+    let session_err = |what: &str| {
+        let what = format!("{what} for `{command}`");
+        move |source| SshError::Session { what, source }
+    };
+    let mut ch = sess
+        .channel_session()
+        .map_err(session_err("open a channel"))?;
+    ch.handle_extended_data(ExtendedData::Merge)
+        .map_err(session_err("merge stderr"))?;
+    ch.exec(command).map_err(session_err("start the command"))?;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = ch.read(&mut buf).map_err(|source| SshError::Output {
+            what: command.to_owned(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+            let rest = pending.split_off(nl + 1);
+            emit(sink, &pending)?;
+            pending = rest;
+        }
+    }
+    if !pending.is_empty() {
+        emit(sink, &pending)?;
+    }
+    ch.wait_close().map_err(session_err("close the channel"))?;
+    if let Some(sig) = ch.exit_signal().ok().and_then(|s| s.exit_signal) {
+        return Ok(128 + signal_number(&sig));
+    }
+    ch.exit_status()
+        .map_err(session_err("read the exit status"))
+}
+
+fn emit(sink: &mut Sink, raw: &[u8]) -> Result<(), SshError> {
+    let mut line = raw.strip_suffix(b"\n").unwrap_or(raw);
+    line = line.strip_suffix(b"\r").unwrap_or(line);
+    sink.line(&String::from_utf8_lossy(line))
+}
+
+fn signal_number(name: &str) -> i32 {
+    match name.trim_start_matches("SIG") {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ILL" => 4,
+        "ABRT" => 6,
+        "FPE" => 8,
+        "KILL" => 9,
+        "SEGV" => 11,
+        "PIPE" => 13,
+        "ALRM" => 14,
+        "TERM" => 15,
+        _ => 127,
+    }
+}
+
+/// Reads a step's local file, checking it still has the digest recorded
+/// when the manifest was applied. Returns the content and its mode bits.
+fn read_local(file: &LocalFile) -> Result<(Vec<u8>, u32), SshError> {
+    let path = PathBuf::from(&file.path);
+    let read_err = |source| SshError::LocalFile {
+        path: path.clone(),
+        source,
+    };
+    let mut f = File::open(&path).map_err(read_err)?;
+    let mode = f.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
+    let mut data = Vec::new();
+    f.read_to_end(&mut data).map_err(read_err)?;
+    if let Some(expected) = &file.digest {
+        use sha2::Digest;
+        let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)));
+        if &actual != expected {
+            return Err(SshError::DigestChanged {
+                path,
+                expected: expected.clone(),
+                actual,
+            });
+        }
+    }
+    Ok((data, mode))
+}
+
+/// Writes `data` to `remote` over SFTP and sets its mode to exactly
+/// `mode` (the create mode alone would be masked by the server's umask).
+fn upload(
+    sess: &Session,
+    local: &Path,
+    data: &[u8],
+    remote: &str,
+    mode: u32,
+) -> Result<(), SshError> {
+    let session_err = |what: String| move |source| SshError::Session { what, source };
+    let sftp = sess.sftp().map_err(session_err("start SFTP".to_owned()))?;
+    let remote_path = Path::new(remote);
+    if let Some(dir) = remote_path.parent() {
+        match sftp.stat(dir) {
+            Ok(st) if st.is_dir() => {}
+            Ok(_) => {
+                return Err(SshError::RemoteDirMissing {
+                    dir: dir.display().to_string(),
+                });
+            }
+            Err(e) if e.code() == ssh2::ErrorCode::SFTP(FX_NO_SUCH_FILE) => {
+                return Err(SshError::RemoteDirMissing {
+                    dir: dir.display().to_string(),
+                });
+            }
+            Err(e) => return Err(session_err(format!("stat {}", dir.display()))(e)),
+        }
+    }
+    let upload_err = |source| SshError::Upload {
+        local: local.to_owned(),
+        remote: remote.to_owned(),
+        source,
+    };
+    let mut f = sftp
+        .open_mode(
+            remote_path,
+            OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+            mode as i32,
+            OpenType::File,
+        )
+        .map_err(|e| upload_err(e.into()))?;
+    f.write_all(data).map_err(upload_err)?;
+    f.close().map_err(|e| upload_err(e.into()))?;
+    let stat = FileStat {
+        size: None,
+        uid: None,
+        gid: None,
+        perm: Some(mode),
+        atime: None,
+        mtime: None,
+    };
+    sftp.setstat(remote_path, stat)
+        .map_err(|e| upload_err(e.into()))?;
+    Ok(())
+}
+
+/// Path a `shell script` step's script is uploaded to.
+pub(super) fn script_path(index: u32) -> String {
+    format!("/tmp/vmctl-provision-{index}.sh")
+}
+
+/// One line describing a step, for `provision.log`'s header.
+pub(super) fn describe(step: &ProvisionStep) -> String {
+    match step {
+        ProvisionStep::Shell {
+            inline: Some(cmd), ..
+        } => format!("shell inline: {}", cmd.lines().next().unwrap_or("")),
+        ProvisionStep::Shell {
+            script: Some(f), ..
+        } => format!("shell script: {}", f.path),
+        ProvisionStep::Shell { .. } => "shell".to_owned(),
+        ProvisionStep::File {
+            source,
+            destination,
+        } => format!("file: {} -> {destination}", source.path),
+    }
+}
+
+/// Runs one step on `sess`; returns its exit code (0 for an upload).
+pub(super) fn run_step(
+    sess: &Session,
+    index: u32,
+    step: &ProvisionStep,
+    sink: &mut Sink,
+) -> Result<i32, SshError> {
+    match step {
+        ProvisionStep::Shell {
+            inline: Some(cmd), ..
+        } => run_command(sess, cmd, sink),
+        ProvisionStep::Shell {
+            script: Some(file), ..
+        } => {
+            let (data, _) = read_local(file)?;
+            let remote = script_path(index);
+            upload(sess, Path::new(&file.path), &data, &remote, 0o755)?;
+            run_command(sess, &remote, sink)
+        }
+        ProvisionStep::Shell { .. } => Err(SshError::EmptyShell),
+        ProvisionStep::File {
+            source,
+            destination,
+        } => {
+            if !destination.starts_with('/') {
+                return Err(SshError::RelativeDestination(destination.clone()));
+            }
+            let (data, mode) = read_local(source)?;
+            upload(sess, Path::new(&source.path), &data, destination, mode)?;
+            Ok(0)
+        }
+    }
+}
