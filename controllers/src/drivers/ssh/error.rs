@@ -104,8 +104,8 @@ pub enum SshError {
     },
     /// SSH did not answer in time.
     #[error(
-        "waiting {}s for SSH as {user}@{addr} ({attempts} attempts of TCP connect, handshake, host key check and key authentication; last error: {last})",
-        waited.as_secs()
+        "waiting {} for SSH as {user}@{addr} ({attempts} attempts of TCP connect, handshake, host key check and key authentication; last error: {last})",
+        secs(*timeout)
     )]
     Timeout {
         /// The user.
@@ -114,8 +114,8 @@ pub enum SshError {
         addr: String,
         /// Connection attempts made.
         attempts: u32,
-        /// How long was waited.
-        waited: Duration,
+        /// How long it was given.
+        timeout: Duration,
         /// The last attempt's error chain.
         last: String,
     },
@@ -194,6 +194,14 @@ pub enum SshError {
     /// The blocking SSH task panicked.
     #[error("SSH worker task failed: {0}")]
     Worker(String),
+}
+
+fn secs(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
 }
 
 fn list(paths: &[PathBuf]) -> String {

@@ -120,7 +120,7 @@ pub async fn wait_ssh(target: &SshTarget, timeout: Duration) -> Result<(), SshEr
                 user: ep.user.clone(),
                 addr: ep.addr(),
                 attempts,
-                waited: now - start,
+                timeout,
                 last: error::chain(&err),
             });
         }

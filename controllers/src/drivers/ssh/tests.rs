@@ -1,1 +1,551 @@
-//! Tests against a real sshd.
+//! Tests against a real sshd, started per test on 127.0.0.1 with a
+//! temporary config whose host key is the one `ensure_vm_keys` generated
+//! in a temporary VM work directory, as the QEMU driver does for a guest.
+//! The guest is this machine, so "remote" files are checked on the local
+//! filesystem.
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vmctl_api::resources::LocalFile;
+use vmctl_api::{ProvisionStep, SshConfig, VmRuntime};
+
+use super::*;
+use crate::drivers::DriverError;
+use crate::seed::ensure_vm_keys;
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// An sshd serving one fake VM.
+struct Sshd {
+    child: Child,
+    target: SshTarget,
+    /// The VM's work directory (keys, provision.log).
+    work: tempfile::TempDir,
+    /// sshd's config, pidfile and authorized_keys.
+    _conf: tempfile::TempDir,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Sshd {
+    async fn start() -> Self {
+        assert!(
+            Path::new(SSHD).exists(),
+            "{SSHD} is missing: the SSH driver's tests need a real sshd (Debian package openssh-server)"
+        );
+        // sshd refuses to start without its privilege separation directory.
+        fs::create_dir_all("/run/sshd").unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let conf = tempfile::tempdir().unwrap();
+        let keys = ensure_vm_keys(work.path(), "vmctl@test").unwrap();
+        let authorized = conf.path().join("authorized_keys");
+        fs::write(&authorized, format!("{}\n", keys.user.public_openssh)).unwrap();
+        let port = free_port();
+        let config = conf.path().join("sshd_config");
+        fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+                 StrictModes no\nUsePAM no\nPidFile {}\nSubsystem sftp internal-sftp\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nLogLevel ERROR\n",
+                keys.host.private_path.display(),
+                authorized.display(),
+                conf.path().join("sshd.pid").display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(SSHD)
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let target = SshTarget {
+            vm: "test-vm".into(),
+            runtime: VmRuntime {
+                work_dir: Some(work.path().display().to_string()),
+                ssh_host: Some("127.0.0.1".into()),
+                ssh_port: Some(port),
+                ..Default::default()
+            },
+            ssh: Some(SshConfig {
+                user: current_user(),
+                private_key: None,
+                timeout_seconds: None,
+            }),
+        };
+        let sshd = Self {
+            child,
+            target,
+            work,
+            _conf: conf,
+        };
+        wait_ssh(&sshd.target, Duration::from_secs(15))
+            .await
+            .expect("test sshd answers");
+        sshd
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.work.path().join(PROVISION_LOG)).unwrap_or_default()
+    }
+}
+
+/// Collects output lines.
+#[derive(Default)]
+struct Lines(Mutex<Vec<String>>);
+
+impl Lines {
+    fn push(&self, l: &str) {
+        self.0.lock().unwrap().push(l.to_owned());
+    }
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+fn inline(cmd: &str) -> ProvisionStep {
+    ProvisionStep::Shell {
+        inline: Some(cmd.into()),
+        script: None,
+    }
+}
+
+fn local(path: &Path) -> LocalFile {
+    LocalFile {
+        path: path.display().to_string(),
+        digest: Some(vmctl_api::vmfile::digest(path).unwrap()),
+    }
+}
+
+fn write_mode(path: &Path, content: &str, mode: u32) {
+    fs::write(path, content).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// A step index unlikely to collide with a concurrent test's script path.
+fn unique_index() -> u32 {
+    rand::random::<u32>() % 1_000_000 + 1_000
+}
+
+async fn step(sshd: &Sshd, index: u32, step: &ProvisionStep, lines: &Lines) -> Result<i32> {
+    let out = |l: &str| lines.push(l);
+    let outcome = SshProvisioner::new()
+        .run_step(&sshd.target, index, step, &out)
+        .await?;
+    Ok(outcome.exit_code)
+}
+
+#[tokio::test]
+async fn shell_inline_streams_lines_and_logs_them_under_a_header() {
+    let sshd = Sshd::start().await;
+    let lines = Lines::default();
+    let code = step(&sshd, 0, &inline("echo one; printf 'two\\nthree'"), &lines)
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(lines.take(), ["one", "two", "three"]);
+    let log = sshd.log();
+    let body: Vec<&str> = log.lines().collect();
+    assert!(body[0].starts_with("==> "), "{log}");
+    assert!(body[0].ends_with(" step 0: shell inline: echo one; printf 'two\\nthree'"));
+    assert_eq!(
+        &body[1..],
+        ["one", "two", "three", "==> step 0 exited with code 0"]
+    );
+}
+
+#[tokio::test]
+async fn lines_reach_the_callback_while_the_command_still_runs() {
+    let sshd = Sshd::start().await;
+    let seen_before_end = Mutex::new(None);
+    let marker = sshd.work.path().join("finished");
+    let cmd = format!("echo early; sleep 1; touch {}", marker.display());
+    let out = |l: &str| {
+        if l == "early" {
+            *seen_before_end.lock().unwrap() = Some(!marker.exists());
+        }
+    };
+    exec(&sshd.target, &cmd, &out).await.unwrap();
+    assert_eq!(*seen_before_end.lock().unwrap(), Some(true));
+}
+
+#[tokio::test]
+async fn stdout_and_stderr_keep_the_order_the_guest_printed_them() {
+    let sshd = Sshd::start().await;
+    let lines = Lines::default();
+    // Pauses so that each line reaches sshd before the next is written:
+    // sshd reads stdout and stderr from separate pipes, so lines written
+    // within one of its poll rounds have no order to keep.
+    let cmd = "echo out1; sleep 0.2; echo err1 >&2; sleep 0.2; echo out2; sleep 0.2; echo err2 >&2";
+    let code = step(&sshd, 0, &inline(cmd), &lines).await.unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(lines.take(), ["out1", "err1", "out2", "err2"]);
+}
+
+#[tokio::test]
+async fn failing_step_returns_its_exit_code_and_stops_the_run() {
+    let sshd = Sshd::start().await;
+    let marker = sshd.work.path().join("must-not-exist");
+    let steps = [
+        inline("echo first"),
+        inline("echo failing >&2; exit 3"),
+        inline(&format!("touch {}", marker.display())),
+    ];
+    let lines = Lines::default();
+    // The loop of ProvisionController (provision.rs): stop at the first
+    // non-zero exit.
+    let mut codes = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        let code = step(&sshd, i as u32, s, &lines).await.unwrap();
+        codes.push(code);
+        if code != 0 {
+            break;
+        }
+    }
+    assert_eq!(codes, [0, 3]);
+    assert!(!marker.exists());
+    assert_eq!(lines.take(), ["first", "failing"]);
+    assert!(sshd.log().contains("==> step 1 exited with code 3\n"));
+}
+
+#[tokio::test]
+async fn shell_script_is_uploaded_executable_and_run() {
+    let sshd = Sshd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("setup.sh");
+    // Mode 0600 locally: the uploaded copy is made executable anyway.
+    write_mode(&script, "#!/bin/sh\necho \"running $0\"\nexit 7\n", 0o600);
+    let index = unique_index();
+    let s = ProvisionStep::Shell {
+        inline: None,
+        script: Some(local(&script)),
+    };
+    let lines = Lines::default();
+    let code = step(&sshd, index, &s, &lines).await.unwrap();
+    let remote = PathBuf::from(format!("/tmp/vmctl-provision-{index}.sh"));
+    assert_eq!(code, 7);
+    assert_eq!(lines.take(), [format!("running {}", remote.display())]);
+    assert_eq!(mode(&remote), 0o755);
+    fs::remove_file(remote).unwrap();
+}
+
+#[tokio::test]
+async fn file_upload_keeps_the_local_mode() {
+    let sshd = Sshd::start().await;
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    for (name, m) in [("private.conf", 0o640), ("tool", 0o750), ("plain", 0o644)] {
+        let from = src.path().join(name);
+        write_mode(&from, &format!("content of {name}\n"), m);
+        let to = dst.path().join(name);
+        let s = ProvisionStep::File {
+            source: local(&from),
+            destination: to.display().to_string(),
+        };
+        let code = step(&sshd, 0, &s, &Lines::default()).await.unwrap();
+        assert_eq!(code, 0);
+        assert_eq!(
+            fs::read_to_string(&to).unwrap(),
+            format!("content of {name}\n")
+        );
+        assert_eq!(mode(&to), m, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn file_upload_overwrites_and_narrows_an_existing_file() {
+    let sshd = Sshd::start().await;
+    let src = tempfile::tempdir().unwrap();
+    let from = src.path().join("f");
+    write_mode(&from, "new\n", 0o600);
+    let to = src.path().join("existing");
+    write_mode(&to, "old content, longer\n", 0o777);
+    let s = ProvisionStep::File {
+        source: local(&from),
+        destination: to.display().to_string(),
+    };
+    step(&sshd, 0, &s, &Lines::default()).await.unwrap();
+    assert_eq!(fs::read_to_string(&to).unwrap(), "new\n");
+    assert_eq!(mode(&to), 0o600);
+}
+
+#[tokio::test]
+async fn file_upload_to_a_missing_remote_directory_is_a_clear_error() {
+    let sshd = Sshd::start().await;
+    let src = tempfile::tempdir().unwrap();
+    let from = src.path().join("f");
+    write_mode(&from, "x", 0o644);
+    let missing = src.path().join("no/such/dir");
+    let s = ProvisionStep::File {
+        source: local(&from),
+        destination: missing.join("f").display().to_string(),
+    };
+    let err = step(&sshd, 0, &s, &Lines::default()).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("Remote directory {} does not exist", missing.display())
+    );
+    assert!(sshd.log().contains("==> step 0 failed: Remote directory"));
+}
+
+#[tokio::test]
+async fn file_changed_since_apply_is_refused() {
+    let sshd = Sshd::start().await;
+    let src = tempfile::tempdir().unwrap();
+    let from = src.path().join("f");
+    write_mode(&from, "applied", 0o644);
+    let source = local(&from);
+    fs::write(&from, "edited afterwards").unwrap();
+    let to = src.path().join("dest");
+    let s = ProvisionStep::File {
+        source,
+        destination: to.display().to_string(),
+    };
+    let err = step(&sshd, 0, &s, &Lines::default()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("changed since it was applied"),
+        "{err}"
+    );
+    assert!(!to.exists());
+}
+
+#[tokio::test]
+async fn relative_destination_is_refused() {
+    let sshd = Sshd::start().await;
+    let src = tempfile::tempdir().unwrap();
+    let from = src.path().join("f");
+    write_mode(&from, "x", 0o644);
+    let s = ProvisionStep::File {
+        source: local(&from),
+        destination: "etc/motd".into(),
+    };
+    let err = step(&sshd, 0, &s, &Lines::default()).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Destination etc/motd is not an absolute path"
+    );
+}
+
+#[tokio::test]
+async fn host_key_mismatch_is_refused_at_once() {
+    let sshd = Sshd::start().await;
+    // Another VM's host key where this VM's pinned key should be.
+    let other = tempfile::tempdir().unwrap();
+    let other_keys = ensure_vm_keys(other.path(), "vmctl@other").unwrap();
+    fs::copy(
+        &other_keys.host.public_path,
+        sshd.work.path().join("host_ed25519.pub"),
+    )
+    .unwrap();
+
+    let started = std::time::Instant::now();
+    let err = wait_ssh(&sshd.target, Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "not retried");
+    assert!(matches!(err, SshError::HostKeyMismatch { .. }), "{err:?}");
+    assert_eq!(err.code(), "vmctl::ssh::host_key_mismatch");
+    let expected = other_keys
+        .host
+        .public
+        .fingerprint(ssh_key::HashAlg::Sha256)
+        .to_string();
+    assert!(
+        err.to_string()
+            .contains(&format!("expected {expected}, got SHA256:"))
+    );
+
+    let marker = sshd.work.path().join("ran");
+    let e = step(
+        &sshd,
+        0,
+        &inline(&format!("touch {}", marker.display())),
+        &Lines::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, DriverError::Backend(ref m) if m.contains("does not match")),
+        "{e}"
+    );
+    assert!(!marker.exists());
+}
+
+#[tokio::test]
+async fn missing_pinned_host_key_fails_closed() {
+    let sshd = Sshd::start().await;
+    fs::remove_file(sshd.work.path().join("host_ed25519.pub")).unwrap();
+    let err = wait_ssh(&sshd.target, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SshError::HostKeyMissing { .. }), "{err:?}");
+    assert!(err.help().unwrap().contains("recreate the VM"));
+}
+
+#[tokio::test]
+async fn wait_ssh_timeout_says_what_was_tried() {
+    let work = tempfile::tempdir().unwrap();
+    ensure_vm_keys(work.path(), "t").unwrap();
+    let port = free_port();
+    let target = SshTarget {
+        vm: "down".into(),
+        runtime: VmRuntime {
+            work_dir: Some(work.path().display().to_string()),
+            ssh_host: Some("127.0.0.1".into()),
+            ssh_port: Some(port),
+            ..Default::default()
+        },
+        ssh: None,
+    };
+    let err: DriverError = SshProvisioner::new()
+        .wait_ssh(&target, Duration::from_millis(1500))
+        .await
+        .unwrap_err();
+    let DriverError::Timeout(msg) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        msg.starts_with(&format!("waiting 1.5s for SSH as vm@127.0.0.1:{port} (")),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("attempts of TCP connect, handshake, host key check"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!(
+            "last error: Cannot connect to 127.0.0.1:{port}: Connection refused"
+        )),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_user_fails_authentication_naming_the_keys_tried() {
+    let sshd = Sshd::start().await;
+    let mut target = sshd.target.clone();
+    target.ssh = Some(SshConfig {
+        user: "nobody-such-user".into(),
+        private_key: Some(sshd.work.path().join("id_ed25519").display().to_string()),
+        timeout_seconds: None,
+    });
+    let err = exec(&target, "true", &|_: &str| {}).await.unwrap_err();
+    assert!(matches!(err, SshError::Auth { .. }), "{err:?}");
+    assert!(err.to_string().contains("id_ed25519"), "{err}");
+}
+
+#[tokio::test]
+async fn exec_returns_the_exit_code_and_signal_deaths() {
+    let sshd = Sshd::start().await;
+    let lines = Lines::default();
+    let out = |l: &str| lines.push(l);
+    assert_eq!(
+        exec(&sshd.target, "echo hi; exit 42", &out).await.unwrap(),
+        42
+    );
+    assert_eq!(lines.take(), ["hi"]);
+    assert_eq!(
+        exec(&sshd.target, "kill -TERM $$", &out).await.unwrap(),
+        143
+    );
+    assert_eq!(sshd.log(), "", "exec does not write provision.log");
+}
+
+#[tokio::test]
+async fn known_hosts_pins_the_generated_host_key_for_ssh() {
+    let sshd = Sshd::start().await;
+    let path = write_known_hosts(&sshd.target).unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    let port = sshd.target.runtime.ssh_port.unwrap();
+    let host_pub = fs::read_to_string(sshd.work.path().join("host_ed25519.pub")).unwrap();
+    let body: Vec<&str> = host_pub.split_whitespace().take(2).collect();
+    assert_eq!(text, format!("[127.0.0.1]:{port} {}\n", body.join(" ")));
+    // OpenSSH's own client accepts it as the host's key.
+    if Path::new("/usr/bin/ssh").exists() {
+        let out = Command::new("/usr/bin/ssh")
+            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", path.display()))
+            .arg("-i")
+            .arg(sshd.work.path().join("id_ed25519"))
+            .args(["-p", &port.to_string()])
+            .arg(format!("{}@127.0.0.1", current_user()))
+            .arg("echo ok")
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "ok\n",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn key_candidates_follow_the_manual() {
+    let work = Path::new("/vms/web");
+    let home = Path::new("/home/u");
+    assert_eq!(
+        connect::key_candidates(work, None, Some(home)),
+        [
+            "/vms/web/id_ed25519",
+            "/home/u/.ssh/id_ed25519",
+            "/home/u/.ssh/id_ecdsa",
+            "/home/u/.ssh/id_rsa"
+        ]
+        .map(PathBuf::from)
+    );
+    assert_eq!(
+        connect::key_candidates(work, Some("~/.ssh/deploy"), Some(home)),
+        [PathBuf::from("/home/u/.ssh/deploy")]
+    );
+    assert_eq!(
+        connect::key_candidates(work, Some("/keys/k"), None),
+        [PathBuf::from("/keys/k")]
+    );
+}
+
+#[test]
+fn error_codes() {
+    assert_eq!(
+        SshError::RemoteDirMissing { dir: "/x".into() }.code(),
+        "vmctl::provision::failed"
+    );
+    assert_eq!(
+        SshError::NoAddress { vm: "v".into() }.code(),
+        "vmctl::ssh::failed"
+    );
+}
