@@ -173,6 +173,12 @@ impl Endpoint {
     }
 }
 
+/// Ends a session politely, so that the guest's sshd logs a disconnect
+/// rather than a broken pipe. Failing to say goodbye is not an error.
+pub(super) fn disconnect(sess: &Session) {
+    let _ = sess.disconnect(None, "vmctl done", None);
+}
+
 /// The private keys to offer, in order: the one the `ssh` block names
 /// (alone: naming a key is a choice, not a hint); otherwise the key vmctl
 /// generated in the work directory, then `~/.ssh`'s defaults.

@@ -106,7 +106,9 @@ pub async fn wait_ssh(target: &SshTarget, timeout: Duration) -> Result<(), SshEr
         let left = deadline.saturating_duration_since(Instant::now());
         let per_attempt = left.clamp(Duration::from_millis(100), ATTEMPT_TIMEOUT);
         let ep2 = ep.clone();
-        let err = match blocking(move || ep2.connect(per_attempt).map(drop)).await {
+        let err = match blocking(move || ep2.connect(per_attempt).map(|s| connect::disconnect(&s)))
+            .await
+        {
             Ok(()) => {
                 tracing::debug!(vm = %ep.vm, addr = %ep.addr(), attempts, "SSH answers");
                 return Ok(());
@@ -149,9 +151,11 @@ pub async fn run_step(
             "==> {started} step {index}: {}",
             steps::describe(&step)
         ))?;
-        let result = ep
-            .connect(STEP_CONNECT_TIMEOUT)
-            .and_then(|sess| steps::run_step(&sess, index, &step, &mut sink));
+        let result = ep.connect(STEP_CONNECT_TIMEOUT).and_then(|sess| {
+            let code = steps::run_step(&sess, index, &step, &mut sink);
+            connect::disconnect(&sess);
+            code
+        });
         let footer = match &result {
             Ok(code) => format!("==> step {index} exited with code {code}"),
             Err(e) => format!("==> step {index} failed: {}", error::chain(e)),
@@ -175,7 +179,9 @@ pub async fn exec(
     with_lines(output, move |tx| {
         let mut sink = Sink::new(tx, None)?;
         let sess = ep.connect(STEP_CONNECT_TIMEOUT)?;
-        steps::run_command(&sess, &command, &mut sink)
+        let code = steps::run_command(&sess, &command, &mut sink);
+        connect::disconnect(&sess);
+        code
     })
     .await
 }
