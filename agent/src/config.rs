@@ -11,6 +11,8 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     /// The hypervisor driver: `qemu` (default) or `fake` (tests only).
     pub driver: String,
+    /// How much of the event log compaction keeps.
+    pub retention: vmctl_store::Retention,
 }
 
 /// `$XDG_DATA_HOME/vmctl`, or `~/.local/share/vmctl`.
@@ -37,6 +39,7 @@ impl AgentConfig {
             data_dir,
             socket,
             driver: "qemu".into(),
+            retention: vmctl_store::Retention::default(),
         }
     }
 

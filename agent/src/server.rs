@@ -29,6 +29,9 @@ pub enum AgentError {
     /// The requested driver does not exist.
     #[error("unknown or unavailable driver `{0}`")]
     Driver(String),
+    /// `VMCTL_ACCEL` is not kvm, tcg or auto.
+    #[error("invalid accelerator setting: {0}")]
+    Accel(String),
     /// The fake driver's environment settings are invalid.
     #[error("invalid fake driver settings")]
     FakeConfig(#[source] vmctl_controllers::drivers::fake::FakeConfigError),
@@ -44,16 +47,21 @@ impl AgentError {
     /// What the user should do about it.
     pub fn help(&self) -> String {
         match self {
-            AgentError::Locked(_) => "use the running agent (vmctl talks to it), or stop it first".into(),
-            AgentError::DataDir(..) => "check the permissions of the data directory (XDG_DATA_HOME)".into(),
+            AgentError::Locked(_) => {
+                "use the running agent (vmctl talks to it), or stop it first".into()
+            }
+            AgentError::DataDir(..) => {
+                "check the permissions of the data directory (XDG_DATA_HOME)".into()
+            }
             AgentError::Store(StoreError::Corrupt { hint, .. }) => hint.clone(),
             AgentError::Store(_) => "see the error above; the store was not modified".into(),
             AgentError::Bind(..) => "another process may use the socket path; pass --socket".into(),
             AgentError::Driver(_) => {
-                "the QEMU driver is not built yet; `--driver fake` runs the control plane in memory (tests only)".into()
+                "drivers are `qemu` (default) and `fake` (in memory, for tests)".into()
             }
             AgentError::Serve(_) | AgentError::Controllers(_) => "see the agent log".into(),
             AgentError::FakeConfig(_) => "fix the VMCTL_FAKE_* environment variables".into(),
+            AgentError::Accel(_) => "set VMCTL_ACCEL to kvm, tcg or auto".into(),
         }
     }
 }
@@ -114,7 +122,50 @@ fn drivers(cfg: &AgentConfig) -> Result<vmctl_controllers::Drivers, AgentError> 
             let fake = vmctl_controllers::FakeConfig::from_env().map_err(AgentError::FakeConfig)?;
             Ok(vmctl_controllers::Drivers::fake(fake))
         }
+        "qemu" => {
+            use vmctl_controllers::drivers::qemu::{QemuConfig, QemuDriver};
+            let qcfg = QemuConfig::new(cfg.data_dir.clone())
+                .with_env_overrides()
+                .map_err(|e| AgentError::Accel(e.to_string()))?;
+            Ok(vmctl_controllers::Drivers {
+                hypervisor: Arc::new(QemuDriver::new(qcfg)),
+                images: Arc::new(vmctl_controllers::drivers::cached::CachedImages::new(
+                    &cfg.data_dir,
+                )),
+                provisioner: Arc::new(crate::provisioner::NotYet),
+            })
+        }
         other => Err(AgentError::Driver(other.to_owned())),
+    }
+}
+
+/// Compacts the log whenever it has grown by a retention window since the
+/// last compaction, so status heartbeats never grow it without bound.
+async fn compactor(
+    store: Arc<dyn Store>,
+    retention: vmctl_store::Retention,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last = 0u64;
+    loop {
+        tokio::select! {
+            // Both arms only wait; nothing is lost when either is dropped.
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+            _ = stop.changed() => return,
+        }
+        let seq = store.last_seq();
+        if seq.saturating_sub(last) < retention.window {
+            continue;
+        }
+        let (s, r) = (store.clone(), retention.clone());
+        match tokio::task::spawn_blocking(move || s.compact(&r)).await {
+            Ok(Ok(report)) => {
+                tracing::info!(?report, "compacted the event log");
+                last = seq;
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "compaction failed"),
+            Err(e) => tracing::warn!(error = %e, "compaction task failed"),
+        }
     }
 }
 
@@ -136,6 +187,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         drivers,
         vmctl_controllers::RuntimeConfig::default(),
         stopped,
+    ));
+    tokio::spawn(compactor(
+        store.clone(),
+        cfg.retention.clone(),
+        stop.subscribe(),
     ));
     let state = AppState::new(store, cfg.clone());
     let app = api::router(state);
