@@ -13,7 +13,6 @@
 pub mod api;
 pub mod config;
 pub mod openapi;
-pub mod provisioner;
 pub mod server;
 
 pub use config::AgentConfig;

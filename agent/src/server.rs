@@ -132,7 +132,7 @@ fn drivers(cfg: &AgentConfig) -> Result<vmctl_controllers::Drivers, AgentError> 
                 images: Arc::new(vmctl_controllers::drivers::cached::CachedImages::new(
                     &cfg.data_dir,
                 )),
-                provisioner: Arc::new(crate::provisioner::NotYet),
+                provisioner: Arc::new(vmctl_controllers::drivers::ssh::SshProvisioner::new()),
             })
         }
         other => Err(AgentError::Driver(other.to_owned())),

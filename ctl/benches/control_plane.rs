@@ -190,6 +190,7 @@ fn main() {
         percentile(&mut times.clone(), 0.5),
     );
     let _ = watcher.kill();
+    let _ = watcher.wait();
     let _ = Command::new("kill")
         .args(["-TERM", &agent.id().to_string()])
         .status();
