@@ -175,6 +175,31 @@ pub enum Command {
         #[arg(short = 'w', long = "watch")]
         watch: bool,
     },
+    /// Open an SSH session (or run a command) on a VM with the system `ssh`.
+    ///
+    /// The host key is the one vmctl generated and pinned for the VM; the
+    /// name may be left out when VMFile.kdl in this directory has one VM.
+    Ssh {
+        /// The VM.
+        name: Option<String>,
+        /// Log in as this user instead of the VMFile's.
+        #[arg(long)]
+        user: Option<String>,
+        /// Use this private key instead of the VM's.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// A command to run instead of a login shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Run a command on a VM without a terminal; exits with its exit code.
+    Exec {
+        /// The VM.
+        name: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Print the JSON Schema of a kind (vm, image, provision), or of all kinds.
     Schema {
         /// The kind: VirtualMachine (vm), Image (image) or Provision (provision).

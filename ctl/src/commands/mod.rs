@@ -10,6 +10,7 @@ mod events;
 mod get;
 mod history;
 mod schema;
+mod ssh;
 mod validate;
 mod wait;
 
@@ -73,6 +74,13 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
         Command::Diff { file } => diff::run(&g, &file),
         Command::History { kind, name, output } => history::run(&g, &kind, &name, output),
         Command::Events { output, watch } => events::run(&g, output, watch),
+        Command::Ssh {
+            name,
+            user,
+            key,
+            command,
+        } => ssh::ssh(&g, name.as_deref(), user.as_deref(), key.as_ref(), &command),
+        Command::Exec { name, command } => ssh::exec(&g, &name, &command),
         Command::Validate { file, output } => validate::run(&file, output),
         Command::Convert { file, output } => convert::run(&file, output),
         Command::Schema { kind } => schema::run(kind.as_deref()),
