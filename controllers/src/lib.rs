@@ -83,6 +83,9 @@ pub struct RuntimeConfig {
     pub resync: Option<Duration>,
     /// How long a VM is given to shut down before it is forced.
     pub stop_timeout: Duration,
+    /// How often a running VM's hypervisor is checked, so that a VM whose
+    /// process died is noticed and restarted.
+    pub liveness: Duration,
     /// How long a Provision waits for SSH by default.
     pub ssh_timeout: Duration,
 }
@@ -98,6 +101,7 @@ impl Default for RuntimeConfig {
             },
             resync: Some(Duration::from_secs(300)),
             stop_timeout: Duration::from_secs(30),
+            liveness: Duration::from_secs(5),
             ssh_timeout: Duration::from_secs(120),
         }
     }

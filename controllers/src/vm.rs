@@ -210,6 +210,21 @@ impl Reconciler for VmReconciler {
         // Act.
         let want = vm.spec.power_state;
         let state = instance.as_ref().map(|i| i.state);
+        // Last seen running, now gone, and nobody asked for it: the
+        // hypervisor process died. Count it as a failed start so restarts
+        // back off, and say so in a note.
+        if want != PowerState::Stopped
+            && status.phase == VmPhase::Running
+            && matches!(state, None | Some(InstanceState::Stopped))
+        {
+            let msg = format!(
+                "VM {name} stopped unexpectedly (its hypervisor process exited); restarting"
+            );
+            ctx.note(&r, NoteType::Warning, Self::NAME, "Crashed", msg.clone())
+                .await;
+            let err = DriverError::Backend(msg);
+            return self.start_failed(&obj, status, instance, err).await;
+        }
         if want != PowerState::Stopped && matches!(state, None | Some(InstanceState::Stopped)) {
             if let Some(retry_after) = status.start_failures.retry_after
                 && retry_after > now
@@ -303,7 +318,14 @@ impl Reconciler for VmReconciler {
         let cond = condition("Ready", ready, reason, String::new(), generation);
         set_condition(&mut status.conditions, cond, Utc::now());
         ctx.write_status(&obj, &status).await?;
-        Ok(Action::await_change())
+        // A running VM is looked at again soon: its process may die
+        // without any event in the store.
+        Ok(match next {
+            Some(InstanceState::Running | InstanceState::Suspended) => {
+                Action::requeue(ctx.config.liveness)
+            }
+            _ => Action::await_change(),
+        })
     }
 
     fn related(&self, rel: &Relations, ev: &Event) -> Vec<ObjectRef> {
