@@ -1,0 +1,484 @@
+//! End-to-end: the `vmctl` binary, a real agent, real QEMU (TCG), a real
+//! guest built from Debian packages (`tests/images/build.sh tiny`), real
+//! sshd (dropbear) in it, and a real HTTP server for downloads.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The tiny guest image, built once (cached outside the repo).
+fn tiny_image() -> &'static PathBuf {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let out = Command::new(repo().join("tests/images/build.sh"))
+            .arg("tiny")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("tests/images/build.sh runs");
+        assert!(out.status.success(), "building the tiny guest failed");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+/// A static HTTP server on 127.0.0.1 serving `dir`.
+struct Http {
+    child: Child,
+    port: u16,
+}
+
+impl Http {
+    fn serve(dir: &Path) -> Http {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 is installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "HTTP server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Http { child, port }
+    }
+
+    fn url(&self, file: &str) -> String {
+        format!("http://127.0.0.1:{}/{file}", self.port)
+    }
+}
+
+impl Drop for Http {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One user's world: a data dir, the files of a project, an agent.
+struct World {
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> World {
+        World {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn project(&self) -> PathBuf {
+        let p = self.dir.path().join("project");
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn vmctl(&self, args: &[&str]) -> Output {
+        // Global flags first: anything after a `--` in `args` goes to the guest.
+        Command::new(env!("CARGO_BIN_EXE_vmctl"))
+            .arg("--data-dir")
+            .arg(self.data())
+            .args(args)
+            .current_dir(self.project())
+            .env("VMCTL_ACCEL", "tcg")
+            .env_remove("VMCTL_DRIVER")
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.vmctl(args);
+        assert!(
+            out.status.success(),
+            "vmctl {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn agent_pid(&self) -> Option<u32> {
+        let sock = self.data().join("agent.sock");
+        let out = Command::new("curl")
+            .args(["-s", "--unix-socket"])
+            .arg(&sock)
+            .arg("http://x/v1/healthz")
+            .output()
+            .ok()?;
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["pid"]
+            .as_u64()
+            .map(|p| p as u32)
+    }
+
+    /// PIDs of QEMU processes whose command line names this world's data dir.
+    fn qemu_pids(&self) -> Vec<u32> {
+        let out = Command::new("pgrep")
+            .arg("-f")
+            .arg(format!("^qemu-system.*{}", self.data().display()))
+            .output()
+            .unwrap();
+        let mut v: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(pid) = self.agent_pid() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        for pid in self.qemu_pids() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+fn sha256_file(p: &Path) -> String {
+    let out = Command::new("sha256sum").arg(p).output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+const BOOT: &str = "300";
+
+#[test]
+fn quick_start_provisions_the_tiny_guest_and_survives_an_agent_kill() {
+    let w = World::new();
+    let www = w.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::copy(tiny_image(), www.join("tiny.qcow2")).unwrap();
+    let zst = Command::new("zstd")
+        .args(["-q", "-f", "-o"])
+        .arg(www.join("tiny.qcow2.zst"))
+        .arg(www.join("tiny.qcow2"))
+        .status()
+        .unwrap();
+    assert!(zst.success());
+    let digest = sha256_file(&www.join("tiny.qcow2"));
+    let http = Http::serve(&www);
+    let p = w.project();
+    std::fs::write(
+        p.join("setup.sh"),
+        "#!/bin/sh\necho \"script on $(hostname)\"\necho to-stderr >&2\n",
+    )
+    .unwrap();
+    std::fs::write(p.join("app.conf"), "answer=42\n").unwrap();
+    std::fs::set_permissions(
+        p.join("app.conf"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    let vmfile = format!(
+        r#"vm "qs" {{
+    image-url "{url}" checksum="sha256:{digest}"
+    memory 512
+    cloud-init {{
+        hostname "qs"
+    }}
+    ssh {{
+        user "vm"
+    }}
+    provision "shell" {{
+        inline "echo inline on $(hostname)"
+    }}
+    provision "shell" {{
+        script "setup.sh"
+    }}
+    provision "file" {{
+        source "app.conf"
+        destination "/tmp/app.conf"
+    }}
+}}
+
+vm "zst" {{
+    image-url "{zurl}"
+    memory 512
+    cloud-init {{
+        hostname "zst"
+    }}
+}}
+"#,
+        url = http.url("tiny.qcow2"),
+        zurl = http.url("tiny.qcow2.zst"),
+    );
+    std::fs::write(p.join("VMFile.kdl"), &vmfile).unwrap();
+
+    let t0 = Instant::now();
+    let out = w.vmctl(&["apply", "--wait", "--timeout", BOOT]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "apply --wait failed:\n{err}");
+    eprintln!(
+        "apply --wait of 2 VMs with provisioning took {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(err.contains("all 5 objects are Ready"), "{err}");
+
+    // get/describe tell the truth.
+    let images = w.json(&["get", "image", "-o", "json"]);
+    assert_eq!(images.as_array().unwrap().len(), 2);
+    for img in images.as_array().unwrap() {
+        assert_eq!(img["status"]["phase"], "Ready");
+        assert_eq!(img["status"]["format"], "qcow2");
+    }
+    let vms = w.json(&["get", "vm", "-o", "json"]);
+    for vm in vms.as_array().unwrap() {
+        assert_eq!(vm["status"]["phase"], "Running", "{vm}");
+        assert_eq!(vm["status"]["runtime"]["backend"], "qemu");
+        assert_eq!(vm["status"]["runtime"]["sshHost"], "127.0.0.1");
+    }
+    let prov = w.json(&["get", "provision", "qs", "-o", "json"]);
+    assert_eq!(prov[0]["status"]["phase"], "Succeeded");
+    let steps = prov[0]["status"]["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 3);
+    assert!(
+        steps
+            .iter()
+            .all(|s| s["exitCode"] == 0 && s["phase"] == "Succeeded")
+    );
+    let describe = w.ok(&["describe", "vm", "qs"]);
+    assert!(describe.contains("Started VM qs"), "{describe}");
+
+    // The provision log holds every step's output in order.
+    let work = PathBuf::from(
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["metadata"]["name"] == "qs")
+            .unwrap()["status"]["runtime"]["workDir"]
+            .as_str()
+            .unwrap(),
+    );
+    let log = std::fs::read_to_string(work.join("provision.log")).unwrap();
+    let (a, b) = (
+        log.find("inline on qs").unwrap(),
+        log.find("script on qs").unwrap(),
+    );
+    assert!(a < b && log.contains("to-stderr"), "{log}");
+
+    // ssh and exec work, with the pinned host key and exit codes.
+    assert_eq!(w.ok(&["ssh", "qs", "--", "hostname"]).trim(), "qs");
+    assert_eq!(
+        w.vmctl(&["ssh", "qs", "--", "exit 7"]).status.code(),
+        Some(7)
+    );
+    let mode = w.ok(&["exec", "qs", "--", "stat", "-c", "%a", "/tmp/app.conf"]);
+    assert_eq!(mode.trim(), "640", "upload keeps the local file's mode");
+    assert_eq!(
+        w.ok(&["exec", "qs", "--", "cat", "/tmp/app.conf"]),
+        "answer=42\n"
+    );
+    assert_eq!(
+        w.vmctl(&["exec", "zst", "--", "sh", "-c", "exit 3"])
+            .status
+            .code(),
+        Some(3)
+    );
+    assert_eq!(w.ok(&["exec", "zst", "--", "hostname"]).trim(), "zst");
+
+    // Agent kill -9: a new agent adopts both QEMUs, no duplicates, provisioning not re-run.
+    let qemus = w.qemu_pids();
+    assert_eq!(qemus.len(), 2, "one QEMU per VM");
+    let agent = w.agent_pid().expect("agent answers");
+    Command::new("kill")
+        .args(["-KILL", &agent.to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let vms = w.json(&["get", "vm", "-o", "json"]); // auto-starts a new agent
+    assert_ne!(w.agent_pid(), Some(agent));
+    std::thread::sleep(Duration::from_secs(6)); // a liveness round
+    assert_eq!(
+        w.qemu_pids(),
+        qemus,
+        "same QEMU processes, none started twice"
+    );
+    for vm in vms.as_array().unwrap() {
+        assert_eq!(vm["status"]["phase"], "Running");
+    }
+    assert_eq!(
+        std::fs::read_to_string(work.join("provision.log")).unwrap(),
+        log,
+        "no re-run on agent restart"
+    );
+
+    // Editing a script re-runs provisioning; a failing step fails the Provision with its exit code.
+    std::fs::write(p.join("setup.sh"), "#!/bin/sh\necho edited\nexit 4\n").unwrap();
+    let out = w.vmctl(&["apply", "--wait", "--timeout", BOOT]);
+    assert!(!out.status.success(), "a failing step fails apply --wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("provision/qs failed"), "{err}");
+    let prov = w.json(&["get", "provision", "qs", "-o", "json"]);
+    assert_eq!(prov[0]["status"]["phase"], "Failed");
+    assert_eq!(prov[0]["status"]["steps"][1]["exitCode"], 4);
+    assert_ne!(
+        prov[0]["status"]["steps"][2]["phase"], "Succeeded",
+        "steps after a failure do not run"
+    );
+
+    // Delete: finalizers stop QEMU and remove the work directory.
+    w.ok(&["delete", "-f", "VMFile.kdl", "--wait", "--timeout", "120"]);
+    assert!(w.qemu_pids().is_empty(), "QEMU stopped");
+    assert!(!work.exists(), "work directory removed");
+}
+
+#[test]
+fn download_faults_fail_the_image_with_the_reason_and_cache_nothing() {
+    let w = World::new();
+    let www = w.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("small.img"), vec![7u8; 4096]).unwrap();
+    let http = Http::serve(&www);
+    let cases = [
+        (
+            "missing",
+            format!("image-url \"{}\"", http.url("nope.qcow2")),
+            "404",
+        ),
+        (
+            "badsum",
+            format!(
+                "image-url \"{}\" checksum=\"sha256:{}\"",
+                http.url("small.img"),
+                "0".repeat(64)
+            ),
+            "hecksum",
+        ),
+        (
+            "nolocal",
+            "image \"/nonexistent/base.qcow2\"".to_owned(),
+            "nonexistent",
+        ),
+    ];
+    for (name, src, needle) in cases {
+        let file = w.project().join(format!("{name}.kdl"));
+        std::fs::write(&file, format!("vm \"{name}\" {{\n    {src}\n}}\n")).unwrap();
+        let out = w.vmctl(&[
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "60",
+        ]);
+        assert!(!out.status.success(), "{name} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{name}: expected {needle:?} in\n{err}"
+        );
+    }
+    // Nothing half-downloaded is mistaken for an image.
+    let images = w.data().join("images");
+    if images.exists() {
+        for e in walk(&images) {
+            let n = e.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(
+                n != "image" && n != "meta.json",
+                "cached after a failure: {}",
+                e.display()
+            );
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn qemu_killed_from_outside_is_noticed_and_restarted_with_backoff() {
+    let w = World::new();
+    let p = w.project();
+    std::fs::write(
+        p.join("VMFile.kdl"),
+        format!(
+            "vm \"crashy\" {{\n    image \"{}\"\n    memory 512\n    cloud-init {{\n        hostname \"crashy\"\n    }}\n}}\n",
+            tiny_image().display()
+        ),
+    )
+    .unwrap();
+    w.ok(&["apply", "--wait", "--timeout", BOOT]);
+    let before = w.qemu_pids();
+    assert_eq!(before.len(), 1);
+    Command::new("kill")
+        .args(["-KILL", &before[0].to_string()])
+        .status()
+        .unwrap();
+    wait_until("a Crashed note", Duration::from_secs(60), || {
+        w.ok(&["events"]).contains("Crashed")
+    });
+    wait_until("a new QEMU", Duration::from_secs(120), || {
+        let now = w.qemu_pids();
+        now.len() == 1 && now != before
+    });
+    wait_until("Running again", Duration::from_secs(60), || {
+        w.json(&["get", "vm", "crashy", "-o", "json"])[0]["status"]["phase"] == "Running"
+    });
+    let events = w.ok(&["events"]);
+    assert!(events.contains("BackOff"), "{events}");
+    assert_eq!(
+        w.ok(&["ssh", "crashy", "--", "hostname"]).trim(),
+        "crashy",
+        "{events}"
+    );
+}
