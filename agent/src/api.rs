@@ -164,6 +164,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/notes", get(notes_all))
         .route("/v1/notes/{kind}/{name}", get(notes_one))
         .route("/v1/watch", get(watch))
+        .route("/v1/logs/{name}", get(logs))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -468,4 +469,113 @@ where
         rx,
         |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },
     )
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    /// `console` or `provision`.
+    source: String,
+    /// Only the last N lines (0: all).
+    #[serde(default)]
+    tail: usize,
+    /// Keep streaming what is appended.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// The last `n` lines of `text` (all when `n` is 0).
+fn last_lines(text: &[u8], n: usize) -> &[u8] {
+    if n == 0 {
+        return text;
+    }
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    let mut seen = 0;
+    for (i, b) in body.iter().enumerate().rev() {
+        if *b == b'\n' {
+            seen += 1;
+            if seen == n {
+                return &text[i + 1..];
+            }
+        }
+    }
+    text
+}
+
+async fn logs(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<Response> {
+    let file = match q.source.as_str() {
+        "console" => "console.log",
+        "provision" => "provision.log",
+        other => {
+            return Err(ApiError::bad_request(
+                format!("unknown log source `{other}`"),
+                "use source=console or source=provision",
+            ));
+        }
+    };
+    vmctl_api::names::check_name(&name)
+        .map_err(|m| ApiError::bad_request(m, vmctl_api::names::NAME_HELP))?;
+    let r = ObjectRef::new(Kind::VirtualMachine, name.clone());
+    let store = st.store.clone();
+    let rr = r.clone();
+    let obj = blocking(move || store.get(&rr))
+        .await?
+        .ok_or(StoreError::NotFound(r.clone()))?;
+    let work_dir = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.get("runtime"))
+        .and_then(|rt| rt.get("workDir"))
+        .and_then(|w| w.as_str())
+        .map(std::path::PathBuf::from)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "vmctl::vm::invalid_state",
+                format!("VM {name} has no work directory yet"),
+                Some("wait until it has started once"),
+            )
+        })?;
+    let path = work_dir.join(file);
+    let store = st.store.clone();
+    let stream = async_stream(move |tx| async move {
+        let mut offset = 0u64;
+        let mut first = true;
+        loop {
+            let bytes = tokio::fs::read(&path).await.unwrap_or_default();
+            let len = bytes.len() as u64;
+            if len < offset {
+                offset = 0; // truncated or recreated
+            }
+            if len > offset {
+                let new = &bytes[offset as usize..];
+                let chunk = if first { last_lines(new, q.tail) } else { new };
+                if !chunk.is_empty() && tx.send(Bytes::copy_from_slice(chunk)).await.is_err() {
+                    return;
+                }
+                offset = len;
+            }
+            first = false;
+            if !q.follow {
+                return;
+            }
+            // A deleted VM ends the stream.
+            let (s, rr) = (store.clone(), r.clone());
+            if !matches!(
+                tokio::task::spawn_blocking(move || s.get(&rr)).await,
+                Ok(Ok(Some(_)))
+            ) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }

@@ -107,6 +107,18 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "get",
+        path: "/v1/logs/{name}",
+        summary: "A VM's console or provision log as text; follow=true keeps streaming what is appended",
+        request: None,
+        response: (200, None),
+        query: &[
+            ("source", "console or provision"),
+            ("tail", "only the last N lines (0: all)"),
+            ("follow", "true to keep streaming until the VM is deleted"),
+        ],
+    },
+    Route {
+        method: "get",
         path: "/v1/watch",
         summary: "Newline-delimited JSON stream of events after a sequence, then live; a final {\"type\":\"resync\"} line means list again",
         request: None,
@@ -147,6 +159,9 @@ pub fn document() -> String {
             }
             None if r.path == "/v1/watch" => {
                 json!({"description": "NDJSON stream of events", "content": {"application/x-ndjson": {}}})
+            }
+            None if r.path.starts_with("/v1/logs") => {
+                json!({"description": "Log text", "content": {"text/plain": {}}})
             }
             None => json!({"description": "OK (JSON array)", "content": {"application/json": {}}}),
         };

@@ -200,6 +200,23 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Show a VM's console and provision logs.
+    Log {
+        /// The VM.
+        name: String,
+        /// Only the serial console log (boot and cloud-init output).
+        #[arg(long)]
+        console: bool,
+        /// Only the provision log.
+        #[arg(long)]
+        provision: bool,
+        /// Only the last N lines (0 = all).
+        #[arg(short = 'n', long, default_value_t = 0)]
+        tail: usize,
+        /// Keep printing what is appended (needs --console or --provision).
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
     /// Print the JSON Schema of a kind (vm, image, provision), or of all kinds.
     Schema {
         /// The kind: VirtualMachine (vm), Image (image) or Provision (provision).

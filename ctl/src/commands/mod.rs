@@ -9,6 +9,7 @@ mod diff;
 mod events;
 mod get;
 mod history;
+mod log;
 mod schema;
 mod ssh;
 mod validate;
@@ -81,6 +82,13 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             command,
         } => ssh::ssh(&g, name.as_deref(), user.as_deref(), key.as_ref(), &command),
         Command::Exec { name, command } => ssh::exec(&g, &name, &command),
+        Command::Log {
+            name,
+            console,
+            provision,
+            tail,
+            follow,
+        } => log::run(&g, &name, console, provision, tail, follow),
         Command::Validate { file, output } => validate::run(&file, output),
         Command::Convert { file, output } => convert::run(&file, output),
         Command::Schema { kind } => schema::run(kind.as_deref()),

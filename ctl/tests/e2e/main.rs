@@ -306,6 +306,12 @@ vm "zst" {{
     );
     assert!(a < b && log.contains("to-stderr"), "{log}");
 
+    // The same log through the agent, and the guest's serial console.
+    let tail = w.ok(&["log", "qs", "--provision", "--tail", "1"]);
+    assert_eq!(tail.lines().count(), 1, "{tail}");
+    assert!(tail.contains("exited with code 0"), "{tail}");
+    assert!(w.ok(&["log", "qs", "--console"]).contains("ssh ready"));
+
     // ssh and exec work, with the pinned host key and exit codes.
     assert_eq!(w.ok(&["ssh", "qs", "--", "hostname"]).trim(), "qs");
     assert_eq!(
