@@ -481,6 +481,9 @@ struct LogQuery {
     /// Keep streaming what is appended.
     #[serde(default)]
     follow: bool,
+    /// Start at the current end of the log (only what is appended from now).
+    #[serde(default)]
+    skip_existing: bool,
 }
 
 /// The last `n` lines of `text` (all when `n` is 0).
@@ -542,8 +545,15 @@ async fn logs(
     let path = work_dir.join(file);
     let store = st.store.clone();
     let stream = async_stream(move |tx| async move {
-        let mut offset = 0u64;
-        let mut first = true;
+        let mut offset = if q.skip_existing {
+            tokio::fs::metadata(&path)
+                .await
+                .map(|m| m.len())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let mut first = !q.skip_existing;
         loop {
             let bytes = tokio::fs::read(&path).await.unwrap_or_default();
             let len = bytes.len() as u64;

@@ -115,6 +115,10 @@ pub const ROUTES: &[Route] = &[
             ("source", "console or provision"),
             ("tail", "only the last N lines (0: all)"),
             ("follow", "true to keep streaming until the VM is deleted"),
+            (
+                "skip_existing",
+                "true to start at the current end of the log",
+            ),
         ],
     },
     Route {

@@ -217,6 +217,20 @@ pub enum Command {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// Run a VM's provisioners again (recorded in its history) and wait for them.
+    Provision {
+        /// The VM; without it, every VM of the VMFile (see --name).
+        name: Option<String>,
+        /// The VMFile to take VM names from.
+        #[arg(short = 'f', long = "file", default_value = "VMFile.kdl")]
+        file: PathBuf,
+        /// Only this VM of the VMFile.
+        #[arg(long = "name")]
+        only: Option<String>,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Print the JSON Schema of a kind (vm, image, provision), or of all kinds.
     Schema {
         /// The kind: VirtualMachine (vm), Image (image) or Provision (provision).

@@ -10,6 +10,7 @@ mod events;
 mod get;
 mod history;
 mod log;
+mod provision;
 mod schema;
 mod ssh;
 mod validate;
@@ -82,6 +83,18 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             command,
         } => ssh::ssh(&g, name.as_deref(), user.as_deref(), key.as_ref(), &command),
         Command::Exec { name, command } => ssh::exec(&g, &name, &command),
+        Command::Provision {
+            name,
+            file,
+            only,
+            timeout,
+        } => provision::run(
+            &g,
+            name.as_deref(),
+            &file,
+            only.as_deref(),
+            std::time::Duration::from_secs(timeout),
+        ),
         Command::Log {
             name,
             console,

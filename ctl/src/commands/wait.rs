@@ -67,13 +67,44 @@ pub(crate) fn state(o: &Object) -> State {
     }
 }
 
+/// Streams what a Provision's steps print, prefixed with the VM's name, to
+/// stderr until the process ends. Retries until the VM has a work directory.
+fn stream_provision_output(client: &Client, r: &ObjectRef) {
+    let client = client.clone();
+    let name = r.name.clone();
+    std::thread::spawn(move || {
+        let vm = client
+            .call::<Object>("GET", &format!("/v1/objects/provision/{name}"), None::<&()>)
+            .ok()
+            .and_then(|o| o.spec.get("vm").and_then(|v| v.as_str()).map(str::to_owned))
+            .unwrap_or(name);
+        let path = format!("/v1/logs/{vm}?source=provision&follow=true&skip_existing=true");
+        loop {
+            match client.send("GET", &path, None) {
+                Ok(resp) if resp.status == 200 => {
+                    let _ = resp.lines(|line| {
+                        eprintln!("  [{vm}] {}", String::from_utf8_lossy(line));
+                        true
+                    });
+                    return;
+                }
+                _ => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    });
+}
+
 /// Polls the objects until all are Ready, one fails, or `timeout` passes.
-/// Prints each object's progress to stderr when it changes.
+/// Prints each object's progress to stderr when it changes, and what
+/// provisioning steps print, line by line.
 pub(crate) fn wait_ready(
     client: &Client,
     refs: &[ObjectRef],
     timeout: Duration,
 ) -> miette::Result<ExitCode> {
+    for r in refs.iter().filter(|r| r.kind == vmctl_api::Kind::Provision) {
+        stream_provision_output(client, r);
+    }
     let deadline = Instant::now() + timeout;
     let mut last: BTreeMap<ObjectRef, State> = BTreeMap::new();
     loop {
@@ -112,6 +143,10 @@ pub(crate) fn wait_ready(
             }
         }
         if all_ready {
+            if refs.iter().any(|r| r.kind == vmctl_api::Kind::Provision) {
+                // Let the log streams print the last lines (they poll every 200 ms).
+                std::thread::sleep(Duration::from_millis(400));
+            }
             eprintln!("all {} objects are Ready", refs.len());
             return Ok(ExitCode::SUCCESS);
         }
