@@ -231,9 +231,52 @@ pub enum Command {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Manage images: pull, list, inspect, rm, prune.
+    Image {
+        /// The image command.
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Print the JSON Schema of a kind (vm, image, provision), or of all kinds.
     Schema {
         /// The kind: VirtualMachine (vm), Image (image) or Provision (provision).
         kind: Option<String>,
     },
+}
+
+/// `vmctl image` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Download an image into the cache (as an Image object) and wait for it.
+    Pull {
+        /// http(s):// or file:// URL; `.zst`/`.zstd` are decompressed.
+        url: String,
+        /// The Image's name [default: from the URL's file name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Expected digest, `sha256:<hex>` or `sha512:<hex>`.
+        #[arg(long)]
+        checksum: Option<String>,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// List images with their size, format and the VMs that use them.
+    List {
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show a disk image file's format and sizes (qemu-img), or an Image object.
+    Inspect {
+        /// A file path or an image name.
+        target: String,
+    },
+    /// Delete an image (refused while a VM uses it).
+    Rm {
+        /// The image's name.
+        name: String,
+    },
+    /// Delete every image no VM uses.
+    Prune,
 }

@@ -9,6 +9,7 @@ mod diff;
 mod events;
 mod get;
 mod history;
+mod image;
 mod log;
 mod provision;
 mod schema;
@@ -83,6 +84,7 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             command,
         } => ssh::ssh(&g, name.as_deref(), user.as_deref(), key.as_ref(), &command),
         Command::Exec { name, command } => ssh::exec(&g, &name, &command),
+        Command::Image { command } => image::run(&g, command),
         Command::Provision {
             name,
             file,

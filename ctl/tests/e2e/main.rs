@@ -424,6 +424,30 @@ fn download_faults_fail_the_image_with_the_reason_and_cache_nothing() {
             "{name}: expected {needle:?} in\n{err}"
         );
     }
+    // `vmctl image`: pull (with a checksum), list, inspect, rm.
+    std::fs::copy(tiny_image(), www.join("tiny.qcow2")).unwrap();
+    let digest = sha256_file(&www.join("tiny.qcow2"));
+    let pulled = w.ok(&[
+        "image",
+        "pull",
+        &http.url("tiny.qcow2"),
+        "--name",
+        "tiny",
+        "--checksum",
+        &format!("sha256:{digest}"),
+    ]);
+    assert!(pulled.starts_with("image/tiny qcow2"), "{pulled}");
+    let list = w.ok(&["image", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("tiny ") && l.contains("Ready") && l.contains("qcow2")),
+        "{list}"
+    );
+    let info = w.ok(&["image", "inspect", tiny_image().to_str().unwrap()]);
+    assert!(info.contains("format:        qcow2"), "{info}");
+    w.ok(&["image", "rm", "tiny"]);
+    assert!(!w.ok(&["image", "list", "-o", "json"]).contains("\"tiny\""));
+
     // Nothing half-downloaded is mistaken for an image.
     let images = w.data().join("images");
     if images.exists() {

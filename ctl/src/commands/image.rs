@@ -1,0 +1,271 @@
+//! `vmctl image pull|list|inspect|rm|prune`, on top of Image objects.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use vmctl_api::wire::{ApplyRequest, ApplyResponse, ObjectList};
+use vmctl_api::{ApplySource, Image, ImageSource, ImageSpec, Object, ObjectRef, Resource};
+
+use super::{Globals, age, name_arg, table};
+use crate::cli::{ImageCommand, Output};
+use crate::client::Client;
+use crate::output::print;
+
+/// Names of VMs whose spec uses each image.
+fn users(client: &Client) -> miette::Result<std::collections::BTreeMap<String, Vec<String>>> {
+    let vms: ObjectList = client.call("GET", "/v1/objects/vm", None::<&()>)?;
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for vm in vms.items {
+        if let Some(img) = vm.spec.get("image").and_then(|i| i.as_str()) {
+            out.entry(img.to_owned())
+                .or_default()
+                .push(vm.metadata.name.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn size(b: Option<u64>) -> String {
+    match b {
+        Some(b) if b >= 1 << 30 => format!("{:.1}Gi", b as f64 / (1u64 << 30) as f64),
+        Some(b) => format!("{}Mi", b.div_ceil(1 << 20)),
+        None => "-".into(),
+    }
+}
+
+/// Runs an image subcommand.
+pub fn run(g: &Globals, cmd: ImageCommand) -> miette::Result<ExitCode> {
+    match cmd {
+        ImageCommand::Pull {
+            url,
+            name,
+            checksum,
+            timeout,
+        } => pull(g, &url, name, checksum, timeout),
+        ImageCommand::List { output } => list(g, output),
+        ImageCommand::Inspect { target } => inspect(g, &target),
+        ImageCommand::Rm { name } => rm(g, &name),
+        ImageCommand::Prune => prune(g),
+    }
+}
+
+fn pull(
+    g: &Globals,
+    url: &str,
+    name: Option<String>,
+    checksum: Option<String>,
+    timeout: u64,
+) -> miette::Result<ExitCode> {
+    vmctl_api::validate::check_url(url).map_err(|m| {
+        miette::miette!(
+            code = "vmctl::image::bad_url",
+            help = "give an http://, https:// or file:// URL",
+            "{m}"
+        )
+    })?;
+    let name = match name {
+        Some(n) => {
+            name_arg(&n)?;
+            n
+        }
+        None => {
+            // The same name a VMFile gives this URL, so both share the Image.
+            let file = url::Url::parse(url)
+                .ok()
+                .and_then(|u| {
+                    u.path_segments()
+                        .and_then(|mut s| s.next_back().map(str::to_owned))
+                })
+                .unwrap_or_default();
+            vmctl_api::names::derive_name(&file, &format!("url:{url}"))
+        }
+    };
+    let img = Image::new(
+        name.clone(),
+        ImageSpec {
+            source: ImageSource::Url {
+                url: url.to_owned(),
+            },
+            checksum,
+        },
+    );
+    for e in vmctl_api::validate::validate(&Resource::Image(img.clone())) {
+        if e.severity == vmctl_api::validate::Severity::Error {
+            return Err(miette::miette!(
+                code = "vmctl::image::invalid",
+                help = e.help.unwrap_or_default(),
+                "{}",
+                e.message
+            ));
+        }
+    }
+    let client = g.client()?;
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let req = ApplyRequest {
+        objects: vec![img.to_object()],
+        source: Some(ApplySource {
+            file: None,
+            applied_by: Some(format!("{user} via vmctl image pull")),
+        }),
+        dry_run: false,
+        prune: false,
+    };
+    let _: ApplyResponse = client.call("POST", "/v1/apply", Some(&req))?;
+    eprintln!("pulling {url} as image/{name}");
+    let r = ObjectRef::new(vmctl_api::Kind::Image, name);
+    let code = super::wait::wait_ready(
+        &client,
+        std::slice::from_ref(&r),
+        Duration::from_secs(timeout),
+    )?;
+    let o: Object = client.call("GET", &format!("/v1/objects/image/{}", r.name), None::<&()>)?;
+    let st = o.status.unwrap_or_default();
+    println!(
+        "image/{} {} {} at {}",
+        r.name,
+        st["format"].as_str().unwrap_or("?"),
+        size(st["sizeBytes"].as_u64()),
+        st["path"].as_str().unwrap_or("?")
+    );
+    Ok(code)
+}
+
+fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
+    let client = g.client()?;
+    let images: ObjectList = client.call("GET", "/v1/objects/image", None::<&()>)?;
+    let used = users(&client)?;
+    match output {
+        Output::Json | Output::Yaml => {
+            let v: Vec<serde_json::Value> = images
+                .items
+                .iter()
+                .map(|o| serde_json::json!({"image": o, "usedBy": used.get(&o.metadata.name).cloned().unwrap_or_default()}))
+                .collect();
+            let text = if output == Output::Json {
+                format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&v).expect("serialises")
+                )
+            } else {
+                serde_yaml::to_string(&v).expect("serialises")
+            };
+            print(&text)?;
+        }
+        Output::Text => {
+            if images.items.is_empty() {
+                eprintln!("No images.");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut rows = vec![
+                [
+                    "NAME", "PHASE", "FORMAT", "SIZE", "USED BY", "SOURCE", "AGE",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ];
+            for o in &images.items {
+                let st = o.status.clone().unwrap_or_default();
+                let src = o.spec["source"]["url"]
+                    .as_str()
+                    .or(o.spec["source"]["path"].as_str())
+                    .unwrap_or("-");
+                rows.push(vec![
+                    o.metadata.name.clone(),
+                    st["phase"].as_str().unwrap_or("Pending").to_owned(),
+                    st["format"].as_str().unwrap_or("-").to_owned(),
+                    size(st["sizeBytes"].as_u64()),
+                    used.get(&o.metadata.name)
+                        .map(|v| v.join(","))
+                        .unwrap_or_else(|| "-".into()),
+                    src.to_owned(),
+                    age(o.metadata.creation_timestamp),
+                ]);
+            }
+            print(&table(&rows))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(g: &Globals, target: &str) -> miette::Result<ExitCode> {
+    if Path::new(target).exists() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| miette::miette!("{e}"))?;
+        let info = rt
+            .block_on(vmctl_controllers::images::inspect(target))
+            .map_err(|e| {
+                miette::miette!(
+                    code = "vmctl::image::format_detection_failed",
+                    help = "ensure qemu-img is installed and the file is a disk image",
+                    "{e}"
+                )
+            })?;
+        println!("path:          {target}");
+        println!("format:        {}", info.format);
+        println!(
+            "virtual size:  {} ({} bytes)",
+            size(Some(info.virtual_size)),
+            info.virtual_size
+        );
+        println!("file size:     {}", size(info.actual_size));
+        if let Some(b) = info.backing_file {
+            println!("backing file:  {b}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    name_arg(target).map_err(|_| {
+        miette::miette!(
+            code = "vmctl::image::not_found",
+            help = "give an existing file or an image name from `vmctl image list`",
+            "{target} is neither a file nor an image name"
+        )
+    })?;
+    let client = g.client()?;
+    let o: Object = client.call("GET", &format!("/v1/objects/image/{target}"), None::<&()>)?;
+    print(&serde_yaml::to_string(&o).expect("serialises"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rm(g: &Globals, name: &str) -> miette::Result<ExitCode> {
+    name_arg(name)?;
+    let client = g.client()?;
+    if let Some(vms) = users(&client)?.get(name) {
+        return Err(miette::miette!(
+            code = "vmctl::image::in_use",
+            help = format!("delete the VMs first: vmctl delete vm {}", vms.join(" ")),
+            "image {name} is used by {}",
+            vms.join(", ")
+        ));
+    }
+    let _: Option<serde_json::Value> =
+        client.call("DELETE", &format!("/v1/objects/image/{name}"), None::<&()>)?;
+    println!("image/{name} deleted");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn prune(g: &Globals) -> miette::Result<ExitCode> {
+    let client = g.client()?;
+    let used = users(&client)?;
+    let images: ObjectList = client.call("GET", "/v1/objects/image", None::<&()>)?;
+    let mut n = 0;
+    for o in images
+        .items
+        .iter()
+        .filter(|o| !used.contains_key(&o.metadata.name))
+    {
+        let _: Option<serde_json::Value> = client.call(
+            "DELETE",
+            &format!("/v1/objects/image/{}", o.metadata.name),
+            None::<&()>,
+        )?;
+        println!("image/{} deleted", o.metadata.name);
+        n += 1;
+    }
+    if n == 0 {
+        eprintln!("no unused images");
+    }
+    Ok(ExitCode::SUCCESS)
+}
