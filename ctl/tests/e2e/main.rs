@@ -424,6 +424,18 @@ fn download_faults_fail_the_image_with_the_reason_and_cache_nothing() {
             "{name}: expected {needle:?} in\n{err}"
         );
     }
+    // Nothing half-downloaded is mistaken for an image.
+    let images = w.data().join("images");
+    if images.exists() {
+        for e in walk(&images) {
+            let n = e.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(
+                n != "image" && n != "meta.json",
+                "cached after a failure: {}",
+                e.display()
+            );
+        }
+    }
     // `vmctl image`: pull (with a checksum), list, inspect, rm.
     std::fs::copy(tiny_image(), www.join("tiny.qcow2")).unwrap();
     let digest = sha256_file(&www.join("tiny.qcow2"));
@@ -447,19 +459,6 @@ fn download_faults_fail_the_image_with_the_reason_and_cache_nothing() {
     assert!(info.contains("format:        qcow2"), "{info}");
     w.ok(&["image", "rm", "tiny"]);
     assert!(!w.ok(&["image", "list", "-o", "json"]).contains("\"tiny\""));
-
-    // Nothing half-downloaded is mistaken for an image.
-    let images = w.data().join("images");
-    if images.exists() {
-        for e in walk(&images) {
-            let n = e.file_name().unwrap().to_string_lossy().into_owned();
-            assert!(
-                n != "image" && n != "meta.json",
-                "cached after a failure: {}",
-                e.display()
-            );
-        }
-    }
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
