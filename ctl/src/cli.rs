@@ -237,6 +237,141 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Create a VM (stopped unless --start), as the manual's `vmctl create`.
+    Create {
+        /// VM name.
+        #[arg(long)]
+        name: String,
+        /// Path to a local disk image.
+        #[arg(long, conflicts_with = "image_url")]
+        image: Option<PathBuf>,
+        /// URL to download an image from.
+        #[arg(long)]
+        image_url: Option<String>,
+        /// Number of virtual CPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory: u64,
+        /// Disk size in GiB.
+        #[arg(long)]
+        disk: Option<u64>,
+        /// Bridge for TAP networking (default: user networking).
+        #[arg(long)]
+        bridge: Option<String>,
+        /// A cloud-init user-data file, passed through.
+        #[arg(long = "cloud-init")]
+        cloud_init: Option<PathBuf>,
+        /// An SSH public key file to authorise.
+        #[arg(long = "ssh-key")]
+        ssh_key: Option<PathBuf>,
+        /// Start it and wait until it runs.
+        #[arg(long)]
+        start: bool,
+        /// How long --start waits, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Start a VM and wait until it runs.
+    Start {
+        /// The VM.
+        name: String,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Stop a VM (ACPI shutdown, forced after the agent's stop timeout) and wait.
+    Stop {
+        /// The VM.
+        name: String,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Pause a running VM.
+    Suspend {
+        /// The VM.
+        name: String,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Continue a paused VM.
+    Resume {
+        /// The VM.
+        name: String,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Delete a VM and everything it owns (disk, seed, work directory).
+    Destroy {
+        /// The VM.
+        name: String,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// List VMs with the manual's columns.
+    List {
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show one VM's details (the manual's fields).
+    Status {
+        /// The VM.
+        name: String,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Bring up the VMs of a VMFile: apply, boot, provision, wait.
+    Up {
+        /// The VMFile.
+        #[arg(short = 'f', long = "file", default_value = "VMFile.kdl")]
+        file: PathBuf,
+        /// Only this VM.
+        #[arg(long)]
+        name: Option<String>,
+        /// Do not apply the provisioners.
+        #[arg(long)]
+        no_provision: bool,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+    /// Stop the VMs of a VMFile, or delete them with --destroy.
+    Down {
+        /// The VMFile.
+        #[arg(short = 'f', long = "file", default_value = "VMFile.kdl")]
+        file: PathBuf,
+        /// Only this VM.
+        #[arg(long)]
+        name: Option<String>,
+        /// Delete the VMs and their disks.
+        #[arg(long)]
+        destroy: bool,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Destroy and recreate the VMs of a VMFile, then provision them again.
+    Reload {
+        /// The VMFile.
+        #[arg(short = 'f', long = "file", default_value = "VMFile.kdl")]
+        file: PathBuf,
+        /// Only this VM.
+        #[arg(long)]
+        name: Option<String>,
+        /// Do not apply the provisioners.
+        #[arg(long)]
+        no_provision: bool,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
     /// Print the JSON Schema of a kind (vm, image, provision), or of all kinds.
     Schema {
         /// The kind: VirtualMachine (vm), Image (image) or Provision (provision).

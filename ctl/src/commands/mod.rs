@@ -11,11 +11,13 @@ mod get;
 mod history;
 mod image;
 mod log;
+mod power;
 mod provision;
 mod schema;
 mod ssh;
 mod validate;
 mod wait;
+mod workflow;
 
 use std::process::ExitCode;
 
@@ -85,6 +87,83 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
         } => ssh::ssh(&g, name.as_deref(), user.as_deref(), key.as_ref(), &command),
         Command::Exec { name, command } => ssh::exec(&g, &name, &command),
         Command::Image { command } => image::run(&g, command),
+        Command::Create {
+            name,
+            image,
+            image_url,
+            vcpus,
+            memory,
+            disk,
+            bridge,
+            cloud_init,
+            ssh_key,
+            start,
+            timeout,
+        } => workflow::create(
+            &g,
+            workflow::CreateArgs {
+                name,
+                image,
+                image_url,
+                vcpus,
+                memory,
+                disk,
+                bridge,
+                cloud_init,
+                ssh_key,
+                start,
+                timeout: secs(timeout),
+            },
+        ),
+        Command::Start { name, timeout } => power::power(
+            &g,
+            &name,
+            vmctl_api::PowerState::Running,
+            "start",
+            secs(timeout),
+        ),
+        Command::Stop { name, timeout } => power::power(
+            &g,
+            &name,
+            vmctl_api::PowerState::Stopped,
+            "stop",
+            secs(timeout),
+        ),
+        Command::Suspend { name, timeout } => power::power(
+            &g,
+            &name,
+            vmctl_api::PowerState::Suspended,
+            "suspend",
+            secs(timeout),
+        ),
+        Command::Resume { name, timeout } => power::power(
+            &g,
+            &name,
+            vmctl_api::PowerState::Running,
+            "resume",
+            secs(timeout),
+        ),
+        Command::Destroy { name, timeout } => power::destroy(&g, &name, secs(timeout)),
+        Command::List { output } => power::list(&g, output),
+        Command::Status { name, output } => power::status(&g, &name, output),
+        Command::Up {
+            file,
+            name,
+            no_provision,
+            timeout,
+        } => workflow::up(&g, &file, name.as_deref(), no_provision, secs(timeout)),
+        Command::Down {
+            file,
+            name,
+            destroy,
+            timeout,
+        } => workflow::down(&g, &file, name.as_deref(), destroy, secs(timeout)),
+        Command::Reload {
+            file,
+            name,
+            no_provision,
+            timeout,
+        } => workflow::reload(&g, &file, name.as_deref(), no_provision, secs(timeout)),
         Command::Provision {
             name,
             file,
@@ -241,4 +320,8 @@ pub(crate) fn table(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+fn secs(s: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(s)
 }

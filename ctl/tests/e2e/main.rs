@@ -511,3 +511,61 @@ fn qemu_killed_from_outside_is_noticed_and_restarted_with_backoff() {
         "{events}"
     );
 }
+
+#[test]
+fn imperative_tutorial_create_start_suspend_resume_stop_destroy() {
+    let w = World::new();
+    let img = tiny_image().to_str().unwrap().to_owned();
+    let out = w.ok(&[
+        "create", "--name", "imp", "--image", &img, "--memory", "512",
+    ]);
+    assert!(out.contains("vm/imp created"), "{out}");
+    let again = w.vmctl(&["create", "--name", "imp", "--image", &img]);
+    assert!(
+        !again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("already exists")
+    );
+    let list = w.ok(&["list"]);
+    assert!(
+        list.starts_with("NAME") && list.contains("BACKEND") && list.contains("SSH"),
+        "{list}"
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("imp ") && l.contains("Stopped")),
+        "{list}"
+    );
+    assert!(w.qemu_pids().is_empty(), "created stopped: no QEMU");
+    w.ok(&["start", "imp", "--timeout", BOOT]);
+    wait_until("SSH", Duration::from_secs(240), || {
+        w.vmctl(&["exec", "imp", "--", "true"]).status.success()
+    });
+    assert_eq!(w.ok(&["ssh", "imp", "--", "hostname"]).trim(), "imp");
+    w.ok(&["suspend", "imp"]);
+    let st = w.json(&["status", "imp", "-o", "json"]);
+    assert_eq!(st["state"], "Suspended");
+    assert_eq!(st["backend"], "qemu");
+    assert!(st["pid"].as_str().unwrap().parse::<u32>().is_ok(), "{st}");
+    w.ok(&["resume", "imp"]);
+    assert_eq!(w.ok(&["exec", "imp", "--", "hostname"]).trim(), "imp");
+    w.ok(&["stop", "imp", "--timeout", "120"]);
+    assert!(w.qemu_pids().is_empty(), "stopped: no QEMU");
+    let hist = w.ok(&["history", "vm", "imp"]);
+    for verb in [
+        "vmctl create",
+        "vmctl start",
+        "vmctl suspend",
+        "vmctl resume",
+        "vmctl stop",
+    ] {
+        assert!(hist.contains(verb), "history records {verb}:\n{hist}");
+    }
+    let work = PathBuf::from(
+        w.json(&["status", "imp", "-o", "json"])["work_dir"]
+            .as_str()
+            .unwrap(),
+    );
+    w.ok(&["destroy", "imp"]);
+    assert!(!work.exists(), "destroy removes the work directory");
+    assert!(!w.ok(&["list"]).contains("imp "));
+}

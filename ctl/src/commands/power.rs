@@ -1,0 +1,276 @@
+//! The manual's imperative VM commands, as thin layers over apply: `start`,
+//! `stop`, `suspend`, `resume` change `spec.powerState` (recorded in the
+//! log like any spec change); `destroy` deletes; `list` and `status` read.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use vmctl_api::wire::{ApplyRequest, ApplyResponse, ObjectList};
+use vmctl_api::{ApplySource, Object, PowerState, VirtualMachine};
+
+use super::{Globals, name_arg, table};
+use crate::cli::Output;
+use crate::client::{Client, ClientError};
+use crate::output::print;
+
+fn get_vm(client: &Client, name: &str) -> miette::Result<Object> {
+    match client.call::<Object>("GET", &format!("/v1/objects/vm/{name}"), None::<&()>) {
+        Err(ClientError::Api { status: 404, .. }) => Err(miette::miette!(
+            code = "vmctl::vm::not_found",
+            help = "run `vmctl list` to see available VMs",
+            "VM {name} not found"
+        )),
+        r => Ok(r?),
+    }
+}
+
+/// Sets `powerState` through apply (keeping the object's apply source).
+pub(crate) fn set_power(
+    client: &Client,
+    name: &str,
+    want: PowerState,
+    verb: &str,
+) -> miette::Result<u64> {
+    let mut obj = get_vm(client, name)?;
+    obj.spec["powerState"] = serde_json::to_value(want).expect("serialises");
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let source = ApplySource {
+        file: obj.metadata.source.as_ref().and_then(|s| s.file.clone()),
+        applied_by: Some(format!("{user} via vmctl {verb}")),
+    };
+    let req = ApplyRequest {
+        objects: vec![obj],
+        source: Some(source),
+        dry_run: false,
+        prune: false,
+    };
+    let resp: ApplyResponse = client.call("POST", "/v1/apply", Some(&req))?;
+    Ok(resp.results.first().map(|r| r.generation).unwrap_or(0))
+}
+
+/// Waits until the VM reports `phase` for generation `generation` or later.
+pub(crate) fn wait_phase(
+    client: &Client,
+    name: &str,
+    generation: u64,
+    phase: &str,
+    timeout: Duration,
+) -> miette::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let o = get_vm(client, name)?;
+        let st = o.status.clone().unwrap_or_default();
+        let now = st["phase"].as_str().unwrap_or("Pending").to_owned();
+        let observed = st["observedGeneration"].as_u64().unwrap_or(0);
+        if observed >= generation && now == phase {
+            return Ok(());
+        }
+        if now != last {
+            eprintln!("  vm/{name}: {now}");
+            last = now.clone();
+        }
+        if observed >= generation && (now == "Failed" || now == "CrashLoopBackOff") {
+            let reason = st["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+                .map(|c| {
+                    format!(
+                        "{}: {}",
+                        c["reason"].as_str().unwrap_or(""),
+                        c["message"].as_str().unwrap_or("")
+                    )
+                })
+                .unwrap_or_default();
+            return Err(miette::miette!(
+                code = "vmctl::vm::invalid_state",
+                help = format!("run `vmctl describe vm {name}`"),
+                "VM {name} is {now}: {reason}"
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(miette::miette!(
+                code = "vmctl::vm::timeout",
+                help = format!("run `vmctl describe vm {name}`"),
+                "VM {name} did not reach {phase} in {}s (it is {now})",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `vmctl start|stop|suspend|resume NAME`.
+pub fn power(
+    g: &Globals,
+    name: &str,
+    want: PowerState,
+    verb: &str,
+    timeout: Duration,
+) -> miette::Result<ExitCode> {
+    name_arg(name)?;
+    let client = g.client()?;
+    let phase = match want {
+        PowerState::Running => "Running",
+        PowerState::Stopped => "Stopped",
+        PowerState::Suspended => "Suspended",
+    };
+    let generation = set_power(&client, name, want, verb)?;
+    wait_phase(&client, name, generation, phase, timeout)?;
+    println!("vm/{name} {}", phase.to_lowercase());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vmctl destroy NAME`: deletes the VM (and its Provision); the finalizer
+/// stops it and removes its work directory.
+pub fn destroy(g: &Globals, name: &str, timeout: Duration) -> miette::Result<ExitCode> {
+    name_arg(name)?;
+    let client = g.client()?;
+    get_vm(&client, name)?;
+    for kind in ["provision", "vm"] {
+        let path = format!("/v1/objects/{kind}/{name}");
+        match client.call::<Option<serde_json::Value>>("DELETE", &path, None::<&()>) {
+            Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    while client
+        .call::<Object>("GET", &format!("/v1/objects/vm/{name}"), None::<&()>)
+        .is_ok()
+    {
+        if Instant::now() >= deadline {
+            return Err(miette::miette!(
+                code = "vmctl::vm::timeout",
+                help = format!("run `vmctl describe vm {name}`"),
+                "VM {name} still exists after {}s",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("vm/{name} destroyed");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn network(vm: &VirtualMachine) -> String {
+    match &vm.spec.network {
+        vmctl_api::Network::User => "user".into(),
+        vmctl_api::Network::Tap { bridge } => format!("tap:{bridge}"),
+        vmctl_api::Network::Vnic { name } => format!("vnic:{name}"),
+        vmctl_api::Network::None => "none".into(),
+    }
+}
+
+/// `vmctl list`: the manual's columns.
+pub fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
+    let client = g.client()?;
+    let vms: ObjectList = client.call("GET", "/v1/objects/vm", None::<&()>)?;
+    if output != Output::Text {
+        let text = if output == Output::Json {
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(&vms.items).expect("serialises")
+            )
+        } else {
+            serde_yaml::to_string(&vms.items).expect("serialises")
+        };
+        return print(&text).map(|()| ExitCode::SUCCESS);
+    }
+    let mut rows = vec![
+        [
+            "NAME", "BACKEND", "VCPUS", "MEM", "NETWORK", "PID", "SSH", "STATE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for o in &vms.items {
+        let Ok(vm) = VirtualMachine::from_object(o) else {
+            continue;
+        };
+        let st = vm.status.clone().unwrap_or_default();
+        let rt = st.runtime.clone().unwrap_or_default();
+        rows.push(vec![
+            vm.metadata.name.clone(),
+            if rt.backend.is_empty() {
+                "-".into()
+            } else {
+                rt.backend.clone()
+            },
+            vm.spec.vcpus.to_string(),
+            format!("{}M", vm.spec.memory_mib),
+            network(&vm),
+            rt.pid.map_or("-".into(), |p| p.to_string()),
+            rt.ssh_port.map_or("-".into(), |p| p.to_string()),
+            format!("{:?}", st.phase),
+        ]);
+    }
+    print(&table(&rows))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vmctl status NAME`: every field the manual lists.
+pub fn status(g: &Globals, name: &str, output: Output) -> miette::Result<ExitCode> {
+    name_arg(name)?;
+    let client = g.client()?;
+    let o = get_vm(&client, name)?;
+    let vm = VirtualMachine::from_object(&o)
+        .map_err(|e| miette::miette!("unexpected VM object: {e}"))?;
+    let st = vm.status.clone().unwrap_or_default();
+    let rt = st.runtime.clone().unwrap_or_default();
+    let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let fields: Vec<(&str, String)> = vec![
+        ("name", vm.metadata.name.clone()),
+        ("id", dash(vm.metadata.uid.clone())),
+        (
+            "backend",
+            if rt.backend.is_empty() {
+                "-".into()
+            } else {
+                rt.backend.clone()
+            },
+        ),
+        ("state", format!("{:?}", st.phase)),
+        ("vcpus", vm.spec.vcpus.to_string()),
+        ("memory", format!("{} MiB", vm.spec.memory_mib)),
+        (
+            "disk",
+            vm.spec
+                .disk_gib
+                .map_or("base image size".into(), |d| format!("{d} GiB")),
+        ),
+        ("network", network(&vm)),
+        ("work dir", dash(rt.work_dir.clone())),
+        ("overlay", dash(rt.overlay.clone())),
+        ("seed iso", dash(rt.seed_iso.clone())),
+        ("pid", dash(rt.pid.map(|p| p.to_string()))),
+        ("vnc", dash(rt.vnc.clone())),
+        ("ssh port", dash(rt.ssh_port.map(|p| p.to_string()))),
+        ("mac", dash(rt.mac.clone())),
+    ];
+    match output {
+        Output::Json | Output::Yaml => {
+            let map: serde_json::Map<String, serde_json::Value> = fields
+                .iter()
+                .map(|(k, v)| (k.replace(' ', "_"), serde_json::Value::String(v.clone())))
+                .collect();
+            let text = if output == Output::Json {
+                format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&map).expect("serialises")
+                )
+            } else {
+                serde_yaml::to_string(&map).expect("serialises")
+            };
+            print(&text)?;
+        }
+        Output::Text => {
+            let text: String = fields
+                .iter()
+                .map(|(k, v)| format!("{:<10} {v}\n", format!("{k}:")))
+                .collect();
+            print(&text)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
