@@ -372,6 +372,18 @@ pub enum Command {
         #[arg(long, default_value_t = 900)]
         timeout: u64,
     },
+    /// Attach to a VM's serial console (type Ctrl-] then Enter to detach).
+    Console {
+        /// The VM.
+        name: String,
+    },
+    /// Print a shell completion script (e.g. `vmctl completions bash > /etc/bash_completion.d/vmctl`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from these definitions.
+    Man,
     /// Print the JSON Schema of a kind (vm, image, provision), or of all kinds.
     Schema {
         /// The kind: VirtualMachine (vm), Image (image) or Provision (provision).

@@ -2,6 +2,7 @@
 
 mod agent;
 mod apply;
+mod console;
 mod convert;
 mod delete;
 mod describe;
@@ -87,6 +88,23 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
         } => ssh::ssh(&g, name.as_deref(), user.as_deref(), key.as_ref(), &command),
         Command::Exec { name, command } => ssh::exec(&g, &name, &command),
         Command::Image { command } => image::run(&g, command),
+        Command::Console { name } => console::run(&g, &name),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "vmctl", &mut out);
+            crate::output::print(&String::from_utf8_lossy(&out))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(|e| miette::miette!("{e}"))?;
+            crate::output::print(&String::from_utf8_lossy(&out))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Create {
             name,
             image,

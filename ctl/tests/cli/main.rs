@@ -184,3 +184,67 @@ fn schema_prints_the_checked_in_schema() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown kind `gadget`"));
 }
+
+#[test]
+fn completions_and_man_page_come_from_the_clap_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = vmctl(&["completions", shell], None);
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("apply") && text.contains("validate"),
+            "{shell}"
+        );
+    }
+    let man = vmctl(&["man"], None);
+    let text = String::from_utf8(man.stdout).unwrap();
+    assert!(
+        text.starts_with(".ie") && text.contains(".TH vmctl 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn every_command_has_help() {
+    let out = vmctl(&["--help"], None);
+    let text = String::from_utf8(out.stdout).unwrap();
+    for cmd in [
+        "validate",
+        "convert",
+        "schema",
+        "agent",
+        "apply",
+        "get",
+        "describe",
+        "delete",
+        "diff",
+        "history",
+        "events",
+        "ssh",
+        "exec",
+        "log",
+        "provision",
+        "image",
+        "create",
+        "start",
+        "stop",
+        "suspend",
+        "resume",
+        "destroy",
+        "list",
+        "status",
+        "up",
+        "down",
+        "reload",
+        "console",
+        "completions",
+        "man",
+    ] {
+        assert!(
+            text.contains(&format!("  {cmd} ")),
+            "`{cmd}` missing from --help:\n{text}"
+        );
+        let sub = vmctl(&[cmd, "--help"], None);
+        assert!(sub.status.success(), "{cmd} --help");
+    }
+}
