@@ -405,6 +405,11 @@ pub struct VirtualMachineStatus {
     /// Runtime details of the VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<VmRuntime>,
+    /// Digest of the spec fields that need a restart (vcpus, memory,
+    /// network, image) as the running instance was started with; a spec
+    /// that differs raises `RestartRequired` or restarts, per `updatePolicy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_spec: Option<String>,
 }
 
 // ----------------------------------------------------------------- Image ----

@@ -18,11 +18,12 @@
 //! deadline growing exponentially, and reported by a Warning note `BackOff`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use vmctl_api::{
     Condition, ConditionStatus, Image, ImagePhase, Kind, NoteType, Object, ObjectRef, PowerState,
-    VirtualMachine, VirtualMachineStatus, VmPhase, set_condition,
+    UpdatePolicy, VirtualMachine, VirtualMachineStatus, VmPhase, set_condition,
 };
 use vmctl_store::{Change, Event};
 
@@ -236,18 +237,24 @@ impl Reconciler for VmReconciler {
                     (retry_after - now).to_std().unwrap_or_default(),
                 ));
             }
-            if instance.is_none() {
-                let image = image.clone().expect("checked above");
-                let spec = InstanceSpec {
-                    name: name.to_owned(),
-                    spec: vm.spec.clone(),
-                    image,
-                };
-                instance = Some(hv.prepare(&spec).await.map_err(driver("prepare", name))?);
+            // Prepare before every start: it is idempotent and brings the
+            // instance's configuration (vcpus, memory, disk size) to the spec.
+            match image.clone() {
+                Ok(image) => {
+                    let spec = InstanceSpec {
+                        name: name.to_owned(),
+                        spec: vm.spec.clone(),
+                        image,
+                    };
+                    instance = Some(hv.prepare(&spec).await.map_err(driver("prepare", name))?);
+                }
+                Err(_) if instance.is_some() => {}
+                Err(_) => unreachable!("a missing instance with no image returned above"),
             }
             match hv.start(name).await {
                 Ok(st) => {
                     status.start_failures = Default::default();
+                    status.started_spec = Some(restart_digest(&vm.spec));
                     let port = st
                         .runtime
                         .ssh_port
@@ -303,6 +310,58 @@ impl Reconciler for VmReconciler {
             }
             (_, s) => s,
         };
+
+        // A running instance whose restart-only fields differ from the spec.
+        if matches!(
+            next,
+            Some(InstanceState::Running | InstanceState::Suspended)
+        ) {
+            let want_digest = restart_digest(&vm.spec);
+            let started = status
+                .started_spec
+                .get_or_insert_with(|| want_digest.clone())
+                .clone();
+            let differs = started != want_digest;
+            if differs && vm.spec.update_policy == UpdatePolicy::Restart {
+                hv.stop(name, ctx.config.stop_timeout)
+                    .await
+                    .map_err(driver("stop", name))?;
+                let msg =
+                    format!("Restarting VM {name} to apply a spec change (updatePolicy Restart)");
+                ctx.note(&r, NoteType::Normal, Self::NAME, "Restarting", msg)
+                    .await;
+                status.phase = VmPhase::Stopped;
+                status.observed_generation = generation;
+                let cond = condition("Ready", false, "Restarting", String::new(), generation);
+                set_condition(&mut status.conditions, cond, Utc::now());
+                ctx.write_status(&obj, &status).await?;
+                return Ok(Action::requeue(Duration::ZERO));
+            }
+            let cond = if differs {
+                condition(
+                    "RestartRequired",
+                    true,
+                    "SpecChanged",
+                    "vcpus, memory, network or image changed; stop and start the VM (or set update-policy \"restart\") to apply".into(),
+                    generation,
+                )
+            } else {
+                condition(
+                    "RestartRequired",
+                    false,
+                    "UpToDate",
+                    String::new(),
+                    generation,
+                )
+            };
+            if set_condition(&mut status.conditions, cond, Utc::now()) && differs {
+                let msg = format!(
+                    "VM {name} runs with an older spec; the change applies at the next start"
+                );
+                ctx.note(&r, NoteType::Warning, Self::NAME, "RestartRequired", msg)
+                    .await;
+            }
+        }
 
         // Report.
         let (phase, ready, reason) = match next {
@@ -377,4 +436,16 @@ impl VmReconciler {
         .await;
         Ok(Action::requeue(delay))
     }
+}
+
+/// Digest of the spec fields that only a restart can apply.
+pub fn restart_digest(spec: &vmctl_api::VirtualMachineSpec) -> String {
+    use sha2::Digest;
+    let v = serde_json::json!({
+        "vcpus": spec.vcpus,
+        "memoryMib": spec.memory_mib,
+        "network": spec.network,
+        "image": spec.image,
+    });
+    hex::encode(&sha2::Sha256::digest(v.to_string().as_bytes())[..8])
 }

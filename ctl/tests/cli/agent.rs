@@ -443,3 +443,56 @@ fn wait_fails_with_the_failing_conditions_reason() {
     assert!(err.contains("image/bad-img-c9e6519b"), "{err}");
     assert!(err.contains("timed out") || err.contains("failed"), "{err}");
 }
+
+#[test]
+fn a_memory_change_on_a_running_vm_is_reported_or_applied_per_policy() {
+    let a = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("VMFile.kdl");
+    let fs = f.to_str().unwrap();
+    let write = |memory: u32, policy: &str| {
+        std::fs::write(
+            &f,
+            format!("vm \"m\" {{\n  image-url \"https://e.com/x.img\"\n  memory {memory}\n  {policy}\n}}\n"),
+        )
+        .unwrap()
+    };
+    let ready_cond = |a: &Agent| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&stdout(&a.vmctl(&["get", "vm", "m", "-o", "json"], None)))
+                .unwrap();
+        v[0]["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "RestartRequired").cloned())
+            .unwrap_or_default()
+    };
+    write(512, "");
+    assert!(
+        a.vmctl(&["apply", "-f", fs, "--wait", "--timeout", "30"], None)
+            .status
+            .success()
+    );
+    write(1024, "");
+    assert!(
+        a.vmctl(&["apply", "-f", fs, "--wait", "--timeout", "30"], None)
+            .status
+            .success()
+    );
+    let c = ready_cond(&a);
+    assert_eq!(c["status"], "True", "{c}");
+    assert_eq!(c["reason"], "SpecChanged");
+    assert!(stdout(&a.vmctl(&["events"], None)).contains("RestartRequired"));
+    // With update-policy "restart" the VM is restarted and the condition clears.
+    write(1024, "update-policy \"restart\"");
+    assert!(a.vmctl(&["apply", "-f", fs], None).status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ready_cond(&a)["status"] != "False" {
+        assert!(
+            Instant::now() < deadline,
+            "RestartRequired never cleared: {}",
+            ready_cond(&a)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(stdout(&a.vmctl(&["events"], None)).contains("Restarting"));
+}

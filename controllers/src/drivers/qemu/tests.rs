@@ -145,7 +145,7 @@ async fn tiny_image_boots_suspends_stops_is_adopted_and_dies_visibly() {
     d2.stop(name, Duration::from_secs(90)).await.unwrap();
     eprintln!("ACPI stop took {:?}", t.elapsed());
     assert_eq!(state(&d, name).await, Some(InstanceState::Stopped));
-    let exit = d.last_exit(name).unwrap();
+    let exit = wait_last_exit(&d, name).await;
     assert!(exit.requested, "{exit:?}");
     assert_eq!(exit.exit, Exit::Code(0), "the guest powered off cleanly");
 
@@ -160,7 +160,7 @@ async fn tiny_image_boots_suspends_stops_is_adopted_and_dies_visibly() {
     assert!(process::wait_gone(pid, Duration::from_secs(5)).await);
     let st = d.status(name).await.unwrap().unwrap();
     assert_eq!((st.state, st.runtime.pid), (InstanceState::Stopped, None));
-    let exit = d.last_exit(name).unwrap();
+    let exit = wait_last_exit(&d, name).await;
     assert_eq!((exit.exit, exit.requested), (Exit::Signal(9), false));
 
     d.destroy(name).await.unwrap();
@@ -296,4 +296,16 @@ async fn qemu_outlives_the_agent_process_and_is_adopted() {
     assert_eq!(d.start("orphan").await.unwrap().runtime.pid, Some(pid));
     d.destroy("orphan").await.unwrap();
     assert!(!process::is_alive(pid));
+}
+
+/// The supervisor writes the exit status just after QEMU is gone: give it a
+/// moment on a loaded machine.
+async fn wait_last_exit(d: &QemuDriver, name: &str) -> LastExit {
+    for _ in 0..100 {
+        if let Some(e) = d.last_exit(name) {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no exit status recorded for {name}");
 }
