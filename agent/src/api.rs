@@ -24,15 +24,23 @@ use crate::config::AgentConfig;
 pub struct AppState {
     store: Arc<dyn Store>,
     cfg: Arc<AgentConfig>,
+    cache: Option<Arc<crate::cache::ObjectCache>>,
 }
 
 impl AppState {
-    /// State over a store.
+    /// State over a store; lists read the store directly.
     pub fn new(store: Arc<dyn Store>, cfg: AgentConfig) -> Self {
         AppState {
             store,
             cfg: Arc::new(cfg),
+            cache: None,
         }
+    }
+
+    /// Serves lists from an in-memory cache of the store.
+    pub fn with_cache(mut self, cache: Arc<crate::cache::ObjectCache>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 }
 
@@ -316,8 +324,20 @@ fn selector(q: &ListQuery) -> ApiResult<BTreeMap<String, String>> {
     Ok(out)
 }
 
-async fn list(st: AppState, kind: Option<Kind>, q: ListQuery) -> ApiResult<Json<ObjectList>> {
+async fn list(st: AppState, kind: Option<Kind>, q: ListQuery) -> ApiResult<Response> {
     let sel = selector(&q)?;
+    if let Some(cache) = &st.cache {
+        // Read your writes: wait for what the store has acknowledged so far.
+        if cache
+            .caught_up(st.store.last_seq(), std::time::Duration::from_secs(1))
+            .await
+        {
+            let body = cache.list_json(kind, |o| {
+                sel.iter().all(|(k, v)| o.metadata.labels.get(k) == Some(v))
+            });
+            return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+        }
+    }
     let store = st.store.clone();
     let listing = blocking(move || store.list(kind)).await?;
     let items = listing
@@ -328,13 +348,11 @@ async fn list(st: AppState, kind: Option<Kind>, q: ListQuery) -> ApiResult<Json<
     Ok(Json(ObjectList {
         items,
         resource_version: listing.resource_version,
-    }))
+    })
+    .into_response())
 }
 
-async fn list_all(
-    State(st): State<AppState>,
-    Query(q): Query<ListQuery>,
-) -> ApiResult<Json<ObjectList>> {
+async fn list_all(State(st): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
     list(st, None, q).await
 }
 
@@ -342,7 +360,7 @@ async fn list_kind(
     State(st): State<AppState>,
     Path(kind): Path<String>,
     Query(q): Query<ListQuery>,
-) -> ApiResult<Json<ObjectList>> {
+) -> ApiResult<Response> {
     let kind = parse_kind(&kind)?;
     list(st, Some(kind), q).await
 }

@@ -11,6 +11,7 @@
 //! ```
 
 pub mod api;
+pub mod cache;
 pub mod config;
 pub mod openapi;
 pub mod server;

@@ -193,7 +193,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         cfg.retention.clone(),
         stop.subscribe(),
     ));
-    let state = AppState::new(store, cfg.clone());
+    let cache = crate::cache::ObjectCache::start(store.clone(), stop.subscribe());
+    let state = AppState::new(store, cfg.clone()).with_cache(cache);
     let app = api::router(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
