@@ -29,6 +29,9 @@ pub enum AgentError {
     /// The requested driver does not exist.
     #[error("unknown or unavailable driver `{0}`")]
     Driver(String),
+    /// `VMCTL_SEED_TOOL` names no known ISO writer.
+    #[error("unknown seed tool `{0}`")]
+    SeedTool(String),
     /// `VMCTL_ACCEL` is not kvm, tcg or auto.
     #[error("invalid accelerator setting: {0}")]
     Accel(String),
@@ -62,6 +65,9 @@ impl AgentError {
             AgentError::Serve(_) | AgentError::Controllers(_) => "see the agent log".into(),
             AgentError::FakeConfig(_) => "fix the VMCTL_FAKE_* environment variables".into(),
             AgentError::Accel(_) => "set VMCTL_ACCEL to kvm, tcg or auto".into(),
+            AgentError::SeedTool(_) => {
+                "set VMCTL_SEED_TOOL to auto, genisoimage, mkisofs, xorriso or builtin".into()
+            }
         }
     }
 }
@@ -124,9 +130,16 @@ fn drivers(cfg: &AgentConfig) -> Result<vmctl_controllers::Drivers, AgentError> 
         }
         "qemu" => {
             use vmctl_controllers::drivers::qemu::{QemuConfig, QemuDriver};
-            let qcfg = QemuConfig::new(cfg.data_dir.clone())
+            let mut qcfg = QemuConfig::new(cfg.data_dir.clone())
                 .with_env_overrides()
                 .map_err(|e| AgentError::Accel(e.to_string()))?;
+            // Which ISO writer builds cloud-init seeds: auto (default),
+            // genisoimage, mkisofs, xorriso or builtin (the pure-Rust one).
+            if let Ok(tool) = std::env::var("VMCTL_SEED_TOOL") {
+                qcfg.seed_tool = tool
+                    .parse()
+                    .map_err(|_| AgentError::SeedTool(tool.clone()))?;
+            }
             Ok(vmctl_controllers::Drivers {
                 hypervisor: Arc::new(QemuDriver::new(qcfg)),
                 images: Arc::new(vmctl_controllers::drivers::cached::CachedImages::new(

@@ -142,10 +142,33 @@ impl Reconciler for ImageReconciler {
             generation,
         );
         set_condition(&mut status.conditions, cond, Utc::now());
-        let obj = ctx.write_status(&obj, &status).await?;
-        // Progress is kept in memory; writing every update would churn the log.
-        let progress = |_done: u64, _total: Option<u64>| {};
-        match fetcher.ensure(name, &image.spec, &progress).await {
+        let mut obj = ctx.write_status(&obj, &status).await?;
+        // Progress reaches the status coarsely (at most every 2 s), so that
+        // `apply --wait` can show it without every chunk growing the log.
+        let (ptx, mut prx) = tokio::sync::watch::channel(None::<(u64, Option<u64>)>);
+        let progress = move |done: u64, total: Option<u64>| {
+            ptx.send_replace(Some((done, total)));
+        };
+        let fetch = fetcher.ensure(name, &image.spec, &progress);
+        tokio::pin!(fetch);
+        let mut last_write = std::time::Instant::now();
+        let result = loop {
+            tokio::select! {
+                // The fetch stays pinned across iterations: losing this race
+                // to the progress arm only delays polling it, nothing is lost.
+                r = &mut fetch => break r,
+                // `changed` only waits; it is cancel-safe.
+                Ok(()) = prx.changed() => {
+                    if last_write.elapsed() >= std::time::Duration::from_secs(2) {
+                        let p = *prx.borrow_and_update();
+                        status.progress = p.map(|(bytes, total)| vmctl_api::Progress { bytes, total });
+                        obj = ctx.write_status(&obj, &status).await?;
+                        last_write = std::time::Instant::now();
+                    }
+                }
+            }
+        };
+        match result {
             Ok(img) => {
                 set_ready(&mut status, &img, generation);
                 ctx.write_status(&obj, &status).await?;

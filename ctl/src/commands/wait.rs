@@ -37,6 +37,21 @@ pub(crate) fn state(o: &Object) -> State {
         .and_then(|g| g.as_u64())
         .unwrap_or(0);
     let ready = ready_condition(o);
+    if phase == "Downloading"
+        && let Some(bytes) = st.and_then(|s| s["progress"]["bytes"].as_u64())
+    {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let done = match st.and_then(|s| s["progress"]["total"].as_u64()) {
+            Some(t) if t > 0 => format!(
+                "{:.0}% ({:.1} of {:.1} MiB)",
+                bytes as f64 * 100.0 / t as f64,
+                mib(bytes),
+                mib(t)
+            ),
+            _ => format!("{:.1} MiB", mib(bytes)),
+        };
+        return State::Progressing(format!("Downloading {done}"));
+    }
     if observed < o.metadata.generation {
         return State::Progressing(format!(
             "{phase} (waiting for generation {} to be observed)",

@@ -105,6 +105,7 @@ impl World {
             .args(args)
             .current_dir(self.project())
             .env("VMCTL_ACCEL", "tcg")
+            .envs(self.env.iter().copied())
             .env_remove("VMCTL_DRIVER")
             .env("NO_COLOR", "1")
             .output()
@@ -476,7 +477,10 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn qemu_killed_from_outside_is_noticed_and_restarted_with_backoff() {
-    let w = World::new();
+    // This guest also boots from the pure-Rust seed writer (the agent it
+    // starts inherits the setting).
+    let mut w = World::new();
+    w.env.push(("VMCTL_SEED_TOOL", "builtin"));
     let p = w.project();
     std::fs::write(
         p.join("VMFile.kdl"),
@@ -487,6 +491,21 @@ fn qemu_killed_from_outside_is_noticed_and_restarted_with_backoff() {
     )
     .unwrap();
     w.ok(&["apply", "--wait", "--timeout", BOOT]);
+    let seed = std::fs::read(w.data().join("vms/crashy/seed.iso")).unwrap();
+    let pvd = String::from_utf8_lossy(&seed[32768..34816]).into_owned();
+    assert!(
+        pvd.contains("VMCTL") && !pvd.contains("GENISOIMAGE"),
+        "seed written by the pure-Rust writer"
+    );
+    wait_until(
+        "SSH with the pure-Rust seed",
+        Duration::from_secs(240),
+        || {
+            w.vmctl(&["exec", "crashy", "--", "hostname"])
+                .status
+                .success()
+        },
+    );
     let before = w.qemu_pids();
     assert_eq!(before.len(), 1);
     Command::new("kill")
