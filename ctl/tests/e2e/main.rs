@@ -78,12 +78,14 @@ impl Drop for Http {
 /// One user's world: a data dir, the files of a project, an agent.
 struct World {
     dir: tempfile::TempDir,
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl World {
     fn new() -> World {
         World {
             dir: tempfile::tempdir().unwrap(),
+            env: Vec::new(),
         }
     }
 
