@@ -384,6 +384,13 @@ pub enum Command {
     },
     /// Print the man page (roff), generated from these definitions.
     Man,
+    /// Copy a file to or from a VM over SFTP (the mode is kept on upload).
+    Cp {
+        /// LOCAL or NAME:/path.
+        src: String,
+        /// NAME:/path or LOCAL.
+        dst: String,
+    },
     /// Print the JSON Schema of a kind (vm, image, provision), or of all kinds.
     Schema {
         /// The kind: VirtualMachine (vm), Image (image) or Provision (provision).

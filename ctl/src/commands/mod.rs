@@ -87,6 +87,7 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             command,
         } => ssh::ssh(&g, name.as_deref(), user.as_deref(), key.as_ref(), &command),
         Command::Exec { name, command } => ssh::exec(&g, &name, &command),
+        Command::Cp { src, dst } => ssh::cp(&g, &src, &dst),
         Command::Image { command } => image::run(&g, command),
         Command::Console { name } => console::run(&g, &name),
         Command::Completions { shell } => {

@@ -170,3 +170,56 @@ fn shell_quote(s: &str) -> String {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
+
+/// `vmctl cp LOCAL NAME:REMOTE` or `vmctl cp NAME:REMOTE LOCAL` over SFTP.
+pub fn cp(g: &Globals, src: &str, dst: &str) -> miette::Result<ExitCode> {
+    // A VM side is `name:/path`; a local path containing ':' must be written `./a:b`.
+    fn remote(s: &str) -> Option<(&str, &str)> {
+        let (n, p) = s.split_once(':')?;
+        (vmctl_api::names::check_name(n).is_ok() && !n.is_empty()).then_some((n, p))
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| miette::miette!("{e}"))?;
+    let fail = |e: vmctl_controllers::drivers::ssh::SshError| {
+        miette::miette!(
+            code = e.code(),
+            help = e.help().unwrap_or("check the paths"),
+            "{}",
+            vmctl_controllers::drivers::ssh::error_chain(&e)
+        )
+    };
+    match (remote(src), remote(dst)) {
+        (None, Some((name, path))) => {
+            let t = target(g, name, None, None)?;
+            let n = rt
+                .block_on(vmctl_controllers::drivers::ssh::copy_to(
+                    &t,
+                    std::path::Path::new(src),
+                    path,
+                ))
+                .map_err(fail)?;
+            eprintln!("copied {n} bytes to {name}:{path}");
+        }
+        (Some((name, path)), None) => {
+            let t = target(g, name, None, None)?;
+            let n = rt
+                .block_on(vmctl_controllers::drivers::ssh::copy_from(
+                    &t,
+                    path,
+                    std::path::Path::new(dst),
+                ))
+                .map_err(fail)?;
+            eprintln!("copied {n} bytes from {name}:{path}");
+        }
+        _ => {
+            return Err(miette::miette!(
+                code = "vmctl::cli::usage",
+                help = "write `vmctl cp LOCAL NAME:/path` or `vmctl cp NAME:/path LOCAL`",
+                "exactly one side of cp must be a VM path (NAME:/path)"
+            ));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

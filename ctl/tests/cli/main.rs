@@ -222,6 +222,7 @@ fn every_command_has_help() {
         "events",
         "ssh",
         "exec",
+        "cp",
         "log",
         "provision",
         "image",

@@ -327,6 +327,19 @@ vm "zst" {{
         w.ok(&["exec", "qs", "--", "cat", "/tmp/app.conf"]),
         "answer=42\n"
     );
+    // cp both ways over SFTP; the mode is kept on upload.
+    let up = p.join("up.bin");
+    std::fs::write(&up, b"bytes\x00\x01 for cp").unwrap();
+    std::fs::set_permissions(&up, std::os::unix::fs::PermissionsExt::from_mode(0o604)).unwrap();
+    w.ok(&["cp", up.to_str().unwrap(), "qs:/tmp/up.bin"]);
+    assert_eq!(
+        w.ok(&["exec", "qs", "--", "stat", "-c", "%a", "/tmp/up.bin"])
+            .trim(),
+        "604"
+    );
+    let down = p.join("down.bin");
+    w.ok(&["cp", "qs:/tmp/up.bin", down.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&down).unwrap(), std::fs::read(&up).unwrap());
     assert_eq!(
         w.vmctl(&["exec", "zst", "--", "sh", "-c", "exit 3"])
             .status

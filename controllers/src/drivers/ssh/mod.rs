@@ -38,6 +38,11 @@ use vmctl_api::ProvisionStep;
 
 pub use error::{HOST_KEY_MISMATCH, PROVISION_FAILED, SSH_FAILED, SshError};
 
+/// An error and all its causes on one line, for the edge that prints it.
+pub fn error_chain(e: &SshError) -> String {
+    error::chain(e)
+}
+
 use super::{BoxFuture, OutputFn, Provisioner, Result, SshTarget, StepOutcome};
 use connect::Endpoint;
 use steps::Sink;
@@ -182,6 +187,68 @@ pub async fn exec(
         let code = steps::run_command(&sess, &command, &mut sink);
         connect::disconnect(&sess);
         code
+    })
+    .await
+}
+
+/// Copies the local file `local` to the absolute path `remote` on
+/// `target` over SFTP, keeping its mode (`vmctl cp`). Returns the bytes copied.
+pub async fn copy_to(target: &SshTarget, local: &Path, remote: &str) -> Result<u64, SshError> {
+    if !remote.starts_with('/') {
+        return Err(SshError::RelativeDestination(remote.to_owned()));
+    }
+    let ep = Endpoint::resolve(target)?;
+    let (local, remote) = (local.to_owned(), remote.to_owned());
+    blocking(move || {
+        let local_err = |source| SshError::LocalFile {
+            path: local.clone(),
+            source,
+        };
+        let data = std::fs::read(&local).map_err(local_err)?;
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&local).map_err(local_err)?.permissions(),
+        ) & 0o7777;
+        let sess = ep.connect(STEP_CONNECT_TIMEOUT)?;
+        let r = steps::upload(&sess, &local, &data, &remote, mode);
+        connect::disconnect(&sess);
+        r.map(|()| data.len() as u64)
+    })
+    .await
+}
+
+/// Copies `remote` on `target` to the local path `local` over SFTP; the
+/// local file appears whole or not at all (temp file, then rename).
+pub async fn copy_from(target: &SshTarget, remote: &str, local: &Path) -> Result<u64, SshError> {
+    let ep = Endpoint::resolve(target)?;
+    let (local, remote) = (local.to_owned(), remote.to_owned());
+    blocking(move || {
+        use std::io::Read as _;
+        let sess = ep.connect(STEP_CONNECT_TIMEOUT)?;
+        let session_err = |what: String| move |source| SshError::Session { what, source };
+        let sftp = sess.sftp().map_err(session_err("start SFTP".to_owned()))?;
+        let mut f = sftp
+            .open(Path::new(&remote))
+            .map_err(session_err(format!("open {remote} on the guest")))?;
+        let mut data = Vec::new();
+        f.read_to_end(&mut data)
+            .map_err(|source| SshError::Output {
+                what: remote.clone(),
+                source,
+            })?;
+        connect::disconnect(&sess);
+        let dir = local
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let write_err = |source| SshError::KnownHosts {
+            path: local.clone(),
+            source,
+        };
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_err)?;
+        tmp.write_all(&data).map_err(write_err)?;
+        tmp.as_file().sync_all().map_err(write_err)?;
+        tmp.persist(&local).map_err(|e| write_err(e.error))?;
+        Ok(data.len() as u64)
     })
     .await
 }

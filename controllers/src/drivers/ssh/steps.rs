@@ -169,7 +169,7 @@ fn read_local(file: &LocalFile) -> Result<(Vec<u8>, u32), SshError> {
 
 /// Writes `data` to `remote` over SFTP and sets its mode to exactly
 /// `mode` (the create mode alone would be masked by the server's umask).
-fn upload(
+pub(super) fn upload(
     sess: &Session,
     local: &Path,
     data: &[u8],
