@@ -603,3 +603,91 @@ fn imperative_tutorial_create_start_suspend_resume_stop_destroy() {
     assert!(!work.exists(), "destroy removes the work directory");
     assert!(!w.ok(&["list"]).contains("imp "));
 }
+
+#[test]
+fn declarative_tutorial_up_ssh_reload_provision_down() {
+    let w = World::new();
+    let p = w.project();
+    let img = tiny_image().display().to_string();
+    let vmfile = |extra: &str| {
+        format!(
+            r#"vm "web" {{
+    image "{img}"
+    memory 512
+    cloud-init {{
+        hostname "web"
+    }}
+    ssh {{
+        user "vm"
+    }}
+    provision "shell" {{
+        inline "echo first >> /tmp/marker"
+    }}
+{extra}}}
+
+vm "db" {{
+    image "{img}"
+    memory 512
+}}
+"#
+        )
+    };
+    std::fs::write(p.join("VMFile.kdl"), vmfile("")).unwrap();
+
+    // `up --name` brings up one VM of the file and streams its provisioning.
+    let out = w.vmctl(&["up", "--name", "web", "--timeout", BOOT]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("[web] ==>"),
+        "provisioning output streamed: {err}"
+    );
+    assert_eq!(w.qemu_pids().len(), 1, "only web is up");
+
+    // Several VMs and no name: ssh lists them.
+    let amb = w.vmctl(&["ssh", "--", "hostname"]);
+    let amb_err = String::from_utf8_lossy(&amb.stderr);
+    assert!(
+        !amb.status.success() && amb_err.contains("web, db"),
+        "{amb_err}"
+    );
+    assert_eq!(
+        w.ok(&["ssh", "web", "--", "cat", "/tmp/marker"]).trim(),
+        "first"
+    );
+
+    // Add a provisioner and reload: a new VM (new disk, marker gone) provisioned again.
+    let old_id =
+        w.json(&["get", "vm", "web", "-o", "json"])[0]["status"]["runtime"]["instanceId"].clone();
+    std::fs::write(
+        p.join("VMFile.kdl"),
+        vmfile("    provision \"shell\" {\n        inline \"echo second >> /tmp/marker\"\n    }\n"),
+    )
+    .unwrap();
+    w.ok(&["reload", "--name", "web", "--timeout", BOOT]);
+    let new_id =
+        w.json(&["get", "vm", "web", "-o", "json"])[0]["status"]["runtime"]["instanceId"].clone();
+    assert_ne!(old_id, new_id, "reload recreates the VM");
+    assert_eq!(
+        w.ok(&["exec", "web", "--", "cat", "/tmp/marker"]),
+        "first\nsecond\n"
+    );
+
+    // `provision` re-runs the steps on the running VM, recorded in history.
+    w.ok(&["provision", "--name", "web"]);
+    assert_eq!(
+        w.ok(&["exec", "web", "--", "cat", "/tmp/marker"]),
+        "first\nsecond\nfirst\nsecond\n"
+    );
+    assert!(
+        w.ok(&["history", "provision", "web"])
+            .contains("vmctl provision")
+    );
+
+    // down stops, down --destroy deletes.
+    w.ok(&["down", "--name", "web"]);
+    assert!(w.qemu_pids().is_empty());
+    assert_eq!(w.json(&["status", "web", "-o", "json"])["state"], "Stopped");
+    w.ok(&["down", "--name", "web", "--destroy"]);
+    assert!(!w.ok(&["list"]).contains("web "));
+}
