@@ -638,7 +638,19 @@ impl Hypervisor for QemuDriver {
             if let Some(pid) = process::running_pid(&l) {
                 self.kill(name, &l, pid).await?;
             }
-            match std::fs::remove_dir_all(&l.root) {
+            // QEMU's supervisor writes `exit.status` just after QEMU dies;
+            // a removal racing with that write finds the directory not empty.
+            let mut removed = std::fs::remove_dir_all(&l.root);
+            for _ in 0..50 {
+                match &removed {
+                    Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        removed = std::fs::remove_dir_all(&l.root);
+                    }
+                    _ => break,
+                }
+            }
+            match removed {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     Err(QemuError::Io {
                         context: format!("Cannot remove {}", l.root.display()),

@@ -217,7 +217,7 @@ async fn stop_escalates_to_quit_when_the_guest_ignores_acpi() {
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert!(!process::is_alive(pid));
     assert_eq!(state(&d, "deaf").await, Some(InstanceState::Stopped));
-    let exit = d.last_exit("deaf").unwrap();
+    let exit = wait_last_exit(&d, "deaf").await;
     assert!(exit.requested);
     // Stopping a stopped instance is a no-op.
     d.stop("deaf", Duration::from_secs(1)).await.unwrap();
