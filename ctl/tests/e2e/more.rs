@@ -1,0 +1,3 @@
+//! Watch mode, lifecycle edges, more faults, two VMs at once.
+#[allow(unused_imports)]
+use super::*;
