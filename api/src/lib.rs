@@ -1,6 +1,7 @@
 //! vmctl's resource model: kinds, metadata, specs and statuses, the VMFile.kdl
 //! and manifest parsers, validation and JSON schemas.
 
+pub mod codes;
 pub mod diag;
 pub mod load;
 pub mod manifest;

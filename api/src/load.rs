@@ -21,21 +21,16 @@ pub enum Format {
 }
 
 /// Why resources could not be loaded.
-#[derive(Debug, thiserror::Error, Diagnostic)]
+#[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The named file does not exist.
     #[error("{} not found", path.display())]
-    #[diagnostic(
-        code(vmctl::vmfile::not_found),
-        help("create VMFile.kdl in the current directory or name a file with -f/--file")
-    )]
     NotFound {
         /// The path that was looked for.
         path: PathBuf,
     },
     /// The file exists but could not be read.
     #[error("cannot read {}", path.display())]
-    #[diagnostic(code(vmctl::io), help("check the file's permissions"))]
     Io {
         /// The path.
         path: PathBuf,
@@ -45,24 +40,15 @@ pub enum LoadError {
     },
     /// A directory held no VMFiles or manifests.
     #[error("{} holds no .kdl, .yaml, .yml or .json files", path.display())]
-    #[diagnostic(
-        code(vmctl::vmfile::not_found),
-        help("name a file, or a directory with VMFiles or manifests")
-    )]
     EmptyDir {
         /// The directory.
         path: PathBuf,
     },
     /// One or more files have errors.
     #[error("{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; "))]
-    #[diagnostic(code(vmctl::vmfile::validation))]
-    Invalid(#[related] Vec<FileDiagnostics>),
+    Invalid(Vec<FileDiagnostics>),
     /// Two files define the same object.
     #[error("{kind} `{name}` is defined in both {first} and {second}")]
-    #[diagnostic(
-        code(vmctl::vmfile::validation),
-        help("names must be unique across the files applied together")
-    )]
     Duplicate {
         /// Kind of the object.
         kind: String,
@@ -73,6 +59,48 @@ pub enum LoadError {
         /// The second file.
         second: String,
     },
+}
+
+impl LoadError {
+    /// The diagnostic code: for invalid files, that of the first error
+    /// (`vmctl::vmfile::parse_failed` for a KDL syntax error).
+    pub fn code(&self) -> &'static str {
+        match self {
+            LoadError::NotFound { .. } | LoadError::EmptyDir { .. } => "vmctl::vmfile::not_found",
+            LoadError::Io { .. } => "vmctl::io",
+            LoadError::Invalid(files) => files
+                .iter()
+                .flat_map(|f| &f.problems)
+                .find(|p| p.severity == crate::validate::Severity::Error)
+                .map_or("vmctl::vmfile::validation", |p| p.code),
+            LoadError::Duplicate { .. } => "vmctl::vmfile::validation",
+        }
+    }
+}
+
+impl Diagnostic for LoadError {
+    fn code<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        Some(Box::new(LoadError::code(self)))
+    }
+
+    fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        let help = match self {
+            LoadError::EmptyDir { .. } => "name a file, or a directory with VMFiles or manifests",
+            LoadError::Io { .. } => "check the file's permissions",
+            LoadError::Duplicate { .. } => "names must be unique across the files applied together",
+            LoadError::NotFound { .. } | LoadError::Invalid(_) => {
+                crate::codes::help(LoadError::code(self))?
+            }
+        };
+        Some(Box::new(help))
+    }
+
+    fn related<'a>(&'a self) -> Option<Box<dyn Iterator<Item = &'a dyn Diagnostic> + 'a>> {
+        match self {
+            LoadError::Invalid(files) => Some(Box::new(files.iter().map(|d| d as &dyn Diagnostic))),
+            _ => None,
+        }
+    }
 }
 
 /// Resources loaded from one or more files.

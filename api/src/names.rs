@@ -73,6 +73,34 @@ pub fn derive_name(text: &str, key: &str) -> String {
     }
 }
 
+/// The cache key of an image source: two sources with one key are one Image.
+pub fn image_source_key(src: &crate::resources::ImageSource) -> String {
+    match src {
+        crate::resources::ImageSource::Url { url } => format!("url:{url}"),
+        crate::resources::ImageSource::Path { path } => format!("path:{path}"),
+    }
+}
+
+/// The name of the Image made for a source: the URL's or path's file name
+/// plus a short digest of the source. A VMFile, `vmctl create` and
+/// `vmctl image pull` all name an image this way, so they share it.
+pub fn image_name(src: &crate::resources::ImageSource) -> String {
+    let file = match src {
+        crate::resources::ImageSource::Url { url } => url::Url::parse(url)
+            .ok()
+            .and_then(|u| {
+                u.path_segments()
+                    .and_then(|mut s| s.next_back().map(str::to_owned))
+            })
+            .unwrap_or_default(),
+        crate::resources::ImageSource::Path { path } => std::path::Path::new(path)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    derive_name(&file, &image_source_key(src))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +129,33 @@ mod tests {
         ] {
             assert!(check_name(bad).is_err(), "{bad:?} must be rejected");
         }
+    }
+
+    #[test]
+    fn image_names_come_from_the_file_name_and_a_digest_of_the_source() {
+        use crate::resources::ImageSource;
+        let url = ImageSource::Url {
+            url: "https://example.com/debian.qcow2".into(),
+        };
+        assert_eq!(image_name(&url), "debian-qcow2-8beb404e");
+        let path = ImageSource::Path {
+            path: "/var/img/Debian 12.qcow2".into(),
+        };
+        let n = image_name(&path);
+        assert!(n.starts_with("debian-12-qcow2-"), "{n}");
+        assert_ne!(
+            n,
+            image_name(&ImageSource::Path {
+                path: "/other/Debian 12.qcow2".into()
+            }),
+            "same file name, different source: different images"
+        );
+        assert!(
+            image_name(&ImageSource::Url {
+                url: "https://example.com/".into()
+            })
+            .starts_with("image-")
+        );
     }
 
     proptest! {

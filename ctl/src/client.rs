@@ -12,14 +12,10 @@ use serde::de::DeserializeOwned;
 use vmctl_api::wire::ErrorBody;
 
 /// Why a request failed.
-#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+#[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No agent answers on the socket.
     #[error("no vmctl agent answers on {}", socket.display())]
-    #[diagnostic(
-        code(vmctl::agent::unreachable),
-        help("start one with `vmctl agent`, or drop --no-autostart; its log is {}", log.display())
-    )]
     Unreachable {
         /// The socket tried.
         socket: PathBuf,
@@ -28,27 +24,51 @@ pub enum ClientError {
     },
     /// The agent answered with an error.
     #[error("{}", body.message)]
-    #[diagnostic(code(vmctl::agent::error))]
     Api {
         /// The HTTP status.
         status: u16,
         /// The error body.
         body: ErrorBody,
         /// Its help line.
-        #[help]
         help: Option<String>,
     },
     /// Talking to the agent failed.
     #[error("talking to the agent failed")]
-    #[diagnostic(code(vmctl::agent::io))]
     Io(#[source] std::io::Error),
     /// The agent's answer was not what this vmctl expects.
     #[error("unexpected answer from the agent: {0}")]
-    #[diagnostic(
-        code(vmctl::agent::protocol),
-        help("are vmctl and the agent the same version? restart the agent")
-    )]
     Protocol(String),
+}
+
+impl ClientError {
+    /// The diagnostic code: for an API error, the agent's own code.
+    pub fn code(&self) -> &str {
+        match self {
+            ClientError::Unreachable { .. } => "vmctl::agent::unreachable",
+            ClientError::Api { body, .. } if !body.code.is_empty() => &body.code,
+            ClientError::Api { .. } => "vmctl::agent::error",
+            ClientError::Io(_) => "vmctl::agent::io",
+            ClientError::Protocol(_) => "vmctl::agent::protocol",
+        }
+    }
+}
+
+impl miette::Diagnostic for ClientError {
+    fn code<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        Some(Box::new(ClientError::code(self)))
+    }
+
+    fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        match self {
+            ClientError::Unreachable { log, .. } => Some(Box::new(format!(
+                "start one with `vmctl agent`, or drop --no-autostart; its log is {}",
+                log.display()
+            ))),
+            ClientError::Api { help: Some(h), .. } => Some(Box::new(h)),
+            _ => vmctl_api::codes::help(ClientError::code(self))
+                .map(|h| Box::new(h) as Box<dyn std::fmt::Display>),
+        }
+    }
 }
 
 /// A connection target.

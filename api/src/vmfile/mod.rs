@@ -238,20 +238,7 @@ fn share_images(
             }
             continue;
         }
-        let file_name = match &src.value {
-            ImageSource::Url { url: u } => url::Url::parse(u)
-                .ok()
-                .and_then(|u| {
-                    u.path_segments()
-                        .and_then(|mut s| s.next_back().map(str::to_owned))
-                })
-                .unwrap_or_default(),
-            ImageSource::Path { path: p } => Path::new(p)
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        };
-        let name = crate::names::derive_name(&file_name, &key);
+        let name = crate::names::image_name(&src.value);
         let mut spans = SpanMap::new();
         spans.insert(String::new(), src.span);
         let path = match &src.value {

@@ -27,11 +27,11 @@ pub fn run(g: &Globals, driver: String) -> miette::Result<ExitCode> {
                 msg.push_str(&s.to_string());
                 src = s.source();
             }
-            Err(miette::miette!(
-                code = "vmctl::agent::failed",
-                help = e.help(),
-                "{msg}"
-            ))
+            let code = match e {
+                vmctl_agent::AgentError::Driver(_) => "vmctl::backend::not_available",
+                _ => "vmctl::agent::failed",
+            };
+            Err(crate::diag::error_help(code, e.help(), msg))
         }
     }
 }

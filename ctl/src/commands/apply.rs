@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use vmctl_api::load::Loaded;
 use vmctl_api::wire::{ApplyOutcome, ApplyRequest, ApplyResponse};
-use vmctl_api::{ApplySource, Object, ObjectRef, Resource};
+use vmctl_api::{Object, ObjectRef, Resource};
 
 use super::Globals;
 use crate::cli::Output;
@@ -34,21 +34,13 @@ pub struct ApplyArgs {
 }
 
 fn request(loaded: &Loaded, file: &Path, a: &ApplyArgs) -> ApplyRequest {
-    let abs = if file == Path::new("-") {
-        None
-    } else {
-        std::path::absolute(file).ok()
-    };
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    ApplyRequest {
-        objects: loaded.resources.iter().map(Resource::to_object).collect(),
-        source: Some(ApplySource {
-            file: abs.map(|p| p.display().to_string()),
-            applied_by: Some(format!("{user} via vmctl apply")),
-        }),
-        dry_run: a.dry_run,
-        prune: a.prune,
-    }
+    super::objects::apply_request(
+        loaded.resources.iter().map(Resource::to_object).collect(),
+        Some(file),
+        "apply",
+        a.dry_run,
+        a.prune,
+    )
 }
 
 fn render(resp: &ApplyResponse, a: &ApplyArgs, only_changes: bool) -> String {

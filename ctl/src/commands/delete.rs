@@ -41,11 +41,16 @@ pub fn run(
     let client = g.client()?;
     let mut out = String::new();
     for r in &refs {
-        let gone: Option<serde_json::Value> = client.call(
+        let gone: Option<serde_json::Value> = match client.call(
             "DELETE",
             &format!("/v1/objects/{}/{}", r.kind.short(), r.name),
             None::<&()>,
-        )?;
+        ) {
+            Err(crate::client::ClientError::Api { status: 404, .. }) => {
+                return Err(crate::diag::not_found(r.kind, &r.name));
+            }
+            res => res?,
+        };
         let what = if gone.is_some() {
             "deletion requested"
         } else {

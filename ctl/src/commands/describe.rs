@@ -140,11 +140,7 @@ pub fn run(g: &Globals, kind: &str, name: &str) -> miette::Result<ExitCode> {
     let kind = kind_arg(kind)?;
     name_arg(name)?;
     let client = g.client()?;
-    let o: Object = client.call(
-        "GET",
-        &format!("/v1/objects/{}/{name}", kind.short()),
-        None::<&()>,
-    )?;
+    let o = super::objects::get_object(&client, kind, name)?;
     let notes: Vec<NoteIn> = client.call(
         "GET",
         &format!("/v1/notes/{}/{name}", kind.short()),

@@ -163,11 +163,7 @@ pub fn run(
     let client = g.client()?;
     let mut rv = 0;
     let objects = match (kind, name) {
-        (Some(k), Some(n)) => vec![client.call::<Object>(
-            "GET",
-            &format!("/v1/objects/{}/{n}", k.short()),
-            None::<&()>,
-        )?],
+        (Some(k), Some(n)) => vec![super::objects::get_object(&client, k, n)?],
         (k, _) => {
             let path = match k {
                 Some(k) => format!("/v1/objects/{}", k.short()),

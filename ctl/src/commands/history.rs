@@ -16,6 +16,10 @@ pub fn run(g: &Globals, kind: &str, name: &str, output: Output) -> miette::Resul
         &format!("/v1/history/{}/{name}", kind.short()),
         None::<&()>,
     )?;
+    if events.is_empty() {
+        // Never recorded: no such object (a deleted one keeps its history).
+        super::objects::get_object(&client, kind, name)?;
+    }
     match output {
         Output::Json => print(&format!(
             "{}\n",

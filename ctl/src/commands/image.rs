@@ -4,8 +4,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use vmctl_api::wire::{ApplyRequest, ApplyResponse, ObjectList};
-use vmctl_api::{ApplySource, Image, ImageSource, ImageSpec, Object, ObjectRef, Resource};
+use vmctl_api::wire::ObjectList;
+use vmctl_api::{Image, ImageSource, ImageSpec, Kind, ObjectRef, Resource};
 
 use super::{Globals, age, name_arg, table};
 use crate::cli::{ImageCommand, Output};
@@ -69,17 +69,10 @@ fn pull(
             name_arg(&n)?;
             n
         }
-        None => {
-            // The same name a VMFile gives this URL, so both share the Image.
-            let file = url::Url::parse(url)
-                .ok()
-                .and_then(|u| {
-                    u.path_segments()
-                        .and_then(|mut s| s.next_back().map(str::to_owned))
-                })
-                .unwrap_or_default();
-            vmctl_api::names::derive_name(&file, &format!("url:{url}"))
-        }
+        // The same name a VMFile gives this URL, so both share the Image.
+        None => vmctl_api::names::image_name(&ImageSource::Url {
+            url: url.to_owned(),
+        }),
     };
     let img = Image::new(
         name.clone(),
@@ -101,17 +94,9 @@ fn pull(
         }
     }
     let client = g.client()?;
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let req = ApplyRequest {
-        objects: vec![img.to_object()],
-        source: Some(ApplySource {
-            file: None,
-            applied_by: Some(format!("{user} via vmctl image pull")),
-        }),
-        dry_run: false,
-        prune: false,
-    };
-    let _: ApplyResponse = client.call("POST", "/v1/apply", Some(&req))?;
+    let req =
+        super::objects::apply_request(vec![img.to_object()], None, "image pull", false, false);
+    super::objects::apply(&client, &req)?;
     eprintln!("pulling {url} as image/{name}");
     let r = ObjectRef::new(vmctl_api::Kind::Image, name);
     let code = super::wait::wait_ready(
@@ -119,7 +104,7 @@ fn pull(
         std::slice::from_ref(&r),
         Duration::from_secs(timeout),
     )?;
-    let o: Object = client.call("GET", &format!("/v1/objects/image/{}", r.name), None::<&()>)?;
+    let o = super::objects::get_object(&client, Kind::Image, &r.name)?;
     let st = o.status.unwrap_or_default();
     println!(
         "image/{} {} {} at {}",
@@ -224,7 +209,7 @@ fn inspect(g: &Globals, target: &str) -> miette::Result<ExitCode> {
         )
     })?;
     let client = g.client()?;
-    let o: Object = client.call("GET", &format!("/v1/objects/image/{target}"), None::<&()>)?;
+    let o = super::objects::get_object(&client, Kind::Image, target)?;
     print(&serde_yaml::to_string(&o).expect("serialises"))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -240,6 +225,7 @@ fn rm(g: &Globals, name: &str) -> miette::Result<ExitCode> {
             vms.join(", ")
         ));
     }
+    super::objects::get_object(&client, Kind::Image, name)?;
     let _: Option<serde_json::Value> =
         client.call("DELETE", &format!("/v1/objects/image/{name}"), None::<&()>)?;
     println!("image/{name} deleted");

@@ -29,6 +29,7 @@ pub fn run(
         _ => vec!["console", "provision"],
     };
     let client = g.client()?;
+    super::objects::get_object(&client, vmctl_api::Kind::VirtualMachine, name)?;
     for (i, source) in sources.iter().enumerate() {
         if sources.len() > 1 {
             if i > 0 {

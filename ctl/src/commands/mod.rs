@@ -12,6 +12,7 @@ mod get;
 mod history;
 mod image;
 mod log;
+mod objects;
 mod power;
 mod provision;
 mod schema;
@@ -221,6 +222,31 @@ pub(crate) fn load_or_report(
     file: &std::path::Path,
 ) -> miette::Result<Result<vmctl_api::load::Loaded, ExitCode>> {
     report(vmctl_api::load::load(file))
+}
+
+/// Loads a file for a command that needs its resources: warnings and every
+/// invalid file's diagnostics are printed; an invalid file is then an error
+/// with the code of its first problem (`vmctl::vmfile::parse_failed` for a
+/// KDL syntax error).
+pub(crate) fn load_vmfile(file: &std::path::Path) -> miette::Result<vmctl_api::load::Loaded> {
+    match vmctl_api::load::load(file) {
+        Ok(l) => {
+            print_warnings(&l.warnings);
+            Ok(l)
+        }
+        Err(e @ vmctl_api::load::LoadError::Invalid(_)) => {
+            if let vmctl_api::load::LoadError::Invalid(diags) = &e {
+                for d in diags {
+                    eprintln!("{:?}", miette::Report::new(d.clone()));
+                }
+            }
+            Err(crate::diag::error(
+                e.code(),
+                format!("{} is invalid", file.display()),
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Prints warnings of a load, or every file's diagnostics when it failed.

@@ -5,8 +5,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use vmctl_api::wire::{ApplyRequest, ApplyResponse, ObjectList};
-use vmctl_api::{ApplySource, Object, PowerState, VirtualMachine};
+use vmctl_api::wire::ObjectList;
+use vmctl_api::{Kind, Object, PowerState, VirtualMachine};
 
 use super::{Globals, name_arg, table};
 use crate::cli::Output;
@@ -14,14 +14,7 @@ use crate::client::{Client, ClientError};
 use crate::output::print;
 
 fn get_vm(client: &Client, name: &str) -> miette::Result<Object> {
-    match client.call::<Object>("GET", &format!("/v1/objects/vm/{name}"), None::<&()>) {
-        Err(ClientError::Api { status: 404, .. }) => Err(miette::miette!(
-            code = "vmctl::vm::not_found",
-            help = "run `vmctl list` to see available VMs",
-            "VM {name} not found"
-        )),
-        r => Ok(r?),
-    }
+    super::objects::get_object(client, Kind::VirtualMachine, name)
 }
 
 /// Sets `powerState` through apply (keeping the object's apply source).
@@ -31,21 +24,10 @@ pub(crate) fn set_power(
     want: PowerState,
     verb: &str,
 ) -> miette::Result<u64> {
-    let mut obj = get_vm(client, name)?;
-    obj.spec["powerState"] = serde_json::to_value(want).expect("serialises");
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let source = ApplySource {
-        file: obj.metadata.source.as_ref().and_then(|s| s.file.clone()),
-        applied_by: Some(format!("{user} via vmctl {verb}")),
-    };
-    let req = ApplyRequest {
-        objects: vec![obj],
-        source: Some(source),
-        dry_run: false,
-        prune: false,
-    };
-    let resp: ApplyResponse = client.call("POST", "/v1/apply", Some(&req))?;
-    Ok(resp.results.first().map(|r| r.generation).unwrap_or(0))
+    let r = super::objects::edit_spec(client, Kind::VirtualMachine, name, verb, |spec| {
+        spec["powerState"] = serde_json::to_value(want).expect("serialises");
+    })?;
+    Ok(r.generation)
 }
 
 /// Waits until the VM reports `phase` for generation `generation` or later.

@@ -4,8 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use vmctl_api::wire::{ApplyRequest, ApplyResponse};
-use vmctl_api::{ApplySource, Object, ObjectRef};
+use vmctl_api::{Kind, ObjectRef};
 
 use super::{Globals, name_arg};
 
@@ -15,7 +14,7 @@ fn targets(name: Option<&str>, file: &Path, filter: Option<&str>) -> miette::Res
         name_arg(n)?;
         return Ok(vec![n.to_owned()]);
     }
-    let loaded = vmctl_api::load::load(file)?;
+    let loaded = super::load_vmfile(file)?;
     let names: Vec<String> = loaded
         .vm_names
         .into_iter()
@@ -42,34 +41,21 @@ pub fn run(
 ) -> miette::Result<ExitCode> {
     let names = targets(name, file, filter)?;
     let client = g.client()?;
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     let mut refs = Vec::new();
     for n in &names {
-        let mut obj: Object =
-            client.call("GET", &format!("/v1/objects/provision/{n}"), None::<&()>)?;
         let token = format!(
             "{}",
             chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
         );
-        obj.spec["runToken"] = serde_json::Value::String(token);
-        let source = ApplySource {
-            file: obj.metadata.source.as_ref().and_then(|s| s.file.clone()),
-            applied_by: Some(format!("{user} via vmctl provision")),
-        };
-        let req = ApplyRequest {
-            objects: vec![obj],
-            source: Some(source),
-            dry_run: false,
-            prune: false,
-        };
-        let resp: ApplyResponse = client.call("POST", "/v1/apply", Some(&req))?;
-        for r in resp.results {
-            println!(
-                "{} re-run requested (generation {})",
-                r.object, r.generation
-            );
-            refs.push(r.object);
-        }
+        super::objects::get_object(&client, Kind::VirtualMachine, n)?;
+        let r = super::objects::edit_spec(&client, Kind::Provision, n, "provision", |spec| {
+            spec["runToken"] = serde_json::Value::String(token);
+        })?;
+        println!(
+            "{} re-run requested (generation {})",
+            r.object, r.generation
+        );
+        refs.push(r.object);
     }
     let refs: Vec<ObjectRef> = refs;
     super::wait::wait_ready(&client, &refs, timeout)

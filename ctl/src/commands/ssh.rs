@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vmctl_api::{Object, VirtualMachine};
+use vmctl_api::VirtualMachine;
 use vmctl_controllers::drivers::SshTarget;
 
 use super::{Globals, name_arg};
@@ -15,7 +15,7 @@ fn resolve_name(name: Option<&str>) -> miette::Result<String> {
         name_arg(n)?;
         return Ok(n.to_owned());
     }
-    let loaded = vmctl_api::load::load(std::path::Path::new(vmctl_api::load::VMFILE_NAME))?;
+    let loaded = super::load_vmfile(std::path::Path::new(vmctl_api::load::VMFILE_NAME))?;
     match loaded.vm_names.as_slice() {
         [one] => Ok(one.clone()),
         [] => Err(miette::miette!(
@@ -26,8 +26,9 @@ fn resolve_name(name: Option<&str>) -> miette::Result<String> {
         many => Err(miette::miette!(
             code = "vmctl::cli::ambiguous_vm",
             help = format!("name one of them: {}", many.join(", ")),
-            "VMFile.kdl defines {} VMs",
-            many.len()
+            "VMFile.kdl defines {} VMs ({}); name one",
+            many.len(),
+            many.join(", ")
         )),
     }
 }
@@ -40,7 +41,7 @@ fn target(
     key: Option<&PathBuf>,
 ) -> miette::Result<SshTarget> {
     let client = g.client()?;
-    let obj: Object = client.call("GET", &format!("/v1/objects/vm/{name}"), None::<&()>)?;
+    let obj = super::objects::get_object(&client, vmctl_api::Kind::VirtualMachine, name)?;
     let vm = VirtualMachine::from_object(&obj)
         .map_err(|e| miette::miette!("unexpected VM object: {e}"))?;
     let runtime = vm
@@ -87,7 +88,10 @@ pub fn ssh(
     let name = resolve_name(name)?;
     let t = target(g, &name, user, key)?;
     let known = vmctl_controllers::drivers::ssh::write_known_hosts(&t).map_err(|e| {
-        miette::miette!(code = "vmctl::ssh::failed", "cannot pin the host key: {e}")
+        crate::diag::error(
+            "vmctl::ssh::failed",
+            format!("cannot pin the host key: {e}"),
+        )
     })?;
     let work = PathBuf::from(t.runtime.work_dir.clone().unwrap_or_default());
     let ssh_cfg = t.ssh.clone().unwrap_or_default();
@@ -156,7 +160,7 @@ pub fn exec(g: &Globals, name: &str, cmd: &[String]) -> miette::Result<ExitCode>
     let out = |line: &str| println!("{line}");
     let code = rt
         .block_on(vmctl_controllers::drivers::ssh::exec(&t, &command, &out))
-        .map_err(|e| miette::miette!(code = "vmctl::ssh::failed", "{e}"))?;
+        .map_err(|e| crate::diag::error("vmctl::ssh::failed", e))?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 

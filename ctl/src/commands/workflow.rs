@@ -6,10 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use vmctl_api::load::Loaded;
-use vmctl_api::wire::{ApplyRequest, ApplyResponse};
 use vmctl_api::{
-    ApplySource, CloudInit, Image, ImageSource, ImageSpec, LocalFile, Network, PowerState,
-    Resource, VirtualMachine, VirtualMachineSpec,
+    CloudInit, Image, ImageSource, ImageSpec, Kind, LocalFile, Network, PowerState, Resource,
+    VirtualMachine, VirtualMachineSpec,
 };
 
 use super::{Globals, name_arg};
@@ -22,16 +21,7 @@ fn load_filtered(
     only: Option<&str>,
     provision: bool,
 ) -> miette::Result<(Loaded, Vec<String>)> {
-    let mut loaded = match super::load_or_report(file)? {
-        Ok(l) => l,
-        Err(_) => {
-            return Err(miette::miette!(
-                code = "vmctl::vmfile::validation",
-                "{} is invalid",
-                file.display()
-            ));
-        }
-    };
+    let mut loaded = super::load_vmfile(file)?;
     let names: Vec<String> = loaded
         .vm_names
         .iter()
@@ -73,19 +63,14 @@ fn apply_and_wait(
     verb: &str,
     timeout: Duration,
 ) -> miette::Result<ExitCode> {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let req = ApplyRequest {
-        objects: resources.iter().map(Resource::to_object).collect(),
-        source: Some(ApplySource {
-            file: file
-                .and_then(|f| std::path::absolute(f).ok())
-                .map(|p| p.display().to_string()),
-            applied_by: Some(format!("{user} via vmctl {verb}")),
-        }),
-        dry_run: false,
-        prune: false,
-    };
-    let resp: ApplyResponse = client.call("POST", "/v1/apply", Some(&req))?;
+    let req = super::objects::apply_request(
+        resources.iter().map(Resource::to_object).collect(),
+        file,
+        verb,
+        false,
+        false,
+    );
+    let resp = super::objects::apply(client, &req)?;
     for r in &resp.results {
         eprintln!("{} {:?}", r.object, r.outcome);
     }
@@ -137,10 +122,7 @@ pub fn reload(
     let (loaded, names) = load_filtered(file, only, !no_provision)?;
     let client = g.client()?;
     for n in &names {
-        if client
-            .call::<serde_json::Value>("GET", &format!("/v1/objects/vm/{n}"), None::<&()>)
-            .is_ok()
-        {
+        if super::objects::exists(&client, Kind::VirtualMachine, n)? {
             super::power::destroy(g, n, timeout)?;
         }
     }
@@ -210,27 +192,8 @@ pub fn create(g: &Globals, a: CreateArgs) -> miette::Result<ExitCode> {
             ));
         }
     };
-    let (file, key) = match &source {
-        ImageSource::Url { url } => (
-            url::Url::parse(url)
-                .ok()
-                .and_then(|u| {
-                    u.path_segments()
-                        .and_then(|mut s| s.next_back().map(str::to_owned))
-                })
-                .unwrap_or_default(),
-            format!("url:{url}"),
-        ),
-        ImageSource::Path { path } => (
-            Path::new(path)
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            format!("path:{path}"),
-        ),
-    };
     let image = Image::new(
-        vmctl_api::names::derive_name(&file, &key),
+        vmctl_api::names::image_name(&source),
         ImageSpec {
             source,
             checksum: None,
@@ -276,18 +239,14 @@ pub fn create(g: &Globals, a: CreateArgs) -> miette::Result<ExitCode> {
             .map(|e| format!("{}: {}", e.path, e.message))
             .collect();
         if !errs.is_empty() {
-            return Err(miette::miette!(
-                code = "vmctl::vmfile::validation",
-                "{}",
-                errs.join("; ")
+            return Err(crate::diag::error(
+                "vmctl::vmfile::validation",
+                errs.join("; "),
             ));
         }
     }
     let client = g.client()?;
-    if client
-        .call::<serde_json::Value>("GET", &format!("/v1/objects/vm/{}", a.name), None::<&()>)
-        .is_ok()
-    {
+    if super::objects::exists(&client, Kind::VirtualMachine, &a.name)? {
         return Err(miette::miette!(
             code = "vmctl::vm::exists",
             help = format!("pick another name, or `vmctl destroy {}` first", a.name),
@@ -298,17 +257,14 @@ pub fn create(g: &Globals, a: CreateArgs) -> miette::Result<ExitCode> {
     if a.start {
         return apply_and_wait(&client, &resources, None, "create", a.timeout);
     }
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let req = ApplyRequest {
-        objects: resources.iter().map(Resource::to_object).collect(),
-        source: Some(ApplySource {
-            file: None,
-            applied_by: Some(format!("{user} via vmctl create")),
-        }),
-        dry_run: false,
-        prune: false,
-    };
-    let _: ApplyResponse = client.call("POST", "/v1/apply", Some(&req))?;
+    let req = super::objects::apply_request(
+        resources.iter().map(Resource::to_object).collect(),
+        None,
+        "create",
+        false,
+        false,
+    );
+    super::objects::apply(&client, &req)?;
     println!(
         "vm/{} created (stopped; `vmctl start {}` boots it)",
         a.name, a.name

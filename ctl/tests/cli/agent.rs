@@ -315,7 +315,9 @@ fn get_and_describe_render_tables() {
     );
     let missing = a.vmctl(&["describe", "vm", "nope"], None);
     assert!(
-        !missing.status.success() && stderr(&missing).contains("vm/nope not found"),
+        !missing.status.success()
+            && stderr(&missing).contains("VM nope not found")
+            && stderr(&missing).contains("vmctl::vm::not_found"),
         "{}",
         stderr(&missing)
     );

@@ -1,0 +1,98 @@
+//! Reading and applying objects: the one way every command builds an
+//! apply request, and the one way a command changes a live object's spec.
+
+use std::path::Path;
+
+use vmctl_api::wire::{ApplyRequest, ApplyResponse, ApplyResult};
+use vmctl_api::{ApplySource, Kind, Object};
+
+use crate::client::{Client, ClientError};
+
+/// GETs one object; a missing one is the kind's `…::not_found` error.
+pub(crate) fn get_object(client: &Client, kind: Kind, name: &str) -> miette::Result<Object> {
+    match client.call::<Object>(
+        "GET",
+        &format!("/v1/objects/{}/{name}", kind.short()),
+        None::<&()>,
+    ) {
+        Err(ClientError::Api { status: 404, .. }) => Err(crate::diag::not_found(kind, name)),
+        r => Ok(r?),
+    }
+}
+
+/// Whether the object exists.
+pub(crate) fn exists(client: &Client, kind: Kind, name: &str) -> miette::Result<bool> {
+    match client.call::<Object>(
+        "GET",
+        &format!("/v1/objects/{}/{name}", kind.short()),
+        None::<&()>,
+    ) {
+        Ok(_) => Ok(true),
+        Err(ClientError::Api { status: 404, .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// An apply request recording `file` (made absolute; `-` is none) and
+/// "USER via vmctl VERB" as its source.
+pub(crate) fn apply_request(
+    objects: Vec<Object>,
+    file: Option<&Path>,
+    verb: &str,
+    dry_run: bool,
+    prune: bool,
+) -> ApplyRequest {
+    let file = file
+        .filter(|f| *f != Path::new("-"))
+        .and_then(|f| std::path::absolute(f).ok())
+        .map(|p| p.display().to_string());
+    request_with_source(objects, file, verb, dry_run, prune)
+}
+
+fn request_with_source(
+    objects: Vec<Object>,
+    file: Option<String>,
+    verb: &str,
+    dry_run: bool,
+    prune: bool,
+) -> ApplyRequest {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    ApplyRequest {
+        objects,
+        source: Some(ApplySource {
+            file,
+            applied_by: Some(format!("{user} via vmctl {verb}")),
+        }),
+        dry_run,
+        prune,
+    }
+}
+
+/// Sends an apply request.
+pub(crate) fn apply(client: &Client, req: &ApplyRequest) -> miette::Result<ApplyResponse> {
+    Ok(client.call("POST", "/v1/apply", Some(req))?)
+}
+
+/// GETs an object, changes its spec with `edit` and re-applies it, keeping
+/// the file it was applied from (so `apply --prune` still owns it) and
+/// recording "USER via vmctl VERB". Returns the result (with the new
+/// generation).
+pub(crate) fn edit_spec(
+    client: &Client,
+    kind: Kind,
+    name: &str,
+    verb: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> miette::Result<ApplyResult> {
+    let mut obj = get_object(client, kind, name)?;
+    edit(&mut obj.spec);
+    let file = obj.metadata.source.as_ref().and_then(|s| s.file.clone());
+    let req = request_with_source(vec![obj], file, verb, false, false);
+    let resp = apply(client, &req)?;
+    resp.results.into_iter().next().ok_or_else(|| {
+        crate::diag::error(
+            "vmctl::agent::protocol",
+            format!("the agent applied nothing for {}/{name}", kind.short()),
+        )
+    })
+}
