@@ -209,7 +209,13 @@ pub enum UpdatePolicy {
     #[default]
     RestartRequired,
     /// Stop the VM and start it again with the new spec (the disk is kept).
+    /// A change that needs a new disk (the image) is still only reported
+    /// (`RecreateRequired`).
     Restart,
+    /// Like `Restart`, and a change that needs a new disk (the image)
+    /// destroys the VM's disk and recreates it from the new image. Only
+    /// this policy, `vmctl reload` and delete ever destroy a disk.
+    Recreate,
 }
 
 /// Desired state of a virtual machine.
@@ -384,6 +390,10 @@ pub struct VmRuntime {
     /// The instance id given to cloud-init; changes when the VM is recreated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
+    /// How the hypervisor process last ended, when the VM is not running
+    /// (`exited with code 0`, `killed by signal 9`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
 }
 
 /// Observed state of a VM.
@@ -406,10 +416,14 @@ pub struct VirtualMachineStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<VmRuntime>,
     /// Digest of the spec fields that need a restart (vcpus, memory,
-    /// network, image) as the running instance was started with; a spec
+    /// network, cloud-init) as the running instance was started with; a spec
     /// that differs raises `RestartRequired` or restarts, per `updatePolicy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_spec: Option<String>,
+    /// The Image the VM's disk was created from; a spec naming another
+    /// image raises `RecreateRequired` (or recreates, per `updatePolicy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_image: Option<String>,
 }
 
 // ----------------------------------------------------------------- Image ----

@@ -78,14 +78,22 @@ fn driver(op: &'static str, name: &str) -> impl FnOnce(DriverError) -> VmError {
 #[derive(Debug)]
 pub struct VmReconciler {
     ctx: Arc<Context>,
+    /// The hypervisor reports state changes itself: a running VM needs no
+    /// liveness polling, only a slow safety-net look.
+    event_driven: bool,
 }
 
 impl VmReconciler {
     /// A VirtualMachine reconciler using `ctx`.
     pub fn new(ctx: Arc<Context>) -> Self {
-        VmReconciler { ctx }
+        let event_driven = ctx.drivers.hypervisor.changes().is_some();
+        VmReconciler { ctx, event_driven }
     }
 }
+
+/// How often a running VM is looked at when the hypervisor reports its
+/// changes itself (QMP events): only to catch a lost event.
+const EVENT_DRIVEN_LIVENESS: Duration = Duration::from_secs(60);
 
 fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: u64) -> Condition {
     Condition {
@@ -208,6 +216,70 @@ impl Reconciler for VmReconciler {
             obj = ctx.set_finalizers(&obj, fins).await?.unwrap_or(obj);
         }
 
+        // The disk was made from one image; a spec naming another one needs
+        // a new disk. Only updatePolicy Recreate (or `vmctl reload`, or
+        // delete) destroys a disk.
+        if instance.is_some() {
+            let disk_image = status
+                .disk_image
+                .get_or_insert_with(|| vm.spec.image.clone())
+                .clone();
+            let differs = disk_image != vm.spec.image;
+            if differs && vm.spec.update_policy == UpdatePolicy::Recreate {
+                hv.destroy(name).await.map_err(driver("destroy", name))?;
+                let msg = format!(
+                    "Recreating VM {name}: its disk was made from image {disk_image}, the spec names {} (updatePolicy Recreate)",
+                    vm.spec.image
+                );
+                ctx.note(&r, NoteType::Normal, Self::NAME, "Recreating", msg)
+                    .await;
+                status.disk_image = None;
+                status.started_spec = None;
+                status.runtime = None;
+                status.phase = VmPhase::Pending;
+                status.observed_generation = generation;
+                let cond = condition("Ready", false, "Recreating", String::new(), generation);
+                set_condition(&mut status.conditions, cond, Utc::now());
+                let cond = condition(
+                    "RecreateRequired",
+                    false,
+                    "Recreating",
+                    String::new(),
+                    generation,
+                );
+                set_condition(&mut status.conditions, cond, Utc::now());
+                ctx.write_status(&obj, &status).await?;
+                return Ok(Action::requeue(Duration::ZERO));
+            }
+            let cond = if differs {
+                condition(
+                    "RecreateRequired",
+                    true,
+                    "ImageChanged",
+                    format!(
+                        "the disk was made from image {disk_image}; booting {} needs a new disk: run `vmctl reload {name}` or set update-policy \"recreate\" (both destroy the disk)",
+                        vm.spec.image
+                    ),
+                    generation,
+                )
+            } else {
+                condition(
+                    "RecreateRequired",
+                    false,
+                    "UpToDate",
+                    String::new(),
+                    generation,
+                )
+            };
+            if set_condition(&mut status.conditions, cond, now) && differs {
+                let msg = format!(
+                    "VM {name} keeps its disk made from image {disk_image}; the new image applies only when the VM is recreated"
+                );
+                ctx.note(&r, NoteType::Warning, Self::NAME, "RecreateRequired", msg)
+                    .await;
+            }
+        }
+
         // Act.
         let want = vm.spec.power_state;
         let state = instance.as_ref().map(|i| i.state);
@@ -218,8 +290,12 @@ impl Reconciler for VmReconciler {
             && status.phase == VmPhase::Running
             && matches!(state, None | Some(InstanceState::Stopped))
         {
+            let how = instance
+                .as_ref()
+                .and_then(|i| i.runtime.last_exit.clone())
+                .unwrap_or_else(|| "exited".into());
             let msg = format!(
-                "VM {name} stopped unexpectedly (its hypervisor process exited); restarting"
+                "VM {name} stopped unexpectedly (its hypervisor process {how}); restarting"
             );
             ctx.note(&r, NoteType::Warning, Self::NAME, "Crashed", msg.clone())
                 .await;
@@ -241,8 +317,12 @@ impl Reconciler for VmReconciler {
             // instance's configuration (vcpus, memory, disk size) to the spec.
             match image.clone() {
                 Ok(image) => {
+                    if instance.is_none() {
+                        status.disk_image = Some(vm.spec.image.clone());
+                    }
                     let spec = InstanceSpec {
                         name: name.to_owned(),
+                        uid: obj.metadata.uid.clone().unwrap_or_else(|| name.to_owned()),
                         spec: vm.spec.clone(),
                         image,
                     };
@@ -322,7 +402,7 @@ impl Reconciler for VmReconciler {
                 .get_or_insert_with(|| want_digest.clone())
                 .clone();
             let differs = started != want_digest;
-            if differs && vm.spec.update_policy == UpdatePolicy::Restart {
+            if differs && vm.spec.update_policy != UpdatePolicy::RestartRequired {
                 hv.stop(name, ctx.config.stop_timeout)
                     .await
                     .map_err(driver("stop", name))?;
@@ -342,7 +422,7 @@ impl Reconciler for VmReconciler {
                     "RestartRequired",
                     true,
                     "SpecChanged",
-                    "vcpus, memory, network or image changed; stop and start the VM (or set update-policy \"restart\") to apply".into(),
+                    "vcpus, memory, network or cloud-init changed; stop and start the VM (or set update-policy \"restart\") to apply".into(),
                     generation,
                 )
             } else {
@@ -380,11 +460,18 @@ impl Reconciler for VmReconciler {
         // A running VM is looked at again soon: its process may die
         // without any event in the store.
         Ok(match next {
+            Some(InstanceState::Running | InstanceState::Suspended) if self.event_driven => {
+                Action::requeue(EVENT_DRIVEN_LIVENESS.max(ctx.config.liveness))
+            }
             Some(InstanceState::Running | InstanceState::Suspended) => {
                 Action::requeue(ctx.config.liveness)
             }
             _ => Action::await_change(),
         })
+    }
+
+    fn external_triggers(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        self.ctx.drivers.hypervisor.changes()
     }
 
     fn related(&self, rel: &Relations, ev: &Event) -> Vec<ObjectRef> {
@@ -445,7 +532,7 @@ pub fn restart_digest(spec: &vmctl_api::VirtualMachineSpec) -> String {
         "vcpus": spec.vcpus,
         "memoryMib": spec.memory_mib,
         "network": spec.network,
-        "image": spec.image,
+        "cloudInit": spec.cloud_init,
     });
     hex::encode(&sha2::Sha256::digest(v.to_string().as_bytes())[..8])
 }

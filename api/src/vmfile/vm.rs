@@ -207,7 +207,8 @@ pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft
                     match s.value.as_str() {
                         "restart" => d.spec.update_policy = UpdatePolicy::Restart,
                         "restart-required" => d.spec.update_policy = UpdatePolicy::RestartRequired,
-                        other => rd.error(s.span, format!("unknown update policy `{other}`"), "use \"restart-required\" (report and wait) or \"restart\" (restart the VM)"),
+                        "recreate" => d.spec.update_policy = UpdatePolicy::Recreate,
+                        other => rd.error(s.span, format!("unknown update policy `{other}`"), "use \"restart-required\" (report and wait), \"restart\" (restart the VM) or \"recreate\" (also rebuild the disk when the image changes)"),
                     }
                 }
             }

@@ -466,6 +466,7 @@ mod tests {
         let hv = FakeHypervisor(world.clone());
         let spec = InstanceSpec {
             name: "vm".into(),
+            uid: "uid-vm".into(),
             spec: serde_json::from_value(serde_json::json!({"image": "i"})).unwrap(),
             image: LocalImage {
                 path: "/i".into(),

@@ -94,6 +94,9 @@ pub struct InstanceStatus {
 pub struct InstanceSpec {
     /// The VM's name; instances are keyed by it.
     pub name: String,
+    /// The VM object's uid (stable for the object's life; the NIC's MAC is
+    /// derived from it).
+    pub uid: String,
     /// The VM's spec.
     pub spec: VirtualMachineSpec,
     /// The base image the instance boots from.
@@ -120,6 +123,12 @@ pub trait Hypervisor: Send + Sync + Debug {
     fn destroy<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>>;
     /// The instance's state, `None` if it does not exist.
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<InstanceStatus>>>;
+    /// Names of instances whose state changed by itself (the guest powered
+    /// off or paused, the hypervisor process died), for backends that are
+    /// told; `None` when the controller has to poll [`status`](Self::status).
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
 }
 
 /// An image available on the host.

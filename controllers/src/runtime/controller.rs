@@ -189,6 +189,25 @@ impl<R: Reconciler> Controller<R> {
                 shutdown.clone(),
             ));
         }
+        let mut triggers = None;
+        if let Some(mut rx) = self.reconciler.external_triggers() {
+            let queue = self.queue.clone();
+            triggers = Some(AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(name) => queue.trigger(ObjectRef::new(R::KIND, name)),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(
+                                controller = R::NAME,
+                                missed = n,
+                                "external triggers lagged; the resync catches up"
+                            );
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            })));
+        }
         let mut watcher = Watcher {
             state: State::Listing {
                 delay: Duration::ZERO,
@@ -211,6 +230,7 @@ impl<R: Reconciler> Controller<R> {
             }
         }
         while tasks.join_next().await.is_some() {}
+        drop(triggers);
     }
 }
 

@@ -75,6 +75,13 @@ pub trait Reconciler: Send + Sync + 'static {
         obj: Arc<Object>,
     ) -> impl Future<Output = Result<Action, Self::Error>> + Send;
 
+    /// Triggers from outside the store: names of objects of [`KIND`](Self::KIND)
+    /// to reconcile now (a hypervisor reporting that a VM changed by
+    /// itself). `None`: the store's events are the only triggers.
+    fn external_triggers(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
+
     /// What to do after `reconcile` failed with `err`; `backoff` is the
     /// runtime's per-object exponential delay with jitter.
     fn error_policy(&self, obj: &Object, err: &Self::Error, backoff: Duration) -> Action {

@@ -229,6 +229,20 @@ impl SeedSpec {
     }
 }
 
+impl SeedSpec {
+    /// A digest of the seed's files: equal digests, equal seeds.
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for (name, data) in self.files() {
+            h.update(name.as_bytes());
+            h.update((data.len() as u64).to_le_bytes());
+            h.update(&data);
+        }
+        hex::encode(h.finalize())
+    }
+}
+
 /// Builds the seed for `spec` at `out` (atomically, mode 0600) with
 /// `tool`, and returns the tool used ([`SeedTool::Auto`] resolved).
 pub fn build_seed(spec: &SeedSpec, out: &Path, tool: SeedTool) -> Result<SeedTool, SeedError> {

@@ -169,3 +169,81 @@ async fn deleting_a_vm_runs_its_finalizer_then_the_object_goes() {
     assert!(reasons(&s, Kind::VirtualMachine, "doomed").contains(&"Destroyed".to_owned()));
     agent.stop().await;
 }
+
+fn condition(obj: &vmctl_api::Object, type_: &str) -> Option<(String, String)> {
+    let st: vmctl_api::VirtualMachineStatus = serde_json::from_value(obj.status.clone()?).ok()?;
+    st.conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (format!("{:?}", c.status), c.reason.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spec_edits_are_classified_live_restart_or_recreate() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), world()).await;
+    let s = agent.store.clone();
+    apply(&s, image("img")).await;
+    apply(&s, image("img2")).await;
+    apply(&s, vm("box", "img")).await;
+    eventually("running", WAIT, || {
+        vm_status(&s, "box").is_some_and(|(o, _)| is_ready(&o))
+    })
+    .await;
+
+    // Restart-required: memory. Reported, the VM keeps running.
+    apply(
+        &s,
+        vm_with("box", json!({"image": "img", "memoryMib": 2048})),
+    )
+    .await;
+    eventually("RestartRequired", WAIT, || {
+        vm_status(&s, "box").is_some_and(|(o, st)| {
+            st.observed_generation == 2
+                && condition(&o, "RestartRequired") == Some(("True".into(), "SpecChanged".into()))
+        })
+    })
+    .await;
+    assert_eq!(vm_status(&s, "box").unwrap().1.phase, VmPhase::Running);
+
+    // Recreate-required: the image. Reported, the disk is kept.
+    apply(
+        &s,
+        vm_with("box", json!({"image": "img2", "memoryMib": 2048})),
+    )
+    .await;
+    eventually("RecreateRequired", WAIT, || {
+        vm_status(&s, "box").is_some_and(|(o, st)| {
+            st.observed_generation == 3
+                && condition(&o, "RecreateRequired") == Some(("True".into(), "ImageChanged".into()))
+        })
+    })
+    .await;
+    assert_eq!(agent.world.instances_created(), 1, "no disk destroyed");
+    assert!(reasons(&s, Kind::VirtualMachine, "box").contains(&"RecreateRequired".to_owned()));
+    let st = vm_status(&s, "box").unwrap().1;
+    assert_eq!(st.disk_image.as_deref(), Some("img"));
+
+    // With updatePolicy Recreate the VM is rebuilt from the new image.
+    apply(
+        &s,
+        vm_with(
+            "box",
+            json!({"image": "img2", "memoryMib": 2048, "updatePolicy": "Recreate"}),
+        ),
+    )
+    .await;
+    eventually("recreated from img2", WAIT, || {
+        vm_status(&s, "box").is_some_and(|(o, st)| {
+            st.observed_generation == 4
+                && is_ready(&o)
+                && st.disk_image.as_deref() == Some("img2")
+                && condition(&o, "RecreateRequired").is_some_and(|c| c.0 == "False")
+                && condition(&o, "RestartRequired").is_some_and(|c| c.0 == "False")
+        })
+    })
+    .await;
+    assert_eq!(agent.world.instances_created(), 2, "one new instance");
+    assert!(reasons(&s, Kind::VirtualMachine, "box").contains(&"Recreating".to_owned()));
+    agent.stop().await;
+}

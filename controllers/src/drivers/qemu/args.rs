@@ -66,6 +66,7 @@ impl LaunchPlan {
     #[expect(clippy::too_many_arguments, reason = "one plain field per argument")]
     pub fn new(
         name: &str,
+        mac: &str,
         work_dir: &Path,
         accel: Accel,
         vcpus: u32,
@@ -89,16 +90,18 @@ impl LaunchPlan {
             vcpus,
             memory_mib,
             net,
-            mac: mac_for(name),
+            mac: mac.to_owned(),
             seed,
         })
     }
 }
 
-/// A stable, locally administered MAC in QEMU's `52:54:00` range, derived
-/// from the VM's name so that DHCP leases survive restarts.
-pub fn mac_for(name: &str) -> String {
-    let h = Sha256::digest(name.as_bytes());
+/// A stable, locally administered MAC (`0x52` has the local bit set) in
+/// QEMU's `52:54:00` range, derived from the VM's uid: DHCP leases survive
+/// restarts, and a VM deleted and created again under the same name gets
+/// a new address.
+pub fn mac_for(uid: &str) -> String {
+    let h = Sha256::digest(uid.as_bytes());
     format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2])
 }
 
@@ -176,6 +179,18 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<String> {
         "-qmp",
         &format!("unix:{},server=on,wait=off", esc(&l.qmp_sock())),
     ]);
+    // A second monitor that the agent keeps open: QMP events (shutdown,
+    // stop, resume, reset, panic) and its end when QEMU goes. The first
+    // one serves commands, one connection at a time.
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qmp-events,path={},server=on,wait=off",
+            esc(&l.events_sock())
+        ),
+        "-mon",
+        "chardev=qmp-events,mode=control",
+    ]);
     push(&["-pidfile", &l.pidfile().display().to_string()]);
     a
 }
@@ -187,6 +202,7 @@ mod tests {
     fn plan(network: &Network, accel: Accel) -> LaunchPlan {
         LaunchPlan::new(
             "web-1",
+            &mac_for("5f0c1e2a-uid"),
             Path::new("/data/vms/web-1"),
             accel,
             2,
@@ -231,7 +247,17 @@ mod tests {
     #[test]
     fn vnic_is_refused() {
         let vnic = Network::Vnic { name: "v0".into() };
-        let err = LaunchPlan::new("a", Path::new("/x"), Accel::Tcg, 1, 512, &vnic, 1, false);
+        let err = LaunchPlan::new(
+            "a",
+            "52:54:00:00:00:01",
+            Path::new("/x"),
+            Accel::Tcg,
+            1,
+            512,
+            &vnic,
+            1,
+            false,
+        );
         assert!(matches!(err, Err(PlanError::UnsupportedNetwork("vnic"))));
     }
 
@@ -239,6 +265,7 @@ mod tests {
     fn commas_in_paths_are_escaped() {
         let p = LaunchPlan::new(
             "a",
+            "52:54:00:00:00:01",
             Path::new("/d,x/a"),
             Accel::Tcg,
             1,
@@ -260,5 +287,7 @@ mod tests {
         assert_eq!(mac_for("web-1"), mac_for("web-1"));
         assert_ne!(mac_for("web-1"), mac_for("web-2"));
         assert!(mac_for("web-1").starts_with("52:54:00:"));
+        // 0x52: unicast (bit 0 clear), locally administered (bit 1 set).
+        assert_eq!(0x52 & 0b11, 0b10);
     }
 }

@@ -24,9 +24,17 @@ impl Layout {
     pub fn seed(&self) -> PathBuf {
         self.root.join("seed.iso")
     }
+    /// Digest of what the seed was built from.
+    pub fn seed_digest_file(&self) -> PathBuf {
+        self.root.join("seed.digest")
+    }
     /// The QMP socket.
     pub fn qmp_sock(&self) -> PathBuf {
         self.root.join("qmp.sock")
+    }
+    /// A second QMP monitor, held open by the agent for QMP events.
+    pub fn events_sock(&self) -> PathBuf {
+        self.root.join("qmp-events.sock")
     }
     /// The serial console socket.
     pub fn serial_sock(&self) -> PathBuf {

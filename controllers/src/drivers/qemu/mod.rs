@@ -117,6 +117,15 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Networking.
     pub network: Network,
+    /// The NIC's MAC, derived from the VM's uid when first prepared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl VmConfig {
+    fn mac(&self, name: &str) -> String {
+        self.mac.clone().unwrap_or_else(|| args::mac_for(name))
+    }
 }
 
 /// How the last QEMU of a VM ended.
@@ -135,7 +144,24 @@ pub struct QemuDriver {
     config: QemuConfig,
     accel: tokio::sync::OnceCell<Accel>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Names of VMs whose QEMU reported an event or ended.
+    changes: tokio::sync::broadcast::Sender<String>,
+    /// The QEMU pid whose events monitor this driver holds (or tried), per VM.
+    watched: Arc<Mutex<HashMap<String, u32>>>,
 }
+
+/// QMP events that change what `status` reports.
+const STATE_EVENTS: &[&str] = &[
+    "SHUTDOWN",
+    "POWERDOWN",
+    "RESET",
+    "STOP",
+    "RESUME",
+    "SUSPEND",
+    "WAKEUP",
+    "GUEST_PANICKED",
+    "BLOCK_IO_ERROR",
+];
 
 impl QemuDriver {
     /// A driver keeping its VMs under `config.data_dir`.
@@ -144,7 +170,61 @@ impl QemuDriver {
             config,
             accel: tokio::sync::OnceCell::new(),
             locks: Mutex::new(HashMap::new()),
+            changes: tokio::sync::broadcast::channel(1024).0,
+            watched: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// Holds the events monitor of `name`'s running QEMU open (once per
+    /// QEMU): each state event, and QEMU's end, is sent on `changes`, so
+    /// the VM controller hears of a guest that powered off or a QEMU that
+    /// died without polling. A QEMU without the monitor (started by an
+    /// older vmctl) is left to the controller's slow resync.
+    fn watch_events(&self, name: &str, l: &Layout, pid: u32) {
+        {
+            let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+            if w.insert(name.to_owned(), pid) == Some(pid) {
+                return;
+            }
+        }
+        let (name, sock) = (name.to_owned(), l.events_sock());
+        let (tx, watched) = (self.changes.clone(), self.watched.clone());
+        let timeout = self.config.qmp_timeout;
+        tokio::spawn(async move {
+            match Qmp::connect(&sock, timeout).await {
+                Ok(mut q) => {
+                    tracing::debug!(vm = %name, "watching QMP events");
+                    loop {
+                        match q.next_event().await {
+                            Ok(ev) => {
+                                let kind = ev.get("event").and_then(serde_json::Value::as_str);
+                                tracing::info!(vm = %name, event = kind.unwrap_or("?"), "QMP event");
+                                if kind.is_some_and(|k| STATE_EVENTS.contains(&k)) {
+                                    let _ = tx.send(name.clone());
+                                }
+                            }
+                            Err(e) => {
+                                tracing::debug!(vm = %name, error = %e, "QMP events ended");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Not retried for this QEMU: its VM is polled instead.
+                    tracing::info!(vm = %name, error = %e, "no QMP events monitor; polling");
+                    return;
+                }
+            }
+            {
+                let mut w = watched.lock().unwrap_or_else(|p| p.into_inner());
+                if w.get(&name) == Some(&pid) {
+                    w.remove(&name);
+                }
+            }
+            // The monitor closes when QEMU ends: look again.
+            let _ = tx.send(name);
+        });
     }
 
     /// The driver's settings.
@@ -234,8 +314,14 @@ impl QemuDriver {
                 id
             }
         };
-        if !l.seed().exists() {
-            let seed = seed_spec(spec, instance_id, &keys)?;
+        let seed = seed_spec(spec, instance_id, &keys)?;
+        let seed_digest = seed.digest();
+        let seed_current =
+            std::fs::read_to_string(l.seed_digest_file()).is_ok_and(|d| d.trim() == seed_digest);
+        // A changed cloud-init config gets a new seed at the next start
+        // (same instance id: per-boot modules see it, per-instance ones
+        // ran already). A running QEMU keeps the one it has open.
+        if !l.seed().exists() || (!seed_current && process::running_pid(&l).is_none()) {
             let (out, tool) = (l.seed(), self.config.seed_tool);
             tokio::task::spawn_blocking(move || build_seed(&seed, &out, tool))
                 .await
@@ -244,6 +330,8 @@ impl QemuDriver {
                     name: name.clone(),
                     source,
                 })?;
+            std::fs::write(l.seed_digest_file(), &seed_digest)
+                .map_err(io_err("Cannot record the seed digest"))?;
         }
         let disk_err = |source| QemuError::Disk {
             name: name.clone(),
@@ -272,10 +360,14 @@ impl QemuDriver {
             let port = free_port().map_err(io_err("Cannot find a free port"))?;
             write_port(&l, port)?;
         }
+        let mac = read_config(&l)
+            .and_then(|c| c.mac)
+            .unwrap_or_else(|| args::mac_for(&spec.uid));
         let cfg = VmConfig {
             vcpus: spec.spec.vcpus,
             memory_mib: spec.spec.memory_mib,
             network: spec.spec.network.clone(),
+            mac: Some(mac),
         };
         let json = serde_json::to_vec_pretty(&cfg).map_err(|e| io_err("")(e.into()))?;
         std::fs::write(l.config_file(), json).map_err(io_err("Cannot write vm.json"))?;
@@ -299,6 +391,7 @@ impl QemuDriver {
         let accel = self.accel().await;
         let plan = LaunchPlan::new(
             name,
+            &cfg.mac(name),
             &l.root,
             accel,
             cfg.vcpus,
@@ -380,6 +473,7 @@ impl QemuDriver {
             Err(e) => tracing::warn!(vm = name, error = %e, "no QMP to power down"),
         }
         if process::wait_gone(pid, timeout).await {
+            wait_exit_file(&l).await;
             return Ok(());
         }
         tracing::warn!(
@@ -395,10 +489,12 @@ impl QemuDriver {
         let _ = std::fs::write(l.stop_marker(), b"");
         let _ = self.command(name, l, "quit").await;
         if process::wait_gone(pid, self.config.kill_grace).await {
+            wait_exit_file(l).await;
             return Ok(());
         }
         process::kill(pid, "KILL").map_err(io_err(format!("Cannot kill QEMU {pid}")))?;
         if process::wait_gone(pid, Duration::from_secs(5)).await {
+            wait_exit_file(l).await;
             Ok(())
         } else {
             Err(QemuError::Io {
@@ -413,6 +509,9 @@ impl QemuDriver {
             return Ok(None);
         };
         let pid = process::running_pid(l);
+        if let Some(pid) = pid {
+            self.watch_events(name, l, pid);
+        }
         let state = match pid {
             Some(_) => {
                 let mut q = self.qmp(name, l).await?;
@@ -441,10 +540,20 @@ impl QemuDriver {
             vnc: None,
             ssh_host: user_net.then(|| "127.0.0.1".to_owned()),
             ssh_port: read_port(l).filter(|_| user_net),
-            mac: (!matches!(cfg.network, Network::None)).then(|| args::mac_for(name)),
+            mac: (!matches!(cfg.network, Network::None)).then(|| cfg.mac(name)),
             instance_id: std::fs::read_to_string(l.instance_id_file())
                 .ok()
                 .map(|s| s.trim().to_owned()),
+            last_exit: match pid {
+                Some(_) => None,
+                None => process::read_exit(l).map(|exit| {
+                    if l.stop_marker().exists() {
+                        format!("{exit} (stopped by vmctl)")
+                    } else {
+                        exit.to_string()
+                    }
+                }),
+            },
         };
         Ok(Some(InstanceStatus { state, runtime }))
     }
@@ -467,6 +576,17 @@ impl QemuDriver {
         {
             tracing::warn!(vm = name, %exit, "QEMU died");
         }
+    }
+}
+
+/// QEMU is gone the moment its pid is; its supervisor records how it ended
+/// a moment later. Waits for that (briefly), so status can report it.
+async fn wait_exit_file(l: &Layout) {
+    for _ in 0..40 {
+        if l.exit_file().exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -672,5 +792,9 @@ impl Hypervisor for QemuDriver {
             let l = self.layout(name);
             Ok(self.observe(name, &l).await?)
         })
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        Some(self.changes.subscribe())
     }
 }

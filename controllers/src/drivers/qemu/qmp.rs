@@ -121,6 +121,27 @@ impl Qmp {
         }
     }
 
+    /// Waits, without a deadline, for the next asynchronous event
+    /// (`{"event": "SHUTDOWN", …}`); `Closed` when QEMU went away.
+    pub async fn next_event(&mut self) -> Result<Value, QmpError> {
+        loop {
+            let mut line = String::new();
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .await
+                .map_err(QmpError::Io)?;
+            if n == 0 {
+                return Err(QmpError::Closed("event wait".into()));
+            }
+            let msg: Value = serde_json::from_str(&line)
+                .map_err(|_| QmpError::Protocol(line.trim().to_owned()))?;
+            if msg.get("event").is_some() {
+                return Ok(msg);
+            }
+        }
+    }
+
     /// `query-status`'s `status` field (`running`, `paused`, `shutdown`, …).
     pub async fn query_status(&mut self) -> Result<String, QmpError> {
         let v = self.execute("query-status", None).await?;

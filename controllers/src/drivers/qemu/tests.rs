@@ -26,6 +26,7 @@ fn instance(name: &str, image: &Path) -> InstanceSpec {
         serde_json::from_value(serde_json::json!({"image": "tiny", "memoryMib": 512})).unwrap();
     InstanceSpec {
         name: name.to_owned(),
+        uid: format!("uid-{name}"),
         spec,
         image: LocalImage {
             path: image.display().to_string(),
@@ -308,4 +309,98 @@ async fn wait_last_exit(d: &QemuDriver, name: &str) -> LastExit {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("no exit status recorded for {name}");
+}
+
+/// Waits for `name` on the driver's change stream.
+async fn changed(rx: &mut tokio::sync::broadcast::Receiver<String>, name: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Ok(n)) if n == name => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("change stream failed: {e}"),
+            Err(_) => panic!("no change reported for {name} within {within:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qmp_events_report_pauses_and_death_without_polling_and_the_mac_follows_the_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let d = driver(dir.path());
+    let mut rx = d.changes().expect("the QEMU driver reports changes");
+    let mut spec = instance("evented", &image);
+    spec.spec.memory_mib = 64;
+    let st = d.prepare(&spec).await.unwrap();
+    assert_eq!(
+        st.runtime.mac.as_deref(),
+        Some(args::mac_for("uid-evented").as_str()),
+        "the MAC derives from the uid, not the name"
+    );
+    let pid = d.start("evented").await.unwrap().runtime.pid.unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let mac = format!("mac={}", args::mac_for("uid-evented"));
+    assert!(String::from_utf8_lossy(&cmdline).contains(&mac));
+
+    // Paused behind the driver's back (another QMP client): the STOP event
+    // reports it.
+    let l = d.layout("evented");
+    let mut q = qmp::Qmp::connect(&l.qmp_sock(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    q.execute("stop", None).await.unwrap();
+    drop(q);
+    changed(&mut rx, "evented", Duration::from_secs(10)).await;
+    assert_eq!(state(&d, "evented").await, Some(InstanceState::Suspended));
+
+    // Killed from outside: the events monitor closes and says so.
+    process::kill(pid, "KILL").unwrap();
+    changed(&mut rx, "evented", Duration::from_secs(10)).await;
+    let st = d.status("evented").await.unwrap().unwrap();
+    assert_eq!(st.state, InstanceState::Stopped);
+    assert_eq!(st.runtime.last_exit.as_deref(), Some("killed by signal 9"));
+
+    // A restart keeps the MAC.
+    let st = d.start("evented").await.unwrap();
+    assert_eq!(
+        st.runtime.mac.as_deref(),
+        Some(args::mac_for("uid-evented").as_str())
+    );
+    d.stop("evented", Duration::from_secs(1)).await.unwrap();
+    let st = d.status("evented").await.unwrap().unwrap();
+    let last = st.runtime.last_exit.unwrap();
+    assert!(last.ends_with("(stopped by vmctl)"), "{last}");
+    d.destroy("evented").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_changed_cloud_init_config_gets_a_new_seed_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let d = driver(dir.path());
+    let mut spec = instance("reseed", &image);
+    spec.spec.memory_mib = 64;
+    d.prepare(&spec).await.unwrap();
+    let l = d.layout("reseed");
+    let before = std::fs::read(l.seed()).unwrap();
+    let id = std::fs::read_to_string(l.instance_id_file()).unwrap();
+    d.prepare(&spec).await.unwrap();
+    assert_eq!(
+        std::fs::read(l.seed()).unwrap(),
+        before,
+        "unchanged config, same seed"
+    );
+    spec.spec.cloud_init =
+        Some(serde_json::from_value(serde_json::json!({"hostname": "renamed"})).unwrap());
+    d.prepare(&spec).await.unwrap();
+    let after = std::fs::read(l.seed()).unwrap();
+    assert_ne!(after, before, "the seed was rebuilt");
+    assert!(after.windows(7).any(|w| w == b"renamed"));
+    assert_eq!(
+        std::fs::read_to_string(l.instance_id_file()).unwrap(),
+        id,
+        "same instance: no recreate"
+    );
 }
