@@ -43,6 +43,16 @@ fn request(loaded: &Loaded, file: &Path, a: &ApplyArgs) -> ApplyRequest {
     )
 }
 
+/// How `apply` reports an outcome.
+pub(crate) fn outcome_word(o: ApplyOutcome) -> &'static str {
+    match o {
+        ApplyOutcome::Created => "created",
+        ApplyOutcome::Configured => "configured",
+        ApplyOutcome::Unchanged => "unchanged",
+        ApplyOutcome::Pruned => "pruned",
+    }
+}
+
 fn render(resp: &ApplyResponse, a: &ApplyArgs, only_changes: bool) -> String {
     match a.output {
         Output::Json => format!(
@@ -54,13 +64,10 @@ fn render(resp: &ApplyResponse, a: &ApplyArgs, only_changes: bool) -> String {
             let suffix = if a.dry_run { " (dry run)" } else { "" };
             let mut out = String::new();
             for r in &resp.results {
-                let what = match r.outcome {
-                    ApplyOutcome::Created => "created",
-                    ApplyOutcome::Configured => "configured",
-                    ApplyOutcome::Unchanged if only_changes => continue,
-                    ApplyOutcome::Unchanged => "unchanged",
-                    ApplyOutcome::Pruned => "pruned",
-                };
+                if only_changes && r.outcome == ApplyOutcome::Unchanged {
+                    continue;
+                }
+                let what = outcome_word(r.outcome);
                 out.push_str(&format!("{} {what}{suffix}\n", r.object));
             }
             out

@@ -74,10 +74,14 @@ pub(crate) fn render(o: &Object, notes: &[NoteIn]) -> String {
                 .unwrap_or(0);
             s.push_str(&format!("Phase:            {phase}\n"));
             s.push_str(&format!("Observed gen:     {observed}\n"));
-            let conds: Vec<vmctl_api::Condition> = st
+            let mut conds: Vec<vmctl_api::Condition> = st
                 .get("conditions")
                 .and_then(|c| serde_json::from_value(c.clone()).ok())
                 .unwrap_or_default();
+            // Ready first, then by type: the same order every time.
+            conds.sort_by(|a, b| {
+                (a.type_ != "Ready", &a.type_).cmp(&(b.type_ != "Ready", &b.type_))
+            });
             if !conds.is_empty() {
                 s.push_str("Conditions:\n");
                 let mut rows = vec![vec![

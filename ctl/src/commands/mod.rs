@@ -242,7 +242,7 @@ pub(crate) fn load_vmfile(file: &std::path::Path) -> miette::Result<vmctl_api::l
             }
             Err(crate::diag::error(
                 e.code(),
-                format!("{} is invalid", file.display()),
+                format!("{} has errors; nothing was changed", file.display()),
             ))
         }
         Err(e) => Err(e.into()),

@@ -144,7 +144,17 @@ fn network(vm: &VirtualMachine) -> String {
     }
 }
 
-/// `vmctl list`: the manual's columns.
+/// The networking mode alone, as the manual's `list` shows it.
+fn network_mode(vm: &VirtualMachine) -> &'static str {
+    match &vm.spec.network {
+        vmctl_api::Network::User => "user",
+        vmctl_api::Network::Tap { .. } => "tap",
+        vmctl_api::Network::Vnic { .. } => "vnic",
+        vmctl_api::Network::None => "none",
+    }
+}
+
+/// `vmctl list`: the manual's columns (MEM in MiB, NETWORK the mode), then STATE.
 pub fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
     let client = g.client()?;
     let vms: ObjectList = client.call("GET", "/v1/objects/vm", None::<&()>)?;
@@ -180,8 +190,8 @@ pub fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
                 rt.backend.clone()
             },
             vm.spec.vcpus.to_string(),
-            format!("{}M", vm.spec.memory_mib),
-            network(&vm),
+            vm.spec.memory_mib.to_string(),
+            network_mode(&vm).into(),
             rt.pid.map_or("-".into(), |p| p.to_string()),
             rt.ssh_port.map_or("-".into(), |p| p.to_string()),
             format!("{:?}", st.phase),

@@ -15,17 +15,37 @@ fn targets(name: Option<&str>, file: &Path, filter: Option<&str>) -> miette::Res
         return Ok(vec![n.to_owned()]);
     }
     let loaded = super::load_vmfile(file)?;
+    if let Some(f) = filter
+        && !loaded.vm_names.iter().any(|n| n == f)
+    {
+        return Err(crate::diag::error_help(
+            "vmctl::vm::not_found",
+            format!("VMs in {}: {}", file.display(), loaded.vm_names.join(", ")),
+            format!("no VM named {f} in {}", file.display()),
+        ));
+    }
+    // Only VMs with provision blocks have something to re-run.
     let names: Vec<String> = loaded
         .vm_names
-        .into_iter()
-        .filter(|n| filter.is_none_or(|f| f == n))
+        .iter()
+        .filter(|n| filter.is_none_or(|f| f == n.as_str()))
+        .filter(|n| {
+            loaded
+                .resources
+                .iter()
+                .any(|r| matches!(r, vmctl_api::Resource::Provision(p) if &p.spec.vm == *n))
+        })
+        .cloned()
         .collect();
     if names.is_empty() {
-        return Err(miette::miette!(
-            code = "vmctl::vm::not_found",
-            help = "check --name against the VMs of the file",
-            "no matching VM in {}",
-            file.display()
+        return Err(crate::diag::error_help(
+            "vmctl::provision::not_found",
+            "add provision blocks to the VM in the VMFile and run `vmctl up`",
+            format!(
+                "{} has no provisioners in {}",
+                filter.map_or("no VM".to_owned(), |f| format!("VM {f}")),
+                file.display()
+            ),
         ));
     }
     Ok(names)
@@ -41,13 +61,26 @@ pub fn run(
 ) -> miette::Result<ExitCode> {
     let names = targets(name, file, filter)?;
     let client = g.client()?;
+    // Every target is checked before any is changed.
+    for n in &names {
+        let vm = super::objects::get_object(&client, Kind::VirtualMachine, n)?;
+        super::objects::get_object(&client, Kind::Provision, n)?;
+        // Provisioners run on a running VM only; waiting would time out.
+        let power = vm.spec["powerState"].as_str().unwrap_or("Running");
+        if power != "Running" {
+            return Err(crate::diag::error_help(
+                "vmctl::vm::invalid_state",
+                format!("start it first: `vmctl start {n}`"),
+                format!("VM {n} is {power}; provisioning needs it running"),
+            ));
+        }
+    }
     let mut refs = Vec::new();
     for n in &names {
         let token = format!(
             "{}",
             chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
         );
-        super::objects::get_object(&client, Kind::VirtualMachine, n)?;
         let r = super::objects::edit_spec(&client, Kind::Provision, n, "provision", |spec| {
             spec["runToken"] = serde_json::Value::String(token);
         })?;

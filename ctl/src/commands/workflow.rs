@@ -72,7 +72,7 @@ fn apply_and_wait(
     );
     let resp = super::objects::apply(client, &req)?;
     for r in &resp.results {
-        eprintln!("{} {:?}", r.object, r.outcome);
+        eprintln!("{} {}", r.object, super::apply::outcome_word(r.outcome));
     }
     let refs: Vec<_> = resp.results.iter().map(|r| r.object.clone()).collect();
     super::wait::wait_ready(client, &refs, timeout)
@@ -233,16 +233,20 @@ pub fn create(g: &Globals, a: CreateArgs) -> miette::Result<ExitCode> {
     let vm = VirtualMachine::new(a.name.clone(), spec);
     let resources = vec![Resource::Image(image), Resource::VirtualMachine(vm)];
     for r in &resources {
-        let errs: Vec<String> = vmctl_api::validate::validate(r)
+        let errs: Vec<_> = vmctl_api::validate::validate(r)
             .into_iter()
             .filter(|e| e.severity == vmctl_api::validate::Severity::Error)
-            .map(|e| format!("{}: {}", e.path, e.message))
             .collect();
-        if !errs.is_empty() {
-            return Err(crate::diag::error(
-                "vmctl::vmfile::validation",
-                errs.join("; "),
-            ));
+        if let Some(first) = errs.first() {
+            let message = errs
+                .iter()
+                .map(|e| e.message.clone())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(match &first.help {
+                Some(h) => crate::diag::error_help("vmctl::vmfile::validation", h, message),
+                None => crate::diag::error("vmctl::vmfile::validation", message),
+            });
         }
     }
     let client = g.client()?;

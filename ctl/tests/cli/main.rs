@@ -1,6 +1,7 @@
 //! The `vmctl` binary as a user runs it.
 
 mod agent;
+mod commands;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
