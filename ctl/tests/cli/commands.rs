@@ -759,8 +759,7 @@ fn up_down_reload_provision_with_file_and_name() {
             let err = stderr(&out);
             let last_code = err
                 .lines()
-                .filter(|l| l.starts_with("vmctl::"))
-                .next_back()
+                .rfind(|l| l.starts_with("vmctl::"))
                 .unwrap_or("");
             assert_eq!(last_code, what, "{cmd:?} in {}:\n{err}", dir.display());
         }
