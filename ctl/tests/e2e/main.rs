@@ -146,6 +146,34 @@ impl World {
             .map(|p| p as u32)
     }
 
+    /// Runs `vmctl console NAME` on a pseudo-terminal, types `keys` once
+    /// attached, then Ctrl-]; returns what the terminal showed.
+    fn console_session(&self, name: &str, keys: &str) -> String {
+        use std::io::Write;
+        let cmd = format!(
+            "{} --data-dir {} console {name}",
+            env!("CARGO_BIN_EXE_vmctl"),
+            self.data().display()
+        );
+        let mut child = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("script(1) from util-linux runs");
+        let mut stdin = child.stdin.take().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        // Wake the shell, then the command.
+        stdin.write_all(b"\r").unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        stdin.write_all(keys.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_secs(4));
+        stdin.write_all(b"\x1d").unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// PIDs of QEMU processes whose command line names this world's data dir.
     fn qemu_pids(&self) -> Vec<u32> {
         let out = Command::new("pgrep")
@@ -579,6 +607,11 @@ fn imperative_tutorial_create_start_suspend_resume_stop_destroy() {
         w.vmctl(&["exec", "imp", "--", "true"]).status.success()
     });
     assert_eq!(w.ok(&["ssh", "imp", "--", "hostname"]).trim(), "imp");
+    // The serial console in raw mode on a real terminal (`script` gives it
+    // a pty): a command typed at the guest's shell runs, Ctrl-] detaches.
+    let out = w.console_session("imp", "echo con-$((6*7))\r");
+    assert!(out.contains("con-42"), "console output:\n{out}");
+    assert!(out.contains("detached"), "{out}");
     w.ok(&["suspend", "imp"]);
     let st = w.json(&["status", "imp", "-o", "json"]);
     assert_eq!(st["state"], "Suspended");
