@@ -231,9 +231,12 @@ fn settings() -> insta::Settings {
     s.add_filter(r"\b\d+[smhd]\n", "[AGE]\n");
     s.add_filter(r"\b\d+[smhd]$", "[AGE]");
     s.add_filter(r"\[TIME\] +", "[TIME] ");
+    s.add_filter(r"TIME +CHANGE", "TIME   CHANGE");
     s.add_filter(r#"("?resourceVersion"?:\s*)\d+"#, "$1[RV]");
     s.add_filter(r"ResourceVersion:  \d+", "ResourceVersion:  [RV]");
     s.add_filter(r#"("?runToken"?:\s*)"?\d+"?"#, "$1[TOKEN]");
+    // A digest of the started spec, which holds temporary paths.
+    s.add_filter(r#"("?startedSpec"?:\s*)"?[0-9a-f]{16}"?"#, "$1[SPEC]");
     s.add_filter(r"\b200\d\d\b", "[PORT]");
     // A path miette wrapped across lines.
     s.add_filter(
