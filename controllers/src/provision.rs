@@ -159,12 +159,26 @@ impl Reconciler for ProvisionReconciler {
             .map(|s| Duration::from_secs(s.into()))
             .unwrap_or(ctx.config.ssh_timeout);
         if let Err(source) = ctx.drivers.provisioner.wait_ssh(&target, timeout).await {
-            status.phase = ProvisionPhase::Pending;
+            // Failed for this generation, with the reason, so that `apply
+            // --wait` and `get` say why; no instance is recorded as done,
+            // so the runtime's backoff keeps retrying in case the guest
+            // comes up later.
+            status.phase = ProvisionPhase::Failed;
+            status.observed_generation = generation;
+            status.vm_instance_id = None;
             let cond = condition(
                 "SshReady",
                 false,
                 "SshTimeout",
                 source.to_string(),
+                generation,
+            );
+            set_condition(&mut status.conditions, cond, Utc::now());
+            let cond = condition(
+                "Ready",
+                false,
+                "SshTimeout",
+                format!("VM {} does not answer SSH: {source}", target.vm),
                 generation,
             );
             set_condition(&mut status.conditions, cond, Utc::now());

@@ -117,7 +117,7 @@ async fn a_failing_step_fails_the_provision_and_skips_the_rest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_that_never_answers_ssh_keeps_its_provision_pending_and_retries() {
+async fn a_vm_that_never_answers_ssh_fails_its_provision_with_the_reason_and_retries() {
     let dir = tempfile::tempdir().unwrap();
     let w = world();
     w.configure(|c| {
@@ -136,10 +136,12 @@ async fn a_vm_that_never_answers_ssh_keeps_its_provision_pending_and_retries() {
             >= 2
     })
     .await;
-    assert_eq!(
-        provision_status(&s, "prov").unwrap().1.phase,
-        ProvisionPhase::Pending
-    );
+    let (obj, st) = provision_status(&s, "prov").unwrap();
+    assert_eq!(st.phase, ProvisionPhase::Failed);
+    assert_eq!(st.observed_generation, obj.metadata.generation);
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason, "SshTimeout");
+    assert!(ready.message.contains("does not answer SSH"), "{}", ready.message);
     w.configure(|c| c.ssh_unreachable.clear());
     eventually("provision Succeeded", WAIT, || {
         provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)

@@ -633,7 +633,6 @@ vm "cut" {{
 /// An unreachable SSH port should fail the Provision (its Ready condition)
 /// with the SSH reason, so that `apply --wait` reports it.
 #[test]
-#[ignore = "bug: on an SSH timeout controllers/src/provision.rs sets only the SshReady condition and retries; Ready stays reason Running, so `apply --wait` hangs to its timeout saying `provision/x: Running (waiting for generation 1 to be observed)` with no SSH reason"]
 fn unreachable_ssh_fails_the_provision_with_the_reason() {
     let w = World::new();
     let p = w.project();
