@@ -248,6 +248,11 @@ pub struct VirtualMachineSpec {
     /// What to do when a change needs a restart.
     #[serde(default)]
     pub update_policy: UpdatePolicy,
+    /// How long a stop waits for the guest to shut down after the ACPI
+    /// power button before QEMU is quit (then killed); default 30 seconds.
+    /// `vmctl stop --timeout S` sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout_seconds: Option<u32>,
 }
 
 fn default_vcpus() -> u32 {

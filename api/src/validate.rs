@@ -17,6 +17,8 @@ pub const VCPUS: (u64, u64) = (1, 255);
 pub const MEMORY_MIB: (u64, u64) = (1, 16 * 1024 * 1024);
 /// Valid range of disk size in GiB.
 pub const DISK_GIB: (u64, u64) = (1, 64 * 1024);
+/// Valid range of the stop (ACPI) timeout in seconds.
+pub const STOP_TIMEOUT: (u64, u64) = (1, 3600);
 /// Valid range of the SSH timeout in seconds.
 pub const SSH_TIMEOUT: (u64, u64) = (1, 24 * 3600);
 
@@ -123,6 +125,14 @@ fn validate_vm(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
     ));
     if let Some(d) = spec.disk_gib {
         errs.extend(check_range("spec.diskGib", "disk (GiB)", d, DISK_GIB));
+    }
+    if let Some(t) = spec.stop_timeout_seconds {
+        errs.extend(check_range(
+            "spec.stopTimeoutSeconds",
+            "stop timeout (seconds)",
+            t.into(),
+            STOP_TIMEOUT,
+        ));
     }
     match &spec.network {
         Network::Tap { bridge } => {

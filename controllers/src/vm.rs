@@ -375,7 +375,7 @@ impl Reconciler for VmReconciler {
                 Some(InstanceState::Running)
             }
             (PowerState::Stopped, Some(InstanceState::Running | InstanceState::Suspended)) => {
-                hv.stop(name, ctx.config.stop_timeout)
+                hv.stop(name, stop_timeout(&vm.spec, ctx.config.stop_timeout))
                     .await
                     .map_err(driver("stop", name))?;
                 ctx.note(
@@ -403,7 +403,7 @@ impl Reconciler for VmReconciler {
                 .clone();
             let differs = started != want_digest;
             if differs && vm.spec.update_policy != UpdatePolicy::RestartRequired {
-                hv.stop(name, ctx.config.stop_timeout)
+                hv.stop(name, stop_timeout(&vm.spec, ctx.config.stop_timeout))
                     .await
                     .map_err(driver("stop", name))?;
                 let msg =
@@ -523,6 +523,12 @@ impl VmReconciler {
         .await;
         Ok(Action::requeue(delay))
     }
+}
+
+/// The spec's ACPI grace period, else the configured one.
+fn stop_timeout(spec: &vmctl_api::VirtualMachineSpec, default: Duration) -> Duration {
+    spec.stop_timeout_seconds
+        .map_or(default, |s| Duration::from_secs(s.into()))
 }
 
 /// Digest of the spec fields that only a restart can apply.

@@ -285,8 +285,9 @@ pub enum Command {
     Stop {
         /// The VM.
         name: String,
-        /// How long to wait, in seconds.
-        #[arg(long, default_value_t = 300)]
+        /// Graceful shutdown timeout in seconds: how long the guest has to
+        /// power off after the ACPI button before QEMU is quit, then killed.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
     },
     /// Pause a running VM.

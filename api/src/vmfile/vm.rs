@@ -27,6 +27,7 @@ const VM_NODES: &[&str] = &[
     "provision",
     "power-state",
     "update-policy",
+    "stop-timeout",
 ];
 
 /// A VM block read from the file, with the spans of its fields.
@@ -97,6 +98,7 @@ pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft
             ssh: None,
             power_state: PowerState::Running,
             update_policy: UpdatePolicy::RestartRequired,
+            stop_timeout_seconds: None,
         },
         steps: Vec::new(),
         vm_spans: SpanMap::new(),
@@ -174,6 +176,16 @@ pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft
                 {
                     d.vm_spans.insert("spec.diskGib".into(), v.span);
                     d.spec.disk_gib = Some(v.value);
+                }
+            }
+            "stop-timeout" => {
+                if let Some(v) = rd
+                    .leaf(child, "stop-timeout 60")
+                    .and_then(|e| rd.integer(e, "stop-timeout"))
+                {
+                    // Range-checked by validation, with this span.
+                    d.vm_spans.insert("spec.stopTimeoutSeconds".into(), v.span);
+                    d.spec.stop_timeout_seconds = Some(u32::try_from(v.value).unwrap_or(u32::MAX));
                 }
             }
             "network" => read_network(rd, child, &mut d),

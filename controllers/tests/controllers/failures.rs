@@ -141,7 +141,11 @@ async fn a_vm_that_never_answers_ssh_fails_its_provision_with_the_reason_and_ret
     assert_eq!(st.observed_generation, obj.metadata.generation);
     let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!(ready.reason, "SshTimeout");
-    assert!(ready.message.contains("does not answer SSH"), "{}", ready.message);
+    assert!(
+        ready.message.contains("does not answer SSH"),
+        "{}",
+        ready.message
+    );
     w.configure(|c| c.ssh_unreachable.clear());
     eventually("provision Succeeded", WAIT, || {
         provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)

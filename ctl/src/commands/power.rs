@@ -97,8 +97,19 @@ pub fn power(
         PowerState::Stopped => "Stopped",
         PowerState::Suspended => "Suspended",
     };
-    let generation = set_power(&client, name, want, verb)?;
-    wait_phase(&client, name, generation, phase, timeout)?;
+    let (generation, wait) = if want == PowerState::Stopped {
+        // The timeout is the guest's grace period: the agent forces the
+        // stop after it, so the wait allows for that too.
+        let secs = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX);
+        let r = super::objects::edit_spec(&client, Kind::VirtualMachine, name, verb, |spec| {
+            spec["powerState"] = serde_json::to_value(want).expect("serialises");
+            spec["stopTimeoutSeconds"] = secs.into();
+        })?;
+        (r.generation, timeout + Duration::from_secs(60))
+    } else {
+        (set_power(&client, name, want, verb)?, timeout)
+    };
+    wait_phase(&client, name, generation, phase, wait)?;
     println!("vm/{name} {}", phase.to_lowercase());
     Ok(ExitCode::SUCCESS)
 }

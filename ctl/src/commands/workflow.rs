@@ -229,6 +229,7 @@ pub fn create(g: &Globals, a: CreateArgs) -> miette::Result<ExitCode> {
             PowerState::Stopped
         },
         update_policy: Default::default(),
+        stop_timeout_seconds: None,
     };
     let vm = VirtualMachine::new(a.name.clone(), spec);
     let resources = vec![Resource::Image(image), Resource::VirtualMachine(vm)];

@@ -1,0 +1,301 @@
+//! Boot benchmark on real QEMU (TCG) with the tiny test guest:
+//!
+//! 1. apply → SSH-ready with vmctl, against `plain-qemu-boot.sh` (keys,
+//!    seed, overlay and QEMU by hand) booting the same image, measured side
+//!    by side in alternating order; SSH-ready means `ssh … true` succeeded,
+//!    polled the same way for both. Goal: vmctl ÷ plain ≤ 1.03.
+//! 2. Four VMs from one VMFile in parallel, against the same four applied
+//!    one after another (each waited to SSH-ready). Goal: ≤ 0.5.
+//!
+//! Run: `cargo build --release -p vmctl && cargo bench -p vmctl --bench boot`
+//! (`BENCH_RUNS`, default 5, pairs for 1; `BENCH_GROUP_RUNS`, default 2, for 2).
+//! Needs qemu-system-x86_64, qemu-img, genisoimage, ssh and the tiny image
+//! (`tests/images/build.sh tiny`, built on first use).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn vmctl_bin() -> PathBuf {
+    // Benches are built in target/<profile>/deps; the binary sits one level up.
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("vmctl");
+    assert!(
+        bin.exists(),
+        "build the binary first: cargo build --release -p vmctl ({})",
+        bin.display()
+    );
+    bin
+}
+
+fn tiny_image() -> PathBuf {
+    let out = Command::new(repo().join("tests/images/build.sh"))
+        .arg("tiny")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "building the tiny guest failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `ssh … true` every 250 ms until it succeeds.
+fn wait_ssh(key: &Path, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let ok = Command::new("ssh")
+            .arg("-i")
+            .arg(key)
+            .args(["-p", &port.to_string()])
+            .args([
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=5",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "vm@127.0.0.1",
+                "true",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no SSH on port {port}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A vmctl agent with its own data dir, in the foreground as a child.
+struct Agent {
+    data: PathBuf,
+    child: Child,
+}
+
+impl Agent {
+    fn start(dir: &Path) -> Agent {
+        let data = dir.join("data");
+        let child = Command::new(vmctl_bin())
+            .arg("agent")
+            .arg("--data-dir")
+            .arg(&data)
+            .env("VMCTL_ACCEL", "tcg")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let a = Agent { data, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !a.vmctl(&["get", "vm"]).status.success() {
+            assert!(Instant::now() < deadline, "agent did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        a
+    }
+
+    fn vmctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(vmctl_bin())
+            .arg("--no-autostart")
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.vmctl(args);
+        assert!(
+            out.status.success(),
+            "vmctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The generated key and forwarded port of VM `name`.
+    fn ssh_of(&self, name: &str) -> (PathBuf, u16) {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["get", "vm", name, "-o", "json"])).unwrap();
+        let rt = &v[0]["status"]["runtime"];
+        (
+            PathBuf::from(rt["workDir"].as_str().unwrap()).join("id_ed25519"),
+            u16::try_from(rt["sshPort"].as_u64().unwrap()).unwrap(),
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Stop the agent, then its QEMUs (which outlive it by design).
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let out = Command::new("pgrep")
+            .arg("-f")
+            .arg(format!("^qemu-system.*{}", self.data.display()))
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        }
+    }
+}
+
+fn vm_node(name: &str, image: &Path) -> String {
+    format!(
+        "vm \"{name}\" {{\n    image \"{}\"\n    vcpus 1\n    memory 512\n}}\n",
+        image.display()
+    )
+}
+
+/// vmctl: apply --wait, then SSH-ready, for every VM of `files` applied in turn.
+fn vmctl_boot(image: &Path, groups: &[Vec<String>]) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    let t0 = Instant::now();
+    for (i, names) in groups.iter().enumerate() {
+        let file = dir.path().join(format!("VMFile-{i}.kdl"));
+        let text: String = names.iter().map(|n| vm_node(n, image)).collect();
+        std::fs::write(&file, text).unwrap();
+        agent.ok(&[
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "600",
+        ]);
+        for n in names {
+            let (key, port) = agent.ssh_of(n);
+            wait_ssh(&key, port);
+        }
+    }
+    t0.elapsed().as_secs_f64()
+}
+
+/// The plain script, then SSH-ready.
+fn plain_boot(image: &Path) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("vm");
+    let port = free_port();
+    let t0 = Instant::now();
+    let st = Command::new(repo().join("ctl/benches/plain-qemu-boot.sh"))
+        .arg(image)
+        .arg(&t)
+        .arg(port.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success(), "plain-qemu-boot.sh failed");
+    wait_ssh(&t.join("id"), port);
+    let secs = t0.elapsed().as_secs_f64();
+    if let Ok(pid) = std::fs::read_to_string(t.join("qemu.pid")) {
+        let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    secs
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not run this.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let image = tiny_image();
+    let runs = env_usize("BENCH_RUNS", 5);
+    let group_runs = env_usize("BENCH_GROUP_RUNS", 2);
+    eprintln!("image {}", image.display());
+    // One boot of each to warm the page cache and the accelerator probe.
+    plain_boot(&image);
+    vmctl_boot(&image, &[vec!["warm".into()]]);
+
+    let (mut plain, mut ours) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let one = || vec![vec!["bench".to_owned()]];
+        // Alternate the order so drift in machine load hits both alike.
+        if i % 2 == 0 {
+            plain.push(plain_boot(&image));
+            ours.push(vmctl_boot(&image, &one()));
+        } else {
+            ours.push(vmctl_boot(&image, &one()));
+            plain.push(plain_boot(&image));
+        }
+        eprintln!(
+            "run {}: plain {:.2}s, vmctl {:.2}s",
+            i + 1,
+            plain[i],
+            ours[i]
+        );
+    }
+    let (p, o) = (median(&mut plain), median(&mut ours));
+    println!(
+        "apply → SSH-ready, tiny guest, TCG ({runs} runs): plain QEMU script median {p:.2}s, vmctl median {o:.2}s, ratio {:.3} (goal ≤ 1.03)",
+        o / p
+    );
+
+    if group_runs == 0 {
+        return;
+    }
+    let names: Vec<String> = (1..=4).map(|i| format!("par-{i}")).collect();
+    let (mut serial, mut parallel) = (Vec::new(), Vec::new());
+    for i in 0..group_runs {
+        let one_by_one: Vec<Vec<String>> = names.iter().map(|n| vec![n.clone()]).collect();
+        serial.push(vmctl_boot(&image, &one_by_one));
+        parallel.push(vmctl_boot(&image, std::slice::from_ref(&names)));
+        eprintln!(
+            "group run {}: 4 one after another {:.2}s, 4 at once {:.2}s",
+            i + 1,
+            serial[i],
+            parallel[i]
+        );
+    }
+    let (s, par) = (median(&mut serial), median(&mut parallel));
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    println!(
+        "4 VMs → all SSH-ready ({group_runs} runs, {cores} cores): one after another median {s:.2}s, in parallel median {par:.2}s, ratio {:.3} (goal ≤ 0.5)",
+        par / s
+    );
+}
