@@ -235,6 +235,34 @@ async fn apply(State(st): State<AppState>, body: Bytes) -> ApiResult<Json<ApplyR
     Ok(Json(ApplyResponse { results }))
 }
 
+/// Spec fields that only imperative commands write (`vmctl provision`'s
+/// `runToken`): a file never has them, so an apply that omits one keeps
+/// the stored value instead of counting its removal as a change (which
+/// would run the provisioners again).
+const IMPERATIVE_FIELDS: &[(Kind, &str)] = &[(Kind::Provision, "runToken")];
+
+fn keep_imperative_fields(store: &dyn Store, obj: &mut Object) -> Result<(), StoreError> {
+    let fields: Vec<&str> = IMPERATIVE_FIELDS
+        .iter()
+        .filter(|(k, _)| *k == obj.kind)
+        .map(|(_, f)| *f)
+        .collect();
+    if fields.is_empty() || fields.iter().all(|f| obj.spec.get(*f).is_some()) {
+        return Ok(());
+    }
+    let Some(cur) = store.get(&obj.object_ref())? else {
+        return Ok(());
+    };
+    for f in fields {
+        if obj.spec.get(f).is_none()
+            && let (Some(v), Some(spec)) = (cur.spec.get(f), obj.spec.as_object_mut())
+        {
+            spec.insert(f.to_owned(), v.clone());
+        }
+    }
+    Ok(())
+}
+
 fn apply_blocking(store: &dyn Store, req: ApplyRequest) -> Result<Vec<ApplyResult>, StoreError> {
     let mut results = Vec::new();
     let mut wanted = std::collections::HashSet::new();
@@ -242,6 +270,7 @@ fn apply_blocking(store: &dyn Store, req: ApplyRequest) -> Result<Vec<ApplyResul
         obj.status = None;
         let r = obj.object_ref();
         wanted.insert(r.clone());
+        keep_imperative_fields(store, &mut obj)?;
         if req.dry_run {
             let outcome = match store.get(&r)? {
                 None => ApplyOutcome::Created,

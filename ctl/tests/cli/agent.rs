@@ -498,3 +498,36 @@ fn a_memory_change_on_a_running_vm_is_reported_or_applied_per_policy() {
     }
     assert!(stdout(&a.vmctl(&["events"], None)).contains("Restarting"));
 }
+
+#[test]
+fn reapplying_the_file_after_vmctl_provision_does_not_run_the_provisioners_again() {
+    let a = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("VMFile.kdl");
+    std::fs::write(
+        &f,
+        "vm \"web\" {\n    image-url \"https://example.com/debian.qcow2\"\n    provision \"shell\" {\n        inline \"true\"\n    }\n}\n",
+    )
+    .unwrap();
+    let fs = f.to_str().unwrap();
+    let out = a.vmctl(&["apply", "-f", fs, "--wait", "--timeout", "60"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = a.vmctl(&["provision", "web", "--timeout", "60"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let prov = |a: &Agent| -> serde_json::Value {
+        serde_json::from_str(&stdout(
+            &a.vmctl(&["get", "provision", "web", "-o", "json"], None),
+        ))
+        .unwrap()
+    };
+    let before = prov(&a);
+    assert_eq!(before[0]["metadata"]["generation"], 2, "{before}");
+    assert!(before[0]["spec"]["runToken"].is_string(), "{before}");
+    // The apply source moves back to the file (metadata only); the spec
+    // keeps the run token, so there is no new generation to run.
+    let again = a.vmctl(&["apply", "-f", fs], None);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let after = prov(&a);
+    assert_eq!(after[0]["metadata"]["generation"], 2, "no new generation");
+    assert_eq!(after[0]["spec"]["runToken"], before[0]["spec"]["runToken"]);
+}
