@@ -28,6 +28,12 @@ impl Context {
         blocking(move || store.get(&r)).await
     }
 
+    /// Every object of `kind`, read fresh from the store.
+    pub async fn list(&self, kind: vmctl_api::Kind) -> Result<Vec<Object>, ControllerError> {
+        let store = self.store.clone();
+        blocking(move || Ok(store.list(Some(kind))?.objects)).await
+    }
+
     /// Writes `status` if it differs from `obj`'s, expecting `obj`'s
     /// resourceVersion. Returns the object as it now is.
     pub async fn write_status<S: Serialize>(

@@ -7,6 +7,11 @@
 //! ```
 //!
 //! Observe first: an image the fetcher already has is Ready without a fetch.
+//!
+//! The finalizer `vmctl.dev/image-cache` makes a deleted Image wait until no
+//! VM uses it (their disks are overlays on its file), then removes the file
+//! it downloaded, unless another Image names the same URL. A local path
+//! source is the user's file and is never removed.
 
 use std::sync::Arc;
 
@@ -52,6 +57,9 @@ impl From<ControllerError> for ImageError {
         ImageError::Store(e)
     }
 }
+
+/// The finalizer that removes a deleted Image's downloaded file.
+pub const FINALIZER: &str = "vmctl.dev/image-cache";
 
 /// Reconciles Images.
 #[derive(Debug)]
@@ -99,6 +107,70 @@ fn set_ready(status: &mut ImageStatus, img: &LocalImage, generation: u64) {
     set_condition(&mut status.conditions, cond, Utc::now());
 }
 
+impl ImageReconciler {
+    async fn finalize(&self, obj: &Object, image: &Image) -> Result<Action, ImageError> {
+        let ctx = &self.ctx;
+        if !obj.metadata.finalizers.iter().any(|f| f == FINALIZER) {
+            return Ok(Action::await_change());
+        }
+        let name = image.metadata.name.as_str();
+        let r = obj.object_ref();
+        let users: Vec<String> = ctx
+            .list(Kind::VirtualMachine)
+            .await?
+            .iter()
+            .filter(|vm| vm.spec.get("image").and_then(|v| v.as_str()) == Some(name))
+            .map(|vm| vm.metadata.name.clone())
+            .collect();
+        if !users.is_empty() {
+            let mut status = image.status.clone().unwrap_or_default();
+            let cond = ready_condition(
+                ConditionStatus::False,
+                "InUse",
+                format!(
+                    "deleted, but VM {} still uses it; it goes when they do",
+                    users.join(", ")
+                ),
+                image.metadata.generation,
+            );
+            if set_condition(&mut status.conditions, cond, Utc::now()) {
+                ctx.write_status(obj, &status).await?;
+                let msg = format!("Image {name} is kept while VM {} uses it", users.join(", "));
+                ctx.note(&r, NoteType::Warning, Self::NAME, "InUse", msg)
+                    .await;
+            }
+            return Ok(Action::requeue(std::time::Duration::from_secs(5)));
+        }
+        let shared = ctx.list(Kind::Image).await?.iter().any(|o| {
+            o.metadata.name != name
+                && o.metadata.deletion_timestamp.is_none()
+                && o.spec.get("source") == obj.spec.get("source")
+        });
+        if !shared {
+            ctx.drivers
+                .images
+                .remove(name, &image.spec)
+                .await
+                .map_err(|source| ImageError::Fetch {
+                    name: name.to_owned(),
+                    source,
+                })?;
+            let msg = format!("Removed the cached file of image {name}");
+            ctx.note(&r, NoteType::Normal, Self::NAME, "Removed", msg)
+                .await;
+        }
+        let rest = obj
+            .metadata
+            .finalizers
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        ctx.set_finalizers(obj, rest).await?;
+        Ok(Action::await_change())
+    }
+}
+
 impl Reconciler for ImageReconciler {
     type Error = ImageError;
     const KIND: Kind = Kind::Image;
@@ -108,9 +180,18 @@ impl Reconciler for ImageReconciler {
         let ctx = &self.ctx;
         let image = Image::from_object(&obj).map_err(ImageError::Decode)?;
         if image.metadata.deletion_timestamp.is_some() {
-            // Images hold no finalizer: the cached file is kept for reuse.
-            return Ok(Action::await_change());
+            return self.finalize(&obj, &image).await;
         }
+        let obj = if obj.metadata.finalizers.iter().any(|f| f == FINALIZER) {
+            obj
+        } else {
+            let mut fins = obj.metadata.finalizers.clone();
+            fins.push(FINALIZER.to_owned());
+            match ctx.set_finalizers(&obj, fins).await? {
+                Some(o) => Arc::new(o),
+                None => return Ok(Action::await_change()),
+            }
+        };
         let name = image.metadata.name.as_str();
         let generation = image.metadata.generation;
         let r = obj.object_ref();

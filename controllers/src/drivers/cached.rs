@@ -55,6 +55,18 @@ impl ImageFetcher for CachedImages {
         })
     }
 
+    fn remove<'a>(&'a self, _name: &'a str, spec: &'a ImageSpec) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            match &spec.source {
+                vmctl_api::ImageSource::Url { url } => {
+                    self.cache.remove(url).await.map_err(driver_error)
+                }
+                // The user's file: never touched.
+                vmctl_api::ImageSource::Path { .. } => Ok(()),
+            }
+        })
+    }
+
     fn ensure<'a>(
         &'a self,
         _name: &'a str,

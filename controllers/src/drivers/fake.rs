@@ -382,6 +382,13 @@ impl ImageFetcher for FakeImageFetcher {
             Ok(img)
         })
     }
+
+    fn remove<'a>(&'a self, name: &'a str, _spec: &'a ImageSpec) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.0.lock().images.remove(name);
+            Ok(())
+        })
+    }
 }
 
 /// The fake [`Provisioner`]: SSH answers unless configured otherwise; steps

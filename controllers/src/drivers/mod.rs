@@ -163,6 +163,9 @@ pub trait ImageFetcher: Send + Sync + Debug {
         spec: &'a ImageSpec,
         progress: ProgressFn<'a>,
     ) -> BoxFuture<'a, Result<LocalImage>>;
+    /// Removes what [`ensure`](Self::ensure) stored for `spec` (a downloaded
+    /// file), never a user's own file. Removing nothing is not an error.
+    fn remove<'a>(&'a self, name: &'a str, spec: &'a ImageSpec) -> BoxFuture<'a, Result<()>>;
 }
 
 /// Where and how to reach a VM over SSH.

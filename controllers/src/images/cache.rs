@@ -179,6 +179,20 @@ impl ImageCache {
             .await
     }
 
+    /// Deletes `url`'s entry (waiting for a download of it in flight).
+    pub async fn remove(&self, url: &str) -> Result<()> {
+        let key = cache_key(url);
+        let dir = self.root.join(&key);
+        let _lock = self.lock(key).await;
+        match tokio::fs::remove_dir_all(&dir).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ImageError::Cache {
+                path: dir,
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The image of `spec` if it is available without downloading: a path
     /// source that exists, or a valid cache entry. A path source's checksum
     /// is not verified (hashing a large local file on every look would be

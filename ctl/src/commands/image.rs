@@ -228,6 +228,21 @@ fn rm(g: &Globals, name: &str) -> miette::Result<ExitCode> {
     super::objects::get_object(&client, Kind::Image, name)?;
     let _: Option<serde_json::Value> =
         client.call("DELETE", &format!("/v1/objects/image/{name}"), None::<&()>)?;
+    // The agent removes the downloaded file, then the object goes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while client
+        .call::<vmctl_api::Object>("GET", &format!("/v1/objects/image/{name}"), None::<&()>)
+        .is_ok()
+    {
+        if std::time::Instant::now() >= deadline {
+            return Err(miette::miette!(
+                code = "vmctl::image::in_use",
+                help = format!("run `vmctl describe image {name}`"),
+                "image {name} is still being deleted after 60s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     println!("image/{name} deleted");
     Ok(ExitCode::SUCCESS)
 }

@@ -487,6 +487,11 @@ fn delete_history_and_events() {
     );
 
     // Events: one line per note; the set is stable, the interleaving is not.
+    // A controller records its note just after the status `--wait` saw.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stdout(&w.run(&["events"])).lines().count() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let events = w.run(&["events"]);
     let mut lines: Vec<String> = stdout(&events)
         .lines()

@@ -505,8 +505,15 @@ fn download_faults_fail_the_image_with_the_reason_and_cache_nothing() {
     );
     let info = w.ok(&["image", "inspect", tiny_image().to_str().unwrap()]);
     assert!(info.contains("format:        qcow2"), "{info}");
+    let cached = |w: &World| {
+        walk(&w.data().join("images"))
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| n == "image"))
+    };
+    assert!(cached(&w), "the pulled image is in the cache");
     w.ok(&["image", "rm", "tiny"]);
     assert!(!w.ok(&["image", "list", "-o", "json"]).contains("\"tiny\""));
+    assert!(!cached(&w), "image rm removed the downloaded file");
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

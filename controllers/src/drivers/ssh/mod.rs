@@ -137,6 +137,28 @@ pub async fn wait_ssh(target: &SshTarget, timeout: Duration) -> Result<(), SshEr
     }
 }
 
+/// Connects for one operation once `wait_ssh` has succeeded, retrying
+/// transient failures (a connection refused or dropped during the
+/// handshake, e.g. while cloud-init restarts sshd just after first boot)
+/// with backoff for at most `within`. Only the connection is retried,
+/// never a command that started. Runs on a blocking thread.
+fn connect_retrying(ep: &Endpoint, within: Duration) -> Result<ssh2::Session, SshError> {
+    let deadline = std::time::Instant::now() + within;
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let per_attempt = left.clamp(Duration::from_millis(100), ATTEMPT_TIMEOUT);
+        match ep.connect(per_attempt) {
+            Err(e) if e.is_transient() && std::time::Instant::now() + backoff < deadline => {
+                tracing::info!(vm = %ep.vm, "SSH connect failed, retrying: {}", error::chain(&e));
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Runs provisioning step `index` on `target`, streaming output lines to
 /// `output` and appending them, under a header, to the VM's
 /// `provision.log`. Returns the step's exit code (0 for a file upload).
@@ -156,7 +178,7 @@ pub async fn run_step(
             "==> {started} step {index}: {}",
             steps::describe(&step)
         ))?;
-        let result = ep.connect(STEP_CONNECT_TIMEOUT).and_then(|sess| {
+        let result = connect_retrying(&ep, STEP_CONNECT_TIMEOUT).and_then(|sess| {
             let code = steps::run_step(&sess, index, &step, &mut sink);
             connect::disconnect(&sess);
             code
@@ -183,7 +205,7 @@ pub async fn exec(
     let command = command.to_owned();
     with_lines(output, move |tx| {
         let mut sink = Sink::new(tx, None)?;
-        let sess = ep.connect(STEP_CONNECT_TIMEOUT)?;
+        let sess = connect_retrying(&ep, STEP_CONNECT_TIMEOUT)?;
         let code = steps::run_command(&sess, &command, &mut sink);
         connect::disconnect(&sess);
         code
@@ -208,7 +230,7 @@ pub async fn copy_to(target: &SshTarget, local: &Path, remote: &str) -> Result<u
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(&local).map_err(local_err)?.permissions(),
         ) & 0o7777;
-        let sess = ep.connect(STEP_CONNECT_TIMEOUT)?;
+        let sess = connect_retrying(&ep, STEP_CONNECT_TIMEOUT)?;
         let r = steps::upload(&sess, &local, &data, &remote, mode);
         connect::disconnect(&sess);
         r.map(|()| data.len() as u64)
@@ -223,7 +245,7 @@ pub async fn copy_from(target: &SshTarget, remote: &str, local: &Path) -> Result
     let (local, remote) = (local.to_owned(), remote.to_owned());
     blocking(move || {
         use std::io::Read as _;
-        let sess = ep.connect(STEP_CONNECT_TIMEOUT)?;
+        let sess = connect_retrying(&ep, STEP_CONNECT_TIMEOUT)?;
         let session_err = |what: String| move |source| SshError::Session { what, source };
         let sftp = sess.sftp().map_err(session_err("start SFTP".to_owned()))?;
         let mut f = sftp

@@ -28,7 +28,7 @@ struct Sshd {
     /// The VM's work directory (keys, provision.log).
     work: tempfile::TempDir,
     /// sshd's config, pidfile and authorized_keys.
-    _conf: tempfile::TempDir,
+    conf: tempfile::TempDir,
 }
 
 impl Drop for Sshd {
@@ -105,12 +105,28 @@ impl Sshd {
             child,
             target,
             work,
-            _conf: conf,
+            conf,
         };
         wait_ssh(&sshd.target, Duration::from_secs(15))
             .await
             .expect("test sshd answers");
         sshd
+    }
+
+    /// Stops sshd (as a guest restarting it does) and starts it again on
+    /// the same port after `down`.
+    fn restart_after(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = Command::new(SSHD)
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(self.conf.path().join("sshd_config"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
     }
 
     fn log(&self) -> String {
@@ -548,4 +564,22 @@ fn error_codes() {
         SshError::NoAddress { vm: "v".into() }.code(),
         "vmctl::ssh::failed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_started_while_sshd_restarts_connects_when_it_is_back() {
+    let mut sshd = Sshd::start().await;
+    let target = sshd.target.clone();
+    let lines = Lines::default();
+    let out = |l: &str| lines.push(l);
+    // The command starts while sshd is down; it comes back 2 s later.
+    let restart = tokio::task::spawn_blocking(move || {
+        sshd.restart_after(Duration::from_secs(2));
+        sshd
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let code = exec(&target, "echo back", &out).await.unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(lines.take(), ["back"]);
+    drop(restart.await.unwrap());
 }
