@@ -104,14 +104,7 @@ impl From<StoreError> for ApiError {
                 Some("see the agent log"),
             ),
         };
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            src = s.source();
-        }
-        ApiError::new(status, code, message, help)
+        ApiError::new(status, code, vmctl_api::error_chain(&e), help)
     }
 }
 

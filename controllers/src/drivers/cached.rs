@@ -26,13 +26,7 @@ impl CachedImages {
 /// Keeps the code and help of an image error in the driver error's text,
 /// which is what status conditions and notes show.
 fn driver_error(e: ImageError) -> DriverError {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
+    let mut msg = vmctl_api::error_chain(&e);
     if let Some(h) = e.help() {
         msg.push_str(&format!(" ({h})"));
     }

@@ -413,13 +413,7 @@ pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut src = self.0.source();
-        while let Some(e) = src {
-            write!(f, ": {e}")?;
-            src = e.source();
-        }
-        Ok(())
+        f.write_str(&vmctl_api::error_chain(self.0))
     }
 }
 

@@ -20,13 +20,7 @@ pub fn run(g: &Globals, driver: String) -> miette::Result<ExitCode> {
     match rt.block_on(vmctl_agent::run(cfg)) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
+            let msg = vmctl_api::error_chain(&e);
             let code = match e {
                 vmctl_agent::AgentError::Driver(_) => "vmctl::backend::not_available",
                 _ => "vmctl::agent::failed",

@@ -271,14 +271,7 @@ impl SshError {
 
 /// The error and its sources, joined with `: ` as printed at the edge.
 pub(super) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
+    vmctl_api::error_chain(e)
 }
 
 impl From<SshError> for DriverError {
