@@ -728,6 +728,45 @@ vm "db" {{
             .contains("vmctl provision")
     );
 
+    // powerState edits in the file are live: suspend and resume the same
+    // QEMU, provisioning not repeated.
+    let pids = w.qemu_pids();
+    let with_power = |state: &str| {
+        vmfile(&format!(
+            "    provision \"shell\" {{\n        inline \"echo second >> /tmp/marker\"\n    }}\n    power-state \"{state}\"\n"
+        ))
+        .split("\nvm \"db\"")
+        .next()
+        .unwrap()
+        .to_owned()
+    };
+    let phase = |w: &World| {
+        w.json(&["get", "vm", "web", "-o", "json"])[0]["status"]["phase"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    std::fs::write(p.join("web.kdl"), with_power("suspended")).unwrap();
+    w.ok(&["apply", "-f", "web.kdl"]);
+    wait_until("Suspended", Duration::from_secs(60), || {
+        phase(&w) == "Suspended"
+    });
+    assert_eq!(
+        w.json(&["status", "web", "-o", "json"])["state"],
+        "Suspended"
+    );
+    std::fs::write(p.join("web.kdl"), with_power("running")).unwrap();
+    w.ok(&["apply", "-f", "web.kdl"]);
+    wait_until("Running", Duration::from_secs(60), || {
+        phase(&w) == "Running"
+    });
+    assert_eq!(w.qemu_pids(), pids, "the same QEMU, paused and continued");
+    assert_eq!(
+        w.ok(&["exec", "web", "--", "cat", "/tmp/marker"]),
+        "first\nsecond\nfirst\nsecond\n",
+        "a power-state edit does not re-run provisioning"
+    );
+
     // down stops, down --destroy deletes.
     w.ok(&["down", "--name", "web"]);
     assert!(w.qemu_pids().is_empty());
