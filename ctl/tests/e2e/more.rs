@@ -326,7 +326,7 @@ fn watch_mode_reprovisions_flags_restart_survives_a_syntax_error_and_stop_escala
     );
     eprintln!("stop --timeout 8 of a guest ignoring ACPI took {took:?}");
     // `--timeout 8` is the guest's grace period: the agent waits 8 s for
-    // ACPI, then quits QEMU (5 s grace before SIGKILL).
+    // ACPI, then sends QEMU SIGTERM (5 s grace before SIGKILL).
     assert!(
         took >= Duration::from_secs(7),
         "stopped in {took:?}: the guest did not ignore ACPI"

@@ -21,7 +21,7 @@
 //!            prepare            start (spawn, wait for QMP)
 //!   (none) ──────────▶ Stopped ─────────────────────────────▶ Running
 //!                        ▲  ▲     stop: system_powerdown,         │  ▲
-//!                        │  └──── then quit, then SIGKILL ────────┘  │ cont
+//!                        │  └──── then SIGTERM, SIGKILL  ────────┘  │ cont
 //!                        │  QEMU died (exit.status)          stop    │
 //!                        └──────────────────────────────── Suspended ◀┘
 //! ```
@@ -79,7 +79,7 @@ pub struct QemuConfig {
     pub start_timeout: Duration,
     /// How long one QMP command may take.
     pub qmp_timeout: Duration,
-    /// How long `quit` may take before SIGKILL.
+    /// How long QEMU has after SIGTERM before SIGKILL.
     pub kill_grace: Duration,
 }
 
@@ -479,15 +479,18 @@ impl QemuDriver {
         tracing::warn!(
             vm = name,
             ?timeout,
-            "guest ignored ACPI power-off; quitting QEMU"
+            "guest ignored ACPI power-off; sending QEMU SIGTERM"
         );
         self.kill(name, &l, pid).await
     }
 
-    /// `quit`, then SIGKILL after the grace period.
+    /// SIGTERM (QEMU ends cleanly, flushing its disks, even when QMP is
+    /// wedged), then SIGKILL after the grace period.
     async fn kill(&self, name: &str, l: &Layout, pid: u32) -> Result<(), QemuError> {
         let _ = std::fs::write(l.stop_marker(), b"");
-        let _ = self.command(name, l, "quit").await;
+        if let Err(e) = process::kill(pid, "TERM") {
+            tracing::warn!(vm = name, error = %e, "SIGTERM failed");
+        }
         if process::wait_gone(pid, self.config.kill_grace).await {
             wait_exit_file(l).await;
             return Ok(());

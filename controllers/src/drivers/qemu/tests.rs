@@ -205,7 +205,7 @@ fn blank_image(dir: &Path) -> PathBuf {
 }
 
 #[tokio::test]
-async fn stop_escalates_to_quit_when_the_guest_ignores_acpi() {
+async fn stop_escalates_to_sigterm_when_the_guest_ignores_acpi() {
     let dir = tempfile::tempdir().unwrap();
     let image = blank_image(dir.path());
     let d = driver(dir.path());
