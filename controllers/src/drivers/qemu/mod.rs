@@ -198,9 +198,11 @@ impl QemuDriver {
                         match q.next_event().await {
                             Ok(ev) => {
                                 let kind = ev.get("event").and_then(serde_json::Value::as_str);
-                                tracing::info!(vm = %name, event = kind.unwrap_or("?"), "QMP event");
                                 if kind.is_some_and(|k| STATE_EVENTS.contains(&k)) {
+                                    tracing::info!(vm = %name, event = kind.unwrap_or("?"), "QMP event");
                                     let _ = tx.send(name.clone());
+                                } else {
+                                    tracing::debug!(vm = %name, event = kind.unwrap_or("?"), "QMP event");
                                 }
                             }
                             Err(e) => {
