@@ -228,7 +228,14 @@ fn rm(g: &Globals, name: &str) -> miette::Result<ExitCode> {
     super::objects::get_object(&client, Kind::Image, name)?;
     let _: Option<serde_json::Value> =
         client.call("DELETE", &format!("/v1/objects/image/{name}"), None::<&()>)?;
-    // The agent removes the downloaded file, then the object goes.
+    wait_deleted(&client, name)?;
+    println!("image/{name} deleted");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until the agent has removed the Image's downloaded file and the
+/// object is gone (its finalizer).
+fn wait_deleted(client: &Client, name: &str) -> miette::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while client
         .call::<vmctl_api::Object>("GET", &format!("/v1/objects/image/{name}"), None::<&()>)
@@ -243,8 +250,7 @@ fn rm(g: &Globals, name: &str) -> miette::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    println!("image/{name} deleted");
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn prune(g: &Globals) -> miette::Result<ExitCode> {
@@ -255,13 +261,14 @@ fn prune(g: &Globals) -> miette::Result<ExitCode> {
     for o in images
         .items
         .iter()
-        .filter(|o| !used.contains_key(&o.metadata.name))
+        .filter(|o| !used.contains_key(&o.metadata.name) && o.metadata.deletion_timestamp.is_none())
     {
         let _: Option<serde_json::Value> = client.call(
             "DELETE",
             &format!("/v1/objects/image/{}", o.metadata.name),
             None::<&()>,
         )?;
+        wait_deleted(&client, &o.metadata.name)?;
         println!("image/{} deleted", o.metadata.name);
         n += 1;
     }
