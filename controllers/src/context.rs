@@ -70,6 +70,37 @@ impl Context {
         Ok(written.object)
     }
 
+    /// Adds `finalizer` to `obj` unless it has it. Returns the object as it
+    /// now is, `None` once deleted.
+    pub async fn add_finalizer(
+        &self,
+        obj: &Object,
+        finalizer: &str,
+    ) -> Result<Option<Object>, ControllerError> {
+        if obj.metadata.finalizers.iter().any(|f| f == finalizer) {
+            return Ok(Some(obj.clone()));
+        }
+        let mut fins = obj.metadata.finalizers.clone();
+        fins.push(finalizer.to_owned());
+        self.set_finalizers(obj, fins).await
+    }
+
+    /// Removes `finalizer` from `obj` (which lets a deleted object go).
+    pub async fn remove_finalizer(
+        &self,
+        obj: &Object,
+        finalizer: &str,
+    ) -> Result<Option<Object>, ControllerError> {
+        let rest = obj
+            .metadata
+            .finalizers
+            .iter()
+            .filter(|f| *f != finalizer)
+            .cloned()
+            .collect();
+        self.set_finalizers(obj, rest).await
+    }
+
     /// Records a note; a failure is logged, never returned, because a lost
     /// note must not undo or repeat the step it reports.
     pub async fn note(

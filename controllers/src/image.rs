@@ -159,14 +159,7 @@ impl ImageReconciler {
             ctx.note(&r, NoteType::Normal, Self::NAME, "Removed", msg)
                 .await;
         }
-        let rest = obj
-            .metadata
-            .finalizers
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect();
-        ctx.set_finalizers(obj, rest).await?;
+        ctx.remove_finalizer(obj, FINALIZER).await?;
         Ok(Action::await_change())
     }
 }
@@ -182,16 +175,10 @@ impl Reconciler for ImageReconciler {
         if image.metadata.deletion_timestamp.is_some() {
             return self.finalize(&obj, &image).await;
         }
-        let obj = if obj.metadata.finalizers.iter().any(|f| f == FINALIZER) {
-            obj
-        } else {
-            let mut fins = obj.metadata.finalizers.clone();
-            fins.push(FINALIZER.to_owned());
-            match ctx.set_finalizers(&obj, fins).await? {
-                Some(o) => Arc::new(o),
-                None => return Ok(Action::await_change()),
-            }
+        let Some(obj) = ctx.add_finalizer(&obj, FINALIZER).await? else {
+            return Ok(Action::await_change());
         };
+        let obj = Arc::new(obj);
         let name = image.metadata.name.as_str();
         let generation = image.metadata.generation;
         let r = obj.object_ref();

@@ -156,14 +156,7 @@ impl VmReconciler {
         let msg = format!("Destroyed VM {name} and its resources");
         ctx.note(&r, NoteType::Normal, Self::NAME_, "Destroyed", msg)
             .await;
-        let rest = obj
-            .metadata
-            .finalizers
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect();
-        ctx.set_finalizers(&obj, rest).await?;
+        ctx.remove_finalizer(&obj, FINALIZER).await?;
         Ok(Action::await_change())
     }
 
@@ -209,12 +202,10 @@ impl Reconciler for VmReconciler {
         }
 
         // The finalizer goes on before anything exists that would need it.
-        let mut obj = (*obj).clone();
-        if !obj.metadata.finalizers.iter().any(|f| f == FINALIZER) {
-            let mut fins = obj.metadata.finalizers.clone();
-            fins.push(FINALIZER.to_owned());
-            obj = ctx.set_finalizers(&obj, fins).await?.unwrap_or(obj);
-        }
+        let obj = ctx
+            .add_finalizer(&obj, FINALIZER)
+            .await?
+            .unwrap_or_else(|| (*obj).clone());
 
         // The disk was made from one image; a spec naming another one needs
         // a new disk. Only updatePolicy Recreate (or `vmctl reload`, or

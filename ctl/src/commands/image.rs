@@ -236,21 +236,14 @@ fn rm(g: &Globals, name: &str) -> miette::Result<ExitCode> {
 /// Waits until the agent has removed the Image's downloaded file and the
 /// object is gone (its finalizer).
 fn wait_deleted(client: &Client, name: &str) -> miette::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while client
-        .call::<vmctl_api::Object>("GET", &format!("/v1/objects/image/{name}"), None::<&()>)
-        .is_ok()
-    {
-        if std::time::Instant::now() >= deadline {
-            return Err(miette::miette!(
-                code = "vmctl::image::in_use",
-                help = format!("run `vmctl describe image {name}`"),
-                "image {name} is still being deleted after 60s"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    if super::objects::wait_gone(client, Kind::Image, name, Duration::from_secs(60)) {
+        return Ok(());
     }
-    Ok(())
+    Err(miette::miette!(
+        code = "vmctl::image::in_use",
+        help = format!("run `vmctl describe image {name}`"),
+        "image {name} is still being deleted after 60s"
+    ))
 }
 
 fn prune(g: &Globals) -> miette::Result<ExitCode> {

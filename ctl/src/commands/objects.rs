@@ -2,6 +2,7 @@
 //! apply request, and the one way a command changes a live object's spec.
 
 use std::path::Path;
+use std::time::Duration;
 
 use vmctl_api::wire::{ApplyRequest, ApplyResponse, ApplyResult};
 use vmctl_api::{ApplySource, Kind, Object};
@@ -21,6 +22,20 @@ pub(crate) fn get_object(client: &Client, kind: Kind, name: &str) -> miette::Res
 }
 
 /// Whether the object exists.
+/// Polls until `kind/name` no longer answers (its finalizers have run);
+/// false if it still exists after `timeout`.
+pub(crate) fn wait_gone(client: &Client, kind: Kind, name: &str, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let path = format!("/v1/objects/{}/{name}", kind.short());
+    while client.call::<Object>("GET", &path, None::<&()>).is_ok() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    true
+}
+
 pub(crate) fn exists(client: &Client, kind: Kind, name: &str) -> miette::Result<bool> {
     match client.call::<Object>(
         "GET",

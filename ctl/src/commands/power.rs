@@ -17,15 +17,20 @@ fn get_vm(client: &Client, name: &str) -> miette::Result<Object> {
     super::objects::get_object(client, Kind::VirtualMachine, name)
 }
 
-/// Sets `powerState` through apply (keeping the object's apply source).
+/// Sets `powerState` (and the stop's grace period, if given) through apply,
+/// keeping the object's apply source.
 pub(crate) fn set_power(
     client: &Client,
     name: &str,
     want: PowerState,
     verb: &str,
+    stop_timeout_seconds: Option<u32>,
 ) -> miette::Result<u64> {
     let r = super::objects::edit_spec(client, Kind::VirtualMachine, name, verb, |spec| {
         spec["powerState"] = serde_json::to_value(want).expect("serialises");
+        if let Some(secs) = stop_timeout_seconds {
+            spec["stopTimeoutSeconds"] = secs.into();
+        }
     })?;
     Ok(r.generation)
 }
@@ -97,18 +102,15 @@ pub fn power(
         PowerState::Stopped => "Stopped",
         PowerState::Suspended => "Suspended",
     };
-    let (generation, wait) = if want == PowerState::Stopped {
-        // The timeout is the guest's grace period: the agent forces the
-        // stop after it, so the wait allows for that too.
+    // For a stop, the timeout is the guest's grace period: the agent forces
+    // the stop after it, so the wait allows for that too.
+    let (grace, wait) = if want == PowerState::Stopped {
         let secs = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX);
-        let r = super::objects::edit_spec(&client, Kind::VirtualMachine, name, verb, |spec| {
-            spec["powerState"] = serde_json::to_value(want).expect("serialises");
-            spec["stopTimeoutSeconds"] = secs.into();
-        })?;
-        (r.generation, timeout + Duration::from_secs(60))
+        (Some(secs), timeout + Duration::from_secs(60))
     } else {
-        (set_power(&client, name, want, verb)?, timeout)
+        (None, timeout)
     };
+    let generation = set_power(&client, name, want, verb, grace)?;
     wait_phase(&client, name, generation, phase, wait)?;
     println!("vm/{name} {}", phase.to_lowercase());
     Ok(ExitCode::SUCCESS)
@@ -127,20 +129,13 @@ pub fn destroy(g: &Globals, name: &str, timeout: Duration) -> miette::Result<Exi
             Err(e) => return Err(e.into()),
         }
     }
-    let deadline = Instant::now() + timeout;
-    while client
-        .call::<Object>("GET", &format!("/v1/objects/vm/{name}"), None::<&()>)
-        .is_ok()
-    {
-        if Instant::now() >= deadline {
-            return Err(miette::miette!(
-                code = "vmctl::vm::timeout",
-                help = format!("run `vmctl describe vm {name}`"),
-                "VM {name} still exists after {}s",
-                timeout.as_secs()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    if !super::objects::wait_gone(&client, Kind::VirtualMachine, name, timeout) {
+        return Err(miette::miette!(
+            code = "vmctl::vm::timeout",
+            help = format!("run `vmctl describe vm {name}`"),
+            "VM {name} still exists after {}s",
+            timeout.as_secs()
+        ));
     }
     println!("vm/{name} destroyed");
     Ok(ExitCode::SUCCESS)

@@ -475,7 +475,7 @@ impl QemuDriver {
             Err(e) => tracing::warn!(vm = name, error = %e, "no QMP to power down"),
         }
         if process::wait_gone(pid, timeout).await {
-            wait_exit_file(&l).await;
+            wait_exit_file(&l, EXIT_FILE_WAIT).await;
             return Ok(());
         }
         tracing::warn!(
@@ -494,12 +494,12 @@ impl QemuDriver {
             tracing::warn!(vm = name, error = %e, "SIGTERM failed");
         }
         if process::wait_gone(pid, self.config.kill_grace).await {
-            wait_exit_file(l).await;
+            wait_exit_file(l, EXIT_FILE_WAIT).await;
             return Ok(());
         }
         process::kill(pid, "KILL").map_err(io_err(format!("Cannot kill QEMU {pid}")))?;
         if process::wait_gone(pid, Duration::from_secs(5)).await {
-            wait_exit_file(l).await;
+            wait_exit_file(l, EXIT_FILE_WAIT).await;
             Ok(())
         } else {
             Err(QemuError::Io {
@@ -569,12 +569,7 @@ impl QemuDriver {
         if !l.pidfile().exists() {
             return;
         }
-        for _ in 0..20 {
-            if l.exit_file().exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_exit_file(l, Duration::from_secs(1)).await;
         if let Some(exit) = process::read_exit(l)
             && !l.stop_marker().exists()
             && exit != Exit::Code(0)
@@ -584,10 +579,13 @@ impl QemuDriver {
     }
 }
 
+/// How long a stop waits for the supervisor to record QEMU's end.
+const EXIT_FILE_WAIT: Duration = Duration::from_secs(2);
+
 /// QEMU is gone the moment its pid is; its supervisor records how it ended
-/// a moment later. Waits for that (briefly), so status can report it.
-async fn wait_exit_file(l: &Layout) {
-    for _ in 0..40 {
+/// a moment later. Waits for that (at most `at_most`), so status can report it.
+async fn wait_exit_file(l: &Layout, at_most: Duration) {
+    for _ in 0..at_most.as_millis() / 50 {
         if l.exit_file().exists() {
             return;
         }
