@@ -356,6 +356,11 @@ pub const CODES: &[Code] = &[
         "check the VMFile.kdl syntax (https://kdl.dev); strings need double quotes",
     ),
     c(
+        "vmctl::vmfile::too_large",
+        "a VMFile or manifest is larger than vmctl reads (32 MiB)",
+        "split it into several files in one directory and apply the directory",
+    ),
+    c(
         "vmctl::vmfile::validation",
         "a VMFile parses but has invalid values",
         "fix the problems shown; `vmctl validate` lists them all with their location",

@@ -3,7 +3,9 @@
 
 pub mod codes;
 pub mod diag;
+pub mod limits;
 pub mod load;
+pub mod localfile;
 pub mod manifest;
 pub mod meta;
 pub mod names;

@@ -1,11 +1,13 @@
 //! Loading resources from a path: a VMFile, a manifest, a directory of
 //! them, or standard input.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use miette::Diagnostic;
 
 use crate::diag::FileDiagnostics;
+use crate::limits::{MAX_SOURCE_BYTES, human_bytes};
 use crate::resources::Resource;
 
 /// The name of the VMFile looked for in the current directory.
@@ -38,6 +40,12 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    /// The file is larger than [`MAX_SOURCE_BYTES`].
+    #[error("{} is larger than {} (vmctl reads VMFiles and manifests up to that size)", path.display(), human_bytes(MAX_SOURCE_BYTES))]
+    TooLarge {
+        /// The path (`-` for standard input).
+        path: PathBuf,
+    },
     /// A directory held no VMFiles or manifests.
     #[error("{} holds no .kdl, .yaml, .yml or .json files", path.display())]
     EmptyDir {
@@ -68,6 +76,7 @@ impl LoadError {
         match self {
             LoadError::NotFound { .. } | LoadError::EmptyDir { .. } => "vmctl::vmfile::not_found",
             LoadError::Io { .. } => "vmctl::io",
+            LoadError::TooLarge { .. } => "vmctl::vmfile::too_large",
             LoadError::Invalid(files) => files
                 .iter()
                 .flat_map(|f| &f.problems)
@@ -88,7 +97,7 @@ impl Diagnostic for LoadError {
             LoadError::EmptyDir { .. } => "name a file, or a directory with VMFiles or manifests",
             LoadError::Io { .. } => "check the file's permissions",
             LoadError::Duplicate { .. } => "names must be unique across the files applied together",
-            LoadError::NotFound { .. } | LoadError::Invalid(_) => {
+            LoadError::NotFound { .. } | LoadError::Invalid(_) | LoadError::TooLarge { .. } => {
                 crate::codes::help(LoadError::code(self))?
             }
         };
@@ -163,18 +172,43 @@ pub fn parse_text(
     Ok(())
 }
 
-/// Loads a file, every VMFile/manifest of a directory (sorted), or stdin for `-`.
+/// Reads a whole source (VMFile or manifest) as UTF-8, at most
+/// [`MAX_SOURCE_BYTES`]: a named `/dev/zero` ends with
+/// [`LoadError::TooLarge`] instead of exhausting memory.
+fn read_source(mut r: impl std::io::Read, path: &Path) -> Result<String, LoadError> {
+    let io = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::NotFound => LoadError::NotFound { path: path.into() },
+        _ => LoadError::Io {
+            path: path.into(),
+            source,
+        },
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::take(&mut r, MAX_SOURCE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_SOURCE_BYTES {
+        return Err(LoadError::TooLarge { path: path.into() });
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "it is not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        ))
+    })
+}
+
+/// Loads a file, every VMFile/manifest of a directory (sorted), or stdin
+/// for `-`. Every parser entry goes through here or [`parse_text`], which
+/// bound size, nesting and the number of problems (see [`crate::limits`]).
 pub fn load(path: &Path) -> Result<Loaded, LoadError> {
     let mut loaded = Loaded::default();
     let mut invalid = Vec::new();
     let files: Vec<PathBuf> = if path == Path::new("-") {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|source| {
-            LoadError::Io {
-                path: path.into(),
-                source,
-            }
-        })?;
+        let text = read_source(std::io::stdin().lock(), path)?;
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
         if let Err(d) = parse_text(&cwd.join("stdin"), "<stdin>", &text, &mut loaded) {
             invalid.push(d);
@@ -191,7 +225,7 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
                 matches!(
                     p.extension().and_then(|e| e.to_str()),
                     Some("kdl" | "yaml" | "yml" | "json")
-                )
+                ) && p.is_file()
             })
             .collect();
         v.sort();
@@ -203,13 +237,15 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
         vec![path.to_path_buf()]
     };
     for f in files {
-        let text = std::fs::read_to_string(&f).map_err(|source| match source.kind() {
+        // A named FIFO (`-f <(…)`) is read like a file; size is bounded.
+        let file = std::fs::File::open(&f).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => LoadError::NotFound { path: f.clone() },
             _ => LoadError::Io {
                 path: f.clone(),
                 source,
             },
         })?;
+        let text = read_source(file, &f)?;
         if let Err(d) = parse_text(&f, &f.display().to_string(), &text, &mut loaded) {
             invalid.push(d);
         }

@@ -7,12 +7,15 @@ use miette::SourceSpan;
 use serde::de::DeserializeOwned;
 
 use crate::diag::{FileDiagnostics, Problem};
+use crate::limits::FileUse;
 use crate::meta::Kind;
 use crate::resources::{Image, Provision, ProvisionStep, Resource, VirtualMachine};
 use crate::validate::{Severity, kinds_list, validate};
 
 /// Diagnostic code of manifest problems.
 pub const CODE: &str = "vmctl::manifest::invalid";
+
+mod guard;
 
 /// One document of a multi-document YAML stream, with its byte offset.
 fn split_documents(src: &str) -> Vec<(usize, &str)> {
@@ -90,8 +93,12 @@ fn fill_digests(res: &mut Resource, doc: &str, base: usize, problems: &mut Vec<P
     match res {
         Resource::VirtualMachine(vm) => {
             if let Some(ci) = &mut vm.spec.cloud_init {
-                files.extend(ci.ssh_key.as_mut().map(|f| ("sshKey", f)));
-                files.extend(ci.user_data.as_mut().map(|f| ("userData", f)));
+                files.extend(ci.ssh_key.as_mut().map(|f| ("sshKey", FileUse::SshKey, f)));
+                files.extend(
+                    ci.user_data
+                        .as_mut()
+                        .map(|f| ("userData", FileUse::UserData, f)),
+                );
             }
         }
         Resource::Provision(p) => {
@@ -99,28 +106,35 @@ fn fill_digests(res: &mut Resource, doc: &str, base: usize, problems: &mut Vec<P
                 match step {
                     ProvisionStep::Shell {
                         script: Some(f), ..
-                    } => files.push(("script", f)),
-                    ProvisionStep::File { source, .. } => files.push(("source", source)),
+                    } => files.push(("script", FileUse::Script, f)),
+                    ProvisionStep::File { source, .. } => {
+                        files.push(("source", FileUse::Upload, source))
+                    }
                     ProvisionStep::Shell { .. } => {}
                 }
             }
         }
         Resource::Image(_) => {}
     }
-    for (key, f) in files {
+    for (key, use_, f) in files {
         if f.digest.is_some() || !f.path.starts_with('/') {
             continue;
         }
-        match crate::vmfile::digest(std::path::Path::new(&f.path)) {
+        match crate::localfile::digest(std::path::Path::new(&f.path), use_) {
             Ok(d) => f.digest = Some(d),
             Err(e) => problems.push(
                 Problem::error(
                     CODE,
                     locate(doc, base, &format!("{key}.path")),
-                    format!("cannot read {}: {e}", f.path),
+                    match e {
+                        crate::localfile::LocalFileError::Io(e) => {
+                            format!("cannot read {}: {e}", f.path)
+                        }
+                        e => format!("{key} {} {e}", f.path),
+                    },
                 )
                 .label("cannot read")
-                .help("the file must exist when the manifest is applied"),
+                .help("the file must exist, be a regular file and within its size limit when the manifest is applied"),
             ),
         }
     }
@@ -132,6 +146,10 @@ pub fn parse(
     src: &str,
 ) -> Result<(Vec<Resource>, Option<FileDiagnostics>), FileDiagnostics> {
     let src_arc = Arc::new(src.to_owned());
+    // The YAML parser is slow on deep nesting: see `guard`.
+    if let Some(p) = guard::check(src) {
+        return Err(FileDiagnostics::new(file, src_arc, vec![p]));
+    }
     let mut problems = Vec::new();
     let mut out = Vec::new();
     let docs = split_documents(src);

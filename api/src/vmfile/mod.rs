@@ -6,6 +6,7 @@
 //! finding's field path back to a span. Every problem of the file is
 //! collected, so five mistakes are reported in one run.
 
+mod guard;
 mod reader;
 mod vm;
 
@@ -88,6 +89,11 @@ pub(crate) type SpanMap = HashMap<String, SourceSpan>;
 /// Parses and translates the VMFile text `src` named `file`.
 pub fn parse(file: &str, src: &str, ctx: &Context) -> Result<Translation, FileDiagnostics> {
     let src = Arc::new(src.to_owned());
+    // The KDL parser is only safe on structurally sound text: see `guard`.
+    let unsound = guard::check(&src);
+    if !unsound.is_empty() {
+        return Err(FileDiagnostics::new(file, src, unsound));
+    }
     let doc = match KdlDocument::parse_v2(&src) {
         Ok(doc) => doc,
         Err(e) => {

@@ -1,14 +1,13 @@
 //! Reading one `vm` block.
 
-use std::io::Read;
-
 use kdl::{KdlEntry, KdlNode};
 use miette::SourceSpan;
-use sha2::{Digest, Sha256};
 
 use super::reader::{CODE, Reader, Spanned, name_span};
 use super::{Context, SpanMap};
 use crate::diag::Problem;
+use crate::limits::{FileUse, human_bytes};
+use crate::localfile::LocalFileError;
 use crate::resources::{
     CloudInit, ImageSource, LocalFile, Network, PowerState, Provision, ProvisionSpec,
     ProvisionStep, Resource, SshConfig, UpdatePolicy, VirtualMachine, VirtualMachineSpec,
@@ -495,16 +494,18 @@ fn read_network(rd: &mut Reader, node: &KdlNode, d: &mut VmDraft) {
 }
 
 /// Reads a local file path and captures its content digest, so that an
-/// edit to the file is a change of the spec.
+/// edit to the file is a change of the spec. Only a regular file within
+/// the size limit of its use is accepted (see [`crate::localfile`]).
 fn read_file(
     rd: &mut Reader,
     e: &KdlEntry,
-    what: &str,
+    use_: FileUse,
     ctx: &Context,
 ) -> Option<Spanned<LocalFile>> {
+    let what = use_.what();
     let s = rd.string(e, what)?;
     let path = ctx.resolve(&s.value);
-    match digest_file(&path) {
+    match crate::localfile::digest(&path, use_) {
         Ok(digest) => Some(Spanned {
             value: LocalFile {
                 path: path.to_string_lossy().into_owned(),
@@ -513,39 +514,46 @@ fn read_file(
             span: s.span,
         }),
         Err(err) => {
-            let msg = match err.kind() {
-                std::io::ErrorKind::NotFound => format!("{what} {} does not exist", path.display()),
-                _ => format!("cannot read {what} {}: {err}", path.display()),
-            };
-            rd.push(
-                Problem::error(CODE, s.span, msg)
-                    .label("cannot read")
-                    .help(format!(
+            let (label, help) = match &err {
+                LocalFileError::NotRegular { .. } => (
+                    "not a regular file",
+                    format!("name a regular file: its content is read to take its digest"),
+                ),
+                LocalFileError::TooLarge { .. } => (
+                    "too large",
+                    format!(
+                        "a {what} file may be at most {}; put bigger content in the image",
+                        human_bytes(use_.max_bytes())
+                    ),
+                ),
+                LocalFileError::NotFound | LocalFileError::Io(_) => (
+                    "cannot read",
+                    format!(
                         "paths are resolved against the VMFile's directory ({}); `~` is your home",
                         ctx.base_dir.display()
-                    )),
-            );
+                    ),
+                ),
+            };
+            let msg = match err {
+                LocalFileError::Io(e) => format!("cannot read {what} {}: {e}", path.display()),
+                e => format!("{what} {} {e}", path.display()),
+            };
+            rd.push(Problem::error(CODE, s.span, msg).label(label).help(help));
             None
         }
     }
 }
 
-/// `sha256:<hex>` of a file's content, streamed.
+/// `sha256:<hex>` of the regular file at `path`, at most
+/// [`FileUse::Upload`]'s size limit (see [`crate::localfile::digest`] for
+/// a use's own limit). Errors: the file is missing (`NotFound`), not a
+/// regular file, too large, or unreadable.
 pub fn digest_file(path: &std::path::Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    if f.metadata()?.is_dir() {
-        return Err(std::io::Error::other("it is a directory, not a file"));
-    }
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+    crate::localfile::digest(path, FileUse::Upload).map_err(|e| match e {
+        LocalFileError::Io(e) => e,
+        LocalFileError::NotFound => std::io::Error::from_raw_os_error(libc::ENOENT),
+        e => std::io::Error::other(e.to_string()),
+    })
 }
 
 fn read_cloud_init(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
@@ -575,13 +583,13 @@ fn read_cloud_init(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDra
                 }
             }
             "ssh-key" => {
-                if let Some(f) = read_file(rd, e, "ssh-key", ctx) {
+                if let Some(f) = read_file(rd, e, FileUse::SshKey, ctx) {
                     d.vm_spans.insert("spec.cloudInit.sshKey".into(), f.span);
                     ci.ssh_key = Some(f.value);
                 }
             }
             _ => {
-                if let Some(f) = read_file(rd, e, "user-data", ctx) {
+                if let Some(f) = read_file(rd, e, FileUse::UserData, ctx) {
                     d.vm_spans.insert("spec.cloudInit.userData".into(), f.span);
                     ci.user_data = Some(f.value);
                 }
@@ -715,7 +723,7 @@ fn read_provision(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraf
             "script" => {
                 // Keep the step even when the file is unreadable so the
                 // "exactly one of" check still sees it.
-                if let Some(f) = read_file(rd, e, "script", ctx) {
+                if let Some(f) = read_file(rd, e, FileUse::Script, ctx) {
                     d.prov_spans.insert(format!("{at}.script"), f.span);
                     script = Some(f.value);
                 } else {
@@ -726,7 +734,7 @@ fn read_provision(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraf
                 }
             }
             "source" => {
-                if let Some(f) = read_file(rd, e, "source", ctx) {
+                if let Some(f) = read_file(rd, e, FileUse::Upload, ctx) {
                     d.prov_spans.insert(format!("{at}.source"), f.span);
                     source = Some(f.value);
                 } else {

@@ -3,6 +3,7 @@
 
 mod fuzz;
 mod manifests;
+mod parser_faults;
 mod vmfile;
 
 use std::path::{Path, PathBuf};

@@ -30,6 +30,18 @@ struct JsonResult {
     valid: bool,
     objects: Vec<String>,
     problems: Vec<JsonProblem>,
+    /// Problems found but not listed (each file keeps at most
+    /// `vmctl_api::limits::MAX_PROBLEMS`).
+    #[serde(skip_serializing_if = "is_zero")]
+    omitted: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn omitted(diags: &[FileDiagnostics]) -> usize {
+    diags.iter().map(FileDiagnostics::omitted).sum()
 }
 
 fn problems_json(diags: &[FileDiagnostics]) -> Vec<JsonProblem> {
@@ -69,11 +81,13 @@ pub fn run(file: &Path, output: Output) -> miette::Result<ExitCode> {
                     .map(|r| format!("{}/{}", r.kind().short(), r.name()))
                     .collect(),
                 problems: problems_json(&l.warnings),
+                omitted: omitted(&l.warnings),
             },
             Err(LoadError::Invalid(d)) => JsonResult {
                 valid: false,
                 objects: vec![],
                 problems: problems_json(d),
+                omitted: omitted(d),
             },
             Err(_) => return result.map(|_| ExitCode::FAILURE).map_err(Into::into),
         };

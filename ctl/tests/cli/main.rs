@@ -2,6 +2,7 @@
 
 mod agent;
 mod commands;
+mod parser_faults;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
