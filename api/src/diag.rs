@@ -120,6 +120,13 @@ pub struct FileDiagnostics {
     source: NamedSource<Arc<String>>,
     /// The problems kept, in source order (at most [`MAX_PROBLEMS`]).
     pub problems: Vec<Problem>,
+    /// Boxed to keep `Result<_, FileDiagnostics>` small.
+    rest: Box<Rest>,
+}
+
+/// What [`FileDiagnostics`] keeps besides the problems.
+#[derive(Debug, Clone, Default)]
+struct Rest {
     omitted_errors: usize,
     omitted_warnings: usize,
     shown: OnceLock<Vec<Shown>>,
@@ -154,9 +161,11 @@ impl FileDiagnostics {
             source: NamedSource::new(file.clone(), src),
             file,
             problems,
-            omitted_errors: errors - keep_errors,
-            omitted_warnings: warnings - keep_warnings,
-            shown: OnceLock::new(),
+            rest: Box::new(Rest {
+                omitted_errors: errors - keep_errors,
+                omitted_warnings: warnings - keep_warnings,
+                shown: OnceLock::new(),
+            }),
         }
     }
 
@@ -189,12 +198,12 @@ impl FileDiagnostics {
             .iter()
             .filter(|p| p.severity == Severity::Error)
             .count()
-            + self.omitted_errors
+            + self.rest.omitted_errors
     }
 
     /// Number of problems found but not kept (see [`MAX_PROBLEMS`]).
     pub fn omitted(&self) -> usize {
-        self.omitted_errors + self.omitted_warnings
+        self.rest.omitted_errors + self.rest.omitted_warnings
     }
 
     /// Renders the diagnostics as plain text without colours (for tests and logs).
@@ -210,7 +219,7 @@ impl FileDiagnostics {
     }
 
     fn shown(&self) -> &[Shown] {
-        self.shown.get_or_init(|| {
+        self.rest.shown.get_or_init(|| {
             let mut lines = LineCursor::default();
             let mut out: Vec<Shown> = self
                 .problems

@@ -517,7 +517,7 @@ fn read_file(
             let (label, help) = match &err {
                 LocalFileError::NotRegular { .. } => (
                     "not a regular file",
-                    format!("name a regular file: its content is read to take its digest"),
+                    "name a regular file: its content is read to take its digest".to_owned(),
                 ),
                 LocalFileError::TooLarge { .. } => (
                     "too large",
