@@ -98,7 +98,15 @@ impl From<StoreError> for ApiError {
                 "vmctl::store::unusable",
                 Some("see the agent log"),
             ),
-            StoreError::Poisoned | StoreError::Sled(_) | StoreError::Codec(_) => (
+            StoreError::NoSpace { .. } => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                "vmctl::store::no_space",
+                Some(
+                    "free space on that filesystem (`df -h` shows it); the write was not \
+                     stored, and writes work again by themselves once there is room",
+                ),
+            ),
+            StoreError::Sled(_) | StoreError::Codec(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "vmctl::store::failed",
                 Some("see the agent log"),

@@ -321,6 +321,11 @@ pub const CODES: &[Code] = &[
         "see the agent log",
     ),
     c(
+        "vmctl::store::no_space",
+        "the filesystem holding the agent's store is full (HTTP 507); the write was not stored",
+        "free space there (`df -h` on the path in the message); writes work again by themselves, no restart needed",
+    ),
+    c(
         "vmctl::store::unusable",
         "the agent's store is corrupt or newer than this agent",
         "see the agent log",

@@ -21,9 +21,13 @@
 //! ```
 //!
 //! Watchers are fed only after the flush: a watcher never sees an event
-//! that a crash could still take back.
+//! that a crash could still take back. Readers (`get`, `list`) are held off
+//! from the transaction until the flush (the backend's view lock), so they
+//! never see a write that is not durable either: if the flush fails (disk
+//! full), the backend reopens its database from disk, which undoes the
+//! batch in memory, before readers get in again.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
@@ -63,23 +67,24 @@ struct Queue {
     leader: bool,
 }
 
-/// Where to send a write's result, the result, and the event it appended.
-pub(crate) type Answer = (SyncSender<Reply>, Result<Written>, Option<Arc<Event>>);
+/// Where to send a write's result, and the result.
+pub(crate) type Answer = (SyncSender<Reply>, Result<Written>);
 
-/// Commits a batch: given the requests, returns the events written (in
-/// sequence order) and one answer per request. Implemented by the backend.
+/// Commits a batch. Implemented by the backend.
 pub(crate) trait BatchWriter {
-    /// Plans and commits `batch` in one transaction (not yet flushed).
-    fn commit_batch(&self, batch: Vec<Request>) -> Result<Vec<Answer>>;
-    /// Makes everything committed so far durable.
-    fn flush(&self) -> Result<()>;
+    /// Plans every request of `batch` in order, commits them in one
+    /// transaction and makes it durable, then passes the durable events to
+    /// `committer.publish`, before any reader can see what the batch wrote.
+    /// Returns one answer per request. If the storage fails, the backend
+    /// undoes what readers could otherwise see (by reopening its database)
+    /// and answers every request of the batch with the error.
+    fn write_batch(&self, committer: &Committer, batch: Vec<Request>) -> Vec<Answer>;
 }
 
 /// The shared queue, durability watermark and live feed.
 pub(crate) struct Committer {
     queue: Mutex<Queue>,
     durable: AtomicU64,
-    poisoned: AtomicBool,
     tx: broadcast::Sender<Arc<Event>>,
     /// Flushes done and nanoseconds spent in them, for the benchmarks.
     pub(crate) flushes: AtomicU64,
@@ -90,7 +95,6 @@ impl std::fmt::Debug for Committer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Committer")
             .field("durable", &self.durable)
-            .field("poisoned", &self.poisoned)
             .finish()
     }
 }
@@ -102,7 +106,6 @@ impl Committer {
         Committer {
             queue: Mutex::default(),
             durable: AtomicU64::new(last_seq),
-            poisoned: AtomicBool::new(false),
             tx,
             flushes: AtomicU64::new(0),
             flush_nanos: AtomicU64::new(0),
@@ -127,9 +130,6 @@ impl Committer {
         object: ObjectRef,
         plan: Planner,
     ) -> Result<Written> {
-        if self.poisoned.load(Ordering::SeqCst) {
-            return Err(StoreError::Poisoned);
-        }
         let (reply, answer) = sync_channel(1);
         let lead = {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -147,8 +147,12 @@ impl Committer {
             match answer.recv() {
                 Ok(Reply::Done(result)) => return result,
                 Ok(Reply::Lead) => self.lead(backend),
-                // The batch was dropped: its transaction or flush failed.
-                Err(_) => return Err(StoreError::Poisoned),
+                // The leader dropped the batch without answering: it panicked.
+                Err(_) => {
+                    return Err(StoreError::from(sled::Error::ReportableBug(
+                        "the thread committing this write panicked".into(),
+                    )));
+                }
             }
         }
     }
@@ -177,41 +181,27 @@ impl Committer {
     }
 
     fn commit(&self, backend: &impl BatchWriter, batch: Vec<Request>) {
-        if self.poisoned.load(Ordering::SeqCst) {
-            for r in batch {
-                let _ = r.reply.send(Reply::Done(Err(StoreError::Poisoned)));
-            }
-            return;
-        }
-        // A failed transaction means the storage failed: stop acknowledging.
-        // The requests' senders drop with the batch, answering `Poisoned`.
-        let results = match backend.commit_batch(batch) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "store transaction failed; refusing further writes");
-                self.poisoned.store(true, Ordering::SeqCst);
-                return;
-            }
-        };
-        let t = std::time::Instant::now();
-        let flushed = backend.flush();
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.flush_nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if let Err(e) = flushed {
-            tracing::error!(error = %e, "store flush failed; refusing further writes");
-            self.poisoned.store(true, Ordering::SeqCst);
-            return; // dropping the replies answers `Poisoned`
-        }
-        if let Some(last) = results.iter().rev().find_map(|(_, _, ev)| ev.as_ref()) {
-            self.durable.store(last.seq, Ordering::SeqCst);
-        }
-        for (reply, result, ev) in results {
-            if let Some(ev) = ev {
-                // No receivers is fine: nobody is watching.
-                let _ = self.tx.send(ev);
-            }
+        for (reply, result) in backend.write_batch(self, batch) {
             let _ = reply.send(Reply::Done(result));
         }
+    }
+
+    /// Makes `events` (in sequence order, all durable) the new durable
+    /// watermark and feeds them to watchers. Called by the backend while
+    /// readers are held off, so a reader never sees an object newer than
+    /// the watermark.
+    pub(crate) fn publish(&self, events: impl IntoIterator<Item = Arc<Event>>) {
+        for ev in events {
+            self.durable.store(ev.seq, Ordering::SeqCst);
+            // No receivers is fine: nobody is watching.
+            let _ = self.tx.send(ev);
+        }
+    }
+
+    /// Records one flush and the time it took (for the benchmarks).
+    pub(crate) fn count_flush(&self, took: std::time::Duration) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.flush_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
     }
 }

@@ -24,7 +24,9 @@ use std::sync::atomic::Ordering;
 
 use vmctl_api::ObjectRef;
 
-use crate::error::Result;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use crate::error::{Result, StoreError};
 use crate::event::{self, Change, Event};
 use crate::sled_store::{Inner, META_FLOOR};
 
@@ -110,40 +112,73 @@ fn droppable(seen: &mut Seen, ev: &Event, r: &Retention) -> bool {
 /// Runs one compaction. Writers keep going meanwhile: they only append
 /// above the floor, and each dropped event is redundant at every moment.
 pub(crate) fn compact(inner: &Inner, r: &Retention) -> Result<CompactReport> {
-    let last_seq = *inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+    let located = |e: StoreError| match e {
+        StoreError::Sled(e) => inner.storage_error(e),
+        e => e,
+    };
+    match compact_open(inner, r) {
+        Ok(report) => Ok(report),
+        Err(StoreError::Sled(e)) => {
+            // sled refuses every operation after an I/O error: reopen now,
+            // so the next write does not fail first.
+            let _ = inner.reopen(&mut inner.write_lock());
+            Err(inner.storage_error(e))
+        }
+        Err(e) => Err(located(e)),
+    }
+}
+
+fn compact_open(inner: &Inner, r: &Retention) -> Result<CompactReport> {
+    let last_seq = inner.committer.durable();
     let old_floor = inner.floor.load(Ordering::SeqCst);
     let floor = old_floor.max(last_seq.saturating_sub(r.window));
     // Raise the floor (durably) before deleting anything, so a watcher that
     // checks the floor after reading knows whether its read was complete.
-    inner.meta.insert(META_FLOOR, &event::seq_key(floor))?;
-    inner.db.flush()?;
+    {
+        let db = inner.view()?;
+        db.meta.insert(META_FLOOR, &event::seq_key(floor))?;
+        db.db.flush()?;
+    }
     inner.floor.store(floor, Ordering::SeqCst);
 
     let mut seen: HashMap<ObjectRef, Seen> = HashMap::new();
     let mut drop: Vec<(u64, ObjectRef)> = Vec::new();
-    for v in inner.events.range(..=event::seq_key(floor)).values().rev() {
-        let ev: Event = event::decode(&v?)?;
-        if droppable(seen.entry(ev.object.clone()).or_default(), &ev, r) {
-            drop.push((ev.seq, ev.object));
+    {
+        let db = inner.view()?;
+        for v in db.events.range(..=event::seq_key(floor)).values().rev() {
+            let ev: Event = event::decode(&v?)?;
+            if droppable(seen.entry(ev.object.clone()).or_default(), &ev, r) {
+                drop.push((ev.seq, ev.object));
+            }
         }
     }
-    // Events first, then their index entries: a crash in between leaves
-    // index entries without events, which readers skip and open repairs.
+    // Each chunk's events and index entries go in one transaction, so an
+    // index entry never outlives its event. Readers are held off only for
+    // one chunk at a time.
     for chunk in drop.chunks(1024) {
-        let mut events = sled::Batch::default();
-        let mut index = sled::Batch::default();
-        for (seq, obj) in chunk {
-            events.remove(&event::seq_key(*seq));
-            index.remove(event::index_key(obj, *seq));
-        }
-        inner.events.apply_batch(events)?;
-        inner.index.apply_batch(index)?;
+        let db = inner.view()?;
+        (&db.events, &db.index)
+            .transaction(|(events, index)| {
+                for (seq, obj) in chunk {
+                    events.remove(&event::seq_key(*seq))?;
+                    index.remove(event::index_key(obj, *seq))?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
+            })?;
     }
-    inner.db.flush()?;
+    let kept = {
+        let db = inner.view()?;
+        db.db.flush()?;
+        db.events.len() as u64
+    };
     let report = CompactReport {
         floor,
         dropped: drop.len() as u64,
-        kept: inner.events.len() as u64,
+        kept,
     };
     tracing::info!(
         floor,

@@ -49,9 +49,15 @@ pub enum StoreError {
         /// What the operator should do.
         hint: String,
     },
-    /// A previous flush failed, so nothing written since can be acknowledged.
-    #[error("store is read-only after a failed flush; restart the agent")]
-    Poisoned,
+    /// The filesystem holding the store is full (ENOSPC or a quota): the
+    /// write was not acknowledged and is not visible. The store reopens its
+    /// database by itself and writes work again once space is freed; no
+    /// restart is needed. Retry later.
+    #[error("no space left on {}", path.display())]
+    NoSpace {
+        /// The store's database directory.
+        path: std::path::PathBuf,
+    },
     /// The request itself is invalid (e.g. an object without a name).
     #[error("invalid request: {0}")]
     Invalid(String),

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use vmctl_api::{Object, ObjectRef, Time};
 
-use crate::commit::{Answer, BatchWriter, Planner, Request};
-use crate::error::{Result, StoreError};
+use crate::commit::{Answer, BatchWriter, Committer, Planner, Request};
+use crate::error::Result;
 use crate::event::{self, Event};
 use crate::plan::Outcome;
-use crate::sled_store::{Durability, Inner, META_LAST_SEQ};
+use crate::sled_store::{Db, Durability, Inner, META_LAST_SEQ};
 use crate::{Written, fold};
 
 /// One planned write of a batch, encoded.
@@ -26,7 +26,14 @@ struct Staged {
 /// A staged write and the event it appends.
 type StagedEvent = (Staged, Arc<Event>);
 
-impl Inner {
+/// One planned request: where to answer, its result, its event if any.
+type Planned = (
+    std::sync::mpsc::SyncSender<crate::commit::Reply>,
+    Result<Written>,
+    Option<Arc<Event>>,
+);
+
+impl Db {
     pub(crate) fn get_key(&self, key: &[u8]) -> Result<Option<Object>> {
         self.objects
             .get(key)?
@@ -85,8 +92,15 @@ impl Inner {
     }
 }
 
-impl BatchWriter for Inner {
-    fn commit_batch(&self, batch: Vec<Request>) -> Result<Vec<Answer>> {
+impl Inner {
+    /// Plans `batch` in order against `db` and commits it in one
+    /// transaction (not yet flushed). On a storage error, the planned
+    /// answers are returned with the error, to be replaced by it.
+    fn commit_batch(
+        &self,
+        db: &Db,
+        batch: Vec<Request>,
+    ) -> (Vec<Planned>, std::result::Result<(), sled::Error>) {
         let mut last_seq = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let now = chrono::Utc::now();
         let mut seq = *last_seq;
@@ -99,7 +113,7 @@ impl BatchWriter for Inner {
             reply,
         } in batch
         {
-            match self.stage(&object, plan, seq + 1, now, &mut overlay) {
+            match db.stage(&object, plan, seq + 1, now, &mut overlay) {
                 Ok((written, Some((st, ev)))) => {
                     seq = st.seq;
                     staged.push(st);
@@ -110,9 +124,9 @@ impl BatchWriter for Inner {
             }
         }
         if staged.is_empty() {
-            return Ok(answers);
+            return (answers, Ok(()));
         }
-        (&self.events, &self.objects, &self.index, &self.meta)
+        let committed = (&db.events, &db.objects, &db.index, &db.meta)
             .transaction(|(events, objects, index, meta)| {
                 for st in &staged {
                     events.insert(&event::seq_key(st.seq), st.event.as_slice())?;
@@ -126,22 +140,77 @@ impl BatchWriter for Inner {
                 Ok::<_, ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
-                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Storage(e) => e,
                 TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
-            })?;
-        *last_seq = seq;
-        Ok(answers)
+            });
+        if committed.is_ok() {
+            *last_seq = seq;
+        }
+        (answers, committed)
     }
 
-    fn flush(&self) -> Result<()> {
+    /// Makes everything committed so far durable.
+    fn flush(&self, db: &Db) -> std::result::Result<(), sled::Error> {
         if self.durability != Durability::None {
-            self.db.flush()?;
+            db.db.flush()?;
         }
         if self.durability == Durability::Fsync {
-            self.data_file
-                .sync_data()
-                .map_err(|e| StoreError::Sled(e.into()))?;
+            db.data_file.sync_data()?;
         }
         Ok(())
+    }
+}
+
+impl BatchWriter for Inner {
+    fn write_batch(&self, committer: &Committer, batch: Vec<Request>) -> Vec<Answer> {
+        // Readers wait from the transaction until the flush (or the reopen
+        // that undoes a failed one): they never see a write that is not durable.
+        let mut g = self.write_lock();
+        if self.reopen_if_due(&mut g).is_err() {
+            return batch
+                .into_iter()
+                .map(|r| (r.reply, Err(self.broken_error())))
+                .collect();
+        }
+        let db = g.as_ref().expect("reopen_if_due succeeded");
+        let (planned, committed) = self.commit_batch(db, batch);
+        let durable = committed.and_then(|()| {
+            let t = std::time::Instant::now();
+            let flushed = self.flush(db);
+            committer.count_flush(t.elapsed());
+            flushed
+        });
+        match durable {
+            Ok(()) => {
+                committer.publish(planned.iter().filter_map(|(_, _, ev)| ev.clone()));
+                planned
+                    .into_iter()
+                    .map(|(reply, r, _)| (reply, r))
+                    .collect()
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "store write failed; reopening the database to drop what was not written");
+                // Reopening reads back what is on disk: if this batch's
+                // transaction got there after all, it is durable now and
+                // its answers stand (the batch is one transaction: all or none).
+                let reopened = self.reopen(&mut g).is_ok();
+                let kept = reopened
+                    && planned
+                        .iter()
+                        .filter_map(|(_, _, ev)| ev.as_ref())
+                        .last()
+                        .is_some_and(|last| last.seq <= committer.durable());
+                planned
+                    .into_iter()
+                    .map(|(reply, r, _)| {
+                        if kept {
+                            (reply, r)
+                        } else {
+                            (reply, Err(self.storage_error(e.clone())))
+                        }
+                    })
+                    .collect()
+            }
+        }
     }
 }

@@ -23,6 +23,14 @@ use crate::error::{Result, StoreError};
 use crate::event::{self, Event};
 use crate::sled_store::Inner;
 
+/// The live feed closed. Cannot happen while the watch holds the store
+/// (which owns the sender); reported rather than assumed.
+fn closed() -> StoreError {
+    StoreError::from(sled::Error::ReportableBug(
+        "the store's live event feed closed".into(),
+    ))
+}
+
 /// Events read from the tree per step while catching up.
 const CHUNK: usize = 256;
 
@@ -114,7 +122,7 @@ impl Watch {
                 },
                 Err(TryRecvError::Empty) => return None,
                 Err(TryRecvError::Lagged(_)) => self.resync(),
-                Err(TryRecvError::Closed) => return Some(Err(StoreError::Poisoned)),
+                Err(TryRecvError::Closed) => return Some(Err(closed())),
             }
         }
     }
@@ -133,7 +141,7 @@ impl Watch {
                     }
                 }
                 Err(RecvError::Lagged(_)) => self.resync(),
-                Err(RecvError::Closed) => return Err(StoreError::Poisoned),
+                Err(RecvError::Closed) => return Err(closed()),
             }
         }
     }
@@ -151,7 +159,7 @@ impl Watch {
                     }
                 }
                 Err(RecvError::Lagged(_)) => self.resync(),
-                Err(RecvError::Closed) => return Err(StoreError::Poisoned),
+                Err(RecvError::Closed) => return Err(closed()),
             }
         }
     }
@@ -164,9 +172,12 @@ impl Watch {
             return Ok(false);
         }
         let range = event::seq_key(self.pos + 1)..=event::seq_key(durable);
-        for v in self.inner.events.range(range).values().take(CHUNK) {
-            self.backlog.push_back(Arc::new(event::decode(&v?)?));
+        let db = self.inner.view()?;
+        for v in db.events.range(range).values().take(CHUNK) {
+            let v = v.map_err(|e| self.inner.storage_error(e))?;
+            self.backlog.push_back(Arc::new(event::decode(&v)?));
         }
+        drop(db);
         // Compaction raises the floor before it deletes: if the floor is
         // still at or below our position, nothing we needed was missing.
         self.check_floor()?;

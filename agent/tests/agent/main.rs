@@ -8,6 +8,8 @@ use tower::ServiceExt;
 use vmctl_agent::api::{AppState, router};
 use vmctl_agent::{AgentConfig, openapi};
 
+mod full_disk;
+
 #[test]
 fn checked_in_openapi_matches_the_route_table() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
