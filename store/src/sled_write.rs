@@ -197,8 +197,8 @@ impl BatchWriter for Inner {
                 let kept = reopened
                     && planned
                         .iter()
-                        .filter_map(|(_, _, ev)| ev.as_ref())
-                        .last()
+                        .rev()
+                        .find_map(|(_, _, ev)| ev.as_ref())
                         .is_some_and(|last| last.seq <= committer.durable());
                 planned
                     .into_iter()
