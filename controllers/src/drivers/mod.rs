@@ -64,6 +64,19 @@ pub enum DriverError {
     /// Any other backend failure, described by the backend.
     #[error("{0}")]
     Backend(String),
+    /// A failure that retrying the same request cannot fix (the source
+    /// refused it, or what it holds is unusable), described by the
+    /// backend. Controllers report it as final and wait for the spec to
+    /// change instead of retrying.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl DriverError {
+    /// Whether this failure is [`DriverError::Permanent`].
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, DriverError::Permanent(_))
+    }
 }
 
 /// Short for `Result<T, DriverError>`.
