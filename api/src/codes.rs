@@ -187,7 +187,7 @@ pub const CODES: &[Code] = &[
     ),
     c(
         "vmctl::image::backing_file",
-        "a downloaded image refers to a backing file",
+        "an image refers to a backing file",
         "use a self-contained image (`qemu-img convert` flattens it)",
     ),
     c(
@@ -214,6 +214,11 @@ pub const CODES: &[Code] = &[
         "vmctl::image::download_failed",
         "downloading an image failed",
         "check network connectivity and the URL",
+    ),
+    c(
+        "vmctl::image::external_reference",
+        "an image refers to a file outside itself (a qcow2 external data file)",
+        "use a self-contained image: `qemu-img convert -O qcow2 IN OUT` makes one",
     ),
     c(
         "vmctl::image::format_detection_failed",
@@ -244,6 +249,16 @@ pub const CODES: &[Code] = &[
         "vmctl::image::overlay_creation_failed",
         "creating a VM's qcow2 overlay disk failed",
         "ensure qemu-img is installed and the base image exists and is readable",
+    ),
+    c(
+        "vmctl::image::unsupported_compression",
+        "an image is compressed or archived in a way vmctl does not unpack, or a local image file is compressed",
+        "vmctl unpacks gzip, xz and zstd downloads; unpack anything else yourself and give the disk image inside",
+    ),
+    c(
+        "vmctl::image::unsupported_format",
+        "an image is neither raw nor a plain qcow2 (vmdk, vhdx, vdi, encrypted qcow2, …)",
+        "convert it: `qemu-img convert -O qcow2 IN OUT`",
     ),
     c(
         "vmctl::image::unsupported_url",

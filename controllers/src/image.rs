@@ -2,18 +2,29 @@
 //!
 //! ```text
 //!   Pending ──▶ Downloading ──ok──▶ Ready   (note Pulled)
-//!                   │
-//!                   └──error──▶ Failed      (note Failed; retried with backoff)
+//!                │    ▲
+//!                │    └── transient error: Downloading, Ready=False BackOff
+//!                │        (note BackOff), fetched again after a growing delay
+//!                └──permanent error──▶ Failed (note Failed); not fetched
+//!                                      again until the spec changes
 //! ```
 //!
 //! Observe first: an image the fetcher already has is Ready without a fetch.
+//!
+//! A fetch runs to its end whatever is applied meanwhile: a status write
+//! that loses to another writer (a second VMFile naming the same URL
+//! changes the Image's labels and source) is made again on the fresh
+//! object rather than abandoning the download. Only a changed source
+//! (another URL or path) or a deletion stops following it.
 //!
 //! The finalizer `vmctl.dev/image-cache` makes a deleted Image wait until no
 //! VM uses it (their disks are overlays on its file), then removes the file
 //! it downloaded, unless another Image names the same URL. A local path
 //! source is the user's file and is never removed.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use chrono::Utc;
 use vmctl_api::{
@@ -65,12 +76,67 @@ pub const FINALIZER: &str = "vmctl.dev/image-cache";
 #[derive(Debug)]
 pub struct ImageReconciler {
     ctx: Arc<Context>,
+    /// Consecutive transient fetch failures per Image: (generation, count).
+    failures: Mutex<HashMap<String, (u64, u32)>>,
 }
 
 impl ImageReconciler {
     /// An Image reconciler using `ctx`.
     pub fn new(ctx: Arc<Context>) -> Self {
-        ImageReconciler { ctx }
+        ImageReconciler {
+            ctx,
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Counts one more transient failure of `name` at `generation`.
+    fn failed_again(&self, name: &str, generation: u64) -> u32 {
+        let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let e = f.entry(name.to_owned()).or_insert((generation, 0));
+        if e.0 != generation {
+            *e = (generation, 0);
+        }
+        e.1 += 1;
+        e.1
+    }
+
+    fn forget_failures(&self, name: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+    }
+
+    /// Writes `status` onto the Image as it now is. A write that loses to
+    /// another writer is made again on the fresh object, so that a
+    /// re-apply never aborts a fetch. `None`: the Image is gone, being
+    /// deleted, or names another source, so the fetch in flight is no
+    /// longer what it asks for.
+    async fn write_fresh(
+        &self,
+        obj: &Object,
+        status: &ImageStatus,
+    ) -> Result<Option<Object>, ImageError> {
+        let mut current = obj.clone();
+        // Each retry follows a write by someone else; a bound keeps a
+        // pathological writer from holding the fetch here forever.
+        for _ in 0..16 {
+            match self.ctx.write_status(&current, status).await {
+                Ok(o) => return Ok(Some(o)),
+                Err(e) if e.is_conflict() => match self.ctx.get(&obj.object_ref()).await? {
+                    Some(o)
+                        if o.metadata.deletion_timestamp.is_none()
+                            && o.metadata.uid == obj.metadata.uid
+                            && o.spec.get("source") == obj.spec.get("source") =>
+                    {
+                        current = o;
+                    }
+                    _ => return Ok(None),
+                },
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Some(self.ctx.write_status(&current, status).await?))
     }
 }
 
@@ -160,6 +226,7 @@ impl ImageReconciler {
                 .await;
         }
         ctx.remove_finalizer(obj, FINALIZER).await?;
+        self.forget_failures(name);
         Ok(Action::await_change())
     }
 }
@@ -201,16 +268,30 @@ impl Reconciler for ImageReconciler {
             return Ok(Action::await_change());
         }
 
+        // A permanent failure stays until the spec changes (an apply that
+        // changes the source, labels or annotations also clears the status).
+        if old.phase == ImagePhase::Failed && old.observed_generation == generation {
+            return Ok(Action::await_change());
+        }
+
         // Act: fetch.
         status.phase = ImagePhase::Downloading;
-        let cond = ready_condition(
-            ConditionStatus::False,
-            "Downloading",
-            "fetching the image".into(),
-            generation,
-        );
-        set_condition(&mut status.conditions, cond, Utc::now());
-        let mut obj = ctx.write_status(&obj, &status).await?;
+        let retrying = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == "BackOff");
+        if !retrying {
+            let cond = ready_condition(
+                ConditionStatus::False,
+                "Downloading",
+                "fetching the image".into(),
+                generation,
+            );
+            set_condition(&mut status.conditions, cond, Utc::now());
+        }
+        let Some(mut obj) = self.write_fresh(&obj, &status).await? else {
+            return Ok(Action::requeue(Duration::ZERO));
+        };
         // Progress reaches the status coarsely (at most every 2 s), so that
         // `apply --wait` can show it without every chunk growing the log.
         let (ptx, mut prx) = tokio::sync::watch::channel(None::<(u64, Option<u64>)>);
@@ -227,10 +308,25 @@ impl Reconciler for ImageReconciler {
                 r = &mut fetch => break r,
                 // `changed` only waits; it is cancel-safe.
                 Ok(()) = prx.changed() => {
-                    if last_write.elapsed() >= std::time::Duration::from_secs(2) {
+                    if last_write.elapsed() >= Duration::from_secs(2) {
                         let p = *prx.borrow_and_update();
                         status.progress = p.map(|(bytes, total)| vmctl_api::Progress { bytes, total });
-                        obj = ctx.write_status(&obj, &status).await?;
+                        if retrying && p.is_some_and(|(bytes, _)| bytes > 0) {
+                            let cond = ready_condition(
+                                ConditionStatus::False,
+                                "Downloading",
+                                "fetching the image again".into(),
+                                generation,
+                            );
+                            set_condition(&mut status.conditions, cond, Utc::now());
+                        }
+                        // Progress is only shown: a failed write never
+                        // stops the fetch.
+                        match self.write_fresh(&obj, &status).await {
+                            Ok(Some(o)) => obj = o,
+                            Ok(None) => return Ok(Action::requeue(Duration::ZERO)),
+                            Err(e) => tracing::warn!(error = %crate::runtime::controller::ErrorChain(&e), "cannot write download progress"),
+                        }
                         last_write = std::time::Instant::now();
                     }
                 }
@@ -238,32 +334,292 @@ impl Reconciler for ImageReconciler {
         };
         match result {
             Ok(img) => {
+                self.forget_failures(name);
                 set_ready(&mut status, &img, generation);
-                ctx.write_status(&obj, &status).await?;
+                if self.write_fresh(&obj, &status).await?.is_none() {
+                    return Ok(Action::requeue(Duration::ZERO));
+                }
                 let msg = format!("Image {name} is available at {}", img.path);
                 ctx.note(&r, NoteType::Normal, Self::NAME, "Pulled", msg)
                     .await;
                 Ok(Action::await_change())
             }
-            Err(source) => {
+            Err(source) if source.is_permanent() => {
+                self.forget_failures(name);
                 status.phase = ImagePhase::Failed;
                 status.observed_generation = generation;
+                status.progress = None;
                 let message = format!("{source}");
                 let cond = ready_condition(
                     ConditionStatus::False,
                     "FetchFailed",
+                    format!("{message}; not retried until the Image changes"),
+                    generation,
+                );
+                set_condition(&mut status.conditions, cond, Utc::now());
+                if self.write_fresh(&obj, &status).await?.is_none() {
+                    return Ok(Action::requeue(Duration::ZERO));
+                }
+                ctx.note(&r, NoteType::Warning, Self::NAME, "Failed", message)
+                    .await;
+                Ok(Action::await_change())
+            }
+            Err(source) => {
+                let n = self.failed_again(name, generation);
+                let delay = ctx.config.backoff.jittered(n);
+                status.phase = ImagePhase::Downloading;
+                status.observed_generation = generation;
+                status.progress = None;
+                let message = format!("{source}; retry {n} in {:.1}s", delay.as_secs_f64());
+                let cond = ready_condition(
+                    ConditionStatus::False,
+                    "BackOff",
                     message.clone(),
                     generation,
                 );
                 set_condition(&mut status.conditions, cond, Utc::now());
-                ctx.write_status(&obj, &status).await?;
-                ctx.note(&r, NoteType::Warning, Self::NAME, "Failed", message)
+                if self.write_fresh(&obj, &status).await?.is_none() {
+                    return Ok(Action::requeue(Duration::ZERO));
+                }
+                tracing::warn!(image = name, failures = n, ?delay, error = %source, "image fetch failed; backing off");
+                ctx.note(&r, NoteType::Warning, Self::NAME, "BackOff", message)
                     .await;
-                Err(ImageError::Fetch {
-                    name: name.to_owned(),
-                    source,
-                })
+                Ok(Action::requeue(delay))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The controller with the real image cache, against a real HTTP
+    //! server on 127.0.0.1, and the fake hypervisor.
+
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use vmctl_api::{ApplySource, ImageSource, ImageSpec, Object, ObjectRef};
+    use vmctl_store::{SledStore, Store};
+
+    use super::*;
+    use crate::drivers::cached::CachedImages;
+    use crate::images::ImageCache;
+    use crate::images::tests::{FAST_RETRY, Route, Server};
+    use crate::{BackoffPolicy, FakeConfig, FakeWorld, RuntimeConfig};
+
+    struct Harness {
+        _tmp: tempfile::TempDir,
+        store: Arc<dyn Store>,
+        server: Server,
+        stop: tokio::sync::watch::Sender<bool>,
+        task: tokio::task::JoinHandle<Result<(), crate::RunError>>,
+    }
+
+    fn qcow2(dir: &std::path::Path) -> Arc<Vec<u8>> {
+        let p = dir.join("disk.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        Arc::new(std::fs::read(p).unwrap())
+    }
+
+    async fn start(routes: impl FnOnce(Arc<Vec<u8>>) -> HashMap<&'static str, Route>) -> Harness {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = Server::start(routes(qcow2(tmp.path())));
+        let cache = ImageCache::new(tmp.path().join("images")).with_retry(FAST_RETRY);
+        let mut drivers = FakeWorld::new(FakeConfig::default()).drivers();
+        drivers.images = Arc::new(CachedImages::with_cache(cache));
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(tmp.path().join("store")).unwrap());
+        let config = RuntimeConfig {
+            backoff: BackoffPolicy {
+                base: Duration::from_millis(20),
+                max: Duration::from_millis(200),
+            },
+            resync: None,
+            ..RuntimeConfig::default()
+        };
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(crate::run(store.clone(), drivers, config, shutdown));
+        Harness {
+            _tmp: tmp,
+            store,
+            server,
+            stop,
+            task,
+        }
+    }
+
+    impl Harness {
+        fn image(&self, path: &str) -> Object {
+            Image::new(
+                "img",
+                ImageSpec {
+                    source: ImageSource::Url {
+                        url: self.server.url(path),
+                    },
+                    checksum: None,
+                },
+            )
+            .to_object()
+        }
+
+        async fn apply(&self, obj: Object, file: &str) {
+            let (store, source) = (
+                self.store.clone(),
+                ApplySource {
+                    file: Some(file.into()),
+                    applied_by: Some("test".into()),
+                },
+            );
+            tokio::task::spawn_blocking(move || store.apply(obj, Some(source), None))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+
+        fn status(&self) -> Option<ImageStatus> {
+            let o = self
+                .store
+                .get(&ObjectRef::new(Kind::Image, "img"))
+                .unwrap()?;
+            serde_json::from_value(o.status?).ok()
+        }
+
+        fn reasons(&self) -> Vec<String> {
+            self.store
+                .notes(Some(&ObjectRef::new(Kind::Image, "img")))
+                .unwrap()
+                .into_iter()
+                .map(|n| n.note.reason)
+                .collect()
+        }
+
+        /// Polls until `cond` holds for the status, recording every
+        /// (phase, Ready reason) seen.
+        async fn until(
+            &self,
+            timeout: Duration,
+            seen: &mut Vec<(ImagePhase, String)>,
+            cond: impl Fn(&ImageStatus) -> bool,
+        ) -> ImageStatus {
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                if let Some(st) = self.status() {
+                    let reason = st
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == "Ready")
+                        .map(|c| c.reason.clone())
+                        .unwrap_or_default();
+                    if seen.last() != Some(&(st.phase, reason.clone())) {
+                        seen.push((st.phase, reason));
+                    }
+                    if cond(&st) {
+                        return st;
+                    }
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "timed out; saw {seen:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        async fn stop(self) {
+            self.stop.send(true).unwrap();
+            self.task.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reapply_during_download_does_not_restart_it() {
+        // About 4 s: long enough for progress writes after the re-apply.
+        let h = start(|q| {
+            HashMap::from([(
+                "/slow.qcow2",
+                Route::Paced(q, 40, Duration::from_millis(100)),
+            )])
+        })
+        .await;
+        h.apply(h.image("/slow.qcow2"), "/a/VMFile.kdl").await;
+        let mut seen = Vec::new();
+        h.until(Duration::from_secs(10), &mut seen, |st| {
+            st.phase == ImagePhase::Downloading
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A second VMFile naming the same URL: new labels and source, so
+        // the store clears the status and the next progress write conflicts.
+        let mut again = h.image("/slow.qcow2");
+        again
+            .metadata
+            .labels
+            .insert("vmctl.dev/file".into(), "b".into());
+        h.apply(again, "/b/VMFile.kdl").await;
+        let st = h
+            .until(Duration::from_secs(30), &mut seen, |st| {
+                st.phase == ImagePhase::Ready
+            })
+            .await;
+        assert_eq!(st.format.as_deref(), Some("qcow2"));
+        assert_eq!(h.server.requests("/slow.qcow2"), 1, "one download per URL");
+        assert_eq!(
+            h.reasons().iter().filter(|r| *r == "Pulled").count(),
+            1,
+            "{:?}",
+            h.reasons()
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transient_fetch_failure_backs_off_visibly_then_recovers() {
+        // Three 500s use up the first fetch's attempts; the next fetch works.
+        let h = start(|q| HashMap::from([("/flaky.qcow2", Route::FailFirst(3, 500, q))])).await;
+        h.apply(h.image("/flaky.qcow2"), "/a/VMFile.kdl").await;
+        let mut seen = Vec::new();
+        h.until(Duration::from_secs(20), &mut seen, |st| {
+            st.phase == ImagePhase::Ready
+        })
+        .await;
+        assert!(
+            seen.contains(&(ImagePhase::Downloading, "BackOff".into())),
+            "{seen:?}"
+        );
+        assert!(
+            !seen.iter().any(|(p, _)| *p == ImagePhase::Failed),
+            "a transient failure is not Failed: {seen:?}"
+        );
+        let reasons = h.reasons();
+        assert!(reasons.contains(&"BackOff".to_owned()), "{reasons:?}");
+        assert_eq!(reasons.last().map(String::as_str), Some("Pulled"));
+        assert_eq!(h.server.requests("/flaky.qcow2"), 4);
+        h.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forbidden_image_fails_at_once_and_is_not_retried() {
+        let h = start(|_| HashMap::from([("/forbidden.qcow2", Route::Status(403))])).await;
+        h.apply(h.image("/forbidden.qcow2"), "/a/VMFile.kdl").await;
+        let mut seen = Vec::new();
+        let st = h
+            .until(Duration::from_secs(10), &mut seen, |st| {
+                st.phase == ImagePhase::Failed
+            })
+            .await;
+        let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.reason, "FetchFailed");
+        assert!(ready.message.contains("403"), "{}", ready.message);
+        // With 20 ms backoffs, a retry would have come by now.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(h.server.requests("/forbidden.qcow2"), 1);
+        assert_eq!(h.status().unwrap().phase, ImagePhase::Failed);
+        h.stop().await;
     }
 }

@@ -1,5 +1,6 @@
 //! The real [`ImageFetcher`]: the on-disk image cache of [`crate::images`]
-//! (downloads with checksums and zstd, local paths inspected with qemu-img).
+//! (downloads with checksums, unpacked from gzip, xz or zstd; every image
+//! inspected as untrusted).
 
 use std::path::Path;
 
@@ -21,16 +22,27 @@ impl CachedImages {
             cache: ImageCache::in_data_dir(data_dir),
         }
     }
+
+    /// A fetcher over `cache` (for a cache with its own retry policy).
+    pub fn with_cache(cache: ImageCache) -> Self {
+        CachedImages { cache }
+    }
 }
 
 /// Keeps the code and help of an image error in the driver error's text,
-/// which is what status conditions and notes show.
+/// which is what status conditions and notes show; a failure that retrying
+/// cannot fix is [`DriverError::Permanent`].
 fn driver_error(e: ImageError) -> DriverError {
     let mut msg = vmctl_api::error_chain(&e);
     if let Some(h) = e.help() {
         msg.push_str(&format!(" ({h})"));
     }
-    DriverError::Backend(format!("{msg} [{}]", e.code()))
+    let msg = format!("{msg} [{}]", e.code());
+    if e.is_transient() {
+        DriverError::Backend(msg)
+    } else {
+        DriverError::Permanent(msg)
+    }
 }
 
 impl ImageFetcher for CachedImages {

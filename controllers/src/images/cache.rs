@@ -18,7 +18,7 @@
 //! is not re-checked; give a `checksum` to pin it.
 //!
 //! A `checksum` is verified against the bytes as downloaded, so for a
-//! `.zst` URL it is the digest of the compressed file (what distributions
+//! compressed URL (`.gz`, `.xz`, `.zst`) it is the digest of the compressed file (what distributions
 //! publish next to it). Both SHA-256 and SHA-512 are computed for every
 //! download and recorded. A cached entry whose recorded digest differs
 //! from the requested `checksum` is not used: the URL is downloaded again,
@@ -45,8 +45,9 @@ use tokio::sync::OwnedMutexGuard;
 use vmctl_api::{ImageSource, ImageSpec};
 
 use super::checksum::{Checksum, Digests};
-use super::download::{self, PARTIAL_PREFIX, Source};
-use super::{ImageError, LocalImage, Progress, Result, inspect, local};
+use super::compression::{self, Compression};
+use super::download::{self, PARTIAL_PREFIX, RetryPolicy, Source};
+use super::{ImageError, LocalImage, Progress, Result, inspected, local};
 
 const IMAGE: &str = "image";
 const META: &str = "meta.json";
@@ -56,6 +57,7 @@ const META: &str = "meta.json";
 pub struct ImageCache {
     root: PathBuf,
     client: reqwest::Client,
+    retry: RetryPolicy,
     pub(super) locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -99,18 +101,22 @@ fn parse_checksum(checksum: Option<&str>) -> Result<Option<Checksum>> {
         .transpose()
 }
 
-/// The source of a URL and whether it is zstd-compressed.
-fn parse_source(url: &str) -> Result<(Source, bool)> {
+/// The source of a URL and the compression its suffix names; a suffix
+/// naming a format vmctl cannot unpack is refused before downloading.
+fn parse_source(url: &str) -> Result<(Source, Compression)> {
     let unsupported = || ImageError::UnsupportedUrl(url.to_owned());
     let parsed = url::Url::parse(url).map_err(|_| unsupported())?;
-    let path = parsed.path().to_ascii_lowercase();
-    let zstd = path.ends_with(".zst") || path.ends_with(".zstd");
+    let named = compression::from_suffix(parsed.path()).map_err(|what| ImageError::Compressed {
+        image: url.to_owned(),
+        what: what.to_owned(),
+        unpackable: false,
+    })?;
     let source = match parsed.scheme() {
         "http" | "https" => Source::Http(url.to_owned()),
         "file" => Source::File(parsed.to_file_path().map_err(|()| unsupported())?),
         _ => return Err(unsupported()),
     };
-    Ok((source, zstd))
+    Ok((source, named))
 }
 
 impl ImageCache {
@@ -130,8 +136,16 @@ impl ImageCache {
         ImageCache {
             root: root.into(),
             client,
+            retry: RetryPolicy::default(),
             locks: Mutex::default(),
         }
+    }
+
+    /// The same cache retrying transient download failures by `retry`
+    /// (default: [`RetryPolicy::default`]).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
     }
 
     /// The cache of a data directory: `<data_dir>/images`.
@@ -166,7 +180,7 @@ impl ImageCache {
         progress: impl Fn(Progress) + Send + Sync,
     ) -> Result<LocalImage> {
         let checksum = parse_checksum(checksum)?;
-        let (source, zstd) = parse_source(url)?;
+        let (source, named) = parse_source(url)?;
         let key = cache_key(url);
         let dir = self.root.join(&key);
         let _lock = self.lock(key).await;
@@ -175,7 +189,7 @@ impl ImageCache {
             return Ok(hit);
         }
         tracing::info!(url, "downloading image");
-        self.download(url, &source, zstd, checksum.as_ref(), &dir, &progress)
+        self.download(url, &source, named, checksum.as_ref(), &dir, &progress)
             .await
     }
 
@@ -242,7 +256,7 @@ impl ImageCache {
         &self,
         url: &str,
         source: &Source,
-        zstd: bool,
+        named: Compression,
         checksum: Option<&Checksum>,
         dir: &Path,
         progress: &(dyn Fn(Progress) + Send + Sync),
@@ -254,7 +268,7 @@ impl ImageCache {
                 source,
             })?;
         remove_partials(dir).await;
-        let got = download::download(&self.client, source, dir, zstd, progress)
+        let got = download::download(&self.client, source, dir, named, self.retry, progress)
             .await
             .map_err(|source| ImageError::Download {
                 url: url.to_owned(),
@@ -270,18 +284,8 @@ impl ImageCache {
                 });
             }
         }
-        let info = inspect(got.file.path())
-            .await
-            .map_err(|source| ImageError::Format {
-                path: got.file.path().to_owned(),
-                source,
-            })?;
-        if let Some(backing) = info.backing_file {
-            return Err(ImageError::BackingFile {
-                url: url.to_owned(),
-                backing,
-            });
-        }
+        // Whatever the format, nothing that refers outside itself is kept.
+        let info = inspected(url, got.file.path()).await?;
         let meta = Meta {
             url: url.to_owned(),
             digests: got.digests,
@@ -301,7 +305,14 @@ impl ImageCache {
                 path: dir.to_owned(),
                 source: std::io::Error::other(e),
             })??;
-        tracing::info!(url, path = %image.path.display(), format = %image.format, "image downloaded");
+        tracing::info!(
+            url,
+            path = %image.path.display(),
+            format = %image.format,
+            compression = %got.compression,
+            attempts = got.attempts,
+            "image downloaded"
+        );
         Ok(image)
     }
 }
@@ -417,18 +428,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sources_and_zstd_are_recognised() {
+    fn sources_and_compressions_are_recognised() {
         let (s, z) = parse_source("https://example.org/a/disk.qcow2.zst?x=1").unwrap();
         assert_eq!(
             s,
             Source::Http("https://example.org/a/disk.qcow2.zst?x=1".into())
         );
-        assert!(z);
+        assert_eq!(z, Compression::Zstd);
         let (s, z) = parse_source("file:///var/img/disk.raw.ZSTD").unwrap();
         assert_eq!(s, Source::File("/var/img/disk.raw.ZSTD".into()));
-        assert!(z);
+        assert_eq!(z, Compression::Zstd);
         let (_, z) = parse_source("http://h/disk.img?f=x.zst").unwrap();
-        assert!(!z);
+        assert_eq!(z, Compression::None);
+        let (_, z) = parse_source("http://h/disk.qcow2.gz").unwrap();
+        assert_eq!(z, Compression::Gzip);
+        assert!(matches!(
+            parse_source("http://h/disk.img.bz2"),
+            Err(ImageError::Compressed { .. })
+        ));
         assert!(matches!(
             parse_source("ftp://h/x"),
             Err(ImageError::UnsupportedUrl(_))

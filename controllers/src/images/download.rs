@@ -1,10 +1,10 @@
 //! Streams a source (http(s) or `file://`) into a temporary file next to
-//! its final place, hashing the bytes as received and decompressing zstd
-//! on the way.
+//! its final place, hashing the bytes as received and decompressing them
+//! on the way (see [`super::compression`]).
 //!
 //! ```text
-//!   async: response.chunk() ──mpsc(8)──▶ blocking: hash ─▶ [zstd] ─▶ .partial-XXXX ─▶ fsync
-//!            │
+//!   async: response.chunk() ──mpsc(8)──▶ blocking: hash ─▶ [gzip|xz|zstd] ─▶ .partial-XXXX ─▶ fsync
+//!            │   └─ transient failure: wait, resume with Range (or Restart)
 //!            └─ progress (coarse)
 //! ```
 //!
@@ -14,18 +14,29 @@
 //! file deletes itself when dropped, so an error or a cancelled fetch
 //! leaves nothing behind but what a crash leaves: a `.partial-*` file that
 //! the cache never treats as an image and removes on its next download.
+//!
+//! Failures that can pass ([`DownloadError::is_transient`]: 5xx, 408, 429,
+//! connection errors, a body cut short) are retried within the download
+//! with exponential backoff, [`RetryPolicy::attempts`] times in all. When
+//! the server offers ranges (`Accept-Ranges: bytes` and an `ETag` or
+//! `Last-Modified` to send back as `If-Range`), an interrupted body is
+//! resumed where it stopped; otherwise it starts over. Every other failure
+//! (a 4xx, data that is not usable) ends the download at once.
 
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use tempfile::NamedTempFile;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use vmctl_api::Progress;
 
 use super::checksum::{Digests, Hasher};
+use super::compression::{self, Compression, Decoder, INPUT_MAGIC_LEN, Unusable};
 
 /// Prefix of temporary files in a cache entry.
 pub(crate) const PARTIAL_PREFIX: &str = ".partial-";
@@ -34,6 +45,33 @@ pub(crate) const PARTIAL_PREFIX: &str = ".partial-";
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// …or when another 1/PROGRESS_STEPS of the total is done.
 const PROGRESS_STEPS: u64 = 20;
+
+/// How one download retries transient failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Requests made at most, the first included (≥ 1).
+    pub attempts: u32,
+    /// The wait before the first retry; each further one doubles it.
+    pub base: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// Four requests, 1 s, 2 s and 4 s apart. Longer outages are the
+    /// Image controller's to back off from.
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 4,
+            base: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn delay(&self, retry: u32) -> Duration {
+        self.base
+            .saturating_mul(1 << retry.saturating_sub(1).min(16))
+    }
+}
 
 /// Errors of downloading one source.
 #[derive(Debug, thiserror::Error)]
@@ -64,15 +102,42 @@ pub enum DownloadError {
     /// Reading a `file://` source failed.
     #[error("Cannot read {0}")]
     Read(PathBuf, #[source] std::io::Error),
-    /// The data is not valid zstd, or ends inside a frame.
-    #[error("Cannot decompress zstd data")]
-    Decompress(#[source] std::io::Error),
+    /// The data is not valid for its compression, or ends inside a frame.
+    #[error("Cannot decompress {0} data")]
+    Decompress(Compression, #[source] std::io::Error),
+    /// The data is not something vmctl can use as a disk image (an
+    /// archive, a compression it does not unpack).
+    #[error("Not a usable disk image: {0}")]
+    Unusable(#[source] Unusable),
     /// Creating, writing or syncing the temporary file failed.
     #[error("Cannot write the temporary file")]
     Write(#[source] std::io::Error),
     /// The writer thread stopped without a result (it panicked).
     #[error("The writer stopped unexpectedly")]
     WriterLost,
+}
+
+impl DownloadError {
+    /// Whether trying again can succeed: a 5xx, 408 or 429 answer, a
+    /// connection or transfer failure, a body cut short, a full disk.
+    /// A 4xx answer, unusable data, a missing `file://` source can not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DownloadError::Request(_)
+            | DownloadError::Truncated { .. }
+            | DownloadError::Body { .. }
+            | DownloadError::Write(_)
+            | DownloadError::WriterLost => true,
+            DownloadError::Status(s) => {
+                s.is_server_error()
+                    || *s == StatusCode::REQUEST_TIMEOUT
+                    || *s == StatusCode::TOO_MANY_REQUESTS
+            }
+            DownloadError::Read(..)
+            | DownloadError::Decompress(..)
+            | DownloadError::Unusable(_) => false,
+        }
+    }
 }
 
 /// Where bytes come from.
@@ -95,29 +160,34 @@ pub(crate) struct Downloaded {
     pub downloaded: u64,
     /// Bytes written (after decompression).
     pub written: u64,
+    /// The compression that was unpacked.
+    pub compression: Compression,
+    /// Requests made (1 unless transient failures were retried).
+    pub attempts: u32,
 }
 
 enum Msg {
     Chunk(Bytes),
+    /// Drop what was received so far: the next chunks start the data anew.
+    Restart,
     End,
 }
 
-/// Downloads `source` into a new temp file in `dir`.
+/// Downloads `source` into a new temp file in `dir`. `named` is the
+/// compression the URL's suffix names.
 pub(crate) async fn download(
     client: &reqwest::Client,
     source: &Source,
     dir: &Path,
-    zstd: bool,
+    named: Compression,
+    retry: RetryPolicy,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<Downloaded, DownloadError> {
-    let file = tempfile::Builder::new()
-        .prefix(PARTIAL_PREFIX)
-        .tempfile_in(dir)
-        .map_err(DownloadError::Write)?;
     let (tx, rx) = mpsc::channel(8);
-    let writer = tokio::task::spawn_blocking(move || write_all(rx, file, zstd));
+    let writer_dir = dir.to_owned();
+    let writer = tokio::task::spawn_blocking(move || write_all(rx, writer_dir, named));
     let produced = match source {
-        Source::Http(url) => produce_http(client, url, &tx, progress).await,
+        Source::Http(url) => produce_http(client, url, retry, &tx, progress).await,
         Source::File(path) => produce_file(path, &tx, progress).await,
     };
     let produced = match produced {
@@ -129,11 +199,13 @@ pub(crate) async fn download(
     // before the caller looks at the cache entry.
     let written = writer.await.map_err(|_| DownloadError::WriterLost);
     match (produced, written) {
-        (Ok(downloaded), Ok(Ok((file, digests, written)))) => Ok(Downloaded {
-            file,
-            digests,
+        (Ok((downloaded, attempts)), Ok(Ok(w))) => Ok(Downloaded {
+            file: w.file,
+            digests: w.digests,
             downloaded,
-            written,
+            written: w.written,
+            compression: w.compression,
+            attempts,
         }),
         // The producer stopped because the writer failed: report why.
         (Err(None), Ok(Err(e))) | (Ok(_), Ok(Err(e))) => Err(e),
@@ -143,52 +215,161 @@ pub(crate) async fn download(
     }
 }
 
-/// `Err(None)`: the writer hung up (it has the real error).
-type Produced = Result<u64, Option<DownloadError>>;
+/// `Ok((bytes, requests))`; `Err(None)`: the writer hung up (it has the
+/// real error).
+type Produced = Result<(u64, u32), Option<DownloadError>>;
+
+/// What lets an interrupted body be resumed: the validator to send back
+/// as `If-Range`.
+fn resume_validator(resp: &reqwest::Response) -> Option<reqwest::header::HeaderValue> {
+    let h = resp.headers();
+    let ranges = h
+        .get(ACCEPT_RANGES)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("bytes"));
+    if !ranges {
+        return None;
+    }
+    // A weak ETag cannot be used with If-Range (RFC 9110 13.1.5).
+    h.get(ETAG)
+        .filter(|v| !v.as_bytes().starts_with(b"W/"))
+        .or_else(|| h.get(LAST_MODIFIED))
+        .cloned()
+}
+
+/// The first byte a 206 answer carries, from `Content-Range: bytes a-b/n`.
+fn range_start(resp: &reqwest::Response) -> Option<u64> {
+    let v = resp.headers().get(CONTENT_RANGE)?.to_str().ok()?;
+    let rest = v.strip_prefix("bytes ")?;
+    rest.split('-').next()?.trim().parse().ok()
+}
 
 async fn produce_http(
     client: &reqwest::Client,
     url: &str,
+    retry: RetryPolicy,
     tx: &mpsc::Sender<Msg>,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Produced {
-    let mut resp = client
-        .get(url)
+    let mut received = 0u64;
+    let mut total = None;
+    let mut validator = None;
+    let mut reporter: Option<Reporter<'_>> = None;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let result = http_attempt(
+            client,
+            url,
+            tx,
+            progress,
+            &mut reporter,
+            &mut received,
+            &mut total,
+            &mut validator,
+        )
+        .await;
+        match result {
+            Ok(()) => {
+                if let Some(r) = reporter.as_mut() {
+                    r.finish(received);
+                }
+                return Ok((received, attempt));
+            }
+            Err(Some(e)) if e.is_transient() && attempt < retry.attempts.max(1) => {
+                let delay = retry.delay(attempt);
+                tracing::warn!(
+                    url,
+                    attempt,
+                    received,
+                    resume = validator.is_some(),
+                    ?delay,
+                    error = %vmctl_api::error_chain(&e),
+                    "download interrupted; retrying"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One request: continues at `received` when a validator allows it, and
+/// otherwise restarts the data from byte 0.
+#[allow(clippy::too_many_arguments)]
+async fn http_attempt<'p>(
+    client: &reqwest::Client,
+    url: &str,
+    tx: &mpsc::Sender<Msg>,
+    progress: &'p (dyn Fn(Progress) + Send + Sync),
+    reporter: &mut Option<Reporter<'p>>,
+    received: &mut u64,
+    total: &mut Option<u64>,
+    validator: &mut Option<reqwest::header::HeaderValue>,
+) -> Result<(), Option<DownloadError>> {
+    let mut req = client.get(url);
+    let resuming = *received > 0 && validator.is_some();
+    if resuming && let Some(v) = validator.as_ref() {
+        req = req
+            .header(RANGE, format!("bytes={received}-"))
+            .header(IF_RANGE, v.clone());
+    }
+    let mut resp = req
         .send()
         .await
         .map_err(|e| Some(DownloadError::Request(e)))?;
-    if !resp.status().is_success() {
-        // The body is never read: an error page must not become an image.
-        return Err(Some(DownloadError::Status(resp.status())));
+    let status = resp.status();
+    let continued =
+        resuming && status == StatusCode::PARTIAL_CONTENT && range_start(&resp) == Some(*received);
+    if !continued {
+        if !status.is_success() || status == StatusCode::PARTIAL_CONTENT {
+            // The body is never read: an error page must not become an
+            // image. (A 206 for a range not asked for is not usable either.)
+            return Err(Some(DownloadError::Status(status)));
+        }
+        if *received > 0 {
+            tx.send(Msg::Restart).await.map_err(|_| None)?;
+            *received = 0;
+        }
+        *total = resp.content_length();
+        *validator = resume_validator(&resp);
+        match reporter {
+            Some(r) => r.restart(*total),
+            None => *reporter = Some(Reporter::new(progress, *total)),
+        }
     }
-    let total = resp.content_length();
-    let mut reporter = Reporter::new(progress, total);
-    let mut received = 0u64;
+    let reporter = reporter.as_mut().expect("set above");
     loop {
         match resp.chunk().await {
             Ok(Some(chunk)) => {
-                received += chunk.len() as u64;
+                *received += chunk.len() as u64;
                 tx.send(Msg::Chunk(chunk)).await.map_err(|_| None)?;
-                reporter.update(received);
+                reporter.update(*received);
             }
             Ok(None) => break,
             Err(source) => {
-                return Err(Some(match total {
-                    Some(expected) if received < expected => {
-                        DownloadError::Truncated { received, expected }
-                    }
-                    _ => DownloadError::Body { received, source },
+                return Err(Some(match *total {
+                    Some(expected) if *received < expected => DownloadError::Truncated {
+                        received: *received,
+                        expected,
+                    },
+                    _ => DownloadError::Body {
+                        received: *received,
+                        source,
+                    },
                 }));
             }
         }
     }
-    if let Some(expected) = total
-        && received != expected
+    if let Some(expected) = *total
+        && *received != expected
     {
-        return Err(Some(DownloadError::Truncated { received, expected }));
+        return Err(Some(DownloadError::Truncated {
+            received: *received,
+            expected,
+        }));
     }
-    reporter.finish(received);
-    Ok(received)
+    Ok(())
 }
 
 async fn produce_file(
@@ -215,65 +396,120 @@ async fn produce_file(
         reporter.update(received);
     }
     reporter.finish(received);
-    Ok(received)
+    Ok((received, 1))
 }
 
-enum Out {
-    Plain(BufWriter<NamedTempFile>),
-    Zstd(zstd::stream::write::Decoder<'static, BufWriter<NamedTempFile>>),
+/// What the writer made.
+struct Written {
+    file: NamedTempFile,
+    digests: Digests,
+    written: u64,
+    compression: Compression,
 }
 
-/// A zstd decoder reports its own errors without an OS error code; disk
-/// errors of the file beneath it have one.
-fn decoder_error(e: std::io::Error) -> DownloadError {
-    if e.raw_os_error().is_some() {
-        DownloadError::Write(e)
-    } else {
-        DownloadError::Decompress(e)
+/// The receiving end: hashes everything, picks the decoder once the first
+/// bytes are in, writes the decoded data to a temp file.
+struct Writer {
+    dir: PathBuf,
+    named: Compression,
+    hasher: Hasher,
+    head: Vec<u8>,
+    out: Option<(Compression, Decoder<BufWriter<NamedTempFile>>)>,
+}
+
+impl Writer {
+    fn new(dir: PathBuf, named: Compression) -> Self {
+        Writer {
+            dir,
+            named,
+            hasher: Hasher::default(),
+            head: Vec::with_capacity(INPUT_MAGIC_LEN),
+            out: None,
+        }
+    }
+
+    /// A decoder error: ours (unusable data), the disk's (it has an OS
+    /// error code), or the decoder's (bad data).
+    fn error(c: Compression, e: std::io::Error) -> DownloadError {
+        if let Some(u) = Unusable::from_io(&e) {
+            DownloadError::Unusable(u)
+        } else if e.raw_os_error().is_some() {
+            DownloadError::Write(e)
+        } else {
+            DownloadError::Decompress(c, e)
+        }
+    }
+
+    fn open(&mut self) -> Result<(), DownloadError> {
+        let c = compression::decide(&self.head, self.named).map_err(DownloadError::Unusable)?;
+        let file = tempfile::Builder::new()
+            .prefix(PARTIAL_PREFIX)
+            .tempfile_in(&self.dir)
+            .map_err(DownloadError::Write)?;
+        let mut dec = Decoder::new(c, BufWriter::with_capacity(1 << 20, file))
+            .map_err(DownloadError::Write)?;
+        let head = std::mem::take(&mut self.head);
+        dec.write_all(&head).map_err(|e| Self::error(c, e))?;
+        self.out = Some((c, dec));
+        Ok(())
+    }
+
+    fn write(&mut self, chunk: &[u8]) -> Result<(), DownloadError> {
+        self.hasher.update(chunk);
+        match &mut self.out {
+            Some((c, dec)) => dec.write_all(chunk).map_err(|e| Self::error(*c, e)),
+            None => {
+                self.head.extend_from_slice(chunk);
+                if self.head.len() >= INPUT_MAGIC_LEN {
+                    self.open()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<Written, DownloadError> {
+        if self.out.is_none() {
+            self.open()?;
+        }
+        let (c, dec) = self.out.take().expect("opened above");
+        let buffered = dec.finish().map_err(|e| Self::error(c, e))?;
+        let file = buffered
+            .into_inner()
+            .map_err(|e| DownloadError::Write(e.into_error()))?;
+        file.as_file().sync_all().map_err(DownloadError::Write)?;
+        let written = file
+            .as_file()
+            .metadata()
+            .map_err(DownloadError::Write)?
+            .len();
+        Ok(Written {
+            file,
+            digests: self.hasher.finish(),
+            written,
+            compression: c,
+        })
     }
 }
 
 fn write_all(
     mut rx: mpsc::Receiver<Msg>,
-    file: NamedTempFile,
-    zstd: bool,
-) -> Result<(NamedTempFile, Digests, u64), DownloadError> {
-    let buffered = BufWriter::with_capacity(1 << 20, file);
-    let mut out = if zstd {
-        Out::Zstd(zstd::stream::write::Decoder::new(buffered).map_err(DownloadError::Write)?)
-    } else {
-        Out::Plain(buffered)
-    };
-    let mut hasher = Hasher::default();
+    dir: PathBuf,
+    named: Compression,
+) -> Result<Written, DownloadError> {
+    let mut w = Writer::new(dir.clone(), named);
     loop {
         match rx.blocking_recv() {
-            Some(Msg::Chunk(chunk)) => {
-                hasher.update(&chunk);
-                match &mut out {
-                    Out::Plain(w) => w.write_all(&chunk).map_err(DownloadError::Write)?,
-                    Out::Zstd(w) => w.write_all(&chunk).map_err(decoder_error)?,
-                }
-            }
+            Some(Msg::Chunk(chunk)) => w.write(&chunk)?,
+            // Dropping the old writer deletes its temp file.
+            Some(Msg::Restart) => w = Writer::new(dir.clone(), named),
             Some(Msg::End) => break,
-            // The producer failed or was cancelled; dropping `out` deletes
+            // The producer failed or was cancelled; dropping `w` deletes
             // the temp file. The error it sees is its own.
             None => return Err(DownloadError::WriterLost),
         }
     }
-    let buffered = match out {
-        Out::Plain(w) => w,
-        Out::Zstd(w) => w.finish().map_err(decoder_error)?,
-    };
-    let file = buffered
-        .into_inner()
-        .map_err(|e| DownloadError::Write(e.into_error()))?;
-    file.as_file().sync_all().map_err(DownloadError::Write)?;
-    let written = file
-        .as_file()
-        .metadata()
-        .map_err(DownloadError::Write)?
-        .len();
-    Ok((file, hasher.finish(), written))
+    w.finish()
 }
 
 /// Calls the progress function coarsely: at the start, at most once per
@@ -295,6 +531,14 @@ impl<'a> Reporter<'a> {
             last_at: Instant::now(),
             last_step: 0,
         }
+    }
+
+    /// The data starts over (a retry the server would not resume).
+    fn restart(&mut self, total: Option<u64>) {
+        self.total = total;
+        self.last_step = 0;
+        self.last_at = Instant::now();
+        (self.f)(Progress { bytes: 0, total });
     }
 
     fn step(&self, bytes: u64) -> u64 {

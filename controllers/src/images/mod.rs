@@ -2,32 +2,38 @@
 //! into a cache.
 //!
 //! ```text
-//!   local(path) ─▶ exists, readable? ─▶ qemu-img info ─▶ LocalImage
+//!   local(path) ─▶ regular, readable, not compressed? ─▶ inspect_untrusted ─▶ LocalImage
 //!
 //!   ImageCache::fetch(url) ─▶ lock(key) ─▶ valid entry? ──yes──▶ LocalImage
 //!                                              │ no
-//!          http(s) / file:// ─chunks─▶ sha256+sha512 ─▶ [zstd] ─▶ .partial-XXXX
-//!                                              │ fsync, checksum ok, qemu-img info ok
+//!          http(s) / file:// ─chunks─▶ sha256+sha512 ─▶ [gzip|xz|zstd] ─▶ .partial-XXXX
+//!                                              │ fsync, checksum ok, inspect_untrusted ok
 //!          remove meta.json ─▶ rename → image ─▶ fsync dir ─▶ meta.json (atomic)
 //! ```
+//!
+//! Every image, downloaded or local, is inspected as untrusted
+//! ([`inspect::inspect_untrusted`]): raw or self-contained qcow2 only, its
+//! format decided from its header and recorded so that QEMU is told it.
 //!
 //! See [`cache`] for the layout on disk and the rules of a valid entry.
 
 pub mod cache;
 pub mod checksum;
+pub mod compression;
 pub mod download;
 pub mod inspect;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 pub use cache::ImageCache;
 pub use checksum::{Checksum, ChecksumError};
-pub use download::DownloadError;
-pub use inspect::{ImageInfo, InspectError, inspect};
+pub use compression::{Compression, Unusable};
+pub use download::{DownloadError, RetryPolicy};
+pub use inspect::{ImageInfo, InspectError, Refusal, inspect, inspect_as, inspect_untrusted};
 /// Download progress: bytes done, total if known (the Image status type).
 pub use vmctl_api::Progress;
 
@@ -45,8 +51,16 @@ pub mod codes {
     pub const INVALID_CHECKSUM: &str = "vmctl::image::invalid_checksum";
     /// The source is neither an http(s) nor a file URL.
     pub const UNSUPPORTED_URL: &str = "vmctl::image::unsupported_url";
-    /// A downloaded image refers to a backing file.
+    /// An image refers to a backing file.
     pub const BACKING_FILE: &str = "vmctl::image::backing_file";
+    /// An image refers to another file outside itself (a qcow2 external
+    /// data file).
+    pub const EXTERNAL_REFERENCE: &str = "vmctl::image::external_reference";
+    /// An image is neither raw nor a plain qcow2 (vmdk, vhdx, encrypted, …).
+    pub const UNSUPPORTED_FORMAT: &str = "vmctl::image::unsupported_format";
+    /// An image is compressed or archived in a way vmctl does not unpack
+    /// (or, for a local path, compressed at all).
+    pub const UNSUPPORTED_COMPRESSION: &str = "vmctl::image::unsupported_compression";
     /// The cache directory cannot be written.
     pub const CACHE_FAILED: &str = "vmctl::image::cache_failed";
 }
@@ -129,14 +143,27 @@ pub enum ImageError {
         #[source]
         source: InspectError,
     },
-    /// A downloaded image refers to a backing file. Such an image would
-    /// read a host file of the download's choosing, so it is refused.
-    #[error("Image from {url} refers to backing file {backing:?}")]
-    BackingFile {
-        /// The URL.
-        url: String,
-        /// The backing file named in the image.
-        backing: String,
+    /// The image must not be opened: it refers to a file outside itself
+    /// (which a guest would then read), or is a format whose references
+    /// vmctl does not check. Nothing was cached.
+    #[error("Image {image} is refused")]
+    Refused {
+        /// The URL or path.
+        image: String,
+        /// Why.
+        #[source]
+        reason: Refusal,
+    },
+    /// The URL names a compression or archive vmctl does not unpack
+    /// (refused before downloading), or a local image file is compressed.
+    #[error("Image {image} is {what}")]
+    Compressed {
+        /// The URL or path.
+        image: String,
+        /// What it is (`bzip2-compressed`, `a tar archive`).
+        what: String,
+        /// Whether vmctl would unpack it from a URL.
+        unpackable: bool,
     },
     /// Creating, syncing or renaming files in the cache failed.
     #[error("Cannot write image cache entry {path}")]
@@ -156,11 +183,43 @@ impl ImageError {
             ImageError::NotFound(_) | ImageError::Unreadable { .. } => codes::NOT_FOUND,
             ImageError::InvalidChecksum(_) => codes::INVALID_CHECKSUM,
             ImageError::UnsupportedUrl(_) => codes::UNSUPPORTED_URL,
+            ImageError::Download {
+                source: DownloadError::Unusable(_),
+                ..
+            }
+            | ImageError::Compressed { .. } => codes::UNSUPPORTED_COMPRESSION,
             ImageError::Download { .. } => codes::DOWNLOAD_FAILED,
             ImageError::ChecksumMismatch { .. } => codes::CHECKSUM_MISMATCH,
+            ImageError::Refused { reason: r, .. } => match r {
+                Refusal::BackingFile(_) => codes::BACKING_FILE,
+                Refusal::External { .. } => codes::EXTERNAL_REFERENCE,
+                Refusal::Format(_) | Refusal::Features(_) => codes::UNSUPPORTED_FORMAT,
+            },
             ImageError::Format { .. } => codes::FORMAT_DETECTION_FAILED,
-            ImageError::BackingFile { .. } => codes::BACKING_FILE,
             ImageError::Cache { .. } => codes::CACHE_FAILED,
+        }
+    }
+
+    /// Whether trying again, unchanged, can succeed: a transient download
+    /// failure, a full or unwritable cache, a local file not there yet,
+    /// qemu-img not runnable. A 4xx answer, a checksum mismatch, a refused
+    /// or unusable image, a bad URL or checksum can not: they wait for the
+    /// spec (or the file at the URL) to change.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ImageError::Download { source, .. } => source.is_transient(),
+            ImageError::NotFound(_) | ImageError::Unreadable { .. } | ImageError::Cache { .. } => {
+                true
+            }
+            ImageError::Format { source, .. } => matches!(
+                source,
+                InspectError::Spawn(_) | InspectError::Timeout(_) | InspectError::Read(_)
+            ),
+            ImageError::InvalidChecksum(_)
+            | ImageError::UnsupportedUrl(_)
+            | ImageError::ChecksumMismatch { .. }
+            | ImageError::Refused { .. }
+            | ImageError::Compressed { .. } => false,
         }
     }
 
@@ -171,24 +230,66 @@ impl ImageError {
             ImageError::Unreadable { .. } => "make the file readable by the agent's user",
             ImageError::InvalidChecksum(_) => "write checksum as sha256:<hex> or sha512:<hex>",
             ImageError::UnsupportedUrl(_) => "use an http(s) or file URL, or a path source",
-            ImageError::Download { .. } => "check the URL and the network; it is retried",
+            ImageError::Download {
+                source: DownloadError::Unusable(_),
+                ..
+            } => UNPACK_HELP,
+            ImageError::Download { source, .. } if source.is_transient() => {
+                "check the URL and the network; it is retried with backoff"
+            }
+            ImageError::Download { .. } => {
+                "the server refused it: fix the URL (or the server), then apply again"
+            }
             ImageError::ChecksumMismatch { .. } => {
                 "the file at the URL changed or the checksum is wrong: fix whichever is stale"
             }
+            ImageError::Refused { reason: r, .. } => match r {
+                Refusal::BackingFile(_) | Refusal::External { .. } => {
+                    "use a self-contained image: `qemu-img convert -O qcow2 IN OUT` makes one"
+                }
+                Refusal::Format(_) | Refusal::Features(_) => {
+                    "convert it to a plain qcow2: `qemu-img convert -O qcow2 IN OUT`"
+                }
+            },
             ImageError::Format { .. } => {
                 "check that qemu-img is installed and the file is an image"
             }
-            ImageError::BackingFile { .. } => "flatten it: qemu-img convert -O qcow2 in out",
+            ImageError::Compressed {
+                unpackable: true, ..
+            } => {
+                "decompress it first, or give it as a file:// URL: downloads are unpacked into the cache"
+            }
+            ImageError::Compressed { .. } => UNPACK_HELP,
             ImageError::Cache { .. } => return None,
         })
     }
 }
 
+/// [`inspect_untrusted`] of `path`, a refusal reported for `image` (its
+/// URL or path).
+pub(crate) async fn inspected(image: &str, path: &Path) -> Result<ImageInfo> {
+    inspect_untrusted(path)
+        .await
+        .map_err(|source| match source {
+            InspectError::Refused(reason) => ImageError::Refused {
+                image: image.to_owned(),
+                reason,
+            },
+            source => ImageError::Format {
+                path: path.to_owned(),
+                source,
+            },
+        })
+}
+
+const UNPACK_HELP: &str = "vmctl unpacks gzip (.gz), xz (.xz) and zstd (.zst); unpack other formats yourself and give the disk image inside";
+
 /// Short for `Result<T, ImageError>`.
 pub type Result<T, E = ImageError> = std::result::Result<T, E>;
 
-/// A local path source: checks that it is a readable regular file and
-/// detects its format.
+/// A local path source: checks that it is a readable regular file, not
+/// compressed, and safe to open ([`inspect_untrusted`]), and detects its
+/// format.
 pub async fn local(path: impl AsRef<Path>) -> Result<LocalImage> {
     let path = path.as_ref();
     let unreadable = |source| ImageError::Unreadable {
@@ -209,11 +310,28 @@ pub async fn local(path: impl AsRef<Path>) -> Result<LocalImage> {
         )));
     }
     // Opening proves readability; metadata alone does not.
-    drop(tokio::fs::File::open(path).await.map_err(unreadable)?);
-    let info = inspect(path).await.map_err(|source| ImageError::Format {
-        path: path.to_owned(),
-        source,
-    })?;
+    let mut head = Vec::with_capacity(compression::OUTPUT_MAGIC_LEN);
+    {
+        use tokio::io::AsyncReadExt;
+        let f = tokio::fs::File::open(path).await.map_err(unreadable)?;
+        f.take(compression::OUTPUT_MAGIC_LEN as u64)
+            .read_to_end(&mut head)
+            .await
+            .map_err(unreadable)?;
+    }
+    let compressed = match compression::magic(&head) {
+        compression::Magic::Plain => None,
+        compression::Magic::Compressed(c) => Some((format!("{c}-compressed"), true)),
+        compression::Magic::Unsupported(what) => Some((what.to_owned(), false)),
+    };
+    if let Some((what, unpackable)) = compressed {
+        return Err(ImageError::Compressed {
+            image: path.display().to_string(),
+            what,
+            unpackable,
+        });
+    }
+    let info = inspected(&path.display().to_string(), path).await?;
     Ok(LocalImage {
         path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
         format: info.format,

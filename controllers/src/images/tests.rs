@@ -12,76 +12,117 @@ use sha2::{Digest, Sha256, Sha512};
 use super::*;
 
 /// A tiny HTTP/1.1 server: one thread per connection, `Connection: close`.
-struct Server {
+pub(crate) struct Server {
     base: String,
-    requests: Arc<Mutex<HashMap<String, usize>>>,
+    log: Arc<Mutex<Vec<Request>>>,
+}
+
+/// A request as the server saw it.
+#[derive(Debug, Clone)]
+struct Request {
+    target: String,
+    range: Option<String>,
+    if_range: Option<String>,
 }
 
 #[derive(Clone)]
-enum Route {
+pub(crate) enum Route {
     Body(Arc<Vec<u8>>),
     /// Announces the full length, sends half, closes.
     Truncated(Arc<Vec<u8>>),
     /// Sends in small pieces with pauses, so downloads overlap.
     Slow(Arc<Vec<u8>>),
+    /// Always answers this status.
+    Status(u16),
+    /// The first `n` requests get `status`, the rest the body.
+    FailFirst(usize, u16, Arc<Vec<u8>>),
+    /// Offers ranges (with an ETag); the first request's body is cut in
+    /// half, later ones honour `Range` + `If-Range`.
+    CutThenRanged(Arc<Vec<u8>>),
+    /// No ranges; the first request's body is cut in half.
+    CutOnce(Arc<Vec<u8>>),
+    /// Sends in `n` pieces, pausing between them.
+    Paced(Arc<Vec<u8>>, usize, Duration),
 }
 
 impl Server {
-    fn start(routes: HashMap<&'static str, Route>) -> Server {
+    pub(crate) fn start(routes: HashMap<&'static str, Route>) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let requests = Arc::new(Mutex::new(HashMap::new()));
-        let counts = requests.clone();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let seen = log.clone();
         let routes = Arc::new(routes);
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { return };
-                let (routes, counts) = (routes.clone(), counts.clone());
-                std::thread::spawn(move || serve(conn, &routes, &counts));
+                let (routes, seen) = (routes.clone(), seen.clone());
+                std::thread::spawn(move || serve(conn, &routes, &seen));
             }
         });
-        Server { base, requests }
+        Server { base, log }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    fn requests(&self, path: &str) -> usize {
-        self.requests
+    /// Requests made for `target` (path and query).
+    pub(crate) fn requests(&self, target: &str) -> usize {
+        self.log_of(target).len()
+    }
+
+    fn log_of(&self, target: &str) -> Vec<Request> {
+        self.log
             .lock()
             .unwrap()
-            .get(path)
-            .copied()
-            .unwrap_or(0)
+            .iter()
+            .filter(|r| r.target == target)
+            .cloned()
+            .collect()
     }
 }
 
-fn serve(conn: TcpStream, routes: &HashMap<&str, Route>, counts: &Mutex<HashMap<String, usize>>) {
+fn serve(conn: TcpStream, routes: &HashMap<&str, Route>, log: &Mutex<Vec<Request>>) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut line = String::new();
     if reader.read_line(&mut line).is_err() {
         return;
     }
     let target = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let (mut range, mut if_range) = (None, None);
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
             break;
         }
+        if let Some((k, v)) = h.split_once(':') {
+            match k.to_ascii_lowercase().as_str() {
+                "range" => range = Some(v.trim().to_owned()),
+                "if-range" => if_range = Some(v.trim().to_owned()),
+                _ => {}
+            }
+        }
     }
-    *counts.lock().unwrap().entry(target.clone()).or_default() += 1;
+    let nth = {
+        let mut log = log.lock().unwrap();
+        log.push(Request {
+            target: target.clone(),
+            range: range.clone(),
+            if_range: if_range.clone(),
+        });
+        log.iter().filter(|r| r.target == target).count()
+    };
     let path = target.split('?').next().unwrap();
     let mut conn = conn;
     let head = |status: &str, len: usize| {
         format!("HTTP/1.1 {status}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
     };
+    let status = |code: u16| {
+        let body = format!("<html>error {code}</html>");
+        format!("{}{body}", head(&format!("{code} X"), body.len()))
+    };
     let _ = match routes.get(path) {
-        None => {
-            let body = b"<html>no such image</html>";
-            conn.write_all(head("404 Not Found", body.len()).as_bytes())
-                .and_then(|()| conn.write_all(body))
-        }
+        None => conn.write_all(status(404).as_bytes()),
         Some(Route::Body(b)) => conn
             .write_all(head("200 OK", b.len()).as_bytes())
             .and_then(|()| conn.write_all(b)),
@@ -98,9 +139,64 @@ fn serve(conn: TcpStream, routes: &HashMap<&str, Route>, counts: &Mutex<HashMap<
                 }
                 Ok(())
             }),
+        Some(Route::Status(code)) => conn.write_all(status(*code).as_bytes()),
+        Some(Route::Paced(b, n, pause)) => conn
+            .write_all(head("200 OK", b.len()).as_bytes())
+            .and_then(|()| {
+                for piece in b.chunks(b.len().div_ceil(*n)) {
+                    conn.write_all(piece)?;
+                    conn.flush()?;
+                    std::thread::sleep(*pause);
+                }
+                Ok(())
+            }),
+        Some(Route::FailFirst(n, code, _)) if nth <= *n => conn.write_all(status(*code).as_bytes()),
+        Some(Route::FailFirst(_, _, b)) => conn
+            .write_all(head("200 OK", b.len()).as_bytes())
+            .and_then(|()| conn.write_all(b)),
+        Some(Route::CutOnce(b)) => conn
+            .write_all(head("200 OK", b.len()).as_bytes())
+            .and_then(|()| conn.write_all(if nth == 1 { &b[..b.len() / 2] } else { b })),
+        Some(Route::CutThenRanged(b)) => {
+            let etag = "\"v1\"";
+            let from = range
+                .as_deref()
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|r| r.parse::<usize>().ok())
+                .filter(|_| if_range.as_deref() == Some(etag));
+            match from {
+                Some(from) => conn
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nAccept-Ranges: bytes\r\nETag: {etag}\r\nConnection: close\r\n\r\n",
+                            b.len() - from,
+                            b.len() - 1,
+                            b.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .and_then(|()| conn.write_all(&b[from..])),
+                None => conn
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nETag: {etag}\r\nConnection: close\r\n\r\n",
+                            b.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .and_then(|()| conn.write_all(if nth == 1 { &b[..b.len() / 2] } else { b })),
+            }
+        }
     };
     let _ = conn.shutdown(std::net::Shutdown::Both);
 }
+
+/// Fast retries, so that tests of them take milliseconds.
+pub(crate) const FAST_RETRY: RetryPolicy = RetryPolicy {
+    attempts: 3,
+    base: Duration::from_millis(10),
+};
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -133,15 +229,63 @@ fn fixture() -> Fixture {
             "/garbage.zst",
             Route::Body(Arc::new(b"not zstd at all".to_vec())),
         ),
+        ("/broken.zst", Route::Body(Arc::new(broken_zstd(&zst)))),
+        ("/disk.qcow2.gz", Route::Body(Arc::new(gzip(&qcow2)))),
+        ("/disk.qcow2.xz", Route::Body(Arc::new(xz(&qcow2)))),
+        // Compressed, but the URL does not say so (or says another one).
+        ("/download", Route::Body(Arc::new(gzip(&qcow2)))),
+        ("/mislabelled.qcow2.gz", Route::Body(Arc::new(xz(&qcow2)))),
+        (
+            "/disk.img.bz2",
+            Route::Body(Arc::new(b"BZh91AY&SY".to_vec())),
+        ),
+        (
+            "/bzip2-download",
+            Route::Body(Arc::new(b"BZh91AY&SY....".to_vec())),
+        ),
+        ("/disk.tar.gz", Route::Body(Arc::new(gzip(&tar_of(&qcow2))))),
+        ("/forbidden.qcow2", Route::Status(403)),
+        ("/down.qcow2", Route::Status(503)),
+        ("/flaky.qcow2", Route::FailFirst(2, 500, qcow2.clone())),
+        ("/cut-ranged.qcow2", Route::CutThenRanged(qcow2.clone())),
+        ("/cut-once.qcow2", Route::CutOnce(qcow2.clone())),
     ]);
     Fixture {
         server: Server::start(routes),
-        cache: ImageCache::new(dir.join("images")),
+        cache: ImageCache::new(dir.join("images")).with_retry(FAST_RETRY),
         qcow2,
         zst,
         dir,
         _tmp: tmp,
     }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn xz(data: &[u8]) -> Vec<u8> {
+    let mut e = liblzma::write::XzEncoder::new(Vec::new(), 1);
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// zstd's magic, then a frame that does not decode.
+fn broken_zstd(good: &[u8]) -> Vec<u8> {
+    let mut b = good[..8].to_vec();
+    b.extend(std::iter::repeat_n(0xa5, 4096));
+    b
+}
+
+/// A one-file tar archive (as Vagrant boxes and OVAs are).
+fn tar_of(data: &[u8]) -> Vec<u8> {
+    let mut header = vec![0u8; 512];
+    header[..9].copy_from_slice(b"disk.img\0");
+    header[257..263].copy_from_slice(b"ustar\0");
+    header.extend_from_slice(data);
+    header
 }
 
 fn sha256(b: &[u8]) -> String {
@@ -260,7 +404,7 @@ async fn http_404_fails_naming_status_and_url_and_caches_nothing() {
 }
 
 #[tokio::test]
-async fn truncated_body_fails_and_caches_nothing() {
+async fn truncated_body_is_retried_then_fails_as_transient_and_caches_nothing() {
     let f = fixture();
     let url = f.server.url("/truncated.qcow2");
     let err = f.cache.fetch(&url, None, no_progress).await.unwrap_err();
@@ -273,6 +417,11 @@ async fn truncated_body_fails_and_caches_nothing() {
             }
         ),
         "{err:?}"
+    );
+    assert!(err.is_transient(), "a cut body can succeed next time");
+    assert_eq!(
+        f.server.requests("/truncated.qcow2"),
+        FAST_RETRY.attempts as usize
     );
     assert_nothing_cached(&f.cache, &url);
 }
@@ -328,13 +477,13 @@ async fn zst_is_decompressed_and_its_checksum_is_of_the_compressed_bytes() {
 #[tokio::test]
 async fn invalid_zstd_fails_and_caches_nothing() {
     let f = fixture();
-    let url = f.server.url("/garbage.zst");
+    let url = f.server.url("/broken.zst");
     let err = f.cache.fetch(&url, None, no_progress).await.unwrap_err();
     assert!(
         matches!(
             &err,
             ImageError::Download {
-                source: DownloadError::Decompress(_),
+                source: DownloadError::Decompress(Compression::Zstd, _),
                 ..
             }
         ),
@@ -404,42 +553,6 @@ async fn file_urls_are_copied_and_verified() {
 }
 
 #[tokio::test]
-async fn downloaded_image_with_a_backing_file_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let base = tmp.path().join("base.qcow2");
-    let top = tmp.path().join("top.qcow2");
-    for args in [
-        vec!["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"],
-        vec![
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "/etc/hostname",
-            "-F",
-            "raw",
-            "-u",
-            top.to_str().unwrap(),
-            "1M",
-        ],
-    ] {
-        assert!(
-            std::process::Command::new("qemu-img")
-                .args(&args)
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-    let cache = ImageCache::new(tmp.path().join("images"));
-    let url = format!("file://{}", top.display());
-    let err = cache.fetch(&url, None, no_progress).await.unwrap_err();
-    assert_eq!(err.code(), codes::BACKING_FILE);
-    assert_nothing_cached(&cache, &url);
-}
-
-#[tokio::test]
 async fn local_paths_are_checked_and_inspected() {
     let f = fixture();
     let img = local(f.dir.join("disk.qcow2")).await.unwrap();
@@ -477,4 +590,315 @@ async fn ensure_dispatches_on_the_source() {
         .unwrap()
         .into();
     assert_eq!(driver_image.format, "qcow2");
+}
+
+// ---- Compressed images are unpacked, never used as raw disks (issue 18, item 6)
+
+#[tokio::test]
+async fn compressed_image_url_is_not_used_as_a_raw_disk() {
+    let f = fixture();
+    for path in [
+        "/disk.qcow2.gz",
+        "/disk.qcow2.xz",
+        "/disk.qcow2.zst",
+        "/download",
+        "/mislabelled.qcow2.gz",
+    ] {
+        let url = f.server.url(path);
+        let img = f.cache.fetch(&url, None, no_progress).await.unwrap();
+        assert_eq!(img.format, "qcow2", "{path}");
+        assert_eq!(std::fs::read(&img.path).unwrap(), *f.qcow2, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn unsupported_compression_is_refused_clearly_before_or_after_download() {
+    let f = fixture();
+    // By suffix: refused without a request.
+    let url = f.server.url("/disk.img.bz2");
+    let err = f.cache.fetch(&url, None, no_progress).await.unwrap_err();
+    assert_eq!(err.code(), codes::UNSUPPORTED_COMPRESSION);
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("bzip2"), "{err}");
+    assert_eq!(f.server.requests("/disk.img.bz2"), 0);
+    // By magic.
+    let url = f.server.url("/bzip2-download");
+    let err = f.cache.fetch(&url, None, no_progress).await.unwrap_err();
+    assert_eq!(err.code(), codes::UNSUPPORTED_COMPRESSION);
+    assert!(vmctl_api::error_chain(&err).contains("bzip2"), "{err:?}");
+    assert!(err.help().unwrap().contains("gzip"));
+    assert_eq!(f.server.requests("/bzip2-download"), 1, "not retried");
+    assert_nothing_cached(&f.cache, &url);
+}
+
+#[tokio::test]
+async fn archive_inside_compression_is_refused_not_used_as_raw() {
+    let f = fixture();
+    let url = f.server.url("/disk.tar.gz");
+    let err = f.cache.fetch(&url, None, no_progress).await.unwrap_err();
+    assert_eq!(err.code(), codes::UNSUPPORTED_COMPRESSION);
+    assert!(
+        vmctl_api::error_chain(&err).contains("a tar archive inside gzip"),
+        "{}",
+        vmctl_api::error_chain(&err)
+    );
+    assert_nothing_cached(&f.cache, &url);
+}
+
+#[tokio::test]
+async fn compressed_suffix_without_compressed_data_is_refused() {
+    let f = fixture();
+    let url = f.server.url("/garbage.zst");
+    let err = f.cache.fetch(&url, None, no_progress).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ImageError::Download {
+                source: DownloadError::Unusable(Unusable::NotCompressed {
+                    expected: Compression::Zstd
+                }),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_nothing_cached(&f.cache, &url);
+}
+
+#[tokio::test]
+async fn local_compressed_image_is_refused_not_used_as_raw() {
+    let f = fixture();
+    let gz = f.dir.join("disk.qcow2.gz");
+    std::fs::write(&gz, gzip(&f.qcow2)).unwrap();
+    let err = local(&gz).await.unwrap_err();
+    assert_eq!(err.code(), codes::UNSUPPORTED_COMPRESSION);
+    assert!(err.to_string().contains("gzip-compressed"), "{err}");
+    assert!(err.help().unwrap().contains("file://"));
+}
+
+// ---- Images that refer outside themselves are refused (issue 18, item 7)
+
+fn qemu_img(args: &[&str]) {
+    let st = std::process::Command::new("qemu-img")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img {args:?}");
+}
+
+/// Hostile images made with qemu-img, each pointing at `secret`.
+struct Hostile {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    cache: ImageCache,
+}
+
+impl Hostile {
+    fn new() -> Hostile {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
+        std::fs::write(dir.join("secret.raw"), vec![b's'; 1 << 20]).unwrap();
+        let secret = p("secret.raw");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={secret}"),
+            &p("data-file.qcow2"),
+            "1M",
+        ]);
+        std::fs::write(dir.join("secret.raw"), vec![b's'; 1 << 20]).unwrap();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &secret,
+            "-F",
+            "raw",
+            &p("backing.qcow2"),
+        ]);
+        // A vmdk whose descriptor names the secret as its (flat) extent.
+        std::fs::write(
+            dir.join("extents.vmdk"),
+            format!("# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\nRW 2048 FLAT \"{secret}\" 0\n"),
+        )
+        .unwrap();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            &p("stream.vmdk"),
+            "1M",
+        ]);
+        qemu_img(&["create", "-q", "-f", "vdi", &p("disk.vdi"), "1M"]);
+        qemu_img(&["create", "-q", "-f", "qcow2", &p("clean.qcow2"), "1M"]);
+        std::fs::write(dir.join("clean.raw"), vec![0u8; 1 << 20]).unwrap();
+        // crypt_method (header offset 32) set: an encrypted qcow2, made
+        // without qemu-img's seconds of key stretching.
+        let mut enc = std::fs::read(dir.join("clean.qcow2")).unwrap();
+        enc[35] = 2;
+        std::fs::write(dir.join("encrypted.qcow2"), enc).unwrap();
+        Hostile {
+            cache: ImageCache::new(dir.join("images")).with_retry(FAST_RETRY),
+            dir,
+            _tmp: tmp,
+        }
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("file://{}", self.dir.join(name).display())
+    }
+}
+
+#[tokio::test]
+async fn downloaded_qcow2_with_external_data_file_is_refused() {
+    let h = Hostile::new();
+    let url = h.url("data-file.qcow2");
+    let err = h.cache.fetch(&url, None, no_progress).await.unwrap_err();
+    assert_eq!(err.code(), codes::EXTERNAL_REFERENCE, "{err:?}");
+    let chain = vmctl_api::error_chain(&err);
+    assert!(
+        chain.contains("external data file") && chain.contains("secret.raw"),
+        "{chain}"
+    );
+    assert!(!err.is_transient());
+    assert_nothing_cached(&h.cache, &url);
+}
+
+#[tokio::test]
+async fn downloaded_image_with_a_backing_file_is_refused() {
+    let h = Hostile::new();
+    let url = h.url("backing.qcow2");
+    let err = h.cache.fetch(&url, None, no_progress).await.unwrap_err();
+    assert_eq!(err.code(), codes::BACKING_FILE);
+    assert!(vmctl_api::error_chain(&err).contains("secret.raw"));
+    assert_nothing_cached(&h.cache, &url);
+}
+
+#[tokio::test]
+async fn downloaded_vmdk_with_extents_is_refused_whatever_the_format() {
+    let h = Hostile::new();
+    for name in ["extents.vmdk", "stream.vmdk", "disk.vdi", "encrypted.qcow2"] {
+        let url = h.url(name);
+        let err = h.cache.fetch(&url, None, no_progress).await.unwrap_err();
+        assert_eq!(err.code(), codes::UNSUPPORTED_FORMAT, "{name}: {err:?}");
+        assert!(err.help().unwrap().contains("qemu-img convert"));
+        assert_nothing_cached(&h.cache, &url);
+    }
+}
+
+#[tokio::test]
+async fn local_images_that_refer_outside_themselves_are_refused_too() {
+    let h = Hostile::new();
+    for (name, code) in [
+        ("data-file.qcow2", codes::EXTERNAL_REFERENCE),
+        ("backing.qcow2", codes::BACKING_FILE),
+        ("extents.vmdk", codes::UNSUPPORTED_FORMAT),
+    ] {
+        let err = local(h.dir.join(name)).await.unwrap_err();
+        assert_eq!(err.code(), code, "{name}: {err:?}");
+    }
+}
+
+#[tokio::test]
+async fn safe_images_keep_their_probed_format() {
+    let h = Hostile::new();
+    let img = h
+        .cache
+        .fetch(&h.url("clean.qcow2"), None, no_progress)
+        .await
+        .unwrap();
+    assert_eq!(img.format, "qcow2");
+    let img = h
+        .cache
+        .fetch(&h.url("clean.raw"), None, no_progress)
+        .await
+        .unwrap();
+    assert_eq!(img.format, "raw");
+    assert_eq!(img.virtual_size_bytes, Some(1 << 20));
+    assert_eq!(
+        local(h.dir.join("clean.qcow2")).await.unwrap().format,
+        "qcow2"
+    );
+}
+
+// ---- Downloads retry what can succeed, and only that (issue 18, item 15)
+
+#[tokio::test]
+async fn http_403_is_not_retried_and_is_terminal() {
+    let f = fixture();
+    let url = f.server.url("/forbidden.qcow2");
+    let err = f.cache.fetch(&url, None, no_progress).await.unwrap_err();
+    assert_eq!(err.code(), codes::DOWNLOAD_FAILED);
+    assert!(!err.is_transient());
+    assert!(vmctl_api::error_chain(&err).contains("403"));
+    assert!(err.help().unwrap().contains("refused"), "{:?}", err.help());
+    assert_eq!(f.server.requests("/forbidden.qcow2"), 1);
+}
+
+#[tokio::test]
+async fn transient_500_is_retried_with_backoff_then_succeeds() {
+    let f = fixture();
+    let url = f.server.url("/flaky.qcow2");
+    let img = f.cache.fetch(&url, None, no_progress).await.unwrap();
+    assert_eq!(std::fs::read(&img.path).unwrap(), *f.qcow2);
+    assert_eq!(f.server.requests("/flaky.qcow2"), 3);
+}
+
+#[tokio::test]
+async fn persistent_503_gives_up_after_the_attempts_as_transient() {
+    let f = fixture();
+    let url = f.server.url("/down.qcow2");
+    let err = f.cache.fetch(&url, None, no_progress).await.unwrap_err();
+    assert!(err.is_transient());
+    assert_eq!(
+        f.server.requests("/down.qcow2"),
+        FAST_RETRY.attempts as usize
+    );
+    assert_nothing_cached(&f.cache, &url);
+}
+
+#[tokio::test]
+async fn truncated_body_is_resumed_with_range() {
+    let f = fixture();
+    let url = f.server.url("/cut-ranged.qcow2");
+    let img = f
+        .cache
+        .fetch(&url, Some(&sha256(&f.qcow2)), no_progress)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&img.path).unwrap(), *f.qcow2);
+    let log = f.server.log_of("/cut-ranged.qcow2");
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0].range, None);
+    let half = f.qcow2.len() / 2;
+    assert_eq!(
+        log[1].range.as_deref(),
+        Some(format!("bytes={half}-").as_str())
+    );
+    assert_eq!(log[1].if_range.as_deref(), Some("\"v1\""));
+}
+
+#[tokio::test]
+async fn truncated_body_without_ranges_starts_over() {
+    let f = fixture();
+    let url = f.server.url("/cut-once.qcow2");
+    let img = f
+        .cache
+        .fetch(&url, Some(&sha256(&f.qcow2)), no_progress)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&img.path).unwrap(), *f.qcow2);
+    let log = f.server.log_of("/cut-once.qcow2");
+    assert_eq!(log.len(), 2);
+    assert!(log.iter().all(|r| r.range.is_none()));
 }

@@ -49,15 +49,20 @@ async fn a_failed_image_fetch_is_retried_until_it_succeeds() {
     let s = agent.store.clone();
     apply(&s, image("broken")).await;
     apply(&s, vm("waiting", "broken")).await;
-    eventually("image Failed", WAIT, || {
-        get(&s, Kind::Image, "broken")
-            .is_some_and(|o| o.status.is_some_and(|st| st["phase"] == "Failed"))
+    // A failure that may pass is retried with backoff, visibly: the Image
+    // keeps Downloading with a BackOff reason (never Failed, which is final).
+    eventually("image backing off", WAIT, || {
+        get(&s, Kind::Image, "broken").is_some_and(|o| {
+            o.status.is_some_and(|st| {
+                st["phase"] == "Downloading" && st["conditions"][0]["reason"] == "BackOff"
+            })
+        })
     })
     .await;
     eventually("retried at least twice", WAIT, || {
         reasons(&s, Kind::Image, "broken")
             .iter()
-            .filter(|r| *r == "Failed")
+            .filter(|r| *r == "BackOff")
             .count()
             >= 2
     })
