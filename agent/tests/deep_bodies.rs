@@ -51,7 +51,11 @@ fn agent_deeply_nested_request_bodies_are_refused_not_a_crash() {
         // Just under serde_json's limit of 128: parses, then is refused as
         // an invalid spec.
         object_with_spec(&format!("{}1{}", "[".repeat(120), "]".repeat(120))),
-        object_with_spec(&format!("{}1{}", "{\"vcpus\":".repeat(120), "}".repeat(120))),
+        object_with_spec(&format!(
+            "{}1{}",
+            "{\"vcpus\":".repeat(120),
+            "}".repeat(120)
+        )),
     ];
     for body in bodies {
         let app = app.clone();
