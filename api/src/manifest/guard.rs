@@ -13,23 +13,50 @@ use crate::limits::MAX_NESTING;
 
 use super::CODE;
 
+/// Nesting of brackets counted without reading the YAML at all, past
+/// which text is refused even if the reading scan were fooled: it bounds
+/// what libyaml can be made to do (no real file has 1,024 unmatched `[`).
+const BACKSTOP: usize = 1024;
+
 /// A problem when the text nests deeper than [`MAX_NESTING`], at the
 /// place where it first does.
 pub fn check(src: &str) -> Option<Problem> {
+    scan(src).or_else(|| backstop(src))
+}
+
+fn too_deep(at: usize) -> Problem {
+    Problem::error(
+        CODE,
+        (at, 1),
+        format!("the manifest is nested too deeply (more than {MAX_NESTING} levels)"),
+    )
+    .label("too deep")
+    .help(format!(
+        "a vmctl object nests about 6 levels; vmctl accepts at most {MAX_NESTING} \
+         (compare with `vmctl schema`)"
+    ))
+}
+
+fn backstop(src: &str) -> Option<Problem> {
+    let mut depth = 0usize;
+    for (i, c) in src.bytes().enumerate() {
+        match c {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > BACKSTOP {
+                    return Some(too_deep(i));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn scan(src: &str) -> Option<Problem> {
     let b = src.as_bytes();
     let n = b.len();
-    let too_deep = |at: usize| {
-        Problem::error(
-            CODE,
-            (at, 1),
-            format!("the manifest is nested too deeply (more than {MAX_NESTING} levels)"),
-        )
-        .label("too deep")
-        .help(format!(
-            "a vmctl object nests about 6 levels; vmctl accepts at most {MAX_NESTING} \
-             (compare with `vmctl schema`)"
-        ))
-    };
     let mut flow = 0usize;
     // Indentation of each open block level.
     let mut indents: Vec<usize> = Vec::new();
@@ -231,6 +258,17 @@ mod tests {
             assert!(p.message.contains("nested too deeply"));
             assert!(p.span.offset() < 400);
         }
+    }
+
+    #[test]
+    fn the_backstop_counts_brackets_anywhere() {
+        let hidden = format!("a: |\n  {}\n", "[".repeat(2_000));
+        assert!(
+            super::scan(&hidden).is_none(),
+            "block scalar content is text"
+        );
+        assert!(check(&hidden).is_some(), "but not 2,000 levels of it");
+        assert!(check(&format!("a: |\n  {}\n", "[".repeat(500))).is_none());
     }
 
     #[test]

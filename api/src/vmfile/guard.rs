@@ -28,7 +28,10 @@ pub fn check(src: &str) -> Vec<Problem> {
     while i < b.len() {
         match b[i] {
             b'/' if b.get(i + 1) == Some(&b'/') => {
-                i = memchr(b, i, b'\n');
+                // To the end of the line, whichever of KDL's newlines ends it.
+                while i < b.len() && newline_len(b, i) == 0 {
+                    i += 1;
+                }
             }
             b'/' if b.get(i + 1) == Some(&b'*') => match block_comment_end(b, i) {
                 Some(end) => i = end,
@@ -119,14 +122,6 @@ fn unclosed_string(start: usize, at: usize) -> Problem {
     ))
 }
 
-/// The index after the next `c` at or after `from`, or the end.
-fn memchr(b: &[u8], from: usize, c: u8) -> usize {
-    b[from..]
-        .iter()
-        .position(|&x| x == c)
-        .map_or(b.len(), |p| from + p + 1)
-}
-
 /// The index after the `*/` closing the (nestable) comment at `start`.
 fn block_comment_end(b: &[u8], start: usize) -> Option<usize> {
     let mut depth = 0usize;
@@ -150,8 +145,33 @@ fn block_comment_end(b: &[u8], start: usize) -> Option<usize> {
     None
 }
 
-fn is_newline(c: u8) -> bool {
-    matches!(c, b'\n' | b'\r' | 0x0B | 0x0C)
+/// The length in bytes of the KDL v2 newline at `i` (CR, LF, VT, FF,
+/// NEL U+0085, LS U+2028, PS U+2029), or 0. The parser ends comments and
+/// single-line strings at every one of them, so this scan must too.
+fn newline_len(b: &[u8], i: usize) -> usize {
+    match b[i..] {
+        [b'\n' | b'\r' | 0x0B | 0x0C, ..] => 1,
+        [0xC2, 0x85, ..] => 2,
+        [0xE2, 0x80, 0xA8 | 0xA9, ..] => 3,
+        _ => 0,
+    }
+}
+
+/// The length in bytes of the whitespace or newline character at `i`, or 0.
+fn space_len(b: &[u8], i: usize) -> usize {
+    match std::str::from_utf8(&b[i..b.len().min(i + 4)])
+        .ok()
+        .or_else(|| {
+            // A cut inside a later character: decode the first one only.
+            (1..4)
+                .rev()
+                .find_map(|n| std::str::from_utf8(b.get(i..i + n)?).ok())
+        })
+        .and_then(|s| s.chars().next())
+    {
+        Some(c) if c.is_whitespace() => c.len_utf8(),
+        _ => 0,
+    }
 }
 
 /// The index after the quoted string (`"…"` or `"""…"""`) at `start`, or
@@ -165,9 +185,9 @@ fn quoted_end(b: &[u8], start: usize) -> Result<usize, usize> {
                 i += 1;
                 // A whitespace escape swallows all following whitespace,
                 // newlines included.
-                if b.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
-                    while b.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
-                        i += 1;
+                if i < b.len() && space_len(b, i) > 0 {
+                    while i < b.len() && space_len(b, i) > 0 {
+                        i += space_len(b, i);
                     }
                 } else {
                     i += 1;
@@ -180,7 +200,7 @@ fn quoted_end(b: &[u8], start: usize) -> Result<usize, usize> {
                 i += 1;
             }
             b'"' => return Ok(i + 1),
-            c if !multi && is_newline(c) => return Err(i),
+            _ if !multi && newline_len(b, i) > 0 => return Err(i),
             _ => i += 1,
         }
     }
@@ -204,7 +224,7 @@ fn raw_end(b: &[u8], start: usize, hashes: usize) -> Result<usize, usize> {
         {
             return Ok(i + quotes + hashes);
         }
-        if !multi && is_newline(b[i]) {
+        if !multi && newline_len(b, i) > 0 {
             return Err(i);
         }
         i += 1;
@@ -252,6 +272,21 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert!(p[0].message.contains("nested too deeply"));
         assert_eq!(p[0].span.offset(), 2 * super::MAX_NESTING + 1);
+    }
+
+    #[test]
+    fn every_kdl_newline_ends_comments_and_strings() {
+        for nl in [
+            "\u{0085}", "\u{2028}", "\u{2029}", "\u{000B}", "\u{000C}", "\r",
+        ] {
+            // The parser sees the `{` after the comment: so must the check.
+            let p = check(&format!("vm \"a\" {{\n// c{nl}provision /-{{\n}}\n"));
+            assert_eq!(p.len(), 1, "{nl:?}: {:?}", messages("x"));
+            assert!(p[0].message.contains("never closed"));
+            assert!(messages(&format!("vm \"a{nl}{{\"\n}}"))[0].contains("string is never closed"));
+        }
+        // A whitespace escape may swallow any of them.
+        assert!(messages("vm \"a\\\u{00A0}\u{2028} b\" { }").is_empty());
     }
 
     #[test]

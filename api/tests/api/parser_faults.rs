@@ -65,6 +65,31 @@ fn parser_malformed_nesting_is_not_exponential() {
 }
 
 #[test]
+fn parser_malformed_nesting_hidden_behind_unicode_newlines_is_not_exponential() {
+    // KDL ends comments and strings at U+2028 etc. too: a check that
+    // only knew `\n` let these through to the parser (14 lines: 1.9 s).
+    for src in [
+        format!(
+            "vm \"web\" {{\n{}}}\n",
+            "// c\u{2028}provision /-{\n".repeat(30)
+        ),
+        format!(
+            "vm \"web\" {{\n{}}}\n",
+            "x \"c\u{0085}provision /-{\"\n".repeat(30)
+        ),
+    ] {
+        let started = Instant::now();
+        let d = kdl_err(src);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(d.error_count() <= 31, "{} errors", d.error_count());
+    }
+}
+
+#[test]
 fn parser_unclosed_strings_and_stray_braces_are_located_at_once() {
     let d = kdl_err(format!("vm \"web {{\n{}", "provision /-{\n".repeat(20)));
     assert!(d.problems[0].message.contains("string is never closed"));
@@ -335,6 +360,28 @@ mod soup {
         ",",
     ];
 
+    /// Pieces that change how the text around them is read: unclosed
+    /// quotes, comment starts, KDL's other newlines.
+    const TRICKY: &[&str] = &[
+        "provision /-{",
+        "provision /-{",
+        "provision /-{",
+        "//",
+        "\u{2028}",
+        "\u{85}",
+        "\u{b}",
+        "\"",
+        "#\"",
+        "\"#",
+        "\"\"\"",
+        "/*",
+        "*/",
+        "\\",
+        "\n",
+        "}",
+        "\r",
+    ];
+
     /// Token soup with balanced braces (what passes the structure check).
     fn balanced(tokens: &[usize]) -> String {
         let mut out = String::from("vm \"a\" {\n");
@@ -355,13 +402,28 @@ mod soup {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
         /// Whatever passes the structure check, the KDL parser handles in
         /// bounded time (its backtracking blew up only on unclosed blocks).
         #[test]
         fn parser_time_is_bounded_on_token_soup(tokens in prop::collection::vec(0usize..64, 0..60)) {
             let src = balanced(&tokens);
+            let dir = tempfile::tempdir().unwrap();
+            let started = Instant::now();
+            let _ = parse("VMFile.kdl", &src, &ctx(dir.path()));
+            prop_assert!(started.elapsed() < Duration::from_secs(1), "{:?} for {src:?}", started.elapsed());
+        }
+
+        /// Unbalanced soups of tricky pieces: what the check lets through
+        /// must parse fast, so the check reads the text as the parser does.
+        #[test]
+        fn parser_check_and_parser_agree_on_tricky_soup(tokens in prop::collection::vec(0usize..64, 0..80)) {
+            let mut src = String::from("vm \"a\" {\n");
+            for t in tokens {
+                src.push_str(TRICKY[t % TRICKY.len()]);
+                src.push(' ');
+            }
             let dir = tempfile::tempdir().unwrap();
             let started = Instant::now();
             let _ = parse("VMFile.kdl", &src, &ctx(dir.path()));
