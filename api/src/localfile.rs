@@ -42,7 +42,9 @@ pub enum LocalFileError {
     Io(#[from] std::io::Error),
 }
 
-fn kind_of(ft: std::fs::FileType) -> Option<&'static str> {
+/// What a file type is when it is not a regular file, e.g. `a FIFO
+/// (named pipe)`; `None` for a regular file.
+pub fn kind_of(ft: std::fs::FileType) -> Option<&'static str> {
     if ft.is_file() {
         None
     } else if ft.is_dir() {
@@ -67,6 +69,26 @@ fn kind_of(ft: std::fs::FileType) -> Option<&'static str> {
 /// [`LocalFileError::TooLarge`] past [`FileUse::max_bytes`], or the I/O
 /// error of opening or reading it.
 pub fn digest(path: &Path, use_: FileUse) -> Result<String, LocalFileError> {
+    let mut h = Sha256::new();
+    read_with(path, use_, |chunk| h.update(chunk))?;
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// The content of the regular file at `path`, used as `use_`, with the
+/// same checks and errors as [`digest`]: for whoever sends or seeds the
+/// file later (a path in a stored spec may have become a FIFO since).
+pub fn read(path: &Path, use_: FileUse) -> Result<Vec<u8>, LocalFileError> {
+    let mut out = Vec::new();
+    read_with(path, use_, |chunk| out.extend_from_slice(chunk))?;
+    Ok(out)
+}
+
+/// Feeds the file's content to `sink` in chunks, at most the limit of `use_`.
+fn read_with(
+    path: &Path,
+    use_: FileUse,
+    mut sink: impl FnMut(&[u8]),
+) -> Result<(), LocalFileError> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => LocalFileError::NotFound,
         _ => LocalFileError::Io(e),
@@ -81,7 +103,6 @@ pub fn digest(path: &Path, use_: FileUse) -> Result<String, LocalFileError> {
     check(&f.metadata()?, use_)?;
     let limit = use_.max_bytes();
     let mut r = f.take(limit + 1);
-    let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
@@ -90,12 +111,12 @@ pub fn digest(path: &Path, use_: FileUse) -> Result<String, LocalFileError> {
             break;
         }
         total += n as u64;
-        h.update(&buf[..n]);
+        if total > limit {
+            return Err(LocalFileError::TooLarge { size: total, use_ });
+        }
+        sink(&buf[..n]);
     }
-    if total > limit {
-        return Err(LocalFileError::TooLarge { size: total, use_ });
-    }
-    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+    Ok(())
 }
 
 fn check(meta: &std::fs::Metadata, use_: FileUse) -> Result<(), LocalFileError> {
@@ -139,6 +160,22 @@ mod tests {
         );
         let e = digest(Path::new("/no/such/file"), FileUse::Script).unwrap_err();
         assert!(matches!(e, LocalFileError::NotFound));
+    }
+
+    #[test]
+    fn read_returns_what_digest_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("user-data");
+        std::fs::write(&p, b"#cloud-config\n").unwrap();
+        assert_eq!(read(&p, FileUse::UserData).unwrap(), b"#cloud-config\n");
+        assert_eq!(
+            digest(&p, FileUse::UserData).unwrap(),
+            format!("sha256:{}", hex::encode(Sha256::digest(b"#cloud-config\n")))
+        );
+        assert!(matches!(
+            read(Path::new("/dev/zero"), FileUse::UserData),
+            Err(LocalFileError::NotRegular { .. })
+        ));
     }
 
     #[test]

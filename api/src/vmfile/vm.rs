@@ -339,6 +339,21 @@ fn read_image(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
         });
     } else {
         let path = ctx.resolve(&s.value);
+        if let Some(kind) = not_regular(&path) {
+            rd.push(
+                Problem::error(
+                    CODE,
+                    s.span,
+                    format!(
+                        "image file {} is {kind}, not a regular file",
+                        path.display()
+                    ),
+                )
+                .label("not a regular file")
+                .help("name a disk image file (qcow2, raw, …)"),
+            );
+            return;
+        }
         if !path.exists() {
             rd.push(
                 Problem::error(
@@ -544,6 +559,13 @@ fn read_file(
     }
 }
 
+/// What the existing `path` is when it is not a regular file (`None` when
+/// it is one or does not exist), without opening it.
+fn not_regular(path: &std::path::Path) -> Option<&'static str> {
+    let ft = std::fs::metadata(path).ok()?.file_type();
+    crate::localfile::kind_of(ft)
+}
+
 /// `sha256:<hex>` of the regular file at `path`, at most
 /// [`FileUse::Upload`]'s size limit (see [`crate::localfile::digest`] for
 /// a use's own limit). Errors: the file is missing (`NotFound`), not a
@@ -632,6 +654,21 @@ fn read_ssh(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
             "private-key" => {
                 if let Some(k) = rd.string(e, "private-key") {
                     let path = ctx.resolve(&k.value);
+                    if let Some(kind) = not_regular(&path) {
+                        rd.push(
+                            Problem::error(
+                                CODE,
+                                k.span,
+                                format!(
+                                    "private key {} is {kind}, not a regular file",
+                                    path.display()
+                                ),
+                            )
+                            .label("not a regular file")
+                            .help("name an SSH private key file"),
+                        );
+                        continue;
+                    }
                     if !path.exists() {
                         rd.push(
                             Problem::error(CODE, k.span, format!("private key {} does not exist", path.display()))

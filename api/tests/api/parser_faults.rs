@@ -273,15 +273,34 @@ fn vmfile_named_devices_and_fifos_are_refused_without_reading() {
             "cloud-init { ssh-key \"/\"; }".to_owned(),
             "ssh-key / is a directory",
         ),
+        (
+            format!("ssh {{ private-key \"{fifo}\"; }}"),
+            "is a FIFO (named pipe), not a regular file",
+        ),
+        (
+            "ssh { private-key \"/dev/zero\"; }".to_owned(),
+            "private key /dev/zero is a character device",
+        ),
     ] {
         let src = vmfile_naming(&line);
         let d = kdl_err(src.clone());
+        assert_eq!(d.error_count(), 1, "{line}: {}", d.render_plain());
         let p = &d.problems[0];
         assert!(p.message.contains(want), "{line}: {}", p.message);
         assert_eq!(p.label, "not a regular file");
         // Located on the path's string.
         assert!(src[p.span.offset()..].starts_with('"'), "{line}");
     }
+}
+
+#[test]
+fn vmfile_image_that_is_not_a_regular_file_is_refused() {
+    let d = kdl_err("vm \"a\" {\n  image \"/dev/zero\"\n}\n".to_owned());
+    let text = d.render_plain();
+    assert!(
+        text.contains("image file /dev/zero is a character device, not a regular file"),
+        "{text}"
+    );
 }
 
 #[test]
