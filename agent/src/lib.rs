@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod compaction;
 pub mod config;
 pub mod openapi;
 pub mod server;

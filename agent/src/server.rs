@@ -152,36 +152,6 @@ fn drivers(cfg: &AgentConfig) -> Result<vmctl_controllers::Drivers, AgentError> 
     }
 }
 
-/// Compacts the log whenever it has grown by a retention window since the
-/// last compaction, so status heartbeats never grow it without bound.
-async fn compactor(
-    store: Arc<dyn Store>,
-    retention: vmctl_store::Retention,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut last = 0u64;
-    loop {
-        tokio::select! {
-            // Both arms only wait; nothing is lost when either is dropped.
-            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
-            _ = stop.changed() => return,
-        }
-        let seq = store.last_seq();
-        if seq.saturating_sub(last) < retention.window {
-            continue;
-        }
-        let (s, r) = (store.clone(), retention.clone());
-        match tokio::task::spawn_blocking(move || s.compact(&r)).await {
-            Ok(Ok(report)) => {
-                tracing::info!(?report, "compacted the event log");
-                last = seq;
-            }
-            Ok(Err(e)) => tracing::warn!(error = %e, "compaction failed"),
-            Err(e) => tracing::warn!(error = %e, "compaction task failed"),
-        }
-    }
-}
-
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let drivers = drivers(&cfg)?;
@@ -201,7 +171,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         vmctl_controllers::RuntimeConfig::default(),
         stopped,
     ));
-    tokio::spawn(compactor(
+    tokio::spawn(crate::compaction::run(
         store.clone(),
         cfg.retention.clone(),
         stop.subscribe(),

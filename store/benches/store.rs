@@ -1,8 +1,10 @@
 //! Store benchmarks (a plain harness: the figures are throughputs and
 //! latency percentiles, which criterion's per-iteration model fits badly).
 //!
-//! Run: `cargo bench -p vmctl-store --bench store`. The database lives in
-//! `$VMCTL_BENCH_DIR` (default: the system temp dir); use a real disk.
+//! Run: `cargo bench -p vmctl-store --bench store` (append `-- latency`
+//! for the latency rows only, `-- open` for open time and peak RSS after
+//! 501,000 events). The database lives in `$VMCTL_BENCH_DIR` (default: the
+//! system temp dir); use a real disk.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -171,10 +173,132 @@ fn size_under_status_churn() -> (u64, u64, u64, u64) {
     (before, after, events_before, report.kept)
 }
 
+/// Peak and current resident set size of this process, in bytes.
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// A store of `objects` VMs with `updates` status updates each, written by
+/// 8 threads (batched), then closed.
+fn long_history(dir: &std::path::Path, objects: usize, updates: u64) {
+    let s = SledStore::open_with(
+        dir,
+        Options {
+            durability: Durability::None,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for o in 0..objects {
+        s.apply(vm(&format!("vm-{o:04}")), None, None).unwrap();
+    }
+    std::thread::scope(|sc| {
+        for t in 0..8 {
+            let s = &s;
+            sc.spawn(move || {
+                for n in 0..updates {
+                    for o in (t..objects).step_by(8) {
+                        let r = ObjectRef::new(Kind::VirtualMachine, format!("vm-{o:04}"));
+                        s.update_status(&r, status(n), None).unwrap();
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// In a child process (so its memory is its own): opens the store at `dir`
+/// and prints `open <seconds> <peak RSS bytes> <replayed events>`.
+fn open_child(dir: &str, full_check: bool) {
+    let t = Instant::now();
+    let s = SledStore::open_with(
+        dir,
+        Options {
+            full_check,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let took = t.elapsed();
+    println!(
+        "open {} {} {}",
+        took.as_secs_f64(),
+        rss().0,
+        s.open_report().replayed
+    );
+}
+
+/// Opens `dir` in a child process; (seconds, peak RSS in bytes, events replayed).
+fn open_in_child(dir: &std::path::Path, full_check: bool) -> (f64, u64, u64) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--bench", "__open_child"])
+        .arg(dir)
+        .arg(if full_check { "full" } else { "checkpoint" })
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("open "))
+        .unwrap_or_else(|| panic!("child failed: {}", String::from_utf8_lossy(&out.stderr)))
+        .split(' ')
+        .collect();
+    (
+        f[1].parse().unwrap(),
+        f[2].parse().unwrap(),
+        f[3].parse().unwrap(),
+    )
+}
+
+/// Open time and peak RSS after 500,000 events: checkpoint check vs full
+/// replay (what every open did before), then after the compaction the
+/// agent runs at start.
+fn open_after_long_history() {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let dir = tempdir();
+    let db = dir.path().join("db");
+    let t = Instant::now();
+    long_history(&db, 1_000, 500);
+    eprintln!("  (wrote 501,000 events in {:.1?})", t.elapsed());
+    let size = SledStore::open(&db).unwrap().size_on_disk().unwrap();
+    let show = |label: &str, (secs, peak, replayed): (f64, u64, u64)| {
+        println!(
+            "open after 501,000 events, {label}: {:.2} s, peak RSS {:.0} MiB, {replayed} events replayed",
+            secs,
+            mib(peak)
+        );
+    };
+    println!("  ({:.0} MiB on disk)", mib(size));
+    show("full replay (before)", open_in_child(&db, true));
+    show("checkpoint (now)", open_in_child(&db, false));
+    {
+        let s = SledStore::open(&db).unwrap();
+        let report = s.compact(&Retention::default()).unwrap();
+        eprintln!("  (compaction kept {} events)", report.kept);
+    }
+    show("checkpoint, after compaction", open_in_child(&db, false));
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "__open_child") {
+        return open_child(&args[i + 1], args[i + 2] == "full");
+    }
     // `cargo bench` passes `--bench`; `cargo test --benches` runs nothing.
     if !std::env::args().any(|a| a == "--bench") {
         return;
+    }
+    if std::env::args().any(|a| a == "open") {
+        return open_after_long_history();
     }
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let only = |what: &str| std::env::args().any(|a| a == what);

@@ -22,6 +22,12 @@ pub const SCHEMA_VERSION: u32 = 1;
 const META_SCHEMA: &[u8] = b"schema_version";
 pub(crate) const META_LAST_SEQ: &[u8] = b"last_seq";
 pub(crate) const META_FLOOR: &[u8] = b"compaction_floor";
+/// The checkpoint: the objects tree and index reflect the log up to this
+/// sequence. Written in every commit's transaction; removed while a
+/// rebuild rewrites the view and set again when it is done.
+pub(crate) const META_VIEW: &[u8] = b"view_seq";
+/// The number of objects at the checkpoint (same transaction).
+pub(crate) const META_OBJECTS: &[u8] = b"object_count";
 
 /// What "on disk" means before a write is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +52,13 @@ pub struct Options {
     pub watch_buffer: usize,
     /// sled's page cache, in bytes.
     pub cache_capacity: u64,
+    /// Replay the whole log on open and compare it with the objects tree,
+    /// as [`SledStore::verify`] does: time and memory grow with the
+    /// history. Off (the default), open checks the view against its
+    /// checkpoint: time and memory grow with the number of objects only;
+    /// the full replay then runs only when that check fails or the
+    /// checkpoint is missing (a database of an older build).
+    pub full_check: bool,
 }
 
 impl Default for Options {
@@ -54,6 +67,7 @@ impl Default for Options {
             durability: Durability::Fsync,
             watch_buffer: 1024,
             cache_capacity: 64 << 20,
+            full_check: false,
         }
     }
 }
@@ -61,8 +75,9 @@ impl Default for Options {
 /// What opening found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OpenReport {
-    /// Events in the log.
-    pub events: u64,
+    /// Events read and replayed to check the view: 0 when the checkpoint
+    /// check sufficed (every object checked against its last event).
+    pub replayed: u64,
     /// Objects after the check.
     pub objects: u64,
     /// The objects tree or index differed from the log and was rebuilt.
@@ -144,6 +159,8 @@ pub(crate) struct Inner {
     broken: Mutex<Option<Broken>>,
     /// Serialises writers; holds the last sequence committed.
     pub(crate) writer: Mutex<u64>,
+    /// Objects after the last commit (written with it, as the checkpoint's count).
+    pub(crate) object_count: AtomicU64,
     /// Watches must resume at or above this sequence.
     pub(crate) floor: AtomicU64,
     pub(crate) committer: Committer,
@@ -264,9 +281,13 @@ impl Inner {
                 .get(META_LAST_SEQ)?
                 .and_then(|v| event::parse_seq(&v));
             let floor = db.meta.get(META_FLOOR)?.and_then(|v| event::parse_seq(&v));
-            Ok((last.unwrap_or(0), floor.unwrap_or(0)))
+            let count = db
+                .meta
+                .get(META_OBJECTS)?
+                .and_then(|v| event::parse_seq(&v));
+            Ok((last.unwrap_or(0), floor.unwrap_or(0), count))
         })();
-        let (last, floor) = match recovered {
+        let (last, floor, count) = match recovered {
             Ok(r) => r,
             Err(e) => return Err(fail(BrokenCause::Sled(e))),
         };
@@ -295,6 +316,11 @@ impl Inner {
             );
         }
         *self.writer.lock().unwrap_or_else(PoisonError::into_inner) = last;
+        let count = match count {
+            Some(n) => n,
+            None => db.objects.len() as u64,
+        };
+        self.object_count.store(count, Ordering::SeqCst);
         self.floor.store(floor, Ordering::SeqCst);
         self.committer.publish(found);
         *self.broken.lock().unwrap_or_else(PoisonError::into_inner) = None;
@@ -373,11 +399,13 @@ impl SledStore {
         }
         let last_seq = read_u64(&db.meta, META_LAST_SEQ)?.unwrap_or(0);
         let floor = read_u64(&db.meta, META_FLOOR)?.unwrap_or(0);
+        let full_check = opts.full_check;
         let inner = Arc::new(Inner {
             path: path.clone(),
             db: RwLock::new(Some(db)),
             broken: Mutex::new(None),
             writer: Mutex::new(last_seq),
+            object_count: AtomicU64::new(0),
             floor: AtomicU64::new(floor),
             committer: Committer::new(last_seq, opts.watch_buffer),
             durability: opts.durability,
@@ -387,7 +415,7 @@ impl SledStore {
             inner,
             report: OpenReport::default(),
         };
-        store.report = store.check_and_repair()?;
+        store.report = store.check_and_repair(full_check)?;
         Ok(store)
     }
 
@@ -438,12 +466,13 @@ impl SledStore {
         self.read(objects_of)
     }
 
-    /// Fails with [`StoreError::Corrupt`] unless the objects tree equals the fold of the log.
+    /// Fails with [`StoreError::Corrupt`] unless the objects tree equals
+    /// the fold of the whole log (reads all of it: time grows with the history).
     pub fn verify(&self) -> Result<()> {
         self.read(|db| {
             let w = self.writer();
-            let folded = fold::fold(&self.checked_log(db, *w)?);
-            if objects_of(db).ok().as_ref() != Some(&folded) {
+            let replayed = self.replay(db, *w)?;
+            if objects_of(db).ok().as_ref() != Some(&replayed.objects) {
                 return Err(StoreError::corrupt(
                     "objects tree differs from the log",
                     &self.inner.path,
@@ -467,13 +496,15 @@ impl SledStore {
         self.inner.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Decodes the log and checks that it is contiguous above the compaction
-    /// floor and ends at `last_seq`. Callers hold the writer lock.
-    fn checked_log(&self, db: &Db, last_seq: u64) -> Result<Vec<Event>> {
+    /// Reads the whole log once, checking that it is contiguous above the
+    /// compaction floor and ends at `last_seq`, and folds it as it goes
+    /// (memory: the objects, not the history). Callers hold the writer lock.
+    fn replay(&self, db: &Db, last_seq: u64) -> Result<Replayed> {
         let inner = &self.inner;
         let corrupt = |detail: String| StoreError::corrupt(detail, &inner.path);
         let floor = inner.floor.load(Ordering::SeqCst);
-        let mut log = Vec::new();
+        let mut objects = BTreeMap::new();
+        let mut events = 0;
         let mut expect = floor + 1;
         for kv in db.events.iter() {
             let (k, v) = kv?;
@@ -491,7 +522,8 @@ impl SledStore {
                 }
                 expect = seq + 1;
             }
-            log.push(ev);
+            fold::step(&mut objects, &ev);
+            events += 1;
         }
         if expect - 1 != last_seq {
             return Err(corrupt(format!(
@@ -499,31 +531,126 @@ impl SledStore {
                 expect - 1
             )));
         }
-        Ok(log)
+        Ok(Replayed { objects, events })
     }
 
-    fn check_and_repair(&self) -> Result<OpenReport> {
+    /// Checks the view against its checkpoint without replaying the log:
+    /// the checkpoint is at `last_seq`, the log ends there, and every object
+    /// agrees with the event that last changed it (which compaction never
+    /// drops) and its index entry, and their number is the checkpoint's.
+    /// Time and memory grow with the number of objects, not the history.
+    /// `Ok(Err(why))`: the view must be checked in full.
+    fn checkpoint_check(&self, db: &Db, last_seq: u64) -> Result<std::result::Result<u64, String>> {
+        let floor = self.inner.floor.load(Ordering::SeqCst);
+        match read_u64(&db.meta, META_VIEW)? {
+            Some(v) if v == last_seq => {}
+            Some(v) => {
+                return Ok(Err(format!(
+                    "the checkpoint is at {v}, the log at {last_seq}"
+                )));
+            }
+            None => return Ok(Err("the store has no checkpoint yet".into())),
+        }
+        let tail = match db.events.last()? {
+            Some((k, v)) => {
+                let seq = event::parse_seq(&k).unwrap_or(u64::MAX);
+                if event::decode::<Event>(&v).ok().map(|e| e.seq) != Some(seq) {
+                    return Ok(Err(format!("the last event ({seq}) is unreadable")));
+                }
+                seq
+            }
+            None => 0,
+        };
+        if tail != last_seq && !(last_seq <= floor && tail < last_seq) {
+            return Ok(Err(format!(
+                "the log ends at {tail}, the checkpoint at {last_seq}"
+            )));
+        }
+        let mut n = 0;
+        for kv in db.objects.iter() {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            let Ok(o) = event::decode::<Object>(&v) else {
+                return Ok(Err(format!("object {name} is unreadable")));
+            };
+            let r = o.object_ref();
+            let rv = o.metadata.resource_version;
+            if k.as_ref() != event::object_key(&r).as_slice() || rv == 0 || rv > last_seq {
+                return Ok(Err(format!(
+                    "object {name} is misplaced or ahead of the log"
+                )));
+            }
+            let agrees = match event_at(db, rv) {
+                Ok(Some(ev)) if ev.object == r => match &ev.change {
+                    Change::Applied { object, .. } => {
+                        object.spec == o.spec && object.metadata.uid == o.metadata.uid
+                    }
+                    Change::StatusUpdated { status } => o.status.as_ref() == Some(status),
+                    Change::FinalizersSet { finalizers } => o.metadata.finalizers == *finalizers,
+                    Change::DeletionRequested { at } => o.metadata.deletion_timestamp == Some(*at),
+                    Change::Deleted | Change::Noted { .. } => false,
+                },
+                _ => false,
+            };
+            if !agrees || !db.index.contains_key(event::index_key(&r, rv))? {
+                return Ok(Err(format!(
+                    "object {name} disagrees with its last event ({rv})"
+                )));
+            }
+            n += 1;
+        }
+        match read_u64(&db.meta, META_OBJECTS)? {
+            Some(c) if c == n => Ok(Ok(n)),
+            c => Ok(Err(format!(
+                "the checkpoint counts {} objects, the view holds {n}",
+                c.unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// Checks the view on open: against the checkpoint, or (`full`, or if
+    /// that check fails) by replaying the log, rebuilding the view from the
+    /// log if it differs.
+    fn check_and_repair(&self, full: bool) -> Result<OpenReport> {
         let g = self.inner.write_lock();
         let db = g.as_ref().expect("the database was just opened");
         let w = self.writer();
-        let log = self.checked_log(db, *w)?;
-        let folded = fold::fold(&log);
-        let index_ok = db.index.len() == log.len();
-        let objects_ok = objects_of(db).ok().as_ref() == Some(&folded);
-        let mut report = OpenReport {
-            events: log.len() as u64,
-            objects: folded.len() as u64,
-            repaired: false,
-        };
-        if !(index_ok && objects_ok) {
+        if !full {
+            match self.checkpoint_check(db, *w)? {
+                Ok(objects) => {
+                    self.inner.object_count.store(objects, Ordering::SeqCst);
+                    return Ok(OpenReport {
+                        replayed: 0,
+                        objects,
+                        repaired: false,
+                    });
+                }
+                Err(why) => tracing::warn!(
+                    path = %self.inner.path.display(), %why,
+                    "store view does not match its checkpoint; checking it against the whole log"
+                ),
+            }
+        }
+        let replayed = self.replay(db, *w)?;
+        let index_ok = db.index.len() as u64 == replayed.events;
+        let objects_ok = objects_of(db).ok().as_ref() == Some(&replayed.objects);
+        let repaired = !(index_ok && objects_ok);
+        if repaired {
             tracing::warn!(
                 path = %self.inner.path.display(), index_ok, objects_ok,
                 "store view differs from its log; rebuilding it from the log"
             );
-            write_view(db, &log, &folded)?;
-            report.repaired = true;
+            write_view(db, &replayed.objects, *w)?;
+        } else {
+            set_checkpoint(db, *w, replayed.objects.len() as u64)?;
         }
-        Ok(report)
+        let objects = replayed.objects.len() as u64;
+        self.inner.object_count.store(objects, Ordering::SeqCst);
+        Ok(OpenReport {
+            replayed: replayed.events,
+            objects,
+            repaired,
+        })
     }
 
     fn write(
@@ -546,8 +673,29 @@ fn objects_of(db: &Db) -> Result<BTreeMap<ObjectRef, Object>> {
         .collect()
 }
 
-/// Replaces the objects tree and index with those derived from `log`.
-fn write_view(db: &Db, log: &[Event], folded: &BTreeMap<ObjectRef, Object>) -> Result<()> {
+/// The log folded: its objects and the number of events read.
+struct Replayed {
+    objects: BTreeMap<ObjectRef, Object>,
+    events: u64,
+}
+
+/// Records (durably) that the view reflects the log up to `last_seq` and
+/// holds `objects` objects.
+fn set_checkpoint(db: &Db, last_seq: u64, objects: u64) -> Result<()> {
+    let mut meta = sled::Batch::default();
+    meta.insert(META_VIEW, &event::seq_key(last_seq));
+    meta.insert(META_OBJECTS, &event::seq_key(objects));
+    db.meta.apply_batch(meta)?;
+    db.db.flush()?;
+    Ok(())
+}
+
+/// Replaces the objects tree with `folded` and the index with one entry per
+/// event of the log, then sets the checkpoint. The checkpoint is removed
+/// first, so a crash midway leaves a view that the next open replays.
+fn write_view(db: &Db, folded: &BTreeMap<ObjectRef, Object>, last_seq: u64) -> Result<()> {
+    db.meta.remove(META_VIEW)?;
+    db.db.flush()?;
     db.objects.clear()?;
     db.index.clear()?;
     let mut objects = sled::Batch::default();
@@ -555,13 +703,20 @@ fn write_view(db: &Db, log: &[Event], folded: &BTreeMap<ObjectRef, Object>) -> R
         objects.insert(event::object_key(r), event::encode(o)?);
     }
     db.objects.apply_batch(objects)?;
+    // In chunks, reading the log again: memory stays bounded by the chunk.
     let mut index = sled::Batch::default();
-    for ev in log {
+    let mut pending = 0;
+    for v in db.events.iter().values() {
+        let ev: Event = event::decode(&v?)?;
         index.insert(event::index_key(&ev.object, ev.seq), &[]);
+        pending += 1;
+        if pending == 10_000 {
+            db.index.apply_batch(std::mem::take(&mut index))?;
+            pending = 0;
+        }
     }
     db.index.apply_batch(index)?;
-    db.db.flush()?;
-    Ok(())
+    set_checkpoint(db, last_seq, folded.len() as u64)
 }
 
 fn event_at(db: &Db, seq: u64) -> Result<Option<Event>> {
@@ -699,15 +854,15 @@ impl Store for SledStore {
         self.inner.reopen_if_due(&mut g)?;
         let db = g.as_ref().expect("reopen_if_due succeeded");
         let w = self.writer();
-        let log = self.checked_log(db, *w)?;
-        let folded = fold::fold(&log);
-        let changed = objects_of(db).ok().as_ref() != Some(&folded) || db.index.len() != log.len();
+        let replayed = self.replay(db, *w)?;
+        let changed = objects_of(db).ok().as_ref() != Some(&replayed.objects)
+            || db.index.len() as u64 != replayed.events;
         if changed {
-            write_view(db, &log, &folded)?;
+            write_view(db, &replayed.objects, *w)?;
         }
         Ok(RebuildReport {
-            events: log.len() as u64,
-            objects: folded.len() as u64,
+            events: replayed.events,
+            objects: replayed.objects.len() as u64,
             changed,
         })
     }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use vmctl_api::{Object, ObjectRef, Time};
@@ -11,7 +12,7 @@ use crate::commit::{Answer, BatchWriter, Committer, Planner, Request};
 use crate::error::Result;
 use crate::event::{self, Event};
 use crate::plan::Outcome;
-use crate::sled_store::{Db, Durability, Inner, META_LAST_SEQ};
+use crate::sled_store::{Db, Durability, Inner, META_LAST_SEQ, META_OBJECTS, META_VIEW};
 use crate::{Written, fold};
 
 /// One planned write of a batch, encoded.
@@ -21,6 +22,8 @@ struct Staged {
     key: Vec<u8>,
     object: Option<Vec<u8>>,
     index_key: Vec<u8>,
+    /// How the write changes the number of objects (-1, 0 or 1).
+    delta: i64,
 }
 
 /// A staged write and the event it appends.
@@ -72,6 +75,7 @@ impl Db {
             object: req_object.clone(),
             change,
         };
+        let had = prev.is_some();
         let next = fold::apply_event(prev, &ev);
         let staged = Staged {
             seq,
@@ -79,6 +83,7 @@ impl Db {
             object: next.as_ref().map(event::encode).transpose()?,
             index_key: event::index_key(req_object, seq),
             key: key.clone(),
+            delta: i64::from(next.is_some()) - i64::from(had),
         };
         overlay.insert(key, next.clone());
         Ok((
@@ -126,6 +131,11 @@ impl Inner {
         if staged.is_empty() {
             return (answers, Ok(()));
         }
+        let count = staged
+            .iter()
+            .fold(self.object_count.load(Ordering::SeqCst), |n, st| {
+                n.saturating_add_signed(st.delta)
+            });
         let committed = (&db.events, &db.objects, &db.index, &db.meta)
             .transaction(|(events, objects, index, meta)| {
                 for st in &staged {
@@ -137,6 +147,10 @@ impl Inner {
                     index.insert(st.index_key.as_slice(), &[])?;
                 }
                 meta.insert(META_LAST_SEQ, &event::seq_key(seq))?;
+                // The checkpoint: the objects tree and index reflect the log
+                // up to `seq` and hold `count` objects (what open checks).
+                meta.insert(META_VIEW, &event::seq_key(seq))?;
+                meta.insert(META_OBJECTS, &event::seq_key(count))?;
                 Ok::<_, ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
@@ -145,6 +159,7 @@ impl Inner {
             });
         if committed.is_ok() {
             *last_seq = seq;
+            self.object_count.store(count, Ordering::SeqCst);
         }
         (answers, committed)
     }
