@@ -72,12 +72,20 @@ impl From<ControllerError> for ImageError {
 /// The finalizer that removes a deleted Image's downloaded file.
 pub const FINALIZER: &str = "vmctl.dev/image-cache";
 
+/// An annotation `vmctl image pull` sets (to the time, RFC 3339) on an
+/// Image whose fetch failed for good: each new value asks for one more try.
+pub const PULL_REQUESTED_ANNOTATION: &str = "vmctl.dev/pull-requested-at";
+
 /// Reconciles Images.
 #[derive(Debug)]
 pub struct ImageReconciler {
     ctx: Arc<Context>,
     /// Consecutive transient fetch failures per Image: (generation, count).
     failures: Mutex<HashMap<String, (u64, u32)>>,
+    /// Per Image, the [`PULL_REQUESTED_ANNOTATION`] value last acted on.
+    /// In memory: after a restart a failed Image with a request is tried
+    /// once more.
+    pulls: Mutex<HashMap<String, String>>,
 }
 
 impl ImageReconciler {
@@ -86,7 +94,23 @@ impl ImageReconciler {
         ImageReconciler {
             ctx,
             failures: Mutex::default(),
+            pulls: Mutex::default(),
         }
+    }
+
+    /// Records that `obj`'s pull request (if any) has been acted on;
+    /// returns whether it is a new one.
+    fn new_pull_request(&self, obj: &Object) -> bool {
+        let Some(asked) = obj.metadata.annotations.get(PULL_REQUESTED_ANNOTATION) else {
+            return false;
+        };
+        let mut pulls = self.pulls.lock().unwrap_or_else(PoisonError::into_inner);
+        let name = &obj.metadata.name;
+        if pulls.get(name) == Some(asked) {
+            return false;
+        }
+        pulls.insert(name.clone(), asked.clone());
+        true
     }
 
     /// Counts one more transient failure of `name` at `generation`.
@@ -227,6 +251,10 @@ impl ImageReconciler {
         }
         ctx.remove_finalizer(obj, FINALIZER).await?;
         self.forget_failures(name);
+        self.pulls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
         Ok(Action::await_change())
     }
 }
@@ -268,9 +296,12 @@ impl Reconciler for ImageReconciler {
             return Ok(Action::await_change());
         }
 
-        // A permanent failure stays until the spec changes (an apply that
-        // changes the source, labels or annotations also clears the status).
-        if old.phase == ImagePhase::Failed && old.observed_generation == generation {
+        // A permanent failure stays until the spec changes or `image pull`
+        // asks again.
+        if old.phase == ImagePhase::Failed
+            && old.observed_generation == generation
+            && !self.new_pull_request(&obj)
+        {
             return Ok(Action::await_change());
         }
 
@@ -346,6 +377,8 @@ impl Reconciler for ImageReconciler {
             }
             Err(source) if source.is_permanent() => {
                 self.forget_failures(name);
+                // This failure answers the pull request in force, if any.
+                self.new_pull_request(&obj);
                 status.phase = ImagePhase::Failed;
                 status.observed_generation = generation;
                 status.progress = None;
@@ -490,6 +523,19 @@ mod tests {
             serde_json::from_value(o.status?).ok()
         }
 
+        /// The notes' reasons once one is `last` (notes follow the
+        /// status write they report).
+        async fn reasons_until(&self, last: &str) -> Vec<String> {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = self.reasons();
+                if r.last().is_some_and(|l| l == last) || std::time::Instant::now() > deadline {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
         fn reasons(&self) -> Vec<String> {
             self.store
                 .notes(Some(&ObjectRef::new(Kind::Image, "img")))
@@ -569,11 +615,11 @@ mod tests {
             .await;
         assert_eq!(st.format.as_deref(), Some("qcow2"));
         assert_eq!(h.server.requests("/slow.qcow2"), 1, "one download per URL");
+        let reasons = h.reasons_until("Pulled").await;
         assert_eq!(
-            h.reasons().iter().filter(|r| *r == "Pulled").count(),
+            reasons.iter().filter(|r| *r == "Pulled").count(),
             1,
-            "{:?}",
-            h.reasons()
+            "{reasons:?}"
         );
         h.stop().await;
     }
@@ -596,7 +642,7 @@ mod tests {
             !seen.iter().any(|(p, _)| *p == ImagePhase::Failed),
             "a transient failure is not Failed: {seen:?}"
         );
-        let reasons = h.reasons();
+        let reasons = h.reasons_until("Pulled").await;
         assert!(reasons.contains(&"BackOff".to_owned()), "{reasons:?}");
         assert_eq!(reasons.last().map(String::as_str), Some("Pulled"));
         assert_eq!(h.server.requests("/flaky.qcow2"), 4);

@@ -1,12 +1,73 @@
 //! `vmctl delete KIND NAME | -f FILE`.
+//!
+//! An object that something outside the deletion still uses is kept and
+//! reported with its users: an Image that a VM of another file boots
+//! from, a VM that a Provision of another file runs on. (The Image's
+//! finalizer would keep it anyway, Terminating until its users go; keeping
+//! it untouched says so at once and lets `--wait` finish.) `--wait` waits
+//! only for what was deleted.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::ExitCode;
 
-use vmctl_api::ObjectRef;
+use vmctl_api::wire::ObjectList;
+use vmctl_api::{Kind, Object, ObjectRef};
 
 use super::{Globals, kind_arg, name_arg};
+use crate::client::{Client, ClientError};
 use crate::output::print;
+
+/// The objects `o` depends on: its Image for a VM, its VM for a Provision.
+fn dependencies(o: &Object) -> Vec<ObjectRef> {
+    let field = |f: &str| o.spec.get(f).and_then(|v| v.as_str()).map(str::to_owned);
+    match o.kind {
+        Kind::VirtualMachine => field("image")
+            .map(|i| ObjectRef::new(Kind::Image, i))
+            .into_iter()
+            .collect(),
+        Kind::Provision => field("vm")
+            .map(|v| ObjectRef::new(Kind::VirtualMachine, v))
+            .into_iter()
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Live users of each of `targets` that are not themselves being deleted
+/// (now, or by this command).
+fn outside_users(
+    client: &Client,
+    targets: &[ObjectRef],
+) -> miette::Result<BTreeMap<ObjectRef, Vec<ObjectRef>>> {
+    let deleting: BTreeSet<&ObjectRef> = targets.iter().collect();
+    let mut users: BTreeMap<ObjectRef, Vec<ObjectRef>> = BTreeMap::new();
+    // Only kinds that can use another object need listing.
+    for kind in [Kind::VirtualMachine, Kind::Provision] {
+        if !targets.iter().any(|t| {
+            matches!(
+                (kind, t.kind),
+                (Kind::VirtualMachine, Kind::Image) | (Kind::Provision, Kind::VirtualMachine)
+            )
+        }) {
+            continue;
+        }
+        let list: ObjectList =
+            client.call("GET", &format!("/v1/objects/{}", kind.short()), None::<&()>)?;
+        for o in list.items {
+            let me = o.object_ref();
+            if deleting.contains(&me) || o.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            for dep in dependencies(&o) {
+                if deleting.contains(&dep) {
+                    users.entry(dep).or_default().push(me.clone());
+                }
+            }
+        }
+    }
+    Ok(users)
+}
 
 /// Requests deletion; objects with finalizers go once controllers clean up.
 pub fn run(
@@ -16,6 +77,7 @@ pub fn run(
     file: Option<&Path>,
     wait: Option<std::time::Duration>,
 ) -> miette::Result<ExitCode> {
+    let from_file = file.is_some();
     let refs: Vec<ObjectRef> = match (kind, name, file) {
         (_, _, Some(f)) => match super::load_or_report(f)? {
             Ok(l) => l
@@ -39,14 +101,26 @@ pub fn run(
         }
     };
     let client = g.client()?;
+    let users = outside_users(&client, &refs)?;
     let mut out = String::new();
+    let mut deleted = Vec::new();
     for r in &refs {
+        if let Some(u) = users.get(r) {
+            let names: Vec<String> = u.iter().map(ToString::to_string).collect();
+            out.push_str(&format!("{r} kept: used by {}\n", names.join(", ")));
+            continue;
+        }
         let gone: Option<serde_json::Value> = match client.call(
             "DELETE",
             &format!("/v1/objects/{}/{}", r.kind.short(), r.name),
             None::<&()>,
         ) {
-            Err(crate::client::ClientError::Api { status: 404, .. }) => {
+            // Deleting what a file defines: what is not there is done.
+            Err(ClientError::Api { status: 404, .. }) if from_file => {
+                out.push_str(&format!("{r} not found\n"));
+                continue;
+            }
+            Err(ClientError::Api { status: 404, .. }) => {
                 return Err(crate::diag::not_found(r.kind, &r.name));
             }
             res => res?,
@@ -57,15 +131,19 @@ pub fn run(
             "deleted"
         };
         out.push_str(&format!("{r} {what}\n"));
+        deleted.push(r.clone());
     }
     print(&out)?;
+    if !users.is_empty() {
+        eprintln!("objects still in use were kept; delete their users first to delete them");
+    }
     if let Some(timeout) = wait {
         let deadline = std::time::Instant::now() + timeout;
-        for r in &refs {
+        for r in &deleted {
             loop {
                 let path = format!("/v1/objects/{}/{}", r.kind.short(), r.name);
                 match client.call::<serde_json::Value>("GET", &path, None::<&()>) {
-                    Err(crate::client::ClientError::Api { status: 404, .. }) => {
+                    Err(ClientError::Api { status: 404, .. }) => {
                         eprintln!("{r} gone");
                         break;
                     }

@@ -74,7 +74,7 @@ fn pull(
             url: url.to_owned(),
         }),
     };
-    let img = Image::new(
+    let mut img = Image::new(
         name.clone(),
         ImageSpec {
             source: ImageSource::Url {
@@ -94,9 +94,58 @@ fn pull(
         }
     }
     let client = g.client()?;
-    let req =
-        super::objects::apply_request(vec![img.to_object()], None, "image pull", false, false);
-    super::objects::apply(&client, &req)?;
+    // Pulling what a VMFile also names keeps the file's labels, annotations
+    // and ownership of the Image.
+    let existing = super::objects::get_object(&client, Kind::Image, &name).ok();
+    let mut file = None;
+    let mut retry_from_rv = None;
+    if let Some(o) = &existing {
+        img.metadata.labels = o.metadata.labels.clone();
+        img.metadata.annotations = o.metadata.annotations.clone();
+        file = o.metadata.source.as_ref().and_then(|s| s.file.clone());
+        // A failure that retrying cannot fix is final for the Image as it
+        // is; pulling again asks the agent for one more try.
+        let failed = o
+            .status
+            .as_ref()
+            .and_then(|s| s.get("phase"))
+            .is_some_and(|p| p == "Failed");
+        if failed {
+            img.metadata.annotations.insert(
+                vmctl_controllers::image::PULL_REQUESTED_ANNOTATION.into(),
+                chrono::Utc::now().to_rfc3339(),
+            );
+            eprintln!("image/{name} had failed; trying again");
+        }
+    }
+    let req = super::objects::apply_request(
+        vec![img.to_object()],
+        file.as_deref().map(Path::new),
+        "image pull",
+        false,
+        false,
+    );
+    let resp = super::objects::apply(&client, &req)?;
+    let asked_again = existing.as_ref().is_some_and(|o| {
+        let key = vmctl_controllers::image::PULL_REQUESTED_ANNOTATION;
+        o.metadata.annotations.get(key) != img.metadata.annotations.get(key)
+    });
+    if asked_again {
+        retry_from_rv = resp.results.first().map(|r| r.resource_version);
+    }
+    // The old Failed status stays until the agent acts on the request:
+    // wait for its first write before judging.
+    if let Some(rv) = retry_from_rv {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline
+            && super::objects::get_object(&client, Kind::Image, &name)
+                .is_ok_and(|o| o.metadata.resource_version == rv)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // Waits as `apply --wait` does: transient failures show as BackOff
+    // and are waited through; only a final failure or the timeout ends it.
     eprintln!("pulling {url} as image/{name}");
     let r = ObjectRef::new(vmctl_api::Kind::Image, name);
     let code = super::wait::wait_ready(

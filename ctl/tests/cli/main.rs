@@ -2,6 +2,7 @@
 
 mod agent;
 mod commands;
+mod images;
 mod parser_faults;
 
 use std::path::{Path, PathBuf};
