@@ -9,7 +9,9 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 use crate::drivers::LocalImage;
-use crate::images::{InspectError, inspect};
+#[cfg(test)]
+use crate::images::inspect;
+use crate::images::{InspectError, inspect_as};
 
 /// Diagnostic code of a failed overlay creation.
 pub const OVERLAY_CREATION_FAILED: &str = "vmctl::image::overlay_creation_failed";
@@ -116,7 +118,14 @@ pub async fn ensure_overlay(
     let base_path = std::path::absolute(&base.path).unwrap_or_else(|_| PathBuf::from(&base.path));
     let base_size = match base.virtual_size_bytes {
         Some(s) => s,
-        None => virtual_size(&base_path).await?,
+        // The recorded format, never a probe of the base.
+        None => inspect_as(&base_path, &base.format)
+            .await
+            .map(|i| i.virtual_size)
+            .map_err(|source| DiskError::Inspect {
+                path: base_path.clone(),
+                source,
+            })?,
     };
     if let Some(w) = want
         && w < base_size
@@ -162,9 +171,10 @@ pub fn growth(current: u64, disk_gib: Option<u64>) -> Result<Option<u64>, DiskEr
     }
 }
 
-/// The disk's virtual size in bytes.
+/// The virtual size in bytes of a VM's disk (a qcow2 overlay vmctl made;
+/// the format is given, never probed).
 pub async fn virtual_size(path: &Path) -> Result<u64, DiskError> {
-    inspect(path)
+    inspect_as(path, "qcow2")
         .await
         .map(|i| i.virtual_size)
         .map_err(|source| DiskError::Inspect {
