@@ -626,7 +626,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn transient_fetch_failure_backs_off_visibly_then_recovers() {
-        // Three 500s use up the first fetch's attempts; the next fetch works.
+        // Three 500s: three fetches back off, the fourth works.
         let h = start(|q| HashMap::from([("/flaky.qcow2", Route::FailFirst(3, 500, q))])).await;
         h.apply(h.image("/flaky.qcow2"), "/a/VMFile.kdl").await;
         let mut seen = Vec::new();

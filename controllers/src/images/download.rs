@@ -15,13 +15,16 @@
 //! leaves nothing behind but what a crash leaves: a `.partial-*` file that
 //! the cache never treats as an image and removes on its next download.
 //!
-//! Failures that can pass ([`DownloadError::is_transient`]: 5xx, 408, 429,
-//! connection errors, a body cut short) are retried within the download
-//! with exponential backoff, [`RetryPolicy::attempts`] times in all. When
-//! the server offers ranges (`Accept-Ranges: bytes` and an `ETag` or
-//! `Last-Modified` to send back as `If-Range`), an interrupted body is
-//! resumed where it stopped; otherwise it starts over. Every other failure
-//! (a 4xx, data that is not usable) ends the download at once.
+//! A transfer interrupted after some bytes came in (a body cut short, a
+//! reset, or a transient answer to the request resuming it) is retried
+//! within the download with exponential backoff, [`RetryPolicy::attempts`]
+//! requests in all. When the server offers ranges (`Accept-Ranges: bytes`
+//! and an `ETag` or `Last-Modified` to send back as `If-Range`), it resumes
+//! where it stopped; otherwise it starts over. A request that fails before
+//! any byte ends the download with its error, which says whether it may
+//! pass ([`DownloadError::is_transient`]: 5xx, 408, 429, connection errors)
+//! for the Image controller to retry with backoff, shown in the status; a
+//! 4xx or unusable data is final.
 
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -46,7 +49,7 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// …or when another 1/PROGRESS_STEPS of the total is done.
 const PROGRESS_STEPS: u64 = 20;
 
-/// How one download retries transient failures.
+/// How one download retries an interrupted transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Requests made at most, the first included (≥ 1).
@@ -56,7 +59,7 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// Four requests, 1 s, 2 s and 4 s apart. Longer outages are the
+    /// Four requests, 1 s, 2 s and 4 s apart. Anything longer is the
     /// Image controller's to back off from.
     fn default() -> Self {
         RetryPolicy {
@@ -276,7 +279,10 @@ async fn produce_http(
                 }
                 return Ok((received, attempt));
             }
-            Err(Some(e)) if e.is_transient() && attempt < retry.attempts.max(1) => {
+            // Only a transfer that got somewhere is retried here (resumed or
+            // restarted at once, without losing what it has); a request that
+            // fails outright is the Image controller's to retry, visibly.
+            Err(Some(e)) if e.is_transient() && received > 0 && attempt < retry.attempts.max(1) => {
                 let delay = retry.delay(attempt);
                 tracing::warn!(
                     url,

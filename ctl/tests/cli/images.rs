@@ -200,9 +200,9 @@ fn image_pull_waits_through_transient_500s_and_fails_at_once_on_403() {
         .unwrap();
     assert!(st.success());
     let body = Arc::new(std::fs::read(&disk).unwrap());
-    // Five 500s: more than one fetch's attempts, so the Image backs off.
+    // Three 500s: the Image backs off three times, then it is Ready.
     let server = Server::start(HashMap::from([
-        ("/flaky.qcow2", (vec![500; 5], body.clone())),
+        ("/flaky.qcow2", (vec![500; 3], body.clone())),
         ("/forbidden.qcow2", (vec![403; 100], body)),
     ]));
     let a = qemu_agent();
@@ -221,7 +221,7 @@ fn image_pull_waits_through_transient_500s_and_fails_at_once_on_403() {
     );
     assert!(stderr(&out).contains("500"), "{}", stderr(&out));
     assert!(stdout(&out).contains("qcow2"), "{}", stdout(&out));
-    assert_eq!(server.hits("/flaky.qcow2"), 6);
+    assert_eq!(server.hits("/flaky.qcow2"), 4);
 
     let url = format!("{}/forbidden.qcow2", server.base);
     let started = Instant::now();
