@@ -449,12 +449,15 @@ fn download_faults_fail_the_image_with_the_reason_and_cache_nothing() {
             "hecksum",
         ),
         (
+            // A missing local file may yet appear: the Image backs off and
+            // waits for it, so the apply ends at its timeout.
             "nolocal",
             "image \"/nonexistent/base.qcow2\"".to_owned(),
             "nonexistent",
         ),
     ];
     for (name, src, needle) in cases {
+        let timeout = if name == "nolocal" { "5" } else { "60" };
         let file = w.project().join(format!("{name}.kdl"));
         std::fs::write(&file, format!("vm \"{name}\" {{\n    {src}\n}}\n")).unwrap();
         let out = w.vmctl(&[
@@ -463,7 +466,7 @@ fn download_faults_fail_the_image_with_the_reason_and_cache_nothing() {
             file.to_str().unwrap(),
             "--wait",
             "--timeout",
-            "60",
+            timeout,
         ]);
         assert!(!out.status.success(), "{name} must fail");
         let err = String::from_utf8_lossy(&out.stderr);
