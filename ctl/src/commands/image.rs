@@ -228,26 +228,26 @@ fn inspect(g: &Globals, target: &str) -> miette::Result<ExitCode> {
             .enable_all()
             .build()
             .map_err(|e| miette::miette!("{e}"))?;
-        let info = rt
-            .block_on(vmctl_controllers::images::inspect(target))
+        // What the agent would make of it: the same checks (not
+        // compressed, raw or a self-contained qcow2), the same safe
+        // inspection; a refused image is never opened.
+        let img = rt
+            .block_on(vmctl_controllers::images::local(target))
             .map_err(|e| {
+                let help = e.help().unwrap_or("check the file");
                 miette::miette!(
-                    code = "vmctl::image::format_detection_failed",
-                    help = "ensure qemu-img is installed and the file is a disk image",
-                    "{e}"
+                    code = e.code(),
+                    help = help,
+                    "{}",
+                    vmctl_api::error_chain(&e)
                 )
             })?;
         println!("path:          {target}");
-        println!("format:        {}", info.format);
-        println!(
-            "virtual size:  {} ({} bytes)",
-            size(Some(info.virtual_size)),
-            info.virtual_size
-        );
-        println!("file size:     {}", size(info.actual_size));
-        if let Some(b) = info.backing_file {
-            println!("backing file:  {b}");
+        println!("format:        {}", img.format);
+        if let Some(v) = img.virtual_size_bytes {
+            println!("virtual size:  {} ({v} bytes)", size(Some(v)));
         }
+        println!("file size:     {}", size(Some(img.size_bytes)));
         return Ok(ExitCode::SUCCESS);
     }
     name_arg(target).map_err(|_| {

@@ -239,3 +239,43 @@ fn image_pull_waits_through_transient_500s_and_fails_at_once_on_403() {
     assert!(stderr(&out).contains("trying again"), "{}", stderr(&out));
     assert_eq!(server.hits("/forbidden.qcow2"), 2);
 }
+
+#[test]
+fn image_inspect_refuses_an_image_that_reads_host_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = tmp.path().join("secret.raw");
+    std::fs::write(&secret, vec![b's'; 1 << 20]).unwrap();
+    let evil = tmp.path().join("evil.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o"])
+        .arg(format!("data_file={}", secret.display()))
+        .arg(&evil)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = crate::vmctl(&["image", "inspect", evil.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("vmctl::image::external_reference"), "{err}");
+    assert!(
+        err.contains("secret.raw") && err.contains("qemu-img convert"),
+        "{err}"
+    );
+
+    let good = tmp.path().join("good.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&good)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = crate::vmctl(&["image", "inspect", good.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("format:        qcow2"),
+        "{}",
+        stdout(&out)
+    );
+}
