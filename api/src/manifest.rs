@@ -165,9 +165,31 @@ pub fn parse(
             Some(v) => v,
             None => continue,
         };
-        // A JSON array (what `vmctl convert -o json` prints) holds several objects.
+        // A JSON array (what `vmctl convert -o json` prints) holds several
+        // objects, and so does a `List` (what `vmctl get -o json|yaml`
+        // prints without a name, as kubectl does) in its `items`.
         let items: Vec<(serde_yaml::Value, bool)> = match value {
             serde_yaml::Value::Sequence(items) => items.into_iter().map(|v| (v, false)).collect(),
+            mut v if v.get("kind").and_then(|k| k.as_str()) == Some("List") => {
+                match v.get_mut("items").map(std::mem::take) {
+                    Some(serde_yaml::Value::Sequence(items)) => {
+                        items.into_iter().map(|v| (v, false)).collect()
+                    }
+                    None | Some(serde_yaml::Value::Null) => Vec::new(),
+                    Some(_) => {
+                        problems.push(
+                            Problem::error(
+                                CODE,
+                                locate(doc, base, "items"),
+                                "the `items` of a List are not a list",
+                            )
+                            .label("not a list")
+                            .help("write `items:` as a list of objects"),
+                        );
+                        Vec::new()
+                    }
+                }
+            }
             v => vec![(v, true)],
         };
         for (value, whole_doc) in items {

@@ -32,9 +32,9 @@ pub enum GetOutput {
     Table,
     /// A table with more columns.
     Wide,
-    /// JSON.
+    /// JSON: the object itself with a NAME, else a `List` of `items`.
     Json,
-    /// YAML.
+    /// YAML: the object itself with a NAME, else a `List` of `items`.
     Yaml,
     /// `kind/name` per line.
     Name,
@@ -111,7 +111,10 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["wait", "dry_run"])]
         watch: bool,
     },
-    /// List objects.
+    /// List objects, or show one.
+    ///
+    /// As with kubectl, `-o json|yaml` prints the object itself when a NAME
+    /// is given, and a `List` (`kind: List`, `items`) otherwise.
     Get {
         /// Kind: vm, image, provision; all kinds when omitted.
         kind: Option<String>,
@@ -127,12 +130,15 @@ pub enum Command {
         #[arg(short = 'w', long = "watch")]
         watch: bool,
     },
-    /// Show one object in detail: spec, status, conditions and recent notes.
+    /// Show objects in detail: spec, status, conditions and recent notes.
+    ///
+    /// With a name, that object; without, every object of the kind, by name.
+    /// Repeated identical notes show once, with a count: `2m (x5 over 10m)`.
     Describe {
         /// Kind: vm, image, provision.
         kind: String,
-        /// Name.
-        name: String,
+        /// Name; every object of the kind when omitted.
+        name: Option<String>,
     },
     /// Delete an object, or every object of a file.
     Delete {
@@ -167,6 +173,11 @@ pub enum Command {
         output: Output,
     },
     /// Show notes (Kubernetes-style events) recorded by the controllers.
+    ///
+    /// Identical notes (same object, type, reason and message) show once,
+    /// with a count and when they were first and last seen: `2m (x5 over
+    /// 10m)`; `-o json|yaml` carries `count`, `firstTimestamp` and
+    /// `lastTimestamp`. `--watch` then prints each new note as it comes.
     Events {
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "text")]

@@ -35,6 +35,37 @@ fn unknown_fields_are_rejected() {
     assert!(d.render_plain().contains("chksum"), "{}", d.render_plain());
 }
 
+/// The fault: `vmctl get KIND -o json|yaml` prints a `List` (as kubectl
+/// does), which `apply -f` must read back as its items, not reject as an
+/// unknown kind.
+#[test]
+fn a_list_from_get_is_read_as_its_items() {
+    let vm = "{apiVersion: vmctl/v1alpha1, kind: VirtualMachine, metadata: {name: web}, spec: {image: base}}";
+    let img = "{apiVersion: vmctl/v1alpha1, kind: Image, metadata: {name: base}, spec: {source: {url: 'https://e.com/a.img'}}}";
+    let src = format!(
+        "apiVersion: vmctl/v1alpha1\nkind: List\nmetadata: {{resourceVersion: 7}}\nitems:\n- {vm}\n- {img}\n"
+    );
+    let (res, _) = parse("list.yaml", &src).unwrap();
+    let names: Vec<&str> = res.iter().map(|r| r.name()).collect();
+    assert_eq!(names, ["web", "base"]);
+    // In JSON too, and an empty List is no objects.
+    let json = r#"{"apiVersion": "v1", "kind": "List", "items": []}"#;
+    assert!(parse("list.json", json).unwrap().0.is_empty());
+    // Its items go through the same validation.
+    let bad = src.replace("name: web", "name: ../x");
+    let d = parse("list.yaml", &bad).unwrap_err();
+    assert!(
+        d.render_plain().contains("metadata.name"),
+        "{}",
+        d.render_plain()
+    );
+    // Items that are not a list are a located error.
+    let d = parse("list.yaml", "kind: List\nitems: 3\n").unwrap_err();
+    let text = d.render_plain();
+    assert!(text.contains("`items` of a List are not a list"), "{text}");
+    assert!(text.contains("2 │ items: 3"), "{text}");
+}
+
 fn name() -> impl Strategy<Value = String> {
     "[a-z][a-z0-9-]{0,20}[a-z0-9]"
 }

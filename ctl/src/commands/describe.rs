@@ -1,27 +1,25 @@
-//! `vmctl describe KIND NAME`.
+//! `vmctl describe KIND [NAME]`.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 
-use vmctl_api::Object;
+use vmctl_api::wire::ObjectList;
+use vmctl_api::{Object, ObjectRef};
 
+use super::events::{AggregatedNote, NoteIn, aggregate};
 use super::{Globals, age, kind_arg, name_arg, table};
 use crate::output::print;
 
-/// A note as the API returns it.
-#[derive(Debug, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct NoteIn {
-    pub seq: u64,
-    pub time: vmctl_api::Time,
-    #[serde(rename = "type")]
-    pub type_: String,
-    pub reason: String,
-    pub message: String,
-    pub object: vmctl_api::ObjectRef,
-}
+/// How many (aggregated) notes a description shows, the most recent.
+const EVENTS_SHOWN: usize = 20;
 
-/// Renders the description of an object and its notes.
-pub(crate) fn render(o: &Object, notes: &[NoteIn]) -> String {
+/// What separates the descriptions of several objects: two empty lines,
+/// as `kubectl describe` does.
+const SEPARATOR: &str = "\n\n";
+
+/// Renders the description of an object and its notes (aggregated, oldest
+/// first).
+pub(crate) fn render(o: &Object, notes: &[AggregatedNote]) -> String {
     let m = &o.metadata;
     let mut s = String::new();
     s.push_str(&format!("Name:             {}\n", m.name));
@@ -126,11 +124,11 @@ pub(crate) fn render(o: &Object, notes: &[NoteIn]) -> String {
             "AGE".into(),
             "MESSAGE".into(),
         ]];
-        for n in notes.iter().rev().take(20).rev() {
+        for n in &notes[notes.len().saturating_sub(EVENTS_SHOWN)..] {
             rows.push(vec![
                 format!("  {}", n.type_),
                 n.reason.clone(),
-                age(Some(n.time)),
+                n.seen(),
                 n.message.clone(),
             ]);
         }
@@ -139,17 +137,45 @@ pub(crate) fn render(o: &Object, notes: &[NoteIn]) -> String {
     s
 }
 
-/// Describes one object.
-pub fn run(g: &Globals, kind: &str, name: &str) -> miette::Result<ExitCode> {
+/// Describes one object, or with no `name` every object of `kind` (by
+/// name, separated as `kubectl describe` separates them).
+pub fn run(g: &Globals, kind: &str, name: Option<&str>) -> miette::Result<ExitCode> {
     let kind = kind_arg(kind)?;
-    name_arg(name)?;
+    if let Some(name) = name {
+        name_arg(name)?;
+    }
     let client = g.client()?;
+    let Some(name) = name else {
+        let list: ObjectList =
+            client.call("GET", &format!("/v1/objects/{}", kind.short()), None::<&()>)?;
+        let mut objects = list.items;
+        if objects.is_empty() {
+            eprintln!("No resources found.");
+            return Ok(ExitCode::SUCCESS);
+        }
+        objects.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        // One read of the notes for all of them.
+        let notes: Vec<NoteIn> = client.call("GET", "/v1/notes", None::<&()>)?;
+        let mut by_object: HashMap<ObjectRef, Vec<NoteIn>> = HashMap::new();
+        for n in notes {
+            by_object.entry(n.object.clone()).or_default().push(n);
+        }
+        let text: Vec<String> = objects
+            .iter()
+            .map(|o| {
+                let notes = by_object.remove(&o.object_ref()).unwrap_or_default();
+                render(o, &aggregate(notes))
+            })
+            .collect();
+        print(&text.join(SEPARATOR))?;
+        return Ok(ExitCode::SUCCESS);
+    };
     let o = super::objects::get_object(&client, kind, name)?;
     let notes: Vec<NoteIn> = client.call(
         "GET",
         &format!("/v1/notes/{}/{name}", kind.short()),
         None::<&()>,
     )?;
-    print(&render(&o, &notes))?;
+    print(&render(&o, &aggregate(notes)))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -97,23 +97,39 @@ pub(crate) fn header(kind: Kind, wide: bool) -> Vec<String> {
     h.into_iter().map(str::to_owned).collect()
 }
 
-/// Prints objects as a table or in a machine format.
-pub(crate) fn render(objects: &[Object], output: GetOutput) -> String {
+/// `-o json|yaml` of a listing: a `List` document as kubectl prints,
+/// `{"apiVersion", "kind": "List", "metadata": {"resourceVersion"}, "items"}`.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct List<'a> {
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: ListMeta,
+    items: &'a [Object],
+}
+
+/// The list's metadata: the resource version to watch from.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListMeta {
+    resource_version: u64,
+}
+
+/// Renders a listing: a table (one per kind), names, or one `List`
+/// document holding the objects as `items`.
+pub(crate) fn render(objects: &[Object], resource_version: u64, output: GetOutput) -> String {
+    let list = || List {
+        api_version: vmctl_api::API_VERSION,
+        kind: "List",
+        metadata: ListMeta { resource_version },
+        items: objects,
+    };
     match output {
         GetOutput::Json => format!(
             "{}\n",
-            serde_json::to_string_pretty(objects).expect("serialises")
+            serde_json::to_string_pretty(&list()).expect("serialises")
         ),
-        GetOutput::Yaml => {
-            let mut s = String::new();
-            for (i, o) in objects.iter().enumerate() {
-                if i > 0 {
-                    s.push_str("---\n");
-                }
-                s.push_str(&serde_yaml::to_string(o).expect("serialises"));
-            }
-            s
-        }
+        GetOutput::Yaml => serde_yaml::to_string(&list()).expect("serialises"),
         GetOutput::Name => objects
             .iter()
             .map(|o| format!("{}\n", o.object_ref()))
@@ -135,6 +151,16 @@ pub(crate) fn render(objects: &[Object], output: GetOutput) -> String {
             }
             out
         }
+    }
+}
+
+/// Renders one named object: in JSON or YAML the object itself (not a
+/// list), else as a listing of it.
+pub(crate) fn render_one(o: &Object, output: GetOutput) -> String {
+    match output {
+        GetOutput::Json => format!("{}\n", serde_json::to_string_pretty(o).expect("serialises")),
+        GetOutput::Yaml => serde_yaml::to_string(o).expect("serialises"),
+        _ => render(std::slice::from_ref(o), 0, output),
     }
 }
 
@@ -161,36 +187,83 @@ pub fn run(
         }
     }
     let client = g.client()?;
-    let mut rv = 0;
-    let objects = match (kind, name) {
-        (Some(k), Some(n)) => vec![super::objects::get_object(&client, k, n)?],
-        (k, _) => {
-            let path = match k {
-                Some(k) => format!("/v1/objects/{}", k.short()),
-                None => "/v1/objects".into(),
-            };
-            let path = if selector.is_empty() {
-                path
-            } else {
-                format!("{path}?labels={}", selector.join(","))
-            };
-            let list = client.call::<ObjectList>("GET", &path, None::<&()>)?;
-            rv = list.resource_version;
-            list.items
+    if let (Some(k), Some(n)) = (kind, name) {
+        let o = super::objects::get_object(&client, k, n)?;
+        if watch {
+            let mut w = Watcher::new(output);
+            print(&w.object(&o))?;
+            return watch_rows(&client, kind, name, o.metadata.resource_version, w);
         }
+        print(&render_one(&o, output))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let path = match kind {
+        Some(k) => format!("/v1/objects/{}", k.short()),
+        None => "/v1/objects".into(),
     };
+    let path = if selector.is_empty() {
+        path
+    } else {
+        format!("{path}?labels={}", selector.join(","))
+    };
+    let list = client.call::<ObjectList>("GET", &path, None::<&()>)?;
+    let (objects, rv) = (list.items, list.resource_version);
     if watch {
-        if !objects.is_empty() {
-            print(&render(&objects, output))?;
+        let mut w = Watcher::new(output);
+        if matches!(output, GetOutput::Table | GetOutput::Wide) {
+            // One aligned table first; each change then is a row.
+            if !objects.is_empty() {
+                print(&render(&objects, rv, output))?;
+                w.printed = true;
+            }
+        } else {
+            for o in &objects {
+                print(&w.object(o))?;
+            }
         }
-        return watch_rows(&client, kind, name, rv, output);
+        return watch_rows(&client, kind, name, rv, w);
     }
     if objects.is_empty() && matches!(output, GetOutput::Table | GetOutput::Wide) {
         eprintln!("No resources found.");
         return Ok(ExitCode::SUCCESS);
     }
-    print(&render(&objects, output))?;
+    print(&render(&objects, rv, output))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How `get --watch` prints each object as it changes: a table row, or
+/// the object itself (as kubectl does, not a list), YAML documents
+/// separated by `---`.
+struct Watcher {
+    output: GetOutput,
+    printed: bool,
+}
+
+impl Watcher {
+    fn new(output: GetOutput) -> Self {
+        Watcher {
+            output,
+            printed: false,
+        }
+    }
+
+    /// The text for one object's current state.
+    fn object(&mut self, o: &Object) -> String {
+        let text = match self.output {
+            GetOutput::Table | GetOutput::Wide => {
+                let wide = self.output == GetOutput::Wide;
+                if self.printed {
+                    table(&[row(o, wide)])
+                } else {
+                    table(&[header(o.kind, wide), row(o, wide)])
+                }
+            }
+            GetOutput::Yaml if self.printed => format!("---\n{}", render_one(o, self.output)),
+            _ => render_one(o, self.output),
+        };
+        self.printed = true;
+        text
+    }
 }
 
 /// Prints one row (or document) per change of a matching object until the
@@ -200,7 +273,7 @@ fn watch_rows(
     kind: Option<Kind>,
     name: Option<&str>,
     after: u64,
-    output: GetOutput,
+    mut w: Watcher,
 ) -> miette::Result<ExitCode> {
     let resp = client.send("GET", &format!("/v1/watch?after={after}"), None)?;
     let mut failure = None;
@@ -223,10 +296,7 @@ fn watch_rows(
         }
         let path = format!("/v1/objects/{}/{}", r.kind.short(), r.name);
         let text = match client.call::<Object>("GET", &path, None::<&()>) {
-            Ok(o) => match output {
-                GetOutput::Table | GetOutput::Wide => table(&[row(&o, output == GetOutput::Wide)]),
-                _ => render(&[o], output),
-            },
+            Ok(o) => w.object(&o),
             Err(_) => format!("{r} deleted\n"),
         };
         print(&text).is_ok()

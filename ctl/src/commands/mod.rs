@@ -64,7 +64,7 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             &selector,
             watch,
         ),
-        Command::Describe { kind, name } => describe::run(&g, &kind, &name),
+        Command::Describe { kind, name } => describe::run(&g, &kind, name.as_deref()),
         Command::Delete {
             kind,
             name,

@@ -235,8 +235,8 @@ fn apply_reports_created_configured_unchanged_and_history_shows_the_source() {
     );
     let vm: serde_json::Value =
         serde_json::from_str(&stdout(&a.vmctl(&["get", "vm", "web", "-o", "json"], None))).unwrap();
-    assert_eq!(vm[0]["metadata"]["generation"], 2);
-    assert_eq!(vm[0]["spec"]["vcpus"], 2);
+    assert_eq!(vm["metadata"]["generation"], 2);
+    assert_eq!(vm["spec"]["vcpus"], 2);
     let hist = stdout(&a.vmctl(&["history", "vm", "web"], None));
     assert!(hist.contains("created, generation 1"), "{hist}");
     assert!(hist.contains("spec changed, generation 2"), "{hist}");
@@ -463,7 +463,7 @@ fn a_memory_change_on_a_running_vm_is_reported_or_applied_per_policy() {
         let v: serde_json::Value =
             serde_json::from_str(&stdout(&a.vmctl(&["get", "vm", "m", "-o", "json"], None)))
                 .unwrap();
-        v[0]["status"]["conditions"]
+        v["status"]["conditions"]
             .as_array()
             .and_then(|c| c.iter().find(|c| c["type"] == "RestartRequired").cloned())
             .unwrap_or_default()
@@ -521,13 +521,13 @@ fn reapplying_the_file_after_vmctl_provision_does_not_run_the_provisioners_again
         .unwrap()
     };
     let before = prov(&a);
-    assert_eq!(before[0]["metadata"]["generation"], 2, "{before}");
-    assert!(before[0]["spec"]["runToken"].is_string(), "{before}");
+    assert_eq!(before["metadata"]["generation"], 2, "{before}");
+    assert!(before["spec"]["runToken"].is_string(), "{before}");
     // The apply source moves back to the file (metadata only); the spec
     // keeps the run token, so there is no new generation to run.
     let again = a.vmctl(&["apply", "-f", fs], None);
     assert!(again.status.success(), "{}", stderr(&again));
     let after = prov(&a);
-    assert_eq!(after[0]["metadata"]["generation"], 2, "no new generation");
-    assert_eq!(after[0]["spec"]["runToken"], before[0]["spec"]["runToken"]);
+    assert_eq!(after["metadata"]["generation"], 2, "no new generation");
+    assert_eq!(after["spec"]["runToken"], before["spec"]["runToken"]);
 }

@@ -127,7 +127,11 @@ impl World {
     fn vm_json(&self, name: &str) -> serde_json::Value {
         let v: serde_json::Value =
             serde_json::from_str(&self.ok(&["get", "vm", name, "-o", "json"])).unwrap();
-        v[0].clone()
+        assert_eq!(
+            v["kind"], "VirtualMachine",
+            "get NAME prints the object itself"
+        );
+        v
     }
 }
 
@@ -231,6 +235,10 @@ fn settings() -> insta::Settings {
     s.add_filter(r"\b\d+[smhd]\n", "[AGE]\n");
     s.add_filter(r"\b\d+[smhd]$", "[AGE]");
     s.add_filter(r"\[TIME\] +", "[TIME] ");
+    // Repeated notes: `2m (x5 over 10m)`, and the padding its width varies.
+    s.add_filter(r"over \d+[smhd]\) *", "over [AGE]) ");
+    s.add_filter(r"LAST SEEN +", "LAST SEEN   ");
+    s.add_filter(r"\bAGE +MESSAGE", "AGE   MESSAGE");
     s.add_filter(r"TIME +CHANGE", "TIME   CHANGE");
     s.add_filter(r#"("?resourceVersion"?:\s*)\d+"#, "$1[RV]");
     s.add_filter(r"ResourceVersion:  \d+", "ResourceVersion:  [RV]");
@@ -417,10 +425,16 @@ fn get_in_every_format_and_describe() {
         &["get", "image"],
         &["get", "provision", "-o", "name"],
         &["get", "vm", "-l", "vmctl.dev/vm=alpha", "-o", "name"],
+        &["get", "vm", "alpha"],
+        &["get", "vm", "alpha", "-o", "wide"],
+        &["get", "vm", "alpha", "-o", "name"],
     ]);
+    // With a name, the object itself; without, a List (as kubectl).
     let json = [
         w.transcript_sorted(&["get", "vm", "alpha", "-o", "json"]),
         w.transcript_sorted(&["get", "vm", "beta", "-o", "yaml"]),
+        w.transcript_sorted(&["get", "provision", "-o", "json"]),
+        w.transcript_sorted(&["get", "image", "-o", "yaml"]),
     ]
     .join("\n");
     let describe = w.session(&[
@@ -434,19 +448,58 @@ fn get_in_every_format_and_describe() {
         &["describe", "vm", "nope"],
         &["describe", "provision", "beta"],
         &["describe", "vm", "../x"],
+        &["describe", "gadget"],
     ]);
-    // json and yaml agree.
+    // Without a name: every object of the kind, by name, two empty lines apart.
+    let describe_all = w.session(&[&["describe", "vm"]]);
+    // (Digits and padding aside: ages tick between the runs.)
+    let digitless = |s: String| {
+        s.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace(char::is_numeric, "0")
+    };
+    assert_eq!(
+        digitless(w.ok(&["describe", "vm"])),
+        digitless(format!(
+            "{}\n\n{}",
+            w.ok(&["describe", "vm", "alpha"]),
+            w.ok(&["describe", "vm", "beta"])
+        )),
+        "describe KIND is describe KIND NAME of each"
+    );
+    // json and yaml agree: one List document of the objects.
     let j: serde_json::Value = serde_json::from_str(&w.ok(&["get", "vm", "-o", "json"])).unwrap();
-    let y: Vec<serde_json::Value> =
-        serde_yaml::Deserializer::from_str(&w.ok(&["get", "vm", "-o", "yaml"]))
-            .map(|d| serde::Deserialize::deserialize(d).unwrap())
-            .collect();
-    assert_eq!(j, serde_json::Value::Array(y));
-    assert_eq!(j[0]["status"]["phase"], "Running");
+    let y: serde_json::Value = serde_yaml::from_str(&w.ok(&["get", "vm", "-o", "yaml"])).unwrap();
+    assert_eq!(j, y);
+    assert_eq!(j["kind"], "List");
+    assert_eq!(j["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(j["items"][0]["status"]["phase"], "Running");
+    // With a name, the object itself, the same as in the list.
+    let one: serde_json::Value =
+        serde_json::from_str(&w.ok(&["get", "vm", "alpha", "-o", "json"])).unwrap();
+    let one_yaml: serde_json::Value =
+        serde_yaml::from_str(&w.ok(&["get", "vm", "alpha", "-o", "yaml"])).unwrap();
+    assert_eq!(one, one_yaml);
+    assert_eq!(one["kind"], "VirtualMachine");
+    assert_eq!(one["metadata"]["name"], "alpha");
+    assert_eq!(one["spec"], j["items"][0]["spec"]);
+    // Both read back: `get -o json|yaml | apply -f -` changes nothing.
+    for out in ["json", "yaml"] {
+        for args in [&["get", "-o", out][..], &["get", "vm", "alpha", "-o", out]] {
+            let text = w.ok(args);
+            let back = w.run_in(w.dir(), &["apply", "-f", "-", "--dry-run"], Some(&text));
+            let said = stdout(&back) + &stderr(&back);
+            assert!(back.status.success(), "{args:?}: {said}");
+            assert!(said.contains("vm/alpha unchanged"), "{args:?}: {said}");
+        }
+    }
     settings().bind(|| {
         insta::assert_snapshot!("cmd_get_formats", formats);
         insta::assert_snapshot!("cmd_get_json", json);
         insta::assert_snapshot!("cmd_describe", describe);
+        insta::assert_snapshot!("cmd_describe_all", describe_all);
         insta::assert_snapshot!("cmd_get_describe_errors", errors);
     });
 }
@@ -529,7 +582,11 @@ fn delete_history_and_events() {
         "{after}"
     );
     let empty = World::new();
-    let no_events = empty.transcript(&["events"]);
+    let no_events = empty.session(&[
+        &["events"],
+        &["describe", "vm"],
+        &["get", "vm", "-o", "json"],
+    ]);
     assert_eq!(code(&hist), Some(0));
     let text = format!(
         "$ vmctl history vm web   (the `applied` rows)\n{applied}\n$ vmctl events   (sorted)\n{header}\n{}\n\n{no_events}",
@@ -539,6 +596,134 @@ fn delete_history_and_events() {
         insta::assert_snapshot!("cmd_history_events", text);
         insta::assert_snapshot!("cmd_delete", delete);
     });
+}
+
+/// The fault: a note recorded again and again (each suspend and resume of a
+/// VM) was listed again and again by `events` and `describe`. Identical
+/// notes are one row with a count and first/last time, as kubectl shows
+/// events; `events -w` still prints each one as it is recorded.
+#[test]
+fn repeated_identical_notes_are_aggregated_with_count() {
+    let w = World::new();
+    w.write("VMFile.kdl", ONE_VM);
+    assert!(
+        w.run(&["apply", "--wait", "--timeout", "60"])
+            .status
+            .success()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stdout(&w.run(&["events"])).lines().count() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // `events -w` from here: its listing first (the header), then the stream.
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        .args(["--no-autostart", "--data-dir"])
+        .arg(w.agent.data_dir())
+        .args(["events", "-w"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut watched = Vec::new();
+    let wait_for = |watched: &mut Vec<String>, done: &dyn Fn(&[String]) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done(watched) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => watched.push(l),
+                Err(_) => panic!("events -w printed only:\n{}", watched.join("\n")),
+            }
+        }
+    };
+    wait_for(&mut watched, &|l| {
+        l.iter().any(|l| l.starts_with("LAST SEEN"))
+    });
+    for _ in 0..3 {
+        w.ok(&["suspend", "web"]);
+        w.ok(&["resume", "web"]);
+    }
+    // A controller records its note just after the status the command saw.
+    let count = |reason: &str| -> u64 {
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(&w.ok(&["events", "-o", "json"])).unwrap();
+        events
+            .iter()
+            .filter(|e| e["reason"] == reason)
+            .map(|e| e["count"].as_u64().unwrap())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while count("Resumed") < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let noted = |l: &[String], reason: &str| {
+        l.iter()
+            .filter(|l| l.contains(&format!("   {reason}   vm/web")))
+            .count()
+    };
+    // The stream: each note once, as recorded, not aggregated.
+    wait_for(&mut watched, &|l| noted(l, "Resumed") >= 3);
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    assert_eq!(noted(&watched, "Suspended"), 3, "{watched:#?}");
+    assert_eq!(noted(&watched, "Resumed"), 3, "{watched:#?}");
+
+    // -o json: one entry per distinct note, with count and first/last time.
+    let events: Vec<serde_json::Value> =
+        serde_json::from_str(&w.ok(&["events", "-o", "json"])).unwrap();
+    let reasons: Vec<&str> = events
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 4, "{events:#?}");
+    assert_eq!(&reasons[2..], ["Suspended", "Resumed"], "by last seen");
+    for e in &events[2..] {
+        assert_eq!(e["count"], 3, "{e}");
+        let t = |f: &str| chrono::DateTime::parse_from_rfc3339(e[f].as_str().unwrap()).unwrap();
+        assert!(t("firstTimestamp") < t("lastTimestamp"), "{e}");
+        assert_eq!(e["object"]["name"], "web");
+    }
+    for e in &events[..2] {
+        assert_eq!(e["count"], 1, "{e}");
+        assert_eq!(e["firstTimestamp"], e["lastTimestamp"], "{e}");
+    }
+    let yaml: serde_json::Value = serde_yaml::from_str(&w.ok(&["events", "-o", "yaml"])).unwrap();
+    assert_eq!(yaml, serde_json::Value::Array(events));
+
+    // The table and describe: one row each, `(x3 over …)`.
+    let table = w.run(&["events"]);
+    let mut rows: Vec<String> = stdout(&table).lines().map(str::to_owned).collect();
+    // Pulled and Started may be recorded in either order.
+    rows[1..3].sort();
+    let describe = w.ok(&["describe", "vm", "web"]);
+    let events_section = describe
+        .split_once("Events:")
+        .map(|(_, e)| format!("Events:{e}"))
+        .unwrap_or_default();
+    assert_eq!(
+        events_section.matches("Suspended VM web").count(),
+        1,
+        "{describe}"
+    );
+    assert_eq!(events_section.matches("(x3 over ").count(), 2, "{describe}");
+    let text = format!(
+        "$ vmctl events   (the first two rows sorted)\n{}\n\n$ vmctl describe vm web   (its events)\n{events_section}",
+        rows.join("\n")
+    );
+    settings().bind(|| insta::assert_snapshot!("cmd_events_aggregated", text));
 }
 
 // ---------------------------------------------------------------- imperative
@@ -799,7 +984,7 @@ fn reload_recreates_and_provision_is_a_recorded_rerun() {
     let prov = |w: &World| -> serde_json::Value {
         let v: serde_json::Value =
             serde_json::from_str(&w.ok(&["get", "provision", "alpha", "-o", "json"])).unwrap();
-        v[0].clone()
+        v
     };
     let before = prov(&w)["metadata"]["generation"].as_u64().unwrap();
     w.ok(&["provision", "alpha", "--timeout", "60"]);

@@ -142,7 +142,7 @@ fn cloud_vm(c: &Case) {
     assert!(err.contains("all 3 objects are Ready"), "{}: {err}", c.vm);
 
     // The seed: written by the tool this world asked for.
-    let vm = &w.json(&["get", "vm", c.vm, "-o", "json"])[0];
+    let vm = &w.json(&["get", "vm", c.vm, "-o", "json"]);
     assert_eq!(vm["status"]["phase"], "Running", "{vm}");
     let rt = &vm["status"]["runtime"];
     assert_eq!(rt["backend"], "qemu", "{vm}");
@@ -222,7 +222,7 @@ fn cloud_vm(c: &Case) {
     assert_eq!(keys.trim(), "/etc/ssh/ssh_host_ed25519_key", "{keys}");
 
     // Passwordless sudo in the provisioners.
-    let prov = &w.json(&["get", "provision", c.vm, "-o", "json"])[0];
+    let prov = &w.json(&["get", "provision", c.vm, "-o", "json"]);
     assert_eq!(prov["status"]["phase"], "Succeeded", "{prov}");
     assert_eq!(prov["status"]["vmInstanceId"], instance_id, "{prov}");
     let steps = prov["status"]["steps"].as_array().unwrap();

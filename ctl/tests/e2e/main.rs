@@ -300,21 +300,21 @@ vm "zst" {{
     assert!(err.contains("all 5 objects are Ready"), "{err}");
 
     // get/describe tell the truth.
-    let images = w.json(&["get", "image", "-o", "json"]);
+    let images = w.json(&["get", "image", "-o", "json"])["items"].take();
     assert_eq!(images.as_array().unwrap().len(), 2);
     for img in images.as_array().unwrap() {
         assert_eq!(img["status"]["phase"], "Ready");
         assert_eq!(img["status"]["format"], "qcow2");
     }
-    let vms = w.json(&["get", "vm", "-o", "json"]);
+    let vms = w.json(&["get", "vm", "-o", "json"])["items"].take();
     for vm in vms.as_array().unwrap() {
         assert_eq!(vm["status"]["phase"], "Running", "{vm}");
         assert_eq!(vm["status"]["runtime"]["backend"], "qemu");
         assert_eq!(vm["status"]["runtime"]["sshHost"], "127.0.0.1");
     }
     let prov = w.json(&["get", "provision", "qs", "-o", "json"]);
-    assert_eq!(prov[0]["status"]["phase"], "Succeeded");
-    let steps = prov[0]["status"]["steps"].as_array().unwrap();
+    assert_eq!(prov["status"]["phase"], "Succeeded");
+    let steps = prov["status"]["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 3);
     assert!(
         steps
@@ -389,7 +389,7 @@ vm "zst" {{
         .status()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let vms = w.json(&["get", "vm", "-o", "json"]); // auto-starts a new agent
+    let vms = w.json(&["get", "vm", "-o", "json"])["items"].take(); // auto-starts a new agent
     assert_ne!(w.agent_pid(), Some(agent));
     std::thread::sleep(Duration::from_secs(6)); // a liveness round
     assert_eq!(
@@ -413,10 +413,10 @@ vm "zst" {{
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("provision/qs failed"), "{err}");
     let prov = w.json(&["get", "provision", "qs", "-o", "json"]);
-    assert_eq!(prov[0]["status"]["phase"], "Failed");
-    assert_eq!(prov[0]["status"]["steps"][1]["exitCode"], 4);
+    assert_eq!(prov["status"]["phase"], "Failed");
+    assert_eq!(prov["status"]["steps"][1]["exitCode"], 4);
     assert_ne!(
-        prov[0]["status"]["steps"][2]["phase"], "Succeeded",
+        prov["status"]["steps"][2]["phase"], "Succeeded",
         "steps after a failure do not run"
     );
 
@@ -577,7 +577,7 @@ fn qemu_killed_from_outside_is_noticed_and_restarted_with_backoff() {
         now.len() == 1 && now != before
     });
     wait_until("Running again", Duration::from_secs(60), || {
-        w.json(&["get", "vm", "crashy", "-o", "json"])[0]["status"]["phase"] == "Running"
+        w.json(&["get", "vm", "crashy", "-o", "json"])["status"]["phase"] == "Running"
     });
     let events = w.ok(&["events"]);
     assert!(events.contains("BackOff"), "{events}");
@@ -705,7 +705,7 @@ vm "db" {{
 
     // Add a provisioner and reload: a new VM (new disk, marker gone) provisioned again.
     let old_id =
-        w.json(&["get", "vm", "web", "-o", "json"])[0]["status"]["runtime"]["instanceId"].clone();
+        w.json(&["get", "vm", "web", "-o", "json"])["status"]["runtime"]["instanceId"].clone();
     std::fs::write(
         p.join("VMFile.kdl"),
         vmfile("    provision \"shell\" {\n        inline \"echo second >> /tmp/marker\"\n    }\n"),
@@ -713,7 +713,7 @@ vm "db" {{
     .unwrap();
     w.ok(&["reload", "--name", "web", "--timeout", BOOT]);
     let new_id =
-        w.json(&["get", "vm", "web", "-o", "json"])[0]["status"]["runtime"]["instanceId"].clone();
+        w.json(&["get", "vm", "web", "-o", "json"])["status"]["runtime"]["instanceId"].clone();
     assert_ne!(old_id, new_id, "reload recreates the VM");
     assert_eq!(
         w.ok(&["exec", "web", "--", "cat", "/tmp/marker"]),
@@ -744,7 +744,7 @@ vm "db" {{
         .to_owned()
     };
     let phase = |w: &World| {
-        w.json(&["get", "vm", "web", "-o", "json"])[0]["status"]["phase"]
+        w.json(&["get", "vm", "web", "-o", "json"])["status"]["phase"]
             .as_str()
             .unwrap_or("")
             .to_owned()
@@ -834,12 +834,9 @@ exec {bin} agent --data-dir {data}",
     .unwrap();
     w.ok(&["apply", "--wait", "--timeout", "120"]);
     let vm = w.json(&["get", "vm", "tapvm", "-o", "json"]);
-    let mac = vm[0]["status"]["runtime"]["mac"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let mac = vm["status"]["runtime"]["mac"].as_str().unwrap().to_owned();
     assert!(
-        vm[0]["status"]["runtime"]["sshPort"].is_null(),
+        vm["status"]["runtime"]["sshPort"].is_null(),
         "no host port forward on a tap network: {vm}"
     );
     let links = netns(&["bridge", "link"]);

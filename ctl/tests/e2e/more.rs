@@ -87,7 +87,7 @@ fn arg_after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 }
 
 fn get1(w: &World, kind: &str, name: &str) -> serde_json::Value {
-    w.json(&["get", kind, name, "-o", "json"])[0].clone()
+    w.json(&["get", kind, name, "-o", "json"])
 }
 
 fn cond(obj: &serde_json::Value, ty: &str) -> Option<serde_json::Value> {
@@ -525,7 +525,7 @@ vm "cut" {{
 
     // The truncated image: Failed with the reason, nothing cached, its VM never started.
     let images = w.json(&["get", "image", "-o", "json"]);
-    let cut = images
+    let cut = images["items"]
         .as_array()
         .unwrap()
         .iter()
@@ -538,7 +538,7 @@ vm "cut" {{
         reason.contains("truncated") && reason.contains(&format!("of {} bytes", full.len())),
         "{reason}"
     );
-    for i in images.as_array().unwrap() {
+    for i in images["items"].as_array().unwrap() {
         if i["metadata"]["name"] != cut["metadata"]["name"] {
             assert_eq!(i["status"]["phase"], "Ready", "{i}");
         }
