@@ -14,8 +14,12 @@ pub mod api;
 pub mod cache;
 pub mod compaction;
 pub mod config;
+pub mod finalizers;
+pub mod http;
 pub mod openapi;
+pub mod rejection;
 pub mod server;
+pub mod socket;
 
 pub use config::AgentConfig;
-pub use server::{AgentError, run};
+pub use server::{AgentError, run, run_until};

@@ -7,6 +7,9 @@ use serde_json::{Value, json};
 use vmctl_api::Object;
 use vmctl_api::wire::{ApplyRequest, ApplyResponse, ErrorBody, Health, ObjectList};
 
+use crate::finalizers::PatchRequest;
+use crate::rejection::{MAX_APPLY_BODY_BYTES, MAX_BODY_BYTES, human_bytes};
+
 /// Builds a JSON Schema for a body, registering definitions in the generator.
 pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
 
@@ -25,6 +28,8 @@ pub struct Route {
     pub response: (u16, Option<SchemaFn>),
     /// Query parameters: name, description.
     pub query: &'static [(&'static str, &'static str)],
+    /// Largest accepted request body in bytes (0: the endpoint takes none).
+    pub max_body: usize,
 }
 
 fn s<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
@@ -40,6 +45,7 @@ pub const ROUTES: &[Route] = &[
         request: None,
         response: (200, Some(s::<Health>)),
         query: &[],
+        max_body: 0,
     },
     Route {
         method: "post",
@@ -48,6 +54,7 @@ pub const ROUTES: &[Route] = &[
         request: Some(s::<ApplyRequest>),
         response: (200, Some(s::<ApplyResponse>)),
         query: &[],
+        max_body: MAX_APPLY_BODY_BYTES,
     },
     Route {
         method: "get",
@@ -56,6 +63,7 @@ pub const ROUTES: &[Route] = &[
         request: None,
         response: (200, Some(s::<ObjectList>)),
         query: &[("labels", "key=value[,key=value] label selector")],
+        max_body: 0,
     },
     Route {
         method: "get",
@@ -64,6 +72,7 @@ pub const ROUTES: &[Route] = &[
         request: None,
         response: (200, Some(s::<ObjectList>)),
         query: &[("labels", "key=value[,key=value] label selector")],
+        max_body: 0,
     },
     Route {
         method: "get",
@@ -72,6 +81,7 @@ pub const ROUTES: &[Route] = &[
         request: None,
         response: (200, Some(s::<Object>)),
         query: &[],
+        max_body: 0,
     },
     Route {
         method: "delete",
@@ -80,6 +90,16 @@ pub const ROUTES: &[Route] = &[
         request: None,
         response: (202, Some(s::<Option<Object>>)),
         query: &[],
+        max_body: 0,
+    },
+    Route {
+        method: "patch",
+        path: "/v1/objects/{kind}/{name}",
+        summary: "Add or remove finalizers (those under vmctl.dev/ only with force); removing the last one of an object being deleted deletes it (body: the object, null once gone)",
+        request: Some(s::<PatchRequest>),
+        response: (200, Some(s::<Option<Object>>)),
+        query: &[],
+        max_body: MAX_BODY_BYTES,
     },
     Route {
         method: "get",
@@ -88,6 +108,7 @@ pub const ROUTES: &[Route] = &[
         request: None,
         response: (200, None),
         query: &[],
+        max_body: 0,
     },
     Route {
         method: "get",
@@ -96,6 +117,7 @@ pub const ROUTES: &[Route] = &[
         request: None,
         response: (200, None),
         query: &[],
+        max_body: 0,
     },
     Route {
         method: "get",
@@ -104,6 +126,7 @@ pub const ROUTES: &[Route] = &[
         request: None,
         response: (200, None),
         query: &[],
+        max_body: 0,
     },
     Route {
         method: "get",
@@ -120,6 +143,7 @@ pub const ROUTES: &[Route] = &[
                 "true to start at the current end of the log",
             ),
         ],
+        max_body: 0,
     },
     Route {
         method: "get",
@@ -128,8 +152,35 @@ pub const ROUTES: &[Route] = &[
         request: None,
         response: (200, None),
         query: &[("after", "stream events with a sequence above this")],
+        max_body: 0,
     },
 ];
+
+/// The document's description: transport and limits.
+const DESCRIPTION: &str = "JSON over HTTP/1.1 on the agent's Unix socket (curl --unix-socket works). \
+Every error answers with the ErrorBody JSON (code, message, help), 404 and 405 included. \
+Limits: request bodies as documented per endpoint (413 beyond); a request header must arrive \
+within 10 s of the connection being ready for it (idle keep-alive included), a body within \
+30 s and with no pause over 10 s (408); at most 4,096 connections are served at once \
+(fewer when the agent may open few files), further ones wait.";
+
+/// The methods `path` (a concrete request path) is served with, lowercase,
+/// from the route table; empty when no route matches.
+pub fn allowed_methods(path: &str) -> Vec<&'static str> {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    ROUTES
+        .iter()
+        .filter(|r| {
+            let pat: Vec<&str> = r.path.split('/').collect();
+            pat.len() == segs.len()
+                && pat
+                    .iter()
+                    .zip(&segs)
+                    .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
+        })
+        .map(|r| r.method)
+        .collect()
+}
 
 /// The OpenAPI 3.1 document, pretty-printed with a trailing newline.
 pub fn document() -> String {
@@ -154,7 +205,9 @@ pub fn document() -> String {
             let schema = req(&mut generator);
             op.insert(
                 "requestBody".into(),
-                json!({"required": true, "content": {"application/json": {"schema": schema}}}),
+                json!({"required": true,
+                       "description": format!("JSON, at most {} ({} bytes); larger bodies get 413", human_bytes(r.max_body), r.max_body),
+                       "content": {"application/json": {"schema": schema}}}),
             );
         }
         let ok = match r.response.1 {
@@ -184,7 +237,7 @@ pub fn document() -> String {
     let doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "vmctl agent API", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "JSON over HTTP on the agent's Unix socket (curl --unix-socket works)."},
+                 "description": DESCRIPTION},
         "paths": paths,
         "components": {"schemas": defs},
     });

@@ -1,11 +1,15 @@
 //! Starting and stopping the agent: lock, store, socket, signals.
+//!
+//! Order: driver settings → data directory lock → socket probe (a second
+//! agent stops here) → store → socket bound ([`crate::socket`]) → API
+//! served with limits ([`crate::http`]) until SIGTERM/SIGINT → socket
+//! removed if still ours.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::net::UnixListener;
 use vmctl_store::{SledStore, Store, StoreError};
 
 use crate::api::{self, AppState};
@@ -23,9 +27,10 @@ pub enum AgentError {
     /// The store could not be opened.
     #[error("cannot open the store")]
     Store(#[source] StoreError),
-    /// The socket could not be bound.
-    #[error("cannot listen on {0}")]
-    Bind(PathBuf, #[source] std::io::Error),
+    /// The socket could not be bound (something answers there already, or
+    /// the path is not a socket, or a system call failed).
+    #[error("cannot listen on the agent socket")]
+    Socket(#[source] crate::socket::SocketError),
     /// The requested driver does not exist.
     #[error("unknown or unavailable driver `{0}`")]
     Driver(String),
@@ -41,9 +46,6 @@ pub enum AgentError {
     /// The controllers stopped with an error.
     #[error("the controllers failed")]
     Controllers(#[source] vmctl_controllers::RunError),
-    /// Serving failed.
-    #[error("the API server failed")]
-    Serve(#[source] std::io::Error),
 }
 
 impl AgentError {
@@ -58,11 +60,11 @@ impl AgentError {
             }
             AgentError::Store(StoreError::Corrupt { hint, .. }) => hint.clone(),
             AgentError::Store(_) => "see the error above; the store was not modified".into(),
-            AgentError::Bind(..) => "another process may use the socket path; pass --socket".into(),
+            AgentError::Socket(e) => e.help().into(),
             AgentError::Driver(_) => {
                 "drivers are `qemu` (default) and `fake` (in memory, for tests)".into()
             }
-            AgentError::Serve(_) | AgentError::Controllers(_) => "see the agent log".into(),
+            AgentError::Controllers(_) => "see the agent log".into(),
             AgentError::FakeConfig(_) => "fix the VMCTL_FAKE_* environment variables".into(),
             AgentError::Accel(_) => "set VMCTL_ACCEL to kvm, tcg or auto".into(),
             AgentError::SeedTool(_) => {
@@ -92,21 +94,6 @@ fn lock(cfg: &AgentConfig) -> Result<File, AgentError> {
         Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::Locked(cfg.data_dir.clone())),
         Err(std::fs::TryLockError::Error(e)) => Err(AgentError::DataDir(cfg.data_dir.clone(), e)),
     }
-}
-
-/// Binds the socket, replacing a stale one, with mode 0600.
-fn bind(cfg: &AgentConfig) -> Result<UnixListener, AgentError> {
-    // We hold the lock, so a socket file left here belongs to a dead agent.
-    match std::fs::remove_file(&cfg.socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(AgentError::Bind(cfg.socket.clone(), e)),
-    }
-    let listener =
-        UnixListener::bind(&cfg.socket).map_err(|e| AgentError::Bind(cfg.socket.clone(), e))?;
-    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| AgentError::Bind(cfg.socket.clone(), e))?;
-    Ok(listener)
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
@@ -154,16 +141,32 @@ fn drivers(cfg: &AgentConfig) -> Result<vmctl_controllers::Drivers, AgentError> 
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    run_until(cfg, shutdown_signal()).await
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run_until(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
     let drivers = drivers(&cfg)?;
     let _lock = lock(&cfg)?;
+    crate::socket::check_free(&cfg.socket).map_err(AgentError::Socket)?;
+    let nofile = crate::http::raise_nofile_limit();
     let db = cfg.db_dir();
     let store = tokio::task::spawn_blocking(move || SledStore::open(db))
         .await
         .expect("the store open task does not panic")
         .map_err(AgentError::Store)?;
     let store: Arc<dyn Store> = Arc::new(store);
-    let listener = bind(&cfg)?;
-    tracing::info!(socket = %cfg.socket.display(), driver = %cfg.driver, "agent listening");
+    let (listener, socket) = crate::socket::bind(&cfg.socket).map_err(AgentError::Socket)?;
+    let limits = crate::http::Limits::for_nofile(nofile);
+    tracing::info!(
+        socket = %cfg.socket.display(),
+        driver = %cfg.driver,
+        max_connections = limits.max_connections,
+        "agent listening"
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let controllers = tokio::spawn(vmctl_controllers::run(
         store.clone(),
@@ -179,13 +182,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let cache = crate::cache::ObjectCache::start(store.clone(), stop.subscribe());
     let state = AppState::new(store, cfg.clone()).with_cache(cache);
     let app = api::router(state);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
-    let _ = std::fs::remove_file(&cfg.socket);
+    crate::http::serve(listener, app, limits, shutdown).await;
+    // Removed only if it is still ours (another agent may have taken the path).
+    drop(socket);
     let _ = stop.send(true);
     let ctl = controllers.await;
-    served.map_err(AgentError::Serve)?;
     match ctl {
         Ok(r) => r.map_err(AgentError::Controllers),
         Err(e) => {

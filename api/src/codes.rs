@@ -86,6 +86,11 @@ pub const CODES: &[Code] = &[
         "the object changed meanwhile; read it again and retry",
     ),
     c(
+        "vmctl::api::method_not_allowed",
+        "the endpoint exists but not with this HTTP method",
+        "use a method the endpoint allows (the error names them; see agent/openapi.json)",
+    ),
+    c(
         "vmctl::api::no_route",
         "the agent has no such endpoint",
         "see agent/openapi.json; are vmctl and the agent the same version?",
@@ -101,6 +106,21 @@ pub const CODES: &[Code] = &[
         "internal error; see the agent log and please report it",
     ),
     c(
+        "vmctl::api::payload_too_large",
+        "a request body is larger than the agent accepts",
+        "split the file into several applies; the limits are in the README and agent/openapi.json",
+    ),
+    c(
+        "vmctl::api::protected_finalizer",
+        "a finalizer owned by vmctl's controllers was to be changed by hand",
+        "let the controller clear it; pass --force only if that controller can never run again",
+    ),
+    c(
+        "vmctl::api::request_timeout",
+        "the client did not send the request body in time",
+        "send the whole body at once; the agent closes slow requests",
+    ),
+    c(
         "vmctl::api::too_old",
         "a watch started from a compacted resource version",
         "list again and watch from the listing's resourceVersion",
@@ -114,6 +134,11 @@ pub const CODES: &[Code] = &[
         "vmctl::apply::failed",
         "an applied object failed while `--wait` waited for it",
         "run `vmctl describe KIND NAME` for the failing condition",
+    ),
+    c(
+        "vmctl::apply::incomplete",
+        "the agent's answer to an apply did not acknowledge every object",
+        "run the apply again; `vmctl get` shows what was written",
     ),
     c(
         "vmctl::apply::prune_needs_file",

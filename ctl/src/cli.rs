@@ -156,6 +156,33 @@ pub enum Command {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// Add or remove an object's finalizers (e.g. one that keeps it Terminating).
+    ///
+    /// A finalizer makes a deleted object wait until it is removed. Finalizers
+    /// you set (in a file's metadata.finalizers or with --add-finalizer) are
+    /// yours; those under vmctl.dev/ belong to vmctl's controllers and change
+    /// only with --force. Removing the last finalizer of a Terminating object
+    /// deletes it.
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["add_finalizer", "remove_finalizer"])))]
+    Patch {
+        /// Kind: vm, image, provision.
+        kind: String,
+        /// Name.
+        name: String,
+        /// Add this finalizer (repeatable).
+        #[arg(long, value_name = "FINALIZER")]
+        add_finalizer: Vec<String>,
+        /// Remove this finalizer (repeatable).
+        #[arg(long, value_name = "FINALIZER")]
+        remove_finalizer: Vec<String>,
+        /// Allow changing finalizers of vmctl's controllers (vmctl.dev/...):
+        /// the cleanup they guard (VM teardown, image file removal) is skipped.
+        #[arg(long)]
+        force: bool,
+        /// Fail with a conflict unless the object is at this resourceVersion.
+        #[arg(long)]
+        resource_version: Option<u64>,
+    },
     /// Show how the live objects differ from a file (exit 1 when they differ).
     Diff {
         /// VMFile.kdl, a YAML/JSON manifest, a directory of them, or - for stdin.

@@ -35,6 +35,10 @@ pub enum ClientError {
     /// Talking to the agent failed.
     #[error("talking to the agent failed")]
     Io(#[source] std::io::Error),
+    /// The agent closed the connection before its answer was complete:
+    /// nothing it may have done is acknowledged.
+    #[error("the agent closed the connection {0}; the request may or may not have taken effect")]
+    HungUp(String),
     /// The agent's answer was not what this vmctl expects.
     #[error("unexpected answer from the agent: {0}")]
     Protocol(String),
@@ -47,7 +51,7 @@ impl ClientError {
             ClientError::Unreachable { .. } => "vmctl::agent::unreachable",
             ClientError::Api { body, .. } if !body.code.is_empty() => &body.code,
             ClientError::Api { .. } => "vmctl::agent::error",
-            ClientError::Io(_) => "vmctl::agent::io",
+            ClientError::Io(_) | ClientError::HungUp(_) => "vmctl::agent::io",
             ClientError::Protocol(_) => "vmctl::agent::protocol",
         }
     }
@@ -84,16 +88,29 @@ pub struct Response {
     /// The HTTP status.
     pub status: u16,
     chunked: bool,
+    content_length: Option<u64>,
     reader: BufReader<UnixStream>,
 }
 
 impl Response {
-    /// Reads the whole body.
+    /// Reads the whole body; fails if the connection ends before the
+    /// `Content-Length` or the last chunk.
     pub fn body(mut self) -> Result<Vec<u8>, ClientError> {
         let mut out = Vec::new();
         if self.chunked {
             while let Some(chunk) = self.next_chunk()? {
                 out.extend(chunk);
+            }
+        } else if let Some(len) = self.content_length {
+            (&mut self.reader)
+                .take(len)
+                .read_to_end(&mut out)
+                .map_err(ClientError::Io)?;
+            if (out.len() as u64) < len {
+                return Err(ClientError::HungUp(format!(
+                    "after {} of the {len} bytes of its answer",
+                    out.len()
+                )));
             }
         } else {
             self.reader.read_to_end(&mut out).map_err(ClientError::Io)?;
@@ -103,7 +120,9 @@ impl Response {
 
     fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
         let mut line = String::new();
-        self.reader.read_line(&mut line).map_err(ClientError::Io)?;
+        if self.reader.read_line(&mut line).map_err(ClientError::Io)? == 0 {
+            return Err(ClientError::HungUp("in the middle of its answer".into()));
+        }
         let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
             .map_err(|_| ClientError::Protocol(format!("bad chunk header {line:?}")))?;
         if size == 0 {
@@ -159,35 +178,58 @@ impl Client {
             "{method} {path} HTTP/1.1\r\nHost: vmctl\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
-        s.write_all(head.as_bytes())
-            .and_then(|()| s.write_all(body))
-            .map_err(ClientError::Io)?;
+        let written = s
+            .write_all(head.as_bytes())
+            .and_then(|()| s.write_all(body));
+        // The agent may answer before reading the whole body (413) and
+        // close: its answer is still readable, so read it whatever the
+        // write did, and fail only when there is none.
         let mut reader = BufReader::new(s);
         let mut line = String::new();
-        reader.read_line(&mut line).map_err(ClientError::Io)?;
+        let read = reader.read_line(&mut line);
+        match (written, read) {
+            (_, Ok(n)) if n > 0 => {}
+            (Err(e), _) => {
+                return Err(ClientError::HungUp(format!(
+                    "while it was sent the request ({e})"
+                )));
+            }
+            (Ok(()), Ok(_)) => return Err(ClientError::HungUp("without answering".into())),
+            (Ok(()), Err(e)) => return Err(ClientError::Io(e)),
+        }
         let status = line
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
         let mut chunked = false;
+        let mut content_length = None;
         loop {
             let mut h = String::new();
-            reader.read_line(&mut h).map_err(ClientError::Io)?;
+            if reader.read_line(&mut h).map_err(ClientError::Io)? == 0 {
+                return Err(ClientError::HungUp("in the middle of its answer".into()));
+            }
             let h = h.trim_end();
             if h.is_empty() {
                 break;
             }
-            if let Some((k, v)) = h.split_once(':')
-                && k.eq_ignore_ascii_case("transfer-encoding")
-                && v.trim().eq_ignore_ascii_case("chunked")
-            {
-                chunked = true;
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("transfer-encoding")
+                    && v.trim().eq_ignore_ascii_case("chunked")
+                {
+                    chunked = true;
+                } else if k.eq_ignore_ascii_case("content-length") {
+                    content_length =
+                        Some(v.trim().parse().map_err(|_| {
+                            ClientError::Protocol(format!("bad Content-Length {v:?}"))
+                        })?);
+                }
             }
         }
         Ok(Response {
             status,
             chunked,
+            content_length,
             reader,
         })
     }

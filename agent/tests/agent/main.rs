@@ -1,4 +1,11 @@
-//! The agent's API in process: the OpenAPI document and the router agree.
+//! The agent's API in process: the OpenAPI document and the router agree;
+//! errors, limits, the socket, concurrency and finalizers.
+
+mod concurrency;
+mod errors;
+mod full_disk;
+mod limits;
+mod socket;
 
 use std::sync::Arc;
 
@@ -8,7 +15,22 @@ use tower::ServiceExt;
 use vmctl_agent::api::{AppState, router};
 use vmctl_agent::{AgentConfig, openapi};
 
-mod full_disk;
+/// The router over a fresh store, and the store.
+pub fn app_with_store() -> (tempfile::TempDir, Arc<vmctl_store::SledStore>, axum::Router) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(vmctl_store::SledStore::open(dir.path().join("db")).unwrap());
+    let app = router(AppState::new(
+        store.clone(),
+        AgentConfig::new(dir.path().to_path_buf()),
+    ));
+    (dir, store, app)
+}
+
+/// The router over a fresh store.
+pub fn app() -> (tempfile::TempDir, axum::Router) {
+    let (dir, _, app) = app_with_store();
+    (dir, app)
+}
 
 #[test]
 fn checked_in_openapi_matches_the_route_table() {
@@ -39,6 +61,8 @@ async fn every_documented_route_is_served() {
         }
         let body = if r.method == "post" {
             Body::from("{\"objects\":[]}")
+        } else if r.method == "patch" {
+            Body::from("{}")
         } else {
             Body::empty()
         };

@@ -75,6 +75,48 @@ fn render(resp: &ApplyResponse, a: &ApplyArgs, only_changes: bool) -> String {
     }
 }
 
+/// Fails unless the agent's answer has a result for every object sent, in
+/// order: an apply is a success only when every object is acknowledged.
+pub(crate) fn check_acknowledged(req: &ApplyRequest, resp: &ApplyResponse) -> miette::Result<()> {
+    let acked: Vec<&ObjectRef> = resp
+        .results
+        .iter()
+        .filter(|r| r.outcome != ApplyOutcome::Pruned)
+        .map(|r| &r.object)
+        .collect();
+    let missing: Vec<String> = req
+        .objects
+        .iter()
+        .map(Object::object_ref)
+        .filter(|r| !acked.contains(&r))
+        .map(|r| r.to_string())
+        .collect();
+    if missing.is_empty() && acked.len() == req.objects.len() {
+        return Ok(());
+    }
+    let shown = missing
+        .iter()
+        .take(5)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    let more = missing.len().saturating_sub(5);
+    Err(miette::miette!(
+        code = "vmctl::apply::incomplete",
+        help = "run the apply again; `vmctl get` shows what was written",
+        "the agent acknowledged {} of the {} objects sent{}",
+        acked.len().min(req.objects.len()),
+        req.objects.len(),
+        if missing.is_empty() {
+            String::new()
+        } else if more > 0 {
+            format!("; not acknowledged: {shown} and {more} more")
+        } else {
+            format!("; not acknowledged: {shown}")
+        }
+    ))
+}
+
 /// Applies the file's resources through the agent.
 pub fn run(g: &Globals, a: &ApplyArgs) -> miette::Result<ExitCode> {
     if a.prune && a.file == Path::new("-") {
@@ -96,8 +138,9 @@ pub fn run(g: &Globals, a: &ApplyArgs) -> miette::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let client = g.client()?;
-    let resp: ApplyResponse =
-        client.call("POST", "/v1/apply", Some(&request(&loaded, &a.file, a)))?;
+    let req = request(&loaded, &a.file, a);
+    let resp: ApplyResponse = client.call("POST", "/v1/apply", Some(&req))?;
+    check_acknowledged(&req, &resp)?;
     print(&render(&resp, a, false))?;
     if a.watch {
         return watch(&client, a, loaded);
@@ -215,7 +258,11 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
             continue;
         }
         super::print_warnings(&loaded.warnings);
-        match client.call::<ApplyResponse>("POST", "/v1/apply", Some(&request(&loaded, &a.file, a)))
+        let req = request(&loaded, &a.file, a);
+        match client
+            .call::<ApplyResponse>("POST", "/v1/apply", Some(&req))
+            .map_err(miette::Report::new)
+            .and_then(|resp| check_acknowledged(&req, &resp).map(|()| resp))
         {
             Ok(resp) => {
                 let stamp = chrono::Local::now().format("%H:%M:%S");
@@ -227,7 +274,7 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
                     print(&changes)?;
                 }
             }
-            Err(e) => eprintln!("{:?}", miette::Report::new(e)),
+            Err(e) => eprintln!("{e:?}"),
         }
         let new_dirs = watched_dirs(&a.file, &loaded);
         for d in new_dirs.iter().filter(|d| !dirs.contains(d)) {

@@ -13,6 +13,7 @@ mod history;
 mod image;
 mod log;
 mod objects;
+mod patch;
 mod power;
 mod provision;
 mod schema;
@@ -77,6 +78,24 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             name.as_deref(),
             file.as_deref(),
             wait.then(|| std::time::Duration::from_secs(timeout)),
+        ),
+        Command::Patch {
+            kind,
+            name,
+            add_finalizer,
+            remove_finalizer,
+            force,
+            resource_version,
+        } => patch::run(
+            &g,
+            &kind,
+            &name,
+            &vmctl_agent::finalizers::PatchRequest {
+                add_finalizers: add_finalizer,
+                remove_finalizers: remove_finalizer,
+                force,
+                resource_version,
+            },
         ),
         Command::Diff { file } => diff::run(&g, &file),
         Command::History { kind, name, output } => history::run(&g, &kind, &name, output),

@@ -83,15 +83,22 @@ fn request_with_source(
     }
 }
 
-/// Sends an apply request.
+/// Sends an apply request; fails unless every object is acknowledged.
 pub(crate) fn apply(client: &Client, req: &ApplyRequest) -> miette::Result<ApplyResponse> {
-    Ok(client.call("POST", "/v1/apply", Some(req))?)
+    let resp = client.call("POST", "/v1/apply", Some(req))?;
+    super::apply::check_acknowledged(req, &resp)?;
+    Ok(resp)
 }
 
 /// GETs an object, changes its spec with `edit` and re-applies it, keeping
 /// the file it was applied from (so `apply --prune` still owns it) and
 /// recording "USER via vmctl VERB". Returns the result (with the new
 /// generation).
+///
+/// The write carries the resourceVersion read, so a concurrent change is a
+/// conflict, never overwritten: when only the status moved on (controllers
+/// write it all the time) the edit is applied again to the fresh object;
+/// when the spec changed, the conflict is the answer.
 pub(crate) fn edit_spec(
     client: &Client,
     kind: Kind,
@@ -100,10 +107,31 @@ pub(crate) fn edit_spec(
     edit: impl FnOnce(&mut serde_json::Value),
 ) -> miette::Result<ApplyResult> {
     let mut obj = get_object(client, kind, name)?;
+    let read_spec = obj.spec.clone();
     edit(&mut obj.spec);
-    let file = obj.metadata.source.as_ref().and_then(|s| s.file.clone());
-    let req = request_with_source(vec![obj], file, verb, false, false);
-    let resp = apply(client, &req)?;
+    let edited = obj.spec.clone();
+    let mut attempts = 0;
+    let resp = loop {
+        attempts += 1;
+        let file = obj.metadata.source.as_ref().and_then(|s| s.file.clone());
+        let req = request_with_source(vec![obj], file, verb, false, false);
+        match client.call::<ApplyResponse>("POST", "/v1/apply", Some(&req)) {
+            Err(e @ crate::client::ClientError::Api { status: 409, .. }) if attempts < 5 => {
+                obj = get_object(client, kind, name)?;
+                if obj.spec != read_spec {
+                    // Someone else changed the spec: never write over it
+                    // unseen.
+                    return Err(e.into());
+                }
+                obj.spec = edited.clone();
+            }
+            r => {
+                let resp = r?;
+                super::apply::check_acknowledged(&req, &resp)?;
+                break resp;
+            }
+        }
+    };
     resp.results.into_iter().next().ok_or_else(|| {
         crate::diag::error(
             "vmctl::agent::protocol",

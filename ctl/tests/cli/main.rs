@@ -2,8 +2,11 @@
 
 mod agent;
 mod commands;
+mod finalizers;
 mod images;
+mod large_apply;
 mod parser_faults;
+mod socket;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

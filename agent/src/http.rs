@@ -1,0 +1,165 @@
+//! Serving the API on the socket so that no client can starve the others:
+//! a header read timeout (hyper), a cap on open connections (a semaphore
+//! taken before accept), the file-descriptor limit raised at start, and a
+//! bounded graceful shutdown. Body limits and body read timeouts are
+//! layers of the router ([`crate::api`]).
+//!
+//! ```text
+//!  permit (≤ max_connections) ──▶ accept ──▶ hyper http1 (header_read_timeout)
+//!       ▲                                        │ axum Router (body timeout, limits)
+//!       └──────────── released when the connection ends ◀┘
+//! ```
+//!
+//! Connections beyond the cap wait in the kernel's listen backlog until a
+//! permit is free; a connection that sends no complete header within the
+//! timeout (idle keep-alive included) is closed, which frees its permit.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+/// Limits of the HTTP server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long a client may take to send a request's header (from the
+    /// moment the connection is ready for one, idle time included).
+    pub header_read_timeout: Duration,
+    /// At most this many connections are served at once.
+    pub max_connections: usize,
+    /// How long shutdown waits for open requests and streams.
+    pub shutdown_grace: Duration,
+}
+
+/// Default header read timeout: 10 s.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// File descriptors kept free for the store, QEMU sockets and logs.
+const FD_RESERVE: u64 = 512;
+
+/// The most connections served at once, whatever the descriptor limit.
+const MAX_CONNECTIONS: u64 = 4096;
+
+impl Limits {
+    /// Limits for a process that may open `nofile` file descriptors: half
+    /// of what the reserve leaves, at most 4,096 and at least 16. An idle
+    /// connection costs a task and hyper's buffers (~10 KiB), so the cap
+    /// bounds memory too; beyond it, a request waits until the header
+    /// timeout closes an idle connection.
+    pub fn for_nofile(nofile: u64) -> Self {
+        let cap = (nofile.saturating_sub(FD_RESERVE) / 2).clamp(16, MAX_CONNECTIONS);
+        Limits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_connections: cap as usize,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit and returns the limit
+/// now in force (the soft limit as it was when raising fails).
+pub fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft >= hard {
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => hard,
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+            soft
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets open
+/// requests finish for up to `limits.shutdown_grace`.
+pub async fn serve(
+    listener: UnixListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut warned_full = false;
+    loop {
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => {
+                warned_full = false;
+                p
+            }
+            Err(_) => {
+                if !warned_full {
+                    tracing::warn!(
+                        max = limits.max_connections,
+                        "connection limit reached; new connections wait"
+                    );
+                    warned_full = true;
+                }
+                tokio::select! {
+                    // Cancel-safe: a dropped acquire only loses its place in line.
+                    p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                    // Cancel-safe: the shutdown future is pinned and polled again.
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        let stream = tokio::select! {
+            // Cancel-safe: UnixListener::accept loses no connection when dropped.
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE and the like: wait for descriptors to be freed
+                    // instead of spinning (as axum::serve does).
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        // Both arms only wait; the tasks they wait for run on regardless.
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::info!("requests still open after the shutdown grace period; closing them");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_leaves_descriptors_for_the_agent() {
+        assert_eq!(Limits::for_nofile(1024).max_connections, 256);
+        assert_eq!(Limits::for_nofile(100).max_connections, 16);
+        assert_eq!(Limits::for_nofile(20_000).max_connections, 4096);
+        assert_eq!(Limits::for_nofile(4096).max_connections, 1792);
+    }
+}
