@@ -56,13 +56,21 @@ fn an_apply_of_10000_vms_redirected_to_a_file_is_acknowledged_and_created() {
 #[test]
 fn an_apply_over_the_size_limit_fails_naming_the_limit_and_changes_nothing() {
     let a = Agent::start();
+    // Two files of 17 MiB: each is within what vmctl reads, together the
+    // request is over what the agent accepts.
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("huge.json");
-    let note = "x".repeat(33 << 20);
-    let manifest = serde_json::json!([{"apiVersion": "vmctl/v1alpha1", "kind": "Image",
-        "metadata": {"name": "huge", "annotations": {"note": note}},
-        "spec": {"source": {"url": "https://example.com/a.img"}}}]);
-    std::fs::write(&file, manifest.to_string()).unwrap();
+    let note = "x".repeat(17 << 20);
+    for name in ["huge-a", "huge-b"] {
+        let manifest = serde_json::json!([{"apiVersion": "vmctl/v1alpha1", "kind": "Image",
+            "metadata": {"name": name, "annotations": {"note": note}},
+            "spec": {"source": {"url": "https://example.com/a.img"}}}]);
+        std::fs::write(
+            dir.path().join(format!("{name}.json")),
+            manifest.to_string(),
+        )
+        .unwrap();
+    }
+    let file = dir.path();
     let out = a.vmctl(&["apply", "-f", file.to_str().unwrap()], None);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
