@@ -36,7 +36,7 @@ fn a_user_finalizer_that_keeps_an_object_terminating_is_removed_with_vmctl_patch
     loop {
         let get = a.vmctl(&["get", "image", "held", "-o", "json"], None);
         let v: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
-        let f = v[0]["metadata"]["finalizers"].to_string();
+        let f = v["metadata"]["finalizers"].to_string();
         if !f.contains("vmctl.dev/") {
             // The image controller cleaned up and dropped its own.
             assert!(f.contains("example.com/hold"), "{v}");
@@ -119,5 +119,5 @@ fn an_apply_with_a_stale_resource_version_is_a_clear_conflict() {
     );
     let get = a.vmctl(&["get", "image", "held", "-o", "json"], None);
     let v: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
-    assert_eq!(v[0]["spec"]["source"]["url"], "https://example.com/b.img");
+    assert_eq!(v["spec"]["source"]["url"], "https://example.com/b.img");
 }
