@@ -442,13 +442,15 @@ vm "cut" {{
     );
     std::fs::write(p.join("VMFile.kdl"), vmfile).unwrap();
 
-    // apply --wait stops at the first failure: the truncated download.
+    // A truncated download may succeed on a later try (issue 18 item 15), so
+    // the Image backs off visibly instead of failing: apply --wait never
+    // reports success, and its timeout names the truncation and the size.
     let t0 = Instant::now();
-    let out = w.vmctl(&["apply", "--wait", "--timeout", BOOT]);
+    let out = w.vmctl(&["apply", "--wait", "--timeout", "45"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success(),
-        "a truncated image fails apply --wait"
+        "a truncated image never lets apply --wait succeed"
     );
     assert!(
         err.to_lowercase().contains("truncated") && err.contains(&full.len().to_string()),
@@ -523,7 +525,7 @@ vm "cut" {{
     assert_ne!(ports[0], ports[1], "distinct SSH ports");
     assert_ne!(macs[0], macs[1], "distinct MACs");
 
-    // The truncated image: Failed with the reason, nothing cached, its VM never started.
+    // The truncated image: backing off with the reason, nothing cached, its VM never started.
     let images = w.json(&["get", "image", "-o", "json"]);
     let cut = images["items"]
         .as_array()
@@ -532,7 +534,8 @@ vm "cut" {{
         .find(|i| i["spec"].to_string().contains(&format!(":{port}/")))
         .expect("the cut image")
         .clone();
-    assert_eq!(cut["status"]["phase"], "Failed", "{cut}");
+    assert_ne!(cut["status"]["phase"], "Ready", "{cut}");
+    assert_eq!(cond(&cut, "Ready").unwrap()["reason"], "BackOff", "{cut}");
     let reason = cond(&cut, "Ready").unwrap()["message"].to_string();
     assert!(
         reason.contains("truncated") && reason.contains(&format!("of {} bytes", full.len())),
@@ -545,10 +548,17 @@ vm "cut" {{
     }
     let cache = w.data().join("images");
     if cache.exists() {
-        let files = walk(&cache);
+        // A retry may be in flight (a `.partial-*` file); nothing else may be there.
+        let files: Vec<_> = walk(&cache)
+            .into_iter()
+            .filter(|f| {
+                !f.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".partial-"))
+            })
+            .collect();
         assert!(
             files.is_empty(),
-            "nothing half-downloaded is left in the cache: {files:?}"
+            "nothing half-downloaded is kept in the cache: {files:?}"
         );
     }
     let cut_vm = get1(&w, "vm", "cut");
