@@ -217,7 +217,7 @@ fn long_history(dir: &std::path::Path, objects: usize, updates: u64) {
 }
 
 /// In a child process (so its memory is its own): opens the store at `dir`
-/// and prints `open <seconds> <peak RSS bytes> <replayed events>`.
+/// and prints `open <seconds> <peak RSS bytes> <replayed events> <bytes on disk>`.
 fn open_child(dir: &str, full_check: bool) {
     let t = Instant::now();
     let s = SledStore::open_with(
@@ -230,15 +230,17 @@ fn open_child(dir: &str, full_check: bool) {
     .unwrap();
     let took = t.elapsed();
     println!(
-        "open {} {} {}",
+        "open {} {} {} {}",
         took.as_secs_f64(),
         rss().0,
-        s.open_report().replayed
+        s.open_report().replayed,
+        s.size_on_disk().unwrap()
     );
 }
 
-/// Opens `dir` in a child process; (seconds, peak RSS in bytes, events replayed).
-fn open_in_child(dir: &std::path::Path, full_check: bool) -> (f64, u64, u64) {
+/// Opens `dir` in a child process; (seconds, peak RSS in bytes, events
+/// replayed, bytes on disk).
+fn open_in_child(dir: &std::path::Path, full_check: bool) -> (f64, u64, u64, u64) {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--bench", "__open_child"])
         .arg(dir)
@@ -256,6 +258,7 @@ fn open_in_child(dir: &std::path::Path, full_check: bool) -> (f64, u64, u64) {
         f[1].parse().unwrap(),
         f[2].parse().unwrap(),
         f[3].parse().unwrap(),
+        f[4].parse().unwrap(),
     )
 }
 
@@ -266,32 +269,57 @@ fn open_after_long_history() {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let dir = tempdir();
     let db = dir.path().join("db");
+    // Every step in its own process: a process that exits releases sled's
+    // file lock at once (a dropped handle holds it for a while).
+    let child = |what: &str| {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--bench", what])
+            .arg(&db)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
     let t = Instant::now();
-    long_history(&db, 1_000, 500);
+    child("__history_child");
     eprintln!("  (wrote 501,000 events in {:.1?})", t.elapsed());
-    let size = SledStore::open(&db).unwrap().size_on_disk().unwrap();
-    let show = |label: &str, (secs, peak, replayed): (f64, u64, u64)| {
+    let show = |label: &str, (secs, peak, replayed, size): (f64, u64, u64, u64)| {
         println!(
-            "open after 501,000 events, {label}: {:.2} s, peak RSS {:.0} MiB, {replayed} events replayed",
-            secs,
-            mib(peak)
+            "open after 501,000 events, {label}: {secs:.2} s, peak RSS {:.0} MiB, \
+             {replayed} events replayed ({:.0} MiB on disk)",
+            mib(peak),
+            mib(size)
         );
     };
-    println!("  ({:.0} MiB on disk)", mib(size));
     show("full replay (before)", open_in_child(&db, true));
     show("checkpoint (now)", open_in_child(&db, false));
-    {
-        let s = SledStore::open(&db).unwrap();
-        let report = s.compact(&Retention::default()).unwrap();
-        eprintln!("  (compaction kept {} events)", report.kept);
-    }
+    let t = Instant::now();
+    let kept = child("__compact_child");
+    eprintln!("  (compaction in {:.1?}: {kept})", t.elapsed());
     show("checkpoint, after compaction", open_in_child(&db, false));
+    show(
+        "checkpoint, after compaction, again",
+        open_in_child(&db, false),
+    );
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "__open_child") {
         return open_child(&args[i + 1], args[i + 2] == "full");
+    }
+    if let Some(i) = args.iter().position(|a| a == "__history_child") {
+        long_history(std::path::Path::new(&args[i + 1]), 1_000, 500);
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "__compact_child") {
+        let s = SledStore::open(&args[i + 1]).unwrap();
+        let report = s.compact(&Retention::default()).unwrap();
+        return println!("kept {} events", report.kept);
     }
     // `cargo bench` passes `--bench`; `cargo test --benches` runs nothing.
     if !std::env::args().any(|a| a == "--bench") {

@@ -102,6 +102,24 @@ pub struct SledStore {
     report: OpenReport,
 }
 
+/// Maps a sled error to the store's: a full filesystem (or quota) is
+/// [`StoreError::NoSpace`] naming the database directory `path`.
+fn storage_error(path: &Path, e: sled::Error) -> StoreError {
+    match &e {
+        sled::Error::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) =>
+        {
+            StoreError::NoSpace {
+                path: path.to_path_buf(),
+            }
+        }
+        _ => StoreError::from(e),
+    }
+}
+
 /// Every handle of one open sled instance; replaced whole when the store
 /// reopens its database after a storage error.
 #[derive(Debug)]
@@ -204,19 +222,7 @@ impl Inner {
     /// Maps a sled error to the store's: a full filesystem (or quota) is
     /// [`StoreError::NoSpace`] naming the database directory.
     pub(crate) fn storage_error(&self, e: sled::Error) -> StoreError {
-        match &e {
-            sled::Error::Io(io)
-                if matches!(
-                    io.kind(),
-                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-                ) =>
-            {
-                StoreError::NoSpace {
-                    path: self.path.clone(),
-                }
-            }
-            _ => StoreError::from(e),
-        }
+        storage_error(&self.path, e)
     }
 
     /// The error that keeps the database closed.
@@ -365,12 +371,7 @@ impl SledStore {
     /// the objects tree from it if needed.
     pub fn open_with(path: impl AsRef<Path>, opts: Options) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let no_space = |e: sled::Error| match &e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
-                StoreError::NoSpace { path: path.clone() }
-            }
-            _ => StoreError::from(e),
-        };
+        let no_space = |e: sled::Error| storage_error(&path, e);
         let db = Db::open(&path, &opts).map_err(no_space)?;
         match db.meta.get(META_SCHEMA)? {
             Some(v) => {

@@ -21,7 +21,8 @@ struct Tmpfs(tempfile::TempDir);
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
+        // Lazily: the store may still hold files there for a moment.
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }
 
