@@ -13,7 +13,7 @@ pub fn run(g: &Globals, driver: String) -> miette::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     let mut cfg = vmctl_agent::AgentConfig::new(g.data_dir.clone());
-    cfg.socket = g.socket.clone();
+    cfg.socket = g.checked_socket()?.to_owned();
     cfg.driver = driver;
     let rt = tokio::runtime::Runtime::new()
         .map_err(|e| miette::miette!("cannot start the runtime: {e}"))?;

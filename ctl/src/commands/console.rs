@@ -93,7 +93,9 @@ pub fn run(g: &Globals, name: &str) -> miette::Result<ExitCode> {
                 "VM {name} has not started"
             )
         })?;
+    // A symlink to a short path when the work dir's would not fit sun_path.
     let sock = work.join("serial.sock");
+    let sock = std::fs::read_link(&sock).unwrap_or(sock);
     let s = UnixStream::connect(&sock).map_err(|e| {
         miette::miette!(
             code = "vmctl::vm::invalid_state",

@@ -28,7 +28,7 @@ use crate::cli::{Cli, Command};
 
 /// Runs the command.
 pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
-    let g = Globals::new(&cli);
+    let g = Globals::new(&cli)?;
     match cli.command {
         Command::Agent { driver } => agent::run(&g, driver),
         Command::Apply {
@@ -299,30 +299,41 @@ pub struct Globals {
 }
 
 impl Globals {
-    fn new(cli: &Cli) -> Self {
-        let data_dir = cli
-            .data_dir
-            .clone()
-            .unwrap_or_else(vmctl_agent::config::default_data_dir);
-        let socket = cli
-            .socket
-            .clone()
-            .unwrap_or_else(|| vmctl_agent::config::default_socket(&data_dir));
-        Globals {
+    /// Paths made absolute once, here: the agent and QEMU run elsewhere.
+    fn new(cli: &Cli) -> miette::Result<Self> {
+        use vmctl_agent::config::{absolute, default_data_dir, default_socket};
+        let data_dir =
+            absolute(&cli.data_dir.clone().unwrap_or_else(default_data_dir)).map_err(path_error)?;
+        let socket = match &cli.socket {
+            Some(s) => absolute(s).map_err(path_error)?,
+            None => default_socket(&data_dir),
+        };
+        Ok(Globals {
             data_dir,
             socket,
             autostart: !cli.no_autostart,
-        }
+        })
+    }
+
+    /// The socket, checked to fit a Unix socket address.
+    pub fn checked_socket(&self) -> miette::Result<&std::path::Path> {
+        vmctl_agent::config::check_socket_path(&self.socket).map_err(path_error)?;
+        Ok(&self.socket)
     }
 
     /// A client of the agent, started when needed.
     pub fn client(&self) -> miette::Result<crate::client::Client> {
+        self.checked_socket()?;
         Ok(crate::client::connect(
             &self.data_dir,
             &self.socket,
             self.autostart,
         )?)
     }
+}
+
+fn path_error(e: vmctl_agent::config::PathError) -> miette::Report {
+    crate::diag::error_help("vmctl::cli::usage", e.help(), vmctl_api::error_chain(&e))
 }
 
 /// Parses a kind argument.

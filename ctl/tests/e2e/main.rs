@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 // Scenarios in their own files; they use this file's helpers (`super::*`).
 mod cloud;
+mod host_faults;
 mod more;
 
 fn repo() -> PathBuf {

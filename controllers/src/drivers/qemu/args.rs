@@ -39,6 +39,8 @@ pub struct LaunchPlan {
     pub name: String,
     /// Its work dir.
     pub work_dir: PathBuf,
+    /// The directory of its sockets (see [`Layout`]).
+    pub sock_dir: PathBuf,
     /// The accelerator.
     pub accel: Accel,
     /// Virtual CPUs.
@@ -67,7 +69,7 @@ impl LaunchPlan {
     pub fn new(
         name: &str,
         mac: &str,
-        work_dir: &Path,
+        layout: &Layout,
         accel: Accel,
         vcpus: u32,
         memory_mib: u64,
@@ -85,7 +87,8 @@ impl LaunchPlan {
         };
         Ok(LaunchPlan {
             name: name.to_owned(),
-            work_dir: work_dir.to_owned(),
+            work_dir: layout.root.clone(),
+            sock_dir: layout.sock_dir.clone(),
             accel,
             vcpus,
             memory_mib,
@@ -112,7 +115,7 @@ fn esc(p: &Path) -> String {
 
 /// The arguments after the program name.
 pub fn qemu_args(plan: &LaunchPlan) -> Vec<String> {
-    let l = Layout::new(&plan.work_dir);
+    let l = Layout::with_sock_dir(&plan.work_dir, &plan.sock_dir);
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
     push(&["-name", &format!("guest={},debug-threads=on", plan.name)]);
@@ -203,7 +206,7 @@ mod tests {
         LaunchPlan::new(
             "web-1",
             &mac_for("5f0c1e2a-uid"),
-            Path::new("/data/vms/web-1"),
+            &Layout::with_sock_dir(Path::new("/data/vms/web-1"), Path::new("/data/vms/web-1")),
             accel,
             2,
             1024,
@@ -250,7 +253,7 @@ mod tests {
         let err = LaunchPlan::new(
             "a",
             "52:54:00:00:00:01",
-            Path::new("/x"),
+            &Layout::with_sock_dir(Path::new("/x"), Path::new("/x")),
             Accel::Tcg,
             1,
             512,
@@ -266,7 +269,7 @@ mod tests {
         let p = LaunchPlan::new(
             "a",
             "52:54:00:00:00:01",
-            Path::new("/d,x/a"),
+            &Layout::with_sock_dir(Path::new("/d,x/a"), Path::new("/d,x/a")),
             Accel::Tcg,
             1,
             512,

@@ -9,7 +9,11 @@
 //!   vm.json         what prepare saw of the spec; start builds the argv from it
 //!   ssh-port        forwarded host port, reused across restarts while free
 //!   qmp.sock        QMP                                      (qmp.rs)
+//!   qmp-events.sock a second QMP monitor, for events
 //!   serial.sock     serial console; console.log its transcript
+//!                   (the three sockets are symlinks to a short private
+//!                   directory when their paths would not fit sun_path;
+//!                   layout.rs)
 //!   qemu.pid        written by QEMU; qemu.log its stderr
 //!   exit.status     how the last QEMU ended                  (process.rs)
 //!   stop.requested  present when vmctl asked it to end
@@ -52,7 +56,7 @@ use serde::{Deserialize, Serialize};
 use vmctl_api::{Network, VmRuntime, default_ssh_user};
 
 pub use self::error::{QMP_COMMAND_FAILED, QMP_CONNECT_FAILED, QemuError, SPAWN_FAILED};
-pub use self::layout::Layout;
+pub use self::layout::{Layout, SOCKET_PATH_MAX};
 
 use self::accel::{Accel, AccelError};
 use self::args::{LaunchPlan, qemu_args};
@@ -164,8 +168,15 @@ const STATE_EVENTS: &[&str] = &[
 ];
 
 impl QemuDriver {
-    /// A driver keeping its VMs under `config.data_dir`.
-    pub fn new(config: QemuConfig) -> Self {
+    /// A driver keeping its VMs under `config.data_dir`. A relative data
+    /// dir or emulator path is made absolute here: QEMU runs in the VM's
+    /// work dir, where a relative path would name another file.
+    pub fn new(mut config: QemuConfig) -> Self {
+        config.data_dir = std::path::absolute(&config.data_dir).unwrap_or(config.data_dir);
+        if config.qemu_binary.components().count() > 1 {
+            config.qemu_binary =
+                std::path::absolute(&config.qemu_binary).unwrap_or(config.qemu_binary);
+        }
         QemuDriver {
             config,
             accel: tokio::sync::OnceCell::new(),
@@ -390,11 +401,14 @@ impl QemuDriver {
             port = free_port().map_err(io_err("Cannot find a free port"))?;
             write_port(&l, port)?;
         }
+        // Where the sockets go now (this environment's runtime dir), not
+        // where an earlier QEMU had them.
+        let l = Layout::planned(&l.root);
         let accel = self.accel().await;
         let plan = LaunchPlan::new(
             name,
             &cfg.mac(name),
-            &l.root,
+            &l,
             accel,
             cfg.vcpus,
             cfg.memory_mib,
@@ -407,15 +421,16 @@ impl QemuDriver {
             source,
         })?;
         let argv = qemu_args(&plan);
-        for stale in [
-            l.exit_file(),
-            l.stop_marker(),
-            l.pidfile(),
-            l.qmp_sock(),
-            l.serial_sock(),
-        ] {
+        for stale in [l.exit_file(), l.stop_marker(), l.pidfile()] {
             let _ = std::fs::remove_file(stale);
         }
+        l.make_sock_dir().map_err(|e| QemuError::Spawn {
+            name: name.to_owned(),
+            reason: format!(
+                "cannot make the socket directory {}: {e}",
+                l.sock_dir.display()
+            ),
+        })?;
         tracing::info!(vm = name, %accel, port, "starting QEMU");
         process::spawn_supervised(&self.config.qemu_binary, &argv, &l).map_err(|e| {
             QemuError::Spawn {
@@ -440,7 +455,7 @@ impl QemuDriver {
             }
             if tokio::time::Instant::now() >= deadline {
                 if let Some(pid) = process::running_pid(&l) {
-                    let _ = process::kill(pid, "KILL");
+                    let _ = process::kill(pid, process::Signal::SIGKILL);
                 }
                 return Err(QemuError::Spawn {
                     name: name.to_owned(),
@@ -490,14 +505,15 @@ impl QemuDriver {
     /// wedged), then SIGKILL after the grace period.
     async fn kill(&self, name: &str, l: &Layout, pid: u32) -> Result<(), QemuError> {
         let _ = std::fs::write(l.stop_marker(), b"");
-        if let Err(e) = process::kill(pid, "TERM") {
+        if let Err(e) = process::kill(pid, process::Signal::SIGTERM) {
             tracing::warn!(vm = name, error = %e, "SIGTERM failed");
         }
         if process::wait_gone(pid, self.config.kill_grace).await {
             wait_exit_file(l, EXIT_FILE_WAIT).await;
             return Ok(());
         }
-        process::kill(pid, "KILL").map_err(io_err(format!("Cannot kill QEMU {pid}")))?;
+        process::kill(pid, process::Signal::SIGKILL)
+            .map_err(io_err(format!("Cannot kill QEMU {pid}")))?;
         if process::wait_gone(pid, Duration::from_secs(5)).await {
             wait_exit_file(l, EXIT_FILE_WAIT).await;
             Ok(())
@@ -586,7 +602,7 @@ const EXIT_FILE_WAIT: Duration = Duration::from_secs(2);
 /// a moment later. Waits for that (at most `at_most`), so status can report it.
 async fn wait_exit_file(l: &Layout, at_most: Duration) {
     for _ in 0..at_most.as_millis() / 50 {
-        if l.exit_file().exists() {
+        if process::read_exit(l).is_some() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -782,6 +798,8 @@ impl Hypervisor for QemuDriver {
                 }
                 _ => {}
             }
+            l.remove_sock_dir()
+                .map_err(io_err(format!("Cannot remove {}", l.sock_dir.display())))?;
             self.locks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

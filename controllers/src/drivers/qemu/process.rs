@@ -2,7 +2,7 @@
 //! the agent, found again through its pidfile, and its end recorded.
 //!
 //! ```text
-//!   agent ──spawn──▶ sh (own process group, ignores SIGHUP)
+//!   agent ──spawn──▶ /bin/sh (own process group, ignores SIGHUP)
 //!                     └─ qemu … -pidfile qemu.pid      (foreground child)
 //!                     on exit: echo $? > exit.status   (128+N = signal N)
 //! ```
@@ -11,19 +11,32 @@
 //! the supervisor is its parent and writes the exit status. The agent
 //! reaps the supervisor from a thread while it lives; after an agent
 //! restart, init does.
+//!
+//! No other host program is run for process control: signals go through
+//! `nix` (a minimal container has no `kill`, `ps` or `mv`), liveness is
+//! read from `/proc`, and the supervisor uses only shell builtins.
 
 use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+pub use nix::sys::signal::Signal;
+
 use super::Layout;
 
+/// The shell the supervisor runs in. An absolute path: `PATH` may hold
+/// nothing but QEMU's tools, and `/bin/sh` is in every Linux system
+/// (Debian's is the essential `dash`).
+const SHELL: &str = "/bin/sh";
+
 /// The supervisor script: runs its arguments, then records the status.
+/// Builtins only (no `mv`): the record is one short line written by one
+/// `printf`, and readers take it as complete only once its newline is there.
 const SUPERVISOR: &str = r#"trap '' HUP INT
 "$@"
 rc=$?
-printf '%s\n' "$rc" > "$VMCTL_EXIT_FILE.tmp" && mv -f "$VMCTL_EXIT_FILE.tmp" "$VMCTL_EXIT_FILE"
+printf '%s\n' "$rc" > "$VMCTL_EXIT_FILE"
 "#;
 
 /// How a QEMU process ended.
@@ -52,7 +65,7 @@ pub fn spawn_supervised(program: &Path, args: &[String], l: &Layout) -> std::io:
         .create(true)
         .append(true)
         .open(l.stderr_log())?;
-    let mut child = Command::new("sh")
+    let mut child = Command::new(SHELL)
         .arg("-c")
         .arg(SUPERVISOR)
         .arg("vmctl-qemu-supervisor")
@@ -78,10 +91,12 @@ pub fn spawn_supervised(program: &Path, args: &[String], l: &Layout) -> std::io:
     Ok(pid)
 }
 
-/// The recorded exit of the last run, if it ended.
+/// The recorded exit of the last run, if it ended and the record is
+/// complete (ends in a newline).
 pub fn read_exit(l: &Layout) -> Option<Exit> {
     let rc: i32 = std::fs::read_to_string(l.exit_file())
         .ok()?
+        .strip_suffix('\n')?
         .trim()
         .parse()
         .ok()?;
@@ -130,20 +145,21 @@ pub fn running_pid(l: &Layout) -> Option<u32> {
     read_pidfile(&l.pidfile()).filter(|pid| is_our_qemu(*pid, l))
 }
 
-/// Sends `signal` (e.g. `KILL`) with the `kill` program.
-pub fn kill(pid: u32, signal: &str) -> std::io::Result<()> {
-    let st = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?;
-    if st.success() || !is_alive(pid) {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "kill -{signal} {pid} failed: {st}"
-        )))
+/// Sends `signal` to `pid` (through `kill(2)`, never the `kill` program).
+/// A process that is already gone is not an error.
+///
+/// # Errors
+/// The `errno` of `kill(2)` (e.g. `EPERM`) for a process still alive.
+pub fn kill(pid: u32, signal: Signal) -> std::io::Result<()> {
+    let target = i32::try_from(pid)
+        .ok()
+        .filter(|p| *p > 0)
+        .map(nix::unistd::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::other(format!("{pid} is not a process id")))?;
+    match nix::sys::signal::kill(target, signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(_) if !is_alive(pid) => Ok(()),
+        Err(e) => Err(std::io::Error::from(e)),
     }
 }
 
@@ -169,7 +185,7 @@ mod tests {
     async fn supervisor_records_exit_code_and_signal() {
         let dir = tempfile::tempdir().unwrap();
         let l = Layout::new(dir.path());
-        spawn_supervised(Path::new("sh"), &["-c".into(), "exit 7".into()], &l).unwrap();
+        spawn_supervised(Path::new("/bin/sh"), &["-c".into(), "exit 7".into()], &l).unwrap();
         for _ in 0..50 {
             if read_exit(&l).is_some() {
                 break;
@@ -180,7 +196,7 @@ mod tests {
 
         std::fs::remove_file(l.exit_file()).unwrap();
         let script = format!("echo $$ > {}; exec sleep 30", l.pidfile().display());
-        spawn_supervised(Path::new("sh"), &["-c".into(), script], &l).unwrap();
+        spawn_supervised(Path::new("/bin/sh"), &["-c".into(), script], &l).unwrap();
         let mut pid = None;
         for _ in 0..50 {
             pid = read_pidfile(&l.pidfile());
@@ -192,7 +208,7 @@ mod tests {
         let pid = pid.unwrap();
         assert!(is_alive(pid));
         assert!(!is_our_qemu(pid, &l), "not a QEMU with our QMP socket");
-        kill(pid, "KILL").unwrap();
+        kill(pid, Signal::SIGKILL).unwrap();
         assert!(wait_gone(pid, Duration::from_secs(5)).await);
         for _ in 0..50 {
             if read_exit(&l).is_some() {

@@ -157,7 +157,7 @@ async fn tiny_image_boots_suspends_stops_is_adopted_and_dies_visibly() {
         Some(port),
         "the recorded port is reused"
     );
-    process::kill(pid, "KILL").unwrap();
+    process::kill(pid, process::Signal::SIGKILL).unwrap();
     assert!(process::wait_gone(pid, Duration::from_secs(5)).await);
     let st = d.status(name).await.unwrap().unwrap();
     assert_eq!((st.state, st.runtime.pid), (InstanceState::Stopped, None));
@@ -356,7 +356,7 @@ async fn qmp_events_report_pauses_and_death_without_polling_and_the_mac_follows_
     assert_eq!(state(&d, "evented").await, Some(InstanceState::Suspended));
 
     // Killed from outside: the events monitor closes and says so.
-    process::kill(pid, "KILL").unwrap();
+    process::kill(pid, process::Signal::SIGKILL).unwrap();
     changed(&mut rx, "evented", Duration::from_secs(10)).await;
     let st = d.status("evented").await.unwrap().unwrap();
     assert_eq!(st.state, InstanceState::Stopped);
@@ -402,5 +402,116 @@ async fn a_changed_cloud_init_config_gets_a_new_seed_at_the_next_start() {
         std::fs::read_to_string(l.instance_id_file()).unwrap(),
         id,
         "same instance: no recreate"
+    );
+}
+
+/// Issue 18 item 5: a valid 63-character VM name under a 25-character data
+/// dir made `qmp-events.sock` 109 bytes; QEMU refused it and the VM
+/// crash-looped. Its sockets now live in a short private directory that a
+/// restarted agent finds again (adoption), and destroy removes it.
+#[tokio::test]
+async fn long_vm_name_sockets_fit_sun_path_start_adopt_stop_destroy() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    // Long enough that even a short name overflows sun_path in the work dir.
+    let data_dir = dir.path().join("d".repeat(100));
+    let name = format!("v{}", "x".repeat(62));
+    assert_eq!(name.len(), 63);
+    let d = driver(&data_dir);
+    let mut spec = instance(&name, &image);
+    spec.spec.memory_mib = 64;
+    d.prepare(&spec).await.unwrap();
+    let st = d.start(&name).await.expect("QEMU starts with a long name");
+    assert_eq!(st.state, InstanceState::Running);
+    let pid = st.runtime.pid.unwrap();
+
+    let l = d.layout(&name);
+    assert!(!l.sockets_in_root());
+    for sock in [l.qmp_sock(), l.events_sock(), l.serial_sock()] {
+        assert!(sock.as_os_str().len() <= 107, "{}", sock.display());
+        assert!(sock.exists(), "{} was made by QEMU", sock.display());
+        let link = l.root.join(sock.file_name().unwrap());
+        assert_eq!(std::fs::read_link(&link).unwrap(), sock);
+    }
+    // The console is reachable through the work dir's symlink.
+    let serial = std::fs::read_link(l.root.join("serial.sock")).unwrap();
+    tokio::net::UnixStream::connect(&serial).await.unwrap();
+
+    // A restarted agent adopts it.
+    let d2 = driver(&data_dir);
+    let st2 = d2.start(&name).await.unwrap();
+    assert_eq!(
+        (st2.state, st2.runtime.pid),
+        (InstanceState::Running, Some(pid))
+    );
+    d2.stop(&name, Duration::from_secs(1)).await.unwrap();
+    assert!(!process::is_alive(pid));
+    assert_eq!(state(&d2, &name).await, Some(InstanceState::Stopped));
+    // And it starts again.
+    assert_eq!(d2.start(&name).await.unwrap().state, InstanceState::Running);
+    d2.destroy(&name).await.unwrap();
+    assert!(!l.root.exists());
+    assert!(!l.sock_dir.exists(), "destroy removes the socket directory");
+}
+
+/// The "agent" of [`stop_and_destroy_work_with_only_qemu_tools_on_path`]:
+/// runs a VM's lifecycle in `VMCTL_TEST_QEMU_ONLY_DIR` with whatever
+/// `PATH` it was given. Does nothing when run on its own.
+#[tokio::test]
+async fn helper_lifecycle_with_the_given_path() {
+    let Some(dir) = std::env::var_os("VMCTL_TEST_QEMU_ONLY_DIR") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let mut config = QemuConfig::new(&dir);
+    config.accel = Some(Accel::Tcg);
+    config.kill_grace = Duration::from_secs(2);
+    let d = QemuDriver::new(config);
+    let mut spec = instance("bare", &blank_image(&dir));
+    spec.spec.memory_mib = 64;
+    d.prepare(&spec).await.unwrap();
+    let pid = d.start("bare").await.unwrap().runtime.pid.unwrap();
+    // The blank disk's firmware ignores ACPI: stop escalates to signals.
+    d.stop("bare", Duration::from_millis(500)).await.unwrap();
+    assert!(!process::is_alive(pid), "stop ended QEMU {pid}");
+    let exit = wait_last_exit(&d, "bare").await;
+    assert!(exit.requested, "{exit:?}");
+    assert_eq!(state(&d, "bare").await, Some(InstanceState::Stopped));
+    let pid = d.start("bare").await.unwrap().runtime.pid.unwrap();
+    d.destroy("bare").await.unwrap();
+    assert!(!process::is_alive(pid), "destroy ended QEMU {pid}");
+    assert!(!d.layout("bare").root.exists());
+    std::fs::write(dir.join("done"), "ok").unwrap();
+}
+
+/// Issue 18 item 19: the driver stopped QEMU by running `kill`, which a
+/// debian:bookworm-slim + QEMU container does not have. With `PATH` holding
+/// only QEMU's tools, a VM still starts, stops and is destroyed.
+#[tokio::test]
+async fn stop_and_destroy_work_with_only_qemu_tools_on_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for tool in ["qemu-system-x86_64", "qemu-img"] {
+        let real = crate::seed::find_in_path(tool).expect("QEMU is installed");
+        std::os::unix::fs::symlink(real, bin.join(tool)).unwrap();
+    }
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "drivers::qemu::tests::helper_lifecycle_with_the_given_path",
+            "--nocapture",
+        ])
+        .env("PATH", &bin)
+        .env("VMCTL_TEST_QEMU_ONLY_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && data.join("done").exists(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

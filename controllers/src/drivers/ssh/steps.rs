@@ -90,6 +90,11 @@ pub(super) fn run_command(sess: &Session, command: &str, sink: &mut Sink) -> Res
     ch.handle_extended_data(ExtendedData::Merge)
         .map_err(session_err("merge stderr"))?;
     ch.exec(command).map_err(session_err("start the command"))?;
+    // Nothing is ever typed into a step: its stdin is at end-of-file at
+    // once (as `ssh -n`, Vagrant and Packer give), so a command that reads
+    // stdin ends instead of waiting for input until the timeout.
+    ch.send_eof()
+        .map_err(session_err("close the command's stdin"))?;
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
@@ -124,21 +129,12 @@ fn emit(sink: &mut Sink, raw: &[u8]) -> Result<(), SshError> {
     sink.line(&String::from_utf8_lossy(line))
 }
 
+/// The number of a signal named as SSH names it (`TERM`, without `SIG`),
+/// 127 for a name this host does not know.
 fn signal_number(name: &str) -> i32 {
-    match name.trim_start_matches("SIG") {
-        "HUP" => 1,
-        "INT" => 2,
-        "QUIT" => 3,
-        "ILL" => 4,
-        "ABRT" => 6,
-        "FPE" => 8,
-        "KILL" => 9,
-        "SEGV" => 11,
-        "PIPE" => 13,
-        "ALRM" => 14,
-        "TERM" => 15,
-        _ => 127,
-    }
+    format!("SIG{}", name.trim_start_matches("SIG"))
+        .parse::<nix::sys::signal::Signal>()
+        .map_or(127, |s| s as i32)
 }
 
 /// Reads a step's local file, checking it still has the digest recorded

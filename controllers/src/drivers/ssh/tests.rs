@@ -583,3 +583,52 @@ async fn an_operation_started_while_sshd_restarts_connects_when_it_is_back() {
     assert_eq!(lines.take(), ["back"]);
     drop(restart.await.unwrap());
 }
+
+/// Issue 18 item 10: a step that reads stdin (`read -r x`, `cat`) waited
+/// forever for input that never came. Every command's stdin is at
+/// end-of-file, as with `ssh -n`: inline steps, scripts and `exec`.
+#[tokio::test]
+async fn steps_that_read_stdin_see_end_of_file_instead_of_waiting_forever() {
+    let sshd = Sshd::start().await;
+    // `timeout 10` on the guest side ends a hung read with 124, so the old
+    // fault fails the assertions instead of hanging the test.
+    let bound = Duration::from_secs(30);
+    let lines = Lines::default();
+
+    let read = inline("timeout 10 sh -c 'read -r x; echo \"read=$? x=[$x]\"'; echo next");
+    let code = tokio::time::timeout(bound, step(&sshd, 0, &read, &lines))
+        .await
+        .expect("an inline step reading stdin ends")
+        .unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(lines.take(), ["read=1 x=[]", "next"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("reads.sh");
+    write_mode(
+        &script,
+        "#!/bin/sh\ntimeout 10 cat >/dev/null\necho \"cat=$?\"\n",
+        0o700,
+    );
+    let index = unique_index();
+    let s = ProvisionStep::Shell {
+        inline: None,
+        script: Some(local(&script)),
+    };
+    let code = tokio::time::timeout(bound, step(&sshd, index, &s, &lines))
+        .await
+        .expect("a script reading stdin ends")
+        .unwrap();
+    assert_eq!((code, lines.take()), (0, vec!["cat=0".to_owned()]));
+    fs::remove_file(format!("/tmp/vmctl-provision-{index}.sh")).unwrap();
+
+    let out = |l: &str| lines.push(l);
+    let code = tokio::time::timeout(
+        bound,
+        exec(&sshd.target, "timeout 10 cat; echo \"done $?\"", &out),
+    )
+    .await
+    .expect("exec of a command reading stdin ends")
+    .unwrap();
+    assert_eq!((code, lines.take()), (0, vec!["done 0".to_owned()]));
+}
