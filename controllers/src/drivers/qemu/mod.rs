@@ -189,44 +189,43 @@ impl QemuDriver {
     /// Holds the events monitor of `name`'s running QEMU open (once per
     /// QEMU): each state event, and QEMU's end, is sent on `changes`, so
     /// the VM controller hears of a guest that powered off or a QEMU that
-    /// died without polling. A QEMU without the monitor (started by an
-    /// older vmctl) is left to the controller's slow resync.
-    fn watch_events(&self, name: &str, l: &Layout, pid: u32) {
+    /// died without polling. The monitor is connected before this returns,
+    /// so no event after a start is missed. A QEMU without the monitor
+    /// (started by an older vmctl) is left to the controller's slow resync.
+    async fn watch_events(&self, name: &str, l: &Layout, pid: u32) {
         {
             let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
             if w.insert(name.to_owned(), pid) == Some(pid) {
                 return;
             }
         }
-        let (name, sock) = (name.to_owned(), l.events_sock());
+        let mut q = match Qmp::connect(&l.events_sock(), self.config.qmp_timeout).await {
+            Ok(q) => q,
+            Err(e) => {
+                // Not retried for this QEMU: its VM is polled instead.
+                tracing::info!(vm = %name, error = %e, "no QMP events monitor; polling");
+                return;
+            }
+        };
+        let name = name.to_owned();
         let (tx, watched) = (self.changes.clone(), self.watched.clone());
-        let timeout = self.config.qmp_timeout;
         tokio::spawn(async move {
-            match Qmp::connect(&sock, timeout).await {
-                Ok(mut q) => {
-                    tracing::debug!(vm = %name, "watching QMP events");
-                    loop {
-                        match q.next_event().await {
-                            Ok(ev) => {
-                                let kind = ev.get("event").and_then(serde_json::Value::as_str);
-                                if kind.is_some_and(|k| STATE_EVENTS.contains(&k)) {
-                                    tracing::info!(vm = %name, event = kind.unwrap_or("?"), "QMP event");
-                                    let _ = tx.send(name.clone());
-                                } else {
-                                    tracing::debug!(vm = %name, event = kind.unwrap_or("?"), "QMP event");
-                                }
-                            }
-                            Err(e) => {
-                                tracing::debug!(vm = %name, error = %e, "QMP events ended");
-                                break;
-                            }
+            tracing::debug!(vm = %name, "watching QMP events");
+            loop {
+                match q.next_event().await {
+                    Ok(ev) => {
+                        let kind = ev.get("event").and_then(serde_json::Value::as_str);
+                        if kind.is_some_and(|k| STATE_EVENTS.contains(&k)) {
+                            tracing::info!(vm = %name, event = kind.unwrap_or("?"), "QMP event");
+                            let _ = tx.send(name.clone());
+                        } else {
+                            tracing::debug!(vm = %name, event = kind.unwrap_or("?"), "QMP event");
                         }
                     }
-                }
-                Err(e) => {
-                    // Not retried for this QEMU: its VM is polled instead.
-                    tracing::info!(vm = %name, error = %e, "no QMP events monitor; polling");
-                    return;
+                    Err(e) => {
+                        tracing::debug!(vm = %name, error = %e, "QMP events ended");
+                        break;
+                    }
                 }
             }
             {
@@ -531,7 +530,7 @@ impl QemuDriver {
         };
         let pid = process::running_pid(l);
         if let Some(pid) = pid {
-            self.watch_events(name, l, pid);
+            self.watch_events(name, l, pid).await;
         }
         let state = match pid {
             Some(_) => {
