@@ -12,6 +12,7 @@
 //! Needs qemu-system-x86_64, qemu-img, genisoimage, ssh and the tiny image
 //! (`tests/images/build.sh tiny`, built on first use).
 
+use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -182,17 +183,19 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         // Stop the agent, then its QEMUs (which outlive it by design).
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
+        signal(self.child.id(), Signal::SIGTERM);
         let _ = self.child.wait();
-        let out = Command::new("pgrep")
-            .arg("-f")
-            .arg(format!("^qemu-system.*{}", self.data.display()))
-            .output()
-            .unwrap();
-        for pid in String::from_utf8_lossy(&out.stdout).lines() {
-            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        // /proc, not `pgrep`: no process-control programs are needed.
+        let data = self.data.display().to_string();
+        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            let raw = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if cmdline.starts_with("qemu-system") && cmdline.contains(&data) {
+                signal(pid, Signal::SIGKILL);
+            }
         }
     }
 }
@@ -244,11 +247,19 @@ fn plain_boot(image: &Path) -> f64 {
     assert!(st.success(), "plain-qemu-boot.sh failed");
     wait_ssh(&t.join("id"), port);
     let secs = t0.elapsed().as_secs_f64();
-    if let Ok(pid) = std::fs::read_to_string(t.join("qemu.pid")) {
-        let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+    if let Some(pid) = std::fs::read_to_string(t.join("qemu.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+    {
+        signal(pid, Signal::SIGKILL);
     }
     std::thread::sleep(Duration::from_millis(300));
     secs
+}
+
+/// Sends `sig` to `pid` through `kill(2)`; a process already gone is fine.
+fn signal(pid: u32, sig: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
 fn env_usize(name: &str, default: usize) -> usize {

@@ -72,9 +72,10 @@ fn start_agent(data: &Path) -> Child {
 }
 
 fn stop_agent(mut agent: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = agent.wait();
 }
 

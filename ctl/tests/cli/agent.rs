@@ -75,8 +75,11 @@ impl Agent {
 
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        let pid = child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         child.wait().unwrap()
     }
 }
@@ -364,8 +367,12 @@ fn commands_start_an_agent_when_none_runs() {
     assert!(sock.exists());
     let health: serde_json::Value =
         serde_json::from_str(&raw(&sock, "GET", "/v1/healthz", "").1).unwrap();
-    let pid = health["pid"].as_u64().unwrap().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let pid = health["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
 }
 
 fn snapshot_settings() -> insta::Settings {

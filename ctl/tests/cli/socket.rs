@@ -35,10 +35,11 @@ fn spawn_agent(prefix: &str, data_dir: &Path, socket: &Path) -> Child {
 }
 
 fn terminate(mut child: Child) {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     child.wait().unwrap();
 }
 

@@ -41,22 +41,17 @@ struct Reaper(PathBuf);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
-        use nix::sys::signal::{Signal, kill};
-        use nix::unistd::Pid;
         let needle = self.0.display().to_string();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for p in procs.flatten() {
-            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse().ok()) else {
                 continue;
             };
-            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let raw = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
             if cmdline.contains(&needle)
                 && (cmdline.starts_with("qemu-system") || cmdline.contains(" agent "))
             {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                signal(pid, Signal::SIGKILL);
             }
         }
     }

@@ -7,6 +7,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+
 // Scenarios in their own files; they use this file's helpers (`super::*`).
 mod cloud;
 mod host_faults;
@@ -177,14 +179,17 @@ impl World {
 
     /// PIDs of QEMU processes whose command line names this world's data dir.
     fn qemu_pids(&self) -> Vec<u32> {
-        let out = Command::new("pgrep")
-            .arg("-f")
-            .arg(format!("^qemu-system.*{}", self.data().display()))
-            .output()
-            .unwrap();
-        let mut v: Vec<u32> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
+        // /proc, not `pgrep`: no process-control programs are needed.
+        let data = self.data().display().to_string();
+        let mut v: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|p| {
+                let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+                let raw = std::fs::read(p.path().join("cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+                (cmdline.starts_with("qemu-system") && cmdline.contains(&data)).then_some(pid)
+            })
             .collect();
         v.sort();
         v
@@ -194,18 +199,18 @@ impl World {
 impl Drop for World {
     fn drop(&mut self) {
         if let Some(pid) = self.agent_pid() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status();
+            signal(pid, Signal::SIGTERM);
         }
         for pid in self.qemu_pids() {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
+            signal(pid, Signal::SIGKILL);
         }
     }
+}
+
+/// Sends `sig` to `pid` through `kill(2)` (no `kill` program needed); a
+/// process already gone is fine.
+fn signal(pid: u32, sig: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
 fn sha256_file(p: &Path) -> String {
@@ -385,10 +390,7 @@ vm "zst" {{
     let qemus = w.qemu_pids();
     assert_eq!(qemus.len(), 2, "one QEMU per VM");
     let agent = w.agent_pid().expect("agent answers");
-    Command::new("kill")
-        .args(["-KILL", &agent.to_string()])
-        .status()
-        .unwrap();
+    signal(agent, Signal::SIGKILL);
     std::thread::sleep(Duration::from_millis(500));
     let vms = w.json(&["get", "vm", "-o", "json"])["items"].take(); // auto-starts a new agent
     assert_ne!(w.agent_pid(), Some(agent));
@@ -566,10 +568,7 @@ fn qemu_killed_from_outside_is_noticed_and_restarted_with_backoff() {
     );
     let before = w.qemu_pids();
     assert_eq!(before.len(), 1);
-    Command::new("kill")
-        .args(["-KILL", &before[0].to_string()])
-        .status()
-        .unwrap();
+    signal(before[0], Signal::SIGKILL);
     wait_until("a Crashed note", Duration::from_secs(60), || {
         w.ok(&["events"]).contains("Crashed")
     });

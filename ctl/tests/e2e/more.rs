@@ -41,10 +41,7 @@ impl Bg {
 
     /// Ctrl-C, and its exit status once it has ended.
     fn interrupt(&mut self) -> std::process::ExitStatus {
-        Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        signal(self.child.id(), Signal::SIGINT);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
