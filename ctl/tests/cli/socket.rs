@@ -44,9 +44,10 @@ fn terminate(mut child: Child) {
 }
 
 /// Run as another user by `the_socket_is_never_reachable_by_another_user`:
-/// connects to `VMCTL_HAMMER_SOCKET` as fast as it can until
-/// `VMCTL_HAMMER_STOP` exists, and prints how often a connection was
-/// accepted and how often the path was there but refused.
+/// connects to `VMCTL_HAMMER_SOCKET` and looks at its mode as fast as it
+/// can until `VMCTL_HAMMER_STOP` exists, and prints how often a connection
+/// was accepted, how often the path was there but refused, and how often
+/// its mode let others in.
 #[test]
 #[ignore = "a helper run as another user by a test"]
 fn hammer_helper() {
@@ -56,7 +57,7 @@ fn hammer_helper() {
     ) else {
         return;
     };
-    let (mut connected, mut denied, mut tries) = (0u64, 0u64, 0u64);
+    let (mut connected, mut denied, mut loose, mut tries) = (0u64, 0u64, 0u64, 0u64);
     while !Path::new(&stop).exists() {
         for _ in 0..200 {
             tries += 1;
@@ -70,9 +71,12 @@ fn hammer_helper() {
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => denied += 1,
                 Err(_) => {}
             }
+            if std::fs::symlink_metadata(&sock).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+                loose += 1;
+            }
         }
     }
-    println!("HAMMER connected={connected} denied={denied} tries={tries}");
+    println!("HAMMER connected={connected} denied={denied} loose={loose} tries={tries}");
 }
 
 #[test]
@@ -101,7 +105,9 @@ fn the_socket_is_never_reachable_by_another_user_even_under_umask_000() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    for _ in 0..10 {
+    // The window was microseconds wide: the hammer caught it in
+    // 17 of 20 starts.
+    for _ in 0..20 {
         let agent = spawn_agent("umask 000", &data.path().join("vmctl"), &socket);
         let mode = std::fs::symlink_metadata(&socket)
             .unwrap()
@@ -130,9 +136,9 @@ fn the_socket_is_never_reachable_by_another_user_even_under_umask_000() {
         "the hammer never reached the socket: {line}"
     );
     assert_eq!(
-        field("connected"),
-        0,
-        "another user connected to the agent's socket: {line}"
+        (field("connected"), field("loose")),
+        (0, 0),
+        "another user connected to the agent's socket, or saw it open to others: {line}"
     );
 }
 
