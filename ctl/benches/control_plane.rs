@@ -48,9 +48,18 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// The VMs as `vmctl get vm -o json` prints them: a List (kubectl's shape).
 fn list_json(data: &Path) -> Vec<serde_json::Value> {
     let out = run(data, &["get", "vm", "-o", "json"]);
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    match list {
+        serde_json::Value::Object(mut m) => match m.remove("items") {
+            Some(serde_json::Value::Array(items)) => items,
+            _ => Vec::new(),
+        },
+        serde_json::Value::Array(items) => items,
+        _ => Vec::new(),
+    }
 }
 
 fn start_agent(data: &Path) -> Child {
@@ -213,11 +222,9 @@ fn main() {
     std::thread::sleep(Duration::from_millis(1500));
     let mut lat = Vec::new();
     let client_get = |data: &Path| -> serde_json::Value {
+        // One named object prints as the object itself.
         let out = run(data, &["get", "vm", "watched", "-o", "json"]);
-        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
-            .ok()
-            .and_then(|v| v.into_iter().next())
-            .unwrap_or_default()
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
     };
     for i in 0..30u32 {
         let vcpus = 2 + (i % 8);
