@@ -42,6 +42,20 @@ pub enum LocalFileError {
     Io(#[from] std::io::Error),
 }
 
+/// A refused local file as an I/O error for callers whose errors carry
+/// one: the I/O error itself, `NotFound`, or `InvalidInput` with the
+/// message ("is a FIFO (named pipe), not a regular file", "is 20 MiB (or
+/// more); the limit for a script file is 16 MiB").
+impl From<LocalFileError> for std::io::Error {
+    fn from(e: LocalFileError) -> Self {
+        match e {
+            LocalFileError::Io(e) => e,
+            LocalFileError::NotFound => std::io::Error::from(std::io::ErrorKind::NotFound),
+            other => std::io::Error::new(std::io::ErrorKind::InvalidInput, other.to_string()),
+        }
+    }
+}
+
 /// What a file type is when it is not a regular file, e.g. `a FIFO
 /// (named pipe)`; `None` for a regular file.
 pub fn kind_of(ft: std::fs::FileType) -> Option<&'static str> {

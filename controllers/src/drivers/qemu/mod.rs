@@ -625,13 +625,17 @@ fn seed_spec(
     instance_id: String,
     keys: &crate::seed::VmKeys,
 ) -> Result<SeedSpec, QemuError> {
-    let read = |path: &str| {
-        std::fs::read(path).map_err(io_err(format!("Cannot read {path} for {}", spec.name)))
+    // Bounded, regular files only: the path was checked when applied, but
+    // it may have become a FIFO or device since (issue 18 item 4).
+    let read = |path: &str, use_: vmctl_api::limits::FileUse| {
+        vmctl_api::localfile::read(std::path::Path::new(path), use_)
+            .map_err(|e| io_err(format!("Cannot read {path} for {}", spec.name))(e.into()))
     };
     let ci = spec.spec.cloud_init.as_ref();
     let mut authorized_keys = vec![keys.user.public_openssh.trim().to_owned()];
     if let Some(f) = ci.and_then(|c| c.ssh_key.as_ref()) {
-        let text = String::from_utf8_lossy(&read(&f.path)?).into_owned();
+        let text = String::from_utf8_lossy(&read(&f.path, vmctl_api::limits::FileUse::SshKey)?)
+            .into_owned();
         authorized_keys.extend(
             text.lines()
                 .map(str::trim)
@@ -640,7 +644,7 @@ fn seed_spec(
         );
     }
     let raw_user_data = match ci.and_then(|c| c.user_data.as_ref()) {
-        Some(f) => Some(read(&f.path)?),
+        Some(f) => Some(read(&f.path, vmctl_api::limits::FileUse::UserData)?),
         None => None,
     };
     Ok(SeedSpec {

@@ -226,7 +226,10 @@ pub async fn copy_to(target: &SshTarget, local: &Path, remote: &str) -> Result<u
             path: local.clone(),
             source,
         };
-        let data = std::fs::read(&local).map_err(local_err)?;
+        // The agent reads what `vmctl cp` names: regular files within the
+        // upload limit only, so a device or FIFO cannot hang it.
+        let data = vmctl_api::localfile::read(&local, vmctl_api::limits::FileUse::Upload)
+            .map_err(|e| local_err(e.into()))?;
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(&local).map_err(local_err)?.permissions(),
         ) & 0o7777;

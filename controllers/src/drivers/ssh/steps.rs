@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 
 use ssh2::{ExtendedData, FileStat, OpenFlags, OpenType, Session};
 use vmctl_api::ProvisionStep;
+use vmctl_api::limits::FileUse;
+use vmctl_api::localfile;
 use vmctl_api::resources::LocalFile;
 
 use super::error::SshError;
@@ -139,16 +141,22 @@ fn signal_number(name: &str) -> i32 {
 
 /// Reads a step's local file, checking it still has the digest recorded
 /// when the manifest was applied. Returns the content and its mode bits.
-fn read_local(file: &LocalFile) -> Result<(Vec<u8>, u32), SshError> {
+fn read_local(file: &LocalFile, use_: FileUse) -> Result<(Vec<u8>, u32), SshError> {
     let path = PathBuf::from(&file.path);
     let read_err = |source| SshError::LocalFile {
         path: path.clone(),
         source,
     };
-    let mut f = File::open(&path).map_err(read_err)?;
-    let mode = f.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
-    let mut data = Vec::new();
-    f.read_to_end(&mut data).map_err(read_err)?;
+    // Bounded and regular files only: a path in a stored spec may have
+    // become a FIFO or a device since it was applied, and a manifest sent
+    // to the API may carry a digest that was never checked here
+    // (issue 18 item 4: a named file must never hang the agent).
+    let data = localfile::read(&path, use_).map_err(|e| read_err(e.into()))?;
+    let mode = std::fs::metadata(&path)
+        .map_err(read_err)?
+        .permissions()
+        .mode()
+        & 0o7777;
     if let Some(expected) = &file.digest {
         use sha2::Digest;
         let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)));
@@ -255,7 +263,7 @@ pub(super) fn run_step(
         ProvisionStep::Shell {
             script: Some(file), ..
         } => {
-            let (data, _) = read_local(file)?;
+            let (data, _) = read_local(file, FileUse::Script)?;
             let remote = script_path(index);
             upload(sess, Path::new(&file.path), &data, &remote, 0o755)?;
             run_command(sess, &remote, sink)
@@ -268,9 +276,52 @@ pub(super) fn run_step(
             if !destination.starts_with('/') {
                 return Err(SshError::RelativeDestination(destination.clone()));
             }
-            let (data, mode) = read_local(source)?;
+            let (data, mode) = read_local(source, FileUse::Upload)?;
             upload(sess, Path::new(&source.path), &data, destination, mode)?;
             Ok(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod named_file_tests {
+    use super::*;
+
+    fn local(path: &Path) -> LocalFile {
+        LocalFile {
+            path: path.display().to_string(),
+            digest: None,
+        }
+    }
+
+    /// Issue 18 item 4, the agent's side: a provisioner's script or upload
+    /// that became a device or FIFO after it was applied is refused at
+    /// once instead of being read forever (or waiting for a writer).
+    #[test]
+    fn provision_named_device_or_fifo_is_refused_not_read_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("script.sh");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let t0 = std::time::Instant::now();
+        for (path, use_) in [
+            (fifo.as_path(), FileUse::Script),
+            (Path::new("/dev/zero"), FileUse::Upload),
+        ] {
+            let err = vmctl_api::error_chain(&read_local(&local(path), use_).unwrap_err());
+            assert!(err.contains("not a regular file"), "{path:?}: {err}");
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    /// A script that grew past its limit after it was applied is refused
+    /// with the limit named, not sent.
+    #[test]
+    fn provision_named_file_over_its_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.sh");
+        let f = File::create(&big).unwrap();
+        f.set_len(FileUse::Script.max_bytes() + 1).unwrap();
+        let err = vmctl_api::error_chain(&read_local(&local(&big), FileUse::Script).unwrap_err());
+        assert!(err.contains("16 MiB"), "{err}");
     }
 }
