@@ -1,5 +1,5 @@
-//! The HTTP API: thin handlers that validate input, call the store off the
-//! async runtime, and map errors to statuses with one explicit `match`.
+//! The HTTP API: thin handlers that validate input, call the store, and
+//! map errors to statuses with one explicit `match`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -116,7 +116,12 @@ impl From<StoreError> for ApiError {
                      stored, and writes work again by themselves once there is room",
                 ),
             ),
-            StoreError::Sled(_) | StoreError::Codec(_) => (
+            StoreError::Unavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "vmctl::store::unavailable",
+                Some("the agent retries by itself; start or repair the store (see the agent log)"),
+            ),
+            StoreError::Backend(_) | StoreError::Codec(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "vmctl::store::failed",
                 Some("see the agent log"),
@@ -133,23 +138,6 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
-
-/// Runs a blocking store call off the async runtime.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "vmctl::api::panic",
-                e.to_string(),
-                None,
-            )
-        })?
-        .map_err(ApiError::from)
-}
 
 fn parse_kind(s: &str) -> ApiResult<Kind> {
     Kind::parse(s).ok_or_else(|| {
@@ -199,12 +187,15 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn health(State(st): State<AppState>) -> Json<Health> {
+    let last_seq = st.store.last_seq().await;
     Json(Health {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
         driver: st.cfg.driver.clone(),
         data_dir: st.cfg.data_dir.display().to_string(),
-        last_seq: st.store.last_seq(),
+        last_seq: last_seq.as_ref().copied().unwrap_or_default(),
+        store: st.store.describe(),
+        store_error: last_seq.err().map(|e| vmctl_api::error_chain(&e)),
     })
 }
 
@@ -250,8 +241,7 @@ async fn apply(
     let req: ApplyRequest = parse_json(&body)?;
     drop(body);
     validate_objects(&req.objects)?;
-    let store = st.store.clone();
-    let results = blocking(move || apply_blocking(&*store, req)).await??;
+    let results = apply_objects(&*st.store, req).await??;
     Ok(Json(ApplyResponse { results }))
 }
 
@@ -299,7 +289,7 @@ fn finalizer_error(e: FinalizerError) -> ApiError {
 /// would run the provisioners again).
 const IMPERATIVE_FIELDS: &[(Kind, &str)] = &[(Kind::Provision, "runToken")];
 
-fn keep_imperative_fields(store: &dyn Store, obj: &mut Object) -> Result<(), StoreError> {
+async fn keep_imperative_fields(store: &dyn Store, obj: &mut Object) -> Result<(), StoreError> {
     let fields: Vec<&str> = IMPERATIVE_FIELDS
         .iter()
         .filter(|(k, _)| *k == obj.kind)
@@ -308,7 +298,7 @@ fn keep_imperative_fields(store: &dyn Store, obj: &mut Object) -> Result<(), Sto
     if fields.is_empty() || fields.iter().all(|f| obj.spec.get(*f).is_some()) {
         return Ok(());
     }
-    let Some(cur) = store.get(&obj.object_ref())? else {
+    let Some(cur) = store.get(&obj.object_ref()).await? else {
         return Ok(());
     };
     for f in fields {
@@ -324,7 +314,7 @@ fn keep_imperative_fields(store: &dyn Store, obj: &mut Object) -> Result<(), Sto
 /// Applies the objects in order; stale resourceVersions and bad finalizer
 /// names are refused before anything is written. The outer error is the
 /// store's, the inner one a refusal of the request.
-fn apply_blocking(
+async fn apply_objects(
     store: &dyn Store,
     req: ApplyRequest,
 ) -> Result<ApiResult<Vec<ApplyResult>>, StoreError> {
@@ -332,7 +322,10 @@ fn apply_blocking(
         let rv = obj.metadata.resource_version;
         if rv != 0 {
             let r = obj.object_ref();
-            let actual = store.get(&r)?.map_or(0, |o| o.metadata.resource_version);
+            let actual = store
+                .get(&r)
+                .await?
+                .map_or(0, |o| o.metadata.resource_version);
             if actual != rv {
                 return Ok(Err(stale(&r, rv, actual)));
             }
@@ -349,19 +342,20 @@ fn apply_blocking(
     let wanted: std::collections::HashSet<ObjectRef> =
         req.objects.iter().map(Object::object_ref).collect();
     let distinct = wanted.len() == req.objects.len();
-    let mut results = match apply_all(store, req.objects, &req.source, req.dry_run, distinct)? {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(e)),
-    };
+    let mut results =
+        match apply_all(store, req.objects, &req.source, req.dry_run, distinct).await? {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
     let source_file = req.source.as_ref().and_then(|s| s.file.clone());
     if let (true, Some(file)) = (req.prune, source_file) {
-        for obj in store.list(None)?.objects {
+        for obj in store.list(None).await?.objects {
             let same_source =
                 obj.metadata.source.as_ref().and_then(|s| s.file.as_deref()) == Some(file.as_str());
             let r = obj.object_ref();
             if same_source && !wanted.contains(&r) && obj.metadata.deletion_timestamp.is_none() {
                 if !req.dry_run {
-                    store.request_delete(&r, None)?;
+                    store.request_delete(&r, None).await?;
                 }
                 results.push(ApplyResult {
                     object: r,
@@ -376,15 +370,15 @@ fn apply_blocking(
 }
 
 /// Writers that apply one request's objects at once. Each write waits for
-/// its fsync and concurrent writers share fsyncs (the store's group
-/// commit), so a 10,000-object apply takes a fraction of the time of
-/// one-by-one writes.
+/// its commit (sled: its fsync, shared by concurrent writers; etcd: a
+/// quorum round trip), so a 10,000-object apply takes a fraction of the
+/// time of one-by-one writes.
 const APPLY_WRITERS: usize = 8;
 
 /// Applies `objects` and returns their results in request order: in
 /// [`APPLY_WRITERS`] ordered chunks at once when the request is large and
 /// names every object once (a name given twice is applied in order).
-fn apply_all(
+async fn apply_all(
     store: &dyn Store,
     objects: Vec<Object>,
     source: &Option<vmctl_api::ApplySource>,
@@ -393,7 +387,7 @@ fn apply_all(
 ) -> Result<ApiResult<Vec<ApplyResult>>, StoreError> {
     let chunk = objects.len().div_ceil(APPLY_WRITERS).max(1);
     if !distinct || objects.len() < 4 * APPLY_WRITERS {
-        return apply_chunk(store, objects, source, dry_run);
+        return apply_chunk(store, objects, source, dry_run).await;
     }
     let mut chunks = Vec::new();
     let mut rest = objects;
@@ -403,25 +397,23 @@ fn apply_all(
         rest = tail;
     }
     chunks.push(rest);
-    std::thread::scope(|scope| {
-        let writers: Vec<_> = chunks
-            .into_iter()
-            .map(|c| scope.spawn(move || apply_chunk(store, c, source, dry_run)))
-            .collect();
-        let mut all = Vec::new();
-        let mut refused = None;
-        for w in writers {
-            match w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))? {
-                Ok(r) => all.extend(r),
-                Err(e) => refused = refused.or(Some(e)),
-            }
+    // The chunks run concurrently on this task: each awaits its own writes.
+    let writers = chunks
+        .into_iter()
+        .map(|c| apply_chunk(store, c, source, dry_run));
+    let mut all = Vec::new();
+    let mut refused = None;
+    for w in futures::future::join_all(writers).await {
+        match w? {
+            Ok(r) => all.extend(r),
+            Err(e) => refused = refused.or(Some(e)),
         }
-        Ok(refused.map_or(Ok(all), Err))
-    })
+    }
+    Ok(refused.map_or(Ok(all), Err))
 }
 
 /// Applies `objects` one after the other; stops at the first refusal.
-fn apply_chunk(
+async fn apply_chunk(
     store: &dyn Store,
     objects: Vec<Object>,
     source: &Option<vmctl_api::ApplySource>,
@@ -429,7 +421,7 @@ fn apply_chunk(
 ) -> Result<ApiResult<Vec<ApplyResult>>, StoreError> {
     let mut out = Vec::with_capacity(objects.len());
     for obj in objects {
-        match apply_one(store, obj, source, dry_run)? {
+        match apply_one(store, obj, source, dry_run).await? {
             Ok(r) => out.push(r),
             Err(e) => return Ok(Err(e)),
         }
@@ -439,7 +431,7 @@ fn apply_chunk(
 
 /// Applies one object: its spec, labels and annotations, then its user
 /// finalizers (see [`finalizers`]); a dry run only reads.
-fn apply_one(
+async fn apply_one(
     store: &dyn Store,
     mut obj: Object,
     source: &Option<vmctl_api::ApplySource>,
@@ -452,9 +444,9 @@ fn apply_one(
     // On create the store keeps these; on update it ignores them and
     // `edit_finalizers` below reconciles them.
     obj.metadata.finalizers = finalizers::on_create(&applied_finalizers);
-    keep_imperative_fields(store, &mut obj)?;
+    keep_imperative_fields(store, &mut obj).await?;
     if dry_run {
-        let outcome = match store.get(&r)? {
+        let outcome = match store.get(&r).await? {
             None => ApplyOutcome::Created,
             Some(cur)
                 if cur.spec == obj.spec
@@ -473,7 +465,7 @@ fn apply_one(
             resource_version: 0,
         }));
     }
-    let w = match store.apply(obj, source.clone(), given_rv) {
+    let w = match store.apply(obj, source.clone(), given_rv).await {
         Err(StoreError::Conflict {
             object,
             expected,
@@ -494,7 +486,9 @@ fn apply_one(
         let rv = Some(cur.metadata.resource_version).filter(|_| given_rv.is_some());
         written = match edit_finalizers(store, &r, rv, |f| {
             Ok(finalizers::after_apply(f, &applied_finalizers))
-        })? {
+        })
+        .await?
+        {
             Ok(o) => o,
             Err(e) => return Ok(Err(e)),
         };
@@ -518,7 +512,7 @@ fn apply_one(
 /// object is a conflict; without, a conflicting concurrent write (a
 /// controller's) is read again and the plan redone, a few times.
 /// Returns the object after the write (`None` once it is deleted).
-fn edit_finalizers(
+async fn edit_finalizers(
     store: &dyn Store,
     r: &ObjectRef,
     expected: Option<u64>,
@@ -528,7 +522,8 @@ fn edit_finalizers(
     loop {
         attempts += 1;
         let cur = store
-            .get(r)?
+            .get(r)
+            .await?
             .ok_or_else(|| StoreError::NotFound(r.clone()))?;
         let rv = cur.metadata.resource_version;
         if let Some(given) = expected.filter(|given| *given != rv) {
@@ -541,7 +536,7 @@ fn edit_finalizers(
         if want == cur.metadata.finalizers {
             return Ok(Ok(Some(cur)));
         }
-        match store.set_finalizers(r, want, Some(rv)) {
+        match store.set_finalizers(r, want, Some(rv)).await {
             Ok(w) => return Ok(Ok(w.object)),
             Err(StoreError::Conflict { .. }) if expected.is_none() && attempts < 5 => {}
             Err(StoreError::Conflict {
@@ -563,11 +558,8 @@ async fn patch_one(
     let r = ObjectRef::new(parse_kind(&kind)?, name);
     let body = read_body(&headers, body, crate::rejection::MAX_BODY_BYTES).await?;
     let patch: PatchRequest = parse_json(&body)?;
-    let store = st.store.clone();
-    let obj = blocking(move || {
-        edit_finalizers(&*store, &r, patch.resource_version, |cur| {
-            finalizers::after_patch(cur, &patch)
-        })
+    let obj = edit_finalizers(&*st.store, &r, patch.resource_version, |cur| {
+        finalizers::after_patch(cur, &patch)
     })
     .await??;
     Ok(Json(obj))
@@ -604,7 +596,10 @@ async fn list(st: AppState, kind: Option<Kind>, q: ListQuery) -> ApiResult<Respo
     if let Some(cache) = &st.cache {
         // Read your writes: wait for what the store has acknowledged so far.
         if cache
-            .caught_up(st.store.last_seq(), std::time::Duration::from_secs(1))
+            .caught_up(
+                st.store.last_seq().await?,
+                std::time::Duration::from_secs(1),
+            )
             .await
         {
             let body = cache.list_json(kind, |o| {
@@ -613,8 +608,7 @@ async fn list(st: AppState, kind: Option<Kind>, q: ListQuery) -> ApiResult<Respo
             return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
         }
     }
-    let store = st.store.clone();
-    let listing = blocking(move || store.list(kind)).await?;
+    let listing = st.store.list(kind).await?;
     let items = listing
         .objects
         .into_iter()
@@ -645,9 +639,7 @@ async fn get_one(
     Path((kind, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Object>> {
     let r = ObjectRef::new(parse_kind(&kind)?, name);
-    let store = st.store.clone();
-    let rr = r.clone();
-    match blocking(move || store.get(&rr)).await? {
+    match st.store.get(&r).await? {
         Some(o) => Ok(Json(o)),
         None => Err(StoreError::NotFound(r).into()),
     }
@@ -658,8 +650,7 @@ async fn delete_one(
     Path((kind, name)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let r = ObjectRef::new(parse_kind(&kind)?, name);
-    let store = st.store.clone();
-    let w = blocking(move || store.request_delete(&r, None)).await?;
+    let w = st.store.request_delete(&r, None).await?;
     Ok((StatusCode::ACCEPTED, Json(w.object)).into_response())
 }
 
@@ -668,8 +659,7 @@ async fn history(
     Path((kind, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Vec<vmctl_store::Event>>> {
     let r = ObjectRef::new(parse_kind(&kind)?, name);
-    let store = st.store.clone();
-    Ok(Json(blocking(move || store.history(&r)).await?))
+    Ok(Json(st.store.history(&r).await?))
 }
 
 /// A recorded note on the wire.
@@ -683,8 +673,7 @@ struct NoteOut {
 }
 
 async fn notes(st: AppState, r: Option<ObjectRef>) -> ApiResult<Json<Vec<NoteOut>>> {
-    let store = st.store.clone();
-    let notes = blocking(move || store.notes(r.as_ref())).await?;
+    let notes = st.store.notes(r.as_ref()).await?;
     Ok(Json(
         notes
             .into_iter()
@@ -717,7 +706,7 @@ struct WatchQuery {
 }
 
 async fn watch(State(st): State<AppState>, Query(q): Query<WatchQuery>) -> ApiResult<Response> {
-    let mut w = st.store.watch(q.after).map_err(ApiError::from)?;
+    let mut w = st.store.watch(q.after).await.map_err(ApiError::from)?;
     let stream = async_stream(move |tx| async move {
         loop {
             match w.next().await {
@@ -815,9 +804,9 @@ async fn logs(
     vmctl_api::names::check_name(&name)
         .map_err(|m| ApiError::bad_request(m, vmctl_api::names::NAME_HELP))?;
     let r = ObjectRef::new(Kind::VirtualMachine, name.clone());
-    let store = st.store.clone();
-    let rr = r.clone();
-    let obj = blocking(move || store.get(&rr))
+    let obj = st
+        .store
+        .get(&r)
         .await?
         .ok_or(StoreError::NotFound(r.clone()))?;
     let work_dir = obj
@@ -866,11 +855,7 @@ async fn logs(
                 return;
             }
             // A deleted VM ends the stream.
-            let (s, rr) = (store.clone(), r.clone());
-            if !matches!(
-                tokio::task::spawn_blocking(move || s.get(&rr)).await,
-                Ok(Ok(Some(_)))
-            ) {
+            if !matches!(store.get(&r).await, Ok(Some(_))) {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;

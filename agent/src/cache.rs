@@ -42,10 +42,9 @@ impl ObjectCache {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
-            let s = store.clone();
-            let listing = match tokio::task::spawn_blocking(move || s.list(None)).await {
-                Ok(Ok(l)) => l,
-                _ => {
+            let listing = match store.list(None).await {
+                Ok(l) => l,
+                Err(_) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
@@ -61,7 +60,7 @@ impl ObjectCache {
                 st.rv = rv;
             }
             self.seen.send_replace(rv);
-            let Ok(mut watch) = store.watch(rv) else {
+            let Ok(mut watch) = store.watch(rv).await else {
                 continue;
             };
             loop {

@@ -1,8 +1,6 @@
 //! When the agent compacts its store's event log.
 
-use std::sync::Arc;
-
-use vmctl_store::Store;
+use vmctl_store::{EtcdStore, SledStore};
 
 /// How often the log's growth is looked at.
 const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -12,7 +10,7 @@ const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// last compaction (looked at every [`EVERY`]), so status heartbeats never grow
 /// it without bound.
 pub async fn run(
-    store: Arc<dyn Store>,
+    store: SledStore,
     retention: vmctl_store::Retention,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -34,6 +32,38 @@ pub async fn run(
             // Both arms only wait; nothing is lost when either is dropped.
             _ = tokio::time::sleep(EVERY) => {}
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Compacts etcd's history every minute to `retention.window` revisions
+/// behind the current one (spec history and current objects are kept:
+/// they are current keys).
+pub async fn run_etcd(
+    store: EtcdStore,
+    retention: vmctl_store::Retention,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last = 0u64;
+    loop {
+        tokio::select! {
+            // Both arms only wait; nothing is lost when either is dropped.
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = stop.changed() => return,
+        }
+        let Ok(rev) = store.current_revision().await else {
+            continue; // unavailable: the next round tries again
+        };
+        let target = rev.saturating_sub(retention.window);
+        if target <= last {
+            continue;
+        }
+        match store.compact(target).await {
+            Ok(at) => {
+                tracing::info!(revision = at, "compacted etcd");
+                last = at;
+            }
+            Err(e) => tracing::warn!(error = %vmctl_api::error_chain(&e), "etcd compaction failed"),
         }
     }
 }
@@ -75,7 +105,7 @@ mod tests {
             ..Retention::default()
         };
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(run(Arc::new(s.clone()), retention, stopped));
+        let task = tokio::spawn(run(s.clone(), retention, stopped));
         // Well before the first look-at-growth interval.
         let deadline = tokio::time::Instant::now() + EVERY / 2;
         while s.compaction_floor() == 0 && tokio::time::Instant::now() < deadline {

@@ -11,8 +11,25 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     /// The hypervisor driver: `qemu` (default) or `fake` (tests only).
     pub driver: String,
-    /// How much of the event log compaction keeps.
+    /// How much of the event log compaction keeps (sled), or how many
+    /// revisions etcd keeps before compaction (`retention.window`).
     pub retention: vmctl_store::Retention,
+    /// Where the objects live: sled (default) or etcd.
+    pub store: StoreConfig,
+}
+
+/// Which store the agent keeps its objects in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// sled in `<data_dir>/db`: embedded, no setup (the default).
+    Sled,
+    /// etcd v3 (`--store etcd --etcd-endpoints URL,…`).
+    Etcd {
+        /// Client URLs, e.g. `http://127.0.0.1:2379`.
+        endpoints: Vec<String>,
+        /// Key prefix of this installation (default `/vmctl/`).
+        prefix: String,
+    },
 }
 
 /// `$XDG_DATA_HOME/vmctl`, or `~/.local/share/vmctl`. A relative
@@ -118,6 +135,7 @@ impl AgentConfig {
             socket,
             driver: "qemu".into(),
             retention: vmctl_store::Retention::default(),
+            store: StoreConfig::Sled,
         }
     }
 

@@ -5,7 +5,7 @@
 //! 0700 data directory). Streams (watch) are newline-delimited JSON.
 //!
 //! ```text
-//!  vmctl ──HTTP/unix──▶ api (axum) ──spawn_blocking──▶ Store (sled)
+//!  vmctl ──HTTP/unix──▶ api (axum) ──async──▶ Store (sled or etcd)
 //!                                                        │ watch
 //!                                                 controllers ──▶ drivers
 //! ```
@@ -21,5 +21,5 @@ pub mod rejection;
 pub mod server;
 pub mod socket;
 
-pub use config::AgentConfig;
+pub use config::{AgentConfig, StoreConfig};
 pub use server::{AgentError, run, run_until};

@@ -10,10 +10,10 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vmctl_store::{SledStore, Store, StoreError};
+use vmctl_store::{EtcdOptions, EtcdStore, SledStore, Store, StoreError};
 
 use crate::api::{self, AppState};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, StoreConfig};
 
 /// Why the agent could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +59,10 @@ impl AgentError {
                 "check the permissions of the data directory (XDG_DATA_HOME)".into()
             }
             AgentError::Store(StoreError::Corrupt { hint, .. }) => hint.clone(),
+            AgentError::Store(StoreError::Invalid(_)) => {
+                "fix --etcd-endpoints / VMCTL_ETCD_ENDPOINTS (URLs such as http://127.0.0.1:2379)"
+                    .into()
+            }
             AgentError::Store(_) => "see the error above; the store was not modified".into(),
             AgentError::Socket(e) => e.help().into(),
             AgentError::Driver(_) => {
@@ -139,6 +143,44 @@ fn drivers(cfg: &AgentConfig) -> Result<vmctl_controllers::Drivers, AgentError> 
     }
 }
 
+/// Opens the configured store and starts its maintenance task.
+async fn open_store(
+    cfg: &AgentConfig,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Arc<dyn Store>, AgentError> {
+    match &cfg.store {
+        StoreConfig::Sled => {
+            let db = cfg.db_dir();
+            let store = tokio::task::spawn_blocking(move || SledStore::open(db))
+                .await
+                .expect("the store open task does not panic")
+                .map_err(AgentError::Store)?;
+            tokio::spawn(crate::compaction::run(
+                store.clone(),
+                cfg.retention.clone(),
+                stop,
+            ));
+            Ok(Arc::new(store))
+        }
+        StoreConfig::Etcd { endpoints, prefix } => {
+            let mut opts = EtcdOptions::new(endpoints.clone());
+            opts.prefix = prefix.clone();
+            let store = EtcdStore::connect(opts).await.map_err(AgentError::Store)?;
+            // Unreachable is no reason not to start: every request says so,
+            // and the controllers retry until etcd is back.
+            if let Err(e) = store.health().await {
+                tracing::warn!(error = %vmctl_api::error_chain(&e), "etcd is not reachable yet; retrying");
+            }
+            tokio::spawn(crate::compaction::run_etcd(
+                store.clone(),
+                cfg.retention.clone(),
+                stop,
+            ));
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     run_until(cfg, shutdown_signal()).await
@@ -153,31 +195,22 @@ pub async fn run_until(
     let _lock = lock(&cfg)?;
     crate::socket::check_free(&cfg.socket).map_err(AgentError::Socket)?;
     let nofile = crate::http::raise_nofile_limit();
-    let db = cfg.db_dir();
-    let store = tokio::task::spawn_blocking(move || SledStore::open(db))
-        .await
-        .expect("the store open task does not panic")
-        .map_err(AgentError::Store)?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let store = open_store(&cfg, stop.subscribe()).await?;
     let (listener, socket) = crate::socket::bind(&cfg.socket).map_err(AgentError::Socket)?;
     let limits = crate::http::Limits::for_nofile(nofile);
     tracing::info!(
         socket = %cfg.socket.display(),
         driver = %cfg.driver,
         max_connections = limits.max_connections,
+        store = %store.describe(),
         "agent listening"
     );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     let controllers = tokio::spawn(vmctl_controllers::run(
         store.clone(),
         drivers,
         vmctl_controllers::RuntimeConfig::default(),
         stopped,
-    ));
-    tokio::spawn(crate::compaction::run(
-        store.clone(),
-        cfg.retention.clone(),
-        stop.subscribe(),
     ));
     let cache = crate::cache::ObjectCache::start(store.clone(), stop.subscribe());
     let state = AppState::new(store, cfg.clone()).with_cache(cache);

@@ -366,6 +366,11 @@ pub const CODES: &[Code] = &[
         "free space there (`df -h` on the path in the message); writes work again by themselves, no restart needed",
     ),
     c(
+        "vmctl::store::unavailable",
+        "the agent's store (etcd) cannot be reached now; the message names its endpoints",
+        "the agent retries by itself; start etcd or fix --etcd-endpoints",
+    ),
+    c(
         "vmctl::store::unusable",
         "the agent's store is corrupt or newer than this agent",
         "see the agent log",

@@ -87,8 +87,15 @@ pub struct Health {
     pub driver: String,
     /// The data directory.
     pub data_dir: String,
-    /// Last sequence number of the log.
+    /// The store's current resourceVersion (0 while it is unavailable).
     pub last_seq: u64,
+    /// Which store the agent uses: `sled at PATH` or `etcd at URL,…`.
+    #[serde(default)]
+    pub store: String,
+    /// Why the store cannot be used now (e.g. etcd unreachable; the agent
+    /// retries by itself); absent when it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }
 
 /// `GET /v1/objects` response.

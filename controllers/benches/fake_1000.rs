@@ -39,23 +39,23 @@ async fn one_run(vms: usize, images: usize) -> Duration {
         RuntimeConfig::default(),
         shutdown,
     ));
-    let mut watch = store.watch(store.last_seq()).unwrap();
+    let mut watch = store.watch(store.last_seq().await.unwrap()).await.unwrap();
 
     let start = Instant::now();
     let mut writers = Vec::new();
     const WRITERS: usize = 16;
     for w in 0..WRITERS {
         let store = store.clone();
-        writers.push(tokio::task::spawn_blocking(move || {
+        writers.push(tokio::spawn(async move {
             for i in (w..images).step_by(WRITERS) {
                 let spec = serde_json::from_value(json!({"source": {"path": format!("/img/{i}")}}));
                 let obj = Image::new(format!("img{i}"), spec.unwrap()).to_object();
-                store.apply(obj, None, None).unwrap();
+                store.apply(obj, None, None).await.unwrap();
             }
             for i in (w..vms).step_by(WRITERS) {
                 let spec = serde_json::from_value(json!({"image": format!("img{}", i % images)}));
                 let obj = VirtualMachine::new(format!("vm{i}"), spec.unwrap()).to_object();
-                store.apply(obj, None, None).unwrap();
+                store.apply(obj, None, None).await.unwrap();
             }
         }));
     }

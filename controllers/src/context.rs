@@ -1,5 +1,5 @@
 //! What every reconciler shares: the store, the drivers, the tuning, and
-//! helpers that write through the store without blocking the runtime.
+//! helpers that write through the store.
 
 use std::sync::Arc;
 
@@ -7,7 +7,7 @@ use serde::Serialize;
 use vmctl_api::{Note, NoteType, Object, ObjectRef};
 use vmctl_store::Store;
 
-use crate::runtime::controller::{ControllerError, blocking};
+use crate::runtime::controller::ControllerError;
 use crate::{Drivers, RuntimeConfig};
 
 /// Shared by the reconcilers of one agent.
@@ -24,14 +24,12 @@ pub struct Context {
 impl Context {
     /// The object, read fresh from the store.
     pub async fn get(&self, r: &ObjectRef) -> Result<Option<Object>, ControllerError> {
-        let (store, r) = (self.store.clone(), r.clone());
-        blocking(move || store.get(&r)).await
+        Ok(self.store.get(r).await?)
     }
 
     /// Every object of `kind`, read fresh from the store.
     pub async fn list(&self, kind: vmctl_api::Kind) -> Result<Vec<Object>, ControllerError> {
-        let store = self.store.clone();
-        blocking(move || Ok(store.list(Some(kind))?.objects)).await
+        Ok(self.store.list(Some(kind)).await?.objects)
     }
 
     /// Writes `status` if it differs from `obj`'s, expecting `obj`'s
@@ -45,12 +43,8 @@ impl Context {
         if obj.status.as_ref() == Some(&value) {
             return Ok(obj.clone());
         }
-        let (store, r, rv) = (
-            self.store.clone(),
-            obj.object_ref(),
-            obj.metadata.resource_version,
-        );
-        let written = blocking(move || store.update_status(&r, value, Some(rv))).await?;
+        let (r, rv) = (obj.object_ref(), obj.metadata.resource_version);
+        let written = self.store.update_status(&r, value, Some(rv)).await?;
         Ok(written.object.unwrap_or_else(|| obj.clone()))
     }
 
@@ -61,12 +55,8 @@ impl Context {
         obj: &Object,
         finalizers: Vec<String>,
     ) -> Result<Option<Object>, ControllerError> {
-        let (store, r, rv) = (
-            self.store.clone(),
-            obj.object_ref(),
-            obj.metadata.resource_version,
-        );
-        let written = blocking(move || store.set_finalizers(&r, finalizers, Some(rv))).await?;
+        let (r, rv) = (obj.object_ref(), obj.metadata.resource_version);
+        let written = self.store.set_finalizers(&r, finalizers, Some(rv)).await?;
         Ok(written.object)
     }
 
@@ -118,8 +108,7 @@ impl Context {
             object: object.clone(),
             source: Some(source.to_owned()),
         };
-        let store = self.store.clone();
-        if let Err(e) = blocking(move || store.record_note(note)).await {
+        if let Err(e) = self.store.record_note(note).await {
             tracing::warn!(error = %e, reason, "cannot record note");
         }
     }

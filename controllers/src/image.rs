@@ -509,16 +509,14 @@ mod tests {
                     applied_by: Some("test".into()),
                 },
             );
-            tokio::task::spawn_blocking(move || store.apply(obj, Some(source), None))
-                .await
-                .unwrap()
-                .unwrap();
+            store.apply(obj, Some(source), None).await.unwrap();
         }
 
-        fn status(&self) -> Option<ImageStatus> {
+        async fn status(&self) -> Option<ImageStatus> {
             let o = self
                 .store
                 .get(&ObjectRef::new(Kind::Image, "img"))
+                .await
                 .unwrap()?;
             serde_json::from_value(o.status?).ok()
         }
@@ -528,7 +526,7 @@ mod tests {
         async fn reasons_until(&self, last: &str) -> Vec<String> {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             loop {
-                let r = self.reasons();
+                let r = self.reasons().await;
                 if r.last().is_some_and(|l| l == last) || std::time::Instant::now() > deadline {
                     return r;
                 }
@@ -536,9 +534,10 @@ mod tests {
             }
         }
 
-        fn reasons(&self) -> Vec<String> {
+        async fn reasons(&self) -> Vec<String> {
             self.store
                 .notes(Some(&ObjectRef::new(Kind::Image, "img")))
+                .await
                 .unwrap()
                 .into_iter()
                 .map(|n| n.note.reason)
@@ -555,7 +554,7 @@ mod tests {
         ) -> ImageStatus {
             let deadline = std::time::Instant::now() + timeout;
             loop {
-                if let Some(st) = self.status() {
+                if let Some(st) = self.status().await {
                     let reason = st
                         .conditions
                         .iter()
@@ -665,7 +664,7 @@ mod tests {
         // With 20 ms backoffs, a retry would have come by now.
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(h.server.requests("/forbidden.qcow2"), 1);
-        assert_eq!(h.status().unwrap().phase, ImagePhase::Failed);
+        assert_eq!(h.status().await.unwrap().phase, ImagePhase::Failed);
         h.stop().await;
     }
 }

@@ -26,6 +26,15 @@ pub struct Cli {
 }
 
 /// Output formats of `get`.
+/// The agent's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// Embedded sled database in the data directory.
+    Sled,
+    /// etcd v3 cluster.
+    Etcd,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum GetOutput {
     /// A table.
@@ -82,6 +91,16 @@ pub enum Command {
         /// Hypervisor driver: qemu, or fake (in memory, for tests and benchmarks).
         #[arg(long, env = "VMCTL_DRIVER", default_value = "qemu")]
         driver: String,
+        /// Where objects are kept: sled (embedded, in the data directory) or
+        /// etcd (shared; needs --etcd-endpoints).
+        #[arg(long, env = "VMCTL_STORE", value_enum, default_value = "sled")]
+        store: StoreKind,
+        /// etcd client URLs, comma-separated (e.g. http://127.0.0.1:2379).
+        #[arg(long, env = "VMCTL_ETCD_ENDPOINTS", value_delimiter = ',')]
+        etcd_endpoints: Vec<String>,
+        /// Prefix of every etcd key of this installation.
+        #[arg(long, env = "VMCTL_ETCD_PREFIX", default_value = "/vmctl/")]
+        etcd_prefix: String,
     },
     /// Create or update the resources of a VMFile or manifest.
     ///

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use vmctl_api::{Kind, Object, ObjectMeta, ObjectRef};
-use vmctl_store::{Durability, Options, Retention, SledStore, Store};
+use vmctl_store::{Durability, Options, Retention, SledStore};
 
 fn tempdir() -> tempfile::TempDir {
     match std::env::var_os("VMCTL_BENCH_DIR") {

@@ -112,19 +112,15 @@ fn droppable(seen: &mut Seen, ev: &Event, r: &Retention) -> bool {
 /// Runs one compaction. Writers keep going meanwhile: they only append
 /// above the floor, and each dropped event is redundant at every moment.
 pub(crate) fn compact(inner: &Inner, r: &Retention) -> Result<CompactReport> {
-    let located = |e: StoreError| match e {
-        StoreError::Sled(e) => inner.storage_error(e),
-        e => e,
-    };
-    match compact_open(inner, r) {
+    match compact_open(inner, r).map_err(StoreError::into_sled) {
         Ok(report) => Ok(report),
-        Err(StoreError::Sled(e)) => {
+        Err(Ok(e)) => {
             // sled refuses every operation after an I/O error: reopen now,
             // so the next write does not fail first.
             let _ = inner.reopen(&mut inner.write_lock());
             Err(inner.storage_error(e))
         }
-        Err(e) => Err(located(e)),
+        Err(Err(e)) => Err(e),
     }
 }
 
@@ -166,7 +162,7 @@ fn compact_open(inner: &Inner, r: &Retention) -> Result<CompactReport> {
                 Ok::<_, ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
-                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Storage(e) => StoreError::from(e),
                 TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
             })?;
     }

@@ -61,24 +61,64 @@ pub enum StoreError {
     /// The request itself is invalid (e.g. an object without a name).
     #[error("invalid request: {0}")]
     Invalid(String),
-    /// The sled database failed.
-    #[error("database error")]
-    Sled(#[source] sled::Error),
+    /// The store cannot be reached now (etcd down, no quorum, a timeout):
+    /// nothing was written by this call; retry later. `store` names it,
+    /// e.g. `etcd at http://127.0.0.1:2379`.
+    #[error("the store ({store}) is unavailable; retrying may succeed once it is back")]
+    Unavailable {
+        /// Which store, with its endpoints.
+        store: String,
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The backend failed in another way (its error is kept as the source).
+    #[error("the store's database failed")]
+    Backend(#[source] BoxError),
     /// An event or object could not be encoded or decoded.
     #[error("cannot encode or decode a stored record")]
     Codec(#[source] serde_json::Error),
 }
+
+/// A backend's error, opaque to callers; print it with its chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Short for `Result<T, StoreError>`.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError::Sled(e)
+        StoreError::Backend(Box::new(e))
     }
 }
 
 impl StoreError {
+    /// A [`StoreError::Backend`] wrapping `e`.
+    pub fn backend(e: impl Into<BoxError>) -> Self {
+        StoreError::Backend(e.into())
+    }
+
+    /// The sled error inside a [`StoreError::Backend`], or the error itself.
+    pub(crate) fn into_sled(self) -> std::result::Result<sled::Error, StoreError> {
+        match self {
+            StoreError::Backend(b) => b
+                .downcast::<sled::Error>()
+                .map(|e| *e)
+                .map_err(StoreError::Backend),
+            other => Err(other),
+        }
+    }
+
+    /// True for [`StoreError::Unavailable`]: retry later, nothing was written.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
+
+    /// True for [`StoreError::TooOld`]: re-list, then watch from the listing.
+    pub fn is_too_old(&self) -> bool {
+        matches!(self, StoreError::TooOld { .. })
+    }
+
     /// A [`StoreError::Corrupt`] with the standard recovery hint for `path`.
     pub(crate) fn corrupt(detail: impl Into<String>, path: &std::path::Path) -> Self {
         StoreError::Corrupt {

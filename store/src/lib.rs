@@ -1,12 +1,16 @@
 //! The event-sourced object store of a vmctl agent.
 //!
-//! Every change to an object is an [`Event`] appended to a log; the current
-//! objects are the [`fold`] of that log, kept materialised beside it. The
-//! [`Store`] trait is what controllers and the API see; [`SledStore`] is the
-//! sled implementation (one database per agent, trees `events`, `objects`,
-//! `index` and `meta`).
+//! Every change to an object is an [`Event`]; the current objects are the
+//! [`fold`] of those events. The [`Store`] trait is the contract controllers
+//! and the API see, whatever the backend; every backend passes the same
+//! conformance suite (`store/tests/conformance/`). Backends:
+//! * [`SledStore`]: embedded, the default (one database per agent, trees
+//!   `events`, `objects`, `index` and `meta`); its maintenance
+//!   ([`SledStore::compact`], [`SledStore::rebuild`]) is its own;
+//! * [`EtcdStore`]: etcd v3, resourceVersion = etcd's revision (see the
+//!   [`etcd`] module).
 //!
-//! Guarantees:
+//! Guarantees of the sled backend:
 //! * a write is one transaction (sequence, event, object, index) and is
 //!   acknowledged only once flushed to disk; concurrent writers share fsyncs
 //!   ([`commit`](crate::commit) module);
@@ -22,21 +26,30 @@
 mod commit;
 mod compact;
 mod error;
+pub mod etcd;
 pub mod event;
 pub mod fold;
 mod plan;
 mod sled_store;
+mod sled_trait;
 mod sled_write;
+pub mod testing;
 mod watch;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
 
 use vmctl_api::{ApplySource, Kind, Note, Object, ObjectRef, Time};
 
 pub use compact::{CompactReport, Retention};
-pub use error::{Result, StoreError};
+pub use error::{BoxError, Result, StoreError};
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use event::{Change, Event};
 pub use plan::Outcome;
 pub use sled_store::{Durability, OpenReport, Options, RebuildReport, SCHEMA_VERSION, SledStore};
-pub use watch::Watch;
+pub use watch::Watch as SledWatch;
 
 /// The result of a write.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,56 +84,112 @@ pub struct RecordedNote {
     pub note: Note,
 }
 
-/// The store as controllers and the API see it.
+/// The store as controllers and the API see it: the contract every backend
+/// fulfils (proved by the conformance suite in `store/tests/conformance/`).
 ///
-/// Writes block until durable (an fsync shared with concurrent writers,
-/// typically well under a millisecond); call them from `spawn_blocking`
-/// when that matters. `expected_rv`: `Some(rv)` fails with
-/// [`StoreError::Conflict`] unless the object's resourceVersion is `rv`
-/// (`Some(0)`: the object must not exist).
+/// Writes return once durable (sled: fsynced; etcd: committed by a quorum).
+/// `expected_rv`: `Some(rv)` fails with [`StoreError::Conflict`] unless the
+/// object's resourceVersion is `rv` (`Some(0)`: the object must not exist).
+/// resourceVersions rise strictly per object and across the store, but need
+/// not be contiguous (etcd's revision counts other keys too).
+///
+/// Errors every method may return: [`StoreError::Unavailable`] (retry
+/// later; nothing was written), [`StoreError::Backend`] (opaque, with its
+/// chain), [`StoreError::Codec`].
+#[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Creates the object, or replaces its spec, labels, annotations and
     /// apply source. The store assigns uid, generation, resourceVersion and
     /// timestamps; status and (after create) finalizers of `obj` are
     /// ignored. Nothing changed: [`Outcome::Unchanged`], no event.
-    fn apply(
+    async fn apply(
         &self,
         obj: Object,
         source: Option<ApplySource>,
         expected_rv: Option<u64>,
     ) -> Result<Written>;
     /// Replaces the status; cannot touch the spec.
-    fn update_status(
+    async fn update_status(
         &self,
         r: &ObjectRef,
         status: serde_json::Value,
         expected_rv: Option<u64>,
     ) -> Result<Written>;
     /// Replaces the finalizers; clearing them on an object being deleted deletes it.
-    fn set_finalizers(
+    async fn set_finalizers(
         &self,
         r: &ObjectRef,
         finalizers: Vec<String>,
         expected_rv: Option<u64>,
     ) -> Result<Written>;
     /// Deletes at once if there are no finalizers, else sets the deletion timestamp.
-    fn request_delete(&self, r: &ObjectRef, expected_rv: Option<u64>) -> Result<Written>;
-    /// Appends a note about an object (which need not exist); returns its sequence.
-    fn record_note(&self, note: Note) -> Result<u64>;
+    async fn request_delete(&self, r: &ObjectRef, expected_rv: Option<u64>) -> Result<Written>;
+    /// Records a note about an object (which need not exist); returns its
+    /// resourceVersion. Notes expire (sled: compaction; etcd: a lease).
+    async fn record_note(&self, note: Note) -> Result<u64>;
     /// The object, if it exists.
-    fn get(&self, r: &ObjectRef) -> Result<Option<Object>>;
-    /// The objects of one kind, or of every kind.
-    fn list(&self, kind: Option<Kind>) -> Result<Listing>;
-    /// Durable events with a sequence above `after`, then live ones.
-    fn watch(&self, after: u64) -> Result<Watch>;
-    /// Every event kept for one object, oldest first (all spec changes survive compaction).
-    fn history(&self, r: &ObjectRef) -> Result<Vec<Event>>;
+    async fn get(&self, r: &ObjectRef) -> Result<Option<Object>>;
+    /// The objects of one kind, or of every kind, ordered by kind then name.
+    async fn list(&self, kind: Option<Kind>) -> Result<Listing>;
+    /// Every event above resourceVersion `after`, once each, in order, then
+    /// live ones. [`StoreError::TooOld`] (now or from the stream) when
+    /// `after` was compacted away: re-list and watch from the listing.
+    async fn watch(&self, after: u64) -> Result<Watch>;
+    /// Every event kept for one object, oldest first; every spec change
+    /// (and deletion) survives compaction.
+    async fn history(&self, r: &ObjectRef) -> Result<Vec<Event>>;
     /// Notes about one object, or about all, oldest first.
-    fn notes(&self, object: Option<&ObjectRef>) -> Result<Vec<RecordedNote>>;
-    /// The last sequence number written.
-    fn last_seq(&self) -> u64;
-    /// Drops events the retention no longer needs.
-    fn compact(&self, retention: &Retention) -> Result<CompactReport>;
-    /// Recomputes the objects tree (and index) from the log.
-    fn rebuild(&self) -> Result<RebuildReport>;
+    async fn notes(&self, object: Option<&ObjectRef>) -> Result<Vec<RecordedNote>>;
+    /// The store's current resourceVersion: every write acknowledged before
+    /// the call is at or below it.
+    async fn last_seq(&self) -> Result<u64>;
+    /// Which store this is, for messages: `sled at /path`, `etcd at URL,URL`.
+    fn describe(&self) -> String;
+}
+
+/// A watch: a stream of events in resourceVersion order, without gaps or
+/// duplicates. An `Err` item ends it ([`StoreError::TooOld`]: re-list;
+/// [`StoreError::Unavailable`]: the backend went away, re-list later).
+/// Dropping it unsubscribes.
+pub struct Watch {
+    stream: Pin<Box<dyn Stream<Item = Result<Arc<Event>>> + Send>>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").finish_non_exhaustive()
+    }
+}
+
+impl Watch {
+    /// Wraps a backend's event stream.
+    pub fn new(stream: impl Stream<Item = Result<Arc<Event>>> + Send + 'static) -> Self {
+        Watch {
+            stream: Box::pin(stream),
+        }
+    }
+
+    /// Waits for the next event. Cancel-safe: the stream keeps its
+    /// position when the future is dropped. A stream that ended reports
+    /// [`StoreError::Unavailable`].
+    pub async fn next(&mut self) -> Result<Arc<Event>> {
+        match self.stream.next().await {
+            Some(r) => r,
+            None => Err(StoreError::Unavailable {
+                store: "the watch".into(),
+                source: "the event stream ended".into(),
+            }),
+        }
+    }
+}
+
+impl Stream for Watch {
+    type Item = Result<Arc<Event>>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.stream.as_mut().poll_next(cx)
+    }
 }

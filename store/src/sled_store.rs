@@ -1,4 +1,4 @@
-//! The sled implementation of [`Store`]: opening, checking, writing, reading.
+//! The sled implementation of [`Store`](crate::Store): opening, checking, writing, reading.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use crate::error::{Result, StoreError};
 use crate::event::{self, Change, Event};
 use crate::plan::{self, Outcome, Plan};
 use crate::watch::Watch;
-use crate::{Listing, RecordedNote, Store, Written, fold};
+use crate::{Listing, RecordedNote, Written, fold};
 
 /// The newest database layout this build reads and the one it writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -487,9 +487,9 @@ impl SledStore {
     /// filesystem as such.
     fn read<T>(&self, f: impl FnOnce(&Db) -> Result<T>) -> Result<T> {
         let view = self.inner.view()?;
-        f(&view).map_err(|e| match e {
-            StoreError::Sled(e) => self.inner.storage_error(e),
-            e => e,
+        f(&view).map_err(|e| match e.into_sled() {
+            Ok(e) => self.inner.storage_error(e),
+            Err(e) => e,
         })
     }
 
@@ -727,8 +727,12 @@ fn event_at(db: &Db, seq: u64) -> Result<Option<Event>> {
         .transpose()
 }
 
-impl Store for SledStore {
-    fn apply(
+/// The sled store's own, blocking API: what [`Store`](crate::Store)'s
+/// async methods run on the blocking pool (see the trait for each method's
+/// contract), plus the sled maintenance (`compact`, `rebuild`).
+impl SledStore {
+    /// Blocking [`Store::apply`](crate::Store::apply).
+    pub fn apply(
         &self,
         obj: Object,
         source: Option<ApplySource>,
@@ -740,7 +744,8 @@ impl Store for SledStore {
         })
     }
 
-    fn update_status(
+    /// Blocking [`Store::update_status`](crate::Store::update_status).
+    pub fn update_status(
         &self,
         r: &ObjectRef,
         status: serde_json::Value,
@@ -752,7 +757,8 @@ impl Store for SledStore {
         })
     }
 
-    fn set_finalizers(
+    /// Blocking [`Store::set_finalizers`](crate::Store::set_finalizers).
+    pub fn set_finalizers(
         &self,
         r: &ObjectRef,
         finalizers: Vec<String>,
@@ -764,14 +770,16 @@ impl Store for SledStore {
         })
     }
 
-    fn request_delete(&self, r: &ObjectRef, expected_rv: Option<u64>) -> Result<Written> {
+    /// Blocking [`Store::request_delete`](crate::Store::request_delete).
+    pub fn request_delete(&self, r: &ObjectRef, expected_rv: Option<u64>) -> Result<Written> {
         let r2 = r.clone();
         self.write(r, move |prev, now| {
             plan::request_delete(&r2, prev, expected_rv, now)
         })
     }
 
-    fn record_note(&self, note: Note) -> Result<u64> {
+    /// Blocking [`Store::record_note`](crate::Store::record_note).
+    pub fn record_note(&self, note: Note) -> Result<u64> {
         let r = note.object.clone();
         let w = self.write(&r, move |_, _| {
             Ok(Some((Change::Noted { note }, Outcome::Updated)))
@@ -779,11 +787,13 @@ impl Store for SledStore {
         Ok(w.seq.unwrap_or_default())
     }
 
-    fn get(&self, r: &ObjectRef) -> Result<Option<Object>> {
+    /// Blocking [`Store::get`](crate::Store::get).
+    pub fn get(&self, r: &ObjectRef) -> Result<Option<Object>> {
         self.read(|db| db.get_key(&event::object_key(r)))
     }
 
-    fn list(&self, kind: Option<Kind>) -> Result<Listing> {
+    /// Blocking [`Store::list`](crate::Store::list).
+    pub fn list(&self, kind: Option<Kind>) -> Result<Listing> {
         self.read(|db| {
             // Under the read lock: the objects are exactly those durable up to here.
             let resource_version = self.inner.committer.durable();
@@ -802,11 +812,13 @@ impl Store for SledStore {
         })
     }
 
-    fn watch(&self, after: u64) -> Result<Watch> {
+    /// The sled watch from `after`; [`StoreError::TooOld`] below the compaction floor.
+    pub fn watch(&self, after: u64) -> Result<Watch> {
         Watch::new(self.inner.clone(), after)
     }
 
-    fn history(&self, r: &ObjectRef) -> Result<Vec<Event>> {
+    /// Blocking [`Store::history`](crate::Store::history).
+    pub fn history(&self, r: &ObjectRef) -> Result<Vec<Event>> {
         self.read(|db| {
             let mut out = Vec::new();
             for k in db.index.scan_prefix(event::index_prefix(r)).keys() {
@@ -821,7 +833,8 @@ impl Store for SledStore {
         })
     }
 
-    fn notes(&self, object: Option<&ObjectRef>) -> Result<Vec<RecordedNote>> {
+    /// Blocking [`Store::notes`](crate::Store::notes).
+    pub fn notes(&self, object: Option<&ObjectRef>) -> Result<Vec<RecordedNote>> {
         let events = match object {
             Some(r) => self.history(r)?,
             None => self.events()?,
@@ -839,17 +852,20 @@ impl Store for SledStore {
             .collect())
     }
 
-    fn last_seq(&self) -> u64 {
+    /// The last sequence number written.
+    pub fn last_seq(&self) -> u64 {
         // Durable, not merely committed: every acknowledged write is at or
         // below it, and a write that fails never raises it.
         self.inner.committer.durable()
     }
 
-    fn compact(&self, retention: &Retention) -> Result<CompactReport> {
+    /// Drops events the retention no longer needs (see [`Retention`]).
+    pub fn compact(&self, retention: &Retention) -> Result<CompactReport> {
         compact::compact(&self.inner, retention)
     }
 
-    fn rebuild(&self) -> Result<RebuildReport> {
+    /// Recomputes the objects tree (and index) from the log.
+    pub fn rebuild(&self) -> Result<RebuildReport> {
         // The write side: neither readers nor writers while the view is replaced.
         let mut g = self.inner.write_lock();
         self.inner.reopen_if_due(&mut g)?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use vmctl_api::{Kind, Object, ObjectMeta, ObjectRef};
-use vmctl_store::{Durability, Options, SledStore, Store, StoreError};
+use vmctl_store::{Durability, Options, SledStore, StoreError};
 
 /// A tmpfs of `size` mounted on a fresh directory; unmounted on drop.
 struct Tmpfs {

@@ -3,7 +3,7 @@
 //! the whole log is replayed only when that check fails.
 
 use vmctl_api::{Kind, Object, ObjectMeta, ObjectRef};
-use vmctl_store::{Durability, Options, SledStore, Store};
+use vmctl_store::{Durability, Options, SledStore};
 
 fn fast() -> Options {
     Options {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use rand::Rng;
 use vmctl_api::{ApplySource, Kind, Note, NoteType, Object, ObjectMeta, ObjectRef};
-use vmctl_store::{Change, Durability, Options, Outcome, Retention, SledStore, Store, StoreError};
+use vmctl_store::{Change, Durability, Options, Outcome, Retention, SledStore, StoreError};
 
 fn fast() -> Options {
     Options {
@@ -20,6 +20,18 @@ fn fast() -> Options {
 
 fn open(dir: &tempfile::TempDir) -> SledStore {
     SledStore::open_with(dir.path().join("db"), fast()).unwrap()
+}
+
+/// Opens the database with sled directly, waiting while the dropped
+/// store's background threads still hold its file lock.
+fn raw_sled(dir: &std::path::Path) -> sled::Db {
+    for _ in 0..200 {
+        if let Ok(db) = sled::open(dir.join("db")) {
+            return db;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sled::open(dir.join("db")).unwrap()
 }
 
 fn vm(name: &str, spec: serde_json::Value) -> Object {
@@ -349,7 +361,7 @@ fn a_database_from_a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(&dir));
     {
-        let db = sled::open(dir.path().join("db")).unwrap();
+        let db = raw_sled(dir.path());
         db.open_tree("meta")
             .unwrap()
             .insert("schema_version", &99u32.to_be_bytes())
@@ -380,7 +392,7 @@ fn a_damaged_objects_tree_is_rebuilt_from_the_log_on_open() {
     let good = s.objects().unwrap();
     drop(s);
     {
-        let db = sled::open(dir.path().join("db")).unwrap();
+        let db = raw_sled(dir.path());
         let objects = db.open_tree("objects").unwrap();
         objects.remove("VirtualMachine/a").unwrap();
         objects.insert("VirtualMachine/zz", "garbage").unwrap();
@@ -398,7 +410,7 @@ fn an_unreadable_event_is_refused_with_a_recovery_hint() {
     s.apply(vm("a", serde_json::json!({})), None, None).unwrap();
     drop(s);
     {
-        let db = sled::open(dir.path().join("db")).unwrap();
+        let db = raw_sled(dir.path());
         db.open_tree("events")
             .unwrap()
             .insert(1u64.to_be_bytes(), "{not json")

@@ -7,7 +7,6 @@ use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use vmctl_api::{Kind, ObjectRef};
-use vmctl_store::Store;
 
 async fn call(app: &axum::Router, method: &str, uri: &str, body: Value) -> (StatusCode, Value) {
     let req = Request::builder()

@@ -28,22 +28,9 @@ use super::{ReconcileError, Reconciler};
 /// Errors of the runtime itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
-    /// A blocking store call could not be joined (it panicked or was cancelled).
-    #[error("store task failed")]
-    Join(#[source] tokio::task::JoinError),
     /// The store failed.
     #[error("store failed")]
-    Store(#[source] StoreError),
-}
-
-/// Runs a blocking store call on the blocking pool.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ControllerError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ControllerError::Join)?
-        .map_err(ControllerError::Store)
+    Store(#[from] StoreError),
 }
 
 /// Which objects refer to which, for cross-kind triggers: VMs by image,
@@ -250,12 +237,11 @@ impl<R: Reconciler> Watcher<R> {
                 if !delay.is_zero() {
                     tokio::time::sleep(*delay).await;
                 }
-                let store = self.store.clone();
-                let listed = blocking(move || {
-                    let listing = store.list(None)?;
-                    let watch = store.watch(listing.resource_version)?;
-                    Ok((listing, watch))
-                })
+                let listed = async {
+                    let listing = self.store.list(None).await?;
+                    let watch = self.store.watch(listing.resource_version).await?;
+                    Ok::<_, StoreError>((listing, watch))
+                }
                 .await;
                 match listed {
                     Ok((listing, watch)) => {
@@ -338,9 +324,7 @@ async fn worker<R: Reconciler>(
             // changed() is cancel-safe.
             _ = shutdown.changed() => break,
         };
-        let s = store.clone();
-        let key = r.clone();
-        let obj = match blocking(move || s.get(&key)).await {
+        let obj = match store.get(&r).await {
             Ok(Some(obj)) => Arc::new(obj),
             Ok(None) => {
                 queue.finish(&r);
@@ -475,8 +459,9 @@ mod tests {
     #[tokio::test]
     async fn a_watch_that_is_too_old_relists_and_triggers_every_object() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-        store.apply(vm("a"), None, None).unwrap();
+        let sled = SledStore::open(dir.path()).unwrap();
+        let store: Arc<dyn Store> = Arc::new(sled.clone());
+        store.apply(vm("a"), None, None).await.unwrap();
         let queue = Arc::new(Queue::default());
         let mut w = Watcher {
             state: State::Listing {
@@ -495,13 +480,12 @@ mod tests {
         );
 
         // The watcher falls behind a compaction.
-        store.apply(vm("b"), None, None).unwrap();
-        store
-            .compact(&Retention {
-                window: 0,
-                ..Retention::default()
-            })
-            .unwrap();
+        store.apply(vm("b"), None, None).await.unwrap();
+        sled.compact(&Retention {
+            window: 0,
+            ..Retention::default()
+        })
+        .unwrap();
         w.step().await;
         assert!(
             matches!(w.state, State::Listing { .. }),
@@ -531,11 +515,17 @@ mod tests {
             relations: Relations::default(),
         };
         w.step().await;
-        let a = store.apply(vm("a"), None, None).unwrap().object.unwrap();
+        let a = store
+            .apply(vm("a"), None, None)
+            .await
+            .unwrap()
+            .object
+            .unwrap();
         w.step().await;
         assert_eq!(take_all(&queue).await.len(), 1, "an apply triggers");
         store
             .update_status(&a.object_ref(), json!({"phase": "Running"}), None)
+            .await
             .unwrap();
         w.step().await;
         assert!(
@@ -563,7 +553,7 @@ mod tests {
     async fn a_panicking_reconcile_is_retried_after_backoff() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-        store.apply(vm("a"), None, None).unwrap();
+        store.apply(vm("a"), None, None).await.unwrap();
         let config = ControllerConfig {
             concurrency: 1,
             backoff: BackoffPolicy {

@@ -111,29 +111,22 @@ pub fn provision(name: &str, vm: &str, steps: usize) -> Object {
 }
 
 pub async fn apply(store: &Arc<dyn Store>, obj: Object) -> Object {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.apply(obj, None, None))
-        .await
-        .unwrap()
-        .unwrap()
-        .object
-        .unwrap()
+    store.apply(obj, None, None).await.unwrap().object.unwrap()
 }
 
 pub async fn delete(store: &Arc<dyn Store>, r: ObjectRef) {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.request_delete(&r, None))
-        .await
-        .unwrap()
-        .unwrap();
+    store.request_delete(&r, None).await.unwrap();
 }
 
-pub fn get(store: &Arc<dyn Store>, kind: Kind, name: &str) -> Option<Object> {
-    store.get(&ObjectRef::new(kind, name)).unwrap()
+pub async fn get(store: &Arc<dyn Store>, kind: Kind, name: &str) -> Option<Object> {
+    store.get(&ObjectRef::new(kind, name)).await.unwrap()
 }
 
-pub fn vm_status(store: &Arc<dyn Store>, name: &str) -> Option<(Object, VirtualMachineStatus)> {
-    let obj = get(store, Kind::VirtualMachine, name)?;
+pub async fn vm_status(
+    store: &Arc<dyn Store>,
+    name: &str,
+) -> Option<(Object, VirtualMachineStatus)> {
+    let obj = get(store, Kind::VirtualMachine, name).await?;
     let status = VirtualMachine::from_object(&obj)
         .unwrap()
         .status
@@ -141,8 +134,11 @@ pub fn vm_status(store: &Arc<dyn Store>, name: &str) -> Option<(Object, VirtualM
     Some((obj, status))
 }
 
-pub fn provision_status(store: &Arc<dyn Store>, name: &str) -> Option<(Object, ProvisionStatus)> {
-    let obj = get(store, Kind::Provision, name)?;
+pub async fn provision_status(
+    store: &Arc<dyn Store>,
+    name: &str,
+) -> Option<(Object, ProvisionStatus)> {
+    let obj = get(store, Kind::Provision, name).await?;
     let status = Provision::from_object(&obj)
         .unwrap()
         .status
@@ -161,27 +157,29 @@ pub fn is_ready(obj: &Object) -> bool {
         })
 }
 
-pub fn notes(store: &Arc<dyn Store>, kind: Kind, name: &str) -> Vec<Note> {
+pub async fn notes(store: &Arc<dyn Store>, kind: Kind, name: &str) -> Vec<Note> {
     let r = ObjectRef::new(kind, name);
     store
         .notes(Some(&r))
+        .await
         .unwrap()
         .into_iter()
         .map(|n| n.note)
         .collect()
 }
 
-pub fn reasons(store: &Arc<dyn Store>, kind: Kind, name: &str) -> Vec<String> {
+pub async fn reasons(store: &Arc<dyn Store>, kind: Kind, name: &str) -> Vec<String> {
     notes(store, kind, name)
+        .await
         .into_iter()
         .map(|n| n.reason)
         .collect()
 }
 
 /// Polls `cond` until it holds, panicking with `what` after `timeout`.
-pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub async fn eventually(what: &str, timeout: Duration, mut cond: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;
-    while !cond() {
+    while !cond().await {
         if tokio::time::Instant::now() > deadline {
             panic!("timed out waiting for: {what}");
         }
@@ -190,8 +188,14 @@ pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() ->
 }
 
 /// Every object of `kind` Ready.
-pub fn all_ready(store: &Arc<dyn Store>, kind: Kind) -> bool {
-    store.list(Some(kind)).unwrap().objects.iter().all(is_ready)
+pub async fn all_ready(store: &Arc<dyn Store>, kind: Kind) -> bool {
+    store
+        .list(Some(kind))
+        .await
+        .unwrap()
+        .objects
+        .iter()
+        .all(is_ready)
 }
 
 pub fn is_conflict(e: &StoreError) -> bool {

@@ -17,8 +17,8 @@ async fn failed_starts_back_off_visibly_then_recover() {
     apply(&s, vm("flaky", "img")).await;
 
     let mut seen_backoff = false;
-    eventually("Ready after the failures are used up", WAIT, || {
-        let (obj, st) = vm_status(&s, "flaky").unwrap();
+    eventually("Ready after the failures are used up", WAIT, async || {
+        let (obj, st) = vm_status(&s, "flaky").await.unwrap();
         if st.phase == VmPhase::CrashLoopBackOff {
             assert!(st.start_failures.count >= 1);
             assert!(st.start_failures.retry_after.is_some());
@@ -28,9 +28,9 @@ async fn failed_starts_back_off_visibly_then_recover() {
     })
     .await;
     assert!(seen_backoff, "CrashLoopBackOff was visible in status");
-    let (_, st) = vm_status(&s, "flaky").unwrap();
+    let (_, st) = vm_status(&s, "flaky").await.unwrap();
     assert_eq!(st.start_failures.count, 0, "reset on success");
-    let notes = notes(&s, Kind::VirtualMachine, "flaky");
+    let notes = notes(&s, Kind::VirtualMachine, "flaky").await;
     let backoffs: Vec<_> = notes.iter().filter(|n| n.reason == "BackOff").collect();
     assert_eq!(backoffs.len(), 3);
     assert!(backoffs.iter().all(|n| n.type_ == NoteType::Warning));
@@ -51,34 +51,39 @@ async fn a_failed_image_fetch_is_retried_until_it_succeeds() {
     apply(&s, vm("waiting", "broken")).await;
     // A failure that may pass is retried with backoff, visibly: the Image
     // keeps Downloading with a BackOff reason (never Failed, which is final).
-    eventually("image backing off", WAIT, || {
-        get(&s, Kind::Image, "broken").is_some_and(|o| {
+    eventually("image backing off", WAIT, async || {
+        get(&s, Kind::Image, "broken").await.is_some_and(|o| {
             o.status.is_some_and(|st| {
                 st["phase"] == "Downloading" && st["conditions"][0]["reason"] == "BackOff"
             })
         })
     })
     .await;
-    eventually("retried at least twice", WAIT, || {
+    eventually("retried at least twice", WAIT, async || {
         reasons(&s, Kind::Image, "broken")
+            .await
             .iter()
             .filter(|r| *r == "BackOff")
             .count()
             >= 2
     })
     .await;
-    assert_eq!(vm_status(&s, "waiting").unwrap().1.phase, VmPhase::Pending);
+    assert_eq!(
+        vm_status(&s, "waiting").await.unwrap().1.phase,
+        VmPhase::Pending
+    );
 
     w.configure(|c| c.fail_images.clear());
-    eventually("VM Ready after the image recovers", WAIT, || {
-        all_ready(&s, Kind::VirtualMachine)
+    eventually("VM Ready after the image recovers", WAIT, async || {
+        all_ready(&s, Kind::VirtualMachine).await
     })
     .await;
-    let img = get(&s, Kind::Image, "broken").unwrap();
+    let img = get(&s, Kind::Image, "broken").await.unwrap();
     let st: vmctl_api::ImageStatus = serde_json::from_value(img.status.unwrap()).unwrap();
     assert_eq!(st.phase, ImagePhase::Ready);
-    eventually("Pulled noted last", WAIT, || {
+    eventually("Pulled noted last", WAIT, async || {
         reasons(&s, Kind::Image, "broken")
+            .await
             .last()
             .is_some_and(|r| r == "Pulled")
     })
@@ -98,23 +103,28 @@ async fn a_failing_step_fails_the_provision_and_skips_the_rest() {
     apply(&s, image("img")).await;
     apply(&s, vm("box", "img")).await;
     apply(&s, provision("prov", "box", 3)).await;
-    eventually("provision Failed", WAIT, || {
-        provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Failed)
+    eventually("provision Failed", WAIT, async || {
+        provision_status(&s, "prov")
+            .await
+            .is_some_and(|(_, st)| st.phase == ProvisionPhase::Failed)
     })
     .await;
     // The note follows the status write.
-    eventually("ProvisionFailed noted", WAIT, || {
-        !reasons(&s, Kind::Provision, "prov").is_empty()
+    eventually("ProvisionFailed noted", WAIT, async || {
+        !reasons(&s, Kind::Provision, "prov").await.is_empty()
     })
     .await;
-    let (_, st) = provision_status(&s, "prov").unwrap();
+    let (_, st) = provision_status(&s, "prov").await.unwrap();
     let phases: Vec<_> = st.steps.iter().map(|s| s.phase).collect();
     assert_eq!(
         phases,
         [StepPhase::Succeeded, StepPhase::Failed, StepPhase::Skipped]
     );
     assert_eq!(st.steps[1].exit_code, Some(1));
-    assert_eq!(reasons(&s, Kind::Provision, "prov"), ["ProvisionFailed"]);
+    assert_eq!(
+        reasons(&s, Kind::Provision, "prov").await,
+        ["ProvisionFailed"]
+    );
     // A failed run is final for this generation: no retry loop.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(w.steps_run().len(), 2);
@@ -133,15 +143,16 @@ async fn a_vm_that_never_answers_ssh_fails_its_provision_with_the_reason_and_ret
     apply(&s, image("img")).await;
     apply(&s, vm("mute", "img")).await;
     apply(&s, provision("prov", "mute", 1)).await;
-    eventually("two SshTimeout notes", WAIT, || {
+    eventually("two SshTimeout notes", WAIT, async || {
         reasons(&s, Kind::Provision, "prov")
+            .await
             .iter()
             .filter(|r| *r == "SshTimeout")
             .count()
             >= 2
     })
     .await;
-    let (obj, st) = provision_status(&s, "prov").unwrap();
+    let (obj, st) = provision_status(&s, "prov").await.unwrap();
     assert_eq!(st.phase, ProvisionPhase::Failed);
     assert_eq!(st.observed_generation, obj.metadata.generation);
     let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
@@ -152,8 +163,10 @@ async fn a_vm_that_never_answers_ssh_fails_its_provision_with_the_reason_and_ret
         ready.message
     );
     w.configure(|c| c.ssh_unreachable.clear());
-    eventually("provision Succeeded", WAIT, || {
-        provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
+    eventually("provision Succeeded", WAIT, async || {
+        provision_status(&s, "prov")
+            .await
+            .is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
     })
     .await;
     agent.stop().await;

@@ -17,22 +17,24 @@ async fn applying_images_vms_and_provisions_makes_them_all_ready() {
     }
     apply(&s, provision("setup", "vm0", 3)).await;
 
-    eventually("every VM Ready", WAIT, || {
-        all_ready(&s, Kind::VirtualMachine)
+    eventually("every VM Ready", WAIT, async || {
+        all_ready(&s, Kind::VirtualMachine).await
     })
     .await;
-    eventually("provision Succeeded", WAIT, || {
-        provision_status(&s, "setup").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
+    eventually("provision Succeeded", WAIT, async || {
+        provision_status(&s, "setup")
+            .await
+            .is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
     })
     .await;
     // The note follows the status write.
-    eventually("ProvisionSucceeded noted", WAIT, || {
-        !reasons(&s, Kind::Provision, "setup").is_empty()
+    eventually("ProvisionSucceeded noted", WAIT, async || {
+        !reasons(&s, Kind::Provision, "setup").await.is_empty()
     })
     .await;
 
-    assert!(all_ready(&s, Kind::Image));
-    let (obj, st) = vm_status(&s, "vm0").unwrap();
+    assert!(all_ready(&s, Kind::Image).await);
+    let (obj, st) = vm_status(&s, "vm0").await.unwrap();
     assert_eq!(st.phase, VmPhase::Running);
     assert_eq!(st.observed_generation, 1);
     assert!(obj.metadata.finalizers.contains(&FINALIZER.to_owned()));
@@ -44,13 +46,13 @@ async fn applying_images_vms_and_provisions_makes_them_all_ready() {
     let runtime = st.runtime.unwrap();
     assert_eq!(runtime.backend, "fake");
     assert!(runtime.instance_id.is_some());
-    assert_eq!(reasons(&s, Kind::Image, "debian"), ["Pulled"]);
-    assert_eq!(reasons(&s, Kind::VirtualMachine, "vm0"), ["Started"]);
+    assert_eq!(reasons(&s, Kind::Image, "debian").await, ["Pulled"]);
+    assert_eq!(reasons(&s, Kind::VirtualMachine, "vm0").await, ["Started"]);
     assert_eq!(
-        reasons(&s, Kind::Provision, "setup"),
+        reasons(&s, Kind::Provision, "setup").await,
         ["ProvisionSucceeded"]
     );
-    let (_, pst) = provision_status(&s, "setup").unwrap();
+    let (_, pst) = provision_status(&s, "setup").await.unwrap();
     assert_eq!(pst.steps.len(), 3);
     assert_eq!(pst.vm_instance_id, runtime.instance_id);
     assert_eq!(agent.world.instances().len(), 5);
@@ -63,8 +65,8 @@ async fn a_vm_applied_before_its_image_waits_then_starts() {
     let agent = Agent::start(dir.path(), world()).await;
     let s = agent.store.clone();
     apply(&s, vm("early", "later")).await;
-    eventually("VM Pending on its image", WAIT, || {
-        vm_status(&s, "early").is_some_and(|(_, st)| {
+    eventually("VM Pending on its image", WAIT, async || {
+        vm_status(&s, "early").await.is_some_and(|(_, st)| {
             st.phase == VmPhase::Pending
                 && st
                     .conditions
@@ -75,8 +77,8 @@ async fn a_vm_applied_before_its_image_waits_then_starts() {
     .await;
     assert!(agent.world.instances().is_empty());
     apply(&s, image("later")).await;
-    eventually("VM Ready once the image is", WAIT, || {
-        all_ready(&s, Kind::VirtualMachine)
+    eventually("VM Ready once the image is", WAIT, async || {
+        all_ready(&s, Kind::VirtualMachine).await
     })
     .await;
     agent.stop().await;
@@ -90,8 +92,10 @@ async fn editing_a_vm_reconciles_the_new_generation() {
     apply(&s, image("img")).await;
     apply(&s, vm("box", "img")).await;
     apply(&s, provision("prov", "box", 1)).await;
-    eventually("provisioned", WAIT, || {
-        provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
+    eventually("provisioned", WAIT, async || {
+        provision_status(&s, "prov")
+            .await
+            .is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
     })
     .await;
 
@@ -101,26 +105,34 @@ async fn editing_a_vm_reconciles_the_new_generation() {
     )
     .await;
     assert_eq!(stopped.metadata.generation, 2);
-    eventually("observedGeneration 2, Stopped", WAIT, || {
+    eventually("observedGeneration 2, Stopped", WAIT, async || {
         vm_status(&s, "box")
+            .await
             .is_some_and(|(_, st)| st.observed_generation == 2 && st.phase == VmPhase::Stopped)
     })
     .await;
-    assert!(reasons(&s, Kind::VirtualMachine, "box").contains(&"Stopped".to_owned()));
+    assert!(
+        reasons(&s, Kind::VirtualMachine, "box")
+            .await
+            .contains(&"Stopped".to_owned())
+    );
 
     apply(
         &s,
         vm_with("box", json!({"image": "img", "powerState": "Suspended"})),
     )
     .await;
-    eventually("observedGeneration 3, Suspended", WAIT, || {
+    eventually("observedGeneration 3, Suspended", WAIT, async || {
         vm_status(&s, "box")
+            .await
             .is_some_and(|(_, st)| st.observed_generation == 3 && st.phase == VmPhase::Suspended)
     })
     .await;
     apply(&s, vm("box", "img")).await;
-    eventually("observedGeneration 4, Running", WAIT, || {
-        vm_status(&s, "box").is_some_and(|(o, st)| st.observed_generation == 4 && is_ready(&o))
+    eventually("observedGeneration 4, Running", WAIT, async || {
+        vm_status(&s, "box")
+            .await
+            .is_some_and(|(o, st)| st.observed_generation == 4 && is_ready(&o))
     })
     .await;
     assert_eq!(
@@ -135,8 +147,8 @@ async fn editing_a_vm_reconciles_the_new_generation() {
     // A new Provision generation runs again.
     let p = apply(&s, provision("prov", "box", 2)).await;
     assert_eq!(p.metadata.generation, 2);
-    eventually("provision generation 2 finished", WAIT, || {
-        provision_status(&s, "prov").is_some_and(|(_, st)| {
+    eventually("provision generation 2 finished", WAIT, async || {
+        provision_status(&s, "prov").await.is_some_and(|(_, st)| {
             st.observed_generation == 2 && st.phase == ProvisionPhase::Succeeded
         })
     })
@@ -153,12 +165,15 @@ async fn deleting_a_vm_runs_its_finalizer_then_the_object_goes() {
     apply(&s, image("img")).await;
     apply(&s, vm("doomed", "img")).await;
     apply(&s, vm("kept", "img")).await;
-    eventually("Ready", WAIT, || all_ready(&s, Kind::VirtualMachine)).await;
+    eventually("Ready", WAIT, async || {
+        all_ready(&s, Kind::VirtualMachine).await
+    })
+    .await;
     assert_eq!(agent.world.instances().len(), 2);
 
     delete(&s, ObjectRef::new(Kind::VirtualMachine, "doomed")).await;
-    eventually("object gone", WAIT, || {
-        get(&s, Kind::VirtualMachine, "doomed").is_none()
+    eventually("object gone", WAIT, async || {
+        get(&s, Kind::VirtualMachine, "doomed").await.is_none()
     })
     .await;
     assert!(
@@ -166,7 +181,11 @@ async fn deleting_a_vm_runs_its_finalizer_then_the_object_goes() {
         "instance destroyed"
     );
     assert!(agent.world.instances().contains_key("kept"));
-    assert!(reasons(&s, Kind::VirtualMachine, "doomed").contains(&"Destroyed".to_owned()));
+    assert!(
+        reasons(&s, Kind::VirtualMachine, "doomed")
+            .await
+            .contains(&"Destroyed".to_owned())
+    );
     agent.stop().await;
 }
 
@@ -186,8 +205,10 @@ async fn spec_edits_are_classified_live_restart_or_recreate() {
     apply(&s, image("img")).await;
     apply(&s, image("img2")).await;
     apply(&s, vm("box", "img")).await;
-    eventually("running", WAIT, || {
-        vm_status(&s, "box").is_some_and(|(o, _)| is_ready(&o))
+    eventually("running", WAIT, async || {
+        vm_status(&s, "box")
+            .await
+            .is_some_and(|(o, _)| is_ready(&o))
     })
     .await;
 
@@ -197,14 +218,17 @@ async fn spec_edits_are_classified_live_restart_or_recreate() {
         vm_with("box", json!({"image": "img", "memoryMib": 2048})),
     )
     .await;
-    eventually("RestartRequired", WAIT, || {
-        vm_status(&s, "box").is_some_and(|(o, st)| {
+    eventually("RestartRequired", WAIT, async || {
+        vm_status(&s, "box").await.is_some_and(|(o, st)| {
             st.observed_generation == 2
                 && condition(&o, "RestartRequired") == Some(("True".into(), "SpecChanged".into()))
         })
     })
     .await;
-    assert_eq!(vm_status(&s, "box").unwrap().1.phase, VmPhase::Running);
+    assert_eq!(
+        vm_status(&s, "box").await.unwrap().1.phase,
+        VmPhase::Running
+    );
 
     // Recreate-required: the image. Reported, the disk is kept.
     apply(
@@ -212,16 +236,20 @@ async fn spec_edits_are_classified_live_restart_or_recreate() {
         vm_with("box", json!({"image": "img2", "memoryMib": 2048})),
     )
     .await;
-    eventually("RecreateRequired", WAIT, || {
-        vm_status(&s, "box").is_some_and(|(o, st)| {
+    eventually("RecreateRequired", WAIT, async || {
+        vm_status(&s, "box").await.is_some_and(|(o, st)| {
             st.observed_generation == 3
                 && condition(&o, "RecreateRequired") == Some(("True".into(), "ImageChanged".into()))
         })
     })
     .await;
     assert_eq!(agent.world.instances_created(), 1, "no disk destroyed");
-    assert!(reasons(&s, Kind::VirtualMachine, "box").contains(&"RecreateRequired".to_owned()));
-    let st = vm_status(&s, "box").unwrap().1;
+    assert!(
+        reasons(&s, Kind::VirtualMachine, "box")
+            .await
+            .contains(&"RecreateRequired".to_owned())
+    );
+    let st = vm_status(&s, "box").await.unwrap().1;
     assert_eq!(st.disk_image.as_deref(), Some("img"));
 
     // With updatePolicy Recreate the VM is rebuilt from the new image.
@@ -233,8 +261,8 @@ async fn spec_edits_are_classified_live_restart_or_recreate() {
         ),
     )
     .await;
-    eventually("recreated from img2", WAIT, || {
-        vm_status(&s, "box").is_some_and(|(o, st)| {
+    eventually("recreated from img2", WAIT, async || {
+        vm_status(&s, "box").await.is_some_and(|(o, st)| {
             st.observed_generation == 4
                 && is_ready(&o)
                 && st.disk_image.as_deref() == Some("img2")
@@ -244,6 +272,10 @@ async fn spec_edits_are_classified_live_restart_or_recreate() {
     })
     .await;
     assert_eq!(agent.world.instances_created(), 2, "one new instance");
-    assert!(reasons(&s, Kind::VirtualMachine, "box").contains(&"Recreating".to_owned()));
+    assert!(
+        reasons(&s, Kind::VirtualMachine, "box")
+            .await
+            .contains(&"Recreating".to_owned())
+    );
     agent.stop().await;
 }

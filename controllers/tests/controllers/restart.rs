@@ -19,22 +19,27 @@ async fn controllers_killed_mid_reconcile_finish_the_work_after_restart() {
     }
     apply(&s, provision("prov", "vm0", 3)).await;
     // Kill while VMs are being started: some are Running, some not yet.
-    eventually("some instance exists", WAIT, || !w.instances().is_empty()).await;
+    eventually("some instance exists", WAIT, async || {
+        !w.instances().is_empty()
+    })
+    .await;
     drop(s);
     agent.kill().await;
     assert!(
-        !all_ready(&open_and_close(dir.path()).await, Kind::VirtualMachine),
+        !all_ready(&open_and_close(dir.path()).await, Kind::VirtualMachine).await,
         "the kill came mid-way"
     );
 
     let agent = Agent::start(dir.path(), w.clone()).await;
     let s = agent.store.clone();
-    eventually("all VMs Ready after restart", WAIT, || {
-        all_ready(&s, Kind::VirtualMachine)
+    eventually("all VMs Ready after restart", WAIT, async || {
+        all_ready(&s, Kind::VirtualMachine).await
     })
     .await;
-    eventually("provision Succeeded after restart", WAIT, || {
-        provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
+    eventually("provision Succeeded after restart", WAIT, async || {
+        provision_status(&s, "prov")
+            .await
+            .is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
     })
     .await;
     assert_eq!(w.instances_created(), 12, "no duplicate instances");
@@ -60,16 +65,18 @@ async fn a_restart_does_not_repeat_finished_work() {
     apply(&s, image("img")).await;
     apply(&s, vm("box", "img")).await;
     apply(&s, provision("prov", "box", 2)).await;
-    eventually("provisioned", WAIT, || {
-        provision_status(&s, "prov").is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
+    eventually("provisioned", WAIT, async || {
+        provision_status(&s, "prov")
+            .await
+            .is_some_and(|(_, st)| st.phase == ProvisionPhase::Succeeded)
     })
     .await;
     // The note follows the status write.
-    eventually("ProvisionSucceeded noted", WAIT, || {
-        !reasons(&s, Kind::Provision, "prov").is_empty()
+    eventually("ProvisionSucceeded noted", WAIT, async || {
+        !reasons(&s, Kind::Provision, "prov").await.is_empty()
     })
     .await;
-    let seq_before = s.last_seq();
+    let seq_before = s.last_seq().await.unwrap();
     drop(s);
     agent.stop().await;
 
@@ -77,10 +84,10 @@ async fn a_restart_does_not_repeat_finished_work() {
     let s = agent.store.clone();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(w.steps_run().len(), 2, "steps not run again");
-    assert_eq!(reasons(&s, Kind::VirtualMachine, "box"), ["Started"]);
-    assert_eq!(reasons(&s, Kind::Image, "img"), ["Pulled"]);
+    assert_eq!(reasons(&s, Kind::VirtualMachine, "box").await, ["Started"]);
+    assert_eq!(reasons(&s, Kind::Image, "img").await, ["Pulled"]);
     assert_eq!(
-        s.last_seq(),
+        s.last_seq().await.unwrap(),
         seq_before,
         "a restart writes nothing when nothing changed"
     );

@@ -5,7 +5,34 @@ use std::process::ExitCode;
 use super::Globals;
 
 /// Runs the agent until SIGTERM/SIGINT.
-pub fn run(g: &Globals, driver: String) -> miette::Result<ExitCode> {
+pub fn run(
+    g: &Globals,
+    driver: String,
+    store: crate::cli::StoreKind,
+    etcd_endpoints: Vec<String>,
+    etcd_prefix: String,
+) -> miette::Result<ExitCode> {
+    let store = match store {
+        crate::cli::StoreKind::Sled => vmctl_agent::StoreConfig::Sled,
+        crate::cli::StoreKind::Etcd => {
+            let endpoints: Vec<String> = etcd_endpoints
+                .into_iter()
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.is_empty())
+                .collect();
+            if endpoints.is_empty() {
+                return Err(crate::diag::error_help(
+                    "vmctl::agent::failed",
+                    "pass --etcd-endpoints http://HOST:2379[,…] or set VMCTL_ETCD_ENDPOINTS",
+                    "--store etcd needs the etcd endpoints",
+                ));
+            }
+            vmctl_agent::StoreConfig::Etcd {
+                endpoints,
+                prefix: etcd_prefix,
+            }
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -15,6 +42,7 @@ pub fn run(g: &Globals, driver: String) -> miette::Result<ExitCode> {
     let mut cfg = vmctl_agent::AgentConfig::new(g.data_dir.clone());
     cfg.socket = g.checked_socket()?.to_owned();
     cfg.driver = driver;
+    cfg.store = store;
     let rt = tokio::runtime::Runtime::new()
         .map_err(|e| miette::miette!("cannot start the runtime: {e}"))?;
     match rt.block_on(vmctl_agent::run(cfg)) {

@@ -30,7 +30,12 @@ use crate::cli::{Cli, Command};
 pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
     let g = Globals::new(&cli)?;
     match cli.command {
-        Command::Agent { driver } => agent::run(&g, driver),
+        Command::Agent {
+            driver,
+            store,
+            etcd_endpoints,
+            etcd_prefix,
+        } => agent::run(&g, driver, store, etcd_endpoints, etcd_prefix),
         Command::Apply {
             file,
             dry_run,

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use vmctl_api::{Kind, Note, NoteType, Object, ObjectMeta, ObjectRef};
-use vmctl_store::{Retention, SledStore, Store};
+use vmctl_store::{Retention, SledStore};
 
 fn main() {
     let mut args = std::env::args().skip(1);

@@ -1,0 +1,765 @@
+//! [`Store`] over etcd v3 (with the `etcd-client` crate).
+//!
+//! Keys, under a configurable prefix `P` (default `/vmctl/`), so that
+//! several installations can share one etcd:
+//!
+//! | key                              | value                                    |
+//! |----------------------------------|------------------------------------------|
+//! | `P/o/{Kind}/{name}`              | the object and its last change           |
+//! | `P/n/{Kind}/{name}/{uuid}`       | a note, attached to a lease (expires)    |
+//! | `P/h/{Kind}/{name}/{uid}/{prev}` | a spec change or deletion (history)      |
+//!
+//! * resourceVersion = etcd's revision: an object's is its key's
+//!   `mod_revision`, a listing's is the revision of its range read.
+//! * Every write is one transaction that compares the object key's
+//!   `mod_revision` with the one the plan was made from (`version == 0`:
+//!   absent); a lost race plans again, so [`StoreError::Conflict`] comes
+//!   only from the caller's own `expected_rv`.
+//! * The watch covers `P/n/` and `P/o/` (one key per revision) and turns
+//!   each etcd event into an [`Event`]; a start revision compacted away
+//!   is [`StoreError::TooOld`].
+//! * History keys (`P/h/…`) are current keys, so they survive etcd's own
+//!   compaction ([`EtcdStore::compact`]); status and finalizer changes are
+//!   not kept there (they live in etcd's MVCC until compaction).
+//! * Notes expire with their lease ([`EtcdOptions::note_ttl`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use vmctl_api::{ApplySource, Kind, Note, Object, ObjectRef, Time};
+
+use crate::error::{BoxError, Result, StoreError};
+use crate::event::{self, Change, Event};
+use crate::plan::{self, Outcome, Plan};
+use crate::{Listing, RecordedNote, Store, Watch, Written, fold};
+
+/// Largest gRPC message accepted (a listing of many objects is one message).
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// How to reach etcd and lay out vmctl's keys in it.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`; requests are balanced over them.
+    pub endpoints: Vec<String>,
+    /// Every key starts with this (default `/vmctl/`); give each installation its own.
+    pub prefix: String,
+    /// How long a note lives (attached to a lease; default 1 hour). Notes
+    /// expire between half this and this after they are written.
+    pub note_ttl: Duration,
+    /// Deadline of one request (default 5 s).
+    pub request_timeout: Duration,
+    /// Deadline of connecting to one endpoint (default 2 s).
+    pub connect_timeout: Duration,
+    /// How long a broken watch tries to resume from its position before it
+    /// reports [`StoreError::Unavailable`] (default 5 s).
+    pub watch_resume: Duration,
+}
+
+impl EtcdOptions {
+    /// Defaults for these endpoints.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        EtcdOptions {
+            endpoints,
+            prefix: "/vmctl/".into(),
+            note_ttl: Duration::from_secs(3600),
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            watch_resume: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The etcd-backed store. Cheap to clone; clones share one client.
+#[derive(Clone)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    opts: EtcdOptions,
+    /// The lease notes are attached to, and when it was granted.
+    lease: tokio::sync::Mutex<Option<(i64, Instant)>>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.inner.opts.endpoints)
+            .field("prefix", &self.inner.opts.prefix)
+            .finish()
+    }
+}
+
+/// What the object key holds: the object (its resourceVersion is the key's
+/// `mod_revision`) and the change that wrote it, so a watch can tell which
+/// [`Change`] it was.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    time: Time,
+    last: Last,
+    object: Object,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+enum Last {
+    Created,
+    Applied,
+    StatusUpdated,
+    FinalizersSet,
+    DeletionRequested,
+}
+
+/// What a note key holds.
+#[derive(Serialize, Deserialize)]
+struct StoredNote {
+    time: Time,
+    note: Note,
+}
+
+fn rev(r: i64) -> u64 {
+    u64::try_from(r).unwrap_or(0)
+}
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl EtcdStore {
+    /// A store over etcd at `opts.endpoints`. Does not wait for etcd: an
+    /// unreachable cluster makes each call fail with
+    /// [`StoreError::Unavailable`] until it is back.
+    ///
+    /// Errors: [`StoreError::Invalid`] for no endpoint, a malformed URL or
+    /// a prefix not ending in `/`.
+    pub async fn connect(opts: EtcdOptions) -> Result<Self> {
+        if opts.endpoints.is_empty() {
+            return Err(StoreError::Invalid(
+                "no etcd endpoint given; pass --etcd-endpoints http://HOST:2379[,…]".into(),
+            ));
+        }
+        if !opts.prefix.ends_with('/') {
+            return Err(StoreError::Invalid(format!(
+                "etcd key prefix `{}` must end with `/`",
+                opts.prefix
+            )));
+        }
+        let copts = ConnectOptions::new()
+            .with_timeout(opts.request_timeout)
+            .with_connect_timeout(opts.connect_timeout)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_require_leader(true);
+        let client = Client::connect(&opts.endpoints, Some(copts))
+            .await
+            .map_err(|e| match e {
+                etcd_client::Error::InvalidUri(_) | etcd_client::Error::InvalidArgs(_) => {
+                    StoreError::Invalid(format!(
+                        "etcd endpoints `{}`: {e}",
+                        opts.endpoints.join(",")
+                    ))
+                }
+                e => unavailable_of(&opts, e),
+            })?;
+        Ok(EtcdStore {
+            inner: Arc::new(Inner {
+                client,
+                opts,
+                lease: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &EtcdOptions {
+        &self.inner.opts
+    }
+
+    fn err(&self, e: etcd_client::Error) -> StoreError {
+        classify(&self.inner.opts, e)
+    }
+
+    fn key(&self, section: &str, rest: &str) -> Vec<u8> {
+        format!("{}{section}/{rest}", self.inner.opts.prefix).into_bytes()
+    }
+
+    fn object_key(&self, r: &ObjectRef) -> Vec<u8> {
+        self.key("o", &format!("{}/{}", r.kind.as_str(), r.name))
+    }
+
+    fn kv(&self) -> etcd_client::KvClient {
+        self.inner
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Reads one object and its `mod_revision` (0: absent).
+    async fn read(&self, r: &ObjectRef) -> Result<(Option<Object>, i64)> {
+        let resp = self
+            .kv()
+            .get(self.object_key(r), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        match resp.kvs().first() {
+            None => Ok((None, 0)),
+            Some(kv) => Ok((Some(decode_object(kv)?.object), kv.mod_revision())),
+        }
+    }
+
+    /// Plans `plan` on the current object and commits it with one
+    /// compare-and-swap transaction; plans again when another writer won.
+    async fn write(
+        &self,
+        r: &ObjectRef,
+        plan: impl Fn(Option<&Object>, Time) -> Result<Plan> + Send + Sync,
+    ) -> Result<Written> {
+        let key = self.object_key(r);
+        loop {
+            let (prev, prev_rev) = self.read(r).await?;
+            let now = chrono::Utc::now();
+            let Some((change, outcome)) = plan(prev.as_ref(), now)? else {
+                return Ok(Written {
+                    outcome: Outcome::Unchanged,
+                    object: prev,
+                    seq: None,
+                });
+            };
+            let ev = Event {
+                seq: 0,
+                time: now,
+                object: r.clone(),
+                change,
+            };
+            let next = fold::apply_event(prev.clone(), &ev);
+            let guard = if prev_rev == 0 {
+                Compare::version(key.clone(), CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(key.clone(), CompareOp::Equal, prev_rev)
+            };
+            let mut ops = Vec::with_capacity(2);
+            match &next {
+                Some(obj) => {
+                    let last = match &ev.change {
+                        Change::Applied { created: true, .. } => Last::Created,
+                        Change::Applied { .. } => Last::Applied,
+                        Change::StatusUpdated { .. } => Last::StatusUpdated,
+                        Change::FinalizersSet { .. } => Last::FinalizersSet,
+                        _ => Last::DeletionRequested,
+                    };
+                    let stored = Stored {
+                        time: now,
+                        last,
+                        object: obj.clone(),
+                    };
+                    ops.push(TxnOp::put(key.clone(), event::encode(&stored)?, None));
+                }
+                None => ops.push(TxnOp::delete(key.clone(), None)),
+            }
+            if matches!(
+                ev.change,
+                Change::Applied { .. } | Change::DeletionRequested { .. } | Change::Deleted
+            ) {
+                let uid = next
+                    .as_ref()
+                    .or(prev.as_ref())
+                    .and_then(|o| o.metadata.uid.clone())
+                    .unwrap_or_default();
+                let hkey = self.key(
+                    "h",
+                    &format!("{}/{}/{uid}/{prev_rev:020}", r.kind.as_str(), r.name),
+                );
+                ops.push(TxnOp::put(hkey, event::encode(&ev)?, None));
+            }
+            let resp = self
+                .kv()
+                .txn(Txn::new().when([guard]).and_then(ops))
+                .await
+                .map_err(|e| self.err(e))?;
+            if !resp.succeeded() {
+                continue; // another writer won the race: plan again on its result
+            }
+            let seq = resp.header().map_or(0, |h| rev(h.revision()));
+            let object = next.map(|mut o| {
+                o.metadata.resource_version = seq;
+                o
+            });
+            return Ok(Written {
+                outcome,
+                object,
+                seq: Some(seq),
+            });
+        }
+    }
+
+    /// The lease for new notes, granted anew when half its TTL has passed.
+    async fn note_lease(&self, fresh: bool) -> Result<i64> {
+        let ttl = self.inner.opts.note_ttl;
+        let mut lease = self.inner.lease.lock().await;
+        if let Some((id, at)) = *lease
+            && !fresh
+            && at.elapsed() < ttl / 2
+        {
+            return Ok(id);
+        }
+        let resp = self
+            .inner
+            .client
+            .lease_client()
+            .grant(ttl.as_secs().max(1) as i64, None)
+            .await
+            .map_err(|e| self.err(e))?;
+        *lease = Some((resp.id(), Instant::now()));
+        Ok(resp.id())
+    }
+
+    /// Compacts etcd's history below `revision` (its MVCC keeps every
+    /// version of every key until then). Spec history and current objects
+    /// are current keys and stay; watches from below `revision` get
+    /// [`StoreError::TooOld`]. Returns the revision compacted at.
+    pub async fn compact(&self, revision: u64) -> Result<u64> {
+        let revision = revision.min(self.current_revision().await?);
+        if revision == 0 {
+            return Ok(0);
+        }
+        match self
+            .kv()
+            .compact(
+                revision as i64,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
+            .await
+        {
+            Ok(_) => Ok(revision),
+            // Already compacted at or beyond it: nothing to do.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => {
+                Ok(revision)
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// etcd's current revision (any write acknowledged before is at or below it).
+    pub async fn current_revision(&self) -> Result<u64> {
+        let resp = self
+            .kv()
+            .get(
+                self.key("o", ""),
+                Some(GetOptions::new().with_count_only().with_limit(1)),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.header().map_or(0, |h| rev(h.revision())))
+    }
+
+    /// Checks that etcd answers with a leader (a linearizable read).
+    /// [`StoreError::Unavailable`] names the endpoints otherwise.
+    pub async fn health(&self) -> Result<()> {
+        self.current_revision().await.map(|_| ())
+    }
+
+    /// Opens the etcd watch from `start` (inclusive) over notes and objects.
+    async fn open_watch(&self, start: i64) -> Result<etcd_client::WatchStream> {
+        let from = self.key("n", "");
+        let to = prefix_end(&self.key("o", ""));
+        let opts = WatchOptions::new()
+            .with_range(to)
+            .with_start_revision(start)
+            .with_prev_key();
+        self.inner
+            .client
+            .watch_client()
+            .watch(from, Some(opts))
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// The [`Event`] of one etcd watch event; `None` for keys outside
+    /// vmctl's layout.
+    fn event_of(&self, e: &etcd_client::Event) -> Result<Option<Event>> {
+        let Some(kv) = e.kv() else { return Ok(None) };
+        let key = String::from_utf8_lossy(kv.key());
+        let Some(rest) = key.strip_prefix(&self.inner.opts.prefix) else {
+            return Ok(None);
+        };
+        let seq = rev(kv.mod_revision());
+        let mut parts = rest.splitn(4, '/');
+        let (section, kind, name) = (parts.next(), parts.next(), parts.next());
+        let (Some(section), Some(kind), Some(name)) = (section, kind, name) else {
+            return Ok(None);
+        };
+        let Some(kind) = Kind::parse(kind) else {
+            return Ok(None);
+        };
+        let object = ObjectRef::new(kind, name);
+        match (section, e.event_type()) {
+            ("o", EventType::Put) => {
+                let st = decode_object(kv)?;
+                let mut obj = st.object;
+                obj.metadata.resource_version = seq;
+                let change = match st.last {
+                    Last::Created | Last::Applied => {
+                        obj.status = None;
+                        Change::Applied {
+                            created: matches!(st.last, Last::Created),
+                            object: Box::new(obj),
+                        }
+                    }
+                    Last::StatusUpdated => Change::StatusUpdated {
+                        status: obj.status.unwrap_or(serde_json::Value::Null),
+                    },
+                    Last::FinalizersSet => Change::FinalizersSet {
+                        finalizers: obj.metadata.finalizers,
+                    },
+                    Last::DeletionRequested => Change::DeletionRequested {
+                        at: obj.metadata.deletion_timestamp.unwrap_or(st.time),
+                    },
+                };
+                Ok(Some(Event {
+                    seq,
+                    time: st.time,
+                    object,
+                    change,
+                }))
+            }
+            // etcd records no time for a delete: the watcher's clock it is.
+            ("o", EventType::Delete) => Ok(Some(Event {
+                seq,
+                time: chrono::Utc::now(),
+                object,
+                change: Change::Deleted,
+            })),
+            ("n", EventType::Put) => {
+                let n: StoredNote = event::decode(kv.value())?;
+                Ok(Some(Event {
+                    seq,
+                    time: n.time,
+                    object,
+                    change: Change::Noted { note: n.note },
+                }))
+            }
+            // A note expiring is no event of vmctl's.
+            _ => Ok(None),
+        }
+    }
+}
+
+fn decode_object(kv: &KeyValue) -> Result<Stored> {
+    let mut st: Stored = event::decode(kv.value())?;
+    st.object.metadata.resource_version = rev(kv.mod_revision());
+    Ok(st)
+}
+
+fn describe_opts(opts: &EtcdOptions) -> String {
+    format!("etcd at {}", opts.endpoints.join(","))
+}
+
+fn unavailable_of(opts: &EtcdOptions, e: impl Into<BoxError>) -> StoreError {
+    StoreError::Unavailable {
+        store: describe_opts(opts),
+        source: e.into(),
+    }
+}
+
+/// Sorts an etcd error: unreachable, no leader, timeouts → Unavailable.
+fn classify(opts: &EtcdOptions, e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    let transient = match &e {
+        E::TransportError(_) | E::IoError(_) => true,
+        E::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Unknown
+                | Code::Cancelled
+                | Code::Aborted
+                | Code::ResourceExhausted
+        ),
+        E::WatchError(_) => true,
+        _ => false,
+    };
+    if transient {
+        unavailable_of(opts, e)
+    } else {
+        StoreError::backend(e)
+    }
+}
+
+/// Where an etcd watch stream is: the last revision delivered and events
+/// received but not yet delivered.
+struct WatchState {
+    store: EtcdStore,
+    stream: Option<etcd_client::WatchStream>,
+    pos: u64,
+    pending: std::collections::VecDeque<Event>,
+    failed: bool,
+}
+
+impl WatchState {
+    async fn next(&mut self) -> Option<Result<Arc<Event>>> {
+        if self.failed {
+            return None;
+        }
+        let r = self.next_inner().await;
+        if r.is_err() {
+            self.failed = true;
+        }
+        Some(r)
+    }
+
+    async fn next_inner(&mut self) -> Result<Arc<Event>> {
+        let mut broken_since: Option<Instant> = None;
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                if ev.seq > self.pos {
+                    self.pos = ev.seq;
+                    return Ok(Arc::new(ev));
+                }
+                continue;
+            }
+            let err = match &mut self.stream {
+                None => match self.store.open_watch(self.pos as i64 + 1).await {
+                    Ok(s) => {
+                        self.stream = Some(s);
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+                Some(s) => match s.message().await {
+                    Ok(Some(resp)) => {
+                        if resp.compact_revision() > 0 {
+                            return Err(StoreError::TooOld {
+                                requested: self.pos,
+                                oldest: rev(resp.compact_revision()).saturating_sub(1),
+                            });
+                        }
+                        if resp.canceled() {
+                            self.store.err(etcd_client::Error::WatchError(format!(
+                                "watch canceled: {}",
+                                resp.cancel_reason()
+                            )))
+                        } else {
+                            broken_since = None;
+                            for e in resp.events() {
+                                if let Some(ev) = self.store.event_of(e)? {
+                                    self.pending.push_back(ev);
+                                }
+                            }
+                            continue;
+                        }
+                    }
+                    Ok(None) => self.store.err(etcd_client::Error::WatchError(
+                        "the watch stream ended".into(),
+                    )),
+                    Err(e) => self.store.err(e),
+                },
+            };
+            // Resume from our position for a while (a member died, a leader
+            // election): every event is still delivered once, in order.
+            if !err.is_unavailable() {
+                return Err(err);
+            }
+            self.stream = None;
+            let since = *broken_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > self.store.inner.opts.watch_resume {
+                return Err(err);
+            }
+            tracing::debug!(pos = self.pos, error = %err, "etcd watch broken; resuming");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    async fn apply(
+        &self,
+        obj: Object,
+        source: Option<ApplySource>,
+        expected_rv: Option<u64>,
+    ) -> Result<Written> {
+        let r = obj.object_ref();
+        self.write(&r, |prev, now| {
+            plan::apply(prev, obj.clone(), source.clone(), expected_rv, now)
+        })
+        .await
+    }
+
+    async fn update_status(
+        &self,
+        r: &ObjectRef,
+        status: serde_json::Value,
+        expected_rv: Option<u64>,
+    ) -> Result<Written> {
+        self.write(r, |prev, _| {
+            plan::update_status(r, prev, status.clone(), expected_rv)
+        })
+        .await
+    }
+
+    async fn set_finalizers(
+        &self,
+        r: &ObjectRef,
+        finalizers: Vec<String>,
+        expected_rv: Option<u64>,
+    ) -> Result<Written> {
+        self.write(r, |prev, _| {
+            plan::set_finalizers(r, prev, finalizers.clone(), expected_rv)
+        })
+        .await
+    }
+
+    async fn request_delete(&self, r: &ObjectRef, expected_rv: Option<u64>) -> Result<Written> {
+        self.write(r, |prev, now| {
+            plan::request_delete(r, prev, expected_rv, now)
+        })
+        .await
+    }
+
+    async fn record_note(&self, note: Note) -> Result<u64> {
+        let key = self.key(
+            "n",
+            &format!(
+                "{}/{}/{}",
+                note.object.kind.as_str(),
+                note.object.name,
+                uuid::Uuid::new_v4()
+            ),
+        );
+        let value = event::encode(&StoredNote {
+            time: chrono::Utc::now(),
+            note,
+        })?;
+        let mut fresh = false;
+        loop {
+            let lease = self.note_lease(fresh).await?;
+            match self
+                .kv()
+                .put(
+                    key.clone(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await
+            {
+                Ok(resp) => return Ok(resp.header().map_or(0, |h| rev(h.revision()))),
+                // The lease expired or etcd lost it: grant a new one, once.
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if !fresh && s.message().contains("lease not found") =>
+                {
+                    fresh = true;
+                }
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+    }
+
+    async fn get(&self, r: &ObjectRef) -> Result<Option<Object>> {
+        Ok(self.read(r).await?.0)
+    }
+
+    async fn list(&self, kind: Option<Kind>) -> Result<Listing> {
+        let prefix = match kind {
+            Some(k) => self.key("o", &format!("{}/", k.as_str())),
+            None => self.key("o", ""),
+        };
+        let resp = self
+            .kv()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let objects = resp
+            .kvs()
+            .iter()
+            .map(|kv| decode_object(kv).map(|s| s.object))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Listing {
+            objects,
+            resource_version: resp.header().map_or(0, |h| rev(h.revision())),
+        })
+    }
+
+    async fn watch(&self, after: u64) -> Result<Watch> {
+        let mut state = WatchState {
+            store: self.clone(),
+            stream: None,
+            pos: after,
+            pending: Default::default(),
+            failed: false,
+        };
+        // Open it now, so that a compacted start fails here, like sled's.
+        state.stream = Some(self.open_watch(after as i64 + 1).await?);
+        Ok(Watch::new(futures::stream::unfold(
+            state,
+            |mut st| async move { st.next().await.map(|r| (r, st)) },
+        )))
+    }
+
+    async fn history(&self, r: &ObjectRef) -> Result<Vec<Event>> {
+        let prefix = self.key("h", &format!("{}/{}/", r.kind.as_str(), r.name));
+        let resp = self
+            .kv()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out = resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let mut ev: Event = event::decode(kv.value())?;
+                ev.seq = rev(kv.mod_revision());
+                Ok(ev)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by_key(|e| e.seq);
+        Ok(out)
+    }
+
+    async fn notes(&self, object: Option<&ObjectRef>) -> Result<Vec<RecordedNote>> {
+        let prefix = match object {
+            Some(r) => self.key("n", &format!("{}/{}/", r.kind.as_str(), r.name)),
+            None => self.key("n", ""),
+        };
+        let resp = self
+            .kv()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out = resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let n: StoredNote = event::decode(kv.value())?;
+                Ok(RecordedNote {
+                    seq: rev(kv.mod_revision()),
+                    time: n.time,
+                    note: n.note,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by_key(|n| n.seq);
+        Ok(out)
+    }
+
+    async fn last_seq(&self) -> Result<u64> {
+        self.current_revision().await
+    }
+
+    fn describe(&self) -> String {
+        describe_opts(&self.inner.opts)
+    }
+}
