@@ -3,6 +3,7 @@
 
 mod concurrency;
 mod errors;
+mod etcd;
 mod full_disk;
 mod limits;
 mod socket;
