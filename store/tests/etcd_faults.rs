@@ -1,0 +1,165 @@
+//! Faults on a real 3-member etcd cluster under 16 writers: kill -9 a
+//! follower, then the leader. Every acknowledged write must be there
+//! afterwards, and writes must go on (after the election for the leader).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::Mutex;
+use vmctl_api::{Kind, Object, ObjectMeta, ObjectRef};
+use vmctl_store::testing::{EtcdCluster, unique_prefix};
+use vmctl_store::{Change, EtcdOptions, EtcdStore, Store};
+
+const WRITERS: usize = 16;
+
+/// One acknowledged write: object, the counter it wrote, its resourceVersion.
+type Ack = (String, u64, u64);
+
+fn vm(name: &str, n: u64) -> Object {
+    Object::new(
+        Kind::VirtualMachine,
+        ObjectMeta::named(name),
+        json!({ "n": n }),
+    )
+}
+
+async fn writer(s: Arc<dyn Store>, i: usize, stop: Arc<AtomicBool>, acks: Arc<Mutex<Vec<Ack>>>) {
+    let name = format!("w{i}");
+    let mut n = 1;
+    while !stop.load(Ordering::SeqCst) {
+        match s.apply(vm(&name, n), None, None).await {
+            Ok(w) => {
+                // Unchanged: a retry of a write that committed unacknowledged.
+                let rv = w.object.as_ref().map_or(0, |o| o.metadata.resource_version);
+                acks.lock().await.push((name.clone(), n, rv));
+                n += 1;
+            }
+            Err(e) => {
+                assert!(e.is_unavailable(), "only unavailability is expected: {e:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// A read, retried while a member that was just restarted still refuses
+/// connections (the client balances over every endpoint).
+async fn retry<T, F: std::future::Future<Output = vmctl_store::Result<T>>>(
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if e.is_unavailable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+async fn acked(acks: &Mutex<Vec<Ack>>) -> usize {
+    acks.lock().await.len()
+}
+
+/// Waits until more writes than `since` are acknowledged; returns how long it took.
+async fn progress(acks: &Mutex<Vec<Ack>>, since: usize, what: &str) -> Duration {
+    let start = Instant::now();
+    while acked(acks).await < since + WRITERS {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "writes did not resume after {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_follower_or_the_leader_loses_no_acknowledged_write() {
+    let mut cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .unwrap()
+        .expect("etcd starts (scripts/install-prereqs installs etcd-server)");
+    let mut opts = EtcdOptions::new(cluster.endpoints());
+    opts.prefix = unique_prefix();
+    opts.request_timeout = Duration::from_secs(2);
+    let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(opts).await.unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|i| tokio::spawn(writer(store.clone(), i, stop.clone(), acks.clone())))
+        .collect();
+    progress(&acks, 0, "start").await;
+
+    // A follower.
+    let leader = cluster.leader().expect("a leader");
+    let follower = (leader + 1) % cluster.len();
+    cluster.kill(follower);
+    let before = acked(&acks).await;
+    let took = progress(&acks, before, "a follower was killed").await;
+    eprintln!("follower {follower} killed: writes went on within {took:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await; // writing on two members
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart(follower).unwrap();
+        cluster.wait_healthy(Duration::from_secs(30)).unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+
+    // The leader.
+    let leader = cluster.leader().expect("a leader");
+    cluster.kill(leader);
+    let before = acked(&acks).await;
+    let took = progress(&acks, before, "the leader was killed").await;
+    eprintln!("leader {leader} killed: writes resumed within {took:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await; // writing under the new leader
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let _cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart(leader).unwrap();
+        cluster.wait_healthy(Duration::from_secs(30)).unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+
+    // Every acknowledged write is in each object's history (spec changes
+    // are kept there), at its resourceVersion, with its content.
+    let acks = acks.lock().await.clone();
+    assert!(acks.len() > 3 * WRITERS);
+    for i in 0..WRITERS {
+        let name = format!("w{i}");
+        let r = ObjectRef::new(Kind::VirtualMachine, &name);
+        let history: std::collections::BTreeMap<u64, u64> = retry(|| store.history(&r))
+            .await
+            .into_iter()
+            .filter_map(|e| match e.change {
+                Change::Applied { object, .. } => Some((e.seq, object.spec["n"].as_u64()?)),
+                _ => None,
+            })
+            .collect();
+        let mine: Vec<&Ack> = acks.iter().filter(|a| a.0 == name).collect();
+        for (_, n, rv) in &mine {
+            let kept = history.values().any(|v| v == n);
+            assert!(kept, "{name}: acknowledged write n={n} (rv {rv}) lost");
+            if let Some(at) = history.get(rv) {
+                assert_eq!(at, n, "{name}: rv {rv} holds another write");
+            }
+        }
+        let last = mine.iter().map(|a| a.1).max().unwrap();
+        let now = retry(|| store.get(&r)).await.unwrap();
+        assert_eq!(
+            now.spec["n"].as_u64(),
+            Some(last),
+            "{name}: newest write kept"
+        );
+    }
+    eprintln!("{} acknowledged writes checked, none lost", acks.len());
+}
