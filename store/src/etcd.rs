@@ -207,13 +207,51 @@ impl EtcdStore {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
+    /// A range read, retried within the request timeout while etcd is
+    /// unavailable through the endpoint tried (a dead member: the client
+    /// balances over every endpoint, the next try may reach a live one).
+    async fn range(
+        &self,
+        key: Vec<u8>,
+        opts: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse> {
+        let deadline = Instant::now() + self.inner.opts.request_timeout;
+        loop {
+            match self.kv().get(key.clone(), opts.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    let e = self.err(e);
+                    if !e.is_unavailable() || Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs a write, retried within the request timeout only when it was
+    /// never sent (the connection to the member was refused): a write
+    /// whose answer was lost is not repeated blindly.
+    async fn send_write<T, F, Fut>(&self, mut f: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.inner.opts.request_timeout;
+        loop {
+            match f().await {
+                Ok(r) => return Ok(r),
+                Err(e) if never_sent(&e) && Instant::now() < deadline => {}
+                Err(e) => return Err(self.err(e)),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Reads one object and its `mod_revision` (0: absent).
     async fn read(&self, r: &ObjectRef) -> Result<(Option<Object>, i64)> {
-        let resp = self
-            .kv()
-            .get(self.object_key(r), None)
-            .await
-            .map_err(|e| self.err(e))?;
+        let resp = self.range(self.object_key(r), None).await?;
         match resp.kvs().first() {
             None => Ok((None, 0)),
             Some(kv) => Ok((Some(decode_object(kv)?.object), kv.mod_revision())),
@@ -284,11 +322,13 @@ impl EtcdStore {
                 );
                 ops.push(TxnOp::put(hkey, event::encode(&ev)?, None));
             }
+            let txn = Txn::new().when([guard]).and_then(ops);
             let resp = self
-                .kv()
-                .txn(Txn::new().when([guard]).and_then(ops))
-                .await
-                .map_err(|e| self.err(e))?;
+                .send_write(|| {
+                    let (mut kv, txn) = (self.kv(), txn.clone());
+                    async move { kv.txn(txn).await }
+                })
+                .await?;
             if !resp.succeeded() {
                 continue; // another writer won the race: plan again on its result
             }
@@ -355,13 +395,11 @@ impl EtcdStore {
     /// etcd's current revision (any write acknowledged before is at or below it).
     pub async fn current_revision(&self) -> Result<u64> {
         let resp = self
-            .kv()
-            .get(
+            .range(
                 self.key("o", ""),
                 Some(GetOptions::new().with_count_only().with_limit(1)),
             )
-            .await
-            .map_err(|e| self.err(e))?;
+            .await?;
         Ok(resp.header().map_or(0, |h| rev(h.revision())))
     }
 
@@ -461,6 +499,18 @@ fn decode_object(kv: &KeyValue) -> Result<Stored> {
     let mut st: Stored = event::decode(kv.value())?;
     st.object.metadata.resource_version = rev(kv.mod_revision());
     Ok(st)
+}
+
+/// Whether a request failed before it reached etcd (connection refused or
+/// not established), so that repeating it cannot apply it twice.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect error")
+        }
+        _ => false,
+    }
 }
 
 fn describe_opts(opts: &EtcdOptions) -> String {
@@ -678,10 +728,8 @@ impl Store for EtcdStore {
             None => self.key("o", ""),
         };
         let resp = self
-            .kv()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.err(e))?;
+            .range(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
         let objects = resp
             .kvs()
             .iter()
@@ -712,10 +760,8 @@ impl Store for EtcdStore {
     async fn history(&self, r: &ObjectRef) -> Result<Vec<Event>> {
         let prefix = self.key("h", &format!("{}/{}/", r.kind.as_str(), r.name));
         let resp = self
-            .kv()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.err(e))?;
+            .range(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
         let mut out = resp
             .kvs()
             .iter()
@@ -735,10 +781,8 @@ impl Store for EtcdStore {
             None => self.key("n", ""),
         };
         let resp = self
-            .kv()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.err(e))?;
+            .range(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
         let mut out = resp
             .kvs()
             .iter()
