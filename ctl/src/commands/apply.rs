@@ -157,25 +157,59 @@ pub fn run(g: &Globals, a: &ApplyArgs) -> miette::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The directories to watch: the file's own, and those of every local file
-/// its resources read (scripts, uploads, keys), non-recursively.
-fn watched_dirs(file: &Path, loaded: &Loaded) -> Vec<PathBuf> {
-    let mut dirs = std::collections::BTreeSet::new();
-    let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
-    dirs.insert(if abs.is_dir() {
-        abs.clone()
-    } else {
-        abs.parent().map(Path::to_path_buf).unwrap_or(abs.clone())
-    });
-    for r in &loaded.resources {
-        let v = serde_json::to_value(r.to_object().spec).unwrap_or_default();
-        collect_paths(&v, &mut |p| {
-            if let Some(parent) = Path::new(p).parent() {
-                dirs.insert(parent.to_path_buf());
-            }
-        });
+/// What `--watch` looks at: the directories to watch (the file's own, and
+/// those of every local file its resources read: scripts, uploads, keys),
+/// non-recursively, and the paths in them whose changes matter.
+#[derive(Debug, Default, PartialEq)]
+struct Watched {
+    dirs: Vec<PathBuf>,
+    /// The VMFile or manifest itself, and every local file its resources read.
+    files: std::collections::BTreeSet<PathBuf>,
+    /// With `-f DIR`: that directory, whose `.kdl`/`.yaml`/`.yml`/`.json`
+    /// files all matter.
+    manifest_dir: Option<PathBuf>,
+}
+
+impl Watched {
+    fn of(file: &Path, loaded: &Loaded) -> Self {
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut w = Watched::default();
+        let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+        if abs.is_dir() {
+            dirs.insert(abs.clone());
+            w.manifest_dir = Some(abs);
+        } else {
+            dirs.insert(abs.parent().map(Path::to_path_buf).unwrap_or(abs.clone()));
+            w.files.insert(abs);
+        }
+        for r in &loaded.resources {
+            let v = serde_json::to_value(r.to_object().spec).unwrap_or_default();
+            collect_paths(&v, &mut |p| {
+                let p = Path::new(p);
+                if let Some(parent) = p.parent() {
+                    dirs.insert(parent.to_path_buf());
+                }
+                w.files.insert(p.to_path_buf());
+            });
+        }
+        w.dirs = dirs.into_iter().filter(|d| d.is_dir()).collect();
+        w
     }
-    dirs.into_iter().filter(|d| d.is_dir()).collect()
+
+    /// Whether a change of `path` may change what the file applies. Other
+    /// files in the same directories (an editor's swap file, or the log
+    /// `apply --watch 2> log` itself writes) are ignored: reacting to them
+    /// made a watch that printed into its own directory loop forever.
+    fn matters(&self, path: &Path) -> bool {
+        self.files.contains(path)
+            || self.manifest_dir.as_deref().is_some_and(|d| {
+                path.parent() == Some(d)
+                    && path
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| matches!(e, "kdl" | "yaml" | "yml" | "json"))
+            })
+    }
 }
 
 /// Calls `f` with every `path` field next to a `digest` (a LocalFile).
@@ -196,7 +230,8 @@ fn collect_paths(v: &serde_json::Value, f: &mut impl FnMut(&str)) {
 }
 
 enum Wake {
-    Changed,
+    /// Files changed: the paths the event names.
+    Changed(Vec<PathBuf>),
     Interrupted,
 }
 
@@ -215,12 +250,12 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
         if let Ok(ev) = ev
             && !matches!(ev.kind, notify::EventKind::Access(_))
         {
-            let _ = fs_tx.send(Wake::Changed);
+            let _ = fs_tx.send(Wake::Changed(ev.paths));
         }
     })
     .map_err(|e| miette::miette!("cannot watch files: {e}"))?;
-    let mut dirs = watched_dirs(&a.file, &last);
-    for d in &dirs {
+    let mut watched = Watched::of(&a.file, &last);
+    for d in &watched.dirs {
         watcher
             .watch(d, notify::RecursiveMode::NonRecursive)
             .map_err(|e| miette::miette!("cannot watch {}: {e}", d.display()))?;
@@ -228,29 +263,47 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
     eprintln!("watching {} for changes (Ctrl-C to stop)", a.file.display());
     let objects =
         |l: &Loaded| -> Vec<Object> { l.resources.iter().map(Resource::to_object).collect() };
-    while let Ok(Wake::Changed) = rx.recv() {
+    // The last refusal printed: the same one is not printed again until
+    // the file changes what it says (bounded output whatever wakes us).
+    let mut last_refusal: Option<String> = None;
+    while let Ok(Wake::Changed(paths)) = rx.recv() {
+        let mut relevant = paths.iter().any(|p| watched.matters(p));
         // Debounce: editors write several events per save.
         let mut interrupted = false;
         while let Ok(w) = rx.recv_timeout(Duration::from_millis(100)) {
-            if matches!(w, Wake::Interrupted) {
-                interrupted = true;
-                break;
+            match w {
+                Wake::Interrupted => {
+                    interrupted = true;
+                    break;
+                }
+                Wake::Changed(paths) => relevant |= paths.iter().any(|p| watched.matters(p)),
             }
         }
         if interrupted {
             break;
         }
-        let loaded = match vmctl_api::load::load(&a.file) {
-            Ok(l) => l,
-            Err(vmctl_api::load::LoadError::Invalid(diags)) => {
-                for d in diags {
-                    eprintln!("{:?}", miette::Report::new(d));
-                }
-                eprintln!("not applied: the running objects keep the last good spec");
-                continue;
+        if !relevant {
+            continue;
+        }
+        let refusal = match vmctl_api::load::load(&a.file) {
+            Ok(l) => Ok(l),
+            Err(vmctl_api::load::LoadError::Invalid(diags)) => Err(diags
+                .into_iter()
+                .map(|d| format!("{:?}\n", miette::Report::new(d)))
+                .chain(["not applied: the running objects keep the last good spec\n".to_owned()])
+                .collect::<String>()),
+            Err(e) => Err(format!("{:?}\n", miette::Report::new(e))),
+        };
+        let loaded = match refusal {
+            Ok(l) => {
+                last_refusal = None;
+                l
             }
-            Err(e) => {
-                eprintln!("{:?}", miette::Report::new(e));
+            Err(text) => {
+                if last_refusal.as_deref() != Some(&text) {
+                    eprint!("{text}");
+                    last_refusal = Some(text);
+                }
                 continue;
             }
         };
@@ -276,11 +329,11 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
             }
             Err(e) => eprintln!("{e:?}"),
         }
-        let new_dirs = watched_dirs(&a.file, &loaded);
-        for d in new_dirs.iter().filter(|d| !dirs.contains(d)) {
+        let new = Watched::of(&a.file, &loaded);
+        for d in new.dirs.iter().filter(|d| !watched.dirs.contains(d)) {
             let _ = watcher.watch(d, notify::RecursiveMode::NonRecursive);
         }
-        dirs = new_dirs;
+        watched = new;
         last = loaded;
     }
     eprintln!("stopped watching");

@@ -7,6 +7,7 @@ mod images;
 mod large_apply;
 mod parser_faults;
 mod socket;
+mod watch_mode;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
