@@ -24,16 +24,27 @@ impl Agent {
     }
 
     pub fn start() -> Agent {
+        Agent::start_with("fake", &[])
+    }
+
+    /// An agent on `driver` with extra environment (e.g. `VMCTL_FAKE_*`,
+    /// read at start), up and answering /v1/healthz.
+    pub fn start_with(driver: &str, env: &[(&str, &str)]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Agent { dir, child: None };
-        a.spawn();
+        a.spawn_with(driver, env);
         a
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_with("fake", &[]);
+    }
+
+    fn spawn_with(&mut self, driver: &str, env: &[(&str, &str)]) {
         let child = Command::new(env!("CARGO_BIN_EXE_vmctl"))
-            .args(["agent", "--driver", "fake", "--data-dir"])
+            .args(["agent", "--driver", driver, "--data-dir"])
             .arg(self.data_dir())
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -426,23 +437,7 @@ fn get_and_describe_output_after_wait() {
 
 #[test]
 fn wait_fails_with_the_failing_conditions_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut a = Agent { dir, child: None };
-    // SAFETY-free env handoff: the agent reads VMCTL_FAKE_* at start.
-    let child = Command::new(env!("CARGO_BIN_EXE_vmctl"))
-        .args(["agent", "--driver", "fake", "--data-dir"])
-        .arg(a.data_dir())
-        .env("VMCTL_FAKE_FAIL_IMAGES", "bad-img-c9e6519b")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    a.child = Some(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while raw(&a.socket(), "GET", "/v1/healthz", "").0 != 200 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let a = Agent::start_with("fake", &[("VMCTL_FAKE_FAIL_IMAGES", "bad-img-c9e6519b")]);
     let out = a.vmctl(
         &["apply", "-f", "-", "--wait", "--timeout", "5"],
         Some("vm \"v\" { image-url \"https://example.com/bad.img\" }\n"),

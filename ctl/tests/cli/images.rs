@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -169,23 +169,7 @@ impl Server {
 
 /// An agent with the real image cache (the qemu driver; no VM is started).
 fn qemu_agent() -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let mut a = Agent { dir, child: None };
-    let child = Command::new(env!("CARGO_BIN_EXE_vmctl"))
-        .args(["agent", "--driver", "qemu", "--data-dir"])
-        .arg(a.data_dir())
-        .env("VMCTL_ACCEL", "tcg")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    a.child = Some(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while raw(&a.socket(), "GET", "/v1/healthz", "").0 != 200 {
-        assert!(Instant::now() < deadline, "agent did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    a
+    Agent::start_with("qemu", &[("VMCTL_ACCEL", "tcg")])
 }
 
 #[test]
