@@ -266,8 +266,26 @@ impl Client {
     }
 }
 
+/// How long [`connect`] waits for an agent it started (or one another
+/// `vmctl` started at the same moment) to answer, in seconds.
+pub const AUTOSTART_WAIT_SECS: u64 = 30;
+
+/// The exit code of `vmctl agent` when another agent holds the data
+/// directory's lock (`DATA_DIR/agent.lock`).
+pub const EXIT_AGENT_LOCKED: u8 = 3;
+
 /// Connects to the agent, starting one in the background when none answers
-/// (unless `autostart` is false), and waits up to 10 s for it.
+/// (unless `autostart` is false), and waits up to [`AUTOSTART_WAIT_SECS`]
+/// for it.
+///
+/// Several `vmctl` commands may start an agent at the same moment: one
+/// takes the lock, the others exit at once with [`EXIT_AGENT_LOCKED`] while
+/// the winner may still be opening its store, so that exit means "keep
+/// waiting for the winner". Any other exit means the agent failed.
+///
+/// Errors: [`ClientError::Unreachable`] when no agent answers in time or
+/// the started agent failed (its log says why); [`ClientError::Io`] when
+/// the data directory, the log or the process cannot be created.
 pub fn connect(data_dir: &Path, socket: &Path, autostart: bool) -> Result<Client, ClientError> {
     let client = Client {
         socket: socket.to_path_buf(),
@@ -303,17 +321,18 @@ pub fn connect(data_dir: &Path, socket: &Path, autostart: bool) -> Result<Client
         .process_group(0)
         .spawn()
         .map_err(ClientError::Io)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(AUTOSTART_WAIT_SECS);
+    let mut lost_the_race = false;
     while Instant::now() < deadline {
         if client.ping() {
             return Ok(client);
         }
-        if let Ok(Some(_)) = child.try_wait() {
-            // It exited: maybe another agent won the race, else it failed.
-            if client.ping() {
-                return Ok(client);
+        if !lost_the_race && let Ok(Some(status)) = child.try_wait() {
+            if status.code() != Some(EXIT_AGENT_LOCKED.into()) {
+                return Err(unreachable());
             }
-            return Err(unreachable());
+            // Another agent holds the lock and is starting: wait for it.
+            lost_the_race = true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

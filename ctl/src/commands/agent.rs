@@ -49,6 +49,14 @@ pub fn run(
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             let msg = vmctl_api::error_chain(&e);
+            if let vmctl_agent::AgentError::Locked(_) = e {
+                // A distinct exit code: `connect` then waits for the winner.
+                eprintln!(
+                    "{:?}",
+                    crate::diag::error_help("vmctl::agent::locked", e.help(), msg)
+                );
+                return Ok(ExitCode::from(crate::client::EXIT_AGENT_LOCKED));
+            }
             let code = match e {
                 vmctl_agent::AgentError::Driver(_) => "vmctl::backend::not_available",
                 _ => "vmctl::agent::failed",

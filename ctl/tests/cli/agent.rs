@@ -157,7 +157,8 @@ fn a_second_agent_on_the_same_data_dir_is_refused() {
         .arg(a.data_dir())
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    // Exit code 3: `vmctl` auto-starting an agent waits for the winner then.
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("another vmctl agent is already running"),
         "{}",
@@ -532,4 +533,49 @@ fn reapplying_the_file_after_vmctl_provision_does_not_run_the_provisioners_again
     let after = prov(&a);
     assert_eq!(after["metadata"]["generation"], 2, "no new generation");
     assert_eq!(after["spec"]["runToken"], before["spec"]["runToken"]);
+}
+
+/// Regression (CI flake of `apply --watch` racing `vmctl get`): several
+/// commands that each auto-start an agent on the same fresh data directory
+/// at the same moment all reach the one agent that wins the lock. The
+/// losers' agents exit at once; their commands used to give up with "no
+/// vmctl agent answers" while the winner was still opening its store.
+#[test]
+fn concurrent_autostarts_all_reach_the_agent_that_wins_the_lock() {
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("vmctl");
+        let children: Vec<Child> = (0..8)
+            .map(|_| {
+                Command::new(env!("CARGO_BIN_EXE_vmctl"))
+                    .args(["get", "vms", "--data-dir"])
+                    .arg(&data)
+                    .env("NO_COLOR", "1")
+                    .env("VMCTL_DRIVER", "fake")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Stop the agent that won (healthz names its pid).
+        let (status, body) = raw(&data.join("agent.sock"), "GET", "/v1/healthz", "");
+        assert_eq!(status, 200, "{body}");
+        let pid: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let pid = pid["pid"].as_i64().expect("healthz names the pid") as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+    }
 }
