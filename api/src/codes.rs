@@ -66,6 +66,11 @@ pub const CODES: &[Code] = &[
         "the agent may have stopped; run the command again (it starts one) or see <data-dir>/agent.log",
     ),
     c(
+        "vmctl::agent::locked",
+        "`vmctl agent` did not start: another agent holds the data directory (exit code 3)",
+        "use the running agent (vmctl talks to it), or stop it first",
+    ),
+    c(
         "vmctl::agent::protocol",
         "the agent's answer is not what this vmctl expects",
         "are vmctl and the agent the same version? restart the agent",
