@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use vmctl_api::wire::{
     ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, ErrorBody, Health, ObjectList,
 };
@@ -19,7 +19,10 @@ use vmctl_store::{Outcome, Store, StoreError};
 
 use crate::config::AgentConfig;
 use crate::finalizers::{self, FinalizerError, PatchRequest};
-use crate::rejection::{ApiPath as Path, ApiQuery as Query, read_body};
+use crate::openapi::{Accepted, ApiRouter, NdJson, RawJson, Text};
+use crate::rejection::{
+    ApiJson, ApiPath as Path, ApiQuery as Query, MAX_APPLY_BODY_BYTES, MAX_BODY_BYTES,
+};
 
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
@@ -150,31 +153,96 @@ fn parse_kind(s: &str) -> ApiResult<Kind> {
     })
 }
 
-fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(
-            format!("malformed request body: {e}"),
-            "send JSON matching the API (see openapi.json)",
+/// Every endpoint of the API, served and documented at once (see
+/// [`crate::openapi`]): the summary here and the handler's signature are
+/// what `agent/openapi.json` says.
+pub fn routes() -> ApiRouter<AppState> {
+    ApiRouter::new()
+        .endpoint(
+            Method::GET,
+            "/v1/healthz",
+            "Agent version, pid, driver and last log sequence",
+            health,
         )
-    })
+        .endpoint(
+            Method::GET,
+            "/v1/openapi.json",
+            "This document (OpenAPI 3.1)",
+            openapi_document,
+        )
+        .endpoint(
+            Method::POST,
+            "/v1/apply",
+            "Create or update objects (validated all first; nothing is written if one is invalid)",
+            apply,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/objects",
+            "List objects of every kind",
+            list_all,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/objects/{kind}",
+            "List objects of one kind (vm, image, provision)",
+            list_kind,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/objects/{kind}/{name}",
+            "Get one object",
+            get_one,
+        )
+        .endpoint(
+            Method::DELETE,
+            "/v1/objects/{kind}/{name}",
+            "Request deletion; the object goes once its finalizers are cleared (body: the object while it waits, null once gone)",
+            delete_one,
+        )
+        .endpoint(
+            Method::PATCH,
+            "/v1/objects/{kind}/{name}",
+            "Add or remove finalizers (those under vmctl.dev/ only with force); removing the last one of an object being deleted deletes it (body: the object, null once gone)",
+            patch_one,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/history/{kind}/{name}",
+            "Every event of one object, oldest first",
+            history,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/notes",
+            "Every note (Kubernetes-style event), oldest first",
+            notes_all,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/notes/{kind}/{name}",
+            "Notes about one object",
+            notes_one,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/logs/{name}",
+            "A VM's console or provision log as text; follow=true keeps streaming what is appended",
+            logs,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/watch",
+            "Newline-delimited JSON stream of events after a sequence, then live; a final {\"type\":\"resync\"} line means list again",
+            watch,
+        )
 }
 
-/// The API's routes.
+/// The API's routes over `state`, with the JSON refusals of
+/// [`crate::rejection`] and the body read timeout.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/healthz", get(health))
-        .route("/v1/apply", post(apply))
-        .route("/v1/objects", get(list_all))
-        .route("/v1/objects/{kind}", get(list_kind))
-        .route(
-            "/v1/objects/{kind}/{name}",
-            get(get_one).delete(delete_one).patch(patch_one),
-        )
-        .route("/v1/history/{kind}/{name}", get(history))
-        .route("/v1/notes", get(notes_all))
-        .route("/v1/notes/{kind}/{name}", get(notes_one))
-        .route("/v1/watch", get(watch))
-        .route("/v1/logs/{name}", get(logs))
+    let (routes, _) = routes().into_parts();
+    routes
         .fallback(crate::rejection::no_route)
         .method_not_allowed_fallback(crate::rejection::method_not_allowed)
         .layer(axum::middleware::map_response(
@@ -184,6 +252,10 @@ pub fn router(state: AppState) -> Router {
             crate::rejection::BODY_IDLE_TIMEOUT,
         ))
         .with_state(state)
+}
+
+async fn openapi_document() -> RawJson<serde_json::Value> {
+    RawJson::from_bytes(crate::openapi::cached_document())
 }
 
 async fn health(State(st): State<AppState>) -> Json<Health> {
@@ -234,12 +306,8 @@ fn validate_objects(objects: &[Object]) -> ApiResult<()> {
 
 async fn apply(
     State(st): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
+    ApiJson(req): ApiJson<ApplyRequest, MAX_APPLY_BODY_BYTES>,
 ) -> ApiResult<Json<ApplyResponse>> {
-    let body = read_body(&headers, body, crate::rejection::MAX_APPLY_BODY_BYTES).await?;
-    let req: ApplyRequest = parse_json(&body)?;
-    drop(body);
     validate_objects(&req.objects)?;
     let results = apply_objects(&*st.store, req).await??;
     Ok(Json(ApplyResponse { results }))
@@ -552,12 +620,9 @@ async fn edit_finalizers(
 async fn patch_one(
     State(st): State<AppState>,
     Path((kind, name)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
+    ApiJson(patch): ApiJson<PatchRequest, MAX_BODY_BYTES>,
 ) -> ApiResult<Json<Option<Object>>> {
     let r = ObjectRef::new(parse_kind(&kind)?, name);
-    let body = read_body(&headers, body, crate::rejection::MAX_BODY_BYTES).await?;
-    let patch: PatchRequest = parse_json(&body)?;
     let obj = edit_finalizers(&*st.store, &r, patch.resource_version, |cur| {
         finalizers::after_patch(cur, &patch)
     })
@@ -565,7 +630,8 @@ async fn patch_one(
     Ok(Json(obj))
 }
 
-#[derive(Debug, Deserialize)]
+/// The query of the list endpoints.
+#[derive(Debug, Deserialize, JsonSchema)]
 struct ListQuery {
     /// `key=value[,key=value]` label selector.
     #[serde(default)]
@@ -591,7 +657,7 @@ fn selector(q: &ListQuery) -> ApiResult<BTreeMap<String, String>> {
     Ok(out)
 }
 
-async fn list(st: AppState, kind: Option<Kind>, q: ListQuery) -> ApiResult<Response> {
+async fn list(st: AppState, kind: Option<Kind>, q: ListQuery) -> ApiResult<RawJson<ObjectList>> {
     let sel = selector(&q)?;
     if let Some(cache) = &st.cache {
         // Read your writes: wait for what the store has acknowledged so far.
@@ -605,7 +671,7 @@ async fn list(st: AppState, kind: Option<Kind>, q: ListQuery) -> ApiResult<Respo
             let body = cache.list_json(kind, |o| {
                 sel.iter().all(|(k, v)| o.metadata.labels.get(k) == Some(v))
             });
-            return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+            return Ok(RawJson::from_bytes(body));
         }
     }
     let listing = st.store.list(kind).await?;
@@ -614,14 +680,16 @@ async fn list(st: AppState, kind: Option<Kind>, q: ListQuery) -> ApiResult<Respo
         .into_iter()
         .filter(|o| sel.iter().all(|(k, v)| o.metadata.labels.get(k) == Some(v)))
         .collect();
-    Ok(Json(ObjectList {
+    Ok(RawJson::from_value(&ObjectList {
         items,
         resource_version: listing.resource_version,
-    })
-    .into_response())
+    }))
 }
 
-async fn list_all(State(st): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
+async fn list_all(
+    State(st): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<RawJson<ObjectList>> {
     list(st, None, q).await
 }
 
@@ -629,7 +697,7 @@ async fn list_kind(
     State(st): State<AppState>,
     Path(kind): Path<String>,
     Query(q): Query<ListQuery>,
-) -> ApiResult<Response> {
+) -> ApiResult<RawJson<ObjectList>> {
     let kind = parse_kind(&kind)?;
     list(st, Some(kind), q).await
 }
@@ -648,10 +716,10 @@ async fn get_one(
 async fn delete_one(
     State(st): State<AppState>,
     Path((kind, name)): Path<(String, String)>,
-) -> ApiResult<Response> {
+) -> ApiResult<Accepted<Option<Object>>> {
     let r = ObjectRef::new(parse_kind(&kind)?, name);
     let w = st.store.request_delete(&r, None).await?;
-    Ok((StatusCode::ACCEPTED, Json(w.object)).into_response())
+    Ok(Accepted(w.object))
 }
 
 async fn history(
@@ -663,11 +731,14 @@ async fn history(
 }
 
 /// A recorded note on the wire.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 struct NoteOut {
+    /// The note's sequence number in the log.
     seq: u64,
+    /// When it was recorded.
     time: vmctl_api::Time,
+    /// The note.
     #[serde(flatten)]
     note: vmctl_api::Note,
 }
@@ -698,42 +769,69 @@ async fn notes_one(
     notes(st, Some(r)).await
 }
 
-#[derive(Debug, Deserialize)]
+/// The query of `/v1/watch`.
+#[derive(Debug, Deserialize, JsonSchema)]
 struct WatchQuery {
     /// Stream events with a sequence above this.
     #[serde(default)]
     after: u64,
 }
 
-async fn watch(State(st): State<AppState>, Query(q): Query<WatchQuery>) -> ApiResult<Response> {
+/// One line of `/v1/watch`: an event, or the last line telling the
+/// client to list again.
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(untagged)]
+enum WatchLine<'a> {
+    /// An event of the log.
+    Event(&'a vmctl_store::Event),
+    /// The watcher fell behind or the log was compacted: list again and
+    /// watch from the listing's resourceVersion. Ends the stream.
+    Resync(Resync),
+}
+
+/// The `{"type":"resync","message":…}` line.
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "camelCase")]
+enum Resync {
+    /// List again.
+    Resync {
+        /// Why the stream ended.
+        message: String,
+    },
+}
+
+impl WatchLine<'_> {
+    fn to_line(&self) -> Bytes {
+        let mut line = serde_json::to_vec(self).expect("wire types serialise");
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+}
+
+async fn watch(
+    State(st): State<AppState>,
+    Query(q): Query<WatchQuery>,
+) -> ApiResult<NdJson<WatchLine<'static>>> {
     let mut w = st.store.watch(q.after).await.map_err(ApiError::from)?;
     let stream = async_stream(move |tx| async move {
         loop {
             match w.next().await {
                 Ok(ev) => {
-                    let mut line = serde_json::to_vec(&*ev).unwrap_or_default();
-                    line.push(b'\n');
-                    if tx.send(Bytes::from(line)).await.is_err() {
+                    if tx.send(WatchLine::Event(&ev).to_line()).await.is_err() {
                         return;
                     }
                 }
                 Err(e) => {
-                    // The watcher fell behind or the log was compacted: tell
-                    // the client to list again, then end the stream.
-                    let body = serde_json::json!({"type": "resync", "message": e.to_string()});
-                    let mut line = serde_json::to_vec(&body).unwrap_or_default();
-                    line.push(b'\n');
-                    let _ = tx.send(Bytes::from(line)).await;
+                    let line = WatchLine::Resync(Resync::Resync {
+                        message: e.to_string(),
+                    });
+                    let _ = tx.send(line.to_line()).await;
                     return;
                 }
             }
         }
     });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(NdJson::new(Body::from_stream(stream)))
 }
 
 /// A stream fed by a task through a small bounded channel: a slow client
@@ -753,7 +851,8 @@ where
     )
 }
 
-#[derive(Debug, Deserialize)]
+/// The query of `/v1/logs/{name}`.
+#[derive(Debug, Deserialize, JsonSchema)]
 struct LogQuery {
     /// `console` or `provision`.
     source: String,
@@ -790,7 +889,7 @@ async fn logs(
     State(st): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<LogQuery>,
-) -> ApiResult<Response> {
+) -> ApiResult<Text> {
     let file = match q.source.as_str() {
         "console" => "console.log",
         "provision" => "provision.log",
@@ -861,9 +960,5 @@ async fn logs(
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     });
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(Text(Body::from_stream(stream)))
 }

@@ -1,160 +1,380 @@
-//! The API described once: the route table below is what the router serves
-//! (a test checks every entry answers) and what `openapi.json` is generated
-//! from (a test fails when the checked-in file drifts).
+//! The API defined once: every endpoint is registered through
+//! [`ApiRouter::endpoint`], which serves the handler and describes it from
+//! the handler's own signature. Its arguments say what it takes (a
+//! [`ApiJson`](crate::rejection::ApiJson) body with its size limit, an
+//! [`ApiQuery`](crate::rejection::ApiQuery) struct whose fields are the
+//! query parameters) and its return type says what it answers ([`Json`],
+//! [`Accepted`], [`RawJson`], [`NdJson`], [`Text`]). A handler whose
+//! argument or answer has no description does not compile, so no endpoint
+//! is served undocumented; `GET /v1/openapi.json` serves the document and
+//! `agent/openapi.json` is its checked-in copy (tests fail when either
+//! drifts, or when a route is served around [`ApiRouter`]).
+//!
+//! ```text
+//!  handler fn(State, ApiPath, ApiQuery<Q>, ApiJson<B, LIMIT>) -> ApiResult<Json<R>>
+//!      │ ApiRouter::endpoint(GET, "/v1/…", summary, handler)
+//!      ├──▶ axum Router (served)
+//!      └──▶ Endpoint { Q's fields, B + LIMIT, R } ──▶ document() (OpenAPI 3.1)
+//! ```
+//!
+//! Own code rather than a crate: the wire types derive schemars'
+//! `JsonSchema` (which also writes `schemas/` and `vmctl schema`); utoipa
+//! would need a second, differently behaving derive on every wire type,
+//! and aide (the schemars-based axum crate) supports schemars 1 only in
+//! alpha releases.
 
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::LazyLock;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::handler::Handler;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, Router, on};
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde_json::{Value, json};
-use vmctl_api::Object;
-use vmctl_api::wire::{ApplyRequest, ApplyResponse, ErrorBody, Health, ObjectList};
+use vmctl_api::wire::ErrorBody;
 
-use crate::finalizers::PatchRequest;
-use crate::rejection::{MAX_APPLY_BODY_BYTES, MAX_BODY_BYTES, human_bytes};
+use crate::api::ApiError;
+use crate::rejection::{ApiJson, ApiPath, ApiQuery, human_bytes};
 
-/// Builds a JSON Schema for a body, registering definitions in the generator.
+/// Builds a JSON Schema for a type, registering definitions in the generator.
 pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
-
-/// One endpoint.
-#[derive(Debug)]
-pub struct Route {
-    /// HTTP method, lowercase.
-    pub method: &'static str,
-    /// Path with `{param}`s.
-    pub path: &'static str,
-    /// One-line summary.
-    pub summary: &'static str,
-    /// Request body schema.
-    pub request: Option<SchemaFn>,
-    /// Success status and body schema; `None` body for NDJSON streams.
-    pub response: (u16, Option<SchemaFn>),
-    /// Query parameters: name, description.
-    pub query: &'static [(&'static str, &'static str)],
-    /// Largest accepted request body in bytes (0: the endpoint takes none).
-    pub max_body: usize,
-}
 
 fn s<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
     g.subschema_for::<T>()
 }
 
-/// Every endpoint of the agent.
-pub const ROUTES: &[Route] = &[
-    Route {
-        method: "get",
-        path: "/v1/healthz",
-        summary: "Agent version, pid, driver and last log sequence",
-        request: None,
-        response: (200, Some(s::<Health>)),
-        query: &[],
-        max_body: 0,
-    },
-    Route {
-        method: "post",
-        path: "/v1/apply",
-        summary: "Create or update objects (validated all first; nothing is written if one is invalid)",
-        request: Some(s::<ApplyRequest>),
-        response: (200, Some(s::<ApplyResponse>)),
-        query: &[],
-        max_body: MAX_APPLY_BODY_BYTES,
-    },
-    Route {
-        method: "get",
-        path: "/v1/objects",
-        summary: "List objects of every kind",
-        request: None,
-        response: (200, Some(s::<ObjectList>)),
-        query: &[("labels", "key=value[,key=value] label selector")],
-        max_body: 0,
-    },
-    Route {
-        method: "get",
-        path: "/v1/objects/{kind}",
-        summary: "List objects of one kind (vm, image, provision)",
-        request: None,
-        response: (200, Some(s::<ObjectList>)),
-        query: &[("labels", "key=value[,key=value] label selector")],
-        max_body: 0,
-    },
-    Route {
-        method: "get",
-        path: "/v1/objects/{kind}/{name}",
-        summary: "Get one object",
-        request: None,
-        response: (200, Some(s::<Object>)),
-        query: &[],
-        max_body: 0,
-    },
-    Route {
-        method: "delete",
-        path: "/v1/objects/{kind}/{name}",
-        summary: "Request deletion; the object goes once its finalizers are cleared (body: the object while it waits, null once gone)",
-        request: None,
-        response: (202, Some(s::<Option<Object>>)),
-        query: &[],
-        max_body: 0,
-    },
-    Route {
-        method: "patch",
-        path: "/v1/objects/{kind}/{name}",
-        summary: "Add or remove finalizers (those under vmctl.dev/ only with force); removing the last one of an object being deleted deletes it (body: the object, null once gone)",
-        request: Some(s::<PatchRequest>),
-        response: (200, Some(s::<Option<Object>>)),
-        query: &[],
-        max_body: MAX_BODY_BYTES,
-    },
-    Route {
-        method: "get",
-        path: "/v1/history/{kind}/{name}",
-        summary: "Every event of one object, oldest first",
-        request: None,
-        response: (200, None),
-        query: &[],
-        max_body: 0,
-    },
-    Route {
-        method: "get",
-        path: "/v1/notes",
-        summary: "Every note (Kubernetes-style event), oldest first",
-        request: None,
-        response: (200, None),
-        query: &[],
-        max_body: 0,
-    },
-    Route {
-        method: "get",
-        path: "/v1/notes/{kind}/{name}",
-        summary: "Notes about one object",
-        request: None,
-        response: (200, None),
-        query: &[],
-        max_body: 0,
-    },
-    Route {
-        method: "get",
-        path: "/v1/logs/{name}",
-        summary: "A VM's console or provision log as text; follow=true keeps streaming what is appended",
-        request: None,
-        response: (200, None),
-        query: &[
-            ("source", "console or provision"),
-            ("tail", "only the last N lines (0: all)"),
-            ("follow", "true to keep streaming until the VM is deleted"),
-            (
-                "skip_existing",
-                "true to start at the current end of the log",
-            ),
-        ],
-        max_body: 0,
-    },
-    Route {
-        method: "get",
-        path: "/v1/watch",
-        summary: "Newline-delimited JSON stream of events after a sequence, then live; a final {\"type\":\"resync\"} line means list again",
-        request: None,
-        response: (200, None),
-        query: &[("after", "stream events with a sequence above this")],
-        max_body: 0,
-    },
-];
+/// A request body: its schema and the largest accepted size in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDoc {
+    /// Schema of the JSON body.
+    pub schema: SchemaFn,
+    /// Largest accepted body in bytes (413 beyond).
+    pub max_bytes: usize,
+}
+
+/// The success answer of an endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseDoc {
+    /// HTTP status of success (200, 202).
+    pub status: u16,
+    /// Media type of the body (`application/json`, `application/x-ndjson`,
+    /// `text/plain`).
+    pub media_type: &'static str,
+    /// Schema of the body (of each line for NDJSON).
+    pub schema: SchemaFn,
+    /// What the body is.
+    pub description: &'static str,
+}
+
+/// What a handler's signature says about its operation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Operation {
+    /// The JSON request body, for handlers taking [`ApiJson`].
+    pub request: Option<RequestDoc>,
+    /// Schema of the query struct, for handlers taking [`ApiQuery`]: its
+    /// properties are the query parameters.
+    pub query: Option<SchemaFn>,
+    /// The success answer (every handler's return type gives one).
+    pub response: Option<ResponseDoc>,
+}
+
+/// One served and documented endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// HTTP method.
+    pub method: Method,
+    /// Path with `{param}`s, as axum routes it.
+    pub path: &'static str,
+    /// One-line summary.
+    pub summary: &'static str,
+    /// What the handler takes and answers.
+    pub operation: Operation,
+}
+
+/// A handler argument (an axum extractor) that describes its part of the
+/// request. Implemented for the extractors the API uses; a handler taking
+/// another one does not compile until it says what it documents.
+pub trait DocArg {
+    /// Adds this argument's part (request body, query parameters) to `op`.
+    fn document(_op: &mut Operation) {}
+}
+
+impl<S> DocArg for State<S> {}
+impl DocArg for HeaderMap {}
+/// Path parameters are read from the route's path (`{kind}`, `{name}`).
+impl<T> DocArg for ApiPath<T> {}
+
+impl<T: JsonSchema> DocArg for ApiQuery<T> {
+    fn document(op: &mut Operation) {
+        op.query = Some(s::<T>);
+    }
+}
+
+impl<T: JsonSchema, const LIMIT: usize> DocArg for ApiJson<T, LIMIT> {
+    fn document(op: &mut Operation) {
+        op.request = Some(RequestDoc {
+            schema: s::<T>,
+            max_bytes: LIMIT,
+        });
+    }
+}
+
+/// A handler's answer that describes itself. A handler answering a bare
+/// [`Response`] does not compile: use one of the typed answers.
+pub trait DocResponse {
+    /// The success answer.
+    fn response() -> ResponseDoc;
+}
+
+impl<T: DocResponse> DocResponse for Result<T, ApiError> {
+    fn response() -> ResponseDoc {
+        T::response()
+    }
+}
+
+impl<T: JsonSchema> DocResponse for Json<T> {
+    fn response() -> ResponseDoc {
+        ResponseDoc {
+            status: 200,
+            media_type: "application/json",
+            schema: s::<T>,
+            description: "OK",
+        }
+    }
+}
+
+/// A `202 Accepted` JSON answer.
+#[derive(Debug)]
+pub struct Accepted<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for Accepted<T> {
+    fn into_response(self) -> Response {
+        (StatusCode::ACCEPTED, Json(self.0)).into_response()
+    }
+}
+
+impl<T: JsonSchema> DocResponse for Accepted<T> {
+    fn response() -> ResponseDoc {
+        ResponseDoc {
+            status: 202,
+            media_type: "application/json",
+            schema: s::<T>,
+            description: "Accepted",
+        }
+    }
+}
+
+/// A JSON answer already serialised (e.g. from a cache) as a `T`.
+#[derive(Debug)]
+pub struct RawJson<T>(Bytes, PhantomData<T>);
+
+impl<T: serde::Serialize> RawJson<T> {
+    /// Serialises `value`.
+    pub fn from_value(value: &T) -> Self {
+        RawJson(
+            serde_json::to_vec(value)
+                .expect("wire types serialise")
+                .into(),
+            PhantomData,
+        )
+    }
+}
+
+impl<T> RawJson<T> {
+    /// Bytes that are the JSON of a `T` (the caller vouches for it).
+    pub fn from_bytes(bytes: impl Into<Bytes>) -> Self {
+        RawJson(bytes.into(), PhantomData)
+    }
+}
+
+impl<T> IntoResponse for RawJson<T> {
+    fn into_response(self) -> Response {
+        ([(header::CONTENT_TYPE, "application/json")], self.0).into_response()
+    }
+}
+
+impl<T: JsonSchema> DocResponse for RawJson<T> {
+    fn response() -> ResponseDoc {
+        <Json<T> as DocResponse>::response()
+    }
+}
+
+/// A stream of newline-delimited JSON values, each a `T`.
+#[derive(Debug)]
+pub struct NdJson<T>(Body, PhantomData<T>);
+
+impl<T> NdJson<T> {
+    /// A stream whose chunks are whole lines, each the JSON of a `T`.
+    pub fn new(body: Body) -> Self {
+        NdJson(body, PhantomData)
+    }
+}
+
+impl<T> IntoResponse for NdJson<T> {
+    fn into_response(self) -> Response {
+        ([(header::CONTENT_TYPE, "application/x-ndjson")], self.0).into_response()
+    }
+}
+
+impl<T: JsonSchema> DocResponse for NdJson<T> {
+    fn response() -> ResponseDoc {
+        ResponseDoc {
+            status: 200,
+            media_type: "application/x-ndjson",
+            schema: s::<T>,
+            description: "A stream of newline-delimited JSON; the schema is that of one line",
+        }
+    }
+}
+
+/// A (possibly streamed) UTF-8 text answer.
+#[derive(Debug)]
+pub struct Text(pub Body);
+
+impl IntoResponse for Text {
+    fn into_response(self) -> Response {
+        (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            self.0,
+        )
+            .into_response()
+    }
+}
+
+impl DocResponse for Text {
+    fn response() -> ResponseDoc {
+        ResponseDoc {
+            status: 200,
+            media_type: "text/plain",
+            schema: s::<String>,
+            description: "Text",
+        }
+    }
+}
+
+/// A handler whose arguments and answer describe its operation.
+/// `Args` is the tuple of argument types (inferred).
+pub trait DocHandler<Args> {
+    /// The operation the handler serves.
+    fn operation() -> Operation;
+}
+
+macro_rules! doc_handler {
+    ($($arg:ident),*) => {
+        impl<F, Fut, R, $($arg,)*> DocHandler<($($arg,)*)> for F
+        where
+            F: Fn($($arg),*) -> Fut,
+            Fut: Future<Output = R>,
+            R: DocResponse,
+            $($arg: DocArg,)*
+        {
+            fn operation() -> Operation {
+                let mut op = Operation::default();
+                $($arg::document(&mut op);)*
+                op.response = Some(R::response());
+                op
+            }
+        }
+    };
+}
+
+doc_handler!();
+doc_handler!(A1);
+doc_handler!(A1, A2);
+doc_handler!(A1, A2, A3);
+doc_handler!(A1, A2, A3, A4);
+doc_handler!(A1, A2, A3, A4, A5);
+
+/// An axum router that documents every endpoint it serves.
+#[derive(Debug)]
+pub struct ApiRouter<S> {
+    router: Router<S>,
+    endpoints: Vec<Endpoint>,
+}
+
+impl<S: Clone + Send + Sync + 'static> Default for ApiRouter<S> {
+    fn default() -> Self {
+        ApiRouter {
+            router: Router::new(),
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> ApiRouter<S> {
+    /// An empty router.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serves `handler` at `method path` and documents it with `summary`
+    /// and what its signature says.
+    ///
+    /// # Panics
+    /// When `method` is not one axum routes by (GET, POST, PUT, PATCH,
+    /// DELETE, …) or the route overlaps one already added (axum's check).
+    pub fn endpoint<H, T, D>(
+        mut self,
+        method: Method,
+        path: &'static str,
+        summary: &'static str,
+        handler: H,
+    ) -> Self
+    where
+        H: Handler<T, S> + DocHandler<D>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone()).expect("a routable method");
+        self.router = self.router.route(path, on(filter, handler));
+        self.endpoints.push(Endpoint {
+            method,
+            path,
+            summary,
+            operation: H::operation(),
+        });
+        self
+    }
+
+    /// The documented endpoints, in the order added.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// The axum router and the endpoints it serves.
+    pub fn into_parts(self) -> (Router<S>, Vec<Endpoint>) {
+        (self.router, self.endpoints)
+    }
+}
+
+/// Every endpoint of the agent (what [`crate::api::router`] serves).
+pub fn endpoints() -> &'static [Endpoint] {
+    static ENDPOINTS: LazyLock<Vec<Endpoint>> =
+        LazyLock::new(|| crate::api::routes().into_parts().1);
+    &ENDPOINTS
+}
+
+/// The methods `path` (a concrete request path) is served with, lowercase,
+/// in the order of [`endpoints`]; empty when no endpoint matches.
+pub fn allowed_methods(path: &str) -> Vec<String> {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    endpoints()
+        .iter()
+        .filter(|e| {
+            let pat: Vec<&str> = e.path.split('/').collect();
+            pat.len() == segs.len()
+                && pat
+                    .iter()
+                    .zip(&segs)
+                    .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
+        })
+        .map(|e| e.method.as_str().to_lowercase())
+        .collect()
+}
 
 /// The document's description: transport and limits.
 const DESCRIPTION: &str = "JSON over HTTP/1.1 on the agent's Unix socket (curl --unix-socket works). \
@@ -164,74 +384,81 @@ within 10 s of the connection being ready for it (idle keep-alive included), a b
 30 s and with no pause over 10 s (408); at most 4,096 connections are served at once \
 (fewer when the agent may open few files), further ones wait.";
 
-/// The methods `path` (a concrete request path) is served with, lowercase,
-/// from the route table; empty when no route matches.
-pub fn allowed_methods(path: &str) -> Vec<&'static str> {
-    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    ROUTES
+/// The query parameters of a query struct: its properties, inlined.
+fn query_params(schema: SchemaFn) -> Vec<Value> {
+    let mut g = schemars::generate::SchemaSettings::openapi3()
+        .with(|s| s.inline_subschemas = true)
+        .into_generator();
+    let root = schema(&mut g);
+    let required: Vec<&str> = root
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let Some(props) = root.get("properties").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    props
         .iter()
-        .filter(|r| {
-            let pat: Vec<&str> = r.path.split('/').collect();
-            pat.len() == segs.len()
-                && pat
-                    .iter()
-                    .zip(&segs)
-                    .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
+        .map(|(name, prop)| {
+            let mut prop = prop.clone();
+            let description = prop
+                .as_object_mut()
+                .and_then(|p| p.remove("description"))
+                .unwrap_or(Value::Null);
+            json!({"name": name, "in": "query", "required": required.contains(&name.as_str()),
+                   "description": description, "schema": prop})
         })
-        .map(|r| r.method)
         .collect()
 }
 
-/// The OpenAPI 3.1 document, pretty-printed with a trailing newline.
+/// The OpenAPI 3.1 document of [`endpoints`], pretty-printed with a
+/// trailing newline.
 pub fn document() -> String {
     let mut generator = schemars::generate::SchemaSettings::openapi3().into_generator();
     let mut paths = serde_json::Map::new();
-    for r in ROUTES {
+    for e in endpoints() {
         let mut op = serde_json::Map::new();
-        op.insert("summary".into(), json!(r.summary));
+        op.insert("summary".into(), json!(e.summary));
         let mut params: Vec<Value> = Vec::new();
-        for seg in r.path.split('/') {
+        for seg in e.path.split('/') {
             if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
                 params.push(json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}));
             }
         }
-        for (name, desc) in r.query {
-            params.push(json!({"name": name, "in": "query", "required": false, "description": desc, "schema": {"type": "string"}}));
+        if let Some(q) = e.operation.query {
+            params.extend(query_params(q));
         }
         if !params.is_empty() {
             op.insert("parameters".into(), Value::Array(params));
         }
-        if let Some(req) = r.request {
-            let schema = req(&mut generator);
+        if let Some(req) = e.operation.request {
+            let schema = (req.schema)(&mut generator);
             op.insert(
                 "requestBody".into(),
                 json!({"required": true,
-                       "description": format!("JSON, at most {} ({} bytes); larger bodies get 413", human_bytes(r.max_body), r.max_body),
+                       "description": format!("JSON, at most {} ({} bytes); larger bodies get 413", human_bytes(req.max_bytes), req.max_bytes),
                        "content": {"application/json": {"schema": schema}}}),
             );
         }
-        let ok = match r.response.1 {
-            Some(f) => {
-                json!({"description": "OK", "content": {"application/json": {"schema": f(&mut generator)}}})
-            }
-            None if r.path == "/v1/watch" => {
-                json!({"description": "NDJSON stream of events", "content": {"application/x-ndjson": {}}})
-            }
-            None if r.path.starts_with("/v1/logs") => {
-                json!({"description": "Log text", "content": {"text/plain": {}}})
-            }
-            None => json!({"description": "OK (JSON array)", "content": {"application/json": {}}}),
-        };
-        let err = json!({"description": "Error", "content": {"application/json": {"schema": s::<ErrorBody>(&mut generator)}}});
-        op.insert(
-            "responses".into(),
-            json!({r.response.0.to_string(): ok, "default": err}),
+        let mut responses = serde_json::Map::new();
+        if let Some(r) = e.operation.response {
+            responses.insert(
+                r.status.to_string(),
+                json!({"description": r.description,
+                       "content": {r.media_type: {"schema": (r.schema)(&mut generator)}}}),
+            );
+        }
+        responses.insert(
+            "default".into(),
+            json!({"description": "Error", "content": {"application/json": {"schema": s::<ErrorBody>(&mut generator)}}}),
         );
-        let entry = paths.entry(r.path.to_owned()).or_insert_with(|| json!({}));
+        op.insert("responses".into(), Value::Object(responses));
+        let entry = paths.entry(e.path.to_owned()).or_insert_with(|| json!({}));
         entry
             .as_object_mut()
             .expect("path items are objects")
-            .insert(r.method.into(), Value::Object(op));
+            .insert(e.method.as_str().to_lowercase(), Value::Object(op));
     }
     let defs = generator.take_definitions(true);
     let doc = json!({
@@ -244,4 +471,10 @@ pub fn document() -> String {
     let mut out = serde_json::to_string_pretty(&doc).expect("JSON serialises");
     out.push('\n');
     out
+}
+
+/// The document, built once.
+pub fn cached_document() -> &'static str {
+    static DOC: LazyLock<String> = LazyLock::new(document);
+    &DOC
 }

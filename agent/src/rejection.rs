@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequestParts, Path, Query};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -95,6 +95,28 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
                 "send the whole body with a correct Content-Length",
             ))
         }
+    }
+}
+
+/// A JSON request body of type `T` and at most `LIMIT` bytes, read with
+/// [`read_body`] (413 when larger, 408 when too slow) and parsed with
+/// serde (400 naming the field when malformed). The limit is part of the
+/// type so that the OpenAPI document states it.
+#[derive(Debug)]
+pub struct ApiJson<T, const LIMIT: usize>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S> for ApiJson<T, LIMIT> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(&parts.headers, body, LIMIT).await?;
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
+            ApiError::bad_request(
+                format!("malformed request body: {e}"),
+                "send JSON matching the API (see agent/openapi.json or GET /v1/openapi.json)",
+            )
+        })
     }
 }
 

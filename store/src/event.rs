@@ -11,8 +11,9 @@ use crate::error::{Result, StoreError};
 /// The encoding version of events and objects written by this build.
 pub const EVENT_VERSION: u32 = 1;
 
-/// One entry of the log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One entry of the log (also a line of the agent's `/v1/watch` and an
+/// item of `/v1/history/…`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Event {
     /// The sequence number; also the resourceVersion it gives the object.
@@ -26,7 +27,7 @@ pub struct Event {
 }
 
 /// What an event did to its object.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum Change {
     /// The object was created, or its spec, labels, annotations or source
