@@ -76,6 +76,11 @@ pub const CODES: &[Code] = &[
         "are vmctl and the agent the same version? restart the agent",
     ),
     c(
+        "vmctl::agent::timeout",
+        "the agent accepted the connection but did not answer within --request-timeout",
+        "see the agent's log (<data-dir>/agent.log); if it is only busy, raise --request-timeout (0: no limit)",
+    ),
+    c(
         "vmctl::agent::unreachable",
         "no agent answers on the socket",
         "start one with `vmctl agent`, or drop --no-autostart",

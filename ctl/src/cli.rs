@@ -23,6 +23,13 @@ pub struct Cli {
     /// Do not start an agent when none answers.
     #[arg(long, global = true)]
     pub no_autostart: bool,
+    /// How long one request to the agent may take before vmctl gives up
+    /// (`10s`, `2m`; plain seconds; 0: no limit) [default: 30s, and 10 ms
+    /// more per object of an apply]. Streams (watch, follow) have no limit
+    /// once they started.
+    #[arg(long, global = true, env = "VMCTL_REQUEST_TIMEOUT",
+          value_parser = crate::client::parse_request_timeout)]
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 /// Output formats of `get`.

@@ -1,15 +1,82 @@
-//! A small blocking HTTP/1.1 client for the agent's Unix socket, and the
-//! agent auto-start.
+//! The client of the agent's API: typed methods over HTTP/1.1 on the
+//! agent's Unix socket (hyper), with connect and request timeouts that name
+//! the socket, and the agent auto-start.
+//!
+//! This module is the only place that knows the API's paths: commands call
+//! [`Client::get`], [`Client::list`], [`Client::apply`], [`Client::watch`],
+//! [`Client::await_condition`] and the like. The client is blocking: it
+//! owns a small tokio runtime that drives hyper, so commands stay plain
+//! synchronous code.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+mod wait;
+mod wire;
+
+pub use wait::{Awaited, States};
+pub use wire::{LogSource, NoteIn, Watch, WatchEvent, WatchItem};
+
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use vmctl_api::wire::ErrorBody;
+use vmctl_api::wire::{ApplyRequest, ApplyResponse, ErrorBody, Health, ObjectList};
+use vmctl_api::{Kind, Object, ObjectRef};
+
+/// How long a request may take when `--request-timeout` is not given: from
+/// connecting until the whole answer of a non-streaming call is read, or
+/// until the head of a streaming one arrives.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the default timeout allows an apply for each object it carries on
+/// top of [`DEFAULT_REQUEST_TIMEOUT`] (10,000 objects: 100 s more): the
+/// agent answers once it has stored them all.
+pub const DEFAULT_APPLY_TIMEOUT_PER_OBJECT: Duration = Duration::from_millis(10);
+
+/// How long one request may take (`--request-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestTimeout {
+    /// Not given: [`DEFAULT_REQUEST_TIMEOUT`], and for an apply
+    /// [`DEFAULT_APPLY_TIMEOUT_PER_OBJECT`] more per object.
+    Default,
+    /// Given: exactly this long for any request.
+    Limit(Duration),
+    /// `0`: no limit.
+    Unlimited,
+}
+
+impl RequestTimeout {
+    /// From `--request-timeout`: absent is the default, zero no limit.
+    pub fn from_arg(arg: Option<Duration>) -> Self {
+        match arg {
+            None => RequestTimeout::Default,
+            Some(d) if d.is_zero() => RequestTimeout::Unlimited,
+            Some(d) => RequestTimeout::Limit(d),
+        }
+    }
+
+    /// The limit of a request that carries `objects` objects (`None`: no
+    /// limit).
+    fn limit(self, objects: usize) -> Option<Duration> {
+        match self {
+            RequestTimeout::Default => Some(
+                DEFAULT_REQUEST_TIMEOUT
+                    + DEFAULT_APPLY_TIMEOUT_PER_OBJECT
+                        .saturating_mul(u32::try_from(objects).unwrap_or(u32::MAX)),
+            ),
+            RequestTimeout::Limit(d) => Some(d),
+            RequestTimeout::Unlimited => None,
+        }
+    }
+}
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +86,21 @@ pub enum ClientError {
     Unreachable {
         /// The socket tried.
         socket: PathBuf,
+        /// The agent's log file.
+        log: PathBuf,
+    },
+    /// Something accepted the connection but gave no (complete) answer in
+    /// time: a hung or overloaded agent.
+    #[error(
+        "the vmctl agent on {} did not answer within {}",
+        socket.display(),
+        seconds(*after)
+    )]
+    Timeout {
+        /// The socket.
+        socket: PathBuf,
+        /// The request timeout that passed.
+        after: Duration,
         /// The agent's log file.
         log: PathBuf,
     },
@@ -44,16 +126,31 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// `10 s`, `0.5 s`.
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
 impl ClientError {
     /// The diagnostic code: for an API error, the agent's own code.
     pub fn code(&self) -> &str {
         match self {
             ClientError::Unreachable { .. } => "vmctl::agent::unreachable",
+            ClientError::Timeout { .. } => "vmctl::agent::timeout",
             ClientError::Api { body, .. } if !body.code.is_empty() => &body.code,
             ClientError::Api { .. } => "vmctl::agent::error",
             ClientError::Io(_) | ClientError::HungUp(_) => "vmctl::agent::io",
             ClientError::Protocol(_) => "vmctl::agent::protocol",
         }
+    }
+
+    /// Whether this is the agent's 404 (`vmctl::api::not_found` and the like).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ClientError::Api { status: 404, .. })
     }
 }
 
@@ -68,6 +165,10 @@ impl miette::Diagnostic for ClientError {
                 "start one with `vmctl agent`, or drop --no-autostart; its log is {}",
                 log.display()
             ))),
+            ClientError::Timeout { log, .. } => Some(Box::new(format!(
+                "see its log, {}; if it is only busy, raise --request-timeout (0: no limit)",
+                log.display()
+            ))),
             ClientError::Api { help: Some(h), .. } => Some(Box::new(h)),
             _ => vmctl_api::codes::help(ClientError::code(self))
                 .map(|h| Box::new(h) as Box<dyn std::fmt::Display>),
@@ -75,11 +176,18 @@ impl miette::Diagnostic for ClientError {
     }
 }
 
-/// A connection target.
+/// A connection target: the agent's socket, the request timeout, and the
+/// runtime that drives the connections. Cheap to clone (clones share the
+/// runtime).
 #[derive(Debug, Clone)]
 pub struct Client {
     /// The socket path.
     pub socket: PathBuf,
+    /// The agent's log, named in errors.
+    log: PathBuf,
+    /// The request timeout.
+    request_timeout: RequestTimeout,
+    rt: Arc<tokio::runtime::Runtime>,
 }
 
 /// A response whose body has not been read yet.
@@ -87,73 +195,72 @@ pub struct Client {
 pub struct Response {
     /// The HTTP status.
     pub status: u16,
-    chunked: bool,
-    content_length: Option<u64>,
-    reader: BufReader<UnixStream>,
+    body: Incoming,
+    rt: Arc<tokio::runtime::Runtime>,
+}
+
+/// Maps hyper's errors: a connection the agent closed or reset before its
+/// answer was complete is [`ClientError::HungUp`] (`when` says at which
+/// point); a write it stopped reading is "while it was sent the request".
+fn hyper_error(e: hyper::Error, when: &str) -> ClientError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                BrokenPipe => ClientError::HungUp(format!("while it was sent the request ({io})")),
+                ConnectionReset | UnexpectedEof => ClientError::HungUp(format!("{when} ({io})")),
+                kind => ClientError::Io(std::io::Error::new(kind, io.to_string())),
+            };
+        }
+        source = s.source();
+    }
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return ClientError::HungUp(when.into());
+    }
+    ClientError::Protocol(vmctl_api::error_chain(&e))
 }
 
 impl Response {
-    /// Reads the whole body; fails if the connection ends before the
-    /// `Content-Length` or the last chunk.
+    /// The next piece of the body as it arrives; `None` at its end. No
+    /// timeout: streams (watch, follow) may be quiet for long.
+    ///
+    /// Errors: [`ClientError::HungUp`] when the connection ends before the
+    /// body does.
+    pub fn chunk(&mut self) -> Result<Option<Bytes>, ClientError> {
+        let rt = self.rt.clone();
+        rt.block_on(self.chunk_async())
+    }
+
+    async fn chunk_async(&mut self) -> Result<Option<Bytes>, ClientError> {
+        loop {
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(hyper_error(e, "in the middle of its answer")),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the whole body; fails if the connection ends before it does.
     pub fn body(mut self) -> Result<Vec<u8>, ClientError> {
         let mut out = Vec::new();
-        if self.chunked {
-            while let Some(chunk) = self.next_chunk()? {
-                out.extend(chunk);
-            }
-        } else if let Some(len) = self.content_length {
-            (&mut self.reader)
-                .take(len)
-                .read_to_end(&mut out)
-                .map_err(ClientError::Io)?;
-            if (out.len() as u64) < len {
-                return Err(ClientError::HungUp(format!(
-                    "after {} of the {len} bytes of its answer",
-                    out.len()
-                )));
-            }
-        } else {
-            self.reader.read_to_end(&mut out).map_err(ClientError::Io)?;
+        while let Some(c) = self.chunk()? {
+            out.extend_from_slice(&c);
         }
         Ok(out)
     }
 
-    fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line).map_err(ClientError::Io)? == 0 {
-            return Err(ClientError::HungUp("in the middle of its answer".into()));
-        }
-        let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-            .map_err(|_| ClientError::Protocol(format!("bad chunk header {line:?}")))?;
-        if size == 0 {
-            return Ok(None);
-        }
-        let mut buf = vec![0; size + 2];
-        self.reader.read_exact(&mut buf).map_err(ClientError::Io)?;
-        buf.truncate(size);
-        Ok(Some(buf))
-    }
-
-    /// Calls `f` with each line of a newline-delimited JSON stream until it
-    /// returns false or the stream ends.
+    /// Calls `f` with each line (without its newline) of a line-delimited
+    /// stream until it returns false or the stream ends.
     pub fn lines(mut self, mut f: impl FnMut(&[u8]) -> bool) -> Result<(), ClientError> {
         let mut pending = Vec::new();
-        loop {
-            let chunk = if self.chunked {
-                match self.next_chunk()? {
-                    Some(c) => c,
-                    None => return Ok(()),
-                }
-            } else {
-                let mut buf = vec![0; 8192];
-                let n = self.reader.read(&mut buf).map_err(ClientError::Io)?;
-                if n == 0 {
-                    return Ok(());
-                }
-                buf.truncate(n);
-                buf
-            };
-            pending.extend(chunk);
+        while let Some(c) = self.chunk()? {
+            pending.extend_from_slice(&c);
             while let Some(i) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=i).collect();
                 if !f(&line[..line.len() - 1]) {
@@ -161,108 +268,362 @@ impl Response {
                 }
             }
         }
+        Ok(())
     }
 }
 
+/// Characters of a path segment or query value sent as they are: RFC
+/// 3986's unreserved ones. Everything else is percent-encoded.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `/v1/` followed by the percent-encoded `segments`.
+fn api_path(segments: &[&str]) -> String {
+    let mut p = String::from("/v1");
+    for s in segments {
+        p.push('/');
+        p.extend(utf8_percent_encode(s, UNRESERVED));
+    }
+    p
+}
+
+/// A query value, percent-encoded.
+fn query_value(v: &str) -> String {
+    utf8_percent_encode(v, UNRESERVED).to_string()
+}
+
 impl Client {
-    /// Sends a request and reads the status line and headers.
+    /// A client of the agent on `socket` (whose log is `log`, named in
+    /// errors).
+    ///
+    /// Errors: [`ClientError::Io`] when the runtime cannot be created.
+    pub fn new(
+        socket: &Path,
+        log: &Path,
+        request_timeout: RequestTimeout,
+    ) -> Result<Self, ClientError> {
+        // One worker thread drives the connections even while the caller
+        // is busy between reads of a stream.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(ClientError::Io)?;
+        Ok(Client {
+            socket: socket.to_path_buf(),
+            log: log.to_path_buf(),
+            request_timeout,
+            rt: Arc::new(rt),
+        })
+    }
+
+    fn timeout_error(&self, after: Duration) -> ClientError {
+        ClientError::Timeout {
+            socket: self.socket.clone(),
+            after,
+            log: self.log.clone(),
+        }
+    }
+
+    /// Runs `fut` to completion within the timeout of a request that
+    /// carries `objects` objects.
+    fn timed<T>(
+        &self,
+        objects: usize,
+        fut: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        self.rt.block_on(async {
+            match self.request_timeout.limit(objects) {
+                Some(t) => tokio::time::timeout(t, fut)
+                    .await
+                    .unwrap_or_else(|_| Err(self.timeout_error(t))),
+                None => fut.await,
+            }
+        })
+    }
+
+    /// Connects, sends one request and waits for the head of its answer.
+    async fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(ClientError::Io)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| hyper_error(e, "before the request was sent"))?;
+        self.rt.spawn(async move {
+            // Its errors reach the request or the body reader.
+            let _ = conn.with_upgrades().await;
+        });
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|e| ClientError::Protocol(format!("bad method {method:?}: {e}")))?;
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, "vmctl")
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Protocol(format!("bad request {path:?}: {e}")))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| hyper_error(e, "without answering"))
+    }
+
+    /// Sends a request and waits (within the request timeout) for the head
+    /// of the answer; the body is read as it comes, without a timeout.
+    /// Commands use the typed methods; this is for streams.
     pub fn send(
         &self,
         method: &str,
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<Response, ClientError> {
-        let mut s = UnixStream::connect(&self.socket).map_err(ClientError::Io)?;
-        let body = body.unwrap_or(b"");
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: vmctl\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        let written = s
-            .write_all(head.as_bytes())
-            .and_then(|()| s.write_all(body));
-        // The agent may answer before reading the whole body (413) and
-        // close: its answer is still readable, so read it whatever the
-        // write did, and fail only when there is none.
-        let mut reader = BufReader::new(s);
-        let mut line = String::new();
-        let read = reader.read_line(&mut line);
-        match (written, read) {
-            (_, Ok(n)) if n > 0 => {}
-            (Err(e), _) => {
-                return Err(ClientError::HungUp(format!(
-                    "while it was sent the request ({e})"
-                )));
-            }
-            (Ok(()), Ok(_)) => return Err(ClientError::HungUp("without answering".into())),
-            (Ok(()), Err(e)) => return Err(ClientError::Io(e)),
-        }
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
-        let mut chunked = false;
-        let mut content_length = None;
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).map_err(ClientError::Io)? == 0 {
-                return Err(ClientError::HungUp("in the middle of its answer".into()));
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("transfer-encoding")
-                    && v.trim().eq_ignore_ascii_case("chunked")
-                {
-                    chunked = true;
-                } else if k.eq_ignore_ascii_case("content-length") {
-                    content_length =
-                        Some(v.trim().parse().map_err(|_| {
-                            ClientError::Protocol(format!("bad Content-Length {v:?}"))
-                        })?);
-                }
-            }
-        }
+        let body = body.map(<[u8]>::to_vec).unwrap_or_default();
+        let resp = self.timed(0, self.exchange(method, path, body))?;
         Ok(Response {
-            status,
-            chunked,
-            content_length,
-            reader,
+            status: resp.status().as_u16(),
+            body: resp.into_body(),
+            rt: self.rt.clone(),
         })
     }
 
-    /// Sends a JSON request and decodes a JSON answer, turning error
-    /// statuses into [`ClientError::Api`].
+    /// Sends a JSON request and decodes a JSON answer, all within the
+    /// request timeout, turning error statuses into [`ClientError::Api`].
+    /// Commands use the typed methods.
     pub fn call<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, ClientError> {
-        let bytes = body.map(|b| serde_json::to_vec(b).expect("requests serialise"));
-        let resp = self.send(method, path, bytes.as_deref())?;
-        let status = resp.status;
-        let body = resp.body()?;
-        if status >= 400 {
-            let err: ErrorBody = serde_json::from_slice(&body).map_err(|_| {
-                ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)))
-            })?;
-            return Err(ClientError::Api {
-                status,
-                help: err.help.clone(),
-                body: err,
-            });
-        }
-        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+        self.call_sized(method, path, body, 0)
     }
 
-    /// Whether an agent answers.
-    pub fn ping(&self) -> bool {
-        self.call::<serde_json::Value>("GET", "/v1/healthz", None::<&()>)
-            .is_ok()
+    /// [`Client::call`] for a request that carries `objects` objects.
+    fn call_sized<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+        objects: usize,
+    ) -> Result<T, ClientError> {
+        let bytes = body
+            .map(|b| serde_json::to_vec(b).expect("requests serialise"))
+            .unwrap_or_default();
+        let (status, body) = self.timed(objects, async {
+            let resp = self.exchange(method, path, bytes).await?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| hyper_error(e, "in the middle of its answer"))?
+                .to_bytes();
+            Ok((status, body))
+        })?;
+        decode(status, &body)
+    }
+
+    /// Whether an agent answers: `Ok(false)` when nothing listens on the
+    /// socket (or it hangs up at once).
+    ///
+    /// Errors: [`ClientError::Timeout`] when something accepts but does not
+    /// answer in time.
+    pub fn ping(&self) -> Result<bool, ClientError> {
+        match self.health() {
+            Ok(_) => Ok(true),
+            Err(e @ ClientError::Timeout { .. }) => Err(e),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// `GET /v1/healthz`: the agent's version, driver and store.
+    pub fn health(&self) -> Result<Health, ClientError> {
+        self.call("GET", &api_path(&["healthz"]), None::<&()>)
+    }
+
+    /// `GET /v1/objects/KIND/NAME`. Errors: the agent's 404
+    /// ([`ClientError::is_not_found`]) when there is no such object.
+    pub fn get(&self, kind: Kind, name: &str) -> Result<Object, ClientError> {
+        self.call(
+            "GET",
+            &api_path(&["objects", kind.short(), name]),
+            None::<&()>,
+        )
+    }
+
+    /// Like [`Client::get`], with `None` for an object that does not exist.
+    pub fn get_opt(&self, kind: Kind, name: &str) -> Result<Option<Object>, ClientError> {
+        match self.get(kind, name) {
+            Ok(o) => Ok(Some(o)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /v1/objects[/KIND][?labels=k=v,…]`: every object (of `kind`)
+    /// with all the `labels` (`key=value`), and the store's
+    /// resourceVersion to watch from.
+    pub fn list(&self, kind: Option<Kind>, labels: &[String]) -> Result<ObjectList, ClientError> {
+        let mut path = match kind {
+            Some(k) => api_path(&["objects", k.short()]),
+            None => api_path(&["objects"]),
+        };
+        if !labels.is_empty() {
+            path.push_str("?labels=");
+            path.push_str(&query_value(&labels.join(",")));
+        }
+        self.call("GET", &path, None::<&()>)
+    }
+
+    /// `POST /v1/apply`: creates or updates the request's objects (a dry
+    /// run only reports what would change).
+    pub fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ClientError> {
+        self.call_sized("POST", &api_path(&["apply"]), Some(req), req.objects.len())
+    }
+
+    /// `DELETE /v1/objects/KIND/NAME`: requests deletion. Returns the object
+    /// while finalizers keep it (Terminating), `None` once it is gone.
+    pub fn delete(&self, kind: Kind, name: &str) -> Result<Option<Object>, ClientError> {
+        self.call(
+            "DELETE",
+            &api_path(&["objects", kind.short(), name]),
+            None::<&()>,
+        )
+    }
+
+    /// `PATCH /v1/objects/KIND/NAME`: adds or removes finalizers. Returns the
+    /// object after the change, `None` when removing the last finalizer of
+    /// a Terminating object deleted it.
+    pub fn patch(
+        &self,
+        kind: Kind,
+        name: &str,
+        patch: &vmctl_agent::finalizers::PatchRequest,
+    ) -> Result<Option<Object>, ClientError> {
+        self.call(
+            "PATCH",
+            &api_path(&["objects", kind.short(), name]),
+            Some(patch),
+        )
+    }
+
+    /// `GET /v1/history/KIND/NAME`: every recorded event of the object,
+    /// oldest first (the store's `Event` as JSON); empty when it was never
+    /// recorded.
+    pub fn history(&self, kind: Kind, name: &str) -> Result<Vec<serde_json::Value>, ClientError> {
+        self.call(
+            "GET",
+            &api_path(&["history", kind.short(), name]),
+            None::<&()>,
+        )
+    }
+
+    /// `GET /v1/notes[/KIND/NAME]`: the notes controllers recorded (about
+    /// one object), oldest first.
+    pub fn notes(&self, object: Option<&ObjectRef>) -> Result<Vec<NoteIn>, ClientError> {
+        let path = match object {
+            Some(r) => api_path(&["notes", r.kind.short(), &r.name]),
+            None => api_path(&["notes"]),
+        };
+        self.call("GET", &path, None::<&()>)
+    }
+
+    /// `GET /v1/watch?after=RV`: every change committed after the store's
+    /// resourceVersion `after`, as it is committed. The head arrives within
+    /// the request timeout; the stream itself has none.
+    ///
+    /// Errors: a 410 `vmctl::api::too_old` (see [`ClientError::is_gone`])
+    /// when the log no longer reaches back to `after`: list again and watch
+    /// from the listing's resourceVersion.
+    pub fn watch(&self, after: u64) -> Result<Watch, ClientError> {
+        let path = format!("{}?after={after}", api_path(&["watch"]));
+        let resp = self.send("GET", &path, None)?;
+        Watch::new(self.streamed(resp)?)
+    }
+
+    /// `GET /v1/logs/VM?source=…`: a VM's console or provision log; its
+    /// last `tail` lines (0: all), with `follow` what is appended until the
+    /// VM is deleted, with `skip_existing` only what is appended from now.
+    pub fn logs(
+        &self,
+        vm: &str,
+        source: LogSource,
+        tail: usize,
+        follow: bool,
+        skip_existing: bool,
+    ) -> Result<Response, ClientError> {
+        let path = format!(
+            "{}?source={}&tail={tail}&follow={follow}&skip_existing={skip_existing}",
+            api_path(&["logs", vm]),
+            source.as_str()
+        );
+        let resp = self.send("GET", &path, None)?;
+        self.streamed(resp)
+    }
+
+    /// A streamed answer, or its error status as [`ClientError::Api`].
+    fn streamed(&self, resp: Response) -> Result<Response, ClientError> {
+        if resp.status < 400 {
+            return Ok(resp);
+        }
+        let status = resp.status;
+        let rt = self.rt.clone();
+        let body = match self.request_timeout.limit(0) {
+            Some(t) => rt
+                .block_on(tokio::time::timeout(t, async {
+                    let mut resp = resp;
+                    let mut out = Vec::new();
+                    while let Some(c) = resp.chunk_async().await? {
+                        out.extend_from_slice(&c);
+                    }
+                    Ok::<_, ClientError>(out)
+                }))
+                .unwrap_or_else(|_| Err(self.timeout_error(t)))?,
+            None => resp.body()?,
+        };
+        decode::<serde_json::Value>(status, &body).map(|_| unreachable!("an error status"))
+    }
+}
+
+impl ClientError {
+    /// Whether this is the agent's 410 (`vmctl::api::too_old`): the watch
+    /// asked for history that is compacted away.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, ClientError::Api { status: 410, .. })
+    }
+}
+
+/// Decodes a JSON answer; an error status becomes [`ClientError::Api`].
+fn decode<T: DeserializeOwned>(status: u16, body: &[u8]) -> Result<T, ClientError> {
+    if status >= 400 {
+        let err: ErrorBody = serde_json::from_slice(body).map_err(|_| {
+            ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(body)))
+        })?;
+        return Err(ClientError::Api {
+            status,
+            help: err.help.clone(),
+            body: err,
+        });
+    }
+    serde_json::from_slice(body).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// Parses `--request-timeout`: kubectl's form, a number with a unit (`10s`,
+/// `2m`, `1h30m`) or plain seconds (`10`); zero means no limit.
+pub fn parse_request_timeout(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(s.trim())
+            .map_err(|e| format!("{e}; write a duration such as 10s, 2m, or 0 for no limit")),
     }
 }
 
@@ -276,24 +637,30 @@ pub const EXIT_AGENT_LOCKED: u8 = 3;
 
 /// Connects to the agent, starting one in the background when none answers
 /// (unless `autostart` is false), and waits up to [`AUTOSTART_WAIT_SECS`]
-/// for it.
+/// for it. `request_timeout` bounds each request.
 ///
 /// Several `vmctl` commands may start an agent at the same moment: one
 /// takes the lock, the others exit at once with [`EXIT_AGENT_LOCKED`] while
 /// the winner may still be opening its store, so that exit means "keep
 /// waiting for the winner". Any other exit means the agent failed.
 ///
-/// Errors: [`ClientError::Unreachable`] when no agent answers in time or
-/// the started agent failed (its log says why); [`ClientError::Io`] when
-/// the data directory, the log or the process cannot be created.
-pub fn connect(data_dir: &Path, socket: &Path, autostart: bool) -> Result<Client, ClientError> {
-    let client = Client {
-        socket: socket.to_path_buf(),
-    };
-    if client.ping() {
+/// Errors: [`ClientError::Timeout`] when something accepts on the socket
+/// but does not answer within the request timeout (a hung agent: no second
+/// one is started); [`ClientError::Unreachable`] when no agent answers in
+/// time or the started agent failed (its log says why);
+/// [`ClientError::Io`] when the data directory, the log or the process
+/// cannot be created.
+pub fn connect(
+    data_dir: &Path,
+    socket: &Path,
+    autostart: bool,
+    request_timeout: RequestTimeout,
+) -> Result<Client, ClientError> {
+    let log = data_dir.join("agent.log");
+    let client = Client::new(socket, &log, request_timeout)?;
+    if client.ping()? {
         return Ok(client);
     }
-    let log = data_dir.join("agent.log");
     let unreachable = || ClientError::Unreachable {
         socket: socket.to_path_buf(),
         log: log.clone(),
@@ -324,7 +691,7 @@ pub fn connect(data_dir: &Path, socket: &Path, autostart: bool) -> Result<Client
     let deadline = Instant::now() + Duration::from_secs(AUTOSTART_WAIT_SECS);
     let mut lost_the_race = false;
     while Instant::now() < deadline {
-        if client.ping() {
+        if client.ping()? {
             return Ok(client);
         }
         if !lost_the_race && let Ok(Some(status)) = child.try_wait() {
@@ -340,3 +707,29 @@ pub fn connect(data_dir: &Path, socket: &Path, autostart: bool) -> Result<Client
 }
 
 use std::os::unix::process::CommandExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(
+            api_path(&["objects", "vm", "a b/../c?d#e%"]),
+            "/v1/objects/vm/a%20b%2F..%2Fc%3Fd%23e%25"
+        );
+        assert_eq!(query_value("app=web,tier=db"), "app%3Dweb%2Ctier%3Ddb");
+    }
+
+    #[test]
+    fn request_timeout_takes_kubectls_forms() {
+        assert_eq!(parse_request_timeout("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_request_timeout("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_request_timeout("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(
+            parse_request_timeout("500ms"),
+            Ok(Duration::from_millis(500))
+        );
+        assert!(parse_request_timeout("soon").is_err());
+    }
+}

@@ -139,7 +139,7 @@ pub fn run(g: &Globals, a: &ApplyArgs) -> miette::Result<ExitCode> {
     };
     let client = g.client()?;
     let req = request(&loaded, &a.file, a);
-    let resp: ApplyResponse = client.call("POST", "/v1/apply", Some(&req))?;
+    let resp = client.apply(&req)?;
     check_acknowledged(&req, &resp)?;
     print(&render(&resp, a, false))?;
     if a.watch {
@@ -313,7 +313,7 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
         super::print_warnings(&loaded.warnings);
         let req = request(&loaded, &a.file, a);
         match client
-            .call::<ApplyResponse>("POST", "/v1/apply", Some(&req))
+            .apply(&req)
             .map_err(miette::Report::new)
             .and_then(|resp| check_acknowledged(&req, &resp).map(|()| resp))
         {

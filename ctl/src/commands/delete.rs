@@ -11,11 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::ExitCode;
 
-use vmctl_api::wire::ObjectList;
 use vmctl_api::{Kind, Object, ObjectRef};
 
 use super::{Globals, kind_arg, name_arg};
-use crate::client::{Client, ClientError};
+use crate::client::{Awaited, Client};
 use crate::output::print;
 
 /// The objects `o` depends on: its Image for a VM, its VM for a Provision.
@@ -52,8 +51,7 @@ fn outside_users(
         }) {
             continue;
         }
-        let list: ObjectList =
-            client.call("GET", &format!("/v1/objects/{}", kind.short()), None::<&()>)?;
+        let list = client.list(Some(kind), &[])?;
         for o in list.items {
             let me = o.object_ref();
             if deleting.contains(&me) || o.metadata.deletion_timestamp.is_some() {
@@ -110,17 +108,13 @@ pub fn run(
             out.push_str(&format!("{r} kept: used by {}\n", names.join(", ")));
             continue;
         }
-        let gone: Option<serde_json::Value> = match client.call(
-            "DELETE",
-            &format!("/v1/objects/{}/{}", r.kind.short(), r.name),
-            None::<&()>,
-        ) {
+        let gone = match client.delete(r.kind, &r.name) {
             // Deleting what a file defines: what is not there is done.
-            Err(ClientError::Api { status: 404, .. }) if from_file => {
+            Err(e) if e.is_not_found() && from_file => {
                 out.push_str(&format!("{r} not found\n"));
                 continue;
             }
-            Err(ClientError::Api { status: 404, .. }) => {
+            Err(e) if e.is_not_found() => {
                 return Err(crate::diag::not_found(r.kind, &r.name));
             }
             res => res?,
@@ -138,33 +132,49 @@ pub fn run(
         eprintln!("objects still in use were kept; delete their users first to delete them");
     }
     if let Some(timeout) = wait {
-        let deadline = std::time::Instant::now() + timeout;
-        for r in &deleted {
-            loop {
-                let path = format!("/v1/objects/{}/{}", r.kind.short(), r.name);
-                match client.call::<serde_json::Value>("GET", &path, None::<&()>) {
-                    Err(ClientError::Api { status: 404, .. }) => {
-                        eprintln!("{r} gone");
-                        break;
-                    }
-                    Err(e) => return Err(e.into()),
-                    Ok(o) if std::time::Instant::now() >= deadline => {
-                        return Err(miette::miette!(
-                            code = "vmctl::delete::timeout",
-                            help = format!(
-                                "run `vmctl describe {} {}`: its finalizers {} have not run",
-                                r.kind.short(),
-                                r.name,
-                                o["metadata"]["finalizers"]
-                            ),
-                            "{r} still exists after {}s",
-                            timeout.as_secs()
-                        ));
-                    }
-                    Ok(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
-                }
-            }
-        }
+        wait_deleted(&client, &deleted, timeout)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits (watching) until every one of `deleted` is gone, saying so for
+/// each as it goes; on timeout names what is left and its finalizers.
+fn wait_deleted(
+    client: &Client,
+    deleted: &[ObjectRef],
+    timeout: std::time::Duration,
+) -> miette::Result<()> {
+    let mut reported = BTreeSet::new();
+    let all_gone = |states: &crate::client::States| {
+        for (r, o) in states {
+            if o.is_none() && reported.insert(r.clone()) {
+                eprintln!("{r} gone");
+            }
+        }
+        states.values().all(Option::is_none).then_some(())
+    };
+    match client.await_condition(deleted, all_gone, Some(timeout))? {
+        Awaited::Done(()) => Ok(()),
+        Awaited::TimedOut(states) => {
+            let left: Vec<String> = states
+                .iter()
+                .filter_map(|(r, o)| {
+                    o.as_ref()
+                        .map(|o| format!("{r} (finalizers: {})", o.metadata.finalizers.join(", ")))
+                })
+                .collect();
+            let first = states.iter().find(|(_, o)| o.is_some()).map(|(r, _)| r);
+            Err(miette::miette!(
+                code = "vmctl::delete::timeout",
+                help = first.map_or_else(String::new, |r| format!(
+                    "run `vmctl describe {} {}`: its finalizers have not run",
+                    r.kind.short(),
+                    r.name
+                )),
+                "still there after {}s: {}",
+                timeout.as_secs(),
+                left.join("; ")
+            ))
+        }
+    }
 }

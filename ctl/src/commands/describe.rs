@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::process::ExitCode;
 
-use vmctl_api::wire::ObjectList;
 use vmctl_api::{Object, ObjectRef};
 
 use super::events::{AggregatedNote, NoteIn, aggregate};
@@ -146,8 +145,7 @@ pub fn run(g: &Globals, kind: &str, name: Option<&str>) -> miette::Result<ExitCo
     }
     let client = g.client()?;
     let Some(name) = name else {
-        let list: ObjectList =
-            client.call("GET", &format!("/v1/objects/{}", kind.short()), None::<&()>)?;
+        let list = client.list(Some(kind), &[])?;
         let mut objects = list.items;
         if objects.is_empty() {
             eprintln!("No resources found.");
@@ -155,7 +153,7 @@ pub fn run(g: &Globals, kind: &str, name: Option<&str>) -> miette::Result<ExitCo
         }
         objects.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         // One read of the notes for all of them.
-        let notes: Vec<NoteIn> = client.call("GET", "/v1/notes", None::<&()>)?;
+        let notes = client.notes(None)?;
         let mut by_object: HashMap<ObjectRef, Vec<NoteIn>> = HashMap::new();
         for n in notes {
             by_object.entry(n.object.clone()).or_default().push(n);
@@ -171,11 +169,7 @@ pub fn run(g: &Globals, kind: &str, name: Option<&str>) -> miette::Result<ExitCo
         return Ok(ExitCode::SUCCESS);
     };
     let o = super::objects::get_object(&client, kind, name)?;
-    let notes: Vec<NoteIn> = client.call(
-        "GET",
-        &format!("/v1/notes/{}/{name}", kind.short()),
-        None::<&()>,
-    )?;
+    let notes = client.notes(Some(&ObjectRef::new(kind, name)))?;
     print(&render(&o, &aggregate(notes)))?;
     Ok(ExitCode::SUCCESS)
 }

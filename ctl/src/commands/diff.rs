@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use vmctl_api::{Object, Resource};
 
 use super::Globals;
-use crate::client::ClientError;
 use crate::output::print;
 
 /// The parts of an object a file controls.
@@ -29,12 +28,7 @@ pub fn run(g: &Globals, file: &std::path::Path) -> miette::Result<ExitCode> {
     let mut out = String::new();
     for r in &loaded.resources {
         let want = Resource::to_object(r);
-        let path = format!("/v1/objects/{}/{}", want.kind.short(), want.metadata.name);
-        let live = match client.call::<Object>("GET", &path, None::<&()>) {
-            Ok(o) => Some(o),
-            Err(ClientError::Api { status: 404, .. }) => None,
-            Err(e) => return Err(e.into()),
-        };
+        let live = client.get_opt(want.kind, &want.metadata.name)?;
         let new = serde_yaml::to_string(&desired_view(&want)).unwrap_or_default();
         let old = live
             .as_ref()

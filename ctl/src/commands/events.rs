@@ -11,29 +11,10 @@ use std::process::ExitCode;
 
 use super::{Globals, age, table};
 use crate::cli::Output;
+use crate::client::WatchItem;
 use crate::output::print;
 
-/// A note as the API returns it (`GET /v1/notes`, `GET /v1/notes/{kind}/{name}`).
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct NoteIn {
-    /// The store's sequence number of the note.
-    pub seq: u64,
-    /// When it was recorded.
-    pub time: vmctl_api::Time,
-    /// `Normal` or `Warning`.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// CamelCase reason (`Started`).
-    pub reason: String,
-    /// The sentence.
-    pub message: String,
-    /// The object it is about.
-    pub object: vmctl_api::ObjectRef,
-    /// The component that recorded it (`vm-controller`), when known.
-    #[serde(default)]
-    pub source: Option<String>,
-}
+pub(crate) use crate::client::NoteIn;
 
 /// Identical notes (same object, type, reason and message) folded into one,
 /// as a Kubernetes Event with `count`; this is what `events -o json|yaml`
@@ -127,7 +108,7 @@ pub(crate) fn aggregate(mut notes: Vec<NoteIn>) -> Vec<AggregatedNote> {
 /// then each new note once as it is recorded.
 pub fn run(g: &Globals, output: Output, watch: bool) -> miette::Result<ExitCode> {
     let client = g.client()?;
-    let notes: Vec<NoteIn> = client.call("GET", "/v1/notes", None::<&()>)?;
+    let notes = client.notes(None)?;
     let after = notes.iter().map(|n| n.seq).max().unwrap_or(0);
     let notes = aggregate(notes);
     match output {
@@ -164,19 +145,19 @@ pub fn run(g: &Globals, output: Output, watch: bool) -> miette::Result<ExitCode>
     }
     if watch {
         // Each new note once, as recorded: aggregation is for listings.
-        let resp = client.send("GET", &format!("/v1/watch?after={after}"), None)?;
-        resp.lines(|line| {
-            let Ok(ev) = serde_json::from_slice::<serde_json::Value>(line) else {
-                return true;
+        let mut w = client.watch(after)?;
+        while let Some(item) = w.next_item()? {
+            let WatchItem::Event(ev) = item else {
+                break;
             };
-            if ev["change"]["type"] != "noted" {
-                return ev["type"] != "resync";
+            if ev.change_type() != "noted" {
+                continue;
             }
-            let n = &ev["change"]["note"];
+            let n = &ev.change["note"];
             let text = match output {
                 Output::Text => format!(
                     "{}   {}   {}   {}/{}   {}\n",
-                    ev["time"].as_str().unwrap_or(""),
+                    ev.time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
                     n["type"].as_str().unwrap_or(""),
                     n["reason"].as_str().unwrap_or(""),
                     n["object"]["kind"]
@@ -188,8 +169,8 @@ pub fn run(g: &Globals, output: Output, watch: bool) -> miette::Result<ExitCode>
                 ),
                 _ => format!("{}\n", serde_json::to_string(&ev).unwrap_or_default()),
             };
-            print(&text).is_ok()
-        })?;
+            print(&text)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,11 +2,11 @@
 
 use std::process::ExitCode;
 
-use vmctl_api::wire::ObjectList;
 use vmctl_api::{Kind, Object, Resource};
 
 use super::{Globals, age, kind_arg, name_arg, table};
 use crate::cli::GetOutput;
+use crate::client::WatchItem;
 use crate::output::print;
 
 fn phase(o: &Object) -> String {
@@ -197,16 +197,7 @@ pub fn run(
         print(&render_one(&o, output))?;
         return Ok(ExitCode::SUCCESS);
     }
-    let path = match kind {
-        Some(k) => format!("/v1/objects/{}", k.short()),
-        None => "/v1/objects".into(),
-    };
-    let path = if selector.is_empty() {
-        path
-    } else {
-        format!("{path}?labels={}", selector.join(","))
-    };
-    let list = client.call::<ObjectList>("GET", &path, None::<&()>)?;
+    let list = client.list(kind, selector)?;
     let (objects, rv) = (list.items, list.resource_version);
     if watch {
         let mut w = Watcher::new(output);
@@ -275,32 +266,29 @@ fn watch_rows(
     after: u64,
     mut w: Watcher,
 ) -> miette::Result<ExitCode> {
-    let resp = client.send("GET", &format!("/v1/watch?after={after}"), None)?;
+    let mut watch = client.watch(after)?;
     let mut failure = None;
-    resp.lines(|line| {
-        let Ok(ev) = serde_json::from_slice::<serde_json::Value>(line) else {
-            return true;
+    while let Some(item) = watch.next_item()? {
+        let ev = match item {
+            WatchItem::Resync(m) => {
+                failure = Some(m);
+                break;
+            }
+            WatchItem::Event(ev) => ev,
         };
-        if ev["type"] == "resync" {
-            failure = Some(ev["message"].as_str().unwrap_or("resync").to_owned());
-            return false;
-        }
-        let Ok(r) = serde_json::from_value::<vmctl_api::ObjectRef>(ev["object"].clone()) else {
-            return true;
-        };
+        let r = &ev.object;
         if kind.is_some_and(|k| k != r.kind)
             || name.is_some_and(|n| n != r.name)
-            || ev["change"]["type"] == "noted"
+            || ev.change_type() == "noted"
         {
-            return true;
+            continue;
         }
-        let path = format!("/v1/objects/{}/{}", r.kind.short(), r.name);
-        let text = match client.call::<Object>("GET", &path, None::<&()>) {
-            Ok(o) => w.object(&o),
-            Err(_) => format!("{r} deleted\n"),
+        let text = match client.get_opt(r.kind, &r.name)? {
+            Some(o) => w.object(&o),
+            None => format!("{r} deleted\n"),
         };
-        print(&text).is_ok()
-    })?;
+        print(&text)?;
+    }
     match failure {
         Some(m) => Err(miette::miette!(
             code = "vmctl::get::resync",

@@ -11,11 +11,7 @@ pub fn run(g: &Globals, kind: &str, name: &str, output: Output) -> miette::Resul
     let kind = kind_arg(kind)?;
     name_arg(name)?;
     let client = g.client()?;
-    let events: Vec<serde_json::Value> = client.call(
-        "GET",
-        &format!("/v1/history/{}/{name}", kind.short()),
-        None::<&()>,
-    )?;
+    let events = client.history(kind, name)?;
     if events.is_empty() {
         // Never recorded: no such object (a deleted one keeps its history).
         super::objects::get_object(&client, kind, name)?;

@@ -285,7 +285,7 @@ fn rm(g: &Globals, name: &str) -> miette::Result<ExitCode> {
 /// Waits until the agent has removed the Image's downloaded file and the
 /// object is gone (its finalizer).
 fn wait_deleted(client: &Client, name: &str) -> miette::Result<()> {
-    if super::objects::wait_gone(client, Kind::Image, name, Duration::from_secs(60)) {
+    if super::objects::wait_gone(client, Kind::Image, name, Duration::from_secs(60))? {
         return Ok(());
     }
     Err(miette::miette!(

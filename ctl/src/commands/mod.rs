@@ -301,6 +301,8 @@ pub struct Globals {
     pub socket: std::path::PathBuf,
     /// Whether to start an agent when none answers.
     pub autostart: bool,
+    /// How long one request may take (`--request-timeout`).
+    pub request_timeout: crate::client::RequestTimeout,
 }
 
 impl Globals {
@@ -317,6 +319,7 @@ impl Globals {
             data_dir,
             socket,
             autostart: !cli.no_autostart,
+            request_timeout: crate::client::RequestTimeout::from_arg(cli.request_timeout),
         })
     }
 
@@ -333,6 +336,7 @@ impl Globals {
             &self.data_dir,
             &self.socket,
             self.autostart,
+            self.request_timeout,
         )?)
     }
 }

@@ -5,47 +5,38 @@ use std::path::Path;
 use std::time::Duration;
 
 use vmctl_api::wire::{ApplyRequest, ApplyResponse, ApplyResult};
-use vmctl_api::{ApplySource, Kind, Object};
+use vmctl_api::{ApplySource, Kind, Object, ObjectRef};
 
-use crate::client::{Client, ClientError};
+use crate::client::{Awaited, Client, ClientError};
 
 /// GETs one object; a missing one is the kind's `…::not_found` error.
 pub(crate) fn get_object(client: &Client, kind: Kind, name: &str) -> miette::Result<Object> {
-    match client.call::<Object>(
-        "GET",
-        &format!("/v1/objects/{}/{name}", kind.short()),
-        None::<&()>,
-    ) {
-        Err(ClientError::Api { status: 404, .. }) => Err(crate::diag::not_found(kind, name)),
+    match client.get(kind, name) {
+        Err(e) if e.is_not_found() => Err(crate::diag::not_found(kind, name)),
         r => Ok(r?),
     }
 }
 
-/// Whether the object exists.
-/// Polls until `kind/name` no longer answers (its finalizers have run);
-/// false if it still exists after `timeout`.
-pub(crate) fn wait_gone(client: &Client, kind: Kind, name: &str, timeout: Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    let path = format!("/v1/objects/{}/{name}", kind.short());
-    while client.call::<Object>("GET", &path, None::<&()>).is_ok() {
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    true
+/// Waits (watching) until `kind/name` no longer exists (its finalizers
+/// have run); false if it still exists after `timeout`.
+pub(crate) fn wait_gone(
+    client: &Client,
+    kind: Kind,
+    name: &str,
+    timeout: Duration,
+) -> miette::Result<bool> {
+    let refs = [ObjectRef::new(kind, name)];
+    let gone = client.await_condition(
+        &refs,
+        |states| states.values().all(Option::is_none).then_some(()),
+        Some(timeout),
+    )?;
+    Ok(matches!(gone, Awaited::Done(())))
 }
 
+/// Whether the object exists.
 pub(crate) fn exists(client: &Client, kind: Kind, name: &str) -> miette::Result<bool> {
-    match client.call::<Object>(
-        "GET",
-        &format!("/v1/objects/{}/{name}", kind.short()),
-        None::<&()>,
-    ) {
-        Ok(_) => Ok(true),
-        Err(ClientError::Api { status: 404, .. }) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
+    Ok(client.get_opt(kind, name)?.is_some())
 }
 
 /// An apply request recording `file` (made absolute; `-` is none) and
@@ -85,7 +76,7 @@ fn request_with_source(
 
 /// Sends an apply request; fails unless every object is acknowledged.
 pub(crate) fn apply(client: &Client, req: &ApplyRequest) -> miette::Result<ApplyResponse> {
-    let resp = client.call("POST", "/v1/apply", Some(req))?;
+    let resp = client.apply(req)?;
     super::apply::check_acknowledged(req, &resp)?;
     Ok(resp)
 }
@@ -115,8 +106,8 @@ pub(crate) fn edit_spec(
         attempts += 1;
         let file = obj.metadata.source.as_ref().and_then(|s| s.file.clone());
         let req = request_with_source(vec![obj], file, verb, false, false);
-        match client.call::<ApplyResponse>("POST", "/v1/apply", Some(&req)) {
-            Err(e @ crate::client::ClientError::Api { status: 409, .. }) if attempts < 5 => {
+        match client.apply(&req) {
+            Err(e @ ClientError::Api { status: 409, .. }) if attempts < 5 => {
                 obj = get_object(client, kind, name)?;
                 if obj.spec != read_spec {
                     // Someone else changed the spec: never write over it

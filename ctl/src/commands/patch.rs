@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use vmctl_agent::finalizers::PatchRequest;
-use vmctl_api::Object;
 
 use super::Globals;
 use crate::output::print;
@@ -14,8 +13,7 @@ pub fn run(g: &Globals, kind: &str, name: &str, patch: &PatchRequest) -> miette:
     let kind = super::kind_arg(kind)?;
     super::name_arg(name)?;
     let client = g.client()?;
-    let path = format!("/v1/objects/{}/{name}", kind.short());
-    let obj: Option<Object> = client.call("PATCH", &path, Some(patch))?;
+    let obj = client.patch(kind, name, patch)?;
     let line = match obj {
         None => format!(
             "{}/{name} deleted (its last finalizer was removed while it was being deleted)\n",

@@ -3,14 +3,13 @@
 //! log like any spec change); `destroy` deletes; `list` and `status` read.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vmctl_api::wire::ObjectList;
-use vmctl_api::{Kind, Object, PowerState, VirtualMachine};
+use vmctl_api::{Kind, Object, ObjectRef, PowerState, VirtualMachine};
 
 use super::{Globals, name_arg, table};
 use crate::cli::Output;
-use crate::client::{Client, ClientError};
+use crate::client::{Awaited, Client};
 use crate::output::print;
 
 fn get_vm(client: &Client, name: &str) -> miette::Result<Object> {
@@ -35,7 +34,26 @@ pub(crate) fn set_power(
     Ok(r.generation)
 }
 
-/// Waits until the VM reports `phase` for generation `generation` or later.
+/// What a wait for a VM's phase sees in its current state.
+enum PhaseCheck {
+    /// It reports the phase for the generation (or a later one).
+    Reached,
+    /// It failed, or was deleted; the error says so.
+    Failed(miette::Report),
+}
+
+/// The phase of `o` (`Pending` without a status) and the generation its
+/// status observed.
+fn phase_of(o: &Object) -> (String, u64) {
+    let st = o.status.clone().unwrap_or_default();
+    (
+        st["phase"].as_str().unwrap_or("Pending").to_owned(),
+        st["observedGeneration"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Waits (watching) until the VM reports `phase` for generation
+/// `generation` or later; prints each phase it passes through.
 pub(crate) fn wait_phase(
     client: &Client,
     name: &str,
@@ -43,21 +61,25 @@ pub(crate) fn wait_phase(
     phase: &str,
     timeout: Duration,
 ) -> miette::Result<()> {
-    let deadline = Instant::now() + timeout;
+    let r = ObjectRef::new(Kind::VirtualMachine, name);
     let mut last = String::new();
-    loop {
-        let o = get_vm(client, name)?;
-        let st = o.status.clone().unwrap_or_default();
-        let now = st["phase"].as_str().unwrap_or("Pending").to_owned();
-        let observed = st["observedGeneration"].as_u64().unwrap_or(0);
+    let check = |states: &crate::client::States| {
+        let Some(o) = states.get(&r).cloned().flatten() else {
+            return Some(PhaseCheck::Failed(crate::diag::not_found(
+                Kind::VirtualMachine,
+                name,
+            )));
+        };
+        let (now, observed) = phase_of(&o);
         if observed >= generation && now == phase {
-            return Ok(());
+            return Some(PhaseCheck::Reached);
         }
         if now != last {
             eprintln!("  vm/{name}: {now}");
             last = now.clone();
         }
         if observed >= generation && (now == "Failed" || now == "CrashLoopBackOff") {
+            let st = o.status.clone().unwrap_or_default();
             let reason = st["conditions"]
                 .as_array()
                 .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
@@ -69,21 +91,30 @@ pub(crate) fn wait_phase(
                     )
                 })
                 .unwrap_or_default();
-            return Err(miette::miette!(
+            return Some(PhaseCheck::Failed(miette::miette!(
                 code = "vmctl::vm::invalid_state",
                 help = format!("run `vmctl describe vm {name}`"),
                 "VM {name} is {now}: {reason}"
-            ));
+            )));
         }
-        if Instant::now() >= deadline {
-            return Err(miette::miette!(
+        None
+    };
+    match client.await_condition(std::slice::from_ref(&r), check, Some(timeout))? {
+        Awaited::Done(PhaseCheck::Reached) => Ok(()),
+        Awaited::Done(PhaseCheck::Failed(e)) => Err(e),
+        Awaited::TimedOut(states) => {
+            let now = states
+                .get(&r)
+                .cloned()
+                .flatten()
+                .map_or_else(|| "gone".to_owned(), |o| phase_of(&o).0);
+            Err(miette::miette!(
                 code = "vmctl::vm::timeout",
                 help = format!("run `vmctl describe vm {name}`"),
                 "VM {name} did not reach {phase} in {}s (it is {now})",
                 timeout.as_secs()
-            ));
+            ))
         }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -122,14 +153,14 @@ pub fn destroy(g: &Globals, name: &str, timeout: Duration) -> miette::Result<Exi
     name_arg(name)?;
     let client = g.client()?;
     get_vm(&client, name)?;
-    for kind in ["provision", "vm"] {
-        let path = format!("/v1/objects/{kind}/{name}");
-        match client.call::<Option<serde_json::Value>>("DELETE", &path, None::<&()>) {
-            Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
+    for kind in [Kind::Provision, Kind::VirtualMachine] {
+        match client.delete(kind, name) {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
     }
-    if !super::objects::wait_gone(&client, Kind::VirtualMachine, name, timeout) {
+    if !super::objects::wait_gone(&client, Kind::VirtualMachine, name, timeout)? {
         return Err(miette::miette!(
             code = "vmctl::vm::timeout",
             help = format!("run `vmctl describe vm {name}`"),
@@ -163,7 +194,7 @@ fn network_mode(vm: &VirtualMachine) -> &'static str {
 /// `vmctl list`: the manual's columns (MEM in MiB, NETWORK the mode), then STATE.
 pub fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
     let client = g.client()?;
-    let vms: ObjectList = client.call("GET", "/v1/objects/vm", None::<&()>)?;
+    let vms = client.list(Some(Kind::VirtualMachine), &[])?;
     if output != Output::Text {
         let text = if output == Output::Json {
             format!(

@@ -2,11 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmctl_api::{Object, ObjectRef};
 
-use crate::client::{Client, ClientError};
+use crate::client::{Awaited, Client, LogSource, States};
 
 /// Where one object stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,35 +83,54 @@ pub(crate) fn state(o: &Object) -> State {
 }
 
 /// Streams what a Provision's steps print, prefixed with the VM's name, to
-/// stderr until the process ends. Retries until the VM has a work directory.
+/// stderr until the process ends. Waits (watching) for the Provision to
+/// name its VM and for that VM to have a work directory, where the log is.
 fn stream_provision_output(client: &Client, r: &ObjectRef) {
     let client = client.clone();
-    let name = r.name.clone();
+    let r = r.clone();
     std::thread::spawn(move || {
-        let vm = client
-            .call::<Object>("GET", &format!("/v1/objects/provision/{name}"), None::<&()>)
-            .ok()
-            .and_then(|o| o.spec.get("vm").and_then(|v| v.as_str()).map(str::to_owned))
-            .unwrap_or(name);
-        let path = format!("/v1/logs/{vm}?source=provision&follow=true&skip_existing=true");
-        loop {
-            match client.send("GET", &path, None) {
-                Ok(resp) if resp.status == 200 => {
-                    let _ = resp.lines(|line| {
-                        eprintln!("  [{vm}] {}", String::from_utf8_lossy(line));
-                        true
-                    });
-                    return;
-                }
-                _ => std::thread::sleep(Duration::from_millis(500)),
-            }
+        let names_vm = |s: &States| {
+            s.get(&r)?
+                .as_ref()?
+                .spec
+                .get("vm")?
+                .as_str()
+                .map(str::to_owned)
+        };
+        let Ok(Awaited::Done(vm)) =
+            client.await_condition(std::slice::from_ref(&r), names_vm, None)
+        else {
+            return;
+        };
+        let vm_ref = ObjectRef::new(vmctl_api::Kind::VirtualMachine, vm.clone());
+        let has_work_dir = |s: &States| {
+            s.get(&vm_ref)?
+                .as_ref()?
+                .status
+                .as_ref()?
+                .get("runtime")?
+                .get("workDir")?
+                .as_str()
+                .map(|_| ())
+        };
+        if !matches!(
+            client.await_condition(std::slice::from_ref(&vm_ref), has_work_dir, None),
+            Ok(Awaited::Done(()))
+        ) {
+            return;
+        }
+        if let Ok(resp) = client.logs(&vm, LogSource::Provision, 0, true, true) {
+            let _ = resp.lines(|line| {
+                eprintln!("  [{vm}] {}", String::from_utf8_lossy(line));
+                true
+            });
         }
     });
 }
 
-/// Polls the objects until all are Ready, one fails, or `timeout` passes.
-/// Prints each object's progress to stderr when it changes, and what
-/// provisioning steps print, line by line.
+/// Waits (watching) until the objects are all Ready, one fails, or
+/// `timeout` passes. Prints each object's progress to stderr when it
+/// changes, and what provisioning steps print, line by line.
 pub(crate) fn wait_ready(
     client: &Client,
     refs: &[ObjectRef],
@@ -120,18 +139,13 @@ pub(crate) fn wait_ready(
     for r in refs.iter().filter(|r| r.kind == vmctl_api::Kind::Provision) {
         stream_provision_output(client, r);
     }
-    let deadline = Instant::now() + timeout;
     let mut last: BTreeMap<ObjectRef, State> = BTreeMap::new();
-    loop {
+    let check = |states: &States| -> Option<Result<(), (ObjectRef, String)>> {
         let mut all_ready = true;
         for r in refs {
-            let path = format!("/v1/objects/{}/{}", r.kind.short(), r.name);
-            let st = match client.call::<Object>("GET", &path, None::<&()>) {
-                Ok(o) => state(&o),
-                Err(ClientError::Api { status: 404, .. }) => {
-                    State::Failed("deleted while waiting".into())
-                }
-                Err(e) => return Err(e.into()),
+            let st = match states.get(r).and_then(Option::as_ref) {
+                Some(o) => state(o),
+                None => State::Failed("deleted while waiting".into()),
             };
             if last.get(r) != Some(&st) {
                 match &st {
@@ -143,29 +157,32 @@ pub(crate) fn wait_ready(
             }
             match st {
                 State::Ready => {}
-                State::Failed(reason) => {
-                    return Err(miette::miette!(
-                        code = "vmctl::apply::failed",
-                        help = format!(
-                            "run `vmctl describe {} {}` for details",
-                            r.kind.short(),
-                            r.name
-                        ),
-                        "{r} failed: {reason}"
-                    ));
-                }
+                State::Failed(reason) => return Some(Err((r.clone(), reason))),
                 State::Progressing(_) => all_ready = false,
             }
         }
-        if all_ready {
+        all_ready.then_some(Ok(()))
+    };
+    match client.await_condition(refs, check, Some(timeout))? {
+        Awaited::Done(Ok(())) => {
             if refs.iter().any(|r| r.kind == vmctl_api::Kind::Provision) {
-                // Let the log streams print the last lines (they poll every 200 ms).
+                // Let the log streams print the last lines (the agent
+                // reads the log every 200 ms).
                 std::thread::sleep(Duration::from_millis(400));
             }
             eprintln!("all {} objects are Ready", refs.len());
-            return Ok(ExitCode::SUCCESS);
+            Ok(ExitCode::SUCCESS)
         }
-        if Instant::now() >= deadline {
+        Awaited::Done(Err((r, reason))) => Err(miette::miette!(
+            code = "vmctl::apply::failed",
+            help = format!(
+                "run `vmctl describe {} {}` for details",
+                r.kind.short(),
+                r.name
+            ),
+            "{r} failed: {reason}"
+        )),
+        Awaited::TimedOut(_) => {
             let pending: Vec<String> = last
                 .iter()
                 .filter_map(|(r, s)| match s {
@@ -173,15 +190,14 @@ pub(crate) fn wait_ready(
                     _ => None,
                 })
                 .collect();
-            return Err(miette::miette!(
+            Err(miette::miette!(
                 code = "vmctl::apply::timeout",
                 help = "raise --timeout, or run `vmctl describe` on the objects still waiting",
                 "timed out after {}s; not Ready: {}",
                 timeout.as_secs(),
                 pending.join("; ")
-            ));
+            ))
         }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

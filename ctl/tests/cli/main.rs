@@ -1,6 +1,7 @@
 //! The `vmctl` binary as a user runs it.
 
 mod agent;
+mod client;
 mod commands;
 mod finalizers;
 mod images;
