@@ -418,6 +418,17 @@ impl Client {
         let bytes = body
             .map(|b| serde_json::to_vec(b).expect("requests serialise"))
             .unwrap_or_default();
+        self.call_bytes(method, path, bytes, objects)
+    }
+
+    /// [`Client::call_sized`] with the body already serialised.
+    fn call_bytes<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        bytes: Vec<u8>,
+        objects: usize,
+    ) -> Result<T, ClientError> {
         let (status, body) = self.timed(objects, async {
             let resp = self.exchange(method, path, bytes).await?;
             let status = resp.status().as_u16();
@@ -486,8 +497,36 @@ impl Client {
 
     /// `POST /v1/apply`: creates or updates the request's objects (a dry
     /// run only reports what would change).
+    ///
+    /// Errors: a request over the agent's limit
+    /// ([`vmctl_agent::rejection::MAX_APPLY_BODY_BYTES`]) is refused here
+    /// with the agent's 413 `vmctl::api::payload_too_large`, unsent: the
+    /// agent refuses it before reading it and closes the connection, and
+    /// hyper reports that broken write rather than the answer.
     pub fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ClientError> {
-        self.call_sized("POST", &api_path(&["apply"]), Some(req), req.objects.len())
+        use vmctl_agent::rejection::{MAX_APPLY_BODY_BYTES, human_bytes};
+        let bytes = serde_json::to_vec(req).expect("requests serialise");
+        let size = bytes.len();
+        if size > MAX_APPLY_BODY_BYTES {
+            let body = ErrorBody {
+                code: "vmctl::api::payload_too_large".into(),
+                message: format!(
+                    "the request body ({}) is over the agent's limit of {}; nothing was sent",
+                    human_bytes(size),
+                    human_bytes(MAX_APPLY_BODY_BYTES)
+                ),
+                help: Some(
+                    "apply the objects in several smaller files; the limits are in the README and agent/openapi.json"
+                        .into(),
+                ),
+            };
+            return Err(ClientError::Api {
+                status: 413,
+                help: body.help.clone(),
+                body,
+            });
+        }
+        self.call_bytes("POST", &api_path(&["apply"]), bytes, req.objects.len())
     }
 
     /// `DELETE /v1/objects/KIND/NAME`: requests deletion. Returns the object
