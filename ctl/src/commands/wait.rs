@@ -25,6 +25,151 @@ fn ready_condition(o: &Object) -> Option<vmctl_api::Condition> {
     conds.into_iter().find(|c| c.type_ == "Ready")
 }
 
+/// An Image's download progress: bytes done and the total when known.
+fn download(o: &Object) -> Option<(u64, Option<u64>)> {
+    let st = o.status.as_ref()?;
+    if st.get("phase")?.as_str()? != "Downloading" {
+        return None;
+    }
+    let bytes = st["progress"]["bytes"].as_u64()?;
+    Some((bytes, st["progress"]["total"].as_u64().filter(|t| *t > 0)))
+}
+
+/// How a wait shows where each object stands: on a terminal, one live line
+/// per object (a bar with bytes, rate and ETA while an Image downloads);
+/// piped, a plain line per change (`  vm/web: Booting`).
+#[derive(Clone)]
+pub(crate) struct Progress {
+    live: Option<Live>,
+}
+
+#[derive(Clone)]
+struct Live {
+    multi: indicatif::MultiProgress,
+    /// Whether spinners turn by themselves (not in tests: their frame
+    /// would depend on time).
+    tick: bool,
+    bars: std::sync::Arc<std::sync::Mutex<BTreeMap<ObjectRef, indicatif::ProgressBar>>>,
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress")
+            .field("live", &self.live.is_some())
+            .finish()
+    }
+}
+
+const STAGE_STYLE: &str = "{spinner} {prefix}: {wide_msg}";
+const BAR_STYLE: &str = "{spinner} {prefix}: Downloading [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}";
+const BYTES_STYLE: &str = "{spinner} {prefix}: Downloading {binary_bytes} {binary_bytes_per_sec}";
+const DONE_STYLE: &str = "  {prefix}: {wide_msg}";
+
+fn style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .expect("the templates are valid")
+        .progress_chars("=> ")
+}
+
+impl Progress {
+    /// Live lines when stderr is a terminal (and `TERM` is not `dumb`),
+    /// plain lines otherwise.
+    pub(crate) fn new() -> Self {
+        use std::io::IsTerminal as _;
+        let tty =
+            std::io::stderr().is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb");
+        Progress {
+            live: tty.then(|| Live {
+                multi: indicatif::MultiProgress::with_draw_target(
+                    indicatif::ProgressDrawTarget::stderr(),
+                ),
+                tick: true,
+                bars: Default::default(),
+            }),
+        }
+    }
+
+    /// Live lines drawn on `term` (tests).
+    #[cfg(test)]
+    fn on(term: indicatif::InMemoryTerm) -> Self {
+        Progress {
+            live: Some(Live {
+                multi: indicatif::MultiProgress::with_draw_target(
+                    indicatif::ProgressDrawTarget::term_like(Box::new(term)),
+                ),
+                tick: false,
+                bars: Default::default(),
+            }),
+        }
+    }
+
+    /// Prints a line above the live lines (or just prints it).
+    pub(crate) fn println(&self, line: &str) {
+        match &self.live {
+            Some(l) => {
+                let _ = l.multi.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    /// Shows `r`'s new state; `o` is the object, for download progress.
+    fn show(&self, r: &ObjectRef, st: &State, o: Option<&Object>) {
+        let Some(l) = &self.live else {
+            match st {
+                State::Progressing(s) => eprintln!("  {r}: {s}"),
+                State::Ready => eprintln!("  {r}: Ready"),
+                State::Failed(s) => eprintln!("  {r}: Failed: {s}"),
+            }
+            return;
+        };
+        let mut bars = l.bars.lock().expect("not poisoned");
+        let bar = bars.entry(r.clone()).or_insert_with(|| {
+            let b = l.multi.add(indicatif::ProgressBar::new_spinner());
+            b.set_style(style(STAGE_STYLE));
+            b.set_prefix(r.to_string());
+            if l.tick {
+                b.enable_steady_tick(Duration::from_millis(120));
+            }
+            b
+        });
+        match (st, o.and_then(download)) {
+            (State::Progressing(_), Some((bytes, Some(total)))) => {
+                bar.set_style(style(BAR_STYLE));
+                bar.set_length(total);
+                bar.set_position(bytes);
+            }
+            (State::Progressing(_), Some((bytes, None))) => {
+                bar.set_style(style(BYTES_STYLE));
+                bar.set_position(bytes);
+            }
+            (State::Progressing(s), None) => {
+                bar.set_style(style(STAGE_STYLE));
+                bar.set_message(s.clone());
+            }
+            (State::Ready, _) => {
+                bar.set_style(style(DONE_STYLE));
+                bar.finish_with_message("Ready");
+            }
+            (State::Failed(s), _) => {
+                bar.set_style(style(DONE_STYLE));
+                bar.finish_with_message(format!("Failed: {s}"));
+            }
+        }
+    }
+
+    /// Stops the live lines, leaving them as they last were.
+    fn finish(&self) {
+        if let Some(l) = &self.live {
+            for b in l.bars.lock().expect("not poisoned").values() {
+                if !b.is_finished() {
+                    b.abandon();
+                }
+            }
+        }
+    }
+}
+
 /// Classifies an object by its status.
 pub(crate) fn state(o: &Object) -> State {
     let st = o.status.as_ref();
@@ -85,8 +230,9 @@ pub(crate) fn state(o: &Object) -> State {
 /// Streams what a Provision's steps print, prefixed with the VM's name, to
 /// stderr until the process ends. Waits (watching) for the Provision to
 /// name its VM and for that VM to have a work directory, where the log is.
-fn stream_provision_output(client: &Client, r: &ObjectRef) {
+fn stream_provision_output(client: &Client, r: &ObjectRef, progress: &Progress) {
     let client = client.clone();
+    let progress = progress.clone();
     let r = r.clone();
     std::thread::spawn(move || {
         let names_vm = |s: &States| {
@@ -121,7 +267,7 @@ fn stream_provision_output(client: &Client, r: &ObjectRef) {
         }
         if let Ok(resp) = client.logs(&vm, LogSource::Provision, 0, true, true) {
             let _ = resp.lines(|line| {
-                eprintln!("  [{vm}] {}", String::from_utf8_lossy(line));
+                progress.println(&format!("  [{vm}] {}", String::from_utf8_lossy(line)));
                 true
             });
         }
@@ -136,23 +282,21 @@ pub(crate) fn wait_ready(
     refs: &[ObjectRef],
     timeout: Duration,
 ) -> miette::Result<ExitCode> {
+    let progress = Progress::new();
     for r in refs.iter().filter(|r| r.kind == vmctl_api::Kind::Provision) {
-        stream_provision_output(client, r);
+        stream_provision_output(client, r, &progress);
     }
     let mut last: BTreeMap<ObjectRef, State> = BTreeMap::new();
     let check = |states: &States| -> Option<Result<(), (ObjectRef, String)>> {
         let mut all_ready = true;
         for r in refs {
-            let st = match states.get(r).and_then(Option::as_ref) {
+            let o = states.get(r).and_then(Option::as_ref);
+            let st = match o {
                 Some(o) => state(o),
                 None => State::Failed("deleted while waiting".into()),
             };
             if last.get(r) != Some(&st) {
-                match &st {
-                    State::Progressing(s) => eprintln!("  {r}: {s}"),
-                    State::Ready => eprintln!("  {r}: Ready"),
-                    State::Failed(s) => eprintln!("  {r}: Failed: {s}"),
-                }
+                progress.show(r, &st, o);
                 last.insert(r.clone(), st.clone());
             }
             match st {
@@ -163,7 +307,9 @@ pub(crate) fn wait_ready(
         }
         all_ready.then_some(Ok(()))
     };
-    match client.await_condition(refs, check, Some(timeout))? {
+    let awaited = client.await_condition(refs, check, Some(timeout));
+    progress.finish();
+    match awaited? {
         Awaited::Done(Ok(())) => {
             if refs.iter().any(|r| r.kind == vmctl_api::Kind::Provision) {
                 // Let the log streams print the last lines (the agent
@@ -214,6 +360,39 @@ mod tests {
         o.metadata.generation = generation;
         o.status = Some(status);
         o
+    }
+
+    #[test]
+    fn a_wait_on_a_terminal_shows_stages_and_a_download_bar() {
+        let term = indicatif::InMemoryTerm::new(10, 140);
+        let p = Progress::on(term.clone());
+        let vm = ObjectRef::new(vmctl_api::Kind::VirtualMachine, "web");
+        let img = ObjectRef::new(vmctl_api::Kind::Image, "base");
+        let mut image = obj(
+            1,
+            serde_json::json!({"phase": "Downloading",
+            "progress": {"bytes": 3 << 20, "total": 12 << 20}}),
+        );
+        image.kind = vmctl_api::Kind::Image;
+        p.show(&img, &state(&image), Some(&image));
+        p.show(
+            &vm,
+            &State::Progressing("Pending (ImageNotReady)".into()),
+            None,
+        );
+        p.show(&vm, &State::Progressing("Booting".into()), None);
+        let pvm = ObjectRef::new(vmctl_api::Kind::Provision, "web");
+        p.show(&pvm, &State::Failed("StepFailed: exit 1".into()), None);
+        p.println("  [web] hello");
+        p.finish();
+        let screen = term.contents();
+        // The rate and ETA depend on time.
+        insta::with_settings!({filters => vec![
+            (r"\d+(\.\d+)? [KMG]?i?B/s", "[RATE]"),
+            (r"ETA \d+\w", "ETA [ETA]"),
+        ]}, {
+            insta::assert_snapshot!(screen);
+        });
     }
 
     #[test]
