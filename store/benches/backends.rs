@@ -6,7 +6,11 @@
 //! * durable writes/s with 1 and 16 writers (sled: fsync; etcd: a 3-member
 //!   cluster on 127.0.0.1, every write a quorum commit);
 //! * write → watcher latency p50/p99 with 1 and 100 watchers;
-//! * list of 10,000 objects.
+//! * list of 10,000 objects;
+//! * then `etcdctl check perf --load=l` (Debian's `etcd-client`) against
+//!   the same cluster: etcd's own write throughput on this disk, the limit
+//!   the etcd rows are judged against (`VMCTL_BENCH_CHECK_PERF=s|m|l|xl`
+//!   picks the load, `0` skips it; it takes a minute).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,5 +130,36 @@ fn main() {
     let etcd: Arc<dyn Store> =
         rt.block_on(async { Arc::new(EtcdStore::connect(opts).await.unwrap()) });
     rt.block_on(run("etcd (3 members, loopback)", etcd));
+    check_perf(&cluster);
     drop(cluster);
+}
+
+/// Runs `etcdctl check perf` against `cluster` and prints its verdict
+/// lines (throughput, slowest request, stddev).
+fn check_perf(cluster: &EtcdCluster) {
+    let load = std::env::var("VMCTL_BENCH_CHECK_PERF").unwrap_or_else(|_| "l".into());
+    if load == "0" {
+        return;
+    }
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", cluster.endpoints().join(",")))
+        .args(["check", "perf", &format!("--load={load}")])
+        .args(["--auto-compact", "--auto-defrag"])
+        .output();
+    match out {
+        Ok(out) => {
+            println!("\n`etcdctl check perf --load={load}` on the same cluster:");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            for line in text.split(['\n', '\r']).map(str::trim) {
+                if line.starts_with("PASS") || line.starts_with("FAIL") {
+                    println!("    {line}");
+                }
+            }
+        }
+        Err(e) => println!(
+            "\n`etcdctl check perf` not run: {e} (install etcd-client: scripts/install-prereqs)"
+        ),
+    }
 }

@@ -66,7 +66,7 @@ pub struct CompactReport {
 }
 
 #[derive(Default)]
-struct Seen {
+pub(crate) struct Seen {
     status: usize,
     notes: usize,
     /// A later Applied/FinalizersSet/Deleted exists.
@@ -78,7 +78,7 @@ struct Seen {
 }
 
 /// Decides, walking the log backwards, whether `ev` can go.
-fn droppable(seen: &mut Seen, ev: &Event, r: &Retention) -> bool {
+pub(crate) fn droppable(seen: &mut Seen, ev: &Event, r: &Retention) -> bool {
     if seen.forgotten {
         return true;
     }

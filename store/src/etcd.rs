@@ -7,20 +7,36 @@
 //! |----------------------------------|------------------------------------------|
 //! | `P/o/{Kind}/{name}`              | the object and its last change           |
 //! | `P/n/{Kind}/{name}/{uuid}`       | a note, attached to a lease (expires)    |
-//! | `P/h/{Kind}/{name}/{uid}/{prev}` | a spec change or deletion (history)      |
+//! | `P/h/{Kind}/{name}/{uid}/{prev}` | one change of the object (history)       |
 //!
 //! * resourceVersion = etcd's revision: an object's is its key's
 //!   `mod_revision`, a listing's is the revision of its range read.
-//! * Every write is one transaction that compares the object key's
-//!   `mod_revision` with the one the plan was made from (`version == 0`:
-//!   absent); a lost race plans again, so [`StoreError::Conflict`] comes
-//!   only from the caller's own `expected_rv`.
+//! * Every write is ONE round trip when the store knows the object: one
+//!   transaction that compares the object key's `mod_revision` with the one
+//!   the plan was made from (`version == 0`: absent) and, in the same
+//!   transaction, writes the history key. The plan is made from the object
+//!   as this store last wrote or read it (a cache keyed by `mod_revision`,
+//!   so a cached object is exactly what etcd holds at that revision); an
+//!   object it does not know is assumed absent for `apply`. When the compare
+//!   fails, the transaction's else branch reads the current object, and the
+//!   write plans again on it, without another round trip. Outcomes that
+//!   write nothing (unchanged, a conflict, not found) are only given after
+//!   a fresh read, so a stale cache can cost a round trip, never a wrong
+//!   answer. [`StoreError::Conflict`] comes only from the caller's own
+//!   `expected_rv`.
 //! * The watch covers `P/n/` and `P/o/` (one key per revision) and turns
 //!   each etcd event into an [`Event`]; a start revision compacted away
-//!   is [`StoreError::TooOld`].
-//! * History keys (`P/h/…`) are current keys, so they survive etcd's own
-//!   compaction ([`EtcdStore::compact`]); status and finalizer changes are
-//!   not kept there (they live in etcd's MVCC until compaction).
+//!   is [`StoreError::TooOld`]. One etcd watch per store is fanned out in
+//!   process to every subscriber near its position (it keeps the last
+//!   [`HUB_RECENT`] events for late subscribers); a subscriber that falls
+//!   behind, or starts below what it keeps, gets its own etcd watch from
+//!   its position (every event still once, in order).
+//! * History keys (`P/h/…`) are current keys, written in the same
+//!   transaction as every change (spec, status, finalizers, deletion), so
+//!   they survive etcd's own compaction; [`EtcdStore::compact`] prunes them
+//!   below the compacted revision as sled's compaction prunes its log
+//!   ([`EtcdOptions::retention`]: spec changes and deletions always stay).
+//!   [`Store::history`] adds the object's notes, as sled's does.
 //! * Notes expire with their lease ([`EtcdOptions::note_ttl`]).
 
 use std::sync::Arc;
@@ -33,6 +49,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 use vmctl_api::{ApplySource, Kind, Note, Object, ObjectRef, Time};
 
+use crate::compact::{Retention, Seen, droppable};
 use crate::error::{BoxError, Result, StoreError};
 use crate::event::{self, Change, Event};
 use crate::plan::{self, Outcome, Plan};
@@ -40,6 +57,17 @@ use crate::{Listing, RecordedNote, Store, Watch, Written, fold};
 
 /// Largest gRPC message accepted (a listing of many objects is one message).
 const MAX_MESSAGE: usize = 256 << 20;
+
+/// Events the store's shared watch keeps for subscribers that start a
+/// little behind it (and the depth of its fan-out channel).
+pub const HUB_RECENT: usize = 4096;
+
+/// Objects whose last known `(value, mod_revision)` a store remembers to
+/// plan writes without reading first; beyond it the cache starts again.
+const CACHE_MAX: usize = 100_000;
+
+/// Operations etcd accepts in one transaction (its `--max-txn-ops` default).
+const MAX_TXN_OPS: usize = 128;
 
 /// How to reach etcd and lay out vmctl's keys in it.
 #[derive(Debug, Clone)]
@@ -58,6 +86,10 @@ pub struct EtcdOptions {
     /// How long a broken watch tries to resume from its position before it
     /// reports [`StoreError::Unavailable`] (default 5 s).
     pub watch_resume: Duration,
+    /// What [`EtcdStore::compact`] keeps of each object's history below the
+    /// compacted revision (`window` and `notes_per_object` are not used:
+    /// the revision is the caller's, notes expire with their lease).
+    pub retention: Retention,
 }
 
 impl EtcdOptions {
@@ -70,6 +102,7 @@ impl EtcdOptions {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             watch_resume: Duration::from_secs(5),
+            retention: Retention::default(),
         }
     }
 }
@@ -85,6 +118,34 @@ struct Inner {
     opts: EtcdOptions,
     /// The lease notes are attached to, and when it was granted.
     lease: tokio::sync::Mutex<Option<(i64, Instant)>>,
+    /// Object key → what this store last wrote or read of it; see the module docs.
+    cache: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Known>>,
+    /// The shared watch.
+    hub: std::sync::Mutex<Hub>,
+}
+
+/// An object as known at etcd revision `at`: `object` (`None`: absent) with
+/// its key's `mod_revision` (0: absent).
+#[derive(Clone)]
+struct Known {
+    object: Option<Object>,
+    mod_revision: i64,
+    at: i64,
+}
+
+/// The store's one etcd watch and its subscribers (see the module docs).
+struct Hub {
+    /// A pump task is running.
+    running: bool,
+    /// Which pump this is (a stopped pump must not reset its successor).
+    generation: u64,
+    /// `recent` holds every event above this revision that the pump delivered.
+    covered_from: u64,
+    /// The last [`HUB_RECENT`] events delivered, oldest first.
+    recent: std::collections::VecDeque<Arc<Event>>,
+    /// Live events to subscribers; dropping it ends their fan-out (they go
+    /// on with their own etcd watch).
+    tx: tokio::sync::broadcast::Sender<Arc<Event>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -178,6 +239,14 @@ impl EtcdStore {
                 client,
                 opts,
                 lease: tokio::sync::Mutex::new(None),
+                cache: Default::default(),
+                hub: std::sync::Mutex::new(Hub {
+                    running: false,
+                    generation: 0,
+                    covered_from: 0,
+                    recent: Default::default(),
+                    tx: tokio::sync::broadcast::channel(HUB_RECENT).0,
+                }),
             }),
         })
     }
@@ -230,51 +299,136 @@ impl EtcdStore {
         }
     }
 
-    /// Runs a write, retried within the request timeout only when it was
-    /// never sent (the connection to the member was refused): a write
-    /// whose answer was lost is not repeated blindly.
-    async fn send_write<T, F, Fut>(&self, mut f: F) -> Result<T>
+    /// Runs a write, retried within the request timeout while etcd is
+    /// unavailable through the endpoint tried. `idempotent`: running it
+    /// twice does no harm, so it is repeated even when its answer was lost
+    /// (an object write compares the `mod_revision` it was planned from:
+    /// of a lost attempt and its repeat at most one commits, the other's
+    /// compare fails and the write plans again on the result). Otherwise
+    /// it is repeated only when it was never sent (the connection to the
+    /// member was refused). An idempotent attempt gets a quarter of the
+    /// timeout: a proposal lost with a dead leader is not answered at all,
+    /// and waiting the whole timeout for it held writes up after elections.
+    async fn send_write<T, F, Fut>(&self, idempotent: bool, mut f: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        let deadline = Instant::now() + self.inner.opts.request_timeout;
+        let timeout = self.inner.opts.request_timeout;
+        let deadline = Instant::now() + timeout;
+        let attempt = if idempotent { timeout / 4 } else { timeout };
         loop {
-            match f().await {
+            let Ok(answer) = tokio::time::timeout(attempt, f()).await else {
+                if Instant::now() >= deadline {
+                    return Err(unavailable_of(
+                        &self.inner.opts,
+                        format!("no answer within {timeout:?}"),
+                    ));
+                }
+                continue;
+            };
+            match answer {
                 Ok(r) => return Ok(r),
-                Err(e) if never_sent(&e) && Instant::now() < deadline => {}
-                Err(e) => return Err(self.err(e)),
+                Err(e) if Instant::now() >= deadline => return Err(self.err(e)),
+                Err(e) if never_sent(&e) => {}
+                Err(e) => {
+                    let e = self.err(e);
+                    if !idempotent || !e.is_unavailable() {
+                        return Err(e);
+                    }
+                }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// Reads one object and its `mod_revision` (0: absent).
+    /// Reads one object and its `mod_revision` (0: absent), and remembers it.
     async fn read(&self, r: &ObjectRef) -> Result<(Option<Object>, i64)> {
-        let resp = self.range(self.object_key(r), None).await?;
-        match resp.kvs().first() {
-            None => Ok((None, 0)),
-            Some(kv) => Ok((Some(decode_object(kv)?.object), kv.mod_revision())),
+        let key = self.object_key(r);
+        let resp = self.range(key.clone(), None).await?;
+        let at = resp.header().map_or(0, |h| h.revision());
+        self.remember_read(key, &resp, at)
+    }
+
+    /// Remembers and returns what a read of one object key found at revision `at`.
+    fn remember_read(
+        &self,
+        key: Vec<u8>,
+        resp: &etcd_client::GetResponse,
+        at: i64,
+    ) -> Result<(Option<Object>, i64)> {
+        let found = match resp.kvs().first() {
+            None => (None, 0),
+            Some(kv) => (Some(decode_object(kv)?.object), kv.mod_revision()),
+        };
+        self.remember(
+            key,
+            Known {
+                object: found.0.clone(),
+                mod_revision: found.1,
+                at,
+            },
+        );
+        Ok(found)
+    }
+
+    /// What the cache knows of `key`: the object and its `mod_revision`.
+    fn cached(&self, key: &[u8]) -> Option<(Option<Object>, i64)> {
+        let cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(key).map(|k| (k.object.clone(), k.mod_revision))
+    }
+
+    /// Remembers `key` as `known`, unless something newer is known.
+    fn remember(&self, key: Vec<u8>, known: Known) {
+        let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_MAX && !cache.contains_key(&key) {
+            cache.clear();
+        }
+        match cache.get_mut(&key) {
+            Some(old) if old.at > known.at => {}
+            Some(old) => *old = known,
+            None => {
+                cache.insert(key, known);
+            }
         }
     }
 
-    /// Plans `plan` on the current object and commits it with one
-    /// compare-and-swap transaction; plans again when another writer won.
+    fn forget(&self, key: &[u8]) {
+        let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.remove(key);
+    }
+
+    /// Plans `plan` on the object as last known (absent when unknown) and
+    /// commits it with one compare-and-swap transaction whose else branch
+    /// reads the current object; plans again on that when the compare
+    /// failed. Writes nothing and answers only from a fresh read when the
+    /// plan is unchanged or refused.
     async fn write(
         &self,
         r: &ObjectRef,
         plan: impl Fn(Option<&Object>, Time) -> Result<Plan> + Send + Sync,
     ) -> Result<Written> {
         let key = self.object_key(r);
+        let (mut prev, mut prev_rev) = self.cached(&key).unwrap_or((None, 0));
+        let mut fresh = false;
         loop {
-            let (prev, prev_rev) = self.read(r).await?;
             let now = chrono::Utc::now();
-            let Some((change, outcome)) = plan(prev.as_ref(), now)? else {
-                return Ok(Written {
-                    outcome: Outcome::Unchanged,
-                    object: prev,
-                    seq: None,
-                });
+            let (change, outcome) = match plan(prev.as_ref(), now) {
+                Ok(Some(p)) => p,
+                // Not from a guess: read, then plan again.
+                _ if !fresh => {
+                    (prev, prev_rev) = self.read(r).await?;
+                    fresh = true;
+                    continue;
+                }
+                Ok(None) => {
+                    return Ok(Written {
+                        outcome: Outcome::Unchanged,
+                        object: prev,
+                        seq: None,
+                    });
+                }
+                Err(e) => return Err(e),
             };
             let ev = Event {
                 seq: 0,
@@ -307,36 +461,65 @@ impl EtcdStore {
                 }
                 None => ops.push(TxnOp::delete(key.clone(), None)),
             }
-            if matches!(
-                ev.change,
-                Change::Applied { .. } | Change::DeletionRequested { .. } | Change::Deleted
-            ) {
-                let uid = next
-                    .as_ref()
-                    .or(prev.as_ref())
-                    .and_then(|o| o.metadata.uid.clone())
-                    .unwrap_or_default();
-                let hkey = self.key(
-                    "h",
-                    &format!("{}/{}/{uid}/{prev_rev:020}", r.kind.as_str(), r.name),
-                );
-                ops.push(TxnOp::put(hkey, event::encode(&ev)?, None));
-            }
-            let txn = Txn::new().when([guard]).and_then(ops);
-            let resp = self
-                .send_write(|| {
+            // Every change goes to the history, in the same transaction.
+            let uid = next
+                .as_ref()
+                .or(prev.as_ref())
+                .and_then(|o| o.metadata.uid.clone())
+                .unwrap_or_default();
+            let hkey = self.key(
+                "h",
+                &format!("{}/{}/{uid}/{prev_rev:020}", r.kind.as_str(), r.name),
+            );
+            ops.push(TxnOp::put(hkey, event::encode(&ev)?, None));
+            let txn = Txn::new()
+                .when([guard])
+                .and_then(ops)
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let resp = match self
+                .send_write(true, || {
                     let (mut kv, txn) = (self.kv(), txn.clone());
                     async move { kv.txn(txn).await }
                 })
-                .await?;
+                .await
+            {
+                Ok(resp) => resp,
+                Err(e) => {
+                    // Maybe written, maybe not: know nothing of it.
+                    self.forget(&key);
+                    return Err(e);
+                }
+            };
             if !resp.succeeded() {
-                continue; // another writer won the race: plan again on its result
+                // Another writer won, or the cache was stale: plan again on
+                // the current object, read by the else branch.
+                let current = resp.op_responses().into_iter().find_map(|op| match op {
+                    etcd_client::TxnOpResponse::Get(g) => Some(g),
+                    _ => None,
+                });
+                let Some(current) = current else {
+                    (prev, prev_rev) = self.read(r).await?;
+                    fresh = true;
+                    continue;
+                };
+                let at = resp.header().map_or(0, |h| h.revision());
+                (prev, prev_rev) = self.remember_read(key.clone(), &current, at)?;
+                fresh = true;
+                continue;
             }
             let seq = resp.header().map_or(0, |h| rev(h.revision()));
             let object = next.map(|mut o| {
                 o.metadata.resource_version = seq;
                 o
             });
+            self.remember(
+                key,
+                Known {
+                    object: object.clone(),
+                    mod_revision: if object.is_some() { seq as i64 } else { 0 },
+                    at: seq as i64,
+                },
+            );
             return Ok(Written {
                 outcome,
                 object,
@@ -367,8 +550,11 @@ impl EtcdStore {
     }
 
     /// Compacts etcd's history below `revision` (its MVCC keeps every
-    /// version of every key until then). Spec history and current objects
-    /// are current keys and stay; watches from below `revision` get
+    /// version of every key until then) and prunes vmctl's history keys
+    /// written below it as [`EtcdOptions::retention`] says (spec changes
+    /// and deletions always stay; statuses: the newest
+    /// `status_per_object` of the current incarnation; finalizer changes:
+    /// the last). Current objects stay; watches from below `revision` get
     /// [`StoreError::TooOld`]. Returns the revision compacted at.
     pub async fn compact(&self, revision: u64) -> Result<u64> {
         let revision = revision.min(self.current_revision().await?);
@@ -383,13 +569,101 @@ impl EtcdStore {
             )
             .await
         {
-            Ok(_) => Ok(revision),
-            // Already compacted at or beyond it: nothing to do.
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => {
-                Ok(revision)
-            }
-            Err(e) => Err(self.err(e)),
+            Ok(_) => {}
+            // Already compacted at or beyond it.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => {}
+            Err(e) => return Err(self.err(e)),
         }
+        {
+            // The shared watch no longer serves subscribers from below it.
+            let mut hub = self.hub();
+            let floor = revision - 1;
+            if hub.covered_from < floor {
+                hub.covered_from = floor;
+                hub.recent.retain(|e| e.seq > floor);
+            }
+        }
+        let pruned = self.prune_history(revision).await?;
+        tracing::debug!(revision, pruned, "etcd compacted");
+        Ok(revision)
+    }
+
+    /// Deletes the history keys written below `below` that the retention
+    /// does not keep (the same rule as sled's compaction: [`droppable`]).
+    /// Returns how many went.
+    async fn prune_history(&self, below: u64) -> Result<usize> {
+        let resp = self
+            .range(self.key("h", ""), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut per_object: std::collections::HashMap<ObjectRef, Vec<(Event, &[u8])>> =
+            Default::default();
+        for kv in resp.kvs() {
+            let seq = rev(kv.mod_revision());
+            if seq >= below {
+                continue;
+            }
+            let mut ev: Event = event::decode(kv.value())?;
+            ev.seq = seq;
+            per_object
+                .entry(ev.object.clone())
+                .or_default()
+                .push((ev, kv.key()));
+        }
+        let retention = &self.inner.opts.retention;
+        let mut gone = Vec::new();
+        for events in per_object.values_mut() {
+            events.sort_by_key(|(e, _)| e.seq);
+            let mut seen = Seen::default();
+            for (ev, key) in events.iter().rev() {
+                if droppable(&mut seen, ev, retention) {
+                    gone.push(TxnOp::delete(key.to_vec(), None));
+                }
+            }
+        }
+        for chunk in gone.chunks(MAX_TXN_OPS) {
+            let txn = Txn::new().and_then(chunk.to_vec());
+            self.send_write(true, || {
+                let (mut kv, txn) = (self.kv(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        }
+        Ok(gone.len())
+    }
+
+    fn hub(&self) -> std::sync::MutexGuard<'_, Hub> {
+        self.inner.hub.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A watch from `after`: on the shared etcd watch when it has every
+    /// event above `after`, else on its own (which then starts the shared
+    /// one if none runs).
+    async fn subscribe(&self, after: u64) -> Result<Sub> {
+        {
+            let hub = self.hub();
+            if hub.running && after >= hub.covered_from {
+                return Ok(Sub::shared(self, &hub, after));
+            }
+        }
+        // Open it now, so that a compacted start fails here, like sled's.
+        let stream = self.open_watch(after as i64 + 1).await?;
+        let own = WatchState::new(self.clone(), after, Some(stream));
+        let mut hub = self.hub();
+        if hub.running {
+            if after >= hub.covered_from {
+                return Ok(Sub::shared(self, &hub, after));
+            }
+            return Ok(Sub::Own(Box::new(own)));
+        }
+        // This watch becomes the shared one: a pump fans it out.
+        hub.running = true;
+        hub.generation += 1;
+        hub.covered_from = after;
+        hub.recent.clear();
+        hub.tx = tokio::sync::broadcast::channel(HUB_RECENT).0;
+        let sub = Sub::shared(self, &hub, after);
+        tokio::spawn(pump(self.clone(), own, hub.generation));
+        Ok(sub)
     }
 
     /// etcd's current revision (any write acknowledged before is at or below it).
@@ -557,9 +831,24 @@ struct WatchState {
     pos: u64,
     pending: std::collections::VecDeque<Event>,
     failed: bool,
+    /// Since when the etcd watch is broken (a field, not a local, so that
+    /// a cancelled `next` keeps counting).
+    broken_since: Option<Instant>,
 }
 
 impl WatchState {
+    /// A watch from `pos` that opens its etcd watch on first use.
+    fn new(store: EtcdStore, pos: u64, stream: Option<etcd_client::WatchStream>) -> Self {
+        WatchState {
+            store,
+            stream,
+            pos,
+            pending: Default::default(),
+            failed: false,
+            broken_since: None,
+        }
+    }
+
     async fn next(&mut self) -> Option<Result<Arc<Event>>> {
         if self.failed {
             return None;
@@ -572,7 +861,6 @@ impl WatchState {
     }
 
     async fn next_inner(&mut self) -> Result<Arc<Event>> {
-        let mut broken_since: Option<Instant> = None;
         loop {
             if let Some(ev) = self.pending.pop_front() {
                 if ev.seq > self.pos {
@@ -603,7 +891,7 @@ impl WatchState {
                                 resp.cancel_reason()
                             )))
                         } else {
-                            broken_since = None;
+                            self.broken_since = None;
                             for e in resp.events() {
                                 if let Some(ev) = self.store.event_of(e)? {
                                     self.pending.push_back(ev);
@@ -624,12 +912,114 @@ impl WatchState {
                 return Err(err);
             }
             self.stream = None;
-            let since = *broken_since.get_or_insert_with(Instant::now);
+            let since = *self.broken_since.get_or_insert_with(Instant::now);
             if since.elapsed() > self.store.inner.opts.watch_resume {
                 return Err(err);
             }
             tracing::debug!(pos = self.pos, error = %err, "etcd watch broken; resuming");
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Runs the shared etcd watch: each event goes to `recent` and to every
+/// subscriber. Ends when the watch fails (subscribers then go on with
+/// their own etcd watch, which reports the failure if it persists) or when
+/// no subscriber is left.
+async fn pump(store: EtcdStore, mut watch: WatchState, generation: u64) {
+    loop {
+        let item = tokio::select! {
+            item = watch.next() => item,
+            // `WatchState::next` is cancel-safe: its state is in fields.
+            () = tokio::time::sleep(Duration::from_secs(5)) => {
+                if store.hub().tx.receiver_count() == 0 {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(Ok(ev)) = item else { break };
+        let mut hub = store.hub();
+        if hub.generation != generation {
+            return;
+        }
+        if hub.recent.len() >= HUB_RECENT
+            && let Some(old) = hub.recent.pop_front()
+        {
+            hub.covered_from = hub.covered_from.max(old.seq);
+        }
+        hub.recent.push_back(ev.clone());
+        if hub.tx.send(ev).is_err() {
+            break; // no subscriber left
+        }
+    }
+    let mut hub = store.hub();
+    if hub.generation == generation {
+        hub.running = false;
+        hub.recent.clear();
+        // Dropping the sender ends the fan-out of any late subscriber.
+        hub.tx = tokio::sync::broadcast::channel(HUB_RECENT).0;
+    }
+}
+
+/// One subscriber's watch.
+enum Sub {
+    /// Fed by the shared watch: first `backlog` (from its recent events),
+    /// then live ones; `pos` is the last revision delivered.
+    Shared {
+        store: EtcdStore,
+        backlog: std::collections::VecDeque<Arc<Event>>,
+        rx: tokio::sync::broadcast::Receiver<Arc<Event>>,
+        pos: u64,
+    },
+    /// Its own etcd watch.
+    Own(Box<WatchState>),
+}
+
+impl Sub {
+    /// Subscribes to `hub` (locked, so no event falls between its recent
+    /// events and the live ones) from `after`.
+    fn shared(store: &EtcdStore, hub: &Hub, after: u64) -> Sub {
+        Sub::Shared {
+            store: store.clone(),
+            backlog: hub
+                .recent
+                .iter()
+                .filter(|e| e.seq > after)
+                .cloned()
+                .collect(),
+            rx: hub.tx.subscribe(),
+            pos: after,
+        }
+    }
+
+    async fn next(&mut self) -> Option<Result<Arc<Event>>> {
+        loop {
+            let fallback = match self {
+                Sub::Own(own) => return own.next().await,
+                Sub::Shared {
+                    store,
+                    backlog,
+                    rx,
+                    pos,
+                } => {
+                    let ev = match backlog.pop_front() {
+                        Some(ev) => Ok(ev),
+                        None => rx.recv().await,
+                    };
+                    match ev {
+                        Ok(ev) if ev.seq > *pos => {
+                            *pos = ev.seq;
+                            return Some(Ok(ev));
+                        }
+                        Ok(_) => continue,
+                        // Fell behind (lagged) or the shared watch ended:
+                        // on with an own etcd watch from here.
+                        Err(_) => Box::new(WatchState::new(store.clone(), *pos, None)),
+                    }
+                }
+            };
+            *self = Sub::Own(fallback);
         }
     }
 }
@@ -698,22 +1088,23 @@ impl Store for EtcdStore {
         loop {
             let lease = self.note_lease(fresh).await?;
             match self
-                .kv()
-                .put(
-                    key.clone(),
-                    value.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )
+                .send_write(false, || {
+                    let (mut kv, key, value) = (self.kv(), key.clone(), value.clone());
+                    async move {
+                        kv.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                            .await
+                    }
+                })
                 .await
             {
                 Ok(resp) => return Ok(resp.header().map_or(0, |h| rev(h.revision()))),
                 // The lease expired or etcd lost it: grant a new one, once.
-                Err(etcd_client::Error::GRpcStatus(s))
-                    if !fresh && s.message().contains("lease not found") =>
+                Err(StoreError::Backend(e))
+                    if !fresh && e.to_string().contains("lease not found") =>
                 {
                     fresh = true;
                 }
-                Err(e) => return Err(self.err(e)),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -742,17 +1133,9 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, after: u64) -> Result<Watch> {
-        let mut state = WatchState {
-            store: self.clone(),
-            stream: None,
-            pos: after,
-            pending: Default::default(),
-            failed: false,
-        };
-        // Open it now, so that a compacted start fails here, like sled's.
-        state.stream = Some(self.open_watch(after as i64 + 1).await?);
+        let sub = self.subscribe(after).await?;
         Ok(Watch::new(futures::stream::unfold(
-            state,
+            sub,
             |mut st| async move { st.next().await.map(|r| (r, st)) },
         )))
     }
@@ -771,6 +1154,22 @@ impl Store for EtcdStore {
                 Ok(ev)
             })
             .collect::<Result<Vec<_>>>()?;
+        // The object's notes, as in sled's history.
+        let notes = self
+            .range(
+                self.key("n", &format!("{}/{}/", r.kind.as_str(), r.name)),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        for kv in notes.kvs() {
+            let n: StoredNote = event::decode(kv.value())?;
+            out.push(Event {
+                seq: rev(kv.mod_revision()),
+                time: n.time,
+                object: r.clone(),
+                change: Change::Noted { note: n.note },
+            });
+        }
         out.sort_by_key(|e| e.seq);
         Ok(out)
     }

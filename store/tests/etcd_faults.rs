@@ -1,6 +1,9 @@
 //! Faults on a real 3-member etcd cluster under 16 writers: kill -9 a
 //! follower, then the leader. Every acknowledged write must be there
 //! afterwards, and writes must go on (after the election for the leader).
+//! Also the EtcdStore's own shortcuts under stress: a stale write cache
+//! (another store wrote meanwhile) and a watcher that falls behind the
+//! shared watch.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +13,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 use vmctl_api::{Kind, Object, ObjectMeta, ObjectRef};
 use vmctl_store::testing::{EtcdCluster, unique_prefix};
-use vmctl_store::{Change, EtcdOptions, EtcdStore, Store};
+use vmctl_store::{Change, EtcdOptions, EtcdStore, Store, StoreError};
 
 const WRITERS: usize = 16;
 
@@ -28,15 +31,22 @@ fn vm(name: &str, n: u64) -> Object {
 async fn writer(s: Arc<dyn Store>, i: usize, stop: Arc<AtomicBool>, acks: Arc<Mutex<Vec<Ack>>>) {
     let name = format!("w{i}");
     let mut n = 1;
-    while !stop.load(Ordering::SeqCst) {
+    // A write that failed may have committed (its answer lost, e.g. a
+    // proposal that timed out across a leader election): like any client,
+    // the writer repeats it until it is acknowledged before it stops, so
+    // its newest write is known.
+    let mut unsure = false;
+    while unsure || !stop.load(Ordering::SeqCst) {
         match s.apply(vm(&name, n), None, None).await {
             Ok(w) => {
                 // Unchanged: a retry of a write that committed unacknowledged.
                 let rv = w.object.as_ref().map_or(0, |o| o.metadata.resource_version);
                 acks.lock().await.push((name.clone(), n, rv));
                 n += 1;
+                unsure = false;
             }
             Err(e) => {
+                unsure = true;
                 assert!(e.is_unavailable(), "only unavailability is expected: {e:?}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -187,4 +197,133 @@ async fn one_dead_member_fails_no_request() {
         store.list(None).await.unwrap();
     }
     drop(cluster);
+}
+
+async fn connect(prefix: &str) -> EtcdStore {
+    let cluster = tokio::task::spawn_blocking(EtcdCluster::shared)
+        .await
+        .unwrap();
+    let mut opts = EtcdOptions::new(cluster.endpoints());
+    opts.prefix = prefix.to_owned();
+    EtcdStore::connect(opts).await.unwrap()
+}
+
+/// Writes are planned from what the store last wrote or read (one round
+/// trip instead of a read then a transaction). Another store writing the
+/// same objects meanwhile must never make a write wrong: not "unchanged"
+/// when it changes something, no false conflict, no write on a deleted
+/// object, no lost update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_write_cache_never_gives_a_wrong_answer() {
+    let prefix = unique_prefix();
+    let (a, b) = (connect(&prefix).await, connect(&prefix).await);
+    let r = ObjectRef::new(Kind::VirtualMachine, "x");
+    // b has never seen x: it is not "created" twice.
+    a.apply(vm("x", 1), None, None).await.unwrap();
+    let w = b.apply(vm("x", 1), None, None).await.unwrap();
+    assert_eq!(w.outcome, vmctl_store::Outcome::Unchanged);
+    // b remembers n=1; a changes it: b's n=1 again is a change, not "unchanged".
+    a.apply(vm("x", 2), None, None).await.unwrap();
+    let w = b.apply(vm("x", 1), None, None).await.unwrap();
+    assert_eq!(w.outcome, vmctl_store::Outcome::Configured);
+    assert_eq!(a.get(&r).await.unwrap().unwrap().spec["n"], json!(1));
+    // a's cache is stale now: its expected_rv from a fresh get is no conflict.
+    let rv = a.get(&r).await.unwrap().unwrap().metadata.resource_version;
+    let w = b.update_status(&r, json!({"by": "b"}), None).await.unwrap();
+    let err = a
+        .update_status(&r, json!({"by": "a"}), Some(rv))
+        .await
+        .expect_err("b wrote after rv: a real conflict");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    let now = w.seq.unwrap();
+    a.update_status(&r, json!({"by": "a"}), Some(now))
+        .await
+        .expect("the current rv is no conflict, whatever a remembered");
+    // b deletes it; a (remembering it) must not write to it.
+    b.request_delete(&r, None).await.unwrap();
+    let err = a
+        .update_status(&r, json!({"late": true}), None)
+        .await
+        .expect_err("it is gone");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    assert_eq!(a.get(&r).await.unwrap(), None);
+    // 8 writers on each store, each adding one status write: none lost.
+    a.apply(vm("x", 3), None, None).await.unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let r = r.clone();
+            tokio::spawn(async move {
+                s.update_status(&r, json!({"writer": i}), None)
+                    .await
+                    .unwrap()
+                    .seq
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 16, "every write its own resourceVersion");
+    let statuses = a
+        .history(&r)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| seqs.contains(&e.seq) && matches!(e.change, Change::StatusUpdated { .. }))
+        .count();
+    assert_eq!(statuses, 16, "every write in the history");
+}
+
+/// Watchers share one etcd watch per store. One that reads nothing while
+/// more events than the shared watch keeps go by, and one that starts
+/// below them, must still get every event once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_behind_the_shared_watch_still_gets_every_event_once() {
+    let s = connect(&unique_prefix()).await;
+    let from = s.last_seq().await.unwrap();
+    let mut live = s.watch(from).await.unwrap();
+    let mut slow = s.watch(from).await.unwrap();
+    let writes = vmctl_store::etcd::HUB_RECENT + 500;
+    let tasks: Vec<_> = (0..16)
+        .map(|w| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in (w..writes).step_by(16) {
+                    let r = s.apply(vm(&format!("o{i}"), 0), None, None).await.unwrap();
+                    seqs.push(r.seq.unwrap());
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut want = Vec::new();
+    for t in tasks {
+        want.extend(t.await.unwrap());
+    }
+    want.sort();
+    let mut got_live = Vec::new();
+    while got_live.len() < writes {
+        got_live.push(live.next().await.unwrap().seq);
+    }
+    assert_eq!(got_live, want, "the live watcher");
+    // Starts below what the shared watch keeps: its own etcd watch.
+    let mut late = s.watch(from).await.unwrap();
+    for (name, w) in [("slow", &mut slow), ("late", &mut late)] {
+        let mut got = Vec::new();
+        while got.len() < writes {
+            got.push(w.next().await.unwrap().seq);
+        }
+        assert_eq!(got, want, "the {name} watcher");
+    }
+    // And nothing more.
+    let r = s.apply(vm("after", 0), None, None).await.unwrap();
+    for w in [&mut live, &mut slow, &mut late] {
+        assert_eq!(w.next().await.unwrap().seq, r.seq.unwrap(), "no duplicate");
+    }
 }

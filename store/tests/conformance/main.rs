@@ -50,7 +50,8 @@ macro_rules! conformance {
             watch_delivers_every_later_event_once_in_order,
             a_listing_resource_version_is_consistent_with_a_watch_from_it,
             sixteen_concurrent_writers_share_no_resource_version_and_lose_nothing,
-            history_lists_spec_changes_oldest_first
+            history_lists_spec_changes_oldest_first,
+            history_has_every_change_and_note_of_the_object
         );
         conformance!(@t $open, true,
             history_of_spec_changes_survives_compaction,

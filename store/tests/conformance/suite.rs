@@ -513,6 +513,47 @@ pub async fn history_lists_spec_changes_oldest_first(t: &Subject) {
     assert!(h.iter().all(|e| e.object == vm_ref("a")), "only its own");
 }
 
+/// Regression (etcd kept only spec changes and deletions in its history,
+/// sled every event): the history of an object is every change of it
+/// (create, apply, status, finalizers, deletion request, deletion) and its
+/// notes, each at the resourceVersion its write returned, oldest first.
+pub async fn history_has_every_change_and_note_of_the_object(t: &Subject) {
+    let s = &t.store;
+    let a = vm_ref("a");
+    let mut want = Vec::new();
+    let w = s.apply(vm("a", json!({"n": 1})), None, None).await.unwrap();
+    want.push((w.seq.unwrap(), "Created"));
+    let w = s.update_status(&a, json!({"x": 1}), None).await.unwrap();
+    want.push((w.seq.unwrap(), "StatusUpdated"));
+    let w = s.apply(vm("a", json!({"n": 2})), None, None).await.unwrap();
+    want.push((w.seq.unwrap(), "Applied"));
+    s.apply(vm("other", json!({})), None, None).await.unwrap();
+    s.update_status(&vm_ref("other"), json!({}), None)
+        .await
+        .unwrap();
+    let w = s.update_status(&a, json!({"x": 2}), None).await.unwrap();
+    want.push((w.seq.unwrap(), "StatusUpdated"));
+    let seq = s.record_note(note("a", "Started")).await.unwrap();
+    want.push((seq, "Noted"));
+    let w = s.set_finalizers(&a, vec!["f".into()], None).await.unwrap();
+    want.push((w.seq.unwrap(), "FinalizersSet"));
+    let w = s.request_delete(&a, None).await.unwrap();
+    want.push((w.seq.unwrap(), "DeletionRequested"));
+    let w = s.set_finalizers(&a, vec![], None).await.unwrap();
+    assert_eq!(w.object, None, "clearing the finalizers deleted it");
+    let last = w.seq.unwrap();
+    let h = s.history(&a).await.unwrap();
+    let got: Vec<(u64, &str)> = h.iter().map(|e| (e.seq, e.change.name())).collect();
+    assert_eq!(&got[..want.len()], &want[..], "every change, in order");
+    assert_eq!(got.len(), want.len() + 1, "and the deletion: {got:?}");
+    assert_eq!(got[want.len()].0, last);
+    assert!(h.iter().all(|e| e.object == a), "only its own");
+    match &h[1].change {
+        Change::StatusUpdated { status } => assert_eq!(status, &json!({"x": 1})),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 pub async fn history_of_spec_changes_survives_compaction(t: &Subject) {
     let s = &t.store;
     let mut spec_rvs = Vec::new();
@@ -538,6 +579,17 @@ pub async fn history_of_spec_changes_survives_compaction(t: &Subject) {
         .map(|e| e.seq)
         .collect();
     assert_eq!(applied, spec_rvs, "every spec change kept");
+    // Statuses are pruned to the newest few (sled here: 1; etcd: 3), and
+    // the newest always stays.
+    let statuses: Vec<&serde_json::Value> = h
+        .iter()
+        .filter_map(|e| match &e.change {
+            Change::StatusUpdated { status } => Some(status),
+            _ => None,
+        })
+        .collect();
+    assert!((1..=3).contains(&statuses.len()), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&&json!({"n": 3, "j": 4})));
     assert!(
         h.iter()
             .any(|e| e.seq == del.seq.unwrap()
