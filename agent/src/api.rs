@@ -1,5 +1,6 @@
-//! The HTTP API: thin handlers that validate input, call the store, and
-//! map errors to statuses with one explicit `match`.
+//! The HTTP API: thin handlers that decode a request, call the store (reads)
+//! or one [`actions`] function (writes), and map errors to statuses with
+//! one explicit `match`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,14 +12,13 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use vmctl_api::wire::{
-    ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, ErrorBody, Health, ObjectList,
-};
-use vmctl_api::{Kind, Object, ObjectRef, Resource};
-use vmctl_store::{Outcome, Store, StoreError};
+use vmctl_api::wire::{ApplyRequest, ApplyResponse, ErrorBody, Health, ObjectList};
+use vmctl_api::{Kind, Object, ObjectRef};
+use vmctl_store::{Store, StoreError};
 
+use crate::actions::{self, ActionError};
 use crate::config::AgentConfig;
-use crate::finalizers::{self, FinalizerError, PatchRequest};
+use crate::finalizers::{FinalizerError, PatchRequest};
 use crate::openapi::{Accepted, ApiRouter, NdJson, RawJson, Text};
 use crate::rejection::{
     ApiJson, ApiPath as Path, ApiQuery as Query, MAX_APPLY_BODY_BYTES, MAX_BODY_BYTES,
@@ -271,67 +271,38 @@ async fn health(State(st): State<AppState>) -> Json<Health> {
     })
 }
 
-/// Validates every object before writing any, so a bad request changes nothing.
-fn validate_objects(objects: &[Object]) -> ApiResult<()> {
-    for (i, obj) in objects.iter().enumerate() {
-        let res = Resource::from_object(obj).map_err(|e| {
-            ApiError::bad_request(
-                format!(
-                    "objects[{i}] ({}/{}): {e}",
-                    obj.kind.short(),
-                    obj.metadata.name
-                ),
-                "compare with `vmctl schema`",
-            )
-        })?;
-        let errors: Vec<String> = vmctl_api::validate::validate(&res)
-            .into_iter()
-            .filter(|e| e.severity == vmctl_api::validate::Severity::Error)
-            .map(|e| format!("{}: {}", e.path, e.message))
-            .collect();
-        if !errors.is_empty() {
-            return Err(ApiError::bad_request(
-                format!(
-                    "objects[{i}] ({}/{}) is invalid: {}",
-                    obj.kind.short(),
-                    obj.metadata.name,
-                    errors.join("; ")
-                ),
-                "run `vmctl validate` on the file",
-            ));
-        }
-    }
-    Ok(())
-}
-
 async fn apply(
     State(st): State<AppState>,
     ApiJson(req): ApiJson<ApplyRequest, MAX_APPLY_BODY_BYTES>,
 ) -> ApiResult<Json<ApplyResponse>> {
-    validate_objects(&req.objects)?;
-    let results = apply_objects(&*st.store, req).await??;
-    Ok(Json(ApplyResponse { results }))
+    let resp = actions::apply(&*st.store, req)
+        .await
+        .map_err(action_error)?;
+    Ok(Json(resp))
 }
 
-/// The 409 of an object whose given resourceVersion is not the stored one.
-fn stale(r: &ObjectRef, given: u64, actual: u64) -> ApiError {
-    let now = if actual == 0 {
-        "it does not exist".to_owned()
-    } else {
-        format!("it is at {actual} now")
-    };
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "vmctl::api::conflict",
-        format!(
-            "{r} was changed since it was read: the request has resourceVersion {given}, {now}; nothing was written"
+/// The answer to an action's error: one explicit arm per kind.
+fn action_error(e: ActionError) -> ApiError {
+    match e {
+        ActionError::Malformed { .. } => {
+            ApiError::bad_request(e.to_string(), "compare with `vmctl schema`")
+        }
+        ActionError::Invalid { .. } => {
+            ApiError::bad_request(e.to_string(), "run `vmctl validate` on the file")
+        }
+        ActionError::Stale { ref object, .. } => ApiError::new(
+            StatusCode::CONFLICT,
+            "vmctl::api::conflict",
+            e.to_string(),
+            Some(&format!(
+                "read it again (`vmctl get {} {} -o yaml`) and redo the change, or drop metadata.resourceVersion to overwrite",
+                object.kind.short(),
+                object.name
+            )),
         ),
-        Some(&format!(
-            "read it again (`vmctl get {} {} -o yaml`) and redo the change, or drop metadata.resourceVersion to overwrite",
-            r.kind.short(),
-            r.name
-        )),
-    )
+        ActionError::Finalizer(e) => finalizer_error(e),
+        ActionError::Store(e) => e.into(),
+    }
 }
 
 fn finalizer_error(e: FinalizerError) -> ApiError {
@@ -351,282 +322,15 @@ fn finalizer_error(e: FinalizerError) -> ApiError {
     }
 }
 
-/// Spec fields that only imperative commands write (`vmctl provision`'s
-/// `runToken`): a file never has them, so an apply that omits one keeps
-/// the stored value instead of counting its removal as a change (which
-/// would run the provisioners again).
-const IMPERATIVE_FIELDS: &[(Kind, &str)] = &[(Kind::Provision, "runToken")];
-
-async fn keep_imperative_fields(store: &dyn Store, obj: &mut Object) -> Result<(), StoreError> {
-    let fields: Vec<&str> = IMPERATIVE_FIELDS
-        .iter()
-        .filter(|(k, _)| *k == obj.kind)
-        .map(|(_, f)| *f)
-        .collect();
-    if fields.is_empty() || fields.iter().all(|f| obj.spec.get(*f).is_some()) {
-        return Ok(());
-    }
-    let Some(cur) = store.get(&obj.object_ref()).await? else {
-        return Ok(());
-    };
-    for f in fields {
-        if obj.spec.get(f).is_none()
-            && let (Some(v), Some(spec)) = (cur.spec.get(f), obj.spec.as_object_mut())
-        {
-            spec.insert(f.to_owned(), v.clone());
-        }
-    }
-    Ok(())
-}
-
-/// Applies the objects in order; stale resourceVersions and bad finalizer
-/// names are refused before anything is written. The outer error is the
-/// store's, the inner one a refusal of the request.
-async fn apply_objects(
-    store: &dyn Store,
-    req: ApplyRequest,
-) -> Result<ApiResult<Vec<ApplyResult>>, StoreError> {
-    for obj in &req.objects {
-        let rv = obj.metadata.resource_version;
-        if rv != 0 {
-            let r = obj.object_ref();
-            let actual = store
-                .get(&r)
-                .await?
-                .map_or(0, |o| o.metadata.resource_version);
-            if actual != rv {
-                return Ok(Err(stale(&r, rv, actual)));
-            }
-        }
-        if let Some(e) = obj
-            .metadata
-            .finalizers
-            .iter()
-            .find_map(|f| finalizers::check_name(f).err())
-        {
-            return Ok(Err(finalizer_error(e)));
-        }
-    }
-    let wanted: std::collections::HashSet<ObjectRef> =
-        req.objects.iter().map(Object::object_ref).collect();
-    let distinct = wanted.len() == req.objects.len();
-    let mut results =
-        match apply_all(store, req.objects, &req.source, req.dry_run, distinct).await? {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(e)),
-        };
-    let source_file = req.source.as_ref().and_then(|s| s.file.clone());
-    if let (true, Some(file)) = (req.prune, source_file) {
-        for obj in store.list(None).await?.objects {
-            let same_source =
-                obj.metadata.source.as_ref().and_then(|s| s.file.as_deref()) == Some(file.as_str());
-            let r = obj.object_ref();
-            if same_source && !wanted.contains(&r) && obj.metadata.deletion_timestamp.is_none() {
-                if !req.dry_run {
-                    store.request_delete(&r, None).await?;
-                }
-                results.push(ApplyResult {
-                    object: r,
-                    outcome: ApplyOutcome::Pruned,
-                    generation: obj.metadata.generation,
-                    resource_version: obj.metadata.resource_version,
-                });
-            }
-        }
-    }
-    Ok(Ok(results))
-}
-
-/// Writers that apply one request's objects at once. Each write waits for
-/// its commit (sled: its fsync, shared by concurrent writers; etcd: a
-/// quorum round trip), so a 10,000-object apply takes a fraction of the
-/// time of one-by-one writes.
-const APPLY_WRITERS: usize = 8;
-
-/// Applies `objects` and returns their results in request order: in
-/// [`APPLY_WRITERS`] ordered chunks at once when the request is large and
-/// names every object once (a name given twice is applied in order).
-async fn apply_all(
-    store: &dyn Store,
-    objects: Vec<Object>,
-    source: &Option<vmctl_api::ApplySource>,
-    dry_run: bool,
-    distinct: bool,
-) -> Result<ApiResult<Vec<ApplyResult>>, StoreError> {
-    let chunk = objects.len().div_ceil(APPLY_WRITERS).max(1);
-    if !distinct || objects.len() < 4 * APPLY_WRITERS {
-        return apply_chunk(store, objects, source, dry_run).await;
-    }
-    let mut chunks = Vec::new();
-    let mut rest = objects;
-    while rest.len() > chunk {
-        let tail = rest.split_off(chunk);
-        chunks.push(rest);
-        rest = tail;
-    }
-    chunks.push(rest);
-    // The chunks run concurrently on this task: each awaits its own writes.
-    let writers = chunks
-        .into_iter()
-        .map(|c| apply_chunk(store, c, source, dry_run));
-    let mut all = Vec::new();
-    let mut refused = None;
-    for w in futures::future::join_all(writers).await {
-        match w? {
-            Ok(r) => all.extend(r),
-            Err(e) => refused = refused.or(Some(e)),
-        }
-    }
-    Ok(refused.map_or(Ok(all), Err))
-}
-
-/// Applies `objects` one after the other; stops at the first refusal.
-async fn apply_chunk(
-    store: &dyn Store,
-    objects: Vec<Object>,
-    source: &Option<vmctl_api::ApplySource>,
-    dry_run: bool,
-) -> Result<ApiResult<Vec<ApplyResult>>, StoreError> {
-    let mut out = Vec::with_capacity(objects.len());
-    for obj in objects {
-        match apply_one(store, obj, source, dry_run).await? {
-            Ok(r) => out.push(r),
-            Err(e) => return Ok(Err(e)),
-        }
-    }
-    Ok(Ok(out))
-}
-
-/// Applies one object: its spec, labels and annotations, then its user
-/// finalizers (see [`finalizers`]); a dry run only reads.
-async fn apply_one(
-    store: &dyn Store,
-    mut obj: Object,
-    source: &Option<vmctl_api::ApplySource>,
-    dry_run: bool,
-) -> Result<ApiResult<ApplyResult>, StoreError> {
-    obj.status = None;
-    let r = obj.object_ref();
-    let given_rv = Some(obj.metadata.resource_version).filter(|rv| *rv != 0);
-    let applied_finalizers = std::mem::take(&mut obj.metadata.finalizers);
-    // On create the store keeps these; on update it ignores them and
-    // `edit_finalizers` below reconciles them.
-    obj.metadata.finalizers = finalizers::on_create(&applied_finalizers);
-    keep_imperative_fields(store, &mut obj).await?;
-    if dry_run {
-        let outcome = match store.get(&r).await? {
-            None => ApplyOutcome::Created,
-            Some(cur)
-                if cur.spec == obj.spec
-                    && cur.metadata.labels == obj.metadata.labels
-                    && finalizers::after_apply(&cur.metadata.finalizers, &applied_finalizers)
-                        == cur.metadata.finalizers =>
-            {
-                ApplyOutcome::Unchanged
-            }
-            Some(_) => ApplyOutcome::Configured,
-        };
-        return Ok(Ok(ApplyResult {
-            object: r,
-            outcome,
-            generation: 0,
-            resource_version: 0,
-        }));
-    }
-    let w = match store.apply(obj, source.clone(), given_rv).await {
-        Err(StoreError::Conflict {
-            object,
-            expected,
-            actual,
-        }) => return Ok(Err(stale(&object, expected, actual))),
-        w => w?,
-    };
-    let mut outcome = match w.outcome {
-        Outcome::Created => ApplyOutcome::Created,
-        Outcome::Unchanged => ApplyOutcome::Unchanged,
-        _ => ApplyOutcome::Configured,
-    };
-    let mut written = w.object;
-    if let Some(cur) = written.as_ref().filter(|_| w.outcome != Outcome::Created)
-        && finalizers::after_apply(&cur.metadata.finalizers, &applied_finalizers)
-            != cur.metadata.finalizers
-    {
-        let rv = Some(cur.metadata.resource_version).filter(|_| given_rv.is_some());
-        written = match edit_finalizers(store, &r, rv, |f| {
-            Ok(finalizers::after_apply(f, &applied_finalizers))
-        })
-        .await?
-        {
-            Ok(o) => o,
-            Err(e) => return Ok(Err(e)),
-        };
-        if outcome == ApplyOutcome::Unchanged {
-            outcome = ApplyOutcome::Configured;
-        }
-    }
-    let (generation, resource_version) = written
-        .as_ref()
-        .map(|o| (o.metadata.generation, o.metadata.resource_version))
-        .unwrap_or((0, 0));
-    Ok(Ok(ApplyResult {
-        object: r,
-        outcome,
-        generation,
-        resource_version,
-    }))
-}
-
-/// Replaces `r`'s finalizers with `plan(current)`. With `expected` a moved
-/// object is a conflict; without, a conflicting concurrent write (a
-/// controller's) is read again and the plan redone, a few times.
-/// Returns the object after the write (`None` once it is deleted).
-async fn edit_finalizers(
-    store: &dyn Store,
-    r: &ObjectRef,
-    expected: Option<u64>,
-    plan: impl Fn(&[String]) -> Result<Vec<String>, FinalizerError>,
-) -> Result<ApiResult<Option<Object>>, StoreError> {
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let cur = store
-            .get(r)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(r.clone()))?;
-        let rv = cur.metadata.resource_version;
-        if let Some(given) = expected.filter(|given| *given != rv) {
-            return Ok(Err(stale(r, given, rv)));
-        }
-        let want = match plan(&cur.metadata.finalizers) {
-            Ok(w) => w,
-            Err(e) => return Ok(Err(finalizer_error(e))),
-        };
-        if want == cur.metadata.finalizers {
-            return Ok(Ok(Some(cur)));
-        }
-        match store.set_finalizers(r, want, Some(rv)).await {
-            Ok(w) => return Ok(Ok(w.object)),
-            Err(StoreError::Conflict { .. }) if expected.is_none() && attempts < 5 => {}
-            Err(StoreError::Conflict {
-                object,
-                expected,
-                actual,
-            }) => return Ok(Err(stale(&object, expected, actual))),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 async fn patch_one(
     State(st): State<AppState>,
     Path((kind, name)): Path<(String, String)>,
     ApiJson(patch): ApiJson<PatchRequest, MAX_BODY_BYTES>,
 ) -> ApiResult<Json<Option<Object>>> {
     let r = ObjectRef::new(parse_kind(&kind)?, name);
-    let obj = edit_finalizers(&*st.store, &r, patch.resource_version, |cur| {
-        finalizers::after_patch(cur, &patch)
-    })
-    .await??;
+    let obj = actions::patch(&*st.store, &r, &patch)
+        .await
+        .map_err(action_error)?;
     Ok(Json(obj))
 }
 
@@ -718,8 +422,10 @@ async fn delete_one(
     Path((kind, name)): Path<(String, String)>,
 ) -> ApiResult<Accepted<Option<Object>>> {
     let r = ObjectRef::new(parse_kind(&kind)?, name);
-    let w = st.store.request_delete(&r, None).await?;
-    Ok(Accepted(w.object))
+    let obj = actions::delete(&*st.store, &r)
+        .await
+        .map_err(action_error)?;
+    Ok(Accepted(obj))
 }
 
 async fn history(

@@ -10,6 +10,7 @@
 //!                                                 controllers ──▶ drivers
 //! ```
 
+pub mod actions;
 pub mod api;
 pub mod cache;
 pub mod compaction;
