@@ -27,47 +27,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::Utc;
-use vmctl_api::{
-    Condition, ConditionStatus, Image, ImagePhase, ImageStatus, Kind, NoteType, Object,
-    set_condition,
-};
+use vmctl_api::{Image, ImagePhase, ImageStatus, Kind, NoteType, Object, set_condition};
 
-use crate::Context;
-use crate::drivers::{DriverError, LocalImage};
-use crate::runtime::controller::ControllerError;
-use crate::runtime::{Action, ReconcileError, Reconciler};
-
-/// Errors of the Image controller.
-#[derive(Debug, thiserror::Error)]
-pub enum ImageError {
-    /// The object's spec or status does not match the Image schema.
-    #[error("invalid Image object")]
-    Decode(#[source] serde_json::Error),
-    /// Reading or writing the store failed.
-    #[error("store access failed")]
-    Store(#[source] ControllerError),
-    /// The fetcher could not make the image available.
-    #[error("cannot fetch image {name}")]
-    Fetch {
-        /// The image.
-        name: String,
-        /// Why.
-        #[source]
-        source: DriverError,
-    },
-}
-
-impl ReconcileError for ImageError {
-    fn is_conflict(&self) -> bool {
-        matches!(self, ImageError::Store(e) if e.is_conflict())
-    }
-}
-
-impl From<ControllerError> for ImageError {
-    fn from(e: ControllerError) -> Self {
-        ImageError::Store(e)
-    }
-}
+use crate::conditions::condition;
+use crate::drivers::LocalImage;
+use crate::runtime::{Action, Reconciler};
+use crate::{Context, Error};
 
 /// The finalizer that removes a deleted Image's downloaded file.
 pub const FINALIZER: &str = "vmctl.dev/image-cache";
@@ -140,7 +105,7 @@ impl ImageReconciler {
         &self,
         obj: &Object,
         status: &ImageStatus,
-    ) -> Result<Option<Object>, ImageError> {
+    ) -> Result<Option<Object>, Error> {
         let mut current = obj.clone();
         // Each retry follows a write by someone else; a bound keeps a
         // pathological writer from holding the fetch here forever.
@@ -164,22 +129,6 @@ impl ImageReconciler {
     }
 }
 
-fn ready_condition(
-    status: ConditionStatus,
-    reason: &str,
-    message: String,
-    generation: u64,
-) -> Condition {
-    Condition {
-        type_: "Ready".into(),
-        status,
-        reason: reason.into(),
-        message,
-        last_transition_time: None,
-        observed_generation: generation,
-    }
-}
-
 fn set_ready(status: &mut ImageStatus, img: &LocalImage, generation: u64) {
     status.phase = ImagePhase::Ready;
     status.observed_generation = generation;
@@ -188,17 +137,12 @@ fn set_ready(status: &mut ImageStatus, img: &LocalImage, generation: u64) {
     status.size_bytes = Some(img.size_bytes);
     status.virtual_size_bytes = img.virtual_size_bytes;
     status.progress = None;
-    let cond = ready_condition(
-        ConditionStatus::True,
-        "Available",
-        String::new(),
-        generation,
-    );
+    let cond = condition("Ready", true, "Available", String::new(), generation);
     set_condition(&mut status.conditions, cond, Utc::now());
 }
 
 impl ImageReconciler {
-    async fn finalize(&self, obj: &Object, image: &Image) -> Result<Action, ImageError> {
+    async fn finalize(&self, obj: &Object, image: &Image) -> Result<Action, Error> {
         let ctx = &self.ctx;
         if !obj.metadata.finalizers.iter().any(|f| f == FINALIZER) {
             return Ok(Action::await_change());
@@ -214,8 +158,9 @@ impl ImageReconciler {
             .collect();
         if !users.is_empty() {
             let mut status = image.status.clone().unwrap_or_default();
-            let cond = ready_condition(
-                ConditionStatus::False,
+            let cond = condition(
+                "Ready",
+                false,
                 "InUse",
                 format!(
                     "deleted, but VM {} still uses it; it goes when they do",
@@ -241,10 +186,7 @@ impl ImageReconciler {
                 .images
                 .remove(name, &image.spec)
                 .await
-                .map_err(|source| ImageError::Fetch {
-                    name: name.to_owned(),
-                    source,
-                })?;
+                .map_err(Error::driver("remove the cached file of", &r))?;
             let msg = format!("Removed the cached file of image {name}");
             ctx.note(&r, NoteType::Normal, Self::NAME, "Removed", msg)
                 .await;
@@ -260,13 +202,13 @@ impl ImageReconciler {
 }
 
 impl Reconciler for ImageReconciler {
-    type Error = ImageError;
+    type Error = Error;
     const KIND: Kind = Kind::Image;
     const NAME: &'static str = "image-controller";
 
-    async fn reconcile(&self, obj: Arc<Object>) -> Result<Action, ImageError> {
+    async fn reconcile(&self, obj: Arc<Object>) -> Result<Action, Error> {
         let ctx = &self.ctx;
-        let image = Image::from_object(&obj).map_err(ImageError::Decode)?;
+        let image = Image::from_object(&obj).map_err(Error::decode(Kind::Image))?;
         if image.metadata.deletion_timestamp.is_some() {
             return self.finalize(&obj, &image).await;
         }
@@ -312,10 +254,11 @@ impl Reconciler for ImageReconciler {
             .iter()
             .any(|c| c.type_ == "Ready" && c.reason == "BackOff");
         if !retrying {
-            let cond = ready_condition(
-                ConditionStatus::False,
+            let cond = condition(
+                "Ready",
+                false,
                 "Downloading",
-                "fetching the image".into(),
+                "fetching the image",
                 generation,
             );
             set_condition(&mut status.conditions, cond, Utc::now());
@@ -343,10 +286,9 @@ impl Reconciler for ImageReconciler {
                         let p = *prx.borrow_and_update();
                         status.progress = p.map(|(bytes, total)| vmctl_api::Progress { bytes, total });
                         if retrying && p.is_some_and(|(bytes, _)| bytes > 0) {
-                            let cond = ready_condition(
-                                ConditionStatus::False,
+                            let cond = condition("Ready", false,
                                 "Downloading",
-                                "fetching the image again".into(),
+                                "fetching the image again",
                                 generation,
                             );
                             set_condition(&mut status.conditions, cond, Utc::now());
@@ -383,8 +325,9 @@ impl Reconciler for ImageReconciler {
                 status.observed_generation = generation;
                 status.progress = None;
                 let message = format!("{source}");
-                let cond = ready_condition(
-                    ConditionStatus::False,
+                let cond = condition(
+                    "Ready",
+                    false,
                     "FetchFailed",
                     format!("{message}; not retried until the Image changes"),
                     generation,
@@ -404,12 +347,7 @@ impl Reconciler for ImageReconciler {
                 status.observed_generation = generation;
                 status.progress = None;
                 let message = format!("{source}; retry {n} in {:.1}s", delay.as_secs_f64());
-                let cond = ready_condition(
-                    ConditionStatus::False,
-                    "BackOff",
-                    message.clone(),
-                    generation,
-                );
+                let cond = condition("Ready", false, "BackOff", message.clone(), generation);
                 set_condition(&mut status.conditions, cond, Utc::now());
                 if self.write_fresh(&obj, &status).await?.is_none() {
                     return Ok(Action::requeue(Duration::ZERO));

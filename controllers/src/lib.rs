@@ -30,8 +30,10 @@
 //! # }
 //! ```
 
+pub mod conditions;
 pub mod context;
 pub mod drivers;
+pub mod error;
 pub mod image;
 pub mod images;
 pub mod provision;
@@ -48,6 +50,7 @@ use vmctl_store::Store;
 pub use context::Context;
 pub use drivers::fake::{FakeConfig, FakeWorld};
 use drivers::{Hypervisor, ImageFetcher, Provisioner};
+pub use error::Error;
 use runtime::controller::ControllerConfig;
 pub use runtime::{Action, BackoffPolicy, Controller, Reconciler};
 
