@@ -10,69 +10,41 @@
 //!   deletion requested ──▶ Terminating ── destroy, drop finalizer ──▶ gone
 //! ```
 //!
-//! Observe first, then act: the hypervisor's view of the instance decides
-//! what to do, so a run after a crash picks up wherever the last one stopped.
+//! Each reconcile is observe → plan → act. Observe: read the VM's Image
+//! from the store and ask the hypervisor for the instance ([`Observed`]).
+//! Plan: the pure [`plan`] names the next [`Step`] (its decisions are drawn
+//! in [`mod@plan`]). Act: perform that one step, fold its effect into the
+//! observation, and plan again until a step ends the reconcile. The
+//! hypervisor's view of the instance decides, so a run after a crash picks
+//! up wherever the last one stopped.
+//!
 //! The finalizer `vmctl.dev/vm-teardown` is added before the first start, so
 //! a deleted VM's instance is destroyed before the object goes. Start
 //! failures are counted in `status.startFailures`, with a `retryAfter`
 //! deadline growing exponentially, and reported by a Warning note `BackOff`.
 
+mod plan;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use vmctl_api::{
-    Condition, ConditionStatus, Image, ImagePhase, Kind, NoteType, Object, ObjectRef, PowerState,
-    UpdatePolicy, VirtualMachine, VirtualMachineStatus, VmPhase, set_condition,
-};
+use vmctl_api::{Image, ImagePhase, Kind, NoteType, Object, ObjectRef, VirtualMachine, VmPhase};
 use vmctl_store::{Change, Event};
 
-use crate::Context;
+pub use self::plan::{ImageNotReady, Observed, Step, plan, restart_digest};
 use crate::drivers::{DriverError, InstanceSpec, InstanceState, LocalImage};
-use crate::runtime::controller::ControllerError;
-use crate::runtime::{Action, ReconcileError, Reconciler, Relations};
+use crate::runtime::{Action, Reconciler, Relations};
+use crate::{Context, Error};
 
 /// The finalizer that makes a deleted VM wait for its teardown.
 pub const FINALIZER: &str = "vmctl.dev/vm-teardown";
 
-/// Errors of the VirtualMachine controller.
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    /// The object's spec or status does not match the VirtualMachine schema.
-    #[error("invalid VirtualMachine object")]
-    Decode(#[source] serde_json::Error),
-    /// Reading or writing the store failed.
-    #[error("store access failed")]
-    Store(#[source] ControllerError),
-    /// A hypervisor operation failed.
-    #[error("cannot {op} VM {name}")]
-    Driver {
-        /// The operation.
-        op: &'static str,
-        /// The VM.
-        name: String,
-        /// Why.
-        #[source]
-        source: DriverError,
-    },
-}
-
-impl ReconcileError for VmError {
-    fn is_conflict(&self) -> bool {
-        matches!(self, VmError::Store(e) if e.is_conflict())
-    }
-}
-
-impl From<ControllerError> for VmError {
-    fn from(e: ControllerError) -> Self {
-        VmError::Store(e)
-    }
-}
-
-fn driver(op: &'static str, name: &str) -> impl FnOnce(DriverError) -> VmError {
-    let name = name.to_owned();
-    move |source| VmError::Driver { op, name, source }
-}
+/// Steps one reconcile performs at the most. The longest path is 7 steps
+/// (ImageReady, AddFinalizer, Start, RecreateRequired, Suspend,
+/// RestartRequired, Report); a plan that has not ended by this bound is a
+/// bug, and the VM is looked at again later instead of spinning.
+pub const MAX_STEPS: usize = 12;
 
 /// Reconciles VirtualMachines.
 #[derive(Debug)]
@@ -95,27 +67,16 @@ impl VmReconciler {
 /// changes itself (QMP events): only to catch a lost event.
 const EVENT_DRIVEN_LIVENESS: Duration = Duration::from_secs(60);
 
-fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: u64) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok {
-            ConditionStatus::True
-        } else {
-            ConditionStatus::False
-        },
-        reason: reason.into(),
-        message,
-        last_transition_time: None,
-        observed_generation: generation,
-    }
-}
-
 /// The image a VM boots from, if it is Ready.
-fn ready_image(obj: Option<&Object>) -> Result<LocalImage, (&'static str, String)> {
+fn ready_image(obj: Option<&Object>) -> Result<LocalImage, ImageNotReady> {
+    let not_ready = |reason, message| ImageNotReady { reason, message };
     let Some(obj) = obj else {
-        return Err(("ImageNotFound", "the image does not exist".into()));
+        return Err(not_ready(
+            "ImageNotFound",
+            "the image does not exist".into(),
+        ));
     };
-    let image = Image::from_object(obj).map_err(|e| ("ImageInvalid", e.to_string()))?;
+    let image = Image::from_object(obj).map_err(|e| not_ready("ImageInvalid", e.to_string()))?;
     let status = image.status.unwrap_or_default();
     match (status.phase, status.path) {
         (ImagePhase::Ready, Some(path)) => Ok(LocalImage {
@@ -124,341 +85,278 @@ fn ready_image(obj: Option<&Object>) -> Result<LocalImage, (&'static str, String
             size_bytes: status.size_bytes.unwrap_or_default(),
             virtual_size_bytes: status.virtual_size_bytes,
         }),
-        (phase, _) => Err(("ImageNotReady", format!("the image is {phase:?}"))),
+        (phase, _) => Err(not_ready(
+            "ImageNotReady",
+            format!("the image is {phase:?}"),
+        )),
     }
+}
+
+/// After a step: plan again, or return.
+enum Flow {
+    Next,
+    Done(Action),
 }
 
 impl VmReconciler {
-    async fn finalize(&self, obj: &Object, vm: &VirtualMachine) -> Result<Action, VmError> {
-        let ctx = &self.ctx;
-        if !obj.metadata.finalizers.iter().any(|f| f == FINALIZER) {
-            return Ok(Action::await_change());
+    /// Reads what [`plan`] needs: the VM, its Image and the hypervisor's
+    /// instance (neither for a VM being deleted: its teardown must not
+    /// depend on them).
+    async fn observe(&self, obj: &Object) -> Result<Observed, Error> {
+        let vm = VirtualMachine::from_object(obj).map_err(Error::decode(Kind::VirtualMachine))?;
+        let mut o = Observed {
+            name: vm.metadata.name.clone(),
+            generation: vm.metadata.generation,
+            deleting: vm.metadata.deletion_timestamp.is_some(),
+            finalizer: vm.metadata.finalizers.iter().any(|f| f == FINALIZER),
+            status: vm.status.unwrap_or_default(),
+            image: Err(ImageNotReady {
+                reason: "ImageNotReady",
+                message: "not looked at: the VM is being deleted".into(),
+            }),
+            instance: None,
+            now: Utc::now(),
+            spec: vm.spec,
+        };
+        if o.deleting {
+            return Ok(o);
         }
-        let name = vm.metadata.name.as_str();
-        let mut status = vm.status.clone().unwrap_or_default();
-        status.phase = VmPhase::Terminating;
-        let generation = vm.metadata.generation;
-        let cond = condition(
-            "Ready",
-            false,
-            "Terminating",
-            "being deleted".into(),
-            generation,
-        );
-        set_condition(&mut status.conditions, cond, Utc::now());
-        let obj = ctx.write_status(obj, &status).await?;
-        ctx.drivers
+        let image_ref = ObjectRef::new(Kind::Image, o.spec.image.clone());
+        o.image = ready_image(self.ctx.get(&image_ref).await?.as_ref());
+        o.instance = self
+            .ctx
+            .drivers
             .hypervisor
-            .destroy(name)
+            .status(&o.name)
             .await
-            .map_err(driver("destroy", name))?;
-        let r = obj.object_ref();
-        let msg = format!("Destroyed VM {name} and its resources");
-        ctx.note(&r, NoteType::Normal, Self::NAME_, "Destroyed", msg)
-            .await;
-        ctx.remove_finalizer(&obj, FINALIZER).await?;
-        Ok(Action::await_change())
+            .map_err(Error::driver("inspect", &obj.object_ref()))?;
+        // A status written before `diskImage` existed: the disk was made
+        // from the image the spec names.
+        if o.instance.is_some() && o.status.disk_image.is_none() {
+            o.status.disk_image = Some(o.spec.image.clone());
+        }
+        Ok(o)
     }
 
-    const NAME_: &'static str = "vm-controller";
-}
-
-impl Reconciler for VmReconciler {
-    type Error = VmError;
-    const KIND: Kind = Kind::VirtualMachine;
-    const NAME: &'static str = VmReconciler::NAME_;
-
-    async fn reconcile(&self, obj: Arc<Object>) -> Result<Action, VmError> {
+    /// Performs `step`, changing `obj` (the object as last written) and
+    /// `o` as the step did.
+    async fn act(&self, obj: &mut Object, o: &mut Observed, step: Step) -> Result<Flow, Error> {
         let ctx = &self.ctx;
         let hv = &ctx.drivers.hypervisor;
-        let vm = VirtualMachine::from_object(&obj).map_err(VmError::Decode)?;
-        if vm.metadata.deletion_timestamp.is_some() {
-            return self.finalize(&obj, &vm).await;
-        }
-        let name = vm.metadata.name.as_str();
-        let generation = vm.metadata.generation;
         let r = obj.object_ref();
-        let mut status: VirtualMachineStatus = vm.status.clone().unwrap_or_default();
-        let now = Utc::now();
-
-        // Observe.
-        let image_ref = ObjectRef::new(Kind::Image, vm.spec.image.clone());
-        let image = ready_image(ctx.get(&image_ref).await?.as_ref());
-        let cond = match &image {
-            Ok(_) => condition("ImageReady", true, "ImageReady", String::new(), generation),
-            Err((reason, msg)) => condition("ImageReady", false, reason, msg.clone(), generation),
-        };
-        set_condition(&mut status.conditions, cond, now);
-        let mut instance = hv.status(name).await.map_err(driver("inspect", name))?;
-
-        if instance.is_none() && vm.spec.power_state != PowerState::Stopped && image.is_err() {
-            status.phase = VmPhase::Pending;
-            status.observed_generation = generation;
-            let cond = condition("Ready", false, "WaitingForImage", String::new(), generation);
-            set_condition(&mut status.conditions, cond, now);
-            ctx.write_status(&obj, &status).await?;
-            // The image's status change wakes this VM.
-            return Ok(Action::await_change());
-        }
-
-        // The finalizer goes on before anything exists that would need it.
-        let obj = ctx
-            .add_finalizer(&obj, FINALIZER)
-            .await?
-            .unwrap_or_else(|| (*obj).clone());
-
-        // The disk was made from one image; a spec naming another one needs
-        // a new disk. Only updatePolicy Recreate (or `vmctl reload`, or
-        // delete) destroys a disk.
-        if instance.is_some() {
-            let disk_image = status
-                .disk_image
-                .get_or_insert_with(|| vm.spec.image.clone())
-                .clone();
-            let differs = disk_image != vm.spec.image;
-            if differs && vm.spec.update_policy == UpdatePolicy::Recreate {
-                hv.destroy(name).await.map_err(driver("destroy", name))?;
+        let name = o.name.clone();
+        let driver = |op| Error::driver(op, &r);
+        let done = Ok(Flow::Done(Action::await_change()));
+        match step {
+            Step::Forget => return done,
+            Step::Teardown => {
+                o.terminating();
+                let written = ctx.write_status(obj, &o.status).await?;
+                hv.destroy(&name).await.map_err(driver("destroy"))?;
+                let msg = format!("Destroyed VM {name} and its resources");
+                self.note(&r, NoteType::Normal, "Destroyed", msg).await;
+                ctx.remove_finalizer(&written, FINALIZER).await?;
+                return done;
+            }
+            Step::SetCondition { condition, warning } => {
+                let reason = condition.type_.clone();
+                if o.set_condition(condition)
+                    && let Some(msg) = warning
+                {
+                    self.note(&r, NoteType::Warning, &reason, msg).await;
+                }
+            }
+            Step::WaitForImage => {
+                o.waiting_for_image();
+                ctx.write_status(obj, &o.status).await?;
+                // The image's status change wakes this VM.
+                return done;
+            }
+            Step::AddFinalizer => {
+                if let Some(written) = ctx.add_finalizer(obj, FINALIZER).await? {
+                    *obj = written;
+                }
+                o.finalizer = true;
+            }
+            Step::Recreate { disk_image } => {
+                hv.destroy(&name).await.map_err(driver("destroy"))?;
                 let msg = format!(
                     "Recreating VM {name}: its disk was made from image {disk_image}, the spec names {} (updatePolicy Recreate)",
-                    vm.spec.image
+                    o.spec.image
                 );
-                ctx.note(&r, NoteType::Normal, Self::NAME, "Recreating", msg)
-                    .await;
-                status.disk_image = None;
-                status.started_spec = None;
-                status.runtime = None;
-                status.phase = VmPhase::Pending;
-                status.observed_generation = generation;
-                let cond = condition("Ready", false, "Recreating", String::new(), generation);
-                set_condition(&mut status.conditions, cond, Utc::now());
-                let cond = condition(
-                    "RecreateRequired",
-                    false,
-                    "Recreating",
-                    String::new(),
-                    generation,
-                );
-                set_condition(&mut status.conditions, cond, Utc::now());
-                ctx.write_status(&obj, &status).await?;
-                return Ok(Action::requeue(Duration::ZERO));
+                self.note(&r, NoteType::Normal, "Recreating", msg).await;
+                o.recreating();
+                ctx.write_status(obj, &o.status).await?;
+                return Ok(Flow::Done(Action::requeue(Duration::ZERO)));
             }
-            let cond = if differs {
-                condition(
-                    "RecreateRequired",
-                    true,
-                    "ImageChanged",
-                    format!(
-                        "the disk was made from image {disk_image}; booting {} needs a new disk: run `vmctl reload {name}` or set update-policy \"recreate\" (both destroy the disk)",
-                        vm.spec.image
-                    ),
-                    generation,
-                )
-            } else {
-                condition(
-                    "RecreateRequired",
-                    false,
-                    "UpToDate",
-                    String::new(),
-                    generation,
-                )
-            };
-            if set_condition(&mut status.conditions, cond, now) && differs {
+            Step::Crashed => {
+                let how = o
+                    .instance
+                    .as_ref()
+                    .and_then(|i| i.runtime.last_exit.clone())
+                    .unwrap_or_else(|| "exited".into());
                 let msg = format!(
-                    "VM {name} keeps its disk made from image {disk_image}; the new image applies only when the VM is recreated"
+                    "VM {name} stopped unexpectedly (its hypervisor process {how}); restarting"
                 );
-                ctx.note(&r, NoteType::Warning, Self::NAME, "RecreateRequired", msg)
+                self.note(&r, NoteType::Warning, "Crashed", msg.clone())
                     .await;
+                return self.start_failed(obj, o, DriverError::Backend(msg)).await;
             }
-        }
-
-        // Act.
-        let want = vm.spec.power_state;
-        let state = instance.as_ref().map(|i| i.state);
-        // Last seen running, now gone, and nobody asked for it: the
-        // hypervisor process died. Count it as a failed start so restarts
-        // back off, and say so in a note.
-        if want != PowerState::Stopped
-            && status.phase == VmPhase::Running
-            && matches!(state, None | Some(InstanceState::Stopped))
-        {
-            let how = instance
-                .as_ref()
-                .and_then(|i| i.runtime.last_exit.clone())
-                .unwrap_or_else(|| "exited".into());
-            let msg = format!(
-                "VM {name} stopped unexpectedly (its hypervisor process {how}); restarting"
-            );
-            ctx.note(&r, NoteType::Warning, Self::NAME, "Crashed", msg.clone())
-                .await;
-            let err = DriverError::Backend(msg);
-            return self.start_failed(&obj, status, instance, err).await;
-        }
-        if want != PowerState::Stopped && matches!(state, None | Some(InstanceState::Stopped)) {
-            if let Some(retry_after) = status.start_failures.retry_after
-                && retry_after > now
-            {
-                status.phase = VmPhase::CrashLoopBackOff;
-                status.observed_generation = generation;
-                ctx.write_status(&obj, &status).await?;
-                return Ok(Action::requeue(
-                    (retry_after - now).to_std().unwrap_or_default(),
-                ));
+            Step::BackOff { until } => {
+                o.backing_off();
+                ctx.write_status(obj, &o.status).await?;
+                let wait = (until - o.now).to_std().unwrap_or_default();
+                return Ok(Flow::Done(Action::requeue(wait)));
             }
-            // Prepare before every start: it is idempotent and brings the
-            // instance's configuration (vcpus, memory, disk size) to the spec.
-            match image.clone() {
-                Ok(image) => {
-                    if instance.is_none() {
-                        status.disk_image = Some(vm.spec.image.clone());
-                    }
+            Step::Start { prepare } => {
+                if prepare && let Ok(image) = o.image.clone() {
                     let spec = InstanceSpec {
-                        name: name.to_owned(),
-                        uid: obj.metadata.uid.clone().unwrap_or_else(|| name.to_owned()),
-                        spec: vm.spec.clone(),
+                        name: name.clone(),
+                        uid: obj.metadata.uid.clone().unwrap_or_else(|| name.clone()),
+                        spec: o.spec.clone(),
                         image,
                     };
-                    instance = Some(hv.prepare(&spec).await.map_err(driver("prepare", name))?);
+                    let prepared = hv.prepare(&spec).await.map_err(driver("prepare"))?;
+                    o.prepared(prepared);
                 }
-                Err(_) if instance.is_some() => {}
-                Err(_) => unreachable!("a missing instance with no image returned above"),
-            }
-            match hv.start(name).await {
-                Ok(st) => {
-                    status.start_failures = Default::default();
-                    status.started_spec = Some(restart_digest(&vm.spec));
-                    let port = st
-                        .runtime
-                        .ssh_port
-                        .map(|p| format!(", SSH on port {p}"))
-                        .unwrap_or_default();
-                    instance = Some(st);
-                    let msg = format!("Started VM {name}{port}");
-                    ctx.note(&r, NoteType::Normal, Self::NAME, "Started", msg)
+                match hv.start(&name).await {
+                    Ok(st) => {
+                        let port = st
+                            .runtime
+                            .ssh_port
+                            .map(|p| format!(", SSH on port {p}"))
+                            .unwrap_or_default();
+                        o.started(st);
+                        self.note(
+                            &r,
+                            NoteType::Normal,
+                            "Started",
+                            format!("Started VM {name}{port}"),
+                        )
                         .await;
+                    }
+                    Err(e) => return self.start_failed(obj, o, e).await,
                 }
-                Err(e) => return self.start_failed(&obj, status, instance, e).await,
             }
-        }
-        let state = instance.as_ref().map(|i| i.state);
-        let next = match (want, state) {
-            (PowerState::Suspended, Some(InstanceState::Running)) => {
-                hv.suspend(name).await.map_err(driver("suspend", name))?;
-                ctx.note(
+            Step::Suspend => {
+                hv.suspend(&name).await.map_err(driver("suspend"))?;
+                self.note(
                     &r,
                     NoteType::Normal,
-                    Self::NAME,
                     "Suspended",
                     format!("Suspended VM {name}"),
                 )
                 .await;
-                Some(InstanceState::Suspended)
+                o.now_in(InstanceState::Suspended);
             }
-            (PowerState::Running, Some(InstanceState::Suspended)) => {
-                hv.resume(name).await.map_err(driver("resume", name))?;
-                ctx.note(
+            Step::Resume => {
+                hv.resume(&name).await.map_err(driver("resume"))?;
+                self.note(
                     &r,
                     NoteType::Normal,
-                    Self::NAME,
                     "Resumed",
                     format!("Resumed VM {name}"),
                 )
                 .await;
-                Some(InstanceState::Running)
+                o.now_in(InstanceState::Running);
             }
-            (PowerState::Stopped, Some(InstanceState::Running | InstanceState::Suspended)) => {
-                hv.stop(name, stop_timeout(&vm.spec, ctx.config.stop_timeout))
+            Step::Stop => {
+                hv.stop(&name, self.stop_timeout(&o.spec))
                     .await
-                    .map_err(driver("stop", name))?;
-                ctx.note(
+                    .map_err(driver("stop"))?;
+                self.note(
                     &r,
                     NoteType::Normal,
-                    Self::NAME,
                     "Stopped",
                     format!("Stopped VM {name}"),
                 )
                 .await;
-                Some(InstanceState::Stopped)
+                o.now_in(InstanceState::Stopped);
             }
-            (_, s) => s,
-        };
-
-        // A running instance whose restart-only fields differ from the spec.
-        if matches!(
-            next,
-            Some(InstanceState::Running | InstanceState::Suspended)
-        ) {
-            let want_digest = restart_digest(&vm.spec);
-            let started = status
-                .started_spec
-                .get_or_insert_with(|| want_digest.clone())
-                .clone();
-            let differs = started != want_digest;
-            if differs && vm.spec.update_policy != UpdatePolicy::RestartRequired {
-                hv.stop(name, stop_timeout(&vm.spec, ctx.config.stop_timeout))
+            Step::Restart => {
+                hv.stop(&name, self.stop_timeout(&o.spec))
                     .await
-                    .map_err(driver("stop", name))?;
+                    .map_err(driver("stop"))?;
                 let msg =
                     format!("Restarting VM {name} to apply a spec change (updatePolicy Restart)");
-                ctx.note(&r, NoteType::Normal, Self::NAME, "Restarting", msg)
-                    .await;
-                status.phase = VmPhase::Stopped;
-                status.observed_generation = generation;
-                let cond = condition("Ready", false, "Restarting", String::new(), generation);
-                set_condition(&mut status.conditions, cond, Utc::now());
-                ctx.write_status(&obj, &status).await?;
-                return Ok(Action::requeue(Duration::ZERO));
+                self.note(&r, NoteType::Normal, "Restarting", msg).await;
+                o.restarting();
+                ctx.write_status(obj, &o.status).await?;
+                return Ok(Flow::Done(Action::requeue(Duration::ZERO)));
             }
-            let cond = if differs {
-                condition(
-                    "RestartRequired",
-                    true,
-                    "SpecChanged",
-                    "vcpus, memory, network or cloud-init changed; stop and start the VM (or set update-policy \"restart\") to apply".into(),
-                    generation,
-                )
-            } else {
-                condition(
-                    "RestartRequired",
-                    false,
-                    "UpToDate",
-                    String::new(),
-                    generation,
-                )
-            };
-            if set_condition(&mut status.conditions, cond, Utc::now()) && differs {
-                let msg = format!(
-                    "VM {name} runs with an older spec; the change applies at the next start"
-                );
-                ctx.note(&r, NoteType::Warning, Self::NAME, "RestartRequired", msg)
-                    .await;
+            Step::Report { phase } => {
+                o.report(phase);
+                ctx.write_status(obj, &o.status).await?;
+                return Ok(Flow::Done(match phase {
+                    VmPhase::Running | VmPhase::Suspended if self.event_driven => {
+                        Action::requeue(EVENT_DRIVEN_LIVENESS.max(ctx.config.liveness))
+                    }
+                    VmPhase::Running | VmPhase::Suspended => Action::requeue(ctx.config.liveness),
+                    _ => Action::await_change(),
+                }));
             }
         }
+        Ok(Flow::Next)
+    }
 
-        // Report.
-        let (phase, ready, reason) = match next {
-            Some(InstanceState::Running) => (VmPhase::Running, true, "Running"),
-            Some(InstanceState::Suspended) => (VmPhase::Suspended, false, "Suspended"),
-            Some(InstanceState::Stopped) | None => (VmPhase::Stopped, false, "Stopped"),
-        };
-        status.phase = phase;
-        status.observed_generation = generation;
-        if let Some(inst) = instance {
-            status.runtime = Some(inst.runtime);
+    /// Records a note about the VM `r` (see [`Context::note`]).
+    async fn note(&self, r: &ObjectRef, type_: NoteType, reason: &str, msg: String) {
+        self.ctx.note(r, type_, Self::NAME, reason, msg).await;
+    }
+
+    /// A start that failed with `err` (or a crash): counted, reported in
+    /// the status and by a Warning note `BackOff`, retried after a growing
+    /// delay.
+    async fn start_failed(
+        &self,
+        obj: &Object,
+        o: &mut Observed,
+        err: DriverError,
+    ) -> Result<Flow, Error> {
+        let ctx = &self.ctx;
+        let count = o.status.start_failures.count.saturating_add(1);
+        let delay = ctx.config.start_backoff.jittered(count);
+        o.start_failed(delay, err.to_string());
+        ctx.write_status(obj, &o.status).await?;
+        let msg = format!(
+            "Back-off restarting failed VM {} (failure {count}: {err}); retry in {:.1}s",
+            o.name,
+            delay.as_secs_f64()
+        );
+        self.note(&obj.object_ref(), NoteType::Warning, "BackOff", msg)
+            .await;
+        Ok(Flow::Done(Action::requeue(delay)))
+    }
+
+    /// The spec's ACPI grace period, else the configured one.
+    fn stop_timeout(&self, spec: &vmctl_api::VirtualMachineSpec) -> Duration {
+        spec.stop_timeout_seconds
+            .map_or(self.ctx.config.stop_timeout, |s| {
+                Duration::from_secs(s.into())
+            })
+    }
+}
+
+impl Reconciler for VmReconciler {
+    type Error = Error;
+    const KIND: Kind = Kind::VirtualMachine;
+    const NAME: &'static str = "vm-controller";
+
+    async fn reconcile(&self, obj: Arc<Object>) -> Result<Action, Error> {
+        let mut o = self.observe(&obj).await?;
+        let mut obj = (*obj).clone();
+        for _ in 0..MAX_STEPS {
+            let step = plan(&o);
+            tracing::trace!(?step, "planned");
+            if let Flow::Done(action) = self.act(&mut obj, &mut o, step).await? {
+                return Ok(action);
+            }
         }
-        let cond = condition("Ready", ready, reason, String::new(), generation);
-        set_condition(&mut status.conditions, cond, Utc::now());
-        ctx.write_status(&obj, &status).await?;
-        // A running VM is looked at again soon: its process may die
-        // without any event in the store.
-        Ok(match next {
-            Some(InstanceState::Running | InstanceState::Suspended) if self.event_driven => {
-                Action::requeue(EVENT_DRIVEN_LIVENESS.max(ctx.config.liveness))
-            }
-            Some(InstanceState::Running | InstanceState::Suspended) => {
-                Action::requeue(ctx.config.liveness)
-            }
-            _ => Action::await_change(),
-        })
+        tracing::error!(
+            steps = MAX_STEPS,
+            "the VM plan did not end; looking again later"
+        );
+        Ok(Action::requeue(self.ctx.config.liveness))
     }
 
     fn external_triggers(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
@@ -472,64 +370,4 @@ impl Reconciler for VmReconciler {
             _ => Vec::new(),
         }
     }
-}
-
-impl VmReconciler {
-    async fn start_failed(
-        &self,
-        obj: &Object,
-        mut status: VirtualMachineStatus,
-        instance: Option<crate::drivers::InstanceStatus>,
-        err: DriverError,
-    ) -> Result<Action, VmError> {
-        let ctx = &self.ctx;
-        let name = obj.name();
-        let now = Utc::now();
-        let generation = obj.metadata.generation;
-        let count = status.start_failures.count.saturating_add(1);
-        let delay = ctx.config.start_backoff.jittered(count);
-        let retry_after = now + chrono::Duration::from_std(delay).unwrap_or_default();
-        status.start_failures.count = count;
-        status.start_failures.last_failure_time = Some(now);
-        status.start_failures.retry_after = Some(retry_after);
-        status.phase = VmPhase::CrashLoopBackOff;
-        status.observed_generation = generation;
-        if let Some(inst) = instance {
-            status.runtime = Some(inst.runtime);
-        }
-        let cond = condition("Ready", false, "StartFailed", err.to_string(), generation);
-        set_condition(&mut status.conditions, cond, now);
-        ctx.write_status(obj, &status).await?;
-        let msg = format!(
-            "Back-off restarting failed VM {name} (failure {count}: {err}); retry in {:.1}s",
-            delay.as_secs_f64()
-        );
-        ctx.note(
-            &obj.object_ref(),
-            NoteType::Warning,
-            Self::NAME,
-            "BackOff",
-            msg,
-        )
-        .await;
-        Ok(Action::requeue(delay))
-    }
-}
-
-/// The spec's ACPI grace period, else the configured one.
-fn stop_timeout(spec: &vmctl_api::VirtualMachineSpec, default: Duration) -> Duration {
-    spec.stop_timeout_seconds
-        .map_or(default, |s| Duration::from_secs(s.into()))
-}
-
-/// Digest of the spec fields that only a restart can apply.
-pub fn restart_digest(spec: &vmctl_api::VirtualMachineSpec) -> String {
-    use sha2::Digest;
-    let v = serde_json::json!({
-        "vcpus": spec.vcpus,
-        "memoryMib": spec.memory_mib,
-        "network": spec.network,
-        "cloudInit": spec.cloud_init,
-    });
-    hex::encode(&sha2::Sha256::digest(v.to_string().as_bytes())[..8])
 }
