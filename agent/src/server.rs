@@ -40,6 +40,9 @@ pub enum AgentError {
     /// `VMCTL_ACCEL` is not kvm, tcg or auto.
     #[error("invalid accelerator setting: {0}")]
     Accel(String),
+    /// The Propolis driver cannot run here or its settings are invalid.
+    #[error("the Propolis driver cannot start: {0}")]
+    Propolis(String),
     /// The fake driver's environment settings are invalid.
     #[error("invalid fake driver settings")]
     FakeConfig(#[source] vmctl_controllers::drivers::fake::FakeConfigError),
@@ -66,7 +69,14 @@ impl AgentError {
             AgentError::Store(_) => "see the error above; the store was not modified".into(),
             AgentError::Socket(e) => e.help().into(),
             AgentError::Driver(_) => {
-                "drivers are `qemu` (default) and `fake` (in memory, for tests)".into()
+                "drivers are `qemu` (default), `propolis` (illumos) and `fake` (in memory, for tests)"
+                    .into()
+            }
+            AgentError::Propolis(_) => {
+                "use --driver qemu on Linux; the Propolis driver needs an illumos host with zfs, \
+                 zones and propolis-server. To try it against a mock propolis-server, set \
+                 VMCTL_PROPOLIS_HOST=simulated and VMCTL_PROPOLIS_ADDR (see the README)"
+                    .into()
             }
             AgentError::Controllers(_) => "see the agent log".into(),
             AgentError::FakeConfig(_) => "fix the VMCTL_FAKE_* environment variables".into(),
@@ -139,8 +149,68 @@ fn drivers(cfg: &AgentConfig) -> Result<vmctl_controllers::Drivers, AgentError> 
                 provisioner: Arc::new(vmctl_controllers::drivers::ssh::SshProvisioner::new()),
             })
         }
+        "propolis" => propolis_drivers(cfg, |k| std::env::var(k).ok()),
         other => Err(AgentError::Driver(other.to_owned())),
     }
+}
+
+/// The Propolis drivers, configured by `VMCTL_PROPOLIS_*` (read through
+/// `env`). Host commands run on the host (`VMCTL_PROPOLIS_HOST=system`,
+/// the default, illumos only) or on a simulated host kept in
+/// `<data_dir>/propolis-simulated-host.json` (`simulated`: tests against a
+/// mock propolis-server, whose control URL `VMCTL_PROPOLIS_MOCK_CONTROL`
+/// hears of zone boots and halts).
+fn propolis_drivers(
+    cfg: &AgentConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<vmctl_controllers::Drivers, AgentError> {
+    use vmctl_controllers::drivers::propolis::{
+        CommandRunner, PropolisConfig, PropolisDriver, SimulatedHost, SystemRunner,
+    };
+    let mut pcfg = PropolisConfig::new(cfg.data_dir.clone())
+        .with_lookup(&env)
+        .map_err(|e| AgentError::Propolis(e.to_string()))?;
+    if let Some(tool) = env("VMCTL_SEED_TOOL") {
+        pcfg.seed_tool = tool
+            .parse()
+            .map_err(|_| AgentError::SeedTool(tool.clone()))?;
+    }
+    let host = env("VMCTL_PROPOLIS_HOST").unwrap_or_else(|| "system".into());
+    let runner: Arc<dyn CommandRunner> = match host.as_str() {
+        "system" if cfg!(target_os = "illumos") => Arc::new(SystemRunner),
+        "system" => {
+            return Err(AgentError::Propolis(format!(
+                "this host runs {}, not illumos: there is no zfs, zoneadm, zonecfg or dladm to run VMs with",
+                std::env::consts::OS
+            )));
+        }
+        "simulated" => {
+            if env("VMCTL_PROPOLIS_ADDR").is_none() {
+                return Err(AgentError::Propolis(
+                    "VMCTL_PROPOLIS_HOST=simulated needs the mock propolis-server's address in VMCTL_PROPOLIS_ADDR"
+                        .into(),
+                ));
+            }
+            let mut h = SimulatedHost::new()
+                .with_state_file(cfg.data_dir.join("propolis-simulated-host.json"));
+            if let Some(url) = env("VMCTL_PROPOLIS_MOCK_CONTROL") {
+                h = h.with_mock_control(url);
+            }
+            Arc::new(h)
+        }
+        other => {
+            return Err(AgentError::Propolis(format!(
+                "invalid VMCTL_PROPOLIS_HOST={other:?}: expected system or simulated"
+            )));
+        }
+    };
+    Ok(vmctl_controllers::Drivers {
+        hypervisor: Arc::new(PropolisDriver::new(pcfg, runner)),
+        images: Arc::new(vmctl_controllers::drivers::cached::CachedImages::new(
+            &cfg.data_dir,
+        )),
+        provisioner: Arc::new(vmctl_controllers::drivers::ssh::SshProvisioner::new()),
+    })
 }
 
 /// Opens the configured store and starts its maintenance task.

@@ -316,9 +316,24 @@ pub const CODES: &[Code] = &[
         "the guest may have no DHCP lease; check its network config and cloud-init (`vmctl log NAME --console`)",
     ),
     c(
+        "vmctl::propolis::api_failed",
+        "propolis-server refused a request, or the instance went to Failed (illumos backend)",
+        "see the message for the request and propolis-server's answer; the VM's zone log and `vmctl log NAME --console` may say more",
+    ),
+    c(
+        "vmctl::propolis::host_command_failed",
+        "a host command of the Propolis backend (zfs, zoneadm, zonecfg, dladm, qemu-img) failed",
+        "run the command shown by hand to see why; vmctl finishes an interrupted prepare or destroy on its next try",
+    ),
+    c(
         "vmctl::propolis::unreachable",
         "propolis-server cannot be reached (illumos backend)",
         "ensure propolis-server is running and listening on the expected address",
+    ),
+    c(
+        "vmctl::propolis::unsupported",
+        "the VM asks for something the Propolis backend cannot do (suspend, user or tap networking)",
+        "use `network \"vnic\" name=\"vnic0\"` (or \"none\"); stop the VM instead of suspending it",
     ),
     c(
         "vmctl::provision::failed",

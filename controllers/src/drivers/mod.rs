@@ -17,6 +17,7 @@
 
 pub mod cached;
 pub mod fake;
+pub mod propolis;
 pub mod qemu;
 pub mod ssh;
 

@@ -58,7 +58,9 @@ pub fn run(
                 return Ok(ExitCode::from(crate::client::EXIT_AGENT_LOCKED));
             }
             let code = match e {
-                vmctl_agent::AgentError::Driver(_) => "vmctl::backend::not_available",
+                vmctl_agent::AgentError::Driver(_) | vmctl_agent::AgentError::Propolis(_) => {
+                    "vmctl::backend::not_available"
+                }
                 _ => "vmctl::agent::failed",
             };
             Err(crate::diag::error_help(code, e.help(), msg))

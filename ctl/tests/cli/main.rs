@@ -7,6 +7,7 @@ mod finalizers;
 mod images;
 mod large_apply;
 mod parser_faults;
+mod propolis;
 mod socket;
 mod watch_mode;
 

@@ -620,7 +620,7 @@ fn run_state(status: &str) -> InstanceState {
     }
 }
 
-fn seed_spec(
+pub(crate) fn seed_spec(
     spec: &InstanceSpec,
     instance_id: String,
     keys: &crate::seed::VmKeys,
