@@ -457,10 +457,7 @@ impl SimulatedHost {
             },
             ("dladm", ["create-vnic", "-t", "-l", link, "-m", mac, v]) => {
                 if st.vnics.contains_key(*v) {
-                    CommandOutput::fail(
-                        1,
-                        format!("dladm: vnic creation failed: object already exists\n"),
-                    )
+                    CommandOutput::fail(1, "dladm: vnic creation failed: object already exists\n")
                 } else {
                     st.vnics
                         .insert((*v).to_owned(), ((*link).to_owned(), (*mac).to_owned()));
@@ -471,10 +468,7 @@ impl SimulatedHost {
                 if st.vnics.remove(*v).is_some() {
                     CommandOutput::ok("")
                 } else {
-                    CommandOutput::fail(
-                        1,
-                        format!("dladm: vnic deletion failed: object not found\n"),
-                    )
+                    CommandOutput::fail(1, "dladm: vnic deletion failed: object not found\n")
                 }
             }
             (p, _) => CommandOutput::fail(127, format!("{p}: not simulated: {shown}\n")),
