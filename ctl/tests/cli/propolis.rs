@@ -105,8 +105,10 @@ fn apply_console_stop_start_delete_through_the_agent_on_the_propolis_driver() {
 
     // The console log shows what the guest printed; typing on the console
     // reaches the guest (it echoes).
-    wait_until("the login prompt in the console log", || {
-        text(&a.vmctl(&["log", "web", "--console"], None).stdout).contains("web login: ")
+    // `vmctl log` prints whole lines: the banner's, not the open prompt.
+    wait_until("the boot banner in the console log", || {
+        text(&a.vmctl(&["log", "web", "--console"], None).stdout)
+            .contains("mock propolis-server: booting web")
     });
     let out = a.vmctl(&["console", "web"], Some("root\r"));
     assert!(out.status.success(), "{}", text(&out.stderr));
