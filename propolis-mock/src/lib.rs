@@ -446,6 +446,19 @@ impl Shared {
             return Ok(());
         }
         let std_listener = std::net::TcpListener::bind(self.api_addr)?;
+        self.serve(&mut inner, std_listener)
+    }
+
+    fn boot_on(self: &Arc<Self>, listener: std::net::TcpListener) -> std::io::Result<()> {
+        let mut inner = self.lock();
+        self.serve(&mut inner, listener)
+    }
+
+    fn serve(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        std_listener: std::net::TcpListener,
+    ) -> std::io::Result<()> {
         std_listener.set_nonblocking(true)?;
         let _guard = self.runtime.enter();
         let listener = tokio::net::TcpListener::from_std(std_listener)?;
@@ -899,9 +912,10 @@ impl MockPropolis {
     }
 
     async fn start_on(runtime: tokio::runtime::Handle) -> std::io::Result<MockPropolis> {
-        let api = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        // Bound once and kept for the first boot: a port released and
+        // bound again could be taken in between.
+        let api = std::net::TcpListener::bind(("127.0.0.1", 0))?;
         let api_addr = api.local_addr()?;
-        drop(api);
         let control = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
         let control_addr = control.local_addr()?;
         let shared = Arc::new(Shared {
@@ -919,7 +933,7 @@ impl MockPropolis {
             api_addr,
             runtime: runtime.clone(),
         });
-        shared.boot()?;
+        shared.boot_on(api)?;
         let app = control_router(shared.clone());
         let control = runtime.spawn(async move {
             let _ = axum::serve(control, app).await;

@@ -134,10 +134,10 @@ async fn apply_run_console_stop_start_delete_against_a_mock_propolis_server() {
     apply(&s, web("Running")).await;
     wait_phase(&r, "web", VmPhase::Running).await;
     assert_eq!(r.mock.ensure_requests().len(), 2, "a new instance");
-    assert_eq!(
-        reasons(&s, Kind::VirtualMachine, "web").await,
-        ["Started", "Stopped", "Started"]
-    );
+    eventually("Started, Stopped, Started noted", WAIT, async || {
+        reasons(&s, Kind::VirtualMachine, "web").await == ["Started", "Stopped", "Started"]
+    })
+    .await;
 
     delete(&s, ObjectRef::new(Kind::VirtualMachine, "web")).await;
     eventually("web gone", WAIT, async || {
@@ -165,9 +165,13 @@ async fn an_instance_that_fails_is_noticed_without_polling_and_restarted() {
             .contains(&"Crashed".to_owned())
     })
     .await;
+    // The phase still says Running when the note is written: wait for the
+    // new instance.
+    eventually("a new instance running", WAIT, async || {
+        r.mock.ensure_requests().len() == 2 && r.mock.state() == Some(MockState::Running)
+    })
+    .await;
     wait_phase(&r, "web", VmPhase::Running).await;
-    assert_eq!(r.mock.state(), Some(MockState::Running));
-    assert_eq!(r.mock.ensure_requests().len(), 2);
     r.stop().await;
 }
 
@@ -190,11 +194,13 @@ async fn injected_server_failures_end_in_a_condition_a_note_and_backoff() {
         })
     })
     .await;
-    assert!(
+    // The note follows the status write.
+    eventually("a BackOff note", WAIT, async || {
         reasons(&s, Kind::VirtualMachine, "web")
             .await
             .contains(&"BackOff".to_owned())
-    );
+    })
+    .await;
     wait_phase(&r, "web", VmPhase::Running).await;
 
     // The server goes away and does not come back with the zone.
