@@ -1,8 +1,32 @@
-//! Where the agent keeps its state and listens.
+//! Where the agent keeps its state and listens, and which store it uses.
+//!
+//! Each setting comes from the command-line flag, else its environment
+//! variable (clap merges those two), else the config file
+//! `<data_dir>/agent.toml` ([`CONFIG_FILE`]), else its default. The file
+//! lives in the data directory, as the kubelet's `config.yaml` lives in
+//! `/var/lib/kubelet`: one agent owns one data directory, and an agent that
+//! `vmctl` starts by itself reads the same file.
+//!
+//! ```toml
+//! driver = "qemu"            # or "fake"
+//! store = "etcd"             # or "sled" (default)
+//!
+//! [etcd]
+//! endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+//! prefix = "/vmctl/"         # default; one per installation sharing an etcd
+//! ```
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-/// The agent's settings, resolved once from flags and environment.
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The agent's config file name inside its data directory.
+pub const CONFIG_FILE: &str = "agent.toml";
+
+/// The agent's settings, resolved once from flags, environment and the
+/// config file ([`AgentConfig::resolve`]).
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// The data directory (`$XDG_DATA_HOME/vmctl`).
@@ -30,6 +54,197 @@ pub enum StoreConfig {
         /// Key prefix of this installation (default `/vmctl/`).
         prefix: String,
     },
+}
+
+/// The kind of store, as `--store`, `VMCTL_STORE` and `store =` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// sled in the data directory.
+    Sled,
+    /// etcd v3.
+    Etcd,
+}
+
+/// Settings given as flags or environment variables (`None`: not given, so
+/// the config file or the default decides).
+#[derive(Debug, Clone, Default)]
+pub struct AgentOverrides {
+    /// `--driver` / `VMCTL_DRIVER`.
+    pub driver: Option<String>,
+    /// `--store` / `VMCTL_STORE`.
+    pub store: Option<StoreKind>,
+    /// `--etcd-endpoints` / `VMCTL_ETCD_ENDPOINTS` (comma-separated).
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// `--etcd-prefix` / `VMCTL_ETCD_PREFIX`.
+    pub etcd_prefix: Option<String>,
+}
+
+/// The config file's keys; anything else is refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    driver: Option<Spanned<String>>,
+    store: Option<Spanned<StoreKind>>,
+    etcd: Option<EtcdSection>,
+}
+
+/// The `[etcd]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EtcdSection {
+    endpoints: Option<Spanned<Vec<Spanned<String>>>>,
+    prefix: Option<Spanned<String>>,
+}
+
+/// The drivers `driver =` accepts.
+const DRIVERS: [&str; 2] = ["qemu", "fake"];
+
+/// Why the agent's settings cannot be used. Nothing has been changed when
+/// it is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file exists but cannot be read.
+    #[error("cannot read the agent config file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML, has an unknown key or a bad value.
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// 1-based column (in characters).
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// etcd was selected but no endpoint was given anywhere.
+    #[error("store etcd (from {from}) needs the etcd endpoints")]
+    NoEndpoints {
+        /// Where `etcd` was selected: a flag/variable or the file.
+        from: String,
+        /// The config file that could give them.
+        path: PathBuf,
+    },
+}
+
+impl ConfigError {
+    /// What the user can do about it.
+    pub fn help(&self) -> String {
+        match self {
+            ConfigError::Read { path, .. } => format!(
+                "make {} readable by the agent's user, or remove it to use the defaults",
+                path.display()
+            ),
+            ConfigError::Invalid { path, .. } => format!(
+                "fix {} (keys: driver = \"qemu\"|\"fake\", store = \"sled\"|\"etcd\", \
+                 and under [etcd]: endpoints = [\"http://HOST:2379\", …], prefix = \"/vmctl/\"), \
+                 or remove it to use the defaults",
+                path.display()
+            ),
+            ConfigError::NoEndpoints { path, .. } => format!(
+                "pass --etcd-endpoints http://HOST:2379[,…], set VMCTL_ETCD_ENDPOINTS, \
+                 or add endpoints = [\"http://HOST:2379\"] under [etcd] in {}",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
+}
+
+/// The config file's settings, checked; `None` when there is no file.
+fn read_file(path: &Path) -> Result<Option<FileSettings>, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let invalid = |span: Range<usize>, message: String| {
+        let (line, column) = line_column(&text, span.start);
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            line,
+            column,
+            message,
+        }
+    };
+    let file: FileSettings = toml::from_str(&text)
+        .map_err(|e| invalid(e.span().unwrap_or(0..0), e.message().trim().to_owned()))?;
+    if let Some(d) = &file.driver
+        && !DRIVERS.contains(&d.get_ref().as_str())
+    {
+        return Err(invalid(
+            d.span(),
+            format!(
+                "unknown driver `{}`, expected `qemu` or `fake`",
+                d.get_ref()
+            ),
+        ));
+    }
+    if let Some(etcd) = &file.etcd {
+        if let Some(eps) = &etcd.endpoints {
+            if eps.get_ref().is_empty() {
+                return Err(invalid(
+                    eps.span(),
+                    "etcd endpoints are empty; give at least one URL such as http://HOST:2379"
+                        .into(),
+                ));
+            }
+            for ep in eps.get_ref() {
+                if let Err(why) = check_endpoint(ep.get_ref()) {
+                    return Err(invalid(ep.span(), why));
+                }
+            }
+        }
+        if let Some(p) = &etcd.prefix
+            && !(p.get_ref().starts_with('/') && p.get_ref().ends_with('/'))
+        {
+            return Err(invalid(
+                p.span(),
+                format!(
+                    "etcd key prefix `{}` must start and end with `/` (e.g. \"/vmctl/\")",
+                    p.get_ref()
+                ),
+            ));
+        }
+    }
+    Ok(Some(file))
+}
+
+/// Checks that an endpoint is an `http://` or `https://` URL with a host.
+fn check_endpoint(ep: &str) -> Result<(), String> {
+    let bad =
+        |why: &str| format!("etcd endpoint `{ep}` {why}; expected a URL such as http://HOST:2379");
+    let Some((scheme, rest)) = ep.split_once("://") else {
+        return Err(bad("has no scheme"));
+    };
+    if scheme != "http" && scheme != "https" {
+        return Err(bad("is not http or https"));
+    }
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() || ep.chars().any(|c| c.is_whitespace() || c == ',') {
+        return Err(bad("is not a valid URL"));
+    }
+    Ok(())
 }
 
 /// `$XDG_DATA_HOME/vmctl`, or `~/.local/share/vmctl`. A relative
@@ -139,6 +354,66 @@ impl AgentConfig {
         }
     }
 
+    /// Settings for `data_dir`: each one from `given` (flags and
+    /// environment), else from `<data_dir>/agent.toml` when it exists, else
+    /// the default (driver `qemu`, store sled, prefix `/vmctl/`). The socket
+    /// is the default one; callers set another.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file exists but cannot be read;
+    /// [`ConfigError::Invalid`] (file, line, column) for bad TOML, an
+    /// unknown key or a bad value; [`ConfigError::NoEndpoints`] when etcd
+    /// is selected without endpoints.
+    pub fn resolve(data_dir: PathBuf, given: AgentOverrides) -> Result<Self, ConfigError> {
+        let mut cfg = AgentConfig::new(data_dir);
+        let path = cfg.config_file();
+        let file = read_file(&path)?.unwrap_or_default();
+        let etcd = file.etcd.unwrap_or_default();
+        if let Some(d) = given.driver.or(file.driver.map(Spanned::into_inner)) {
+            cfg.driver = d;
+        }
+        let (store, from) = match (given.store, file.store) {
+            (Some(k), _) => (k, "--store or VMCTL_STORE".to_owned()),
+            (None, Some(k)) => (k.into_inner(), path.display().to_string()),
+            (None, None) => (StoreKind::Sled, String::new()),
+        };
+        cfg.store = match store {
+            StoreKind::Sled => StoreConfig::Sled,
+            StoreKind::Etcd => {
+                let endpoints: Vec<String> = match given.etcd_endpoints {
+                    Some(eps) => eps
+                        .into_iter()
+                        .map(|e| e.trim().to_owned())
+                        .filter(|e| !e.is_empty())
+                        .collect(),
+                    None => etcd
+                        .endpoints
+                        .map(|eps| {
+                            eps.into_inner()
+                                .into_iter()
+                                .map(Spanned::into_inner)
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                };
+                if endpoints.is_empty() {
+                    return Err(ConfigError::NoEndpoints { from, path });
+                }
+                let prefix = given
+                    .etcd_prefix
+                    .or(etcd.prefix.map(Spanned::into_inner))
+                    .unwrap_or_else(|| "/vmctl/".into());
+                StoreConfig::Etcd { endpoints, prefix }
+            }
+        };
+        Ok(cfg)
+    }
+
+    /// The config file, `<data_dir>/agent.toml`.
+    pub fn config_file(&self) -> PathBuf {
+        self.data_dir.join(CONFIG_FILE)
+    }
+
     /// The store's directory.
     pub fn db_dir(&self) -> PathBuf {
         self.data_dir.join("db")
@@ -168,6 +443,182 @@ mod tests {
         assert!(cfg.socket.is_absolute());
         assert!(cfg.db_dir().is_absolute());
         assert_eq!(absolute(Path::new("/a/b")).unwrap(), Path::new("/a/b"));
+    }
+
+    /// A data directory holding `agent.toml` with `text`.
+    fn with_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
+        let data = dir.path().to_path_buf();
+        (dir, data)
+    }
+
+    /// Issue 12 item 4: the store is selected by flag, environment *and*
+    /// the agent's config file; the file alone could not select it.
+    #[test]
+    fn config_file_selects_etcd_and_flags_or_env_win_over_it() {
+        let (_d, data) = with_file(
+            "driver = \"fake\"\nstore = \"etcd\"\n\n[etcd]\n\
+             endpoints = [\"http://10.0.0.1:2379\", \"https://10.0.0.2:2379\"]\n\
+             prefix = \"/site-a/\"\n",
+        );
+        let cfg = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap();
+        assert_eq!(cfg.driver, "fake");
+        assert_eq!(
+            cfg.store,
+            StoreConfig::Etcd {
+                endpoints: vec![
+                    "http://10.0.0.1:2379".into(),
+                    "https://10.0.0.2:2379".into()
+                ],
+                prefix: "/site-a/".into(),
+            }
+        );
+        // Each flag/variable wins over its own key only.
+        let given = AgentOverrides {
+            etcd_endpoints: Some(vec![" http://127.0.0.1:2379 ".into(), String::new()]),
+            ..Default::default()
+        };
+        let cfg = AgentConfig::resolve(data.clone(), given).unwrap();
+        assert_eq!(
+            cfg.store,
+            StoreConfig::Etcd {
+                endpoints: vec!["http://127.0.0.1:2379".into()],
+                prefix: "/site-a/".into(),
+            }
+        );
+        let given = AgentOverrides {
+            driver: Some("qemu".into()),
+            store: Some(StoreKind::Sled),
+            ..Default::default()
+        };
+        let cfg = AgentConfig::resolve(data, given).unwrap();
+        assert_eq!(
+            (cfg.driver.as_str(), &cfg.store),
+            ("qemu", &StoreConfig::Sled)
+        );
+    }
+
+    #[test]
+    fn no_config_file_means_every_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AgentConfig::resolve(dir.path().into(), AgentOverrides::default()).unwrap();
+        assert_eq!(
+            (cfg.driver.as_str(), &cfg.store),
+            ("qemu", &StoreConfig::Sled)
+        );
+        let given = AgentOverrides {
+            store: Some(StoreKind::Etcd),
+            etcd_endpoints: Some(vec!["http://h:2379".into()]),
+            ..Default::default()
+        };
+        let cfg = AgentConfig::resolve(dir.path().into(), given).unwrap();
+        assert_eq!(
+            cfg.store,
+            StoreConfig::Etcd {
+                endpoints: vec!["http://h:2379".into()],
+                prefix: "/vmctl/".into()
+            }
+        );
+    }
+
+    /// Unknown keys and bad values in `agent.toml` are refused with the
+    /// file, line and column, never ignored or half-applied.
+    #[test]
+    fn config_file_unknown_keys_and_bad_values_are_located_errors_naming_the_file() {
+        for (text, line, column, says) in [
+            (
+                "store = \"etcd\"\nstor = \"sled\"\n",
+                2,
+                1,
+                "unknown field `stor`",
+            ),
+            (
+                "[etcd]\nendpoint = [\"http://h:2379\"]\n",
+                2,
+                1,
+                "unknown field `endpoint`",
+            ),
+            ("store = \"etc\"\n", 1, 9, "unknown variant `etc`"),
+            ("driver = \"kvm\"\n", 1, 10, "unknown driver `kvm`"),
+            (
+                "[etcd]\nendpoints = \"http://h:2379\"\n",
+                2,
+                13,
+                "invalid type: string",
+            ),
+            ("[etcd]\nendpoints = []\n", 2, 13, "endpoints are empty"),
+            (
+                "[etcd]\nendpoints = [\"http://a:2379\", \"10.0.0.1:2379\"]\n",
+                2,
+                31,
+                "`10.0.0.1:2379` has no scheme",
+            ),
+            (
+                "[etcd]\nendpoints = [\"ftp://a\"]\n",
+                2,
+                14,
+                "is not http or https",
+            ),
+            (
+                "[etcd]\nprefix = \"vmctl\"\n",
+                2,
+                10,
+                "must start and end with `/`",
+            ),
+            ("store = etcd\n", 1, 9, ""),
+        ] {
+            let (_d, data) = with_file(text);
+            let err = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap_err();
+            let ConfigError::Invalid {
+                path,
+                line: l,
+                column: c,
+                message,
+            } = &err
+            else {
+                panic!("{text:?}: {err:?}");
+            };
+            assert_eq!(path, &data.join("agent.toml"), "{text:?}");
+            assert_eq!((*l, *c), (line, column), "{text:?}: {message}");
+            assert!(message.contains(says), "{text:?}: {message}");
+            let shown = err.to_string();
+            assert!(
+                shown.starts_with(&format!("{}:{line}:{column}: ", path.display())),
+                "{shown}"
+            );
+            assert!(err.help().contains("agent.toml"), "{}", err.help());
+        }
+    }
+
+    #[test]
+    fn etcd_selected_without_endpoints_names_where_it_was_selected() {
+        let (_d, data) = with_file("store = \"etcd\"\n");
+        let err = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap_err();
+        assert!(matches!(err, ConfigError::NoEndpoints { .. }), "{err:?}");
+        assert!(err.to_string().contains("agent.toml"), "{err}");
+        assert!(
+            err.help().contains("VMCTL_ETCD_ENDPOINTS"),
+            "{}",
+            err.help()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let given = AgentOverrides {
+            store: Some(StoreKind::Etcd),
+            ..Default::default()
+        };
+        let err = AgentConfig::resolve(dir.path().into(), given).unwrap_err();
+        assert!(err.to_string().contains("--store"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_config_file_is_an_error_not_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: reading it fails for root too.
+        std::fs::create_dir(dir.path().join(CONFIG_FILE)).unwrap();
+        let err = AgentConfig::resolve(dir.path().into(), AgentOverrides::default()).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("agent.toml"), "{err}");
     }
 
     #[test]

@@ -51,6 +51,11 @@ pub const MANUAL: &[&str] = &[
 /// Every code, sorted by name.
 pub const CODES: &[Code] = &[
     c(
+        "vmctl::agent::config",
+        "`vmctl agent`'s settings cannot be used: <data-dir>/agent.toml is unreadable, not TOML, has an unknown key or a bad value (file:line:column), or etcd is selected without endpoints",
+        "fix the named line of <data-dir>/agent.toml (keys: driver, store, and under [etcd]: endpoints, prefix), or the flag / VMCTL_* variable; flags win over variables, variables over the file",
+    ),
+    c(
         "vmctl::agent::error",
         "the agent answered with an error that carries no code",
         "see the message; the agent's log (<data-dir>/agent.log) may say more",

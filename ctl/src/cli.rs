@@ -95,19 +95,23 @@ pub enum Command {
     ///
     /// vmctl starts one in the background by itself when none is running.
     Agent {
-        /// Hypervisor driver: qemu, or fake (in memory, for tests and benchmarks).
-        #[arg(long, env = "VMCTL_DRIVER", default_value = "qemu")]
-        driver: String,
+        /// Hypervisor driver: qemu, or fake (in memory, for tests and
+        /// benchmarks) [default: `driver` in <data-dir>/agent.toml, else qemu].
+        #[arg(long, env = "VMCTL_DRIVER")]
+        driver: Option<String>,
         /// Where objects are kept: sled (embedded, in the data directory) or
-        /// etcd (shared; needs --etcd-endpoints).
-        #[arg(long, env = "VMCTL_STORE", value_enum, default_value = "sled")]
-        store: StoreKind,
-        /// etcd client URLs, comma-separated (e.g. http://127.0.0.1:2379).
+        /// etcd (shared; needs --etcd-endpoints) [default: `store` in
+        /// <data-dir>/agent.toml, else sled].
+        #[arg(long, env = "VMCTL_STORE", value_enum)]
+        store: Option<StoreKind>,
+        /// etcd client URLs, comma-separated (e.g. http://127.0.0.1:2379)
+        /// [default: `endpoints` under [etcd] in <data-dir>/agent.toml].
         #[arg(long, env = "VMCTL_ETCD_ENDPOINTS", value_delimiter = ',')]
         etcd_endpoints: Vec<String>,
-        /// Prefix of every etcd key of this installation.
-        #[arg(long, env = "VMCTL_ETCD_PREFIX", default_value = "/vmctl/")]
-        etcd_prefix: String,
+        /// Prefix of every etcd key of this installation [default: `prefix`
+        /// under [etcd] in <data-dir>/agent.toml, else /vmctl/].
+        #[arg(long, env = "VMCTL_ETCD_PREFIX")]
+        etcd_prefix: Option<String>,
     },
     /// Create or update the resources of a VMFile or manifest.
     ///

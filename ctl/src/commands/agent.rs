@@ -7,42 +7,31 @@ use super::Globals;
 /// Runs the agent until SIGTERM/SIGINT.
 pub fn run(
     g: &Globals,
-    driver: String,
-    store: crate::cli::StoreKind,
+    driver: Option<String>,
+    store: Option<crate::cli::StoreKind>,
     etcd_endpoints: Vec<String>,
-    etcd_prefix: String,
+    etcd_prefix: Option<String>,
 ) -> miette::Result<ExitCode> {
-    let store = match store {
-        crate::cli::StoreKind::Sled => vmctl_agent::StoreConfig::Sled,
-        crate::cli::StoreKind::Etcd => {
-            let endpoints: Vec<String> = etcd_endpoints
-                .into_iter()
-                .map(|e| e.trim().to_owned())
-                .filter(|e| !e.is_empty())
-                .collect();
-            if endpoints.is_empty() {
-                return Err(crate::diag::error_help(
-                    "vmctl::agent::failed",
-                    "pass --etcd-endpoints http://HOST:2379[,…] or set VMCTL_ETCD_ENDPOINTS",
-                    "--store etcd needs the etcd endpoints",
-                ));
-            }
-            vmctl_agent::StoreConfig::Etcd {
-                endpoints,
-                prefix: etcd_prefix,
-            }
-        }
+    // Flags and environment (merged by clap) win over <data-dir>/agent.toml.
+    let given = vmctl_agent::AgentOverrides {
+        driver,
+        store: store.map(|s| match s {
+            crate::cli::StoreKind::Sled => vmctl_agent::StoreKind::Sled,
+            crate::cli::StoreKind::Etcd => vmctl_agent::StoreKind::Etcd,
+        }),
+        etcd_endpoints: (!etcd_endpoints.is_empty()).then_some(etcd_endpoints),
+        etcd_prefix,
     };
+    let mut cfg = vmctl_agent::AgentConfig::resolve(g.data_dir.clone(), given).map_err(|e| {
+        crate::diag::error_help("vmctl::agent::config", e.help(), vmctl_api::error_chain(&e))
+    })?;
+    cfg.socket = g.checked_socket()?.to_owned();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let mut cfg = vmctl_agent::AgentConfig::new(g.data_dir.clone());
-    cfg.socket = g.checked_socket()?.to_owned();
-    cfg.driver = driver;
-    cfg.store = store;
     let rt = tokio::runtime::Runtime::new()
         .map_err(|e| miette::miette!("cannot start the runtime: {e}"))?;
     match rt.block_on(vmctl_agent::run(cfg)) {

@@ -12,6 +12,34 @@ use std::time::{Duration, Instant};
 pub struct Agent {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
+    /// The driver and environment it was started with (kept for restarts).
+    driver: String,
+    env: Vec<(String, String)>,
+}
+
+/// The environment that puts an agent on the store the tests run on:
+/// sled (nothing to set) unless `VMCTL_TEST_STORE=etcd`, which puts every
+/// agent of this test binary on one shared 3-member etcd cluster, each
+/// under its own key prefix. `scripts/test` runs this suite both ways.
+pub fn test_store_env() -> Vec<(String, String)> {
+    match std::env::var("VMCTL_TEST_STORE").as_deref() {
+        Err(_) | Ok("" | "sled") => Vec::new(),
+        Ok("etcd") => etcd_env(),
+        Ok(other) => panic!("VMCTL_TEST_STORE={other}: expected sled or etcd"),
+    }
+}
+
+/// `VMCTL_STORE=etcd` on the shared cluster under a fresh key prefix.
+pub fn etcd_env() -> Vec<(String, String)> {
+    let cluster = vmctl_store::testing::EtcdCluster::shared();
+    vec![
+        ("VMCTL_STORE".into(), "etcd".into()),
+        ("VMCTL_ETCD_ENDPOINTS".into(), cluster.endpoints().join(",")),
+        (
+            "VMCTL_ETCD_PREFIX".into(),
+            vmctl_store::testing::unique_prefix(),
+        ),
+    ]
 }
 
 impl Agent {
@@ -28,25 +56,44 @@ impl Agent {
     }
 
     /// An agent on `driver` with extra environment (e.g. `VMCTL_FAKE_*`,
-    /// read at start), up and answering /v1/healthz.
+    /// read at start), on the tests' store ([`test_store_env`]), up and
+    /// answering /v1/healthz.
     pub fn start_with(driver: &str, env: &[(&str, &str)]) -> Agent {
+        let mut all = test_store_env();
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Agent::start_env(driver, all)
+    }
+
+    /// An agent on `driver` with exactly this extra environment.
+    pub fn start_env(driver: &str, env: Vec<(String, String)>) -> Agent {
         let dir = tempfile::tempdir().unwrap();
-        let mut a = Agent { dir, child: None };
-        a.spawn_with(driver, env);
+        let mut a = Agent {
+            dir,
+            child: None,
+            driver: driver.into(),
+            env,
+        };
+        a.spawn();
         a
     }
 
-    pub fn spawn(&mut self) {
-        self.spawn_with("fake", &[]);
+    /// The agent's stderr, appended across restarts: `<tmp>/agent.log`.
+    fn log(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap()
     }
 
-    fn spawn_with(&mut self, driver: &str, env: &[(&str, &str)]) {
+    /// Starts the agent again (same driver, environment and store).
+    pub fn spawn(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_vmctl"))
-            .args(["agent", "--driver", driver, "--data-dir"])
+            .args(["agent", "--driver", &self.driver, "--data-dir"])
             .arg(self.data_dir())
-            .envs(env.iter().copied())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log())
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -57,7 +104,10 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("agent did not come up");
+        panic!(
+            "agent did not come up; its log:\n{}",
+            std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+        );
     }
 
     /// Runs `vmctl` against this agent, never auto-starting another.

@@ -3,6 +3,7 @@
 mod agent;
 mod client;
 mod commands;
+mod etcd;
 mod finalizers;
 mod images;
 mod large_apply;
