@@ -518,11 +518,15 @@ fn delete_history_and_events() {
     let applied: String = stdout(&hist)
         .lines()
         .filter(|l| l.starts_with("SEQ") || l.contains("applied"))
-        // Sequence numbers depend on how the controllers' writes interleave.
+        // Sequence numbers depend on how the controllers' writes interleave,
+        // and their width (so the column's padding) on the store: etcd's
+        // revisions on a shared cluster are longer than sled's sequence.
         .map(|l| {
             let digits = l.len() - l.trim_start_matches(|c: char| c.is_ascii_digit()).len();
             let l = if digits > 0 {
-                format!("[SEQ]{}", &l[digits..])
+                format!("[SEQ] {}", l[digits..].trim_start())
+            } else if let Some(rest) = l.strip_prefix("SEQ") {
+                format!("SEQ {}", rest.trim_start())
             } else {
                 l.to_owned()
             };
