@@ -399,6 +399,28 @@ pub struct VmRuntime {
     /// (`exited with code 0`, `killed by signal 9`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,
+    /// The disks as the hypervisor reports them (the root disk first, named
+    /// [`ROOT_DISK`]); empty when the backend does not report them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskRuntime>,
+}
+
+/// The name of a VM's root disk (the one made from its image) in
+/// `status.runtime.disks` and in conditions and notes.
+pub const ROOT_DISK: &str = "root";
+
+/// One disk of a VM as the hypervisor reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskRuntime {
+    /// The disk's name: [`ROOT_DISK`] or the name of an entry of `spec.disks`.
+    pub name: String,
+    /// Its virtual size in bytes, as the hypervisor sees it now (a running
+    /// VM's guest sees this size).
+    pub size_bytes: u64,
+    /// The file (or volume) holding it on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// Observed state of a VM.

@@ -32,7 +32,7 @@ use chrono::Utc;
 use vmctl_api::{Image, ImagePhase, Kind, NoteType, Object, ObjectRef, VirtualMachine, VmPhase};
 use vmctl_store::{Change, Event};
 
-pub use self::plan::{ImageNotReady, Observed, Step, plan, restart_digest};
+pub use self::plan::{ImageNotReady, Observed, Step, disks, plan, restart_digest};
 use crate::drivers::{DriverError, InstanceSpec, InstanceState, LocalImage};
 use crate::runtime::{Action, Reconciler, Relations};
 use crate::{Context, Error};
@@ -40,11 +40,12 @@ use crate::{Context, Error};
 /// The finalizer that makes a deleted VM wait for its teardown.
 pub const FINALIZER: &str = "vmctl.dev/vm-teardown";
 
-/// Steps one reconcile performs at the most. The longest path is 7 steps
-/// (ImageReady, AddFinalizer, Start, RecreateRequired, Suspend,
+/// Steps one reconcile performs at the most. The longest path is 9 steps
+/// plus one per disk (ImageReady, AddFinalizer, Start, RecreateRequired,
+/// Suspend, DiskShrinkRefused, a ResizeDisk per disk, DiskResizePending,
 /// RestartRequired, Report); a plan that has not ended by this bound is a
 /// bug, and the VM is looked at again later instead of spinning.
-pub const MAX_STEPS: usize = 12;
+pub const MAX_STEPS: usize = 48;
 
 /// Reconciles VirtualMachines.
 #[derive(Debug)]
@@ -117,6 +118,7 @@ impl VmReconciler {
             instance: None,
             now: Utc::now(),
             spec: vm.spec,
+            live_disk_resize: self.ctx.drivers.hypervisor.resizes_disks_live(),
         };
         if o.deleting {
             return Ok(o);
@@ -216,8 +218,12 @@ impl VmReconciler {
                         spec: o.spec.clone(),
                         image,
                     };
-                    let prepared = hv.prepare(&spec).await.map_err(driver("prepare"))?;
-                    o.prepared(prepared);
+                    // Any driver's prepare error is the VM's: in its status
+                    // and events, and retried with backoff like a start.
+                    match hv.prepare(&spec).await {
+                        Ok(prepared) => o.prepared(prepared),
+                        Err(e) => return self.prepare_failed(obj, o, e).await,
+                    }
                 }
                 match hv.start(&name).await {
                     Ok(st) => {
@@ -273,6 +279,26 @@ impl VmReconciler {
                 .await;
                 o.now_in(InstanceState::Stopped);
             }
+            Step::ResizeDisk { disk, from, to } => {
+                let (from_h, to_h) = (disks::human_gib(from), disks::human_gib(to));
+                match hv.resize_disk(&name, &disk, to).await {
+                    Ok(()) => {
+                        o.disk_resized(&disk, to);
+                        let msg = format!(
+                            "Grew disk {disk} of VM {name} from {from_h} to {to_h} while it runs (live); grow the partition and filesystem in the guest to use it"
+                        );
+                        self.note(&r, NoteType::Normal, "DiskResized", msg).await;
+                    }
+                    Err(e) => {
+                        let err = vmctl_api::error_chain(&e);
+                        o.disk_resize_failed(&disk, &err);
+                        let msg = format!(
+                            "Cannot grow disk {disk} of VM {name} to {to_h} live ({err}); it grows at the next start"
+                        );
+                        self.note(&r, NoteType::Warning, "ResizeFailed", msg).await;
+                    }
+                }
+            }
             Step::Restart => {
                 hv.stop(&name, self.stop_timeout(&o.spec))
                     .await
@@ -324,6 +350,31 @@ impl VmReconciler {
             delay.as_secs_f64()
         );
         self.note(&obj.object_ref(), NoteType::Warning, "BackOff", msg)
+            .await;
+        Ok(Flow::Done(Action::requeue(delay)))
+    }
+
+    /// A prepare that failed with `err`: counted like a failed start,
+    /// reported in the `Ready` condition (reason `PrepareFailed`) and by a
+    /// Warning note `PrepareFailed`, retried after a growing delay.
+    async fn prepare_failed(
+        &self,
+        obj: &Object,
+        o: &mut Observed,
+        err: DriverError,
+    ) -> Result<Flow, Error> {
+        let ctx = &self.ctx;
+        let count = o.status.start_failures.count.saturating_add(1);
+        let delay = ctx.config.start_backoff.jittered(count);
+        let err = vmctl_api::error_chain(&err);
+        o.prepare_failed(delay, err.clone());
+        ctx.write_status(obj, &o.status).await?;
+        let msg = format!(
+            "Cannot prepare VM {} (failure {count}: {err}); retry in {:.1}s",
+            o.name,
+            delay.as_secs_f64()
+        );
+        self.note(&obj.object_ref(), NoteType::Warning, "PrepareFailed", msg)
             .await;
         Ok(Flow::Done(Action::requeue(delay)))
     }

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use vmctl_api::{ImageSpec, ProvisionStep, VmRuntime};
+use vmctl_api::{DiskRuntime, ImageSpec, ProvisionStep, ROOT_DISK, VmRuntime};
 
 use super::{
     BoxFuture, DriverError, Hypervisor, ImageFetcher, InstanceSpec, InstanceState, InstanceStatus,
@@ -28,6 +28,8 @@ pub struct FakeConfig {
     pub latency: Duration,
     /// VM name → how many of its next starts fail.
     pub fail_starts: HashMap<String, u32>,
+    /// VM name → how many of its next prepares fail.
+    pub fail_prepares: HashMap<String, u32>,
     /// Images whose fetch fails.
     pub fail_images: HashSet<String>,
     /// VMs that never answer SSH.
@@ -56,6 +58,7 @@ impl FakeConfig {
     ///
     /// * `VMCTL_FAKE_LATENCY_MS`: latency of every operation (default 0);
     /// * `VMCTL_FAKE_FAIL_STARTS`: `vm=n,…`, the first `n` starts of `vm` fail;
+    /// * `VMCTL_FAKE_FAIL_PREPARES`: `vm=n,…`, the first `n` prepares of `vm` fail;
     /// * `VMCTL_FAKE_FAIL_IMAGES`: `image,…`, fetches that fail;
     /// * `VMCTL_FAKE_SSH_UNREACHABLE`: `vm,…`, VMs that never answer SSH.
     pub fn from_env() -> Result<Self, FakeConfigError> {
@@ -76,17 +79,21 @@ impl FakeConfig {
                 })?;
             cfg.latency = Duration::from_millis(ms);
         }
-        if let Some(v) = get("VMCTL_FAKE_FAIL_STARTS") {
+        for (var, map) in [
+            ("VMCTL_FAKE_FAIL_STARTS", &mut cfg.fail_starts),
+            ("VMCTL_FAKE_FAIL_PREPARES", &mut cfg.fail_prepares),
+        ] {
+            let Some(v) = get(var) else { continue };
             for item in v.split(',').filter(|s| !s.trim().is_empty()) {
                 let parsed = item
                     .split_once('=')
                     .and_then(|(vm, n)| Some((vm.trim().to_owned(), n.trim().parse().ok()?)));
                 let (vm, n) = parsed.ok_or_else(|| FakeConfigError::Invalid {
-                    var: "VMCTL_FAKE_FAIL_STARTS",
+                    var,
                     value: v.clone(),
                     expected: "vm=count,…",
                 })?;
-                cfg.fail_starts.insert(vm, n);
+                map.insert(vm, n);
             }
         }
         let names = |var: &str| -> HashSet<String> {
@@ -234,7 +241,21 @@ impl Hypervisor for FakeHypervisor {
         Box::pin(async move {
             self.0.delay().await;
             let mut w = self.0.lock();
-            if let Some(inst) = w.instances.get(&spec.name) {
+            if let Some(n) = w.config.fail_prepares.get_mut(&spec.name)
+                && *n > 0
+            {
+                *n -= 1;
+                return Err(DriverError::Injected(format!("prepare of {}", spec.name)));
+            }
+            // Disks as QEMU's: the root disk has the image's size unless
+            // the spec asks more; a disk grows, never shrinks.
+            let root = spec
+                .image
+                .virtual_size_bytes
+                .unwrap_or(spec.image.size_bytes)
+                .max(spec.spec.disk_gib.unwrap_or(0) << 30);
+            if let Some(inst) = w.instances.get_mut(&spec.name) {
+                grow_disk(&mut inst.runtime, ROOT_DISK, root);
                 return Ok(InstanceStatus {
                     state: inst.state,
                     runtime: inst.runtime.clone(),
@@ -249,6 +270,11 @@ impl Hypervisor for FakeHypervisor {
                 ssh_host: Some("127.0.0.1".to_owned()),
                 ssh_port: Some(port),
                 instance_id: Some(uuid::Uuid::new_v4().to_string()),
+                disks: vec![DiskRuntime {
+                    name: ROOT_DISK.to_owned(),
+                    size_bytes: root,
+                    path: Some(format!("/fake/vms/{}/disk.qcow2", spec.name)),
+                }],
                 ..Default::default()
             };
             let inst = FakeInstance {
@@ -333,6 +359,39 @@ impl Hypervisor for FakeHypervisor {
         })
     }
 
+    fn resizes_disks_live(&self) -> bool {
+        true
+    }
+
+    fn resize_disk<'a>(
+        &'a self,
+        name: &'a str,
+        disk: &'a str,
+        bytes: u64,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.0.delay().await;
+            let mut w = self.0.lock();
+            let inst = w
+                .instances
+                .get_mut(name)
+                .ok_or_else(|| DriverError::NotFound(name.to_owned()))?;
+            let d = inst
+                .runtime
+                .disks
+                .iter_mut()
+                .find(|d| d.name == disk)
+                .ok_or_else(|| DriverError::NotFound(format!("disk {disk} of {name}")))?;
+            if bytes < d.size_bytes {
+                return Err(DriverError::Permanent(format!(
+                    "disk {disk} of {name} cannot shrink to {bytes} bytes"
+                )));
+            }
+            d.size_bytes = bytes;
+            Ok(())
+        })
+    }
+
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<InstanceStatus>>> {
         Box::pin(async move {
             // Observing is cheap in every real backend too: no latency.
@@ -342,6 +401,18 @@ impl Hypervisor for FakeHypervisor {
                 runtime: i.runtime.clone(),
             }))
         })
+    }
+}
+
+/// Grows disk `name` of `rt` to `bytes` (adding it if missing); never shrinks.
+fn grow_disk(rt: &mut VmRuntime, name: &str, bytes: u64) {
+    match rt.disks.iter_mut().find(|d| d.name == name) {
+        Some(d) => d.size_bytes = d.size_bytes.max(bytes),
+        None => rt.disks.push(DiskRuntime {
+            name: name.to_owned(),
+            size_bytes: bytes,
+            path: None,
+        }),
     }
 }
 

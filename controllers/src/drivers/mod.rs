@@ -122,7 +122,9 @@ pub trait Hypervisor: Send + Sync + Debug {
     /// The backend's name as shown in `status.runtime.backend`.
     fn backend(&self) -> &'static str;
     /// Creates the instance's disk, seed and configuration if it does not
-    /// exist yet; a prepared instance is left as it is.
+    /// exist yet; a prepared instance is brought to the spec where that
+    /// can be done while stopped (a disk grows; one the spec asks smaller
+    /// keeps its size, which the controller reports: never an error).
     fn prepare<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<InstanceStatus>>;
     /// Boots a prepared, stopped instance.
     fn start<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<InstanceStatus>>;
@@ -137,6 +139,31 @@ pub trait Hypervisor: Send + Sync + Debug {
     fn destroy<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>>;
     /// The instance's state, `None` if it does not exist.
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<InstanceStatus>>>;
+    /// Whether [`resize_disk`](Self::resize_disk) grows the disk of a
+    /// running instance live (the guest sees the new size at once). When
+    /// not, a growth waits for the next start, where
+    /// [`prepare`](Self::prepare) applies it.
+    fn resizes_disks_live(&self) -> bool {
+        false
+    }
+    /// Grows disk `disk` (`root`, or the name of an extra disk) of the
+    /// running or paused instance `name` to `bytes`. Disks never shrink:
+    /// a smaller `bytes` is an error. Backends that cannot do it live
+    /// refuse with [`DriverError::Permanent`].
+    fn resize_disk<'a>(
+        &'a self,
+        name: &'a str,
+        disk: &'a str,
+        bytes: u64,
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = (disk, bytes);
+        Box::pin(async move {
+            Err(DriverError::Permanent(format!(
+                "the {} backend cannot grow a disk of running VM {name}; it grows at the next start",
+                self.backend()
+            )))
+        })
+    }
     /// Names of instances whose state changed by itself (the guest powered
     /// off or paused, the hypervisor process died), for backends that are
     /// told; `None` when the controller has to poll [`status`](Self::status).

@@ -15,7 +15,11 @@
 //!                               ├── retryAfter ahead ──▶ BackOff
 //!                               └── else ──▶ Start
 //!   power state differs ──▶ Suspend / Resume / Stop
-//!   running an older spec ── Restart/Recreate policy ──▶ Restart
+//!   a disk asked smaller ──▶ SetCondition DiskShrinkRefused (the VM runs on)
+//!   a disk asked larger ── up, backend resizes live ──▶ ResizeDisk
+//!                       └── else ──▶ SetCondition DiskResizePending
+//!   running an older spec (or a disk growth waits for a restart)
+//!                         ── Restart/Recreate policy ──▶ Restart
 //!                         └── else ──▶ SetCondition RestartRequired
 //!   otherwise ──▶ Report (writes the status only if it changed)
 //! ```
@@ -30,6 +34,8 @@ use vmctl_api::{
 
 use crate::conditions::{condition, would_change};
 use crate::drivers::{InstanceState, InstanceStatus, LocalImage};
+
+pub mod disks;
 
 /// Why a VM's image cannot be booted: the reason and message of the VM's
 /// `ImageReady` condition.
@@ -66,6 +72,9 @@ pub struct Observed {
     pub instance: Option<InstanceStatus>,
     /// When it was observed (compared with `status.startFailures.retryAfter`).
     pub now: DateTime<Utc>,
+    /// The hypervisor grows a running instance's disks live
+    /// ([`crate::drivers::Hypervisor::resize_disk`]).
+    pub live_disk_resize: bool,
 }
 
 /// The next thing to do for a VM: the output of [`plan`]. Steps that end
@@ -121,6 +130,16 @@ pub enum Step {
     Resume,
     /// Shut the instance down.
     Stop,
+    /// Grow a disk of the running (or paused) instance live; the guest
+    /// sees the new size at once.
+    ResizeDisk {
+        /// The disk's name.
+        disk: String,
+        /// Its size now, in bytes.
+        from: u64,
+        /// The size the spec asks for, in bytes.
+        to: u64,
+    },
     /// Stop the instance to apply fields only a restart applies (policy
     /// `Restart` or `Recreate`); the next reconcile starts it again.
     Restart,
@@ -145,6 +164,7 @@ impl Step {
                 | Step::Suspend
                 | Step::Resume
                 | Step::Stop
+                | Step::ResizeDisk { .. }
         )
     }
 }
@@ -245,18 +265,102 @@ pub fn plan(o: &Observed) -> Step {
         state,
         Some(InstanceState::Running | InstanceState::Suspended)
     );
+
+    // Disk sizes: a shrink is refused (the disk keeps its size and the VM
+    // runs on), a growth is applied live when the backend can, else at
+    // the next start.
+    let (grow, shrink) = disks::size_changes(o);
+    let had = |type_: &str| status.conditions.iter().any(|c| c.type_ == type_);
+    let step = if let Some(first) = shrink.first() {
+        let list: Vec<String> = shrink.iter().map(disks::SizeChange::describe).collect();
+        let message = format!(
+            "disks cannot shrink ({}); the disk keeps its size: set the size to at least {} again, or delete and recreate the VM for a smaller disk (that destroys it)",
+            list.join(", "),
+            disks::human_gib(first.from)
+        );
+        let warning = format!(
+            "VM {} keeps disk {} at {}: the spec asks {} and disks cannot shrink",
+            o.name,
+            first.disk,
+            disks::human_gib(first.from),
+            disks::human_gib(first.to)
+        );
+        let cond = condition(
+            disks::SHRINK_REFUSED,
+            true,
+            "SizeBelowCurrent",
+            message,
+            generation,
+        );
+        set(cond, Some(warning))
+    } else if had(disks::SHRINK_REFUSED) {
+        let cond = condition(disks::SHRINK_REFUSED, false, "UpToDate", "", generation);
+        set(cond, None)
+    } else {
+        None
+    };
+    if let Some(step) = step {
+        return step;
+    }
+    let live_failed = disks::live_resize_failed(o);
+    if up
+        && o.live_disk_resize
+        && !live_failed
+        && let Some(g) = grow.first()
+    {
+        return Step::ResizeDisk {
+            disk: g.disk.clone(),
+            from: g.from,
+            to: g.to,
+        };
+    }
+    let step = if live_failed && !grow.is_empty() {
+        // Keeps the failure's message; the growth applies at the next start.
+        None
+    } else if !grow.is_empty() {
+        let list: Vec<String> = grow.iter().map(disks::SizeChange::describe).collect();
+        let message = format!("grows at the next start: {}", list.join(", "));
+        let cond = condition(
+            disks::RESIZE_PENDING,
+            true,
+            "AppliesAtStart",
+            message,
+            generation,
+        );
+        set(cond, None)
+    } else if had(disks::RESIZE_PENDING) {
+        let cond = condition(disks::RESIZE_PENDING, false, "UpToDate", "", generation);
+        set(cond, None)
+    } else {
+        None
+    };
+    if let Some(step) = step {
+        return step;
+    }
+
     if up {
         // An instance started before `startedSpec` existed counts as
         // started with the spec it has now.
-        let differs = status
+        let spec_differs = status
             .started_spec
             .as_ref()
             .is_some_and(|s| *s != restart_digest(spec));
+        let differs = spec_differs || !grow.is_empty();
         if differs && spec.update_policy != UpdatePolicy::RestartRequired {
             return Step::Restart;
         }
         let step = if differs {
-            let message = "vcpus, memory, network or cloud-init changed; stop and start the VM (or set update-policy \"restart\") to apply";
+            let message = match (spec_differs, grow.is_empty()) {
+                (true, true) => {
+                    "vcpus, memory, network or cloud-init changed; stop and start the VM (or set update-policy \"restart\") to apply"
+                }
+                (false, _) => {
+                    "a disk grows only at the next start; stop and start the VM (or set update-policy \"restart\") to apply"
+                }
+                (true, false) => {
+                    "vcpus, memory, network, cloud-init or a disk size changed; stop and start the VM (or set update-policy \"restart\") to apply"
+                }
+            };
             let warning = format!(
                 "VM {} runs with an older spec; the change applies at the next start",
                 o.name
@@ -350,6 +454,17 @@ impl Observed {
     /// A failed start, or [`Step::Crashed`]: one more failure, the next
     /// start not before `now + delay`.
     pub fn start_failed(&mut self, delay: Duration, message: String) {
+        self.failed_to_start(delay, "StartFailed", &message);
+    }
+
+    /// [`Step::Start`] whose prepare failed (the disk, seed or
+    /// configuration could not be made): counted and backed off like a
+    /// failed start, with reason `PrepareFailed`.
+    pub fn prepare_failed(&mut self, delay: Duration, message: String) {
+        self.failed_to_start(delay, "PrepareFailed", &message);
+    }
+
+    fn failed_to_start(&mut self, delay: Duration, reason: &str, message: &str) {
         let failures = &mut self.status.start_failures;
         failures.count = failures.count.saturating_add(1);
         failures.last_failure_time = Some(self.now);
@@ -359,7 +474,7 @@ impl Observed {
         if let Some(inst) = &self.instance {
             self.status.runtime = Some(inst.runtime.clone());
         }
-        self.phase(VmPhase::CrashLoopBackOff, false, "StartFailed", &message);
+        self.phase(VmPhase::CrashLoopBackOff, false, reason, message);
     }
 
     /// [`Step::Suspend`], [`Step::Resume`] or [`Step::Stop`] done: the
@@ -368,6 +483,28 @@ impl Observed {
         if let Some(inst) = &mut self.instance {
             inst.state = state;
         }
+    }
+
+    /// [`Step::ResizeDisk`], after the disk of the instance grew to `to` bytes.
+    pub fn disk_resized(&mut self, disk: &str, to: u64) {
+        if let Some(inst) = &mut self.instance
+            && let Some(d) = inst.runtime.disks.iter_mut().find(|d| d.name == disk)
+        {
+            d.size_bytes = to;
+        }
+    }
+
+    /// [`Step::ResizeDisk`] failed with `message`: the growth waits for
+    /// the next start (no live retry for this generation).
+    pub fn disk_resize_failed(&mut self, disk: &str, message: &str) {
+        let cond = condition(
+            disks::RESIZE_PENDING,
+            true,
+            disks::LIVE_RESIZE_FAILED,
+            format!("disk {disk} could not grow live ({message}); it grows at the next start"),
+            self.generation,
+        );
+        self.set_condition(cond);
     }
 
     /// [`Step::Restart`], after the instance was stopped.

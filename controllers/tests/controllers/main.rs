@@ -3,6 +3,7 @@
 
 mod common;
 mod concurrency;
+mod disks;
 mod failures;
 mod lifecycle;
 mod restart;

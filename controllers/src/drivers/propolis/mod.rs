@@ -53,7 +53,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vmctl_api::{Network, VmRuntime};
+use vmctl_api::{DiskRuntime, Network, ROOT_DISK, VmRuntime};
 
 pub use self::api::{Client, ClientError, PropolisState};
 pub use self::host::{CommandOutput, CommandRunner, HostCommand, SimulatedHost, SystemRunner};
@@ -603,12 +603,10 @@ impl PropolisDriver {
         }
         if let Some(gib) = spec.spec.disk_gib {
             match rec.disk_gib {
-                Some(old) if gib < old => {
-                    return Err(DriverError::Permanent(format!(
-                        "VM {name}: spec.diskGib {gib} is smaller than the disk's {old} GiB; disks only grow [{UNSUPPORTED}]"
-                    )));
-                }
-                Some(old) if gib == old => {}
+                // Disks only grow: a smaller size keeps the volume as it
+                // is, and the VM controller reports the refusal (from the
+                // size `observe` reports).
+                Some(old) if gib <= old => {}
                 _ => {
                     self.must("zfs", &["set", &format!("volsize={gib}G"), &vm_ds])
                         .await?;
@@ -970,6 +968,16 @@ impl PropolisDriver {
                 .ok()
                 .map(|s| s.trim().to_owned()),
             last_exit,
+            // The volume's size when vmctl set it (a clone has the image's).
+            disks: rec
+                .disk_gib
+                .map(|gib| DiskRuntime {
+                    name: ROOT_DISK.to_owned(),
+                    size_bytes: gib << 30,
+                    path: Some(format!("/dev/zvol/rdsk/{}", self.vm_dataset(name))),
+                })
+                .into_iter()
+                .collect(),
         };
         Ok(Some(InstanceStatus { state, runtime }))
     }

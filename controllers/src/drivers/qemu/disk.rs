@@ -1,7 +1,10 @@
 //! The VM's disk: a qcow2 overlay on the cached base image, made and grown
 //! with `qemu-img`. The base's detected format is passed as the backing
 //! format (`-F`), so QEMU never probes it. Disks only grow: shrinking
-//! would cut off the guest's filesystem, so it is refused.
+//! would cut off the guest's filesystem, so a smaller size keeps the disk
+//! as it is (prepare never fails for it: the VM controller reports the
+//! refusal in the VM's status), and a live resize to a smaller size is
+//! refused.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -18,7 +21,8 @@ pub const OVERLAY_CREATION_FAILED: &str = "vmctl::image::overlay_creation_failed
 /// Diagnostic code of a refused shrink.
 pub const SHRINK_REFUSED: &str = "vmctl::disk::shrink_refused";
 
-const GIB: u64 = 1 << 30;
+/// One GiB in bytes.
+pub const GIB: u64 = 1 << 30;
 
 /// Errors of the disk operations.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +52,11 @@ pub enum DiskError {
     },
     /// The requested size is smaller than the disk.
     #[error(
-        "Disk of {requested_gib} GiB is smaller than the existing {current_bytes} bytes; disks cannot shrink"
+        "Disk of {requested_bytes} bytes is smaller than the existing {current_bytes} bytes; disks cannot shrink"
     )]
     ShrinkRefused {
-        /// The requested size in GiB.
-        requested_gib: u64,
+        /// The requested size in bytes.
+        requested_bytes: u64,
         /// The disk's size in bytes.
         current_bytes: u64,
     },
@@ -94,20 +98,22 @@ pub enum DiskAction {
     Created,
     /// The overlay was grown.
     Grown,
-    /// Nothing needed doing.
+    /// Nothing needed doing (or the size asked is smaller, which keeps
+    /// the disk as it is).
     Unchanged,
 }
 
-/// Makes sure `overlay` exists on `base`, at least `disk_gib` large.
+/// Makes sure `overlay` exists on `base`, at least `disk_gib` large (and
+/// at least the base's size: an overlay never cuts its base off).
 pub async fn ensure_overlay(
     base: &LocalImage,
     overlay: &Path,
     disk_gib: Option<u64>,
 ) -> Result<DiskAction, DiskError> {
-    let want = disk_gib.map(|g| g * GIB);
+    let mut want = disk_gib.map(|g| g.saturating_mul(GIB));
     if overlay.exists() {
         let current = virtual_size(overlay).await?;
-        return match growth(current, disk_gib)? {
+        return match growth(current, want) {
             Some(w) => {
                 resize(overlay, w).await?;
                 Ok(DiskAction::Grown)
@@ -127,13 +133,10 @@ pub async fn ensure_overlay(
                 source,
             })?,
     };
-    if let Some(w) = want
-        && w < base_size
-    {
-        return Err(DiskError::ShrinkRefused {
-            requested_gib: disk_gib.unwrap_or_default(),
-            current_bytes: base_size,
-        });
+    if want.is_some_and(|w| w < base_size) {
+        // Smaller than the image: made at the image's size (the VM
+        // controller reports that the size asked was not applied).
+        want = None;
     }
     // Created beside the final name and renamed, so that a crash never
     // leaves a half-made overlay that a later prepare would take as done.
@@ -158,17 +161,27 @@ pub async fn ensure_overlay(
     Ok(DiskAction::Created)
 }
 
-/// The size a disk of `current` bytes must grow to for `disk_gib`, if any;
-/// a smaller `disk_gib` is refused.
-pub fn growth(current: u64, disk_gib: Option<u64>) -> Result<Option<u64>, DiskError> {
-    match disk_gib.map(|g| g * GIB) {
-        Some(w) if w > current => Ok(Some(w)),
-        Some(w) if w < current => Err(DiskError::ShrinkRefused {
-            requested_gib: disk_gib.unwrap_or_default(),
+/// The size in bytes a disk of `current` bytes must grow to for `want`
+/// bytes, if it must: never a smaller one.
+pub fn growth(current: u64, want: Option<u64>) -> Option<u64> {
+    want.filter(|w| *w > current)
+}
+
+/// Grows the qcow2 file of a stopped VM's disk to `bytes` with
+/// `qemu-img resize`; a smaller `bytes` is refused
+/// ([`DiskError::ShrinkRefused`]) and changes nothing.
+pub async fn grow_file(path: &Path, bytes: u64) -> Result<(), DiskError> {
+    let current = virtual_size(path).await?;
+    if bytes < current {
+        return Err(DiskError::ShrinkRefused {
+            requested_bytes: bytes,
             current_bytes: current,
-        }),
-        _ => Ok(None),
+        });
     }
+    if bytes > current {
+        resize(path, bytes).await?;
+    }
+    Ok(())
 }
 
 /// The virtual size in bytes of a VM's disk (a qcow2 overlay vmctl made;
@@ -255,8 +268,11 @@ mod tests {
         );
     }
 
+    /// Issue 16: a prepare with a smaller `disk` failed, so the VM never
+    /// started again. The disk keeps its size and prepare succeeds; only an
+    /// explicit resize to a smaller size is refused.
     #[tokio::test]
-    async fn disk_grows_and_refuses_to_shrink() {
+    async fn shrunk_disk_keeps_its_size_and_prepare_does_not_fail() {
         let dir = tempfile::tempdir().unwrap();
         let b = base(dir.path(), "qcow2", "1G").await;
         let ov = dir.path().join("disk.qcow2");
@@ -270,23 +286,32 @@ mod tests {
             DiskAction::Grown
         );
         assert_eq!(virtual_size(&ov).await.unwrap(), 3 * GIB);
-        let err = ensure_overlay(&b, &ov, Some(2)).await.unwrap_err();
+        assert_eq!(
+            ensure_overlay(&b, &ov, Some(2)).await.unwrap(),
+            DiskAction::Unchanged
+        );
+        assert_eq!(virtual_size(&ov).await.unwrap(), 3 * GIB);
+        let err = grow_file(&ov, 2 * GIB).await.unwrap_err();
         assert_eq!(err.code(), SHRINK_REFUSED);
         assert_eq!(
             err.to_string(),
-            "Disk of 2 GiB is smaller than the existing 3221225472 bytes; disks cannot shrink"
+            "Disk of 2147483648 bytes is smaller than the existing 3221225472 bytes; disks cannot shrink"
         );
         assert_eq!(virtual_size(&ov).await.unwrap(), 3 * GIB);
+        grow_file(&ov, 4 * GIB).await.unwrap();
+        assert_eq!(virtual_size(&ov).await.unwrap(), 4 * GIB);
     }
 
     #[tokio::test]
-    async fn new_disk_smaller_than_base_is_refused() {
+    async fn new_disk_smaller_than_base_gets_the_base_size() {
         let dir = tempfile::tempdir().unwrap();
         let b = base(dir.path(), "qcow2", "2G").await;
         let ov = dir.path().join("disk.qcow2");
-        let err = ensure_overlay(&b, &ov, Some(1)).await.unwrap_err();
-        assert_eq!(err.code(), SHRINK_REFUSED);
-        assert!(!ov.exists());
+        assert_eq!(
+            ensure_overlay(&b, &ov, Some(1)).await.unwrap(),
+            DiskAction::Created
+        );
+        assert_eq!(virtual_size(&ov).await.unwrap(), 2 * GIB);
     }
 
     #[tokio::test]

@@ -53,7 +53,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vmctl_api::{Network, VmRuntime, default_ssh_user};
+use vmctl_api::{DiskRuntime, Network, ROOT_DISK, VmRuntime, default_ssh_user};
 
 pub use self::error::{QMP_COMMAND_FAILED, QMP_CONNECT_FAILED, QemuError, SPAWN_FAILED};
 pub use self::layout::{Layout, SOCKET_PATH_MAX};
@@ -353,15 +353,9 @@ impl QemuDriver {
             // A running QEMU holds the image's lock: grow it through QMP,
             // and the guest sees the new size at once.
             let current = disk::virtual_size(&l.disk()).await.map_err(disk_err)?;
-            if let Some(bytes) = disk::growth(current, spec.spec.disk_gib).map_err(disk_err)? {
-                let mut q = self.qmp(name, &l).await?;
-                let args = serde_json::json!({ "device": "disk0", "size": bytes });
-                q.execute("block_resize", Some(args))
-                    .await
-                    .map_err(|source| QemuError::QmpCommand {
-                        name: name.clone(),
-                        source,
-                    })?;
+            let want = spec.spec.disk_gib.map(|g| g.saturating_mul(disk::GIB));
+            if let Some(bytes) = disk::growth(current, want) {
+                self.block_resize(name, &l, ROOT_DISK, bytes).await?;
             }
         } else {
             disk::ensure_overlay(&spec.image, &l.disk(), spec.spec.disk_gib)
@@ -384,6 +378,73 @@ impl QemuDriver {
         let json = serde_json::to_vec_pretty(&cfg).map_err(|e| io_err("")(e.into()))?;
         std::fs::write(l.config_file(), json).map_err(io_err("Cannot write vm.json"))?;
         self.observe(name, &l).await
+    }
+
+    /// Grows disk `disk` of the running QEMU of `name` to `bytes` with QMP
+    /// `block_resize`.
+    async fn block_resize(
+        &self,
+        name: &str,
+        l: &Layout,
+        disk: &str,
+        bytes: u64,
+    ) -> Result<(), QemuError> {
+        let mut q = self.qmp(name, l).await?;
+        let args = serde_json::json!({ "device": drive_id(disk), "size": bytes });
+        q.execute("block_resize", Some(args))
+            .await
+            .map(drop)
+            .map_err(|source| QemuError::QmpCommand {
+                name: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Grows disk `disk` of `name` to `bytes`: live through QMP when QEMU
+    /// runs (after checking that it is no shrink), else with `qemu-img`.
+    async fn do_resize_disk(&self, name: &str, disk: &str, bytes: u64) -> Result<(), QemuError> {
+        let l = self.layout(name);
+        let path = disk_path(&l, disk);
+        let disk_err = |source| QemuError::Disk {
+            name: name.to_owned(),
+            source,
+        };
+        if !path.exists() {
+            return Err(QemuError::Io {
+                context: format!("VM {name} has no disk {disk}"),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        if process::running_pid(&l).is_none() {
+            return disk::grow_file(&path, bytes).await.map_err(disk_err);
+        }
+        let mut q = self.qmp(name, &l).await?;
+        let current = disk_sizes(&mut q)
+            .await
+            .map_err(|source| QemuError::QmpCommand {
+                name: name.to_owned(),
+                source,
+            })?
+            .into_iter()
+            .find(|(d, _)| d == disk)
+            .map(|(_, size)| size);
+        let Some(current) = current else {
+            return Err(QemuError::Io {
+                context: format!("the running QEMU of {name} has no disk {disk}"),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        };
+        if bytes < current {
+            return Err(disk_err(disk::DiskError::ShrinkRefused {
+                requested_bytes: bytes,
+                current_bytes: current,
+            }));
+        }
+        drop(q);
+        if bytes > current {
+            self.block_resize(name, &l, disk, bytes).await?;
+        }
+        Ok(())
     }
 
     async fn do_start(&self, name: &str) -> Result<Option<InstanceStatus>, QemuError> {
@@ -532,23 +593,42 @@ impl QemuDriver {
         if let Some(pid) = pid {
             self.watch_events(name, l, pid).await;
         }
-        let state = match pid {
+        let qmp_err = |source| QemuError::QmpCommand {
+            name: name.to_owned(),
+            source,
+        };
+        let (state, sizes) = match pid {
             Some(_) => {
                 let mut q = self.qmp(name, l).await?;
-                let status = q
-                    .query_status()
-                    .await
-                    .map_err(|source| QemuError::QmpCommand {
-                        name: name.to_owned(),
-                        source,
-                    })?;
-                run_state(&status)
+                let status = q.query_status().await.map_err(qmp_err)?;
+                // What the guest sees now.
+                let sizes = disk_sizes(&mut q).await.map_err(qmp_err)?;
+                (run_state(&status), sizes)
             }
             None => {
                 self.note_exit(name, l).await;
-                InstanceState::Stopped
+                let mut sizes = Vec::new();
+                if l.disk().exists() {
+                    let size =
+                        disk::virtual_size(&l.disk())
+                            .await
+                            .map_err(|source| QemuError::Disk {
+                                name: name.to_owned(),
+                                source,
+                            })?;
+                    sizes.push((ROOT_DISK.to_owned(), size));
+                }
+                (InstanceState::Stopped, sizes)
             }
         };
+        let disks = sizes
+            .into_iter()
+            .map(|(disk, size_bytes)| DiskRuntime {
+                path: Some(disk_path(l, &disk).display().to_string()),
+                name: disk,
+                size_bytes,
+            })
+            .collect();
         let user_net = matches!(cfg.network, Network::User);
         let path = |p: PathBuf| p.exists().then(|| p.display().to_string());
         let runtime = VmRuntime {
@@ -574,6 +654,7 @@ impl QemuDriver {
                     }
                 }),
             },
+            disks,
         };
         Ok(Some(InstanceStatus { state, runtime }))
     }
@@ -663,6 +744,47 @@ pub(crate) fn seed_spec(
         raw_user_data,
         network_config: None,
     })
+}
+
+/// The QEMU block device id of disk `disk`.
+fn drive_id(disk: &str) -> String {
+    if disk == ROOT_DISK {
+        "disk0".to_owned()
+    } else {
+        format!("disk-{disk}")
+    }
+}
+
+/// The file of disk `disk` in the work dir.
+fn disk_path(l: &Layout, disk: &str) -> PathBuf {
+    if disk == ROOT_DISK {
+        l.disk()
+    } else {
+        l.root.join(format!("disk-{disk}.qcow2"))
+    }
+}
+
+/// The virtual size of each of vmctl's disks of a running QEMU, from QMP
+/// `query-block` (the root disk first; the seed and unknown devices left
+/// out).
+async fn disk_sizes(q: &mut Qmp) -> Result<Vec<(String, u64)>, qmp::QmpError> {
+    let blocks = q.execute("query-block", None).await?;
+    let mut out = Vec::new();
+    for b in blocks.as_array().into_iter().flatten() {
+        let device = b.get("device").and_then(serde_json::Value::as_str);
+        let size = b
+            .pointer("/inserted/image/virtual-size")
+            .and_then(serde_json::Value::as_u64);
+        let (Some(device), Some(size)) = (device, size) else {
+            continue;
+        };
+        if device == "disk0" {
+            out.insert(0, (ROOT_DISK.to_owned(), size));
+        } else if let Some(disk) = device.strip_prefix("disk-") {
+            out.push((disk.to_owned(), size));
+        }
+    }
+    Ok(out)
 }
 
 fn read_config(l: &Layout) -> Option<VmConfig> {
@@ -815,6 +937,23 @@ impl Hypervisor for QemuDriver {
         Box::pin(async move {
             let l = self.layout(name);
             Ok(self.observe(name, &l).await?)
+        })
+    }
+
+    fn resizes_disks_live(&self) -> bool {
+        true
+    }
+
+    fn resize_disk<'a>(
+        &'a self,
+        name: &'a str,
+        disk: &'a str,
+        bytes: u64,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            Ok(self.do_resize_disk(name, disk, bytes).await?)
         })
     }
 

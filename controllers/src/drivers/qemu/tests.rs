@@ -113,16 +113,34 @@ async fn tiny_image_boots_suspends_stops_is_adopted_and_dies_visibly() {
         t0.elapsed()
     );
 
-    // `disk` grows a running VM's disk through QMP; shrinking is refused.
+    // `disk` grows a running VM's disk through QMP; a smaller one keeps
+    // the disk as it is (prepare does not fail: issue 16), and a live
+    // resize to a smaller size is refused. Status reports what QEMU sees.
     let mut grown = spec.clone();
     grown.spec.disk_gib = Some(2);
     d.prepare(&grown).await.unwrap();
+    let root = |st: &InstanceStatus| {
+        st.runtime
+            .disks
+            .first()
+            .map(|d| (d.name.clone(), d.size_bytes))
+    };
     assert_eq!(
-        disk::virtual_size(&work.join("disk.qcow2")).await.unwrap(),
-        2 << 30
+        root(&d.status(name).await.unwrap().unwrap()),
+        Some((ROOT_DISK.to_owned(), 2 << 30))
     );
     grown.spec.disk_gib = Some(1);
-    let err = d.prepare(&grown).await.unwrap_err().to_string();
+    d.prepare(&grown).await.unwrap();
+    d.resize_disk(name, ROOT_DISK, 3 << 30).await.unwrap();
+    assert_eq!(
+        root(&d.status(name).await.unwrap().unwrap()),
+        Some((ROOT_DISK.to_owned(), 3 << 30))
+    );
+    let err = d
+        .resize_disk(name, ROOT_DISK, 1 << 30)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains(disk::SHRINK_REFUSED), "{err}");
 
     d.suspend(name).await.unwrap();

@@ -4,7 +4,7 @@
 //! reconciler.
 
 use proptest::prelude::*;
-use vmctl_api::{ConditionStatus, VmRuntime};
+use vmctl_api::{ConditionStatus, DiskRuntime, ROOT_DISK, VmRuntime};
 
 use super::*;
 use crate::vm::MAX_STEPS;
@@ -33,15 +33,39 @@ fn not_ready() -> ImageNotReady {
     }
 }
 
+/// The size of the root disk a prepared instance has (the image's).
+const IMAGE_SIZE: u64 = 8 << 30;
+
 fn instance(state: InstanceState) -> InstanceStatus {
     InstanceStatus {
         state,
         runtime: VmRuntime {
             backend: "fake".into(),
             instance_id: Some("i-1".into()),
+            disks: vec![DiskRuntime {
+                name: ROOT_DISK.into(),
+                size_bytes: IMAGE_SIZE,
+                path: None,
+            }],
             ..Default::default()
         },
     }
+}
+
+/// `o`'s instance (or a new one) in `state`, its disks prepared as a
+/// driver does: grown to the spec, never shrunk.
+fn prepared(o: &Observed, state: InstanceState) -> InstanceStatus {
+    let mut inst = instance(state);
+    if let Some(old) = &o.instance {
+        inst.runtime.disks = old.runtime.disks.clone();
+    }
+    let want = o.spec.disk_gib.map_or(0, |g| g << 30);
+    for d in &mut inst.runtime.disks {
+        if d.name == ROOT_DISK {
+            d.size_bytes = d.size_bytes.max(want);
+        }
+    }
+    inst
 }
 
 /// A VM just applied: no status, no finalizer, no instance, image Ready.
@@ -56,6 +80,7 @@ fn fresh() -> Observed {
         image: Ok(local()),
         instance: None,
         now: now(),
+        live_disk_resize: true,
     }
 }
 
@@ -92,10 +117,15 @@ fn model(o: &mut Observed, step: &Step) -> bool {
         Step::BackOff { .. } => o.backing_off(),
         Step::Start { prepare } => {
             if *prepare {
-                o.prepared(instance(InstanceState::Stopped));
+                o.prepared(prepared(o, InstanceState::Stopped));
             }
-            o.started(instance(InstanceState::Running));
+            let mut running = instance(InstanceState::Running);
+            if let Some(i) = &o.instance {
+                running.runtime.disks = i.runtime.disks.clone();
+            }
+            o.started(running);
         }
+        Step::ResizeDisk { disk, to, .. } => o.disk_resized(disk, *to),
         Step::Suspend => o.now_in(InstanceState::Suspended),
         Step::Resume => o.now_in(InstanceState::Running),
         Step::Stop => o.now_in(InstanceState::Stopped),
@@ -479,6 +509,190 @@ fn a_failed_start_backs_off_with_a_growing_count() {
     assert_eq!(o.status.phase, VmPhase::Running);
 }
 
+// ----------------------------------------------------------------- disks ----
+
+/// Issue 16: `disk 2` re-applied as `disk 1` made every prepare fail, so
+/// the VM, once stopped, never started again, and the refusal was only a
+/// log line. Now the refusal is a condition with a Warning note, the VM
+/// keeps running, and it stops and starts again with its disk as it was.
+#[test]
+fn shrinking_the_disk_no_longer_stops_the_vm_from_starting_again() {
+    let mut o = settled();
+    o.spec.disk_gib = Some(4);
+    o.generation += 1;
+    let steps = reconcile(&mut o);
+    assert!(
+        steps.iter().any(
+            |s| matches!(s, Step::SetCondition { condition, warning: Some(w) }
+            if condition.type_ == disks::SHRINK_REFUSED
+                && condition.status == ConditionStatus::True
+                && w.contains("disks cannot shrink"))
+        ),
+        "{steps:?}"
+    );
+    assert_eq!(
+        steps.last(),
+        Some(&Step::Report {
+            phase: VmPhase::Running
+        })
+    );
+    assert!(
+        !steps
+            .iter()
+            .any(|s| matches!(s, Step::Stop | Step::Restart | Step::ResizeDisk { .. }))
+    );
+    let refused = cond(&o, disks::SHRINK_REFUSED).unwrap();
+    assert!(
+        refused.message.contains("root: 8 GiB → 4 GiB"),
+        "{}",
+        refused.message
+    );
+
+    // Stopped and started again: it starts, the disk keeps its 8 GiB.
+    o.spec.power_state = PowerState::Stopped;
+    assert_eq!(
+        reconcile(&mut o).last(),
+        Some(&Step::Report {
+            phase: VmPhase::Stopped
+        })
+    );
+    o.spec.power_state = PowerState::Running;
+    let steps = reconcile(&mut o);
+    assert_eq!(steps[0], Step::Start { prepare: true });
+    assert_eq!(o.status.phase, VmPhase::Running);
+    assert_eq!(
+        o.instance.as_ref().unwrap().runtime.disks[0].size_bytes,
+        IMAGE_SIZE
+    );
+
+    // Asking the size it has again clears the condition.
+    o.spec.disk_gib = Some(8);
+    o.generation += 1;
+    reconcile(&mut o);
+    assert_eq!(
+        cond(&o, disks::SHRINK_REFUSED).unwrap().status,
+        ConditionStatus::False
+    );
+}
+
+/// Issue 16: `disk 3` on a running VM was neither applied live nor
+/// reported as needing a restart (the restart digest left it out).
+#[test]
+fn growing_a_running_vms_disk_is_applied_live_not_ignored() {
+    let mut o = settled();
+    o.spec.disk_gib = Some(10);
+    o.generation += 1;
+    let steps: Vec<Step> = reconcile(&mut o)
+        .into_iter()
+        .filter(|s| !matches!(s, Step::SetCondition { .. }))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            Step::ResizeDisk {
+                disk: ROOT_DISK.into(),
+                from: IMAGE_SIZE,
+                to: 10 << 30
+            },
+            Step::Report {
+                phase: VmPhase::Running
+            }
+        ]
+    );
+    assert_eq!(
+        o.status.runtime.as_ref().unwrap().disks[0].size_bytes,
+        10 << 30
+    );
+    assert!(cond(&o, disks::RESIZE_PENDING).is_none());
+}
+
+#[test]
+fn a_disk_growth_the_backend_cannot_apply_live_requires_a_restart() {
+    let mut o = Observed {
+        live_disk_resize: false,
+        ..settled()
+    };
+    o.spec.disk_gib = Some(10);
+    o.generation += 1;
+    reconcile(&mut o);
+    let pending = cond(&o, disks::RESIZE_PENDING).unwrap();
+    assert_eq!(pending.status, ConditionStatus::True);
+    assert!(
+        pending.message.contains("root: 8 GiB → 10 GiB"),
+        "{}",
+        pending.message
+    );
+    let restart = cond(&o, "RestartRequired").unwrap();
+    assert_eq!(restart.status, ConditionStatus::True);
+    assert!(restart.message.contains("disk"), "{}", restart.message);
+
+    // With updatePolicy Restart it restarts, and the start grows it.
+    o.spec.update_policy = UpdatePolicy::Restart;
+    o.generation += 1;
+    assert_eq!(reconcile(&mut o).last(), Some(&Step::Restart));
+    reconcile(&mut o);
+    assert_eq!(o.status.phase, VmPhase::Running);
+    assert_eq!(
+        o.instance.as_ref().unwrap().runtime.disks[0].size_bytes,
+        10 << 30
+    );
+    assert_eq!(
+        cond(&o, disks::RESIZE_PENDING).unwrap().status,
+        ConditionStatus::False
+    );
+    assert_eq!(
+        cond(&o, "RestartRequired").unwrap().status,
+        ConditionStatus::False
+    );
+}
+
+#[test]
+fn a_failed_live_resize_is_not_retried_and_waits_for_the_next_start() {
+    let mut o = settled();
+    o.spec.disk_gib = Some(10);
+    o.generation += 1;
+    let steps = reconcile(&mut o.clone());
+    assert!(steps.iter().any(|s| matches!(s, Step::ResizeDisk { .. })));
+    o.disk_resize_failed(ROOT_DISK, "QMP block_resize failed");
+    let steps = reconcile(&mut o);
+    assert!(
+        !steps.iter().any(|s| matches!(s, Step::ResizeDisk { .. })),
+        "{steps:?}"
+    );
+    let pending = cond(&o, disks::RESIZE_PENDING).unwrap();
+    assert_eq!(pending.reason, disks::LIVE_RESIZE_FAILED);
+    assert!(pending.message.contains("block_resize"));
+    assert_eq!(
+        cond(&o, "RestartRequired").unwrap().status,
+        ConditionStatus::True
+    );
+}
+
+#[test]
+fn a_stopped_vms_disk_growth_is_reported_as_applying_at_the_next_start() {
+    let mut o = settled();
+    o.spec.power_state = PowerState::Stopped;
+    reconcile(&mut o);
+    o.spec.disk_gib = Some(10);
+    o.generation += 1;
+    reconcile(&mut o);
+    let pending = cond(&o, disks::RESIZE_PENDING).unwrap();
+    assert_eq!(
+        (pending.status, pending.reason.as_str()),
+        (ConditionStatus::True, "AppliesAtStart")
+    );
+    o.spec.power_state = PowerState::Running;
+    reconcile(&mut o);
+    assert_eq!(
+        o.instance.as_ref().unwrap().runtime.disks[0].size_bytes,
+        10 << 30
+    );
+    assert_eq!(
+        cond(&o, disks::RESIZE_PENDING).unwrap().status,
+        ConditionStatus::False
+    );
+}
+
 // ------------------------------------------------------------ properties ----
 
 fn arb_condition() -> impl Strategy<Value = Condition> {
@@ -488,9 +702,17 @@ fn arb_condition() -> impl Strategy<Value = Condition> {
             "RecreateRequired",
             "RestartRequired",
             "Ready",
+            disks::SHRINK_REFUSED,
+            disks::RESIZE_PENDING,
         ]),
         any::<bool>(),
-        prop::sample::select(vec!["UpToDate", "ImageReady", "Running", "Other"]),
+        prop::sample::select(vec![
+            "UpToDate",
+            "ImageReady",
+            "Running",
+            "Other",
+            disks::LIVE_RESIZE_FAILED,
+        ]),
         1u64..3,
     )
         .prop_map(|(t, ok, reason, g)| condition(t, ok, reason, "", g))
@@ -524,8 +746,10 @@ prop_compose! {
         vcpus in 1u32..3,
         power in prop::sample::select(vec![PowerState::Running, PowerState::Stopped, PowerState::Suspended]),
         policy in prop::sample::select(vec![UpdatePolicy::RestartRequired, UpdatePolicy::Restart, UpdatePolicy::Recreate]),
+        disk_gib in prop::option::of(6u64..10),
     ) -> VirtualMachineSpec {
         let mut s = spec(image);
+        s.disk_gib = disk_gib;
         s.vcpus = vcpus;
         s.power_state = power;
         s.update_policy = policy;
@@ -567,6 +791,8 @@ prop_compose! {
         status in arb_status(),
         image_ready in any::<bool>(),
         state in arb_state(),
+        root_gib in 6u64..10,
+        live_disk_resize in any::<bool>(),
     ) -> Observed {
         Observed {
             name: "web".into(),
@@ -576,8 +802,13 @@ prop_compose! {
             spec,
             status,
             image: if image_ready { Ok(local()) } else { Err(not_ready()) },
-            instance: state.map(instance),
+            instance: state.map(|st| {
+                let mut i = instance(st);
+                i.runtime.disks[0].size_bytes = root_gib << 30;
+                i
+            }),
             now: now(),
+            live_disk_resize,
         }
     }
 }
@@ -628,6 +859,39 @@ proptest! {
                 prop_assert_ne!(o.status.disk_image.as_deref(), Some(o.spec.image.as_str()));
             }
             _ => {}
+        }
+    }
+
+    #[test]
+    fn a_live_resize_only_grows_a_disk_of_an_instance_that_is_up(o in arb_observed()) {
+        if let Step::ResizeDisk { disk, from, to } = plan(&o) {
+            prop_assert!(to > from);
+            prop_assert!(o.live_disk_resize);
+            let inst = o.instance.as_ref().unwrap();
+            prop_assert!(matches!(inst.state, InstanceState::Running | InstanceState::Suspended));
+            prop_assert!(inst.runtime.disks.iter().any(|d| d.name == disk && d.size_bytes == from));
+        }
+    }
+
+    #[test]
+    fn a_shrink_never_stops_restarts_or_fails_a_vm(o in arb_observed()) {
+        // Only the disk asked smaller: the same VM with the size it has
+        // takes the same power steps.
+        let mut same = o.clone();
+        same.spec.disk_gib = None;
+        let mut o = o;
+        let shrinks = !disks::size_changes(&o).1.is_empty();
+        if shrinks {
+            let steps: Vec<Step> = reconcile(&mut o)
+                .into_iter()
+                .filter(|s| !matches!(s, Step::SetCondition { .. }))
+                .collect();
+            let want: Vec<Step> = reconcile(&mut same)
+                .into_iter()
+                .filter(|s| !matches!(s, Step::SetCondition { .. }))
+                .collect();
+            let power = |v: &[Step]| v.iter().filter(|s| matches!(s, Step::Stop | Step::Restart | Step::Recreate { .. } | Step::Crashed)).count();
+            prop_assert!(power(&steps) <= power(&want), "{:?} vs {:?}", steps, want);
         }
     }
 

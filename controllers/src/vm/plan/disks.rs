@@ -1,0 +1,105 @@
+//! The disk part of the VM plan: what the spec asks of each disk's size
+//! against what the hypervisor reports, as conditions and steps.
+//!
+//! ```text
+//!   spec asks less than a disk has ──▶ DiskShrinkRefused True (+ Warning note);
+//!                                      the disk keeps its size, the VM runs on
+//!   spec asks more, instance up, backend resizes live (and no live resize
+//!   failed for this generation) ──▶ ResizeDisk
+//!   spec asks more, otherwise ──▶ DiskResizePending True (applies at the next
+//!                                 start; a running VM also needs RestartRequired)
+//! ```
+//!
+//! A disk the hypervisor does not report (a backend that reports none, an
+//! instance not prepared yet) is not judged.
+
+use vmctl_api::{ConditionStatus, ROOT_DISK};
+
+use super::Observed;
+
+/// One GiB in bytes.
+pub const GIB: u64 = 1 << 30;
+
+/// Condition type: the spec asks a disk to shrink, which is refused.
+pub const SHRINK_REFUSED: &str = "DiskShrinkRefused";
+/// Condition type: a disk grows only at the next start.
+pub const RESIZE_PENDING: &str = "DiskResizePending";
+/// Reason of [`RESIZE_PENDING`] after a live resize failed; it is not
+/// tried again for the same generation.
+pub const LIVE_RESIZE_FAILED: &str = "LiveResizeFailed";
+
+/// A disk whose size the spec and the hypervisor disagree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizeChange {
+    /// The disk's name ([`ROOT_DISK`] or an entry of `spec.disks`).
+    pub disk: String,
+    /// Its size now, in bytes.
+    pub from: u64,
+    /// The size the spec asks for, in bytes.
+    pub to: u64,
+}
+
+impl SizeChange {
+    /// `root: 2 GiB → 3 GiB`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: {} → {}",
+            self.disk,
+            human_gib(self.from),
+            human_gib(self.to)
+        )
+    }
+}
+
+/// `3 GiB`, or bytes when not a whole number of GiB.
+pub fn human_gib(bytes: u64) -> String {
+    if bytes.is_multiple_of(GIB) {
+        format!("{} GiB", bytes / GIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// The size in bytes the spec asks for disk `name`, if it asks one.
+fn wanted(o: &Observed, name: &str) -> Option<u64> {
+    if name == ROOT_DISK {
+        return o.spec.disk_gib.map(|g| g.saturating_mul(GIB));
+    }
+    None
+}
+
+/// Disks the spec asks to be larger or smaller than the hypervisor
+/// reports them: (grow, shrink).
+pub fn size_changes(o: &Observed) -> (Vec<SizeChange>, Vec<SizeChange>) {
+    let (mut grow, mut shrink) = (Vec::new(), Vec::new());
+    let Some(inst) = &o.instance else {
+        return (grow, shrink);
+    };
+    for d in &inst.runtime.disks {
+        let Some(to) = wanted(o, &d.name) else {
+            continue;
+        };
+        let change = SizeChange {
+            disk: d.name.clone(),
+            from: d.size_bytes,
+            to,
+        };
+        if to > d.size_bytes {
+            grow.push(change);
+        } else if to < d.size_bytes {
+            shrink.push(change);
+        }
+    }
+    (grow, shrink)
+}
+
+/// Whether a live resize failed for this generation (then the growth
+/// waits for the next start instead of being tried again).
+pub fn live_resize_failed(o: &Observed) -> bool {
+    o.status.conditions.iter().any(|c| {
+        c.type_ == RESIZE_PENDING
+            && c.status == ConditionStatus::True
+            && c.reason == LIVE_RESIZE_FAILED
+            && c.observed_generation == o.generation
+    })
+}
