@@ -14,6 +14,7 @@
 
 use std::collections::HashSet;
 
+use vmctl_api::validate::Backend;
 use vmctl_api::wire::{ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult};
 use vmctl_api::{ApplySource, Kind, Object, ObjectRef, Resource};
 use vmctl_store::{Outcome, Store, StoreError};
@@ -79,7 +80,8 @@ pub const IMPERATIVE_FIELDS: &[(Kind, &str)] = &[(Kind::Provision, "runToken")];
 /// time of one-by-one writes.
 const APPLY_WRITERS: usize = 8;
 
-/// Applies a request: validates every object, checks every given
+/// Applies a request: validates every object (for `backend` too, when
+/// the agent's driver is one), checks every given
 /// resourceVersion and finalizer name, then writes the objects in order
 /// (or, with `dry_run`, only computes what a write would do) and, with
 /// `prune`, requests deletion of the objects applied earlier from the same
@@ -92,8 +94,12 @@ const APPLY_WRITERS: usize = 8;
 /// [`ActionError::Stale`] / [`ActionError::Finalizer`] before anything is
 /// written; [`ActionError::Store`] when the store fails (a large request
 /// may then be partly written, each object whole).
-pub async fn apply(store: &dyn Store, req: ApplyRequest) -> ActionResult<ApplyResponse> {
-    validate_objects(&req.objects)?;
+pub async fn apply(
+    store: &dyn Store,
+    backend: Option<Backend>,
+    req: ApplyRequest,
+) -> ActionResult<ApplyResponse> {
+    validate_objects(&req.objects, backend)?;
     for obj in &req.objects {
         let rv = obj.metadata.resource_version;
         if rv != 0 {
@@ -130,16 +136,21 @@ pub async fn apply(store: &dyn Store, req: ApplyRequest) -> ActionResult<ApplyRe
 }
 
 /// Validates every object before any is written, so a bad request changes
-/// nothing.
-fn validate_objects(objects: &[Object]) -> ActionResult<()> {
+/// nothing: the rules of `vmctl validate`, and what `backend` (the agent's
+/// driver) cannot run ([`vmctl_api::validate::for_backend`]).
+fn validate_objects(objects: &[Object], backend: Option<Backend>) -> ActionResult<()> {
     for (index, obj) in objects.iter().enumerate() {
         let res = Resource::from_object(obj).map_err(|e| ActionError::Malformed {
             index,
             object: obj.object_ref(),
             reason: e.to_string(),
         })?;
+        let for_backend = backend
+            .map(|b| vmctl_api::validate::for_backend(&res, b))
+            .unwrap_or_default();
         let errors: Vec<String> = vmctl_api::validate::validate(&res)
             .into_iter()
+            .chain(for_backend)
             .filter(|e| e.severity == vmctl_api::validate::Severity::Error)
             .map(|e| format!("{}: {}", e.path, e.message))
             .collect();
@@ -460,7 +471,7 @@ mod tests {
             ],
             None,
         );
-        let err = apply(&*store, req).await.unwrap_err();
+        let err = apply(&*store, None, req).await.unwrap_err();
         assert!(
             matches!(&err, ActionError::Invalid { index: 1, object, .. } if object.name == "bad"),
             "{err}"
@@ -473,6 +484,49 @@ mod tests {
         assert!(store.list(None).await.unwrap().objects.is_empty());
     }
 
+    fn vm(name: &str, network: Value) -> Object {
+        serde_json::from_value(
+            json!({"apiVersion": "vmctl/v1alpha1", "kind": "VirtualMachine",
+            "metadata": {"name": name}, "spec": {"image": "img", "network": network}}),
+        )
+        .unwrap()
+    }
+
+    /// The fault: `network "user"` applied to an agent on the Propolis
+    /// driver was accepted and failed only when the driver planned the
+    /// start. The agent's apply refuses what its backend cannot run, for
+    /// every API client, before anything is written.
+    #[tokio::test]
+    async fn apply_refuses_a_network_the_agents_backend_cannot_run() {
+        let (_dir, store) = store();
+        let user = |n: &str| vm(n, json!({"mode": "user"}));
+        let vnic = |n: &str| vm(n, json!({"mode": "vnic", "name": "vnic0"}));
+        for (backend, bad, good) in [
+            (Backend::Propolis, &user("p-bad"), &vnic("p-good")),
+            (Backend::Qemu, &vnic("q-bad"), &user("q-good")),
+        ] {
+            let req = request(vec![good.clone(), bad.clone()], None);
+            let err = apply(&*store, Some(backend), req).await.unwrap_err();
+            let ActionError::Invalid { index, errors, .. } = &err else {
+                panic!("{err}");
+            };
+            assert_eq!(*index, 1, "{err}");
+            assert!(errors[0].starts_with("spec.network: network `"), "{err}");
+            assert!(errors[0].contains(backend.as_str()), "{err}");
+            for o in [good, bad] {
+                let absent = store.get(&o.object_ref()).await.unwrap().is_none();
+                assert!(absent, "nothing of a refused request is written");
+            }
+            apply(&*store, Some(backend), request(vec![good.clone()], None))
+                .await
+                .unwrap();
+        }
+        // The fake driver runs anything.
+        apply(&*store, None, request(vec![user("f-u"), vnic("f-v")], None))
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn a_dry_run_reports_each_outcome_and_writes_nothing() {
         let (_dir, store) = store();
@@ -483,7 +537,7 @@ mod tests {
             ],
             None,
         );
-        apply(&*store, req).await.unwrap();
+        apply(&*store, None, req).await.unwrap();
         let before = store.last_seq().await.unwrap();
         let mut req = request(
             vec![
@@ -494,7 +548,7 @@ mod tests {
             None,
         );
         req.dry_run = true;
-        let resp = apply(&*store, req).await.unwrap();
+        let resp = apply(&*store, None, req).await.unwrap();
         assert_eq!(
             outcomes(&resp),
             [
@@ -520,17 +574,17 @@ mod tests {
             image("a", "https://e.com/a.img"),
             image("b", "https://e.com/b.img"),
         ];
-        apply(&*store, request(two, Some("/f/VMFile")))
+        apply(&*store, None, request(two, Some("/f/VMFile")))
             .await
             .unwrap();
         let other = vec![image("c", "https://e.com/c.img")];
-        apply(&*store, request(other, Some("/g/VMFile")))
+        apply(&*store, None, request(other, Some("/g/VMFile")))
             .await
             .unwrap();
         let mut req = request(vec![image("a", "https://e.com/a.img")], Some("/f/VMFile"));
         req.prune = true;
         req.dry_run = true;
-        let resp = apply(&*store, req.clone()).await.unwrap();
+        let resp = apply(&*store, None, req.clone()).await.unwrap();
         assert_eq!(
             outcomes(&resp)[1],
             ("image/b".to_owned(), ApplyOutcome::Pruned)
@@ -543,7 +597,7 @@ mod tests {
                 .is_some()
         );
         req.dry_run = false;
-        let resp = apply(&*store, req).await.unwrap();
+        let resp = apply(&*store, None, req).await.unwrap();
         assert_eq!(
             outcomes(&resp),
             [
@@ -567,9 +621,13 @@ mod tests {
         let (_dir, store) = store();
         let steps = json!([{"type": "shell", "inline": "true"}]);
         let with = provision("p", json!({"vm": "v", "steps": steps, "runToken": "7"}));
-        apply(&*store, request(vec![with], None)).await.unwrap();
+        apply(&*store, None, request(vec![with], None))
+            .await
+            .unwrap();
         let without = provision("p", json!({"vm": "v", "steps": steps}));
-        let resp = apply(&*store, request(vec![without], None)).await.unwrap();
+        let resp = apply(&*store, None, request(vec![without], None))
+            .await
+            .unwrap();
         assert_eq!(resp.results[0].outcome, ApplyOutcome::Unchanged);
         let p = store
             .get(&ObjectRef::new(Kind::Provision, "p"))
@@ -584,6 +642,7 @@ mod tests {
         let (_dir, store) = store();
         let resp = apply(
             &*store,
+            None,
             request(vec![image("a", "https://e.com/a.img")], None),
         )
         .await
@@ -591,6 +650,7 @@ mod tests {
         let rv = resp.results[0].resource_version;
         apply(
             &*store,
+            None,
             request(vec![image("a", "https://e.com/b.img")], None),
         )
         .await
@@ -600,6 +660,7 @@ mod tests {
         let before = store.last_seq().await.unwrap();
         let err = apply(
             &*store,
+            None,
             request(vec![image("z", "https://e.com/z.img"), old], None),
         )
         .await
@@ -616,6 +677,7 @@ mod tests {
         let (_dir, store) = store();
         apply(
             &*store,
+            None,
             request(vec![image("a", "https://e.com/a.img")], None),
         )
         .await

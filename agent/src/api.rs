@@ -275,7 +275,8 @@ async fn apply(
     State(st): State<AppState>,
     ApiJson(req): ApiJson<ApplyRequest, MAX_APPLY_BODY_BYTES>,
 ) -> ApiResult<Json<ApplyResponse>> {
-    let resp = actions::apply(&*st.store, req)
+    let backend = vmctl_api::validate::Backend::from_driver(&st.cfg.driver);
+    let resp = actions::apply(&*st.store, backend, req)
         .await
         .map_err(action_error)?;
     Ok(Json(resp))

@@ -14,6 +14,15 @@
 //! [etcd]
 //! endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
 //! prefix = "/vmctl/"         # default; one per installation sharing an etcd
+//!
+//! [propolis]                 # driver = "propolis" (illumos)
+//! addr = "127.0.0.1:12400"   # the first VM's propolis-server; later VMs the next ports
+//! pool = "rpool"             # ZFS: {pool}/images/{image}@latest → {pool}/vms/{vm}
+//! brand = "nebula-vm"        # the zone brand that runs propolis-server
+//! zone-root = "/zones"
+//! vnic-link = "igb0"         # create VNICs on this link (default: they must exist)
+//! start-timeout = 120        # seconds
+//! host = "system"            # or "simulated" (Linux, against a mock propolis-server)
 //! ```
 
 use std::ops::Range;
@@ -40,6 +49,74 @@ pub struct AgentConfig {
     pub retention: vmctl_store::Retention,
     /// Where the objects live: sled (default) or etcd.
     pub store: StoreConfig,
+    /// Settings of the Propolis driver (used with `driver = "propolis"`).
+    pub propolis: PropolisSettings,
+}
+
+/// Settings of the Propolis driver, each `None` when given nowhere (the
+/// driver's default then applies: see
+/// `vmctl_controllers::drivers::propolis::PropolisConfig::new`). Flags
+/// `--propolis-*`, variables `VMCTL_PROPOLIS_*`, or `[propolis]` in the
+/// config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PropolisSettings {
+    /// Where host commands run: `system` (illumos) or `simulated`.
+    pub host: Option<String>,
+    /// The first VM's propolis-server address, `IP:PORT`.
+    pub addr: Option<String>,
+    /// The ZFS pool (or dataset) of images and VM disks.
+    pub pool: Option<String>,
+    /// The zone brand.
+    pub brand: Option<String>,
+    /// The directory zone paths are made under.
+    pub zone_root: Option<String>,
+    /// The physical link VNICs are created on.
+    pub vnic_link: Option<String>,
+    /// How long a start may take, in seconds.
+    pub start_timeout: Option<u64>,
+}
+
+impl PropolisSettings {
+    /// The names of the settings with their environment variables, in the
+    /// order `[propolis]` documents them.
+    pub const VARS: [(&'static str, &'static str); 7] = [
+        ("host", "VMCTL_PROPOLIS_HOST"),
+        ("addr", "VMCTL_PROPOLIS_ADDR"),
+        ("pool", "VMCTL_PROPOLIS_POOL"),
+        ("brand", "VMCTL_PROPOLIS_BRAND"),
+        ("zone-root", "VMCTL_PROPOLIS_ZONE_ROOT"),
+        ("vnic-link", "VMCTL_PROPOLIS_VNIC_LINK"),
+        ("start-timeout", "VMCTL_PROPOLIS_START_TIMEOUT"),
+    ];
+
+    /// A setting by its environment variable's name (`VMCTL_PROPOLIS_ADDR`),
+    /// as the driver's config reads it; `None` when not set.
+    pub fn lookup(&self, var: &str) -> Option<String> {
+        match var {
+            "VMCTL_PROPOLIS_HOST" => self.host.clone(),
+            "VMCTL_PROPOLIS_ADDR" => self.addr.clone(),
+            "VMCTL_PROPOLIS_POOL" => self.pool.clone(),
+            "VMCTL_PROPOLIS_BRAND" => self.brand.clone(),
+            "VMCTL_PROPOLIS_ZONE_ROOT" => self.zone_root.clone(),
+            "VMCTL_PROPOLIS_VNIC_LINK" => self.vnic_link.clone(),
+            "VMCTL_PROPOLIS_START_TIMEOUT" => self.start_timeout.map(|t| t.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Each setting from `self`, else from `other`.
+    fn or(self, other: PropolisSettings) -> PropolisSettings {
+        PropolisSettings {
+            host: self.host.or(other.host),
+            addr: self.addr.or(other.addr),
+            pool: self.pool.or(other.pool),
+            brand: self.brand.or(other.brand),
+            zone_root: self.zone_root.or(other.zone_root),
+            vnic_link: self.vnic_link.or(other.vnic_link),
+            start_timeout: self.start_timeout.or(other.start_timeout),
+        }
+    }
 }
 
 /// Which store the agent keeps its objects in.
@@ -78,6 +155,8 @@ pub struct AgentOverrides {
     pub etcd_endpoints: Option<Vec<String>>,
     /// `--etcd-prefix` / `VMCTL_ETCD_PREFIX`.
     pub etcd_prefix: Option<String>,
+    /// `--propolis-*` / `VMCTL_PROPOLIS_*`.
+    pub propolis: PropolisSettings,
 }
 
 /// The config file's keys; anything else is refused.
@@ -87,6 +166,23 @@ struct FileSettings {
     driver: Option<Spanned<String>>,
     store: Option<Spanned<StoreKind>>,
     etcd: Option<EtcdSection>,
+    propolis: Option<PropolisSection>,
+    /// `propolis`, checked by [`read_file`].
+    #[serde(skip)]
+    propolis_settings: PropolisSettings,
+}
+
+/// The `[propolis]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct PropolisSection {
+    host: Option<Spanned<String>>,
+    addr: Option<Spanned<String>>,
+    pool: Option<Spanned<String>>,
+    brand: Option<Spanned<String>>,
+    zone_root: Option<Spanned<String>>,
+    vnic_link: Option<Spanned<String>>,
+    start_timeout: Option<Spanned<u64>>,
 }
 
 /// The `[etcd]` table of the config file.
@@ -98,7 +194,7 @@ struct EtcdSection {
 }
 
 /// The drivers `driver =` accepts.
-const DRIVERS: [&str; 2] = ["qemu", "fake"];
+const DRIVERS: [&str; 3] = ["qemu", "propolis", "fake"];
 
 /// Why the agent's settings cannot be used. Nothing has been changed when
 /// it is returned.
@@ -144,8 +240,9 @@ impl ConfigError {
                 path.display()
             ),
             ConfigError::Invalid { path, .. } => format!(
-                "fix {} (keys: driver = \"qemu\"|\"fake\", store = \"sled\"|\"etcd\", \
-                 and under [etcd]: endpoints = [\"http://HOST:2379\", …], prefix = \"/vmctl/\"), \
+                "fix {} (keys: driver = \"qemu\"|\"propolis\"|\"fake\", store = \"sled\"|\"etcd\", \
+                 under [etcd]: endpoints = [\"http://HOST:2379\", …], prefix = \"/vmctl/\", \
+                 under [propolis]: host, addr, pool, brand, zone-root, vnic-link, start-timeout), \
                  or remove it to use the defaults",
                 path.display()
             ),
@@ -195,7 +292,7 @@ fn read_file(path: &Path) -> Result<Option<FileSettings>, ConfigError> {
         return Err(invalid(
             d.span(),
             format!(
-                "unknown driver `{}`, expected `qemu` or `fake`",
+                "unknown driver `{}`, expected `qemu`, `propolis` or `fake`",
                 d.get_ref()
             ),
         ));
@@ -227,7 +324,59 @@ fn read_file(path: &Path) -> Result<Option<FileSettings>, ConfigError> {
             ));
         }
     }
+    let mut file = file;
+    if let Some(section) = &file.propolis {
+        file.propolis_settings = propolis_section(section, &invalid)?;
+    }
     Ok(Some(file))
+}
+
+/// The `[propolis]` table of the config file, each value checked as the
+/// driver checks it (so a bad one is located here, not at the first VM).
+fn propolis_section(
+    section: &PropolisSection,
+    invalid: &impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<PropolisSettings, ConfigError> {
+    use vmctl_controllers::drivers::propolis::PropolisConfig;
+    let text = |v: &Option<Spanned<String>>| v.as_ref().map(|v| v.get_ref().clone());
+    let settings = PropolisSettings {
+        host: text(&section.host),
+        addr: text(&section.addr),
+        pool: text(&section.pool),
+        brand: text(&section.brand),
+        zone_root: text(&section.zone_root),
+        vnic_link: text(&section.vnic_link),
+        start_timeout: section.start_timeout.as_ref().map(|t| *t.get_ref()),
+    };
+    let span = |key: &str| match key {
+        "host" => section.host.as_ref().map(Spanned::span),
+        "addr" => section.addr.as_ref().map(Spanned::span),
+        "pool" => section.pool.as_ref().map(Spanned::span),
+        "brand" => section.brand.as_ref().map(Spanned::span),
+        "zone-root" => section.zone_root.as_ref().map(Spanned::span),
+        "vnic-link" => section.vnic_link.as_ref().map(Spanned::span),
+        _ => section.start_timeout.as_ref().map(Spanned::span),
+    };
+    for (key, var) in PropolisSettings::VARS {
+        let Some(value) = settings.lookup(var) else {
+            continue;
+        };
+        let at = span(key).unwrap_or(0..0);
+        if key == "host" && value != "system" && value != "simulated" {
+            return Err(invalid(
+                at,
+                format!("propolis host `{value}`: expected \"system\" or \"simulated\""),
+            ));
+        }
+        if let Err(e) = PropolisConfig::new("/").with_lookup(|v| (v == var).then(|| value.clone()))
+        {
+            return Err(invalid(
+                at,
+                format!("propolis {key} `{value}`: expected {}", e.expected),
+            ));
+        }
+    }
+    Ok(settings)
 }
 
 /// Checks that an endpoint is an `http://` or `https://` URL with a host.
@@ -351,6 +500,7 @@ impl AgentConfig {
             driver: "qemu".into(),
             retention: vmctl_store::Retention::default(),
             store: StoreConfig::Sled,
+            propolis: PropolisSettings::default(),
         }
     }
 
@@ -368,6 +518,7 @@ impl AgentConfig {
         let mut cfg = AgentConfig::new(data_dir);
         let path = cfg.config_file();
         let file = read_file(&path)?.unwrap_or_default();
+        cfg.propolis = given.propolis.clone().or(file.propolis_settings.clone());
         let etcd = file.etcd.unwrap_or_default();
         if let Some(d) = given.driver.or(file.driver.map(Spanned::into_inner)) {
             cfg.driver = d;
@@ -451,6 +602,83 @@ mod tests {
         std::fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
         let data = dir.path().to_path_buf();
         (dir, data)
+    }
+
+    /// Issue 14 item 4: the Propolis driver's settings were read from
+    /// `VMCTL_PROPOLIS_*` only. `[propolis]` in the config file gives them
+    /// too; a flag or variable wins per key; a bad value is located in the
+    /// file and the agent does not start.
+    #[test]
+    fn propolis_settings_come_from_the_config_file_and_flags_win_per_key() {
+        let (_d, data) = with_file(
+            "driver = \"propolis\"\n\n[propolis]\nhost = \"simulated\"\n\
+             addr = \"127.0.0.1:13000\"\npool = \"tank/vmctl\"\nstart-timeout = 30\n",
+        );
+        let cfg = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap();
+        assert_eq!(cfg.driver, "propolis");
+        assert_eq!(
+            cfg.propolis.lookup("VMCTL_PROPOLIS_HOST").as_deref(),
+            Some("simulated")
+        );
+        assert_eq!(
+            cfg.propolis.lookup("VMCTL_PROPOLIS_POOL").as_deref(),
+            Some("tank/vmctl")
+        );
+        assert_eq!(
+            cfg.propolis
+                .lookup("VMCTL_PROPOLIS_START_TIMEOUT")
+                .as_deref(),
+            Some("30")
+        );
+        assert_eq!(cfg.propolis.lookup("VMCTL_PROPOLIS_BRAND"), None);
+        let given = AgentOverrides {
+            propolis: PropolisSettings {
+                addr: Some("127.0.0.1:14000".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let cfg = AgentConfig::resolve(data, given).unwrap();
+        assert_eq!(cfg.propolis.addr.as_deref(), Some("127.0.0.1:14000"));
+        assert_eq!(cfg.propolis.pool.as_deref(), Some("tank/vmctl"));
+
+        for (text, line, column, says) in [
+            ("[propolis]\naddr = \"localhost\"\n", 2, 8, "IP:PORT"),
+            (
+                "[propolis]\n\npool = \"rpool; rm -rf /\"\n",
+                3,
+                8,
+                "ZFS pool",
+            ),
+            ("[propolis]\nhost = \"remote\"\n", 2, 8, "\"simulated\""),
+            (
+                "[propolis]\nstart-timeout = \"soon\"\n",
+                2,
+                17,
+                "expected u64",
+            ),
+            (
+                "[propolis]\nzone_root = \"/zones\"\n",
+                2,
+                1,
+                "unknown field",
+            ),
+        ] {
+            let (_d, data) = with_file(text);
+            let err = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap_err();
+            let ConfigError::Invalid {
+                line: l,
+                column: c,
+                message,
+                ..
+            } = &err
+            else {
+                panic!("{err}");
+            };
+            assert_eq!((*l, *c), (line, column), "{text:?}: {err}");
+            assert!(message.contains(says), "{text:?}: {err}");
+            assert!(err.to_string().contains("agent.toml"), "{err}");
+        }
     }
 
     /// Issue 12 item 4: the store is selected by flag, environment *and*

@@ -22,5 +22,7 @@ pub mod rejection;
 pub mod server;
 pub mod socket;
 
-pub use config::{AgentConfig, AgentOverrides, ConfigError, StoreConfig, StoreKind};
+pub use config::{
+    AgentConfig, AgentOverrides, ConfigError, PropolisSettings, StoreConfig, StoreKind,
+};
 pub use server::{AgentError, run, run_until};

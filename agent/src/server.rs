@@ -75,7 +75,9 @@ impl AgentError {
             AgentError::Propolis(_) => {
                 "use --driver qemu on Linux; the Propolis driver needs an illumos host with zfs, \
                  zones and propolis-server. To try it against a mock propolis-server, set \
-                 VMCTL_PROPOLIS_HOST=simulated and VMCTL_PROPOLIS_ADDR (see the README)"
+                 VMCTL_PROPOLIS_HOST=simulated and VMCTL_PROPOLIS_ADDR (or --propolis-host, \
+                 --propolis-addr, or host and addr under [propolis] in <data-dir>/agent.toml; \
+                 see the README)"
                     .into()
             }
             AgentError::Controllers(_) => "see the agent log".into(),
@@ -149,13 +151,19 @@ fn drivers(cfg: &AgentConfig) -> Result<vmctl_controllers::Drivers, AgentError> 
                 provisioner: Arc::new(vmctl_controllers::drivers::ssh::SshProvisioner::new()),
             })
         }
-        "propolis" => propolis_drivers(cfg, |k| std::env::var(k).ok()),
+        // Settings from --propolis-* / VMCTL_PROPOLIS_* (merged by clap)
+        // or [propolis] in agent.toml; the mock's control URL and the seed
+        // tool from the environment only.
+        "propolis" => propolis_drivers(cfg, |k| match k {
+            "VMCTL_PROPOLIS_MOCK_CONTROL" | "VMCTL_SEED_TOOL" => std::env::var(k).ok(),
+            _ => cfg.propolis.lookup(k),
+        }),
         other => Err(AgentError::Driver(other.to_owned())),
     }
 }
 
-/// The Propolis drivers, configured by `VMCTL_PROPOLIS_*` (read through
-/// `env`). Host commands run on the host (`VMCTL_PROPOLIS_HOST=system`,
+/// The Propolis drivers, configured by the settings `VMCTL_PROPOLIS_*`
+/// names (read through `env`). Host commands run on the host (`VMCTL_PROPOLIS_HOST=system`,
 /// the default, illumos only) or on a simulated host kept in
 /// `<data_dir>/propolis-simulated-host.json` (`simulated`: tests against a
 /// mock propolis-server, whose control URL `VMCTL_PROPOLIS_MOCK_CONTROL`

@@ -406,6 +406,11 @@ pub const CODES: &[Code] = &[
         "see the agent log",
     ),
     c(
+        "vmctl::validate::unsupported_by_backend",
+        "the file asks for what the agent's backend cannot run (e.g. `network \"user\"` or `\"tap\"` with --driver propolis, `\"vnic\"` with --driver qemu); each place is shown in the file",
+        "change the file as the diagnostic says, or run an agent with the driver the file is written for",
+    ),
+    c(
         "vmctl::vm::exists",
         "`vmctl create` was given the name of an existing VM",
         "pick another name, or `vmctl destroy NAME` first",

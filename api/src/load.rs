@@ -123,6 +123,54 @@ pub struct Loaded {
     pub vm_names: Vec<String>,
     /// Warnings of files that were accepted.
     pub warnings: Vec<FileDiagnostics>,
+    /// Every source read, as read: [`Loaded::check_backend`] parses them
+    /// again (stdin cannot be read twice).
+    pub texts: Vec<SourceText>,
+}
+
+/// One source file's text, kept by [`load`] and [`parse_text`].
+#[derive(Debug, Clone)]
+pub struct SourceText {
+    /// The file (`<cwd>/stdin` for standard input).
+    pub path: PathBuf,
+    /// Its name as shown to the user.
+    pub display: String,
+    /// Its text.
+    pub text: String,
+}
+
+impl Loaded {
+    /// Checks the loaded resources against what `backend` can run
+    /// ([`crate::validate::for_backend`]). When one cannot run, the sources
+    /// are parsed again with the backend known, so each problem is shown at
+    /// its place in its file, as any other validation error.
+    ///
+    /// # Errors
+    /// [`LoadError::Invalid`] with every file's diagnostics when a resource
+    /// asks for something `backend` cannot do.
+    pub fn check_backend(&self, backend: crate::validate::Backend) -> Result<(), LoadError> {
+        if self
+            .resources
+            .iter()
+            .all(|r| crate::validate::for_backend(r, backend).is_empty())
+        {
+            return Ok(());
+        }
+        let mut again = Loaded::default();
+        let invalid: Vec<FileDiagnostics> = self
+            .texts
+            .iter()
+            .filter_map(|t| {
+                parse_text_for(&t.path, &t.display, &t.text, Some(backend), &mut again).err()
+            })
+            .collect();
+        if invalid.is_empty() {
+            // Cannot happen (the same texts, now with the backend's checks);
+            // the agent's apply refuses such an object anyway.
+            return Ok(());
+        }
+        Err(LoadError::Invalid(invalid))
+    }
 }
 
 /// Guesses the format of `path` with content `text`.
@@ -152,9 +200,29 @@ pub fn parse_text(
     text: &str,
     into: &mut Loaded,
 ) -> Result<(), FileDiagnostics> {
+    parse_text_for(path, display, text, None, into)
+}
+
+/// [`parse_text`], with the checks of `backend` when it is known.
+pub fn parse_text_for(
+    path: &Path,
+    display: &str,
+    text: &str,
+    backend: Option<crate::validate::Backend>,
+    into: &mut Loaded,
+) -> Result<(), FileDiagnostics> {
+    into.texts.push(SourceText {
+        path: path.to_owned(),
+        display: display.to_owned(),
+        text: text.to_owned(),
+    });
     match detect_format(path, text) {
         Format::Kdl => {
-            let t = crate::vmfile::parse(display, text, &crate::vmfile::Context::for_file(path))?;
+            let ctx = crate::vmfile::Context {
+                backend,
+                ..crate::vmfile::Context::for_file(path)
+            };
+            let t = crate::vmfile::parse(display, text, &ctx)?;
             into.sources
                 .extend(std::iter::repeat_n(display.to_owned(), t.resources.len()));
             into.resources.extend(t.resources);
@@ -162,7 +230,7 @@ pub fn parse_text(
             into.warnings.extend(t.warnings);
         }
         Format::Manifest => {
-            let (res, warnings) = crate::manifest::parse(display, text)?;
+            let (res, warnings) = crate::manifest::parse_for(display, text, backend)?;
             into.sources
                 .extend(std::iter::repeat_n(display.to_owned(), res.len()));
             into.resources.extend(res);

@@ -145,6 +145,19 @@ pub fn parse(
     file: &str,
     src: &str,
 ) -> Result<(Vec<Resource>, Option<FileDiagnostics>), FileDiagnostics> {
+    parse_for(file, src, None)
+}
+
+/// [`parse`], with the checks of `backend` ([`crate::validate::for_backend`])
+/// located in the manifest too when it is known.
+///
+/// # Errors
+/// As [`parse`].
+pub fn parse_for(
+    file: &str,
+    src: &str,
+    backend: Option<crate::validate::Backend>,
+) -> Result<(Vec<Resource>, Option<FileDiagnostics>), FileDiagnostics> {
     let src_arc = Arc::new(src.to_owned());
     // The YAML parser is slow on deep nesting: see `guard`.
     if let Some(p) = guard::check(src) {
@@ -196,7 +209,10 @@ pub fn parse(
             let Some(mut res) = one_object(doc, base, value, whole_doc, &mut problems) else {
                 continue;
             };
-            for fe in validate(&res) {
+            let for_backend = backend
+                .map(|b| crate::validate::for_backend(&res, b))
+                .unwrap_or_default();
+            for fe in validate(&res).into_iter().chain(for_backend) {
                 let mut p = Problem::error(
                     CODE,
                     locate(doc, base, &fe.path),

@@ -22,6 +22,84 @@ pub const STOP_TIMEOUT: (u64, u64) = (1, 3600);
 /// Valid range of the SSH timeout in seconds.
 pub const SSH_TIMEOUT: (u64, u64) = (1, 24 * 3600);
 
+/// The hypervisor backend that will run the VMs, for the checks only it
+/// can decide ([`for_backend`]). The VMFile does not name it: the agent's
+/// driver does (`GET /v1/healthz` → `driver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// QEMU/KVM on Linux (`--driver qemu`).
+    Qemu,
+    /// Propolis/bhyve on illumos (`--driver propolis`).
+    Propolis,
+}
+
+impl Backend {
+    /// The backend of an agent driver name; `None` for drivers that accept
+    /// every spec (`fake`) or are unknown.
+    pub fn from_driver(driver: &str) -> Option<Backend> {
+        match driver {
+            "qemu" => Some(Backend::Qemu),
+            "propolis" => Some(Backend::Propolis),
+            _ => None,
+        }
+    }
+
+    /// The driver name, as `--driver` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Qemu => "qemu",
+            Backend::Propolis => "propolis",
+        }
+    }
+}
+
+/// What `backend` cannot run in `resource`, by field path (empty when it
+/// can run all of it). Networking follows the manual ("Network modes"):
+/// `vnic` is an illumos VNIC, so Propolis only; `user` (SLIRP) and `tap`
+/// (a Linux bridge) are QEMU's. Run in addition to [`validate`] when the
+/// backend is known: by `vmctl apply` (located in the file) and by the
+/// agent's apply (for every API client).
+pub fn for_backend(resource: &Resource, backend: Backend) -> Vec<FieldError> {
+    let Resource::VirtualMachine(vm) = resource else {
+        return Vec::new();
+    };
+    let mode = match &vm.spec.network {
+        Network::User => "user",
+        Network::Tap { .. } => "tap",
+        Network::Vnic { .. } => "vnic",
+        Network::None => return Vec::new(),
+    };
+    let supported = match backend {
+        Backend::Qemu => mode != "vnic",
+        Backend::Propolis => mode == "vnic",
+    };
+    if supported {
+        return Vec::new();
+    }
+    let help = match backend {
+        Backend::Qemu => {
+            "a VNIC exists on illumos only: write `network \"user\"` or `network \"tap\" bridge=\"br0\"` for QEMU"
+        }
+        Backend::Propolis => {
+            "Propolis VMs attach to an illumos VNIC: write `network \"vnic\" name=\"vnic0\"` (or `network \"none\"`)"
+        }
+    };
+    vec![
+        FieldError::new(
+            "spec.network",
+            format!(
+                "network `{mode}` is not supported by the {} backend this agent runs (--driver {})",
+                match backend {
+                    Backend::Qemu => "QEMU",
+                    Backend::Propolis => "Propolis",
+                },
+                backend.as_str()
+            ),
+        )
+        .help(help),
+    ]
+}
+
 /// Whether a finding stops the file from being applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {

@@ -112,6 +112,8 @@ pub enum Command {
         /// under [etcd] in <data-dir>/agent.toml, else /vmctl/].
         #[arg(long, env = "VMCTL_ETCD_PREFIX")]
         etcd_prefix: Option<String>,
+        #[command(flatten)]
+        propolis: PropolisArgs,
     },
     /// Create or update the resources of a VMFile or manifest.
     ///
@@ -502,4 +504,66 @@ pub enum ImageCommand {
     },
     /// Delete every image no VM uses.
     Prune,
+}
+
+/// Settings of the Propolis driver (`vmctl agent --driver propolis`), each
+/// [default: the same key under [propolis] in <data-dir>/agent.toml, else
+/// the driver's default].
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Propolis driver (illumos)")]
+pub struct PropolisArgs {
+    /// Where host commands (zfs, zoneadm, zonecfg, dladm) run: system
+    /// (illumos), or simulated (any OS, against a mock propolis-server)
+    /// [default: system].
+    #[arg(
+        long = "propolis-host",
+        env = "VMCTL_PROPOLIS_HOST",
+        value_name = "HOST"
+    )]
+    pub host: Option<String>,
+    /// The first VM's propolis-server address; later VMs use the next
+    /// ports [default: 127.0.0.1:12400].
+    #[arg(
+        long = "propolis-addr",
+        env = "VMCTL_PROPOLIS_ADDR",
+        value_name = "IP:PORT"
+    )]
+    pub addr: Option<String>,
+    /// ZFS pool of images ({pool}/images/IMAGE@latest) and VM disks
+    /// ({pool}/vms/VM) [default: rpool].
+    #[arg(
+        long = "propolis-pool",
+        env = "VMCTL_PROPOLIS_POOL",
+        value_name = "POOL"
+    )]
+    pub pool: Option<String>,
+    /// Zone brand that runs propolis-server [default: nebula-vm].
+    #[arg(
+        long = "propolis-brand",
+        env = "VMCTL_PROPOLIS_BRAND",
+        value_name = "BRAND"
+    )]
+    pub brand: Option<String>,
+    /// Directory of the VMs' zone paths [default: /zones].
+    #[arg(
+        long = "propolis-zone-root",
+        env = "VMCTL_PROPOLIS_ZONE_ROOT",
+        value_name = "DIR"
+    )]
+    pub zone_root: Option<String>,
+    /// Physical link to create VNICs on [default: none; VNICs must exist].
+    #[arg(
+        long = "propolis-vnic-link",
+        env = "VMCTL_PROPOLIS_VNIC_LINK",
+        value_name = "LINK"
+    )]
+    pub vnic_link: Option<String>,
+    /// How long a start may take (zone boot, server up, instance Running),
+    /// in seconds [default: 120].
+    #[arg(
+        long = "propolis-start-timeout",
+        env = "VMCTL_PROPOLIS_START_TIMEOUT",
+        value_name = "SECONDS"
+    )]
+    pub start_timeout: Option<u64>,
 }

@@ -34,6 +34,9 @@ pub struct Context {
     pub base_dir: PathBuf,
     /// The home directory `~` expands to.
     pub home: Option<PathBuf>,
+    /// The backend that will run the VMs, when known: its checks
+    /// ([`crate::validate::for_backend`]) are located in the file too.
+    pub backend: Option<crate::validate::Backend>,
 }
 
 impl Context {
@@ -47,6 +50,7 @@ impl Context {
         Context {
             base_dir,
             home: std::env::var_os("HOME").map(PathBuf::from),
+            backend: None,
         }
     }
 
@@ -167,7 +171,11 @@ pub fn parse(file: &str, src: &str, ctx: &Context) -> Result<Translation, FileDi
         resources.extend(d.into_resources(image_name));
     }
     for (res, spans) in &resources {
-        for fe in validate(res) {
+        let for_backend = ctx
+            .backend
+            .map(|b| crate::validate::for_backend(res, b))
+            .unwrap_or_default();
+        for fe in validate(res).into_iter().chain(for_backend) {
             let span = locate(spans, &fe.path);
             let mut p = Problem::error(reader::CODE, span, fe.message).maybe_help(fe.help);
             if fe.severity == Severity::Warning {

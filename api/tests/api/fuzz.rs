@@ -14,6 +14,7 @@ fn check(src: &str) -> Result<(), TestCaseError> {
     let ctx = Context {
         base_dir: crate::repo_root().join("examples/full"),
         home: Some("/home/user".into()),
+        backend: None,
     };
     match parse("VMFile.kdl", src, &ctx) {
         Ok(t) => {

@@ -14,6 +14,7 @@ fn ctx(dir: &Path) -> Context {
     Context {
         base_dir: dir.to_path_buf(),
         home: Some("/home/user".into()),
+        backend: None,
     }
 }
 

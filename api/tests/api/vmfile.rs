@@ -9,6 +9,7 @@ fn ctx(dir: &Path) -> Context {
     Context {
         base_dir: dir.to_path_buf(),
         home: Some("/home/user".into()),
+        backend: None,
     }
 }
 
@@ -316,6 +317,7 @@ fn examples_translate_as_snapshotted() {
         let c = Context {
             base_dir: dir.clone(),
             home: Some("/home/user".into()),
+            backend: None,
         };
         let t = parse("VMFile.kdl", &src, &c).unwrap_or_else(|d| panic!("{}", d.render_plain()));
         let name = format!("example_{}", dir.file_name().unwrap().to_string_lossy());

@@ -11,6 +11,7 @@ pub fn run(
     store: Option<crate::cli::StoreKind>,
     etcd_endpoints: Vec<String>,
     etcd_prefix: Option<String>,
+    propolis: crate::cli::PropolisArgs,
 ) -> miette::Result<ExitCode> {
     // Flags and environment (merged by clap) win over <data-dir>/agent.toml.
     let given = vmctl_agent::AgentOverrides {
@@ -21,6 +22,15 @@ pub fn run(
         }),
         etcd_endpoints: (!etcd_endpoints.is_empty()).then_some(etcd_endpoints),
         etcd_prefix,
+        propolis: vmctl_agent::PropolisSettings {
+            host: propolis.host,
+            addr: propolis.addr,
+            pool: propolis.pool,
+            brand: propolis.brand,
+            zone_root: propolis.zone_root,
+            vnic_link: propolis.vnic_link,
+            start_timeout: propolis.start_timeout,
+        },
     };
     let mut cfg = vmctl_agent::AgentConfig::resolve(g.data_dir.clone(), given).map_err(|e| {
         crate::diag::error_help("vmctl::agent::config", e.help(), vmctl_api::error_chain(&e))

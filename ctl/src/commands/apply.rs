@@ -138,6 +138,7 @@ pub fn run(g: &Globals, a: &ApplyArgs) -> miette::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let client = g.client()?;
+    super::check_backend(&client, &loaded, &a.file)?;
     let req = request(&loaded, &a.file, a);
     let resp = client.apply(&req)?;
     check_acknowledged(&req, &resp)?;
@@ -285,7 +286,13 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
         if !relevant {
             continue;
         }
-        let refusal = match vmctl_api::load::load(&a.file) {
+        let backend = client
+            .health()
+            .ok()
+            .and_then(|h| vmctl_api::validate::Backend::from_driver(&h.driver));
+        let checked = vmctl_api::load::load(&a.file)
+            .and_then(|l| backend.map_or(Ok(()), |b| l.check_backend(b)).map(|()| l));
+        let refusal = match checked {
             Ok(l) => Ok(l),
             Err(vmctl_api::load::LoadError::Invalid(diags)) => Err(diags
                 .into_iter()

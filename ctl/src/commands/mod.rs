@@ -35,7 +35,8 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             store,
             etcd_endpoints,
             etcd_prefix,
-        } => agent::run(&g, driver, store, etcd_endpoints, etcd_prefix),
+            propolis,
+        } => agent::run(&g, driver, store, etcd_endpoints, etcd_prefix, propolis),
         Command::Apply {
             file,
             dry_run,
@@ -287,6 +288,49 @@ pub(crate) fn report(
                 eprintln!("{:?}", miette::Report::new(d));
             }
             Ok(Err(ExitCode::FAILURE))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Checks loaded files against the backend of the agent `client` talks to
+/// (its driver, from `/v1/healthz`): what that backend cannot run (e.g.
+/// `network "user"` on Propolis) is shown at its place in its file, and
+/// nothing is applied. Drivers that run anything (`fake`) skip the check;
+/// the agent's apply checks again for every client.
+///
+/// # Errors
+/// The agent does not answer; or a resource asks for something the backend
+/// cannot do (code `vmctl::validate::unsupported_by_backend`, after the
+/// located diagnostics are printed).
+pub(crate) fn check_backend(
+    client: &crate::client::Client,
+    loaded: &vmctl_api::load::Loaded,
+    file: &std::path::Path,
+) -> miette::Result<()> {
+    let health = client.health()?;
+    let Some(backend) = vmctl_api::validate::Backend::from_driver(&health.driver) else {
+        return Ok(());
+    };
+    match loaded.check_backend(backend) {
+        Ok(()) => Ok(()),
+        Err(vmctl_api::load::LoadError::Invalid(diags)) => {
+            for d in diags {
+                eprintln!("{:?}", miette::Report::new(d));
+            }
+            Err(crate::diag::error_help(
+                "vmctl::validate::unsupported_by_backend",
+                format!(
+                    "the agent runs VMs with --driver {}: change the file, or run an agent with \
+                     the driver it is written for",
+                    backend.as_str()
+                ),
+                format!(
+                    "{} asks for what the {} backend cannot do; nothing was changed",
+                    file.display(),
+                    backend.as_str()
+                ),
+            ))
         }
         Err(e) => Err(e.into()),
     }

@@ -88,6 +88,7 @@ pub fn up(
 ) -> miette::Result<ExitCode> {
     let (loaded, _) = load_filtered(file, only, !no_provision)?;
     let client = g.client()?;
+    super::check_backend(&client, &loaded, file)?;
     apply_and_wait(&client, &loaded.resources, Some(file), "up", timeout)
 }
 
@@ -121,6 +122,8 @@ pub fn reload(
 ) -> miette::Result<ExitCode> {
     let (loaded, names) = load_filtered(file, only, !no_provision)?;
     let client = g.client()?;
+    // Before anything is destroyed.
+    super::check_backend(&client, &loaded, file)?;
     for n in &names {
         if super::objects::exists(&client, Kind::VirtualMachine, n)? {
             super::power::destroy(g, n, timeout)?;

@@ -177,3 +177,180 @@ fn apply_console_stop_start_delete_through_the_agent_on_the_propolis_driver() {
         );
     }
 }
+
+/// The fault: `network "user"` (or `"tap"`) applied to an agent on the
+/// Propolis driver was accepted, and `network "vnic"` on QEMU too; each
+/// failed only when the driver planned the start. `vmctl apply` (and `up`)
+/// now refuse it at its place in the file, VMFile or manifest, and change
+/// nothing; the agent refuses it for any other API client.
+#[test]
+fn a_network_the_agents_backend_cannot_run_is_a_located_error_at_apply() {
+    let mock = MockPropolis::start_in_thread().unwrap();
+    let addr = mock.addr().to_string();
+    let propolis = Agent::start_with(
+        "propolis",
+        &[
+            ("VMCTL_PROPOLIS_HOST", "simulated"),
+            ("VMCTL_PROPOLIS_ADDR", &addr),
+        ],
+    );
+    let qemu = Agent::start_with("qemu", &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let user = write(
+        "VMFile.kdl",
+        "vm \"web\" {\n    image-url \"https://e.com/a.qcow2\"\n    network \"user\"\n}\n",
+    );
+    let tap = write(
+        "vm.yaml",
+        "apiVersion: vmctl/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: web\nspec:\n  image: img\n  network:\n    mode: tap\n    bridge: br0\n",
+    );
+    let vnic = write(
+        "vnic.kdl",
+        "vm \"web\" {\n    image-url \"https://e.com/a.qcow2\"\n    network \"vnic\" name=\"vnic0\"\n}\n",
+    );
+    for (agent, args, place, mode, driver, hint) in [
+        (
+            &propolis,
+            vec!["apply", "-f", &user],
+            "VMFile.kdl:3:",
+            "user",
+            "propolis",
+            "network \"vnic\"",
+        ),
+        (
+            &propolis,
+            vec!["up", "-f", &user],
+            "VMFile.kdl:3:",
+            "user",
+            "propolis",
+            "network \"vnic\"",
+        ),
+        (
+            &propolis,
+            vec!["apply", "-f", &tap],
+            "vm.yaml:7:",
+            "tap",
+            "propolis",
+            "network \"vnic\"",
+        ),
+        (
+            &qemu,
+            vec!["apply", "-f", &vnic],
+            "vnic.kdl:3:",
+            "vnic",
+            "qemu",
+            "network \"user\"",
+        ),
+    ] {
+        let out = agent.vmctl(&args, None);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must be refused:\n{err}");
+        assert!(err.contains(place), "{args:?}: located at {place}:\n{err}");
+        assert!(
+            err.contains(&format!("network `{mode}` is not supported")),
+            "{args:?}:\n{err}"
+        );
+        assert!(
+            err.contains(&format!("--driver {driver}")),
+            "{args:?}:\n{err}"
+        );
+        assert!(err.contains(hint), "{args:?}: says what to write:\n{err}");
+        assert!(
+            err.contains("vmctl::validate::unsupported_by_backend"),
+            "{args:?}:\n{err}"
+        );
+        let out = agent.vmctl(&["get", "-o", "json"], None);
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(all["items"], serde_json::json!([]), "nothing was applied");
+    }
+    // What the backend can run is applied as before.
+    let out = propolis.vmctl(&["apply", "-f", &vnic, "--dry-run"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = qemu.vmctl(&["apply", "-f", &user, "--dry-run"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Issue 14 item 4: the Propolis settings were environment variables only.
+/// The same settings as flags (`--propolis-host`, `--propolis-addr`) and as
+/// `[propolis]` in `<data-dir>/agent.toml` start an agent on the driver; a
+/// bad value in the file is located and nothing starts.
+#[test]
+fn propolis_settings_as_flags_or_in_the_config_file_start_the_agent() {
+    let mock = MockPropolis::start_in_thread().unwrap();
+    let addr = mock.addr().to_string();
+    let clean = |cmd: &mut Command| {
+        for (k, _) in std::env::vars() {
+            if k.starts_with("VMCTL_PROPOLIS_") || k == "VMCTL_DRIVER" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("NO_COLOR", "1").stdin(Stdio::null());
+    };
+    let wait_health = |socket: &std::path::Path| {
+        let mut body = String::new();
+        wait_until("the agent's healthz", || {
+            let (code, b) = crate::agent::raw(socket, "GET", "/v1/healthz", "");
+            body = b;
+            code == 200
+        });
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+
+    // Flags.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+    cmd.args([
+        "agent",
+        "--driver",
+        "propolis",
+        "--propolis-host",
+        "simulated",
+    ])
+    .args(["--propolis-addr", &addr, "--data-dir"])
+    .arg(dir.path())
+    .stderr(Stdio::null());
+    clean(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let health = wait_health(&dir.path().join("agent.sock"));
+    assert_eq!(health["driver"], "propolis", "{health}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // The config file.
+    let dir = tempfile::tempdir().unwrap();
+    let toml =
+        format!("driver = \"propolis\"\n\n[propolis]\nhost = \"simulated\"\naddr = \"{addr}\"\n");
+    std::fs::write(dir.path().join("agent.toml"), &toml).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+    cmd.args(["agent", "--data-dir"])
+        .arg(dir.path())
+        .stderr(Stdio::null());
+    clean(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let health = wait_health(&dir.path().join("agent.sock"));
+    assert_eq!(health["driver"], "propolis", "{health}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // A bad value: located, nothing started.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        "driver = \"propolis\"\n[propolis]\nhost = \"simulated\"\naddr = \"nowhere\"\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+    cmd.args(["agent", "--data-dir"]).arg(dir.path());
+    clean(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("agent.toml:4:8"), "{err}");
+    assert!(err.contains("IP:PORT"), "{err}");
+    assert!(!dir.path().join("agent.sock").exists());
+}
