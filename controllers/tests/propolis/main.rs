@@ -226,3 +226,36 @@ async fn injected_server_failures_end_in_a_condition_a_note_and_backoff() {
     wait_phase(&r, "web", VmPhase::Running).await;
     r.stop().await;
 }
+
+/// The fault: a host command that failed during prepare (here `zoneadm
+/// install`) reached neither the VM's status nor its events. It is the
+/// `Ready` condition's reason `PrepareFailed` with the command and its
+/// code, a Warning note, and a retry after backoff that finishes prepare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_command_failing_in_prepare_is_a_condition_a_note_and_is_retried() {
+    let r = Rig::start().await;
+    let s = r.store.clone();
+    apply(&s, image("debian")).await;
+    r.host.fail_next("zoneadm -z web install");
+    apply(&s, web("Running")).await;
+    eventually("PrepareFailed naming zoneadm", WAIT, async || {
+        vm_status(&s, "web").await.is_some_and(|(_, st)| {
+            st.conditions.iter().any(|c| {
+                c.type_ == "Ready"
+                    && c.reason == "PrepareFailed"
+                    && c.message.contains("zoneadm")
+                    && c.message.contains("vmctl::propolis::host_command_failed")
+            })
+        })
+    })
+    .await;
+    eventually("a PrepareFailed note", WAIT, async || {
+        reasons(&s, Kind::VirtualMachine, "web")
+            .await
+            .contains(&"PrepareFailed".to_owned())
+    })
+    .await;
+    // The next try finishes the prepare and starts the VM.
+    wait_phase(&r, "web", VmPhase::Running).await;
+    r.stop().await;
+}
