@@ -233,6 +233,11 @@ pub struct VirtualMachineSpec {
     /// Disk size in GiB; when unset the overlay has the base image's size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_gib: Option<u64>,
+    /// Extra (data) disks, empty qcow2 files in the VM's work dir, attached
+    /// in this order after the root disk. Kept across stop/start; removed
+    /// with the VM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<Disk>,
     /// Networking.
     #[serde(default)]
     pub network: Network,
@@ -253,6 +258,18 @@ pub struct VirtualMachineSpec {
     /// `vmctl stop --timeout S` sets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout_seconds: Option<u32>,
+}
+
+/// An extra disk of a VM (VMFile `disk "data" size="10G"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Disk {
+    /// The disk's name: a DNS-1123 label of at most 20 characters, not
+    /// `root`. It is also the disk's virtio serial, so the guest sees it as
+    /// `/dev/disk/by-id/virtio-<name>` (and `/sys/block/vdX/serial`).
+    pub name: String,
+    /// Size in GiB (1–65536). Disks only grow.
+    pub size_gib: u64,
 }
 
 fn default_vcpus() -> u32 {

@@ -204,6 +204,7 @@ fn validate_vm(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
     if let Some(d) = spec.disk_gib {
         errs.extend(check_range("spec.diskGib", "disk (GiB)", d, DISK_GIB));
     }
+    validate_disks(spec, errs);
     if let Some(t) = spec.stop_timeout_seconds {
         errs.extend(check_range(
             "spec.stopTimeoutSeconds",
@@ -249,6 +250,52 @@ fn validate_vm(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
         if let Some(k) = &ssh.private_key {
             check_abs("spec.ssh.privateKey", k, errs);
         }
+    }
+}
+
+/// Longest extra disk name: it is the virtio-blk serial, which holds 20
+/// bytes.
+pub const DISK_NAME_MAX: usize = 20;
+
+fn validate_disks(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
+    let mut seen = std::collections::HashSet::new();
+    for (i, d) in spec.disks.iter().enumerate() {
+        let path = format!("spec.disks[{i}]");
+        let help = "a disk name is 1-20 lowercase letters, digits or '-', starting and ending with a letter or digit (it becomes the disk's serial: /dev/disk/by-id/virtio-NAME)";
+        if let Err(m) = check_name(&d.name) {
+            errs.push(FieldError::new(format!("{path}.name"), format!("disk {m}")).help(help));
+        } else if d.name.len() > DISK_NAME_MAX {
+            errs.push(
+                FieldError::new(
+                    format!("{path}.name"),
+                    format!(
+                        "disk name `{}` is {} characters long; at most {DISK_NAME_MAX} fit a disk's serial",
+                        d.name,
+                        d.name.len()
+                    ),
+                )
+                .help(help),
+            );
+        } else if d.name == crate::resources::ROOT_DISK {
+            errs.push(
+                FieldError::new(format!("{path}.name"), "`root` names the VM's root disk")
+                    .help("give the extra disk another name; size the root disk with `disk 20` (spec.diskGib)"),
+            );
+        } else if !seen.insert(d.name.as_str()) {
+            errs.push(
+                FieldError::new(
+                    format!("{path}.name"),
+                    format!("a second disk named `{}`", d.name),
+                )
+                .help("each disk of a VM needs its own name"),
+            );
+        }
+        errs.extend(check_range(
+            &format!("{path}.sizeGib"),
+            "disk (GiB)",
+            d.size_gib,
+            DISK_GIB,
+        ));
     }
 }
 

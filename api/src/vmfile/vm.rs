@@ -9,7 +9,7 @@ use crate::diag::Problem;
 use crate::limits::{FileUse, human_bytes};
 use crate::localfile::LocalFileError;
 use crate::resources::{
-    CloudInit, ImageSource, LocalFile, Network, PowerState, Provision, ProvisionSpec,
+    CloudInit, Disk, ImageSource, LocalFile, Network, PowerState, Provision, ProvisionSpec,
     ProvisionStep, Resource, SshConfig, UpdatePolicy, VirtualMachine, VirtualMachineSpec,
     default_ssh_user,
 };
@@ -92,6 +92,7 @@ pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft
             vcpus: 1,
             memory_mib: 1024,
             disk_gib: None,
+            disks: Vec::new(),
             network: Network::User,
             cloud_init: None,
             ssh: None,
@@ -122,6 +123,17 @@ pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft
         let cname = child.name().value();
         if !VM_NODES.contains(&cname) {
             rd.unknown_node(child, "a `vm` block", VM_NODES);
+            continue;
+        }
+        // `disk "data" size="10G"` is an extra disk (many may be given;
+        // duplicate names are caught by validation); `disk 20` the root's.
+        let extra_disk = cname == "disk"
+            && child
+                .entries()
+                .iter()
+                .any(|e| e.name().is_some_and(|n| n.value() == "size"));
+        if extra_disk {
+            read_extra_disk(rd, child, &mut d);
             continue;
         }
         if cname != "provision" {
@@ -238,6 +250,41 @@ pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft
         );
     }
     Some(d)
+}
+
+/// Reads `disk "name" size="10G"`: an extra disk.
+fn read_extra_disk(rd: &mut Reader, node: &KdlNode, d: &mut VmDraft) {
+    let entries = rd.entries(node, &["size"], 1);
+    rd.no_children(node);
+    let name = match entries.args.first() {
+        Some(e) => rd.string(e, "the disk name"),
+        None => {
+            rd.push(
+                Problem::error(CODE, name_span(node), "an extra disk needs a name")
+                    .label("missing name")
+                    .help("write it as `disk \"data\" size=\"10G\"`"),
+            );
+            None
+        }
+    };
+    let size = entries
+        .props
+        .get("size")
+        .and_then(|e| read_size(rd, e, "disk size", 1024));
+    let (Some(name), Some(size)) = (name, size) else {
+        return;
+    };
+    let i = d.spec.disks.len();
+    d.vm_spans
+        .insert(format!("spec.disks[{i}]"), name_span(node));
+    d.vm_spans
+        .insert(format!("spec.disks[{i}].name"), name.span);
+    d.vm_spans
+        .insert(format!("spec.disks[{i}].sizeGib"), size.span);
+    d.spec.disks.push(Disk {
+        name: name.value,
+        size_gib: size.value,
+    });
 }
 
 /// Reads a size: a plain integer in the node's unit (MiB for memory, GiB

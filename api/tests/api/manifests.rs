@@ -130,6 +130,7 @@ fn vm() -> impl Strategy<Value = Resource> {
                         power_state,
                         update_policy: UpdatePolicy::RestartRequired,
                         stop_timeout_seconds: None,
+                        disks: Vec::new(),
                     },
                 ))
             },

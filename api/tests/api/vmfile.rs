@@ -325,3 +325,66 @@ fn examples_translate_as_snapshotted() {
             .bind(|| insta::assert_snapshot!(name, vmctl_api::manifest::to_yaml(&t.resources)));
     }
 }
+
+#[test]
+fn extra_disks_are_read_in_order_beside_the_root_disk_size() {
+    let res = parse_ok(
+        r#"vm "a" {
+    image-url "https://example.com/a.qcow2"
+    disk 4
+    disk "data" size="10G"
+    disk "logs" size=2
+}"#,
+    );
+    let v = vm(&res, "a");
+    assert_eq!(v.spec.disk_gib, Some(4));
+    let disks: Vec<(&str, u64)> = v
+        .spec
+        .disks
+        .iter()
+        .map(|d| (d.name.as_str(), d.size_gib))
+        .collect();
+    assert_eq!(disks, [("data", 10), ("logs", 2)]);
+}
+
+#[test]
+fn bad_extra_disks_are_located_errors() {
+    for (disk, bad, says) in [
+        (r#"disk "data" size="abc""#, r#""abc""#, "not a size"),
+        (r#"disk "../x" size="1G""#, r#""../x""#, "escape"),
+        (r#"disk "root" size="1G""#, r#""root""#, "root disk"),
+        (
+            r#"disk "a-very-long-disk-name-x" size="1G""#,
+            r#""a-very-long-disk-name-x""#,
+            "at most 20",
+        ),
+        (r#"disk "data" size="0G""#, r#""0G""#, "out of range"),
+        (
+            r#"disk "data" size="1G" bus="scsi""#,
+            r#"bus="scsi""#,
+            "unknown property",
+        ),
+    ] {
+        let src =
+            format!("vm \"a\" {{\n    image-url \"https://example.com/a.qcow2\"\n    {disk}\n}}");
+        let d = parse_err(&src);
+        assert_eq!(d.error_count(), 1, "{}", d.render_plain());
+        let p = &d.problems[0];
+        assert!(p.message.contains(says), "{disk}: {}", p.message);
+        assert_eq!(
+            &src[p.span.offset()..p.span.offset() + p.span.len()],
+            bad,
+            "{disk}"
+        );
+    }
+    // The second of two disks with one name is the one pointed at.
+    let src = "vm \"a\" {\n    image-url \"https://example.com/a.qcow2\"\n    disk \"data\" size=1\n    disk \"data\" size=2\n}";
+    let d = parse_err(src);
+    let p = &d.problems[0];
+    assert!(
+        p.message.contains("second disk named `data`"),
+        "{}",
+        p.message
+    );
+    assert_eq!(d.line_col(p.span.offset()).0, 4);
+}

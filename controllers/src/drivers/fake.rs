@@ -256,6 +256,19 @@ impl Hypervisor for FakeHypervisor {
                 .max(spec.spec.disk_gib.unwrap_or(0) << 30);
             if let Some(inst) = w.instances.get_mut(&spec.name) {
                 grow_disk(&mut inst.runtime, ROOT_DISK, root);
+                // Extra disks are attached and detached while stopped.
+                if inst.state == InstanceState::Stopped {
+                    let want = &spec.spec.disks;
+                    inst.runtime
+                        .disks
+                        .retain(|d| d.name == ROOT_DISK || want.iter().any(|s| s.name == d.name));
+                }
+                for d in &spec.spec.disks {
+                    let attached = inst.runtime.disks.iter().any(|x| x.name == d.name);
+                    if attached || inst.state == InstanceState::Stopped {
+                        grow_disk(&mut inst.runtime, &d.name, d.size_gib << 30);
+                    }
+                }
                 return Ok(InstanceStatus {
                     state: inst.state,
                     runtime: inst.runtime.clone(),
@@ -270,11 +283,17 @@ impl Hypervisor for FakeHypervisor {
                 ssh_host: Some("127.0.0.1".to_owned()),
                 ssh_port: Some(port),
                 instance_id: Some(uuid::Uuid::new_v4().to_string()),
-                disks: vec![DiskRuntime {
+                disks: std::iter::once(DiskRuntime {
                     name: ROOT_DISK.to_owned(),
                     size_bytes: root,
                     path: Some(format!("/fake/vms/{}/disk.qcow2", spec.name)),
-                }],
+                })
+                .chain(spec.spec.disks.iter().map(|d| DiskRuntime {
+                    name: d.name.clone(),
+                    size_bytes: d.size_gib << 30,
+                    path: Some(format!("/fake/vms/{}/disk-{}.qcow2", spec.name, d.name)),
+                }))
+                .collect(),
                 ..Default::default()
             };
             let inst = FakeInstance {

@@ -345,22 +345,35 @@ pub fn plan(o: &Observed) -> Step {
             .started_spec
             .as_ref()
             .is_some_and(|s| *s != restart_digest(spec));
-        let differs = spec_differs || !grow.is_empty();
+        let (attach, detach) = disks::attachment_changes(o);
+        let differs = spec_differs || !grow.is_empty() || !attach.is_empty() || !detach.is_empty();
         if differs && spec.update_policy != UpdatePolicy::RestartRequired {
             return Step::Restart;
         }
         let step = if differs {
-            let message = match (spec_differs, grow.is_empty()) {
-                (true, true) => {
-                    "vcpus, memory, network or cloud-init changed; stop and start the VM (or set update-policy \"restart\") to apply"
-                }
-                (false, _) => {
-                    "a disk grows only at the next start; stop and start the VM (or set update-policy \"restart\") to apply"
-                }
-                (true, false) => {
-                    "vcpus, memory, network, cloud-init or a disk size changed; stop and start the VM (or set update-policy \"restart\") to apply"
-                }
-            };
+            let mut what = Vec::new();
+            if spec_differs {
+                what.push("vcpus, memory, network or cloud-init changed".to_owned());
+            }
+            if !grow.is_empty() {
+                what.push("a disk grows only at the next start".to_owned());
+            }
+            if !attach.is_empty() {
+                what.push(format!(
+                    "disk {} is attached at the next start",
+                    attach.join(", ")
+                ));
+            }
+            if !detach.is_empty() {
+                what.push(format!(
+                    "disk {} is detached at the next start (its file is kept until the VM is deleted)",
+                    detach.join(", ")
+                ));
+            }
+            let message = format!(
+                "{}; stop and start the VM (or set update-policy \"restart\") to apply",
+                what.join("; ")
+            );
             let warning = format!(
                 "VM {} runs with an older spec; the change applies at the next start",
                 o.name

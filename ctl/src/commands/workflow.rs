@@ -233,6 +233,7 @@ pub fn create(g: &Globals, a: CreateArgs) -> miette::Result<ExitCode> {
         },
         update_policy: Default::default(),
         stop_timeout_seconds: None,
+        disks: Vec::new(),
     };
     let vm = VirtualMachine::new(a.name.clone(), spec);
     let resources = vec![Resource::Image(image), Resource::VirtualMachine(vm)];

@@ -11,6 +11,7 @@ use nix::sys::signal::Signal;
 
 // Scenarios in their own files; they use this file's helpers (`super::*`).
 mod cloud;
+mod disks;
 mod etcd;
 mod host_faults;
 mod more;

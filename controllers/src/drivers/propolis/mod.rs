@@ -551,6 +551,12 @@ impl PropolisDriver {
                 .await?
                 .ok_or_else(|| DriverError::NotFound(name.clone()));
         }
+        if let Some(d) = spec.spec.disks.first() {
+            return Err(DriverError::Permanent(format!(
+                "VM {name}: spec.disks: extra disk `{}`: the Propolis backend does not attach extra disks yet; remove the `disk \"{}\" size=…` line or use the qemu driver [{UNSUPPORTED}]",
+                d.name, d.name
+            )));
+        }
         let network = spec.spec.network.clone();
         self.write_seed(spec, &dir).await?;
 

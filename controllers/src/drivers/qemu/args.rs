@@ -53,6 +53,10 @@ pub struct LaunchPlan {
     pub mac: String,
     /// Whether a cloud-init seed is attached.
     pub seed: bool,
+    /// Extra disks, by name, attached after the seed
+    /// (`disk-<name>.qcow2` in the work dir; the name is the serial).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<String>,
 }
 
 /// Errors turning a spec into a plan.
@@ -95,6 +99,7 @@ impl LaunchPlan {
             net,
             mac: mac.to_owned(),
             seed,
+            disks: Vec::new(),
         })
     }
 }
@@ -149,6 +154,19 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<String> {
             ),
             "-device",
             "virtio-blk-pci,drive=seed0",
+        ]);
+    }
+    for name in &plan.disks {
+        // The serial is the disk's name: the guest sees
+        // /dev/disk/by-id/virtio-<name>.
+        push(&[
+            "-drive",
+            &format!(
+                "file={},if=none,id=disk-{name},format=qcow2,discard=unmap",
+                esc(&plan.work_dir.join(format!("disk-{name}.qcow2")))
+            ),
+            "-device",
+            &format!("virtio-blk-pci,drive=disk-{name},serial={name}"),
         ]);
     }
     match &plan.net {
@@ -282,6 +300,38 @@ mod tests {
             qemu_args(&p)
                 .iter()
                 .any(|a| a.starts_with("file=/d,,x/a/disk.qcow2,"))
+        );
+    }
+
+    #[test]
+    fn extra_disks_follow_the_seed_with_their_name_as_serial() {
+        let p = LaunchPlan {
+            disks: vec!["data".into(), "logs".into()],
+            ..plan(&Network::User, Accel::Tcg)
+        };
+        let args = qemu_args(&p);
+        let seed = args
+            .iter()
+            .position(|a| a == "virtio-blk-pci,drive=seed0")
+            .unwrap();
+        let data = args
+            .iter()
+            .position(|a| a == "virtio-blk-pci,drive=disk-data,serial=data")
+            .unwrap();
+        let logs = args
+            .iter()
+            .position(|a| a == "virtio-blk-pci,drive=disk-logs,serial=logs")
+            .unwrap();
+        assert!(seed < data && data < logs);
+        assert!(args.contains(
+            &"file=/data/vms/web-1/disk-data.qcow2,if=none,id=disk-data,format=qcow2,discard=unmap"
+                .to_owned()
+        ));
+        // No extra disk: the argv is as before.
+        assert!(
+            !qemu_args(&plan(&Network::User, Accel::Tcg))
+                .iter()
+                .any(|a| a.contains("disk-"))
         );
     }
 

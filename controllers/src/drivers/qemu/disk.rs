@@ -161,6 +161,26 @@ pub async fn ensure_overlay(
     Ok(DiskAction::Created)
 }
 
+/// Creates an empty qcow2 disk of `bytes` at `path` (an extra disk),
+/// beside the final name first so that a crash never leaves a half-made
+/// one.
+pub async fn create_blank(path: &Path, bytes: u64) -> Result<(), DiskError> {
+    let tmp = path.with_extension("qcow2.partial");
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"])
+        .arg(&tmp)
+        .arg(bytes.to_string());
+    if let Err(stderr) = run(&mut cmd).await? {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(DiskError::Create {
+            path: path.to_owned(),
+            base: "(empty)".into(),
+            stderr,
+        });
+    }
+    std::fs::rename(&tmp, path).map_err(DiskError::Spawn)
+}
+
 /// The size in bytes a disk of `current` bytes must grow to for `want`
 /// bytes, if it must: never a smaller one.
 pub fn growth(current: u64, want: Option<u64>) -> Option<u64> {

@@ -124,6 +124,10 @@ pub struct VmConfig {
     /// The NIC's MAC, derived from the VM's uid when first prepared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// Names of the extra disks attached at start, in order
+    /// (`disk-<name>.qcow2` in the work dir, serial `<name>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<String>,
 }
 
 impl VmConfig {
@@ -362,6 +366,23 @@ impl QemuDriver {
                 .await
                 .map_err(disk_err)?;
         }
+        // Extra disks: made empty once, grown while QEMU is not running
+        // (a running one is grown live through `resize_disk`). A disk left
+        // out of the spec is detached at the next start; its file stays
+        // until the VM is deleted.
+        let running = process::running_pid(&l).is_some();
+        for d in &spec.spec.disks {
+            let bytes = d.size_gib.saturating_mul(disk::GIB);
+            let path = disk_path(&l, &d.name);
+            if !path.exists() {
+                disk::create_blank(&path, bytes).await.map_err(disk_err)?;
+            } else if !running {
+                let current = disk::virtual_size(&path).await.map_err(disk_err)?;
+                if let Some(b) = disk::growth(current, Some(bytes)) {
+                    disk::grow_file(&path, b).await.map_err(disk_err)?;
+                }
+            }
+        }
         if read_port(&l).is_none() {
             let port = free_port().map_err(io_err("Cannot find a free port"))?;
             write_port(&l, port)?;
@@ -374,6 +395,7 @@ impl QemuDriver {
             memory_mib: spec.spec.memory_mib,
             network: spec.spec.network.clone(),
             mac: Some(mac),
+            disks: spec.spec.disks.iter().map(|d| d.name.clone()).collect(),
         };
         let json = serde_json::to_vec_pretty(&cfg).map_err(|e| io_err("")(e.into()))?;
         std::fs::write(l.config_file(), json).map_err(io_err("Cannot write vm.json"))?;
@@ -480,6 +502,10 @@ impl QemuDriver {
             name: name.to_owned(),
             source,
         })?;
+        let plan = LaunchPlan {
+            disks: cfg.disks.clone(),
+            ..plan
+        };
         let argv = qemu_args(&plan);
         for stale in [l.exit_file(), l.stop_marker(), l.pidfile()] {
             let _ = std::fs::remove_file(stale);
@@ -607,16 +633,22 @@ impl QemuDriver {
             }
             None => {
                 self.note_exit(name, l).await;
+                // What the next start attaches.
                 let mut sizes = Vec::new();
-                if l.disk().exists() {
+                let names = std::iter::once(ROOT_DISK).chain(cfg.disks.iter().map(String::as_str));
+                for disk in names {
+                    let path = disk_path(l, disk);
+                    if !path.exists() {
+                        continue;
+                    }
                     let size =
-                        disk::virtual_size(&l.disk())
+                        disk::virtual_size(&path)
                             .await
                             .map_err(|source| QemuError::Disk {
                                 name: name.to_owned(),
                                 source,
                             })?;
-                    sizes.push((ROOT_DISK.to_owned(), size));
+                    sizes.push((disk.to_owned(), size));
                 }
                 (InstanceState::Stopped, sizes)
             }
@@ -756,7 +788,7 @@ fn drive_id(disk: &str) -> String {
 }
 
 /// The file of disk `disk` in the work dir.
-fn disk_path(l: &Layout, disk: &str) -> PathBuf {
+pub fn disk_path(l: &Layout, disk: &str) -> PathBuf {
     if disk == ROOT_DISK {
         l.disk()
     } else {

@@ -8,6 +8,10 @@
 //!   failed for this generation) ──▶ ResizeDisk
 //!   spec asks more, otherwise ──▶ DiskResizePending True (applies at the next
 //!                                 start; a running VM also needs RestartRequired)
+//!   an extra disk added to or removed from the spec of a running VM
+//!                               ──▶ RestartRequired (attached or detached at
+//!                                   the next start; its file is kept until the
+//!                                   VM is deleted)
 //! ```
 //!
 //! A disk the hypervisor does not report (a backend that reports none, an
@@ -65,7 +69,36 @@ fn wanted(o: &Observed, name: &str) -> Option<u64> {
     if name == ROOT_DISK {
         return o.spec.disk_gib.map(|g| g.saturating_mul(GIB));
     }
-    None
+    o.spec
+        .disks
+        .iter()
+        .find(|d| d.name == name)
+        .map(|d| d.size_gib.saturating_mul(GIB))
+}
+
+/// Extra disks the spec lists that the instance does not have, and disks
+/// the instance has that the spec no longer lists: (attach, detach). Empty
+/// when there is no instance or it reports no disks.
+pub fn attachment_changes(o: &Observed) -> (Vec<String>, Vec<String>) {
+    let Some(inst) = o.instance.as_ref().filter(|i| !i.runtime.disks.is_empty()) else {
+        return (Vec::new(), Vec::new());
+    };
+    let has = |name: &str| inst.runtime.disks.iter().any(|d| d.name == name);
+    let attach = o
+        .spec
+        .disks
+        .iter()
+        .filter(|d| !has(&d.name))
+        .map(|d| d.name.clone())
+        .collect();
+    let detach = inst
+        .runtime
+        .disks
+        .iter()
+        .filter(|d| d.name != ROOT_DISK && !o.spec.disks.iter().any(|s| s.name == d.name))
+        .map(|d| d.name.clone())
+        .collect();
+    (attach, detach)
 }
 
 /// Disks the spec asks to be larger or smaller than the hypervisor

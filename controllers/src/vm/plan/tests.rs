@@ -60,9 +60,23 @@ fn prepared(o: &Observed, state: InstanceState) -> InstanceStatus {
         inst.runtime.disks = old.runtime.disks.clone();
     }
     let want = o.spec.disk_gib.map_or(0, |g| g << 30);
+    let spec = &o.spec.disks;
+    inst.runtime
+        .disks
+        .retain(|d| d.name == ROOT_DISK || spec.iter().any(|s| s.name == d.name));
     for d in &mut inst.runtime.disks {
         if d.name == ROOT_DISK {
             d.size_bytes = d.size_bytes.max(want);
+        }
+    }
+    for s in spec {
+        match inst.runtime.disks.iter_mut().find(|d| d.name == s.name) {
+            Some(d) => d.size_bytes = d.size_bytes.max(s.size_gib << 30),
+            None => inst.runtime.disks.push(DiskRuntime {
+                name: s.name.clone(),
+                size_bytes: s.size_gib << 30,
+                path: None,
+            }),
         }
     }
     inst
@@ -690,6 +704,67 @@ fn a_stopped_vms_disk_growth_is_reported_as_applying_at_the_next_start() {
     assert_eq!(
         cond(&o, disks::RESIZE_PENDING).unwrap().status,
         ConditionStatus::False
+    );
+}
+
+#[test]
+fn an_extra_disk_added_to_a_running_vm_requires_a_restart_and_is_attached_at_start() {
+    let mut o = settled();
+    o.spec.disks = vec![vmctl_api::Disk {
+        name: "data".into(),
+        size_gib: 2,
+    }];
+    o.generation += 1;
+    reconcile(&mut o);
+    let restart = cond(&o, "RestartRequired").unwrap();
+    assert_eq!(restart.status, ConditionStatus::True);
+    assert!(
+        restart
+            .message
+            .contains("disk data is attached at the next start"),
+        "{}",
+        restart.message
+    );
+    o.spec.update_policy = UpdatePolicy::Restart;
+    o.generation += 1;
+    assert_eq!(reconcile(&mut o).last(), Some(&Step::Restart));
+    reconcile(&mut o);
+    let disks: Vec<_> = o
+        .instance
+        .as_ref()
+        .unwrap()
+        .runtime
+        .disks
+        .iter()
+        .map(|d| (d.name.as_str(), d.size_bytes))
+        .collect();
+    assert_eq!(disks, [(ROOT_DISK, IMAGE_SIZE), ("data", 2 << 30)]);
+    assert_eq!(
+        cond(&o, "RestartRequired").unwrap().status,
+        ConditionStatus::False
+    );
+
+    // Grown live like the root disk; removed: detached at the next start.
+    o.spec.disks[0].size_gib = 3;
+    o.generation += 1;
+    let steps = reconcile(&mut o);
+    assert!(
+        steps.contains(&Step::ResizeDisk {
+            disk: "data".into(),
+            from: 2 << 30,
+            to: 3 << 30
+        }),
+        "{steps:?}"
+    );
+    o.spec.disks.clear();
+    o.spec.update_policy = UpdatePolicy::RestartRequired;
+    o.generation += 1;
+    reconcile(&mut o);
+    assert!(
+        cond(&o, "RestartRequired")
+            .unwrap()
+            .message
+            .contains("disk data is detached")
     );
 }
 

@@ -1,0 +1,134 @@
+//! Disks (issue 16) on the tiny guest: a data disk with its serial that
+//! keeps its data across a stop and start, the root disk grown live, a
+//! shrink refused visibly without stopping the VM, which then stops and
+//! starts again. One VM, to keep TCG boots few.
+
+use super::*;
+
+fn vmfile(img: &str, root_gib: u32, data: &str) -> String {
+    format!(
+        r#"vm "dk" {{
+    image "{img}"
+    memory 512
+    disk {root_gib}
+{data}    ssh {{
+        user "root"
+    }}
+}}
+"#
+    )
+}
+
+fn cond(obj: &serde_json::Value, ty: &str) -> Option<serde_json::Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == ty)
+        .cloned()
+}
+
+fn root_bytes(w: &World) -> Option<u64> {
+    let vm = w.json(&["get", "vm", "dk", "-o", "json"]);
+    vm["status"]["runtime"]["disks"]
+        .as_array()?
+        .iter()
+        .find(|d| d["name"] == "root")?["sizeBytes"]
+        .as_u64()
+}
+
+/// Runs a shell command in the guest, retrying while SSH comes up.
+fn sh(w: &World, cmd: &str) -> String {
+    let mut last = None;
+    for _ in 0..60 {
+        let out = w.vmctl(&["exec", "dk", "--", "sh", "-c", cmd]);
+        if out.status.success() {
+            return String::from_utf8(out.stdout).unwrap();
+        }
+        last = Some(out);
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    panic!("exec {cmd:?} failed: {last:?}");
+}
+
+/// The block device of the disk with serial `serial` (no udev in the tiny
+/// guest, so /sys instead of /dev/disk/by-id).
+const FIND: &str = "for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = data ] && echo ${b##*/}; done";
+
+#[test]
+fn data_disk_keeps_its_serial_and_data_root_grows_live_and_a_shrink_is_refused_visibly() {
+    let w = World::new();
+    let p = w.project();
+    let img = tiny_image().display().to_string();
+    let data = "    disk \"data\" size=\"1G\"\n";
+    std::fs::write(p.join("VMFile.kdl"), vmfile(&img, 1, data)).unwrap();
+    w.ok(&["apply", "--wait", "--timeout", BOOT]);
+
+    // The data disk: visible with its serial and size; data written to it
+    // survives a stop and start.
+    let dev = sh(&w, FIND).trim().to_owned();
+    assert!(dev.starts_with("vd"), "no disk with serial `data`: {dev:?}");
+    let sectors = sh(&w, &format!("cat /sys/block/{dev}/size"));
+    assert_eq!(sectors.trim(), ((1u64 << 30) / 512).to_string());
+    sh(
+        &w,
+        &format!(
+            "echo vmctl-data-marker | dd of=/dev/{dev} bs=512 count=1 conv=notrunc,fsync 2>/dev/null"
+        ),
+    );
+    w.ok(&["stop", "dk", "--timeout", "120"]);
+    w.ok(&["start", "dk", "--timeout", BOOT]);
+    let dev = sh(&w, FIND).trim().to_owned();
+    let back = sh(
+        &w,
+        &format!("dd if=/dev/{dev} bs=512 count=1 2>/dev/null | head -c 17"),
+    );
+    assert_eq!(
+        back.trim(),
+        "vmctl-data-marker",
+        "the data disk kept its data"
+    );
+
+    // The root disk grows live: the guest sees it, QEMU is the same.
+    let pid = w.qemu_pids();
+    std::fs::write(p.join("VMFile.kdl"), vmfile(&img, 2, data)).unwrap();
+    w.ok(&["apply"]);
+    wait_until("root disk 2 GiB", Duration::from_secs(60), || {
+        root_bytes(&w) == Some(2 << 30)
+    });
+    assert_eq!(
+        sh(&w, "cat /sys/block/vda/size").trim(),
+        ((2u64 << 30) / 512).to_string(),
+        "the guest sees the new size without a restart"
+    );
+    assert_eq!(w.qemu_pids(), pid, "not restarted");
+    let events = w.ok(&["events"]);
+    assert!(events.contains("DiskResized"), "{events}");
+
+    // A shrink: refused visibly, the VM runs on, stops and starts again.
+    std::fs::write(p.join("VMFile.kdl"), vmfile(&img, 1, data)).unwrap();
+    w.ok(&["apply"]);
+    wait_until("DiskShrinkRefused", Duration::from_secs(60), || {
+        let vm = w.json(&["get", "vm", "dk", "-o", "json"]);
+        cond(&vm, "DiskShrinkRefused").is_some_and(|c| c["status"] == "True")
+    });
+    let events = w.ok(&["events"]);
+    assert!(
+        events.lines().any(|l| l.contains("Warning")
+            && l.contains("DiskShrinkRefused")
+            && l.contains("cannot shrink")),
+        "{events}"
+    );
+    assert_eq!(w.qemu_pids(), pid, "the VM runs on");
+    w.ok(&["stop", "dk", "--timeout", "120"]);
+    w.ok(&["start", "dk", "--timeout", BOOT]);
+    assert_eq!(
+        sh(&w, "cat /sys/block/vda/size").trim(),
+        ((2u64 << 30) / 512).to_string()
+    );
+    assert_eq!(root_bytes(&w), Some(2 << 30));
+
+    let work = w.data().join("vms/dk");
+    assert!(work.join("disk-data.qcow2").exists());
+    w.ok(&["delete", "-f", "VMFile.kdl", "--wait"]);
+    assert!(!work.exists(), "the data disk goes with the VM");
+}
