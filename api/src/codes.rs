@@ -386,6 +386,11 @@ pub const CODES: &[Code] = &[
         "internal error; please report it",
     ),
     c(
+        "vmctl::ssh::not_ready",
+        "`vmctl ssh`, `exec` or `cp` waited for the VM to answer SSH (its `SshReady` condition) longer than its SSH timeout",
+        "check the guest's console (`vmctl log NAME --console`) and `vmctl describe vm NAME`; raise `ssh { timeout … }` if it boots slowly",
+    ),
+    c(
         "vmctl::store::failed",
         "the agent's store failed",
         "see the agent log",

@@ -36,6 +36,7 @@ pub mod drivers;
 pub mod error;
 pub mod image;
 pub mod images;
+pub mod probe;
 pub mod provision;
 pub mod runtime;
 pub mod seed;

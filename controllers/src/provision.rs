@@ -27,7 +27,6 @@ use vmctl_api::{Kind, NoteType, Object, ObjectRef, Provision, VirtualMachine};
 use vmctl_store::{Change, Event};
 
 pub use self::plan::{Observed, Step, is_finished, plan};
-use crate::conditions::is_true;
 use crate::drivers::SshTarget;
 use crate::runtime::{Action, Reconciler, Relations};
 use crate::{Context, Error};
@@ -45,11 +44,13 @@ impl ProvisionReconciler {
     }
 }
 
-/// The VM's SSH target if it is Ready.
+/// The VM's SSH target if it runs. Not its `Ready` condition: that waits
+/// for the VM's readiness probes, which may check what the provisioning
+/// installs; SSH is waited for by the run itself.
 fn ready_vm(obj: Option<&Object>) -> Option<SshTarget> {
     let vm = VirtualMachine::from_object(obj?).ok()?;
     let status = vm.status?;
-    let ready = is_true(&status.conditions, "Ready");
+    let ready = status.phase == vmctl_api::VmPhase::Running;
     Some(SshTarget {
         vm: vm.metadata.name,
         runtime: status.runtime.filter(|_| ready)?,

@@ -22,6 +22,11 @@
 //! a deleted VM's instance is destroyed before the object goes. Start
 //! failures are counted in `status.startFailures`, with a `retryAfter`
 //! deadline growing exponentially, and reported by a Warning note `BackOff`.
+//!
+//! A running VM with an SSH address is probed by a [`Prober`] (fresh short
+//! SSH connections, the pinned host key); the VM is `Ready` once its
+//! `SshReady` condition is True, so `apply --wait` and `up` return when
+//! `vmctl ssh` works.
 
 mod plan;
 
@@ -33,7 +38,8 @@ use vmctl_api::{Image, ImagePhase, Kind, NoteType, Object, ObjectRef, VirtualMac
 use vmctl_store::{Change, Event};
 
 pub use self::plan::{ImageNotReady, Observed, Step, disks, plan, restart_digest};
-use crate::drivers::{DriverError, InstanceSpec, InstanceState, LocalImage};
+use crate::drivers::{DriverError, InstanceSpec, InstanceState, LocalImage, SshTarget};
+use crate::probe::{Prober, Readiness, Watched};
 use crate::runtime::{Action, Reconciler, Relations};
 use crate::{Context, Error};
 
@@ -54,13 +60,54 @@ pub struct VmReconciler {
     /// The hypervisor reports state changes itself: a running VM needs no
     /// liveness polling, only a slow safety-net look.
     event_driven: bool,
+    /// Probes running guests over SSH; its results go into `SshReady` and
+    /// `Ready` when a VM is reported.
+    prober: Arc<Prober>,
 }
 
 impl VmReconciler {
     /// A VirtualMachine reconciler using `ctx`.
     pub fn new(ctx: Arc<Context>) -> Self {
         let event_driven = ctx.drivers.hypervisor.changes().is_some();
-        VmReconciler { ctx, event_driven }
+        let prober = Arc::new(Prober::new(ctx.drivers.provisioner.clone()));
+        VmReconciler {
+            ctx,
+            event_driven,
+            prober,
+        }
+    }
+
+    /// The prober of this reconciler's VMs.
+    pub fn prober(&self) -> &Arc<Prober> {
+        &self.prober
+    }
+
+    /// Has the prober probe the running VM of `o` and returns what it
+    /// found; `None` (and no probing) when the VM has no SSH address.
+    fn probe(&self, o: &Observed) -> Option<Readiness> {
+        let runtime = o.instance.as_ref()?.runtime.clone();
+        if runtime.ssh_host.is_none() || runtime.ssh_port.is_none() || runtime.work_dir.is_none() {
+            self.prober.forget(&o.name);
+            return None;
+        }
+        let ssh_timeout = o
+            .spec
+            .ssh
+            .as_ref()
+            .and_then(|s| s.timeout_seconds)
+            .map_or(self.ctx.config.ssh_timeout, |s| {
+                Duration::from_secs(s.into())
+            });
+        let watched = Watched {
+            target: SshTarget {
+                vm: o.name.clone(),
+                runtime,
+                ssh: o.spec.ssh.clone(),
+            },
+            ssh_timeout,
+        };
+        let answered = crate::conditions::is_true(&o.status.conditions, "SshReady");
+        Some(self.prober.watch(&o.name, watched, answered))
     }
 }
 
@@ -117,6 +164,7 @@ impl VmReconciler {
             }),
             instance: None,
             now: Utc::now(),
+            readiness: None,
             spec: vm.spec,
             live_disk_resize: self.ctx.drivers.hypervisor.resizes_disks_live(),
         };
@@ -152,6 +200,7 @@ impl VmReconciler {
         match step {
             Step::Forget => return done,
             Step::Teardown => {
+                self.prober.forget(&name);
                 o.terminating();
                 let written = ctx.write_status(obj, &o.status).await?;
                 hv.destroy(&name).await.map_err(driver("destroy"))?;
@@ -225,6 +274,8 @@ impl VmReconciler {
                         Err(e) => return self.prepare_failed(obj, o, e).await,
                     }
                 }
+                // A new boot: nothing found of the last one holds.
+                self.prober.forget(&name);
                 match hv.start(&name).await {
                     Ok(st) => {
                         let port = st
@@ -311,6 +362,13 @@ impl VmReconciler {
                 return Ok(Flow::Done(Action::requeue(Duration::ZERO)));
             }
             Step::Report { phase } => {
+                o.readiness = match phase {
+                    VmPhase::Running => self.probe(o),
+                    _ => {
+                        self.prober.forget(&name);
+                        None
+                    }
+                };
                 o.report(phase);
                 ctx.write_status(obj, &o.status).await?;
                 return Ok(Flow::Done(match phase {
@@ -410,8 +468,10 @@ impl Reconciler for VmReconciler {
         Ok(Action::requeue(self.ctx.config.liveness))
     }
 
-    fn external_triggers(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
-        self.ctx.drivers.hypervisor.changes()
+    fn external_triggers(&self) -> Vec<tokio::sync::broadcast::Receiver<String>> {
+        let mut triggers = vec![self.prober.changes()];
+        triggers.extend(self.ctx.drivers.hypervisor.changes());
+        triggers
     }
 
     fn related(&self, rel: &Relations, ev: &Event) -> Vec<ObjectRef> {

@@ -486,6 +486,18 @@ impl ImageFetcher for FakeImageFetcher {
 #[derive(Debug, Clone)]
 pub struct FakeProvisioner(pub FakeWorld);
 
+impl FakeProvisioner {
+    /// Whether VM `vm` runs and is not configured to be unreachable.
+    fn answers_ssh(&self, vm: &str) -> bool {
+        let w = self.0.lock();
+        let running = w
+            .instances
+            .get(vm)
+            .is_some_and(|i| i.state == InstanceState::Running);
+        running && !w.config.ssh_unreachable.contains(vm)
+    }
+}
+
 impl Provisioner for FakeProvisioner {
     fn wait_ssh<'a>(
         &'a self,
@@ -494,13 +506,25 @@ impl Provisioner for FakeProvisioner {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.0.delay().await;
-            let w = self.0.lock();
-            let running = w
-                .instances
-                .get(&target.vm)
-                .is_some_and(|i| i.state == InstanceState::Running);
-            if !running || w.config.ssh_unreachable.contains(&target.vm) {
+            if !self.answers_ssh(&target.vm) {
                 return Err(DriverError::Timeout(format!("SSH to {}", target.vm)));
+            }
+            Ok(())
+        })
+    }
+
+    fn probe_ssh<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.0.delay().await;
+            if !self.answers_ssh(&target.vm) {
+                return Err(DriverError::Backend(format!(
+                    "no SSH banner from {}",
+                    target.vm
+                )));
             }
             Ok(())
         })

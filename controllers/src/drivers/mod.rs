@@ -238,6 +238,15 @@ pub trait Provisioner: Send + Sync + Debug {
         target: &'a SshTarget,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<()>>;
+    /// One readiness probe of the VM's sshd, within `timeout`: a fresh
+    /// connection answered by an SSH banner, a handshake, and the host key
+    /// the VM was given. `Err` says why not (nothing listening yet,
+    /// another host key, …); the prober ([`crate::probe`]) repeats it.
+    fn probe_ssh<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<()>>;
     /// Runs one step. A step that ran and exited non-zero is `Ok` with its
     /// exit code; `Err` means it could not be run at all.
     fn run_step<'a>(

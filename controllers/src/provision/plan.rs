@@ -5,7 +5,7 @@
 //! ```text
 //!   deleted? ──▶ Forget
 //!   finished for this generation and the VM's instance id ──▶ Keep
-//!   VM not Ready ── finished for this generation ──▶ Keep
+//!   VM not Running ── finished for this generation ──▶ Keep
 //!                └── else ──▶ WaitForVm (report Pending)
 //!   otherwise ──▶ Run (wait for SSH, then every step in order)
 //! ```
@@ -28,7 +28,7 @@ pub struct Observed {
     pub steps: usize,
     /// The status as stored, with what this reconcile changed.
     pub status: ProvisionStatus,
-    /// The VM's SSH target if the VM is Ready; `None` otherwise.
+    /// The VM's SSH target if the VM is Running; `None` otherwise.
     pub vm: Option<SshTarget>,
     /// When the status changes being made happen (conditions' and steps'
     /// times); the reconciler moves it on as the run goes.

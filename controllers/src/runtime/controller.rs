@@ -176,10 +176,10 @@ impl<R: Reconciler> Controller<R> {
                 shutdown.clone(),
             ));
         }
-        let mut triggers = None;
-        if let Some(mut rx) = self.reconciler.external_triggers() {
+        let mut triggers = Vec::new();
+        for mut rx in self.reconciler.external_triggers() {
             let queue = self.queue.clone();
-            triggers = Some(AbortOnDrop(tokio::spawn(async move {
+            triggers.push(AbortOnDrop(tokio::spawn(async move {
                 loop {
                     match rx.recv().await {
                         Ok(name) => queue.trigger(ObjectRef::new(R::KIND, name)),

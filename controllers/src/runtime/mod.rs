@@ -75,11 +75,12 @@ pub trait Reconciler: Send + Sync + 'static {
         obj: Arc<Object>,
     ) -> impl Future<Output = Result<Action, Self::Error>> + Send;
 
-    /// Triggers from outside the store: names of objects of [`KIND`](Self::KIND)
-    /// to reconcile now (a hypervisor reporting that a VM changed by
-    /// itself). `None`: the store's events are the only triggers.
-    fn external_triggers(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
-        None
+    /// Triggers from outside the store: channels of names of objects of
+    /// [`KIND`](Self::KIND) to reconcile now (a hypervisor reporting that a
+    /// VM changed by itself, a probe whose result changed). Empty: the
+    /// store's events are the only triggers.
+    fn external_triggers(&self) -> Vec<tokio::sync::broadcast::Receiver<String>> {
+        Vec::new()
     }
 
     /// What to do after `reconcile` failed with `err`; `backoff` is the

@@ -34,6 +34,7 @@ use vmctl_api::{
 
 use crate::conditions::{condition, would_change};
 use crate::drivers::{InstanceState, InstanceStatus, LocalImage};
+use crate::probe::{Check, Readiness};
 
 pub mod disks;
 
@@ -75,6 +76,10 @@ pub struct Observed {
     /// The hypervisor grows a running instance's disks live
     /// ([`crate::drivers::Hypervisor::resize_disk`]).
     pub live_disk_resize: bool,
+    /// What the prober found of the running guest (SSH); `None` when
+    /// nothing probes it (not running, or no SSH address). Read when the
+    /// VM is reported ([`Step::Report`]).
+    pub readiness: Option<Readiness>,
 }
 
 /// The next thing to do for a VM: the output of [`plan`]. Steps that end
@@ -410,6 +415,46 @@ impl Observed {
         self.status.phase = phase;
         let cond = condition("Ready", ready, reason, message, self.generation);
         self.set_condition(cond);
+        // A guest that is not running answers no SSH: an `SshReady` left
+        // True from its last boot would let `vmctl ssh` hang in a connect.
+        if phase != VmPhase::Running
+            && let Some(c) = self
+                .status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "SshReady")
+            && c.status == vmctl_api::ConditionStatus::True
+        {
+            let cond = condition(
+                "SshReady",
+                false,
+                reason,
+                "the VM is not running",
+                self.generation,
+            );
+            self.set_condition(cond);
+        }
+    }
+
+    /// Sets condition `type_` from a probe's `check`; its
+    /// lastTransitionTime is when the probe first passed, not when the
+    /// status was written.
+    fn set_check(&mut self, type_: &str, check: &Check) {
+        let cond = condition(
+            type_,
+            check.ok,
+            check.reason,
+            check.message.clone(),
+            self.generation,
+        );
+        let was_true = crate::conditions::is_true(&self.status.conditions, type_);
+        self.set_condition(cond);
+        if check.ok
+            && !was_true
+            && let Some(c) = self.status.conditions.iter_mut().find(|c| c.type_ == type_)
+        {
+            c.last_transition_time = check.since.or(c.last_transition_time);
+        }
     }
 
     /// [`Step::Teardown`], before the instance is destroyed.
@@ -459,6 +504,17 @@ impl Observed {
 
     /// [`Step::Start`], after the instance started.
     pub fn started(&mut self, instance: InstanceStatus) {
+        // A new boot: SSH has to answer again before the VM is Ready.
+        if self.status.conditions.iter().any(|c| c.type_ == "SshReady") {
+            let cond = condition(
+                "SshReady",
+                false,
+                "Starting",
+                "the VM is booting",
+                self.generation,
+            );
+            self.set_condition(cond);
+        }
         self.status.start_failures = Default::default();
         self.status.started_spec = Some(restart_digest(&self.spec));
         self.instance = Some(instance);
@@ -537,12 +593,20 @@ impl Observed {
             self.status.runtime = Some(inst.runtime.clone());
         }
         self.status.observed_generation = self.generation;
-        let (ready, reason) = match phase {
-            VmPhase::Running => (true, "Running"),
-            VmPhase::Suspended => (false, "Suspended"),
-            _ => (false, "Stopped"),
+        let readiness = self.readiness.clone().filter(|_| phase == VmPhase::Running);
+        let (ready, reason, message) = match (phase, &readiness) {
+            (VmPhase::Running, None) => (true, "Running", String::new()),
+            // Running, and Ready once the guest answers: `apply --wait`
+            // and `up` return when `vmctl ssh` works.
+            (VmPhase::Running, Some(r)) if r.ssh.ok => (true, "Running", String::new()),
+            (VmPhase::Running, Some(r)) => (false, "SshNotReady", r.ssh.message.clone()),
+            (VmPhase::Suspended, _) => (false, "Suspended", String::new()),
+            _ => (false, "Stopped", String::new()),
         };
-        self.phase(phase, ready, reason, "");
+        if let Some(r) = &readiness {
+            self.set_check("SshReady", &r.ssh);
+        }
+        self.phase(phase, ready, reason, &message);
     }
 }
 

@@ -6,4 +6,5 @@ mod concurrency;
 mod disks;
 mod failures;
 mod lifecycle;
+mod readiness;
 mod restart;

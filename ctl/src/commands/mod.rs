@@ -16,6 +16,7 @@ mod objects;
 mod patch;
 mod power;
 mod provision;
+mod ready;
 mod schema;
 mod ssh;
 mod validate;

@@ -86,6 +86,7 @@ pub fn ssh(
     cmd: &[String],
 ) -> miette::Result<ExitCode> {
     let name = resolve_name(name)?;
+    super::ready::wait_ssh_ready(g, &name)?;
     let t = target(g, &name, user, key)?;
     let known = vmctl_controllers::drivers::ssh::write_known_hosts(&t).map_err(|e| {
         crate::diag::error(
@@ -147,6 +148,7 @@ pub fn exec(g: &Globals, name: &str, cmd: &[String]) -> miette::Result<ExitCode>
             "no command given"
         ));
     }
+    super::ready::wait_ssh_ready(g, name)?;
     let t = target(g, name, None, None)?;
     let command = cmd
         .iter()
@@ -196,6 +198,7 @@ pub fn cp(g: &Globals, src: &str, dst: &str) -> miette::Result<ExitCode> {
     };
     match (remote(src), remote(dst)) {
         (None, Some((name, path))) => {
+            super::ready::wait_ssh_ready(g, name)?;
             let t = target(g, name, None, None)?;
             let n = rt
                 .block_on(vmctl_controllers::drivers::ssh::copy_to(
@@ -207,6 +210,7 @@ pub fn cp(g: &Globals, src: &str, dst: &str) -> miette::Result<ExitCode> {
             eprintln!("copied {n} bytes to {name}:{path}");
         }
         (Some((name, path)), None) => {
+            super::ready::wait_ssh_ready(g, name)?;
             let t = target(g, name, None, None)?;
             let n = rt
                 .block_on(vmctl_controllers::drivers::ssh::copy_from(

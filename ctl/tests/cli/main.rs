@@ -9,6 +9,7 @@ mod images;
 mod large_apply;
 mod parser_faults;
 mod propolis;
+mod ready;
 mod socket;
 mod watch_mode;
 

@@ -15,6 +15,7 @@ mod disks;
 mod etcd;
 mod host_faults;
 mod more;
+mod reach;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

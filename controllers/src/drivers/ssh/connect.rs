@@ -105,28 +105,7 @@ impl Endpoint {
             .next()
             .ok_or_else(|| connect_err(std::io::Error::other("no address")))?;
         let tcp = TcpStream::connect_timeout(&sock, timeout).map_err(connect_err)?;
-        let mut sess = Session::new().map_err(|source| SshError::Session {
-            what: "create an SSH session".into(),
-            source,
-        })?;
-        // Only the pinned key's algorithm: a guest that also has RSA or
-        // ECDSA host keys must show the Ed25519 one, which we can check.
-        sess.method_pref(MethodType::HostKey, "ssh-ed25519")
-            .map_err(|source| SshError::Session {
-                what: "restrict host key algorithms".into(),
-                source,
-            })?;
-        sess.set_tcp_stream(tcp);
-        sess.set_timeout(
-            u32::try_from(timeout.as_millis())
-                .unwrap_or(u32::MAX)
-                .max(1),
-        );
-        sess.handshake().map_err(|source| SshError::Handshake {
-            addr: addr.clone(),
-            source,
-        })?;
-        self.check_host_key(&sess)?;
+        let sess = self.handshake(tcp, timeout)?;
         let mut tried = Vec::new();
         for key in &self.keys {
             tried.push(key.clone());
@@ -144,6 +123,34 @@ impl Endpoint {
             });
         }
         sess.set_timeout(0);
+        Ok(sess)
+    }
+
+    /// The SSH handshake on the connected `tcp`, and the server's host key
+    /// checked against the pinned one; `timeout` bounds each blocking
+    /// operation (and stays set on the returned, unauthenticated session).
+    pub fn handshake(&self, tcp: TcpStream, timeout: Duration) -> Result<Session, SshError> {
+        let addr = self.addr();
+        let mut sess = Session::new().map_err(|source| SshError::Session {
+            what: "create an SSH session".into(),
+            source,
+        })?;
+        // Only the pinned key's algorithm: a guest that also has RSA or
+        // ECDSA host keys must show the Ed25519 one, which we can check.
+        sess.method_pref(MethodType::HostKey, "ssh-ed25519")
+            .map_err(|source| SshError::Session {
+                what: "restrict host key algorithms".into(),
+                source,
+            })?;
+        sess.set_tcp_stream(tcp);
+        sess.set_timeout(
+            u32::try_from(timeout.as_millis())
+                .unwrap_or(u32::MAX)
+                .max(1),
+        );
+        sess.handshake()
+            .map_err(|source| SshError::Handshake { addr, source })?;
+        self.check_host_key(&sess)?;
         Ok(sess)
     }
 

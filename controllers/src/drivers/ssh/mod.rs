@@ -25,6 +25,7 @@
 
 mod connect;
 mod error;
+mod probe;
 mod steps;
 #[cfg(test)]
 mod tests;
@@ -37,6 +38,7 @@ use tokio::time::Instant;
 use vmctl_api::ProvisionStep;
 
 pub use error::{HOST_KEY_MISMATCH, PROVISION_FAILED, SSH_FAILED, SshError};
+pub use probe::probe_ssh;
 
 /// An error and all its causes on one line, for the edge that prints it.
 pub fn error_chain(e: &SshError) -> String {
@@ -93,6 +95,14 @@ impl Provisioner for SshProvisioner {
             let exit_code = run_step(target, index, step, output).await?;
             Ok(StepOutcome { exit_code })
         })
+    }
+
+    fn probe_ssh<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { Ok(probe_ssh(target, timeout).await?) })
     }
 }
 

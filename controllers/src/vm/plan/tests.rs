@@ -95,6 +95,7 @@ fn fresh() -> Observed {
         instance: None,
         now: now(),
         live_disk_resize: true,
+        readiness: None,
     }
 }
 
@@ -868,6 +869,7 @@ prop_compose! {
         state in arb_state(),
         root_gib in 6u64..10,
         live_disk_resize in any::<bool>(),
+        ssh in prop::option::of(any::<bool>()),
     ) -> Observed {
         Observed {
             name: "web".into(),
@@ -884,11 +886,35 @@ prop_compose! {
             }),
             now: now(),
             live_disk_resize,
+            readiness: ssh.map(|ok| crate::probe::Readiness {
+                ssh: crate::probe::Check {
+                    ok,
+                    since: ok.then(now),
+                    reason: if ok { "Connected" } else { "WaitingForSsh" },
+                    message: String::new(),
+                },
+            }),
         }
     }
 }
 
 proptest! {
+    /// `up` returned Ready while the guest still booted: whatever else
+    /// was observed, a VM whose SSH probe has not passed is not Ready.
+    #[test]
+    fn a_vm_is_never_ready_while_its_ssh_probe_fails(mut o in arb_observed(), phase in prop::sample::select(vec![VmPhase::Running, VmPhase::Suspended, VmPhase::Stopped])) {
+        let probed_down = o.readiness.as_ref().is_some_and(|r| !r.ssh.ok);
+        o.report(phase);
+        let ready = crate::conditions::is_true(&o.status.conditions, "Ready");
+        if probed_down {
+            prop_assert!(!ready);
+            prop_assert!(!crate::conditions::is_true(&o.status.conditions, "SshReady"));
+        }
+        if phase != VmPhase::Running {
+            prop_assert!(!crate::conditions::is_true(&o.status.conditions, "SshReady"));
+        }
+    }
+
     #[test]
     fn a_vm_being_deleted_is_only_torn_down(o in arb_observed()) {
         let o = Observed { deleting: true, ..o };
@@ -986,8 +1012,11 @@ proptest! {
             let before = o.status.clone();
             prop_assert_eq!(reconcile(&mut o), vec![Step::Report { phase }]);
             prop_assert_eq!(&o.status, &before, "a second report changes nothing");
+            // Running is Ready unless the SSH probe has not passed.
+            let ssh_down = o.readiness.as_ref().is_some_and(|r| !r.ssh.ok);
             if phase == VmPhase::Running {
-                prop_assert!(cond(&o, "Ready").is_some_and(|c| c.status == ConditionStatus::True));
+                let ready = cond(&o, "Ready").is_some_and(|c| c.status == ConditionStatus::True);
+                prop_assert_eq!(ready, !ssh_down);
             }
         }
     }

@@ -1,0 +1,330 @@
+//! Readiness probes of running VMs, in the manner of the kubelet's prober:
+//! one worker task per running VM that can be reached over SSH, which
+//! probes on its own clock and keeps the latest result; the VM reconciler
+//! reads the result when it reports the VM and writes the conditions
+//! (`SshReady`, `Ready`). A result that changes wakes the VM's reconcile
+//! through [`Prober::changes`], so the status follows the guest without
+//! polling the store.
+//!
+//! ```text
+//!   watch(vm) ──▶ worker ──┬─ Booting: a fresh attempt every 250 ms (several
+//!                          │   in flight, each bounded) ── one succeeds ──┐
+//!                          │                                             ▼
+//!                          └─ Ready: one attempt every 10 s ◀── SshReady True
+//!                                 └── 3 failures in a row ──▶ Booting again
+//!   forget(vm) ── worker aborted, result dropped (stopped, restarted, deleted)
+//! ```
+//!
+//! Why fresh short attempts: with QEMU's user networking the host accepts
+//! a TCP connection before the guest listens and retries the guest side
+//! with TCP backoff, so one long attempt can stall for many seconds after
+//! sshd is up; a new connection every 250 ms sees sshd within a period.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::drivers::{Provisioner, SshTarget};
+
+/// Period of SSH attempts while the guest boots.
+pub const BOOT_PERIOD: Duration = Duration::from_millis(250);
+/// Bound on one attempt: connect, banner, handshake, host key.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Attempts in flight at once while booting (a stalled one does not delay
+/// the next).
+const MAX_IN_FLIGHT: usize = 4;
+/// Period of SSH attempts once SSH answered, and after the SSH timeout.
+pub const READY_PERIOD: Duration = Duration::from_secs(10);
+/// Failed attempts in a row that make a ready VM not ready again
+/// (Kubernetes' default `failureThreshold`).
+pub const FAILURE_THRESHOLD: u32 = 3;
+
+/// What a worker probes: where the VM's sshd is, and how long booting may
+/// take before the condition says SSH timed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    /// The VM's SSH address, pinned key and user.
+    pub target: SshTarget,
+    /// The VM's SSH timeout (`ssh { timeout … }`, default 120 s).
+    pub ssh_timeout: Duration,
+}
+
+/// One probe's latest result: the shape of a condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// Whether it passes.
+    pub ok: bool,
+    /// When it last started passing (the condition's lastTransitionTime).
+    pub since: Option<DateTime<Utc>>,
+    /// CamelCase: `Connected`, `WaitingForSsh`, `SshTimeout`, `SshLost`.
+    pub reason: &'static str,
+    /// What was found, for people.
+    pub message: String,
+}
+
+/// What the prober has found for one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// The SSH probe.
+    pub ssh: Check,
+}
+
+impl Readiness {
+    /// Before the first attempt has answered.
+    fn waiting(w: &Watched) -> Self {
+        Readiness {
+            ssh: Check {
+                ok: false,
+                since: None,
+                reason: "WaitingForSsh",
+                message: format!("waiting for SSH on {}", addr(&w.target)),
+            },
+        }
+    }
+}
+
+/// The SSH check that passes (`since`: when it started passing, `None`
+/// when that is not known here and the stored condition's time stands).
+fn connected(t: &SshTarget, since: Option<DateTime<Utc>>) -> Check {
+    Check {
+        ok: true,
+        since,
+        reason: "Connected",
+        message: format!("sshd on {} answers with the pinned host key", addr(t)),
+    }
+}
+
+/// `host:port` of `t`, for messages.
+fn addr(t: &SshTarget) -> String {
+    let host = t.runtime.ssh_host.as_deref().unwrap_or("?");
+    let port = t.runtime.ssh_port.unwrap_or(22);
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// One VM's worker.
+struct Worker {
+    watched: Watched,
+    result: Arc<Mutex<Readiness>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Probes running VMs (see the module docs). One per agent, shared by the
+/// VM reconciles.
+pub struct Prober {
+    provisioner: Arc<dyn Provisioner>,
+    workers: Mutex<HashMap<String, Worker>>,
+    changes: broadcast::Sender<String>,
+}
+
+impl std::fmt::Debug for Prober {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.workers.lock().map_or(0, |w| w.len());
+        f.debug_struct("Prober").field("workers", &n).finish()
+    }
+}
+
+impl Prober {
+    /// A prober that probes through `provisioner` (the SSH driver, or the fake).
+    pub fn new(provisioner: Arc<dyn Provisioner>) -> Self {
+        Prober {
+            provisioner,
+            workers: Mutex::new(HashMap::new()),
+            changes: broadcast::channel(1024).0,
+        }
+    }
+
+    /// Names of VMs whose probe results changed.
+    pub fn changes(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    /// Makes sure VM `name` is probed as `watched` says: starts a worker,
+    /// or a new one when the last probed something else (another address,
+    /// another boot). Returns what has been found so far. Needs a tokio
+    /// runtime.
+    ///
+    /// `answered`: the VM's status already says SSH answers on this boot
+    /// (an agent restarted while the VM ran): the new worker takes that as
+    /// its starting point and only a run of failed attempts
+    /// ([`FAILURE_THRESHOLD`]) changes it, so a restart of the agent does
+    /// not make running VMs flap to not Ready.
+    pub fn watch(&self, name: &str, watched: Watched, answered: bool) -> Readiness {
+        let mut workers = self.workers.lock().expect("not poisoned");
+        if let Some(w) = workers.get(name)
+            && w.watched == watched
+        {
+            return w.result.lock().expect("not poisoned").clone();
+        }
+        let first = if answered {
+            Readiness {
+                ssh: connected(&watched.target, None),
+            }
+        } else {
+            Readiness::waiting(&watched)
+        };
+        let result = Arc::new(Mutex::new(first.clone()));
+        let task = tokio::spawn(probe_ssh(
+            self.provisioner.clone(),
+            name.to_owned(),
+            watched.clone(),
+            result.clone(),
+            self.changes.clone(),
+            answered,
+        ));
+        workers.insert(
+            name.to_owned(),
+            Worker {
+                watched,
+                result,
+                task,
+            },
+        );
+        first
+    }
+
+    /// Stops probing VM `name` (stopped, about to restart, deleted).
+    pub fn forget(&self, name: &str) {
+        self.workers.lock().expect("not poisoned").remove(name);
+    }
+
+    /// How many VMs are probed.
+    pub fn len(&self) -> usize {
+        self.workers.lock().expect("not poisoned").len()
+    }
+
+    /// Whether no VM is probed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Sets the SSH result to `check` and wakes the VM if it changed.
+fn publish(
+    name: &str,
+    result: &Mutex<Readiness>,
+    changes: &broadcast::Sender<String>,
+    check: Check,
+) {
+    let mut r = result.lock().expect("not poisoned");
+    if r.ssh != check {
+        tracing::debug!(vm = name, ok = check.ok, reason = check.reason, "SSH probe");
+        r.ssh = check;
+        drop(r);
+        // No receiver (no controller running) is not an error.
+        let _ = changes.send(name.to_owned());
+    }
+}
+
+/// The SSH worker of one VM (see the module docs); `answered`: start as
+/// ready (see [`Prober::watch`]).
+async fn probe_ssh(
+    p: Arc<dyn Provisioner>,
+    name: String,
+    w: Watched,
+    result: Arc<Mutex<Readiness>>,
+    changes: broadcast::Sender<String>,
+    mut answered: bool,
+) {
+    let t = &w.target;
+    loop {
+        if !std::mem::take(&mut answered) {
+            wait_until_answered(&p, &name, &w, &result, &changes).await;
+        }
+        // Ready: one attempt every READY_PERIOD.
+        let mut failures = 0;
+        let lost = loop {
+            tokio::time::sleep(READY_PERIOD).await;
+            match p.probe_ssh(t, ATTEMPT_TIMEOUT).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    if failures >= FAILURE_THRESHOLD {
+                        break e;
+                    }
+                }
+            }
+        };
+        let message = format!("SSH on {} stopped answering: {lost}", addr(t));
+        publish(
+            &name,
+            &result,
+            &changes,
+            Check {
+                ok: false,
+                since: None,
+                reason: "SshLost",
+                message,
+            },
+        );
+    }
+}
+
+/// Booting: fresh attempts every [`BOOT_PERIOD`] (several in flight, so a
+/// stalled one delays nothing) until one succeeds; then the result says
+/// so. After the VM's SSH timeout the result says SSH timed out, and
+/// attempts slow to every [`READY_PERIOD`].
+async fn wait_until_answered(
+    p: &Arc<dyn Provisioner>,
+    name: &str,
+    w: &Watched,
+    result: &Mutex<Readiness>,
+    changes: &broadcast::Sender<String>,
+) {
+    let t = &w.target;
+    let started = Instant::now();
+    let mut attempts = JoinSet::new();
+    let mut tick = tokio::time::interval(BOOT_PERIOD);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut timed_out = false;
+    loop {
+        tokio::select! {
+            // Cancel-safe: a tick not taken is taken by the next call.
+            _ = tick.tick() => {
+                if !timed_out && started.elapsed() >= w.ssh_timeout {
+                    timed_out = true;
+                    tick = tokio::time::interval(READY_PERIOD);
+                    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                }
+                if attempts.len() < MAX_IN_FLIGHT {
+                    let (p, t) = (p.clone(), t.clone());
+                    attempts.spawn(async move { p.probe_ssh(&t, ATTEMPT_TIMEOUT).await });
+                }
+            }
+            // Cancel-safe: JoinSet::join_next loses no finished task.
+            Some(done) = attempts.join_next() => match done {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) if timed_out => {
+                    let message = format!(
+                        "no SSH on {} after {} s: {e}",
+                        addr(t),
+                        w.ssh_timeout.as_secs()
+                    );
+                    let check = Check { ok: false, since: None, reason: "SshTimeout", message };
+                    publish(name, result, changes, check);
+                }
+                // Each attempt's error is kept out of the status while
+                // booting: it changes with every attempt.
+                Ok(Err(e)) => tracing::trace!(vm = %name, "SSH not ready: {e}"),
+                Err(_) => {}
+            },
+        }
+    }
+    // Dropping the set aborts the attempts still in flight.
+    drop(attempts);
+    publish(name, result, changes, connected(t, Some(Utc::now())));
+}

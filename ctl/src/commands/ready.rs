@@ -1,0 +1,104 @@
+//! Waiting until a VM answers SSH, before `vmctl ssh`, `exec` and `cp`
+//! connect: the agent's `SshReady` condition, watched, with one line on
+//! stderr saying what is awaited. Without it a connect right after `up`
+//! hangs silently while QEMU's user networking retries the guest side.
+
+use std::time::Duration;
+
+use vmctl_api::{ConditionStatus, Kind, ObjectRef, PowerState, VirtualMachine, VmPhase};
+
+use super::Globals;
+use crate::client::{Awaited, States};
+
+/// How long to wait when the VM's spec sets no SSH timeout (as the agent).
+const DEFAULT_SSH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether waiting for `vm` is over: its `SshReady` condition is True, or
+/// waiting cannot help (not meant to run, Failed, running without an SSH
+/// address: the caller reports those).
+fn settled(vm: &VirtualMachine) -> bool {
+    let Some(st) = &vm.status else {
+        return vm.spec.power_state != PowerState::Running;
+    };
+    let ssh = st.conditions.iter().find(|c| c.type_ == "SshReady");
+    if ssh.is_some_and(|c| c.status == ConditionStatus::True) {
+        return true;
+    }
+    if vm.spec.power_state != PowerState::Running || st.phase == VmPhase::Failed {
+        return true;
+    }
+    // Running and up to date, yet never probed: no SSH address to probe.
+    st.phase == VmPhase::Running
+        && st.observed_generation >= vm.metadata.generation
+        && ssh.is_none()
+}
+
+/// Why the VM is not ready, from its `Ready` condition, for messages.
+fn why(vm: &VirtualMachine) -> String {
+    let Some(st) = &vm.status else {
+        return "Pending".into();
+    };
+    match st.conditions.iter().find(|c| c.type_ == "Ready") {
+        Some(c) if !c.message.is_empty() => format!("{:?}: {}", st.phase, c.message),
+        Some(c) => format!("{:?} ({})", st.phase, c.reason),
+        None => format!("{:?}", st.phase),
+    }
+}
+
+/// Waits (watching) until VM `name` answers SSH, at most its SSH timeout
+/// (`ssh { timeout … }`, default 120 s). Returns at once, printing
+/// nothing, when it already does or waiting cannot help; otherwise prints
+/// one line to stderr (`waiting for vm/web to answer SSH …`).
+///
+/// Errors: the VM does not exist (`vmctl::vm::not_found`), SSH did not
+/// answer in time (`vmctl::ssh::not_ready`, with the VM's last state), or
+/// the agent failed.
+pub(crate) fn wait_ssh_ready(g: &Globals, name: &str) -> miette::Result<()> {
+    let client = g.client()?;
+    let r = ObjectRef::new(Kind::VirtualMachine, name);
+    let decode = |o: &vmctl_api::Object| {
+        VirtualMachine::from_object(o).map_err(|e| miette::miette!("unexpected VM object: {e}"))
+    };
+    let vm = decode(&super::objects::get_object(
+        &client,
+        Kind::VirtualMachine,
+        name,
+    )?)?;
+    if settled(&vm) {
+        return Ok(());
+    }
+    let timeout = vm
+        .spec
+        .ssh
+        .as_ref()
+        .and_then(|s| s.timeout_seconds)
+        .map_or(DEFAULT_SSH_TIMEOUT, |s| Duration::from_secs(s.into()));
+    eprintln!(
+        "waiting for vm/{name} to answer SSH (at most {} s; now {})",
+        timeout.as_secs(),
+        why(&vm)
+    );
+    let mut last = vm;
+    let check = |s: &States| -> Option<Result<(), ()>> {
+        let Some(o) = s.get(&r).and_then(Option::as_ref) else {
+            return Some(Err(()));
+        };
+        let vm = decode(o).ok()?;
+        let done = settled(&vm);
+        last = vm;
+        done.then_some(Ok(()))
+    };
+    match client.await_condition(std::slice::from_ref(&r), check, Some(timeout))? {
+        Awaited::Done(Ok(())) => Ok(()),
+        Awaited::Done(Err(())) => Err(crate::diag::not_found(Kind::VirtualMachine, name)),
+        Awaited::TimedOut(_) => Err(miette::miette!(
+            code = "vmctl::ssh::not_ready",
+            help = format!(
+                "check the guest's console (`vmctl log {name} --console`) and `vmctl describe vm {name}`; raise `ssh {{ timeout … }}` if it boots slowly"
+            ),
+            "vm/{name} did not answer SSH within {} s ({})",
+            timeout.as_secs(),
+            why(&last)
+        )),
+    }
+}

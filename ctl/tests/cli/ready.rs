@@ -1,0 +1,57 @@
+//! `vmctl ssh`, `exec` and `cp` wait for the VM to answer SSH (its
+//! `SshReady` condition) instead of hanging in a connect (fake driver).
+
+use std::time::{Duration, Instant};
+
+use crate::agent::{Agent, stderr};
+
+/// The fault: `vmctl ssh` right after `up` blocked silently ~19 s inside a
+/// stalled TCP connect. Now it says what it waits for, and a guest that
+/// never answers ends in a clear error when the VM's SSH timeout passes.
+#[test]
+fn ssh_exec_and_cp_say_what_they_wait_for_and_give_up_clearly() {
+    let a = Agent::start_with("fake", &[("VMCTL_FAKE_SSH_UNREACHABLE", "mute")]);
+    let out = a.vmctl(
+        &["apply", "-f", "-"],
+        Some("vm \"mute\" {\n  image-url \"https://e.com/x.img\"\n  ssh { timeout 2; }\n}\n"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("f");
+    std::fs::write(&local, "x").unwrap();
+    let local = local.to_str().unwrap();
+    for args in [
+        vec!["exec", "mute", "--", "true"],
+        vec!["ssh", "mute", "--", "true"],
+        vec!["cp", local, "mute:/tmp/f"],
+    ] {
+        let t0 = Instant::now();
+        // Global flags first: what follows `--` goes to the guest.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmctl"))
+            .arg("--no-autostart")
+            .arg("--data-dir")
+            .arg(a.data_dir())
+            .args(&args)
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let took = t0.elapsed();
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert_eq!(
+            err.matches("waiting for vm/mute to answer SSH").count(),
+            1,
+            "{args:?}: one line says what is awaited: {err}"
+        );
+        assert!(err.contains("vmctl::ssh::not_ready"), "{args:?}: {err}");
+        assert!(
+            err.contains("did not answer SSH within 2 s"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            took < Duration::from_secs(15),
+            "{args:?}: bounded by the SSH timeout, took {took:?}"
+        );
+    }
+}
