@@ -27,7 +27,7 @@ use crate::rejection::{
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
     cfg: Arc<AgentConfig>,
     cache: Option<Arc<crate::cache::ObjectCache>>,
 }
@@ -229,6 +229,48 @@ pub fn routes() -> ApiRouter<AppState> {
             "/v1/logs/{name}",
             "A VM's console or provision log as text; follow=true keeps streaming what is appended",
             logs,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/vms/{name}/console",
+            "The VM's serial console as a byte stream both ways (HTTP upgrade: send Connection: Upgrade and Upgrade: tcp)",
+            crate::streams::console,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/vms/{name}/tunnel",
+            "A TCP stream to the guest's SSH port, for ssh -o ProxyCommand (HTTP upgrade: send Connection: Upgrade and Upgrade: tcp)",
+            crate::streams::tunnel,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/vms/{name}/ssh",
+            "What the system ssh needs for the tunnel: user, pinned host key, the generated private key",
+            crate::streams::ssh_access,
+        )
+        .endpoint(
+            Method::POST,
+            "/v1/vms/{name}/exec",
+            "Run a command on the guest over SSH (stdin at end-of-file): stdout and stderr pieces as read, then one exit or error line",
+            crate::streams::exec,
+        )
+        .endpoint(
+            Method::PUT,
+            "/v1/vms/{name}/files",
+            "Write a file on the guest over SFTP: the body is its content, its mode is set exactly",
+            crate::streams::upload,
+        )
+        .endpoint(
+            Method::GET,
+            "/v1/vms/{name}/files",
+            "Read a file on the guest over SFTP: the body is its content, the x-vmctl-file-mode header its mode in octal",
+            crate::streams::download,
+        )
+        .endpoint(
+            Method::POST,
+            "/v1/images/inspect",
+            "Inspect an image file on the agent's host as an Image with that path would be (format, sizes)",
+            crate::streams::inspect,
         )
         .endpoint(
             Method::GET,
@@ -572,6 +614,10 @@ struct LogQuery {
     /// Start at the current end of the log (only what is appended from now).
     #[serde(default)]
     skip_existing: bool,
+    /// Start at this byte offset of the log (tail and skip_existing are
+    /// then ignored): a client that has read N bytes asks for the rest.
+    #[serde(default)]
+    offset: Option<u64>,
 }
 
 /// The last `n` lines of `text` (all when `n` is 0).
@@ -633,15 +679,15 @@ async fn logs(
     let path = work_dir.join(file);
     let store = st.store.clone();
     let stream = async_stream(move |tx| async move {
-        let mut offset = if q.skip_existing {
-            tokio::fs::metadata(&path)
+        let mut offset = match q.offset {
+            Some(o) => o,
+            None if q.skip_existing => tokio::fs::metadata(&path)
                 .await
                 .map(|m| m.len())
-                .unwrap_or(0)
-        } else {
-            0
+                .unwrap_or(0),
+            None => 0,
         };
-        let mut first = !q.skip_existing;
+        let mut first = q.offset.is_none() && !q.skip_existing;
         loop {
             let bytes = tokio::fs::read(&path).await.unwrap_or_default();
             let len = bytes.len() as u64;

@@ -51,6 +51,10 @@ pub struct AgentConfig {
     pub store: StoreConfig,
     /// Settings of the Propolis driver (used with `driver = "propolis"`).
     pub propolis: PropolisSettings,
+    /// A group whose members may use the agent (`--socket-group`): the
+    /// socket gets that group and mode 0660. `None` (the default): mode
+    /// 0600, this user only.
+    pub socket_group: Option<String>,
 }
 
 /// Settings of the Propolis driver, each `None` when given nowhere (the
@@ -501,6 +505,7 @@ impl AgentConfig {
             retention: vmctl_store::Retention::default(),
             store: StoreConfig::Sled,
             propolis: PropolisSettings::default(),
+            socket_group: None,
         }
     }
 

@@ -89,7 +89,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -133,18 +133,39 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let service = TowerToHyperService::new(app.clone());
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        // With upgrades: the console and the SSH tunnel switch the
+        // connection to a raw byte stream (`crate::streams`). hyper-util's
+        // `GracefulShutdown` does not take an upgradeable HTTP/1
+        // connection, so shutdown reaches it through `closing`.
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut closing = closing_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                // Cancel-safe: the pinned connection is polled again below.
+                r = conn.as_mut() => r,
+                // Cancel-safe: waiting for a watch value loses nothing.
+                () = async {
+                    let _ = closing.wait_for(|c| *c).await;
+                } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
         });
     }
     drop(listener);
+    let _ = closing_tx.send(true);
     tokio::select! {
         // Both arms only wait; the tasks they wait for run on regardless.
-        () = graceful.shutdown() => {}
+        // Every open connection holds a permit until it ends.
+        _ = permits.acquire_many(limits.max_connections as u32) => {}
         () = tokio::time::sleep(limits.shutdown_grace) => {
             tracing::info!("requests still open after the shutdown grace period; closing them");
         }

@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod rejection;
 pub mod server;
 pub mod socket;
+pub mod streams;
 
 pub use config::{
     AgentConfig, AgentOverrides, ConfigError, PropolisSettings, StoreConfig, StoreKind,

@@ -39,7 +39,7 @@ use serde_json::{Value, json};
 use vmctl_api::wire::ErrorBody;
 
 use crate::api::ApiError;
-use crate::rejection::{ApiJson, ApiPath, ApiQuery, human_bytes};
+use crate::rejection::{ApiBytes, ApiJson, ApiPath, ApiQuery, human_bytes};
 
 /// Builds a JSON Schema for a type, registering definitions in the generator.
 pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
@@ -48,10 +48,14 @@ fn s<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
     g.subschema_for::<T>()
 }
 
-/// A request body: its schema and the largest accepted size in bytes.
+/// A request body: its media type, schema and the largest accepted size
+/// in bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestDoc {
-    /// Schema of the JSON body.
+    /// Media type of the body (`application/json`,
+    /// `application/octet-stream`).
+    pub media_type: &'static str,
+    /// Schema of the body.
     pub schema: SchemaFn,
     /// Largest accepted body in bytes (413 beyond).
     pub max_bytes: usize,
@@ -60,13 +64,14 @@ pub struct RequestDoc {
 /// The success answer of an endpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct ResponseDoc {
-    /// HTTP status of success (200, 202).
+    /// HTTP status of success (200, 202; 101 for a byte stream).
     pub status: u16,
     /// Media type of the body (`application/json`, `application/x-ndjson`,
-    /// `text/plain`).
+    /// `text/plain`, `application/octet-stream`); empty for a 101, whose
+    /// connection carries raw bytes instead of a body.
     pub media_type: &'static str,
-    /// Schema of the body (of each line for NDJSON).
-    pub schema: SchemaFn,
+    /// Schema of the body (of each line for NDJSON); `None` for a 101.
+    pub schema: Option<SchemaFn>,
     /// What the body is.
     pub description: &'static str,
 }
@@ -118,6 +123,7 @@ impl<T: JsonSchema> DocArg for ApiQuery<T> {
 impl<T: JsonSchema, const LIMIT: usize> DocArg for ApiJson<T, LIMIT> {
     fn document(op: &mut Operation) {
         op.request = Some(RequestDoc {
+            media_type: "application/json",
             schema: s::<T>,
             max_bytes: LIMIT,
         });
@@ -142,7 +148,7 @@ impl<T: JsonSchema> DocResponse for Json<T> {
         ResponseDoc {
             status: 200,
             media_type: "application/json",
-            schema: s::<T>,
+            schema: Some(s::<T>),
             description: "OK",
         }
     }
@@ -163,7 +169,7 @@ impl<T: JsonSchema> DocResponse for Accepted<T> {
         ResponseDoc {
             status: 202,
             media_type: "application/json",
-            schema: s::<T>,
+            schema: Some(s::<T>),
             description: "Accepted",
         }
     }
@@ -226,7 +232,7 @@ impl<T: JsonSchema> DocResponse for NdJson<T> {
         ResponseDoc {
             status: 200,
             media_type: "application/x-ndjson",
-            schema: s::<T>,
+            schema: Some(s::<T>),
             description: "A stream of newline-delimited JSON; the schema is that of one line",
         }
     }
@@ -251,8 +257,162 @@ impl DocResponse for Text {
         ResponseDoc {
             status: 200,
             media_type: "text/plain",
-            schema: s::<String>,
+            schema: Some(s::<String>),
             description: "Text",
+        }
+    }
+}
+
+/// Bytes of any content (a file), documented as a binary string.
+#[derive(Debug)]
+pub struct Binary;
+
+impl JsonSchema for Binary {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Binary".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "format": "binary",
+            "description": "Raw bytes"
+        })
+    }
+}
+
+impl<const LIMIT: usize> DocArg for ApiBytes<LIMIT> {
+    fn document(op: &mut Operation) {
+        op.request = Some(RequestDoc {
+            media_type: "application/octet-stream",
+            schema: s::<Binary>,
+            max_bytes: LIMIT,
+        });
+    }
+}
+
+/// A file's bytes (`application/octet-stream`), with extra headers (e.g.
+/// its mode).
+#[derive(Debug)]
+pub struct Bytes200 {
+    /// Extra headers of the answer.
+    pub headers: HeaderMap,
+    /// The bytes.
+    pub body: Bytes,
+}
+
+impl IntoResponse for Bytes200 {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            self.body,
+        )
+            .into_response();
+        resp.headers_mut().extend(self.headers);
+        resp
+    }
+}
+
+impl DocResponse for Bytes200 {
+    fn response() -> ResponseDoc {
+        ResponseDoc {
+            status: 200,
+            media_type: "application/octet-stream",
+            schema: Some(s::<Binary>),
+            description: "The bytes",
+        }
+    }
+}
+
+/// A request to switch the connection to a raw byte stream
+/// (`Connection: Upgrade`, `Upgrade: tcp`; see
+/// [`vmctl_api::streams::UPGRADE_PROTOCOL`]). Never refuses by itself, so
+/// that the handler can answer a missing VM first; [`UpgradeRequest::accept`]
+/// refuses a request that did not ask to switch (426).
+#[derive(Debug)]
+pub struct UpgradeRequest {
+    asked: bool,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for UpgradeRequest {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(UpgradeRequest {
+            asked: wants_upgrade(&parts.headers),
+            on_upgrade: parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+        })
+    }
+}
+
+impl DocArg for UpgradeRequest {}
+
+/// Whether `headers` ask for an upgrade to
+/// [`vmctl_api::streams::UPGRADE_PROTOCOL`].
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    has(header::CONNECTION, "upgrade") && has(header::UPGRADE, vmctl_api::streams::UPGRADE_PROTOCOL)
+}
+
+impl UpgradeRequest {
+    /// The pending switch, to answer with [`SwitchingProtocols`].
+    ///
+    /// Errors: 426 when the request did not ask to switch; 400 when it did
+    /// but its connection cannot (not served by [`crate::http::serve`]).
+    pub fn accept(self) -> Result<hyper::upgrade::OnUpgrade, ApiError> {
+        if !self.asked {
+            return Err(ApiError::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "vmctl::api::bad_request",
+                "this endpoint is a byte stream: the request must ask to switch protocols",
+                Some(
+                    "send `Connection: Upgrade` and `Upgrade: tcp` (vmctl console / vmctl ssh do)",
+                ),
+            ));
+        }
+        self.on_upgrade.ok_or_else(|| {
+            ApiError::bad_request(
+                "this connection cannot switch protocols",
+                "use HTTP/1.1 on the agent's socket",
+            )
+        })
+    }
+}
+
+/// `101 Switching Protocols` to a raw byte stream: after it the connection
+/// carries bytes both ways (the handler has spawned what copies them).
+#[derive(Debug)]
+pub struct SwitchingProtocols;
+
+impl IntoResponse for SwitchingProtocols {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::SWITCHING_PROTOCOLS,
+            [
+                (header::CONNECTION, "upgrade"),
+                (header::UPGRADE, vmctl_api::streams::UPGRADE_PROTOCOL),
+            ],
+        )
+            .into_response()
+    }
+}
+
+impl DocResponse for SwitchingProtocols {
+    fn response() -> ResponseDoc {
+        ResponseDoc {
+            status: 101,
+            media_type: "",
+            schema: None,
+            description: "Switching Protocols: from now on the connection carries raw bytes both ways (send Connection: Upgrade and Upgrade: tcp)",
         }
     }
 }
@@ -434,20 +594,26 @@ pub fn document() -> String {
         }
         if let Some(req) = e.operation.request {
             let schema = (req.schema)(&mut generator);
+            let what = if req.media_type == "application/json" {
+                "JSON"
+            } else {
+                "Bytes"
+            };
             op.insert(
                 "requestBody".into(),
                 json!({"required": true,
-                       "description": format!("JSON, at most {} ({} bytes); larger bodies get 413", human_bytes(req.max_bytes), req.max_bytes),
-                       "content": {"application/json": {"schema": schema}}}),
+                       "description": format!("{what}, at most {} ({} bytes); larger bodies get 413", human_bytes(req.max_bytes), req.max_bytes),
+                       "content": {req.media_type: {"schema": schema}}}),
             );
         }
         let mut responses = serde_json::Map::new();
         if let Some(r) = e.operation.response {
-            responses.insert(
-                r.status.to_string(),
-                json!({"description": r.description,
-                       "content": {r.media_type: {"schema": (r.schema)(&mut generator)}}}),
-            );
+            let answer = match r.schema {
+                Some(schema) => json!({"description": r.description,
+                       "content": {r.media_type: {"schema": schema(&mut generator)}}}),
+                None => json!({"description": r.description}),
+            };
+            responses.insert(r.status.to_string(), answer);
         }
         responses.insert(
             "default".into(),
@@ -477,4 +643,27 @@ pub fn document() -> String {
 pub fn cached_document() -> &'static str {
     static DOC: LazyLock<String> = LazyLock::new(document);
     &DOC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrade_needs_both_headers() {
+        let mut h = HeaderMap::new();
+        assert!(!wants_upgrade(&h));
+        h.insert(header::UPGRADE, axum::http::HeaderValue::from_static("TCP"));
+        assert!(!wants_upgrade(&h));
+        h.insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert!(wants_upgrade(&h));
+        h.insert(
+            header::UPGRADE,
+            axum::http::HeaderValue::from_static("websocket"),
+        );
+        assert!(!wants_upgrade(&h));
+    }
 }

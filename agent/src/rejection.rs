@@ -120,6 +120,21 @@ impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S> for
     }
 }
 
+/// A request body of raw bytes (`application/octet-stream`, e.g. a file)
+/// of at most `LIMIT` bytes, read with [`read_body`] (413 when larger, 408
+/// when too slow).
+#[derive(Debug)]
+pub struct ApiBytes<const LIMIT: usize>(pub Bytes);
+
+impl<S: Send + Sync, const LIMIT: usize> FromRequest<S> for ApiBytes<LIMIT> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        read_body(&parts.headers, body, LIMIT).await.map(ApiBytes)
+    }
+}
+
 /// `Query<T>` whose rejection is the API's JSON error.
 #[derive(Debug)]
 pub struct ApiQuery<T>(pub T);

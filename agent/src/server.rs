@@ -275,7 +275,12 @@ pub async fn run_until(
     let nofile = crate::http::raise_nofile_limit();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let store = open_store(&cfg, stop.subscribe()).await?;
-    let (listener, socket) = crate::socket::bind(&cfg.socket).map_err(AgentError::Socket)?;
+    let group = match &cfg.socket_group {
+        Some(name) => Some(crate::socket::group_id(name).map_err(AgentError::Socket)?),
+        None => None,
+    };
+    let (listener, socket) =
+        crate::socket::bind_for(&cfg.socket, group).map_err(AgentError::Socket)?;
     let limits = crate::http::Limits::for_nofile(nofile);
     tracing::info!(
         socket = %cfg.socket.display(),

@@ -41,6 +41,9 @@ pub enum SocketError {
     /// A system call failed.
     #[error("cannot bind {0}")]
     Io(PathBuf, #[source] std::io::Error),
+    /// `--socket-group` names no group of this host.
+    #[error("there is no group `{0}` (--socket-group)")]
+    UnknownGroup(String),
 }
 
 impl SocketError {
@@ -52,6 +55,9 @@ impl SocketError {
             }
             SocketError::NotASocket(_) => "remove that file yourself, or pass another --socket",
             SocketError::Io(..) => "check that the socket's directory exists and is writable",
+            SocketError::UnknownGroup(_) => {
+                "create it (`groupadd NAME`, then `usermod -aG NAME USER`), or pass an existing group"
+            }
         }
     }
 }
@@ -131,6 +137,26 @@ pub fn check_free(path: &Path) -> Result<(), SocketError> {
 
 /// Binds the agent's socket at `path` with mode 0600 (see the module docs).
 pub fn bind(path: &Path) -> Result<(UnixListener, OwnedSocket), SocketError> {
+    bind_for(path, None)
+}
+
+/// Looks up the group `name` (`--socket-group`).
+pub fn group_id(name: &str) -> Result<u32, SocketError> {
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(SocketError::UnknownGroup(name.to_owned())),
+        Err(e) => Err(SocketError::Io(PathBuf::from("/etc/group"), e.into())),
+    }
+}
+
+/// Binds the agent's socket at `path`: mode 0600, or with `group` (a gid)
+/// owned by that group with mode 0660, so that its members may use the
+/// agent (as the `docker` group does). The mode and group are set before
+/// the socket appears at `path`.
+pub fn bind_for(
+    path: &Path,
+    group: Option<u32>,
+) -> Result<(UnixListener, OwnedSocket), SocketError> {
     let io = |e| SocketError::Io(path.to_path_buf(), e);
     // Fail before creating anything when something answers already.
     probe(path)?;
@@ -149,6 +175,11 @@ pub fn bind(path: &Path) -> Result<(UnixListener, OwnedSocket), SocketError> {
     let tmp = private.path().join("s");
     let listener = UnixListener::bind(&tmp).map_err(io)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    if let Some(gid) = group {
+        nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| io(e.into()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
+    }
     let mut attempts = 0;
     loop {
         attempts += 1;

@@ -11,6 +11,7 @@ pub mod meta;
 pub mod names;
 pub mod resources;
 pub mod schema;
+pub mod streams;
 pub mod validate;
 pub mod vmfile;
 pub mod wire;

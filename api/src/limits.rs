@@ -43,7 +43,7 @@ impl FileUse {
     /// The largest accepted file, in bytes: 1 MiB for an SSH public key,
     /// 16 MiB for user-data and scripts, 256 MiB for uploads (uploads are
     /// held in memory while sent; bigger content belongs in the image).
-    pub fn max_bytes(self) -> u64 {
+    pub const fn max_bytes(self) -> u64 {
         const MIB: u64 = 1024 * 1024;
         match self {
             FileUse::SshKey => MIB,

@@ -488,6 +488,11 @@ pub enum ImageSource {
     },
 }
 
+/// An annotation `vmctl image pull` sets (to the time, RFC 3339) on an
+/// Image whose fetch failed for good: each new value asks the image
+/// controller for one more try.
+pub const PULL_REQUESTED_ANNOTATION: &str = "vmctl.dev/pull-requested-at";
+
 /// Desired state of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

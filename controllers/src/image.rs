@@ -37,9 +37,7 @@ use crate::{Context, Error};
 /// The finalizer that removes a deleted Image's downloaded file.
 pub const FINALIZER: &str = "vmctl.dev/image-cache";
 
-/// An annotation `vmctl image pull` sets (to the time, RFC 3339) on an
-/// Image whose fetch failed for good: each new value asks for one more try.
-pub const PULL_REQUESTED_ANNOTATION: &str = "vmctl.dev/pull-requested-at";
+pub use vmctl_api::resources::PULL_REQUESTED_ANNOTATION;
 
 /// Reconciles Images.
 #[derive(Debug)]

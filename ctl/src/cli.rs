@@ -114,6 +114,11 @@ pub enum Command {
         etcd_prefix: Option<String>,
         #[command(flatten)]
         propolis: PropolisArgs,
+        /// Let the members of this group use the agent: its socket gets the
+        /// group and mode 0660 (default: 0600, this user only). Put the
+        /// socket outside the data directory (--socket), which stays 0700.
+        #[arg(long, env = "VMCTL_SOCKET_GROUP")]
+        socket_group: Option<String>,
     },
     /// Create or update the resources of a VMFile or manifest.
     ///
@@ -245,7 +250,7 @@ pub enum Command {
         #[arg(short = 'w', long = "watch")]
         watch: bool,
     },
-    /// Open an SSH session (or run a command) on a VM with the system `ssh`.
+    /// Open an SSH session (or run a command) on a VM with the system `ssh`, through the agent.
     ///
     /// The host key is the one vmctl generated and pinned for the VM; the
     /// name may be left out when VMFile.kdl in this directory has one VM.
@@ -269,6 +274,13 @@ pub enum Command {
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// Pipe stdin and stdout to a VM's SSH port through the agent (the
+    /// ProxyCommand of `vmctl ssh`).
+    #[command(hide = true)]
+    Tunnel {
+        /// The VM.
+        name: String,
     },
     /// Show a VM's console and provision logs.
     Log {
@@ -455,7 +467,7 @@ pub enum Command {
     },
     /// Print the man page (roff), generated from these definitions.
     Man,
-    /// Copy a file to or from a VM over SFTP (the mode is kept on upload).
+    /// Copy a file to or from a VM through the agent (SFTP on its side; the mode is kept both ways).
     Cp {
         /// LOCAL or NAME:/path.
         src: String,

@@ -8,11 +8,12 @@
 //! owns a small tokio runtime that drives hyper, so commands stay plain
 //! synchronous code.
 
+pub mod streams;
 mod wait;
 mod wire;
 
 pub use wait::{Awaited, States};
-pub use wire::{LogSource, NoteIn, Watch, WatchEvent, WatchItem};
+pub use wire::{LogSource, LogStart, NoteIn, Watch, WatchEvent, WatchItem};
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -290,6 +291,16 @@ fn api_path(segments: &[&str]) -> String {
     p
 }
 
+/// A request to the agent: `method path` with its `Host` header.
+fn request(method: &str, path: &str) -> Result<hyper::http::request::Builder, ClientError> {
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|e| ClientError::Protocol(format!("bad method {method:?}: {e}")))?;
+    Ok(Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, "vmctl"))
+}
+
 /// A query value, percent-encoded.
 fn query_value(v: &str) -> String {
     utf8_percent_encode(v, UNRESERVED).to_string()
@@ -335,8 +346,17 @@ impl Client {
         objects: usize,
         fut: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T, ClientError> {
+        self.within(self.request_timeout.limit(objects), fut)
+    }
+
+    /// Runs `fut` to completion within `limit` (`None`: no limit).
+    fn within<T>(
+        &self,
+        limit: Option<Duration>,
+        fut: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
         self.rt.block_on(async {
-            match self.request_timeout.limit(objects) {
+            match limit {
                 Some(t) => tokio::time::timeout(t, fut)
                     .await
                     .unwrap_or_else(|_| Err(self.timeout_error(t))),
@@ -345,12 +365,27 @@ impl Client {
         })
     }
 
-    /// Connects, sends one request and waits for the head of its answer.
+    /// Connects, sends one JSON request and waits for the head of its
+    /// answer.
     async fn exchange(
         &self,
         method: &str,
         path: &str,
         body: Vec<u8>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let req = request(method, path)?
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Protocol(format!("bad request {path:?}: {e}")))?;
+        self.send_request(req).await
+    }
+
+    /// Connects, sends `req` and waits for the head of its answer. The
+    /// connection is driven with upgrades (a console or tunnel takes it
+    /// over after `101 Switching Protocols`).
+    async fn send_request(
+        &self,
+        req: Request<Full<Bytes>>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
@@ -362,15 +397,6 @@ impl Client {
             // Its errors reach the request or the body reader.
             let _ = conn.with_upgrades().await;
         });
-        let method = Method::from_bytes(method.as_bytes())
-            .map_err(|e| ClientError::Protocol(format!("bad method {method:?}: {e}")))?;
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(HOST, "vmctl")
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| ClientError::Protocol(format!("bad request {path:?}: {e}")))?;
         sender
             .send_request(req)
             .await
@@ -380,12 +406,7 @@ impl Client {
     /// Sends a request and waits (within the request timeout) for the head
     /// of the answer; the body is read as it comes, without a timeout.
     /// Commands use the typed methods; this is for streams.
-    pub fn send(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-    ) -> Result<Response, ClientError> {
+    fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response, ClientError> {
         let body = body.map(<[u8]>::to_vec).unwrap_or_default();
         let resp = self.timed(0, self.exchange(method, path, body))?;
         Ok(Response {
@@ -398,7 +419,7 @@ impl Client {
     /// Sends a JSON request and decodes a JSON answer, all within the
     /// request timeout, turning error statuses into [`ClientError::Api`].
     /// Commands use the typed methods.
-    pub fn call<T: DeserializeOwned>(
+    fn call<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
@@ -589,19 +610,27 @@ impl Client {
         Watch::new(self.streamed(resp)?)
     }
 
-    /// `GET /v1/logs/VM?source=…`: a VM's console or provision log; its
-    /// last `tail` lines (0: all), with `follow` what is appended until the
-    /// VM is deleted, with `skip_existing` only what is appended from now.
+    /// `GET /v1/logs/VM?source=…`: a VM's console or provision log from
+    /// `start`, and with `follow` what is appended until the VM is
+    /// deleted. The head arrives within the request timeout; the body has
+    /// none.
+    ///
+    /// Errors: the agent's refusal (404 for an unknown VM, 409 when it has
+    /// no work directory yet).
     pub fn logs(
         &self,
         vm: &str,
         source: LogSource,
-        tail: usize,
+        start: LogStart,
         follow: bool,
-        skip_existing: bool,
     ) -> Result<Response, ClientError> {
+        let start = match start {
+            LogStart::Tail(n) => format!("tail={n}"),
+            LogStart::End => "skip_existing=true".to_owned(),
+            LogStart::Offset(o) => format!("offset={o}"),
+        };
         let path = format!(
-            "{}?source={}&tail={tail}&follow={follow}&skip_existing={skip_existing}",
+            "{}?source={}&{start}&follow={follow}",
             api_path(&["logs", vm]),
             source.as_str()
         );
@@ -615,20 +644,16 @@ impl Client {
             return Ok(resp);
         }
         let status = resp.status;
-        let rt = self.rt.clone();
-        let body = match self.request_timeout.limit(0) {
-            Some(t) => rt
-                .block_on(tokio::time::timeout(t, async {
-                    let mut resp = resp;
-                    let mut out = Vec::new();
-                    while let Some(c) = resp.chunk_async().await? {
-                        out.extend_from_slice(&c);
-                    }
-                    Ok::<_, ClientError>(out)
-                }))
-                .unwrap_or_else(|_| Err(self.timeout_error(t)))?,
-            None => resp.body()?,
-        };
+        // The error body, within the request timeout (the timer is made
+        // inside the runtime).
+        let body = self.timed(0, async move {
+            let mut resp = resp;
+            let mut out = Vec::new();
+            while let Some(c) = resp.chunk_async().await? {
+                out.extend_from_slice(&c);
+            }
+            Ok(out)
+        })?;
         decode::<serde_json::Value>(status, &body).map(|_| unreachable!("an error status"))
     }
 }
@@ -714,6 +739,23 @@ pub fn connect(
         .open(&log)
         .map_err(ClientError::Io)?;
     let exe = std::env::current_exe().map_err(ClientError::Io)?;
+    // Wakes the wait below when something happens to the socket's path
+    // (an agent binds it: a hard link appears) or the started agent
+    // exits; set up before the agent starts, so no event is missed.
+    let (wake, woken) = std::sync::mpsc::channel::<Wake>();
+    let watched = socket.to_path_buf();
+    let fs_wake = wake.clone();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok_and(|ev| ev.paths.contains(&watched)) {
+            let _ = fs_wake.send(Wake::Socket);
+        }
+    })
+    .map_err(|e| ClientError::Io(std::io::Error::other(e)))?;
+    // No directory, no socket: the agent fails to bind and exits, which
+    // wakes the wait as well.
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = notify::Watcher::watch(&mut watcher, dir, notify::RecursiveMode::NonRecursive);
+    }
     eprintln!("starting the vmctl agent (log: {})", log.display());
     let mut child = Command::new(exe)
         .arg("agent")
@@ -727,22 +769,36 @@ pub fn connect(
         .process_group(0)
         .spawn()
         .map_err(ClientError::Io)?;
+    // The agent runs on after this vmctl: the thread only reports its
+    // exit while we wait.
+    std::thread::spawn(move || {
+        if let Ok(status) = child.wait() {
+            let _ = wake.send(Wake::Exited(status));
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(AUTOSTART_WAIT_SECS);
-    let mut lost_the_race = false;
-    while Instant::now() < deadline {
+    loop {
         if client.ping()? {
             return Ok(client);
         }
-        if !lost_the_race && let Ok(Some(status)) = child.try_wait() {
-            if status.code() != Some(EXIT_AGENT_LOCKED.into()) {
-                return Err(unreachable());
-            }
-            // Another agent holds the lock and is starting: wait for it.
-            lost_the_race = true;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match woken.recv_timeout(left) {
+            Ok(Wake::Socket) => {}
+            // Another agent holds the lock and is starting: wait for it to
+            // bind the socket.
+            Ok(Wake::Exited(status)) if status.code() == Some(EXIT_AGENT_LOCKED.into()) => {}
+            Ok(Wake::Exited(_)) => return Err(unreachable()),
+            Err(_) => return Err(unreachable()),
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    Err(unreachable())
+}
+
+/// What wakes [`connect`]'s wait for an agent it started.
+enum Wake {
+    /// The socket's path changed (an agent bound it).
+    Socket,
+    /// The started agent exited.
+    Exited(std::process::ExitStatus),
 }
 
 use std::os::unix::process::CommandExt as _;

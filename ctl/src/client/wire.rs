@@ -48,6 +48,17 @@ impl LogSource {
     }
 }
 
+/// Where a log read starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStart {
+    /// The last N lines (0: the whole log).
+    Tail(usize),
+    /// The current end: only what is appended from now.
+    End,
+    /// This byte offset (what follows the first N bytes).
+    Offset(u64),
+}
+
 /// One committed change, as `GET /v1/watch` streams it (the store's
 /// `Event`).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]

@@ -12,6 +12,7 @@ pub fn run(
     etcd_endpoints: Vec<String>,
     etcd_prefix: Option<String>,
     propolis: crate::cli::PropolisArgs,
+    socket_group: Option<String>,
 ) -> miette::Result<ExitCode> {
     // Flags and environment (merged by clap) win over <data-dir>/agent.toml.
     let given = vmctl_agent::AgentOverrides {
@@ -36,6 +37,7 @@ pub fn run(
         crate::diag::error_help("vmctl::agent::config", e.help(), vmctl_api::error_chain(&e))
     })?;
     cfg.socket = g.checked_socket()?.to_owned();
+    cfg.socket_group = socket_group;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

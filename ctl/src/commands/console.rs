@@ -1,16 +1,14 @@
-//! `vmctl console NAME`: the VM's serial console over its socket.
+//! `vmctl console NAME`: the VM's serial console, a byte stream through
+//! the agent (`GET /v1/vms/NAME/console`, upgraded).
 //!
 //! On a terminal, stdin is put in raw mode (every key, Ctrl-C included,
 //! goes to the guest) and restored on every way out; Ctrl-] detaches. From
 //! a pipe, bytes are copied as they come and end of input detaches.
 
 use std::io::{IsTerminal, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use rustix::termios::{OptionalActions, Termios, tcgetattr, tcsetattr};
-use vmctl_api::Object;
 
 use super::{Globals, name_arg};
 
@@ -76,34 +74,12 @@ fn restore_terminal(mode: &Termios) {
     let _ = tcsetattr(std::io::stdin(), OptionalActions::Now, mode);
 }
 
-/// Attaches the terminal to the VM's serial console.
+/// Attaches the terminal to the VM's serial console, through the agent.
 pub fn run(g: &Globals, name: &str) -> miette::Result<ExitCode> {
     name_arg(name)?;
     let client = g.client()?;
-    let o: Object = client.call("GET", &format!("/v1/objects/vm/{name}"), None::<&()>)?;
-    let work = o
-        .status
-        .as_ref()
-        .and_then(|s| s["runtime"]["workDir"].as_str())
-        .map(PathBuf::from)
-        .ok_or_else(|| {
-            miette::miette!(
-                code = "vmctl::vm::invalid_state",
-                help = format!("start it: vmctl start {name}"),
-                "VM {name} has not started"
-            )
-        })?;
-    // A symlink to a short path when the work dir's would not fit sun_path.
-    let sock = work.join("serial.sock");
-    let sock = std::fs::read_link(&sock).unwrap_or(sock);
-    let s = UnixStream::connect(&sock).map_err(|e| {
-        miette::miette!(
-            code = "vmctl::vm::invalid_state",
-            help = "is the VM running? (`vmctl status`)",
-            "cannot attach to {}: {e}",
-            sock.display()
-        )
-    })?;
+    let up = client.console(name)?;
+    let s = up.stream;
     let tty = std::io::stdin().is_terminal();
     eprint!(
         "attached to {name}'s console ({}){}",
@@ -126,9 +102,13 @@ pub fn run(g: &Globals, name: &str) -> miette::Result<ExitCode> {
     };
     let saved = raw.as_ref().map(|r| r.0.clone());
     let mut reader = s.try_clone().map_err(|e| miette::miette!("{e}"))?;
+    let early = up.early;
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         let mut out = std::io::stdout();
+        if !early.is_empty() {
+            let _ = out.write_all(&early).and_then(|()| out.flush());
+        }
         while let Ok(n) = reader.read(&mut buf) {
             if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
                 break;
@@ -154,6 +134,8 @@ pub fn run(g: &Globals, name: &str) -> miette::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::net::UnixStream;
+
     use super::*;
 
     #[test]

@@ -4,7 +4,6 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use vmctl_api::wire::ObjectList;
 use vmctl_api::{Image, ImageSource, ImageSpec, Kind, ObjectRef, Resource};
 
 use super::{Globals, age, name_arg, table};
@@ -14,7 +13,7 @@ use crate::output::print;
 
 /// Names of VMs whose spec uses each image.
 fn users(client: &Client) -> miette::Result<std::collections::BTreeMap<String, Vec<String>>> {
-    let vms: ObjectList = client.call("GET", "/v1/objects/vm", None::<&()>)?;
+    let vms = client.list(Some(Kind::VirtualMachine), &[])?;
     let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for vm in vms.items {
         if let Some(img) = vm.spec.get("image").and_then(|i| i.as_str()) {
@@ -112,7 +111,7 @@ fn pull(
             .is_some_and(|p| p == "Failed");
         if failed {
             img.metadata.annotations.insert(
-                vmctl_controllers::image::PULL_REQUESTED_ANNOTATION.into(),
+                vmctl_api::resources::PULL_REQUESTED_ANNOTATION.into(),
                 chrono::Utc::now().to_rfc3339(),
             );
             eprintln!("image/{name} had failed; trying again");
@@ -127,7 +126,7 @@ fn pull(
     );
     let resp = super::objects::apply(&client, &req)?;
     let asked_again = existing.as_ref().is_some_and(|o| {
-        let key = vmctl_controllers::image::PULL_REQUESTED_ANNOTATION;
+        let key = vmctl_api::resources::PULL_REQUESTED_ANNOTATION;
         o.metadata.annotations.get(key) != img.metadata.annotations.get(key)
     });
     if asked_again {
@@ -136,13 +135,17 @@ fn pull(
     // The old Failed status stays until the agent acts on the request:
     // wait for its first write before judging.
     if let Some(rv) = retry_from_rv {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < deadline
-            && super::objects::get_object(&client, Kind::Image, &name)
-                .is_ok_and(|o| o.metadata.resource_version == rv)
-        {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let r = ObjectRef::new(Kind::Image, name.clone());
+        let acted = |s: &crate::client::States| match s.get(&r) {
+            Some(Some(o)) if o.metadata.resource_version == rv => None,
+            _ => Some(()),
+        };
+        // Timing out is not an error: the wait below judges the state.
+        client.await_condition(
+            std::slice::from_ref(&r),
+            acted,
+            Some(Duration::from_secs(30)),
+        )?;
     }
     // Waits as `apply --wait` does: transient failures show as BackOff
     // and are waited through; only a final failure or the timeout ends it.
@@ -167,7 +170,7 @@ fn pull(
 
 fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
     let client = g.client()?;
-    let images: ObjectList = client.call("GET", "/v1/objects/image", None::<&()>)?;
+    let images = client.list(Some(Kind::Image), &[])?;
     let used = users(&client)?;
     match output {
         Output::Json | Output::Yaml => {
@@ -223,25 +226,17 @@ fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
 }
 
 fn inspect(g: &Globals, target: &str) -> miette::Result<ExitCode> {
-    if Path::new(target).exists() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| miette::miette!("{e}"))?;
-        // What the agent would make of it: the same checks (not
-        // compressed, raw or a self-contained qcow2), the same safe
-        // inspection; a refused image is never opened.
-        let img = rt
-            .block_on(vmctl_controllers::images::local(target))
-            .map_err(|e| {
-                let help = e.help().unwrap_or("check the file");
-                miette::miette!(
-                    code = e.code(),
-                    help = help,
-                    "{}",
-                    vmctl_api::error_chain(&e)
-                )
-            })?;
+    // A path (names have no `/`) or a file here; the agent may be able to
+    // read what this user cannot.
+    if target.contains('/') || Path::new(target).exists() {
+        // The agent inspects it (qemu-img runs there, not here): the same
+        // checks an Image with this path gets (not compressed, raw or a
+        // self-contained qcow2); a refused image is never opened. The path
+        // is the agent's, so it must be absolute.
+        let abs = std::path::absolute(target)
+            .map_err(|e| crate::diag::error("vmctl::image::not_found", format!("{target}: {e}")))?;
+        let client = g.client()?;
+        let img = client.inspect_image(&abs.display().to_string())?;
         println!("path:          {target}");
         println!("format:        {}", img.format);
         if let Some(v) = img.virtual_size_bytes {
@@ -275,8 +270,7 @@ fn rm(g: &Globals, name: &str) -> miette::Result<ExitCode> {
         ));
     }
     super::objects::get_object(&client, Kind::Image, name)?;
-    let _: Option<serde_json::Value> =
-        client.call("DELETE", &format!("/v1/objects/image/{name}"), None::<&()>)?;
+    client.delete(Kind::Image, name)?;
     wait_deleted(&client, name)?;
     println!("image/{name} deleted");
     Ok(ExitCode::SUCCESS)
@@ -298,18 +292,14 @@ fn wait_deleted(client: &Client, name: &str) -> miette::Result<()> {
 fn prune(g: &Globals) -> miette::Result<ExitCode> {
     let client = g.client()?;
     let used = users(&client)?;
-    let images: ObjectList = client.call("GET", "/v1/objects/image", None::<&()>)?;
+    let images = client.list(Some(Kind::Image), &[])?;
     let mut n = 0;
     for o in images
         .items
         .iter()
         .filter(|o| !used.contains_key(&o.metadata.name) && o.metadata.deletion_timestamp.is_none())
     {
-        let _: Option<serde_json::Value> = client.call(
-            "DELETE",
-            &format!("/v1/objects/image/{}", o.metadata.name),
-            None::<&()>,
-        )?;
+        client.delete(Kind::Image, &o.metadata.name)?;
         wait_deleted(&client, &o.metadata.name)?;
         println!("image/{} deleted", o.metadata.name);
         n += 1;

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use super::{Globals, name_arg};
-use crate::client::ClientError;
+use crate::client::{LogSource, LogStart};
 
 /// Prints a VM's console and/or provision log.
 pub fn run(
@@ -16,9 +16,9 @@ pub fn run(
     follow: bool,
 ) -> miette::Result<ExitCode> {
     name_arg(name)?;
-    let sources: Vec<&str> = match (console, provision) {
-        (true, false) => vec!["console"],
-        (false, true) => vec!["provision"],
+    let sources = match (console, provision) {
+        (true, false) => vec![LogSource::Console],
+        (false, true) => vec![LogSource::Provision],
         _ if follow => {
             return Err(miette::miette!(
                 code = "vmctl::cli::usage",
@@ -26,7 +26,7 @@ pub fn run(
                 "--follow needs one log"
             ));
         }
-        _ => vec!["console", "provision"],
+        _ => vec![LogSource::Console, LogSource::Provision],
     };
     let client = g.client()?;
     super::objects::get_object(&client, vmctl_api::Kind::VirtualMachine, name)?;
@@ -35,22 +35,9 @@ pub fn run(
             if i > 0 {
                 println!();
             }
-            println!("==> {source}.log <==");
+            println!("==> {}.log <==", source.as_str());
         }
-        let path = format!("/v1/logs/{name}?source={source}&tail={tail}&follow={follow}");
-        let resp = client.send("GET", &path, None)?;
-        if resp.status >= 400 {
-            let status = resp.status;
-            let body = resp.body()?;
-            let err: vmctl_api::wire::ErrorBody = serde_json::from_slice(&body)
-                .map_err(|_| ClientError::Protocol(String::from_utf8_lossy(&body).into_owned()))?;
-            return Err(ClientError::Api {
-                status,
-                help: err.help.clone(),
-                body: err,
-            }
-            .into());
-        }
+        let resp = client.logs(name, *source, LogStart::Tail(tail), follow)?;
         let mut out = std::io::stdout().lock();
         let mut broken = false;
         resp.lines(|line| {

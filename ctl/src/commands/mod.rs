@@ -37,7 +37,16 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             etcd_endpoints,
             etcd_prefix,
             propolis,
-        } => agent::run(&g, driver, store, etcd_endpoints, etcd_prefix, propolis),
+            socket_group,
+        } => agent::run(
+            &g,
+            driver,
+            store,
+            etcd_endpoints,
+            etcd_prefix,
+            propolis,
+            socket_group,
+        ),
         Command::Apply {
             file,
             dry_run,
@@ -115,6 +124,7 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
         } => ssh::ssh(&g, name.as_deref(), user.as_deref(), key.as_ref(), &command),
         Command::Exec { name, command } => ssh::exec(&g, &name, &command),
         Command::Cp { src, dst } => ssh::cp(&g, &src, &dst),
+        Command::Tunnel { name } => ssh::tunnel(&g, &name),
         Command::Image { command } => image::run(&g, command),
         Command::Console { name } => console::run(&g, &name),
         Command::Completions { shell } => {

@@ -1,10 +1,13 @@
-//! `vmctl ssh [NAME] [-- CMD…]` and `vmctl exec NAME -- CMD…`.
+//! `vmctl ssh [NAME] [-- CMD…]`, `vmctl exec NAME -- CMD…`, `vmctl cp`
+//! and the hidden `vmctl tunnel NAME`: all through the agent's API (the
+//! CLI reads nothing of a VM's work directory and speaks no SSH itself).
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use vmctl_api::VirtualMachine;
-use vmctl_controllers::drivers::SshTarget;
+use vmctl_api::streams::{ExecEvent, SshAccess};
 
 use super::{Globals, name_arg};
 
@@ -33,51 +36,10 @@ fn resolve_name(name: Option<&str>) -> miette::Result<String> {
     }
 }
 
-/// The SSH target of a running VM, with optional user/key overrides.
-fn target(
-    g: &Globals,
-    name: &str,
-    user: Option<&str>,
-    key: Option<&PathBuf>,
-) -> miette::Result<SshTarget> {
-    let client = g.client()?;
-    let obj = super::objects::get_object(&client, vmctl_api::Kind::VirtualMachine, name)?;
-    let vm = VirtualMachine::from_object(&obj)
-        .map_err(|e| miette::miette!("unexpected VM object: {e}"))?;
-    let runtime = vm
-        .status
-        .and_then(|s| s.runtime)
-        .filter(|r| r.ssh_port.is_some() && r.work_dir.is_some());
-    let Some(runtime) = runtime else {
-        return Err(miette::miette!(
-            code = "vmctl::vm::invalid_state",
-            help = format!("start it and wait: `vmctl get vm {name} -w`"),
-            "VM {name} is not running"
-        ));
-    };
-    let mut ssh = vm.spec.ssh.unwrap_or_default();
-    if ssh.user.is_empty() {
-        ssh.user = vmctl_api::default_ssh_user();
-    }
-    if let Some(u) = user {
-        ssh.user = u.to_owned();
-    }
-    if let Some(k) = key {
-        ssh.private_key = Some(
-            std::path::absolute(k)
-                .unwrap_or_else(|_| k.clone())
-                .display()
-                .to_string(),
-        );
-    }
-    Ok(SshTarget {
-        vm: name.to_owned(),
-        runtime,
-        ssh: Some(ssh),
-    })
-}
-
-/// Hands off to the system `ssh` with the pinned host key.
+/// Hands off to the system `ssh`, which reaches the guest through the
+/// agent (`ProxyCommand` = `vmctl tunnel NAME`) with the host key pinned
+/// and the key the agent hands out, both in a private temporary
+/// directory removed when `ssh` ends.
 pub fn ssh(
     g: &Globals,
     name: Option<&str>,
@@ -87,42 +49,17 @@ pub fn ssh(
 ) -> miette::Result<ExitCode> {
     let name = resolve_name(name)?;
     super::ready::wait_ssh_ready(g, &name)?;
-    let t = target(g, &name, user, key)?;
-    let known = vmctl_controllers::drivers::ssh::write_known_hosts(&t).map_err(|e| {
-        crate::diag::error(
-            "vmctl::ssh::failed",
-            format!("cannot pin the host key: {e}"),
-        )
-    })?;
-    let work = PathBuf::from(t.runtime.work_dir.clone().unwrap_or_default());
-    let ssh_cfg = t.ssh.clone().unwrap_or_default();
-    let key = ssh_cfg
-        .private_key
-        .map(PathBuf::from)
-        .unwrap_or_else(|| work.join("id_ed25519"));
+    let client = g.client()?;
+    let access = client.ssh_access(&name)?;
+    let files = SshFiles::write(&name, &access, key)?;
+    let user = user.map_or(access.user.clone(), str::to_owned);
+    // The host name is only the alias the pinned key is filed under: the
+    // ProxyCommand (`vmctl tunnel NAME`) is the only way to the guest.
     let mut c = std::process::Command::new("ssh");
-    c.arg("-i")
-        .arg(&key)
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known.display()))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "LogLevel=ERROR",
-        ])
-        .arg("-p")
-        .arg(t.runtime.ssh_port.unwrap_or(22).to_string())
-        .arg(format!(
-            "{}@{}",
-            ssh_cfg.user,
-            t.runtime
-                .ssh_host
-                .clone()
-                .unwrap_or_else(|| "127.0.0.1".into())
-        ));
+    c.args(ssh_args(g, &name, &files)?)
+        .arg("-l")
+        .arg(&user)
+        .arg(host_alias(&name));
     if !cmd.is_empty() {
         c.arg("--").args(cmd);
     }
@@ -133,12 +70,193 @@ pub fn ssh(
             "cannot run ssh: {e}"
         )
     })?;
+    files.remove();
     Ok(ExitCode::from(
         status.code().unwrap_or(255).clamp(0, 255) as u8
     ))
 }
 
-/// Runs a command without a terminal over libssh2 and returns its exit code.
+/// The name `ssh` knows the VM by: its host key is pinned under it, and
+/// it never resolves (the tunnel is the only way there).
+fn host_alias(name: &str) -> String {
+    format!("vmctl-{name}")
+}
+
+/// The private key and `known_hosts` file of one `vmctl ssh`, in a
+/// directory only this user can read (removed when dropped).
+struct SshFiles {
+    dir: tempfile::TempDir,
+    key: PathBuf,
+    known_hosts: PathBuf,
+}
+
+impl SshFiles {
+    /// Removes the key and the known_hosts file (also done when dropped).
+    fn remove(self) {
+        let _ = self.dir.close();
+    }
+
+    fn write(name: &str, access: &SshAccess, key: Option<&PathBuf>) -> miette::Result<Self> {
+        let fail = |what: &str, e: std::io::Error| {
+            crate::diag::error(
+                "vmctl::ssh::failed",
+                format!("cannot write the {what}: {e}"),
+            )
+        };
+        // tempfile creates the directory 0700 and files 0600 whatever the umask.
+        let dir = tempfile::Builder::new()
+            .prefix("vmctl-ssh-")
+            .tempdir()
+            .map_err(|e| fail("temporary directory", e))?;
+        let known_hosts = dir.path().join("known_hosts");
+        std::fs::write(
+            &known_hosts,
+            format!("{} {}\n", host_alias(name), access.host_key.trim()),
+        )
+        .map_err(|e| fail("known_hosts file", e))?;
+        let key = match (key, &access.private_key, &access.private_key_path) {
+            (Some(k), _, _) => std::path::absolute(k).unwrap_or_else(|_| k.clone()),
+            (None, Some(pem), _) => {
+                let path = dir.path().join("id_ed25519");
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| fail("private key", e))?;
+                f.write_all(pem.as_bytes())
+                    .map_err(|e| fail("private key", e))?;
+                path
+            }
+            (None, None, Some(p)) => {
+                // The VM's ssh block names a key of its own: a path on the
+                // agent's host, which is this one when it is the user's.
+                let home = std::env::var_os("HOME").map(PathBuf::from);
+                match (p.strip_prefix("~/"), home) {
+                    (Some(rest), Some(home)) => home.join(rest),
+                    _ => PathBuf::from(p),
+                }
+            }
+            (None, None, None) => {
+                return Err(crate::diag::error_help(
+                    "vmctl::ssh::failed",
+                    "pass --key PATH",
+                    format!("the agent has no key for VM {name}"),
+                ));
+            }
+        };
+        Ok(SshFiles {
+            dir,
+            key,
+            known_hosts,
+        })
+    }
+}
+
+/// `ssh` options for a session through the agent: the tunnel as
+/// `ProxyCommand`, only the pinned host key, only the given key, and no
+/// connection sharing (a user's `ControlMaster` could otherwise send the
+/// command over a shared connection to another machine).
+fn ssh_args(g: &Globals, name: &str, files: &SshFiles) -> miette::Result<Vec<String>> {
+    let exe = std::env::current_exe().map_err(|e| {
+        crate::diag::error("vmctl::ssh::failed", format!("cannot find this vmctl: {e}"))
+    })?;
+    let mut proxy = vec![
+        exe.display().to_string(),
+        "--data-dir".into(),
+        g.data_dir.display().to_string(),
+        "--socket".into(),
+        g.socket.display().to_string(),
+        "--no-autostart".into(),
+    ];
+    match g.request_timeout {
+        crate::client::RequestTimeout::Default => {}
+        crate::client::RequestTimeout::Limit(d) => {
+            proxy.extend([
+                "--request-timeout".into(),
+                humantime::format_duration(d).to_string(),
+            ]);
+        }
+        crate::client::RequestTimeout::Unlimited => {
+            proxy.extend(["--request-timeout".into(), "0".into()]);
+        }
+    }
+    proxy.extend(["tunnel".into(), name.to_owned()]);
+    let proxy = proxy
+        .iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+        // ssh expands %-tokens in ProxyCommand.
+        .replace('%', "%%");
+    Ok(vec![
+        "-F".into(),
+        "none".into(),
+        "-i".into(),
+        files.key.display().to_string(),
+        "-o".into(),
+        format!("ProxyCommand={proxy}"),
+        "-o".into(),
+        format!("UserKnownHostsFile={}", files.known_hosts.display()),
+        "-o".into(),
+        "GlobalKnownHostsFile=none".into(),
+        "-o".into(),
+        format!("HostKeyAlias={}", host_alias(name)),
+        "-o".into(),
+        "StrictHostKeyChecking=yes".into(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        "ControlMaster=no".into(),
+        "-o".into(),
+        "ControlPath=none".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+    ])
+}
+
+/// `vmctl tunnel NAME` (hidden; ssh's ProxyCommand): copies stdin to the
+/// guest's SSH port through the agent, and what comes back to stdout.
+///
+/// stdin and stdout are used as plain files: Rust's `Stdout` is
+/// line-buffered, and binary SSH packets without a newline would wait in
+/// its buffer while ssh waits for them. Both directions go through
+/// [`relay`](crate::client::streams::relay), never `std::io::copy` (see
+/// there).
+pub fn tunnel(g: &Globals, name: &str) -> miette::Result<ExitCode> {
+    use std::os::fd::AsFd;
+    name_arg(name)?;
+    let io_err = |e: std::io::Error| crate::diag::error("vmctl::agent::io", e);
+    let stdin = std::fs::File::from(
+        std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io_err)?,
+    );
+    let mut stdout = std::fs::File::from(
+        std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io_err)?,
+    );
+    let client = g.client()?;
+    let up = client.tunnel(name)?;
+    let to_guest = up.stream.try_clone().map_err(io_err)?;
+    let from_guest = up.stream;
+    // Ends when ssh closes our stdin (then the guest sees end of input, as
+    // with `nc -N`); the process may exit before.
+    std::thread::spawn(move || {
+        let _ = crate::client::streams::relay(stdin, &to_guest);
+        let _ = to_guest.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = stdout
+        .write_all(&up.early)
+        .and_then(|()| crate::client::streams::relay(from_guest, stdout).map(|_| ()));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a command without a terminal on the guest, through the agent:
+/// its stdout and stderr to ours, its exit code as ours.
 pub fn exec(g: &Globals, name: &str, cmd: &[String]) -> miette::Result<ExitCode> {
     name_arg(name)?;
     if cmd.is_empty() {
@@ -149,21 +267,31 @@ pub fn exec(g: &Globals, name: &str, cmd: &[String]) -> miette::Result<ExitCode>
         ));
     }
     super::ready::wait_ssh_ready(g, name)?;
-    let t = target(g, name, None, None)?;
-    let command = cmd
-        .iter()
-        .map(|a| shell_quote(a))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| miette::miette!("{e}"))?;
-    let out = |line: &str| println!("{line}");
-    let code = rt
-        .block_on(vmctl_controllers::drivers::ssh::exec(&t, &command, &out))
-        .map_err(|e| crate::diag::error("vmctl::ssh::failed", e))?;
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+    let client = g.client()?;
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    let last = client.exec(name, cmd, |ev| match ev {
+        ExecEvent::Stdout { data } => out.write_all(data.as_bytes()).and_then(|()| out.flush()),
+        ExecEvent::Stderr { data } => err.write_all(data.as_bytes()).and_then(|()| err.flush()),
+        _ => Ok(()),
+    });
+    match last {
+        Ok(Some(ExecEvent::Exit { code })) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+        Ok(Some(ExecEvent::Error { error })) => Err(crate::diag::error_help(
+            "vmctl::ssh::failed",
+            error.help.unwrap_or_else(|| "see the agent log".into()),
+            error.message,
+        )),
+        Ok(_) => Err(crate::diag::error(
+            "vmctl::agent::io",
+            "the agent ended the command's output without its exit code",
+        )),
+        // stdout closed (`vmctl exec … | head`): quietly, as a broken pipe should.
+        Err(crate::client::ClientError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn shell_quote(s: &str) -> String {
@@ -177,49 +305,48 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// `vmctl cp LOCAL NAME:REMOTE` or `vmctl cp NAME:REMOTE LOCAL` over SFTP.
+/// `vmctl cp LOCAL NAME:REMOTE` or `vmctl cp NAME:REMOTE LOCAL`, through
+/// the agent (SFTP on its side); the file's mode is kept both ways.
 pub fn cp(g: &Globals, src: &str, dst: &str) -> miette::Result<ExitCode> {
     // A VM side is `name:/path`; a local path containing ':' must be written `./a:b`.
     fn remote(s: &str) -> Option<(&str, &str)> {
         let (n, p) = s.split_once(':')?;
         (vmctl_api::names::check_name(n).is_ok() && !n.is_empty()).then_some((n, p))
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| miette::miette!("{e}"))?;
-    let fail = |e: vmctl_controllers::drivers::ssh::SshError| {
-        miette::miette!(
-            code = e.code(),
-            help = e.help().unwrap_or("check the paths"),
-            "{}",
-            vmctl_controllers::drivers::ssh::error_chain(&e)
-        )
-    };
     match (remote(src), remote(dst)) {
         (None, Some((name, path))) => {
+            let local = Path::new(src);
+            // Regular files within the copy limit only: a FIFO or device
+            // would never end.
+            let data = vmctl_api::localfile::read(local, vmctl_api::limits::FileUse::Upload)
+                .map_err(|e| {
+                    crate::diag::error_help(
+                        "vmctl::cli::usage",
+                        "give a readable regular file",
+                        vmctl_api::error_chain(&e),
+                    )
+                })?;
+            let mode = std::fs::metadata(local)
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o644);
             super::ready::wait_ssh_ready(g, name)?;
-            let t = target(g, name, None, None)?;
-            let n = rt
-                .block_on(vmctl_controllers::drivers::ssh::copy_to(
-                    &t,
-                    std::path::Path::new(src),
-                    path,
-                ))
-                .map_err(fail)?;
-            eprintln!("copied {n} bytes to {name}:{path}");
+            let client = g.client()?;
+            let w = client.put_file(name, path, data, mode)?;
+            eprintln!(
+                "copied {} bytes to {name}:{} (mode {:04o})",
+                w.bytes, w.path, w.mode
+            );
         }
         (Some((name, path)), None) => {
             super::ready::wait_ssh_ready(g, name)?;
-            let t = target(g, name, None, None)?;
-            let n = rt
-                .block_on(vmctl_controllers::drivers::ssh::copy_from(
-                    &t,
-                    path,
-                    std::path::Path::new(dst),
-                ))
-                .map_err(fail)?;
-            eprintln!("copied {n} bytes from {name}:{path}");
+            let client = g.client()?;
+            let f = client.get_file(name, path)?;
+            write_local(Path::new(dst), &f.data, f.mode)?;
+            eprintln!(
+                "copied {} bytes from {name}:{path} (mode {:04o})",
+                f.data.len(),
+                f.mode
+            );
         }
         _ => {
             return Err(miette::miette!(
@@ -230,4 +357,87 @@ pub fn cp(g: &Globals, src: &str, dst: &str) -> miette::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `data` to `path` with exactly `mode`: whole or not at all (a
+/// temporary file beside it, then renamed over it).
+fn write_local(path: &Path, data: &[u8], mode: u32) -> miette::Result<()> {
+    let fail = |e: std::io::Error| {
+        crate::diag::error_help(
+            "vmctl::cli::usage",
+            "check that the directory exists and is writable",
+            format!("cannot write {}: {e}", path.display()),
+        )
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(fail)?;
+    tmp.write_all(data).map_err(fail)?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+        .map_err(fail)?;
+    tmp.as_file().sync_all().map_err(fail)?;
+    tmp.persist(path).map_err(|e| fail(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cp_from_a_vm_keeps_the_mode_and_replaces_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, "old").unwrap();
+        write_local(&p, b"new", 0o751).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
+            0o751
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn ssh_never_shares_a_connection_and_trusts_only_the_pinned_key() {
+        let g = Globals {
+            data_dir: "/d/100%".into(),
+            socket: "/run/a b/agent.sock".into(),
+            autostart: true,
+            request_timeout: crate::client::RequestTimeout::Limit(std::time::Duration::from_secs(
+                90,
+            )),
+        };
+        let access = SshAccess {
+            user: "vm".into(),
+            host_key: "ssh-ed25519 AAAA test".into(),
+            private_key: Some("KEY".into()),
+            private_key_path: None,
+        };
+        let files = SshFiles::write("web", &access, None).unwrap();
+        let args = ssh_args(&g, "web", &files).unwrap().join(" ");
+        for want in [
+            "ControlMaster=no",
+            "ControlPath=none",
+            "StrictHostKeyChecking=yes",
+            "HostKeyAlias=vmctl-web",
+            "--no-autostart --request-timeout '1m 30s' tunnel web",
+            "'/run/a b/agent.sock'",
+            "--data-dir /d/100%% ",
+        ] {
+            assert!(args.contains(want), "{want} in {args}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(&files.known_hosts).unwrap(),
+            "vmctl-web ssh-ed25519 AAAA test\n"
+        );
+        let meta = std::fs::metadata(&files.key).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let dir = files.dir.path().to_owned();
+        drop(files);
+        assert!(!dir.exists(), "the key does not outlive the session");
+    }
 }

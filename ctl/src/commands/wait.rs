@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vmctl_api::{Object, ObjectRef};
 
-use crate::client::{Awaited, Client, LogSource, States};
+use crate::client::{Awaited, Client, LogSource, LogStart, States};
 
 /// Where one object stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,13 +227,73 @@ pub(crate) fn state(o: &Object) -> State {
     }
 }
 
+/// What one Provision's output stream has printed: the log's byte offset
+/// after the last whole line printed, so that the wait prints the rest
+/// itself once it is over (the agent sends what is appended only every
+/// 200 ms). Shared by the stream's thread and the wait.
+#[derive(Debug, Default)]
+struct LogTail {
+    /// The VM whose provision log is streamed, once known.
+    vm: Option<String>,
+    /// Byte offset of the log after the last whole line printed.
+    pos: u64,
+    /// A line not ended yet.
+    pending: Vec<u8>,
+    /// The wait is over: the stream prints nothing more.
+    done: bool,
+}
+
+impl LogTail {
+    /// Prints the whole lines of `bytes` (after what is pending).
+    fn print(&mut self, bytes: &[u8], progress: &Progress) {
+        self.pending.extend_from_slice(bytes);
+        while let Some(i) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=i).collect();
+            self.pos += line.len() as u64;
+            let vm = self.vm.as_deref().unwrap_or("?");
+            progress.println(&format!(
+                "  [{vm}] {}",
+                String::from_utf8_lossy(&line[..line.len() - 1])
+            ));
+        }
+    }
+
+    /// Ends the stream: prints what the log holds after the last line
+    /// printed (an unended last line too).
+    fn finish(tail: &std::sync::Mutex<LogTail>, client: &Client, progress: &Progress) {
+        let mut t = tail.lock().expect("not poisoned");
+        t.done = true;
+        let Some(vm) = t.vm.clone() else {
+            return;
+        };
+        let rest = client
+            .logs(&vm, LogSource::Provision, LogStart::Offset(t.pos), false)
+            .and_then(|r| r.body());
+        if let Ok(rest) = rest {
+            t.pending.clear();
+            t.print(&rest, progress);
+            if !t.pending.is_empty() {
+                let line = String::from_utf8_lossy(&t.pending).into_owned();
+                progress.println(&format!("  [{vm}] {line}"));
+            }
+        }
+    }
+}
+
 /// Streams what a Provision's steps print, prefixed with the VM's name, to
-/// stderr until the process ends. Waits (watching) for the Provision to
-/// name its VM and for that VM to have a work directory, where the log is.
-fn stream_provision_output(client: &Client, r: &ObjectRef, progress: &Progress) {
+/// stderr until the wait ends ([`LogTail::finish`]). Waits (watching) for
+/// the Provision to name its VM and for that VM to have a work directory,
+/// where the log is.
+fn stream_provision_output(
+    client: &Client,
+    r: &ObjectRef,
+    progress: &Progress,
+) -> std::sync::Arc<std::sync::Mutex<LogTail>> {
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(LogTail::default()));
     let client = client.clone();
     let progress = progress.clone();
     let r = r.clone();
+    let shared = tail.clone();
     std::thread::spawn(move || {
         let names_vm = |s: &States| {
             s.get(&r)?
@@ -265,13 +325,34 @@ fn stream_provision_output(client: &Client, r: &ObjectRef, progress: &Progress) 
         ) {
             return;
         }
-        if let Ok(resp) = client.logs(&vm, LogSource::Provision, 0, true, true) {
-            let _ = resp.lines(|line| {
-                progress.println(&format!("  [{vm}] {}", String::from_utf8_lossy(line)));
-                true
-            });
+        // Only what this run prints: from the log's current end.
+        let Ok(before) = client
+            .logs(&vm, LogSource::Provision, LogStart::Tail(0), false)
+            .and_then(|r| r.body())
+        else {
+            return;
+        };
+        {
+            let mut t = shared.lock().expect("not poisoned");
+            if t.done {
+                return;
+            }
+            t.vm = Some(vm.clone());
+            t.pos = before.len() as u64;
+        }
+        let from = LogStart::Offset(before.len() as u64);
+        let Ok(mut resp) = client.logs(&vm, LogSource::Provision, from, true) else {
+            return;
+        };
+        while let Ok(Some(chunk)) = resp.chunk() {
+            let mut t = shared.lock().expect("not poisoned");
+            if t.done {
+                return;
+            }
+            t.print(&chunk, &progress);
         }
     });
+    tail
 }
 
 /// Waits (watching) until the objects are all Ready, one fails, or
@@ -283,9 +364,11 @@ pub(crate) fn wait_ready(
     timeout: Duration,
 ) -> miette::Result<ExitCode> {
     let progress = Progress::new();
-    for r in refs.iter().filter(|r| r.kind == vmctl_api::Kind::Provision) {
-        stream_provision_output(client, r, &progress);
-    }
+    let tails: Vec<_> = refs
+        .iter()
+        .filter(|r| r.kind == vmctl_api::Kind::Provision)
+        .map(|r| stream_provision_output(client, r, &progress))
+        .collect();
     let mut last: BTreeMap<ObjectRef, State> = BTreeMap::new();
     let check = |states: &States| -> Option<Result<(), (ObjectRef, String)>> {
         let mut all_ready = true;
@@ -308,14 +391,14 @@ pub(crate) fn wait_ready(
         all_ready.then_some(Ok(()))
     };
     let awaited = client.await_condition(refs, check, Some(timeout));
+    // The provision output up to now, whatever the outcome (a failure's
+    // last lines say why).
+    for t in &tails {
+        LogTail::finish(t, client, &progress);
+    }
     progress.finish();
     match awaited? {
         Awaited::Done(Ok(())) => {
-            if refs.iter().any(|r| r.kind == vmctl_api::Kind::Provision) {
-                // Let the log streams print the last lines (the agent
-                // reads the log every 200 ms).
-                std::thread::sleep(Duration::from_millis(400));
-            }
             eprintln!("all {} objects are Ready", refs.len());
             Ok(ExitCode::SUCCESS)
         }

@@ -226,6 +226,9 @@ fn image_pull_waits_through_transient_500s_and_fails_at_once_on_403() {
 
 #[test]
 fn image_inspect_refuses_an_image_that_reads_host_files() {
+    // The agent inspects (qemu-img runs there): its own, not whatever
+    // answers on the default socket.
+    let a = Agent::start();
     let tmp = tempfile::tempdir().unwrap();
     let secret = tmp.path().join("secret.raw");
     std::fs::write(&secret, vec![b's'; 1 << 20]).unwrap();
@@ -238,7 +241,7 @@ fn image_inspect_refuses_an_image_that_reads_host_files() {
         .status()
         .unwrap();
     assert!(st.success());
-    let out = crate::vmctl(&["image", "inspect", evil.to_str().unwrap()], None);
+    let out = a.vmctl(&["image", "inspect", evil.to_str().unwrap()], None);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let err = stderr(&out);
     assert!(err.contains("vmctl::image::external_reference"), "{err}");
@@ -255,7 +258,7 @@ fn image_inspect_refuses_an_image_that_reads_host_files() {
         .status()
         .unwrap();
     assert!(st.success());
-    let out = crate::vmctl(&["image", "inspect", good.to_str().unwrap()], None);
+    let out = a.vmctl(&["image", "inspect", good.to_str().unwrap()], None);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stdout(&out).contains("format:        qcow2"),

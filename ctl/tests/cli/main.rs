@@ -11,6 +11,7 @@ mod parser_faults;
 mod propolis;
 mod ready;
 mod socket;
+mod tunnel;
 mod watch_mode;
 
 use std::path::{Path, PathBuf};

@@ -16,6 +16,7 @@ mod etcd;
 mod host_faults;
 mod more;
 mod reach;
+mod second_user;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -418,6 +419,10 @@ vm "zst" {{
     assert!(!out.status.success(), "a failing step fails apply --wait");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("provision/qs failed"), "{err}");
+    // The wait ends the output stream by reading the log's rest itself:
+    // the failing step's last lines are there (not lost to the agent's
+    // 200 ms follow interval).
+    assert!(err.contains("[qs] edited"), "{err}");
     let prov = w.json(&["get", "provision", "qs", "-o", "json"]);
     assert_eq!(prov["status"]["phase"], "Failed");
     assert_eq!(prov["status"]["steps"][1]["exitCode"], 4);

@@ -94,6 +94,14 @@ impl Endpoint {
     /// the returned session has no timeout, as a provisioning command may
     /// be silent for long.
     pub fn connect(&self, timeout: Duration) -> Result<Session, SshError> {
+        self.connect_watched(timeout).map(|(sess, _)| sess)
+    }
+
+    /// [`Endpoint::connect`], also returning a second handle on the
+    /// session's socket, for `poll(2)` while the session is in
+    /// non-blocking mode (`ssh2::Session` only exposes a raw descriptor,
+    /// which safe code cannot poll).
+    pub fn connect_watched(&self, timeout: Duration) -> Result<(Session, TcpStream), SshError> {
         let addr = self.addr();
         let connect_err = |source| SshError::Connect {
             addr: addr.clone(),
@@ -105,6 +113,7 @@ impl Endpoint {
             .next()
             .ok_or_else(|| connect_err(std::io::Error::other("no address")))?;
         let tcp = TcpStream::connect_timeout(&sock, timeout).map_err(connect_err)?;
+        let watch = tcp.try_clone().map_err(connect_err)?;
         let sess = self.handshake(tcp, timeout)?;
         let mut tried = Vec::new();
         for key in &self.keys {
@@ -123,7 +132,7 @@ impl Endpoint {
             });
         }
         sess.set_timeout(0);
-        Ok(sess)
+        Ok((sess, watch))
     }
 
     /// The SSH handshake on the connected `tcp`, and the server's host key

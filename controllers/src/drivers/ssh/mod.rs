@@ -26,6 +26,7 @@
 mod connect;
 mod error;
 mod probe;
+pub mod remote;
 mod steps;
 #[cfg(test)]
 mod tests;
@@ -153,12 +154,21 @@ pub async fn wait_ssh(target: &SshTarget, timeout: Duration) -> Result<(), SshEr
 /// with backoff for at most `within`. Only the connection is retried,
 /// never a command that started. Runs on a blocking thread.
 fn connect_retrying(ep: &Endpoint, within: Duration) -> Result<ssh2::Session, SshError> {
+    retrying(ep, within, Endpoint::connect)
+}
+
+/// [`connect_retrying`] with the connect function given.
+fn retrying<T>(
+    ep: &Endpoint,
+    within: Duration,
+    connect: impl Fn(&Endpoint, Duration) -> Result<T, SshError>,
+) -> Result<T, SshError> {
     let deadline = std::time::Instant::now() + within;
     let mut backoff = FIRST_BACKOFF;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let per_attempt = left.clamp(Duration::from_millis(100), ATTEMPT_TIMEOUT);
-        match ep.connect(per_attempt) {
+        match connect(ep, per_attempt) {
             Err(e) if e.is_transient() && std::time::Instant::now() + backoff < deadline => {
                 tracing::info!(vm = %ep.vm, "SSH connect failed, retrying: {}", error::chain(&e));
                 std::thread::sleep(backoff);

@@ -133,7 +133,7 @@ fn emit(sink: &mut Sink, raw: &[u8]) -> Result<(), SshError> {
 
 /// The number of a signal named as SSH names it (`TERM`, without `SIG`),
 /// 127 for a name this host does not know.
-fn signal_number(name: &str) -> i32 {
+pub(super) fn signal_number(name: &str) -> i32 {
     format!("SIG{}", name.trim_start_matches("SIG"))
         .parse::<nix::sys::signal::Signal>()
         .map_or(127, |s| s as i32)

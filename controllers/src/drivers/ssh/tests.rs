@@ -632,3 +632,129 @@ async fn steps_that_read_stdin_see_end_of_file_instead_of_waiting_forever() {
     .unwrap();
     assert_eq!((code, lines.take()), (0, vec!["done 0".to_owned()]));
 }
+
+/// Runs `command` with [`remote::exec`]; returns its exit code, stdout and stderr.
+async fn exec_split(sshd: &Sshd, command: &str) -> (i32, Vec<u8>, Vec<u8>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let run = remote::exec(&sshd.target, command, tx);
+    let collect = async {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some(p) = rx.recv().await {
+            match p {
+                remote::Output::Stdout(b) => out.extend(b),
+                remote::Output::Stderr(b) => err.extend(b),
+            }
+        }
+        (out, err)
+    };
+    let (code, (out, err)) = tokio::join!(run, collect);
+    (code.unwrap(), out, err)
+}
+
+#[tokio::test]
+async fn exec_for_the_api_keeps_stdout_and_stderr_apart_with_the_exit_code() {
+    let sshd = Sshd::start().await;
+    let (code, out, err) = exec_split(
+        &sshd,
+        "printf out1; printf 'err1\\n' >&2; sleep 0.2; printf 'out2\\n'; exit 3",
+    )
+    .await;
+    assert_eq!(code, 3);
+    assert_eq!(out, b"out1out2\n");
+    assert_eq!(err, b"err1\n");
+}
+
+/// The deadlock a blocking read of one stream would have: the command
+/// fills the SSH window with stderr while the reader waits on stdout.
+#[tokio::test]
+async fn exec_with_stderr_past_the_ssh_window_does_not_deadlock() {
+    let sshd = Sshd::start().await;
+    let t0 = std::time::Instant::now();
+    let (code, out, err) = tokio::time::timeout(
+        Duration::from_secs(60),
+        exec_split(
+            &sshd,
+            "head -c 4000000 /dev/zero >&2; head -c 3000000 /dev/zero; echo end >&2",
+        ),
+    )
+    .await
+    .expect("no deadlock");
+    assert_eq!(code, 0);
+    assert_eq!(out.len(), 3_000_000);
+    assert_eq!(err.len(), 4_000_004);
+    eprintln!("7 MB through exec in {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn exec_stops_when_the_caller_goes_away() {
+    let sshd = Sshd::start().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let run = tokio::spawn({
+        let target = sshd.target.clone();
+        async move { remote::exec(&target, "sleep 30", tx).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(rx);
+    let r = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("a silent command is cancelled within the poll interval")
+        .unwrap();
+    assert!(matches!(r, Err(SshError::Cancelled)), "{r:?}");
+}
+
+#[tokio::test]
+async fn download_returns_the_file_with_its_mode_and_refuses_one_over_the_limit() {
+    let sshd = Sshd::start().await;
+    let f = sshd.work.path().join("remote.bin");
+    write_mode(&f, "data\u{0}", 0o751);
+    let got = remote::download(&sshd.target, f.to_str().unwrap(), 1024)
+        .await
+        .unwrap();
+    assert_eq!(got.data, b"data\0");
+    assert_eq!(got.mode, 0o751);
+    let err = remote::download(&sshd.target, f.to_str().unwrap(), 3)
+        .await
+        .unwrap_err();
+    assert!(error_chain(&err).contains("larger than"), "{err:?}");
+    let err = remote::download(&sshd.target, sshd.work.path().to_str().unwrap(), 1024)
+        .await
+        .unwrap_err();
+    assert!(error_chain(&err).contains("not a regular file"), "{err:?}");
+}
+
+#[tokio::test]
+async fn upload_for_the_api_sets_exactly_the_mode_given() {
+    let sshd = Sshd::start().await;
+    let dest = sshd.work.path().join("up.bin");
+    let n = remote::upload(&sshd.target, b"abc".to_vec(), dest.to_str().unwrap(), 0o705)
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(fs::read(&dest).unwrap(), b"abc");
+    assert_eq!(mode(&dest), 0o705);
+}
+
+#[test]
+fn access_hands_out_the_pinned_host_key_and_the_generated_key() {
+    let work = tempfile::tempdir().unwrap();
+    let keys = ensure_vm_keys(work.path(), "vmctl@test").unwrap();
+    let target = SshTarget {
+        vm: "v".into(),
+        runtime: VmRuntime {
+            work_dir: Some(work.path().display().to_string()),
+            ..Default::default()
+        },
+        ssh: None,
+    };
+    let a = remote::access(&target).unwrap();
+    assert_eq!(a.user, vmctl_api::default_ssh_user());
+    let pinned = fs::read_to_string(work.path().join("host_ed25519.pub")).unwrap();
+    let key_of = |s: &str| s.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    assert_eq!(key_of(&a.host_key), key_of(&pinned));
+    assert!(
+        a.private_key
+            .as_deref()
+            .is_some_and(|k| k.contains("OPENSSH PRIVATE KEY"))
+    );
+    let _ = keys;
+}

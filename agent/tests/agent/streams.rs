@@ -1,0 +1,216 @@
+//! The byte-stream endpoints over the agent's real server (`http::serve`
+//! on a Unix socket): a console and an SSH tunnel switch the connection
+//! with `Upgrade: tcp` and carry bytes both ways; refusals are JSON.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use vmctl_agent::AgentConfig;
+use vmctl_agent::api::{AppState, router};
+use vmctl_api::{Kind, Object, ObjectRef};
+use vmctl_store::Store;
+
+/// An agent serving on a socket in `dir`, over a store holding VM `vm0`
+/// with `status` (none: never started).
+async fn serve(dir: &std::path::Path, status: Option<serde_json::Value>) -> std::path::PathBuf {
+    let store = Arc::new(vmctl_store::SledStore::open(dir.join("db")).unwrap());
+    let vm: Object = serde_json::from_value(json!({
+        "apiVersion": "vmctl/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "vm0"}, "spec": {"image": "img"}
+    }))
+    .unwrap();
+    Store::apply(&*store, vm, None, None).await.unwrap();
+    if let Some(st) = status {
+        let r = ObjectRef::new(Kind::VirtualMachine, "vm0");
+        Store::update_status(&*store, &r, st, None).await.unwrap();
+    }
+    let app = router(AppState::new(store, AgentConfig::new(dir.to_path_buf())));
+    let sock = dir.join("agent.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    tokio::spawn(vmctl_agent::http::serve(
+        listener,
+        app,
+        vmctl_agent::http::Limits::for_nofile(1024),
+        std::future::pending(),
+    ));
+    sock
+}
+
+/// Sends a request on a new connection; returns the answer's head and
+/// the connection (positioned after the head).
+fn request(sock: &std::path::Path, head: &str) -> (String, std::os::unix::net::UnixStream) {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "the agent hung up: {got:?}");
+        got.push(b[0]);
+    }
+    (String::from_utf8(got).unwrap(), s)
+}
+
+fn upgrade(sock: &std::path::Path, path: &str) -> (String, std::os::unix::net::UnixStream) {
+    request(
+        sock,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"),
+    )
+}
+
+/// Echoes every byte back, on `accept` of a Unix or TCP listener.
+fn echo(mut s: impl Read + Write + Send + 'static) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+fn round_trip(mut s: std::os::unix::net::UnixStream, what: &str) {
+    for msg in [&b"ping\r"[..], b"\x1b[A\x03 raw bytes \x00\xff"] {
+        s.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(back, msg, "{what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_and_ssh_tunnel_carry_bytes_both_ways_through_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let serial = std::os::unix::net::UnixListener::bind(work.join("serial.sock")).unwrap();
+    std::thread::spawn(move || {
+        for s in serial.incoming().flatten() {
+            echo(s);
+        }
+    });
+    let sshd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = sshd.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in sshd.incoming().flatten() {
+            echo(s);
+        }
+    });
+    let sock = serve(
+        dir.path(),
+        Some(json!({"phase": "Running", "runtime": {
+            "backend": "qemu", "workDir": work.display().to_string(),
+            "sshHost": "127.0.0.1", "sshPort": port}})),
+    )
+    .await;
+    let sock2 = sock.clone();
+    tokio::task::spawn_blocking(move || {
+        for path in ["/v1/vms/vm0/console", "/v1/vms/vm0/tunnel"] {
+            let (head, s) = upgrade(&sock2, path);
+            assert!(head.starts_with("HTTP/1.1 101"), "{path}: {head}");
+            assert!(head.to_lowercase().contains("upgrade: tcp"), "{head}");
+            round_trip(s, path);
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_of_a_vm_that_is_not_running_is_a_json_error_not_a_dead_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = serve(dir.path(), None).await;
+    tokio::task::spawn_blocking(move || {
+        for path in ["/v1/vms/vm0/console", "/v1/vms/vm0/tunnel"] {
+            let (head, _) = upgrade(&sock, path);
+            assert!(head.starts_with("HTTP/1.1 409"), "{path}: {head}");
+            assert!(head.contains("application/json"), "{head}");
+        }
+        // Started once, but its console socket is gone (QEMU stopped).
+        let (head, _) = upgrade(&sock, "/v1/vms/nope/console");
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+        // No upgrade asked for: told how to ask.
+        let (head, _) = request(
+            &sock,
+            "GET /v1/vms/vm0/console HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(head.starts_with("HTTP/1.1 409"), "{head}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_stream_asked_for_without_upgrade_headers_says_how_to_ask() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let _serial = std::os::unix::net::UnixListener::bind(work.join("serial.sock")).unwrap();
+    let sock = serve(
+        dir.path(),
+        Some(json!({"phase": "Running", "runtime": {
+            "backend": "qemu", "workDir": work.display().to_string()}})),
+    )
+    .await;
+    tokio::task::spawn_blocking(move || {
+        let (head, mut s) = request(
+            &sock,
+            "GET /v1/vms/vm0/console HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(head.starts_with("HTTP/1.1 426"), "{head}");
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        assert!(body.contains("Upgrade: tcp"), "{body}");
+    })
+    .await
+    .unwrap();
+}
+
+/// `vmctl apply --wait` ends its provision output stream by asking for
+/// the rest of the log after the bytes it printed: `offset` starts there
+/// (tail and skip_existing aside).
+#[tokio::test]
+async fn a_log_read_from_an_offset_gives_exactly_the_rest() {
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("provision.log"), "one\ntwo\nthree\n").unwrap();
+    let store = Arc::new(vmctl_store::SledStore::open(dir.path().join("db")).unwrap());
+    let vm: Object = serde_json::from_value(json!({
+        "apiVersion": "vmctl/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "vm0"}, "spec": {"image": "img"}
+    }))
+    .unwrap();
+    Store::apply(&*store, vm, None, None).await.unwrap();
+    let r = ObjectRef::new(Kind::VirtualMachine, "vm0");
+    let st = json!({"phase": "Running", "runtime": {
+        "backend": "qemu", "workDir": work.display().to_string()}});
+    Store::update_status(&*store, &r, st, None).await.unwrap();
+    let app = router(AppState::new(
+        store,
+        AgentConfig::new(dir.path().to_path_buf()),
+    ));
+    for (query, want) in [
+        ("offset=4", "two\nthree\n"),
+        ("offset=4&tail=1&skip_existing=true", "two\nthree\n"),
+        ("offset=14", ""),
+        ("tail=1", "three\n"),
+        ("skip_existing=true", ""),
+    ] {
+        let req = axum::http::Request::builder()
+            .uri(format!("/v1/logs/vm0?source=provision&{query}"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{query}");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&body), want, "{query}");
+    }
+}
