@@ -204,6 +204,8 @@ pub async fn download(
     let remote = remote.to_owned();
     blocking(move || {
         let sess = connect_retrying(&ep, STEP_CONNECT_TIMEOUT)?;
+        // A stalled transfer ends with an error instead of hanging the agent.
+        sess.set_timeout(u32::try_from(steps::UPLOAD_STALL.as_millis()).unwrap_or(u32::MAX));
         let r = read_remote(&sess, &remote, max_bytes);
         connect::disconnect(&sess);
         r

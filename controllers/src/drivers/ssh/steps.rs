@@ -15,16 +15,13 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use ssh2::{ExtendedData, FileStat, OpenFlags, OpenType, Session};
+use ssh2::{ExtendedData, Session};
 use vmctl_api::ProvisionStep;
 use vmctl_api::limits::FileUse;
 use vmctl_api::localfile;
 use vmctl_api::resources::LocalFile;
 
 use super::error::SshError;
-
-/// LIBSSH2_FX_NO_SUCH_FILE, as carried by [`ssh2::ErrorCode::SFTP`].
-const FX_NO_SUCH_FILE: i32 = 2;
 
 /// Where a step's output lines go: the caller's callback (through a
 /// channel, see `mod.rs`) and, for provisioning, `provision.log`.
@@ -171,8 +168,15 @@ fn read_local(file: &LocalFile, use_: FileUse) -> Result<(Vec<u8>, u32), SshErro
     Ok((data, mode))
 }
 
-/// Writes `data` to `remote` over SFTP and sets its mode to exactly
-/// `mode` (the create mode alone would be masked by the server's umask).
+/// Writes `data` to `remote` and sets its mode to exactly `mode` (the
+/// create mode alone would be masked by the guest's umask).
+///
+/// The bytes go through an exec channel running `cat`, not SFTP: libssh2's
+/// pipelined SFTP writes stalled against dropbear with OpenSSH's
+/// sftp-server for a 1 MiB file, and the handle's close then blocked for
+/// ever (the fault `vmctl cp` of a mebibyte hit). A channel's stdin is
+/// plain SSH flow control, and any guest with a POSIX shell has `cat` and
+/// `chmod`. Every blocking call is bounded by [`UPLOAD_STALL`].
 pub(super) fn upload(
     sess: &Session,
     local: &Path,
@@ -181,50 +185,69 @@ pub(super) fn upload(
     mode: u32,
 ) -> Result<(), SshError> {
     let session_err = |what: String| move |source| SshError::Session { what, source };
-    let sftp = sess.sftp().map_err(session_err("start SFTP".to_owned()))?;
-    let remote_path = Path::new(remote);
-    if let Some(dir) = remote_path.parent() {
-        match sftp.stat(dir) {
-            Ok(st) if st.is_dir() => {}
-            Ok(_) => {
-                return Err(SshError::RemoteDirMissing {
-                    dir: dir.display().to_string(),
-                });
-            }
-            Err(e) if e.code() == ssh2::ErrorCode::SFTP(FX_NO_SUCH_FILE) => {
-                return Err(SshError::RemoteDirMissing {
-                    dir: dir.display().to_string(),
-                });
-            }
-            Err(e) => return Err(session_err(format!("stat {}", dir.display()))(e)),
-        }
-    }
     let upload_err = |source| SshError::Upload {
         local: local.to_owned(),
         remote: remote.to_owned(),
         source,
     };
-    let mut f = sftp
-        .open_mode(
-            remote_path,
-            OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
-            mode as i32,
-            OpenType::File,
-        )
-        .map_err(|e| upload_err(e.into()))?;
-    f.write_all(data).map_err(upload_err)?;
-    f.close().map_err(|e| upload_err(e.into()))?;
-    let stat = FileStat {
-        size: None,
-        uid: None,
-        gid: None,
-        perm: Some(mode),
-        atime: None,
-        mtime: None,
-    };
-    sftp.setstat(remote_path, stat)
-        .map_err(|e| upload_err(e.into()))?;
-    Ok(())
+    let remote_path = Path::new(remote);
+    let dir = remote_path
+        .parent()
+        .map(|d| d.display().to_string())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| "/".to_owned());
+    let command = format!("cat > {f} && chmod {mode:o} {f}", f = sh_quote(remote),);
+    sess.set_timeout(u32::try_from(UPLOAD_STALL.as_millis()).unwrap_or(u32::MAX));
+    let result = (|| {
+        // The directory first, on a channel of its own: a command that
+        // exits without reading its stdin would leave the write waiting.
+        let mut check = sess
+            .channel_session()
+            .map_err(session_err("open a channel".to_owned()))?;
+        check
+            .exec(&format!("[ -d {} ]", sh_quote(&dir)))
+            .map_err(session_err(format!("look for {dir} on the guest")))?;
+        check.send_eof().map_err(|e| upload_err(e.into()))?;
+        let mut sink = Vec::new();
+        check.read_to_end(&mut sink).map_err(upload_err)?;
+        check.wait_eof().map_err(|e| upload_err(e.into()))?;
+        check.wait_close().map_err(|e| upload_err(e.into()))?;
+        if check.exit_status().map_err(|e| upload_err(e.into()))? != 0 {
+            return Err(SshError::RemoteDirMissing { dir: dir.clone() });
+        }
+        let mut ch = sess
+            .channel_session()
+            .map_err(session_err("open a channel".to_owned()))?;
+        ch.exec(&command)
+            .map_err(session_err(format!("start the upload of {remote}")))?;
+        ch.write_all(data).map_err(upload_err)?;
+        ch.send_eof().map_err(|e| upload_err(e.into()))?;
+        let mut sink = Vec::new();
+        ch.read_to_end(&mut sink).map_err(upload_err)?;
+        let mut stderr = String::new();
+        let _ = ch.stderr().read_to_string(&mut stderr);
+        ch.wait_eof().map_err(|e| upload_err(e.into()))?;
+        ch.wait_close().map_err(|e| upload_err(e.into()))?;
+        match ch.exit_status().map_err(|e| upload_err(e.into()))? {
+            0 => Ok(()),
+            code => Err(upload_err(std::io::Error::other(format!(
+                "the guest's `cat`/`chmod` exited with {code}: {}",
+                stderr.trim()
+            )))),
+        }
+    })();
+    sess.set_timeout(0);
+    result
+}
+
+/// The longest any blocking call of an upload may wait for the guest
+/// (a stalled transfer ends with an error instead of hanging the agent).
+pub(super) const UPLOAD_STALL: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// `s` as one word for a POSIX shell: in single quotes, each `'` written
+/// as `'\''`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// Path a `shell script` step's script is uploaded to.
