@@ -233,6 +233,17 @@ pub enum ConfigError {
         /// The config file that could give them.
         path: PathBuf,
     },
+    /// A flag or variable has a value the config file would refuse too, or
+    /// one that would be ignored without a word.
+    #[error("{flag}: {message}")]
+    Flag {
+        /// The flag and its variable, e.g. `--etcd-prefix / VMCTL_ETCD_PREFIX`.
+        flag: &'static str,
+        /// What is wrong.
+        message: String,
+        /// What to do.
+        help: String,
+    },
 }
 
 impl ConfigError {
@@ -250,6 +261,7 @@ impl ConfigError {
                  or remove it to use the defaults",
                 path.display()
             ),
+            ConfigError::Flag { help, .. } => help.clone(),
             ConfigError::NoEndpoints { path, .. } => format!(
                 "pass --etcd-endpoints http://HOST:2379[,…], set VMCTL_ETCD_ENDPOINTS, \
                  or add endpoints = [\"http://HOST:2379\"] under [etcd] in {}",
@@ -381,6 +393,50 @@ fn propolis_section(
         }
     }
     Ok(settings)
+}
+
+/// The flags' and variables' etcd settings, checked as the config file's
+/// are (the tryout found `--etcd-endpoints ftp://…` and `--etcd-prefix
+/// vmctl/` accepted), and refused when they would be ignored: endpoints or
+/// a prefix while the store is sled.
+fn check_given(given: &AgentOverrides, file_store: Option<StoreKind>) -> Result<(), ConfigError> {
+    const EPS: &str = "--etcd-endpoints / VMCTL_ETCD_ENDPOINTS";
+    const PREFIX: &str = "--etcd-prefix / VMCTL_ETCD_PREFIX";
+    let etcd = given.store.or(file_store) == Some(StoreKind::Etcd);
+    if let Some(eps) = &given.etcd_endpoints {
+        for ep in eps.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            check_endpoint(ep).map_err(|message| ConfigError::Flag {
+                flag: EPS,
+                message,
+                help: "give etcd client URLs, comma-separated: http://HOST:2379[,…]".into(),
+            })?;
+        }
+    }
+    if let Some(p) = &given.etcd_prefix
+        && !(p.starts_with('/') && p.ends_with('/'))
+    {
+        return Err(ConfigError::Flag {
+            flag: PREFIX,
+            message: format!("etcd key prefix `{p}` must start and end with `/`"),
+            help: "write it as /NAME/, e.g. --etcd-prefix /vmctl/".into(),
+        });
+    }
+    let unused = match (&given.etcd_endpoints, &given.etcd_prefix) {
+        (Some(_), _) => Some(EPS),
+        (None, Some(_)) => Some(PREFIX),
+        (None, None) => None,
+    };
+    if let (Some(flag), false) = (unused, etcd) {
+        return Err(ConfigError::Flag {
+            flag,
+            message: "given, but the store is sled, which would ignore it".into(),
+            help:
+                "add --store etcd (or VMCTL_STORE=etcd, or store = \"etcd\" in agent.toml) to keep \
+                   the objects in etcd, or drop the etcd settings"
+                    .into(),
+        });
+    }
+    Ok(())
 }
 
 /// Checks that an endpoint is an `http://` or `https://` URL with a host.
@@ -523,6 +579,7 @@ impl AgentConfig {
         let mut cfg = AgentConfig::new(data_dir);
         let path = cfg.config_file();
         let file = read_file(&path)?.unwrap_or_default();
+        check_given(&given, file.store.as_ref().map(|s| *s.get_ref()))?;
         cfg.propolis = given.propolis.clone().or(file.propolis_settings.clone());
         let etcd = file.etcd.unwrap_or_default();
         if let Some(d) = given.driver.or(file.driver.map(Spanned::into_inner)) {
@@ -607,6 +664,61 @@ mod tests {
         std::fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
         let data = dir.path().to_path_buf();
         (dir, data)
+    }
+
+    /// The fault (new-user tryout): `--etcd-endpoints ftp://…`, an endpoint
+    /// without a scheme and `--etcd-prefix vmctl/` were accepted from flags
+    /// although the config file refuses them, and `--etcd-endpoints`
+    /// without `--store etcd` was silently ignored (sled was used).
+    #[test]
+    fn etcd_flags_are_checked_like_the_file_and_never_silently_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_path_buf();
+        let etcd = |eps: &[&str], prefix: Option<&str>| AgentOverrides {
+            store: Some(StoreKind::Etcd),
+            etcd_endpoints: Some(eps.iter().map(|e| e.to_string()).collect()),
+            etcd_prefix: prefix.map(str::to_owned),
+            ..Default::default()
+        };
+        for (given, says) in [
+            (etcd(&["ftp://127.0.0.1:2379"], None), "not http or https"),
+            (etcd(&["127.0.0.1:2379"], None), "no scheme"),
+            (
+                etcd(&["http://127.0.0.1:2379"], Some("vmctl/")),
+                "must start and end",
+            ),
+            (
+                etcd(&["http://127.0.0.1:2379"], Some("/vmctl")),
+                "must start and end",
+            ),
+        ] {
+            let err = AgentConfig::resolve(data.clone(), given).unwrap_err();
+            assert!(matches!(err, ConfigError::Flag { .. }), "{err}");
+            assert!(err.to_string().contains(says), "{err}");
+        }
+        let sled = AgentOverrides {
+            etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into()]),
+            ..Default::default()
+        };
+        let err = AgentConfig::resolve(data.clone(), sled).unwrap_err();
+        assert!(err.to_string().contains("the store is sled"), "{err}");
+        assert!(err.help().contains("--store etcd"), "{err}");
+        // Valid flags still work, and the file may select etcd for them.
+        let cfg =
+            AgentConfig::resolve(data.clone(), etcd(&["https://e:2379"], Some("/a/"))).unwrap();
+        assert_eq!(
+            cfg.store,
+            StoreConfig::Etcd {
+                endpoints: vec!["https://e:2379".into()],
+                prefix: "/a/".into()
+            }
+        );
+        std::fs::write(data.join(CONFIG_FILE), "store = \"etcd\"\n").unwrap();
+        let given = AgentOverrides {
+            etcd_endpoints: Some(vec!["http://e:2379".into()]),
+            ..Default::default()
+        };
+        AgentConfig::resolve(data, given).unwrap();
     }
 
     /// Issue 14 item 4: the Propolis driver's settings were read from

@@ -256,9 +256,14 @@ fn malformed_requests_get_4xx_json_and_change_nothing() {
         0,
         "nothing was written: {list}"
     );
-    let after = raw(&a.socket(), "GET", "/v1/healthz", "").1;
-    let seq = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["lastSeq"].clone();
-    assert_eq!(seq(&before), seq(&after), "no event was appended");
+    // On etcd the revision is the shared cluster's, which the other tests
+    // of this binary move at the same time: only sled's is this agent's.
+    if test_store_env().is_empty() {
+        let after = raw(&a.socket(), "GET", "/v1/healthz", "").1;
+        let seq =
+            |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["lastSeq"].clone();
+        assert_eq!(seq(&before), seq(&after), "no event was appended");
+    }
 }
 
 #[test]
