@@ -397,19 +397,7 @@ impl VmReconciler {
         o: &mut Observed,
         err: DriverError,
     ) -> Result<Flow, Error> {
-        let ctx = &self.ctx;
-        let count = o.status.start_failures.count.saturating_add(1);
-        let delay = ctx.config.start_backoff.jittered(count);
-        o.start_failed(delay, err.to_string());
-        ctx.write_status(obj, &o.status).await?;
-        let msg = format!(
-            "Back-off restarting failed VM {} (failure {count}: {err}); retry in {:.1}s",
-            o.name,
-            delay.as_secs_f64()
-        );
-        self.note(&obj.object_ref(), NoteType::Warning, "BackOff", msg)
-            .await;
-        Ok(Flow::Done(Action::requeue(delay)))
+        self.back_off(obj, o, Failed::Start, err).await
     }
 
     /// A prepare that failed with `err`: counted like a failed start,
@@ -421,18 +409,41 @@ impl VmReconciler {
         o: &mut Observed,
         err: DriverError,
     ) -> Result<Flow, Error> {
+        self.back_off(obj, o, Failed::Prepare, err).await
+    }
+
+    /// What [`Self::start_failed`] and [`Self::prepare_failed`] share: one
+    /// more failure counted, the backoff written to the status, a Warning
+    /// note, and a requeue after the delay.
+    async fn back_off(
+        &self,
+        obj: &Object,
+        o: &mut Observed,
+        failed: Failed,
+        err: DriverError,
+    ) -> Result<Flow, Error> {
         let ctx = &self.ctx;
         let count = o.status.start_failures.count.saturating_add(1);
         let delay = ctx.config.start_backoff.jittered(count);
-        let err = vmctl_api::error_chain(&err);
-        o.prepare_failed(delay, err.clone());
+        let (reason, lead, err) = match failed {
+            Failed::Start => ("BackOff", "Back-off restarting failed VM", err.to_string()),
+            Failed::Prepare => (
+                "PrepareFailed",
+                "Cannot prepare VM",
+                vmctl_api::error_chain(&err),
+            ),
+        };
+        match failed {
+            Failed::Start => o.start_failed(delay, err.clone()),
+            Failed::Prepare => o.prepare_failed(delay, err.clone()),
+        }
         ctx.write_status(obj, &o.status).await?;
         let msg = format!(
-            "Cannot prepare VM {} (failure {count}: {err}); retry in {:.1}s",
+            "{lead} {} (failure {count}: {err}); retry in {:.1}s",
             o.name,
             delay.as_secs_f64()
         );
-        self.note(&obj.object_ref(), NoteType::Warning, "PrepareFailed", msg)
+        self.note(&obj.object_ref(), NoteType::Warning, reason, msg)
             .await;
         Ok(Flow::Done(Action::requeue(delay)))
     }
@@ -481,4 +492,13 @@ impl Reconciler for VmReconciler {
             _ => Vec::new(),
         }
     }
+}
+
+/// Which step of a start failed, for [`VmReconciler::back_off`].
+#[derive(Debug, Clone, Copy)]
+enum Failed {
+    /// The driver's start (or a crash of the instance).
+    Start,
+    /// The driver's prepare (disk, seed, configuration).
+    Prepare,
 }

@@ -267,6 +267,11 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
     // The last refusal printed: the same one is not printed again until
     // the file changes what it says (bounded output whatever wakes us).
     let mut last_refusal: Option<String> = None;
+    // The agent's backend, asked once: every re-apply is checked against it.
+    let backend = client
+        .health()
+        .ok()
+        .and_then(|h| vmctl_api::validate::Backend::from_driver(&h.driver));
     while let Ok(Wake::Changed(paths)) = rx.recv() {
         let mut relevant = paths.iter().any(|p| watched.matters(p));
         // Debounce: editors write several events per save.
@@ -286,10 +291,6 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
         if !relevant {
             continue;
         }
-        let backend = client
-            .health()
-            .ok()
-            .and_then(|h| vmctl_api::validate::Backend::from_driver(&h.driver));
         let checked = vmctl_api::load::load(&a.file)
             .and_then(|l| backend.map_or(Ok(()), |b| l.check_backend(b)).map(|()| l));
         let refusal = match checked {
