@@ -57,6 +57,15 @@ pub enum ActionError {
         /// The stored one (0: the object does not exist).
         actual: u64,
     },
+    /// A Snapshot cannot be applied as asked (its VM is missing or being
+    /// deleted, a restore that cannot happen now, …).
+    #[error("{object}: {reason}; nothing was written")]
+    Snapshot {
+        /// The Snapshot.
+        object: ObjectRef,
+        /// Why.
+        reason: crate::snapshots::SnapshotRefusal,
+    },
     /// A finalizer change was refused (bad name, protected, absent).
     #[error(transparent)]
     Finalizer(#[from] FinalizerError),
@@ -69,10 +78,13 @@ pub enum ActionError {
 pub type ActionResult<T> = Result<T, ActionError>;
 
 /// Spec fields that only imperative commands write (`vmctl provision`'s
-/// `runToken`): a file never has them, so an apply that omits one keeps
+/// `runToken`, `vmctl snapshot restore`'s `restoreToken`): a file never has them, so an apply that omits one keeps
 /// the stored value instead of counting its removal as a change (which
 /// would run the provisioners again).
-pub const IMPERATIVE_FIELDS: &[(Kind, &str)] = &[(Kind::Provision, "runToken")];
+pub const IMPERATIVE_FIELDS: &[(Kind, &str)] = &[
+    (Kind::Provision, "runToken"),
+    (Kind::Snapshot, vmctl_api::snapshot::RESTORE_TOKEN_FIELD),
+];
 
 /// Writers that apply one request's objects at once. Each write waits for
 /// its commit (sled: its fsync, shared by concurrent writers; etcd: a
@@ -91,8 +103,8 @@ const APPLY_WRITERS: usize = 8;
 ///
 /// # Errors
 /// [`ActionError::Malformed`] / [`ActionError::Invalid`] /
-/// [`ActionError::Stale`] / [`ActionError::Finalizer`] before anything is
-/// written; [`ActionError::Store`] when the store fails (a large request
+/// [`ActionError::Stale`] / [`ActionError::Finalizer`] /
+/// [`ActionError::Snapshot`] before anything is written; [`ActionError::Store`] when the store fails (a large request
 /// may then be partly written, each object whole).
 pub async fn apply(
     store: &dyn Store,
@@ -125,6 +137,7 @@ pub async fn apply(
             return Err(e.into());
         }
     }
+    crate::snapshots::check(store, &req.objects).await?;
     let wanted: HashSet<ObjectRef> = req.objects.iter().map(Object::object_ref).collect();
     let distinct = wanted.len() == req.objects.len();
     let mut results = apply_all(store, req.objects, &req.source, req.dry_run, distinct).await?;
@@ -275,9 +288,10 @@ async fn apply_one(
     let r = obj.object_ref();
     let given_rv = Some(obj.metadata.resource_version).filter(|rv| *rv != 0);
     let applied_finalizers = std::mem::take(&mut obj.metadata.finalizers);
-    // On create the store keeps these; on update it ignores them and
-    // `edit_finalizers` below reconciles them.
-    obj.metadata.finalizers = finalizers::on_create(&applied_finalizers);
+    // On create the store keeps these (with the controller's own of the
+    // kind); on update it ignores them and `edit_finalizers` below
+    // reconciles them.
+    obj.metadata.finalizers = finalizers::on_create(obj.kind, &applied_finalizers);
     keep_imperative_fields(store, &mut obj).await?;
     if dry_run {
         let outcome = match store.get(&r).await? {

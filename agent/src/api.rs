@@ -19,7 +19,7 @@ use vmctl_store::{Store, StoreError};
 use crate::actions::{self, ActionError};
 use crate::config::AgentConfig;
 use crate::finalizers::{FinalizerError, PatchRequest};
-use crate::openapi::{Accepted, ApiRouter, NdJson, RawJson, Text};
+use crate::openapi::{Accepted, ApiRouter, HealthJson, NdJson, RawJson, Text};
 use crate::rejection::{
     ApiJson, ApiPath as Path, ApiQuery as Query, MAX_APPLY_BODY_BYTES, MAX_BODY_BYTES,
 };
@@ -30,6 +30,11 @@ pub struct AppState {
     pub(crate) store: Arc<dyn Store>,
     cfg: Arc<AgentConfig>,
     cache: Option<Arc<crate::cache::ObjectCache>>,
+    /// The store's newest resourceVersion seen by `/v1/healthz` (0: none
+    /// yet), reported while the store is unavailable.
+    last_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether this agent runs the controllers (the etcd agent lease).
+    controllers: Option<tokio::sync::watch::Receiver<crate::lease::ControllersState>>,
 }
 
 impl AppState {
@@ -39,7 +44,19 @@ impl AppState {
             store,
             cfg: Arc::new(cfg),
             cache: None,
+            last_seq: Default::default(),
+            controllers: None,
         }
+    }
+
+    /// Reports whether the controllers run (`/v1/healthz`: `controllers`,
+    /// `leaseHolder`); without it they are reported running.
+    pub fn with_controllers(
+        mut self,
+        state: tokio::sync::watch::Receiver<crate::lease::ControllersState>,
+    ) -> Self {
+        self.controllers = Some(state);
+        self
     }
 
     /// Serves lists from an in-memory cache of the store.
@@ -122,7 +139,11 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "vmctl::store::unavailable",
-                Some("the agent retries by itself; start or repair the store (see the agent log)"),
+                Some(
+                    "start or repair the store at those endpoints (or point the agent at \
+                     another: --etcd-endpoints or agent.toml); the agent reconnects by itself, \
+                     no restart needed",
+                ),
             ),
             StoreError::Backend(_) | StoreError::Codec(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -148,7 +169,7 @@ fn parse_kind(s: &str) -> ApiResult<Kind> {
             StatusCode::NOT_FOUND,
             "vmctl::api::unknown_kind",
             format!("unknown kind `{s}`"),
-            Some("kinds are vm, image and provision"),
+            Some("kinds are vm, image, provision and snapshot"),
         )
     })
 }
@@ -163,6 +184,12 @@ pub fn routes() -> ApiRouter<AppState> {
             "/v1/healthz",
             "Agent version, pid, driver and last log sequence",
             health,
+        )
+        .endpoint(
+            Method::GET,
+            "/metrics",
+            "The agent's metrics for Prometheus (OpenMetrics text): VMs per phase and node, reconciles, work queues, store requests, watch delay",
+            metrics,
         )
         .endpoint(
             Method::GET,
@@ -185,7 +212,7 @@ pub fn routes() -> ApiRouter<AppState> {
         .endpoint(
             Method::GET,
             "/v1/objects/{kind}",
-            "List objects of one kind (vm, image, provision)",
+            "List objects of one kind (vm, image, provision, snapshot)",
             list_kind,
         )
         .endpoint(
@@ -296,21 +323,73 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+async fn metrics(State(st): State<AppState>) -> ApiResult<crate::openapi::OpenMetricsText> {
+    let m = vmctl_controllers::metrics::Metrics::global();
+    match &st.cache {
+        Some(cache) => cache.visit(Kind::VirtualMachine, |vms| m.set_vms(vms)),
+        None => m.set_vms(&st.store.list(Some(Kind::VirtualMachine)).await?.objects),
+    }
+    Ok(crate::openapi::OpenMetricsText(m.encode()))
+}
+
 async fn openapi_document() -> RawJson<serde_json::Value> {
     RawJson::from_bytes(crate::openapi::cached_document())
 }
 
-async fn health(State(st): State<AppState>) -> Json<Health> {
-    let last_seq = st.store.last_seq().await;
-    Json(Health {
-        version: env!("CARGO_PKG_VERSION").into(),
-        pid: std::process::id(),
-        driver: st.cfg.driver.clone(),
-        data_dir: st.cfg.data_dir.display().to_string(),
-        last_seq: last_seq.as_ref().copied().unwrap_or_default(),
-        store: st.store.describe(),
-        store_error: last_seq.err().map(|e| vmctl_api::error_chain(&e)),
-    })
+/// How long `/v1/healthz` waits for the store before it answers 503 (the
+/// store itself answers within 2 s during a known outage: see
+/// `vmctl_store::EtcdOptions::outage_timeout`).
+const HEALTH_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// 200 when the store answers within [`HEALTH_PROBE`], else 503 with the
+/// same body: `storeError` says why (naming the endpoints) and `lastSeq`
+/// is the newest resourceVersion seen before (absent if none).
+async fn health(State(st): State<AppState>) -> HealthJson<Health> {
+    use std::sync::atomic::Ordering;
+    let last_seq = match tokio::time::timeout(HEALTH_PROBE, st.store.last_seq()).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Unavailable {
+            store: st.store.describe(),
+            source: format!("no answer within {} s", HEALTH_PROBE.as_secs_f64()).into(),
+        }),
+    };
+    match &last_seq {
+        Ok(seq) => {
+            st.last_seq.fetch_max(*seq, Ordering::Relaxed);
+        }
+        // The request that follows a 503 (every `vmctl` command asks
+        // first) fails within the store's outage budget, not after its
+        // full request timeout (found as: the first command of an etcd
+        // outage took 6 s).
+        Err(StoreError::Unavailable { .. }) => st.store.mark_unreachable(),
+        Err(_) => {}
+    }
+    let known = st.last_seq.load(Ordering::Relaxed);
+    let state = st.controllers.as_ref().map(|c| c.borrow().clone());
+    let (controllers, lease_holder) = match state {
+        None | Some(crate::lease::ControllersState::Running) => ("running", None),
+        Some(crate::lease::ControllersState::Standby { holder }) => {
+            ("standby", holder.map(|h| h.to_string()))
+        }
+    };
+    HealthJson {
+        ok: last_seq.is_ok(),
+        body: Health {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            driver: st.cfg.driver.clone(),
+            data_dir: st.cfg.data_dir.display().to_string(),
+            last_seq: last_seq
+                .as_ref()
+                .ok()
+                .copied()
+                .or((known > 0).then_some(known)),
+            store: st.store.describe(),
+            store_error: last_seq.err().map(|e| vmctl_api::error_chain(&e)),
+            controllers: controllers.into(),
+            lease_holder,
+        },
+    }
 }
 
 async fn apply(
@@ -343,6 +422,18 @@ fn action_error(e: ActionError) -> ApiError {
                 object.name
             )),
         ),
+        ActionError::Snapshot { ref reason, .. } => {
+            use crate::snapshots::SnapshotRefusal;
+            let status = match reason {
+                SnapshotRefusal::VmNotFound { .. } => StatusCode::NOT_FOUND,
+                SnapshotRefusal::VmChanged { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                SnapshotRefusal::VmDeleting { .. }
+                | SnapshotRefusal::NotReady { .. }
+                | SnapshotRefusal::NeedsStoppedVm { .. } => StatusCode::CONFLICT,
+            };
+            let code = reason.code();
+            ApiError::new(status, code, e.to_string(), vmctl_api::codes::help(code))
+        }
         ActionError::Finalizer(e) => finalizer_error(e),
         ActionError::Store(e) => e.into(),
     }
@@ -638,6 +729,94 @@ fn last_lines(text: &[u8], n: usize) -> &[u8] {
     text
 }
 
+/// The bytes of `path` from `offset` on, and the offset after them; from
+/// the start when the file is shorter than `offset` (truncated or
+/// recreated). A missing or unreadable file reads as empty.
+async fn read_from(path: &std::path::Path, offset: u64) -> (Vec<u8>, u64) {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return (Vec::new(), 0);
+    };
+    let len = f.metadata().await.map_or(0, |m| m.len());
+    let start = if len < offset { 0 } else { offset };
+    let mut buf = Vec::new();
+    if f.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+        return (buf, start);
+    }
+    // What was read before an error is still good.
+    let _ = f.read_to_end(&mut buf).await;
+    let end = start + buf.len() as u64;
+    (buf, end)
+}
+
+/// Changes to one log file, as inotify reports them (the `notify` crate):
+/// its directory is watched, so a file created, appended to, truncated or
+/// replaced wakes [`LogFollow::changed`]. Wakes coalesce; nothing polls.
+struct LogFollow {
+    /// Notified after each change (a permit is kept while nobody waits).
+    changed: Arc<tokio::sync::Notify>,
+    /// Keeps the inotify watch alive; dropping it ends the watch.
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl LogFollow {
+    /// Watches `dir` for changes to `file` (a file in it).
+    ///
+    /// Errors: the `notify` error when inotify cannot watch `dir` (it is
+    /// gone, or the inotify limits are reached).
+    fn start(dir: &std::path::Path, file: &std::path::Path) -> notify::Result<Self> {
+        use notify::Watcher as _;
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let wake = changed.clone();
+        let file = file.to_owned();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // An error or a lost event (queue overflow) may hide a change.
+            let relevant = match &ev {
+                Ok(ev) => ev.need_rescan() || ev.paths.contains(&file),
+                Err(_) => true,
+            };
+            if relevant {
+                wake.notify_one();
+            }
+        })?;
+        watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        Ok(LogFollow {
+            changed,
+            _watcher: watcher,
+        })
+    }
+}
+
+/// Resolves once the VM `r` is deleted, watching the store from
+/// resourceVersion `after` (the VM's, when it was read). Should the watch
+/// fail (compacted, store unavailable), it looks at the VM again and
+/// watches on from there; a store that keeps failing is asked again
+/// after a second.
+async fn vm_deleted(store: Arc<dyn Store>, r: ObjectRef, mut after: u64) {
+    loop {
+        if let Ok(mut w) = store.watch(after).await {
+            loop {
+                match w.next().await {
+                    Ok(ev)
+                        if ev.object == r && matches!(ev.change, vmctl_store::Change::Deleted) =>
+                    {
+                        return;
+                    }
+                    Ok(ev) => after = ev.seq,
+                    Err(_) => break,
+                }
+            }
+        }
+        // The store's position before the look: nothing after it is missed.
+        let now = store.last_seq().await;
+        match (now, store.get(&r).await) {
+            (_, Ok(None)) => return,
+            (Ok(now), Ok(Some(_))) => after = now,
+            _ => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+        }
+    }
+}
+
 async fn logs(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -677,9 +856,23 @@ async fn logs(
             )
         })?;
     let path = work_dir.join(file);
+    // Set up before the first read: nothing appended after it is missed.
+    let follow = if q.follow {
+        Some(LogFollow::start(&work_dir, &path).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "vmctl::io",
+                format!("cannot follow {}: {e}", path.display()),
+                Some("see the agent log; without --follow the log can still be read"),
+            )
+        })?)
+    } else {
+        None
+    };
     let store = st.store.clone();
+    let rv = obj.metadata.resource_version;
     let stream = async_stream(move |tx| async move {
-        let mut offset = match q.offset {
+        let offset = match q.offset {
             Some(o) => o,
             None if q.skip_existing => tokio::fs::metadata(&path)
                 .await
@@ -687,30 +880,31 @@ async fn logs(
                 .unwrap_or(0),
             None => 0,
         };
-        let mut first = q.offset.is_none() && !q.skip_existing;
+        let (new, mut offset) = read_from(&path, offset).await;
+        let first = q.offset.is_none() && !q.skip_existing;
+        let chunk = if first {
+            last_lines(&new, q.tail)
+        } else {
+            &new
+        };
+        if !chunk.is_empty() && tx.send(Bytes::copy_from_slice(chunk)).await.is_err() {
+            return;
+        }
+        let Some(follow) = follow else { return };
+        // A deleted VM ends the stream, after what was written before.
+        let gone = vm_deleted(store, r, rv);
+        tokio::pin!(gone);
         loop {
-            let bytes = tokio::fs::read(&path).await.unwrap_or_default();
-            let len = bytes.len() as u64;
-            if len < offset {
-                offset = 0; // truncated or recreated
-            }
-            if len > offset {
-                let new = &bytes[offset as usize..];
-                let chunk = if first { last_lines(new, q.tail) } else { new };
-                if !chunk.is_empty() && tx.send(Bytes::copy_from_slice(chunk)).await.is_err() {
-                    return;
-                }
-                offset = len;
-            }
-            first = false;
-            if !q.follow {
+            let last = tokio::select! {
+                () = follow.changed.notified() => false,
+                () = &mut gone => true,
+                () = tx.closed() => return,
+            };
+            let (new, next) = read_from(&path, offset).await;
+            offset = next;
+            if (!new.is_empty() && tx.send(Bytes::from(new)).await.is_err()) || last {
                 return;
             }
-            // A deleted VM ends the stream.
-            if !matches!(store.get(&r).await, Ok(Some(_))) {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     });
     Ok(Text(Body::from_stream(stream)))

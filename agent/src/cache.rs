@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use vmctl_api::{Kind, Object, ObjectRef};
-use vmctl_store::{Store, fold};
+use vmctl_store::{Store, WatchItem, fold};
 
 #[derive(Debug, Default)]
 struct State {
@@ -64,13 +64,29 @@ impl ObjectCache {
                 continue;
             };
             loop {
-                let ev = tokio::select! {
-                    // Both arms are cancel-safe: `next` loses nothing when
+                let item = tokio::select! {
+                    // Both arms are cancel-safe: `next_item` loses nothing when
                     // dropped (the watch keeps its position), `changed` only waits.
-                    ev = watch.next() => ev,
+                    item = watch.next_item() => item,
                     _ = stop.changed() => return,
                 };
-                let Ok(ev) = ev else { break }; // too old or lagged: list again
+                let ev = match item {
+                    Ok(WatchItem::Event(ev)) => ev,
+                    // Nothing of ours changed up to `seq` (the store wrote
+                    // something else, e.g. the agent lease): reads waiting
+                    // for it go on.
+                    Ok(WatchItem::Bookmark(seq)) => {
+                        let mut st = self.state.write().expect("cache lock");
+                        st.rv = st.rv.max(seq);
+                        self.seen.send_if_modified(|s| {
+                            let newer = seq > *s;
+                            *s = (*s).max(seq);
+                            newer
+                        });
+                        continue;
+                    }
+                    Err(_) => break, // too old or lagged: list again
+                };
                 {
                     let mut st = self.state.write().expect("cache lock");
                     // A listing may already hold changes newer than its
@@ -95,6 +111,17 @@ impl ObjectCache {
         tokio::time::timeout(timeout, rx.wait_for(|seen| *seen >= rv))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Calls `f` with the objects of `kind`, under the read lock.
+    pub fn visit<T>(
+        &self,
+        kind: Kind,
+        f: impl FnOnce(&mut dyn Iterator<Item = &Object>) -> T,
+    ) -> T {
+        let st = self.state.read().expect("cache lock");
+        let mut it = st.objects.values().filter(|o| o.kind == kind);
+        f(&mut it)
     }
 
     /// Serialises the objects of `kind` (or all) matching `keep` as an

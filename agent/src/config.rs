@@ -24,6 +24,10 @@
 //! start-timeout = 120        # seconds
 //! host = "system"            # or "simulated" (Linux, against a mock propolis-server)
 //! ```
+//!
+//! `dnsmasq-leases = ["/run/br0.leases"]` (top level, before any table)
+//! adds dnsmasq lease files to those read to find the address of a guest
+//! on a `tap` network.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -55,6 +59,19 @@ pub struct AgentConfig {
     /// socket gets that group and mode 0660. `None` (the default): mode
     /// 0600, this user only.
     pub socket_group: Option<String>,
+    /// The TTL of the etcd agent lease (store etcd only; default
+    /// [`crate::lease::DEFAULT_TTL`], 10 s, whole seconds, at least 2 s):
+    /// how long a killed agent's prefix waits for another agent.
+    pub lease_ttl: std::time::Duration,
+    /// This agent's node name (`--node-name` / `VMCTL_NODE_NAME`, default
+    /// the host name): recorded in `status.nodeName` of the VMs whose
+    /// instances it makes; the VM controller leaves instances of other
+    /// nodes alone (`NodeLost`).
+    pub node_name: String,
+    /// dnsmasq lease files read (before the usual ones) to find the
+    /// address of a guest on a `tap` network: `--dnsmasq-leases`,
+    /// `VMCTL_DNSMASQ_LEASES` or `dnsmasq-leases` in the config file.
+    pub dnsmasq_leases: Vec<PathBuf>,
 }
 
 /// Settings of the Propolis driver, each `None` when given nowhere (the
@@ -137,15 +154,7 @@ pub enum StoreConfig {
     },
 }
 
-/// The kind of store, as `--store`, `VMCTL_STORE` and `store =` name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreKind {
-    /// sled in the data directory.
-    Sled,
-    /// etcd v3.
-    Etcd,
-}
+pub use vmctl_agent_args::StoreKind;
 
 /// Settings given as flags or environment variables (`None`: not given, so
 /// the config file or the default decides).
@@ -159,8 +168,12 @@ pub struct AgentOverrides {
     pub etcd_endpoints: Option<Vec<String>>,
     /// `--etcd-prefix` / `VMCTL_ETCD_PREFIX`.
     pub etcd_prefix: Option<String>,
+    /// `--node-name` / `VMCTL_NODE_NAME`.
+    pub node_name: Option<String>,
     /// `--propolis-*` / `VMCTL_PROPOLIS_*`.
     pub propolis: PropolisSettings,
+    /// `--dnsmasq-leases` / `VMCTL_DNSMASQ_LEASES`.
+    pub dnsmasq_leases: Option<Vec<PathBuf>>,
 }
 
 /// The config file's keys; anything else is refused.
@@ -171,6 +184,8 @@ struct FileSettings {
     store: Option<Spanned<StoreKind>>,
     etcd: Option<EtcdSection>,
     propolis: Option<PropolisSection>,
+    #[serde(rename = "dnsmasq-leases")]
+    dnsmasq_leases: Option<Vec<Spanned<PathBuf>>>,
     /// `propolis`, checked by [`read_file`].
     #[serde(skip)]
     propolis_settings: PropolisSettings,
@@ -257,6 +272,7 @@ impl ConfigError {
             ConfigError::Invalid { path, .. } => format!(
                 "fix {} (keys: driver = \"qemu\"|\"propolis\"|\"fake\", store = \"sled\"|\"etcd\", \
                  under [etcd]: endpoints = [\"http://HOST:2379\", …], prefix = \"/vmctl/\", \
+                 dnsmasq-leases = [\"/ABSOLUTE/PATH\", …], \
                  under [propolis]: host, addr, pool, brand, zone-root, vnic-link, start-timeout), \
                  or remove it to use the defaults",
                 path.display()
@@ -329,13 +345,18 @@ fn read_file(path: &Path) -> Result<Option<FileSettings>, ConfigError> {
             }
         }
         if let Some(p) = &etcd.prefix
-            && !(p.get_ref().starts_with('/') && p.get_ref().ends_with('/'))
+            && let Err(why) = vmctl_store::etcd::check_prefix(p.get_ref())
         {
+            return Err(invalid(p.span(), why));
+        }
+    }
+    for p in file.dnsmasq_leases.iter().flatten() {
+        if !p.get_ref().is_absolute() {
             return Err(invalid(
                 p.span(),
                 format!(
-                    "etcd key prefix `{}` must start and end with `/` (e.g. \"/vmctl/\")",
-                    p.get_ref()
+                    "dnsmasq lease file `{}` is not an absolute path",
+                    p.get_ref().display()
                 ),
             ));
         }
@@ -413,11 +434,11 @@ fn check_given(given: &AgentOverrides, file_store: Option<StoreKind>) -> Result<
         }
     }
     if let Some(p) = &given.etcd_prefix
-        && !(p.starts_with('/') && p.ends_with('/'))
+        && let Err(message) = vmctl_store::etcd::check_prefix(p)
     {
         return Err(ConfigError::Flag {
             flag: PREFIX,
-            message: format!("etcd key prefix `{p}` must start and end with `/`"),
+            message,
             help: "write it as /NAME/, e.g. --etcd-prefix /vmctl/".into(),
         });
     }
@@ -426,6 +447,18 @@ fn check_given(given: &AgentOverrides, file_store: Option<StoreKind>) -> Result<
         (None, Some(_)) => Some(PREFIX),
         (None, None) => None,
     };
+    if let Some(p) = given
+        .dnsmasq_leases
+        .iter()
+        .flatten()
+        .find(|p| !p.is_absolute())
+    {
+        return Err(ConfigError::Flag {
+            flag: "--dnsmasq-leases / VMCTL_DNSMASQ_LEASES",
+            message: format!("`{}` is not an absolute path", p.display()),
+            help: "give absolute paths, comma-separated: --dnsmasq-leases /run/br0.leases".into(),
+        });
+    }
     if let (Some(flag), false) = (unused, etcd) {
         return Err(ConfigError::Flag {
             flag,
@@ -435,6 +468,27 @@ fn check_given(given: &AgentOverrides, file_store: Option<StoreKind>) -> Result<
                    the objects in etcd, or drop the etcd settings"
                     .into(),
         });
+    }
+    Ok(())
+}
+
+/// Checks a `--node-name`: 1–253 printable ASCII characters without
+/// spaces (a host name fits).
+fn check_node_name(name: &str) -> Result<(), ConfigError> {
+    let bad = |message: String| ConfigError::Flag {
+        flag: "--node-name / VMCTL_NODE_NAME",
+        message,
+        help: "give a name such as the host's (`host-b`), or drop it to use the host name".into(),
+    };
+    if name.is_empty() || name.len() > 253 {
+        return Err(bad(format!(
+            "node name `{name}` must have 1 to 253 characters"
+        )));
+    }
+    if !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad(format!(
+            "node name `{name}` may only have printable ASCII characters without spaces"
+        )));
     }
     Ok(())
 }
@@ -456,97 +510,9 @@ fn check_endpoint(ep: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `$XDG_DATA_HOME/vmctl`, or `~/.local/share/vmctl`. A relative
-/// `XDG_DATA_HOME` is ignored, as the XDG Base Directory spec says.
-pub fn default_data_dir() -> PathBuf {
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| Path::new(v).is_absolute()) {
-        return PathBuf::from(x).join("vmctl");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/"));
-    home.join(".local/share/vmctl")
-}
-
-/// The socket path inside a data directory.
-pub fn default_socket(data_dir: &Path) -> PathBuf {
-    data_dir.join("agent.sock")
-}
-
-/// A path setting of the agent or the CLI that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum PathError {
-    /// A relative path, and the working directory is unknown (removed?).
-    #[error("Cannot make {} absolute", path.display())]
-    Unresolvable {
-        /// The path as given.
-        path: PathBuf,
-        /// Why the working directory is unknown.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The socket's path does not fit a Unix socket address.
-    #[error(
-        "The agent socket path {} is {len} bytes; a Unix socket path has at most {max}",
-        path.display(),
-        max = SOCKET_PATH_MAX
-    )]
-    SocketTooLong {
-        /// The socket path.
-        path: PathBuf,
-        /// Its length in bytes.
-        len: usize,
-    },
-}
-
-impl PathError {
-    /// What the user can do about it.
-    pub fn help(&self) -> &'static str {
-        match self {
-            PathError::Unresolvable { .. } => {
-                "run vmctl from an existing directory, or give absolute paths"
-            }
-            PathError::SocketTooLong { .. } => {
-                "give a shorter socket path with --socket or VMCTL_SOCKET \
-                 (e.g. $XDG_RUNTIME_DIR/vmctl.sock), or use a shorter --data-dir"
-            }
-        }
-    }
-}
-
-/// The longest Unix socket path: `sun_path` is 108 bytes with the NUL.
-pub use vmctl_controllers::drivers::qemu::SOCKET_PATH_MAX;
-
-/// `path` made absolute against the working directory (`.` and `..` kept,
-/// symlinks not resolved). Paths are resolved once at start-up: the agent,
-/// QEMU and its supervisor run in other working directories, where a
-/// relative path would name something else.
-///
-/// # Errors
-/// [`PathError::Unresolvable`] when `path` is relative and the working
-/// directory cannot be read.
-pub fn absolute(path: &Path) -> Result<PathBuf, PathError> {
-    std::path::absolute(path).map_err(|source| PathError::Unresolvable {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// Checks that `socket` can be bound and connected to.
-///
-/// # Errors
-/// [`PathError::SocketTooLong`] when it is longer than [`SOCKET_PATH_MAX`]
-/// bytes.
-pub fn check_socket_path(socket: &Path) -> Result<(), PathError> {
-    let len = socket.as_os_str().len();
-    if len > SOCKET_PATH_MAX {
-        return Err(PathError::SocketTooLong {
-            path: socket.to_owned(),
-            len,
-        });
-    }
-    Ok(())
-}
+pub use vmctl_api::paths::{
+    PathError, SOCKET_PATH_MAX, absolute, check_socket_path, default_data_dir, default_socket,
+};
 
 impl AgentConfig {
     /// Settings with every default for `data_dir`, made absolute (see
@@ -562,6 +528,9 @@ impl AgentConfig {
             store: StoreConfig::Sled,
             propolis: PropolisSettings::default(),
             socket_group: None,
+            lease_ttl: crate::lease::DEFAULT_TTL,
+            node_name: vmctl_controllers::host_name(),
+            dnsmasq_leases: Vec::new(),
         }
     }
 
@@ -580,7 +549,16 @@ impl AgentConfig {
         let path = cfg.config_file();
         let file = read_file(&path)?.unwrap_or_default();
         check_given(&given, file.store.as_ref().map(|s| *s.get_ref()))?;
+        if let Some(n) = &given.node_name {
+            check_node_name(n)?;
+            cfg.node_name = n.clone();
+        }
         cfg.propolis = given.propolis.clone().or(file.propolis_settings.clone());
+        cfg.dnsmasq_leases = match (&given.dnsmasq_leases, &file.dnsmasq_leases) {
+            (Some(g), _) => g.clone(),
+            (None, Some(f)) => f.iter().map(|p| p.get_ref().clone()).collect(),
+            (None, None) => Vec::new(),
+        };
         let etcd = file.etcd.unwrap_or_default();
         if let Some(d) = given.driver.or(file.driver.map(Spanned::into_inner)) {
             cfg.driver = d;
@@ -658,6 +636,36 @@ mod tests {
         assert_eq!(absolute(Path::new("/a/b")).unwrap(), Path::new("/a/b"));
     }
 
+    /// `--node-name` names the node recorded in the VMs' status (default
+    /// the host name); an empty one or one with spaces is refused.
+    #[test]
+    fn node_name_defaults_to_the_host_name_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_path_buf();
+        let named = |n: Option<&str>| {
+            AgentConfig::resolve(
+                data.clone(),
+                AgentOverrides {
+                    node_name: n.map(str::to_owned),
+                    ..Default::default()
+                },
+            )
+        };
+        assert_eq!(
+            named(None).unwrap().node_name,
+            vmctl_controllers::host_name()
+        );
+        assert_eq!(named(Some("host-b")).unwrap().node_name, "host-b");
+        for bad in ["", "host b"] {
+            let err = named(Some(bad)).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("--node-name / VMCTL_NODE_NAME: node name"),
+                "{err}"
+            );
+        }
+    }
+
     /// A data directory holding `agent.toml` with `text`.
     fn with_file(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -690,6 +698,10 @@ mod tests {
             (
                 etcd(&["http://127.0.0.1:2379"], Some("/vmctl")),
                 "must start and end",
+            ),
+            (
+                etcd(&["http://127.0.0.1:2379"], Some("/a@b/")),
+                "must not contain `@`",
             ),
         ] {
             let err = AgentConfig::resolve(data.clone(), given).unwrap_err();
@@ -911,6 +923,12 @@ mod tests {
                 10,
                 "must start and end with `/`",
             ),
+            (
+                "[etcd]\nprefix = \"/a@b/\"\n",
+                2,
+                10,
+                "must not contain `@`",
+            ),
             ("store = etcd\n", 1, 9, ""),
         ] {
             let (_d, data) = with_file(text);
@@ -967,12 +985,44 @@ mod tests {
     }
 
     #[test]
-    fn socket_path_longer_than_sun_path_is_refused_with_help() {
-        let ok = PathBuf::from(format!("/{}", "s".repeat(SOCKET_PATH_MAX - 1)));
-        check_socket_path(&ok).unwrap();
-        let long = PathBuf::from(format!("/{}", "s".repeat(SOCKET_PATH_MAX)));
-        let err = check_socket_path(&long).unwrap_err();
-        assert!(err.to_string().contains("108 bytes"), "{err}");
-        assert!(err.help().contains("--socket"));
+    fn dnsmasq_lease_files_come_from_the_flag_else_the_file_and_must_be_absolute() {
+        let (_d, data) = with_file("dnsmasq-leases = [\"/run/br0.leases\", \"/run/br1.leases\"]\n");
+        let cfg = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap();
+        assert_eq!(
+            cfg.dnsmasq_leases,
+            [
+                PathBuf::from("/run/br0.leases"),
+                PathBuf::from("/run/br1.leases")
+            ]
+        );
+        let given = AgentOverrides {
+            dnsmasq_leases: Some(vec![PathBuf::from("/tmp/x.leases")]),
+            ..Default::default()
+        };
+        let cfg = AgentConfig::resolve(data, given).unwrap();
+        assert_eq!(cfg.dnsmasq_leases, [PathBuf::from("/tmp/x.leases")]);
+
+        let (_d, data) = with_file("driver = \"qemu\"\ndnsmasq-leases = [\"leases\"]\n");
+        let err = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    line: 2,
+                    column: 19,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("not an absolute path"), "{err}");
+        let relative = AgentOverrides {
+            dnsmasq_leases: Some(vec![PathBuf::from("x.leases")]),
+            ..Default::default()
+        };
+        let (_d, data) = with_file("");
+        let err = AgentConfig::resolve(data, relative).unwrap_err();
+        assert!(err.to_string().contains("--dnsmasq-leases"), "{err}");
+        assert!(err.help().contains("absolute"), "{err}");
     }
 }

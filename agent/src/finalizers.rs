@@ -1,16 +1,17 @@
 //! Finalizers that users set, beside those vmctl's controllers own.
 //!
 //! Finalizers under [`CONTROLLER_PREFIX`] (`vmctl.dev/vm-teardown`,
-//! `vmctl.dev/image-cache`) belong to the controllers: an apply never adds
-//! or removes them, and `PATCH` changes them only with `force`. Every other
+//! `vmctl.dev/image-cache`) belong to the controllers: an apply never
+//! removes them and adds only the one its kind is created with
+//! ([`at_create`]: a new VirtualMachine has `vmctl.dev/vm-teardown`), and
+//! `PATCH` changes them only with `force`. Every other
 //! finalizer is the user's: an apply sets them to what the applied object
 //! lists (like labels, the file is the truth; a file without finalizers
 //! clears them), and `PATCH` (`vmctl patch`) adds or removes them one by
 //! one. Pure functions: the API layer reads, plans here, then writes with
 //! the resourceVersion it read.
 
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use vmctl_api::Kind;
 
 /// Prefix of the finalizers vmctl's controllers own.
 pub const CONTROLLER_PREFIX: &str = "vmctl.dev/";
@@ -18,24 +19,7 @@ pub const CONTROLLER_PREFIX: &str = "vmctl.dev/";
 /// Longest accepted finalizer name, in bytes (a Kubernetes qualified name).
 const MAX_LEN: usize = 253;
 
-/// `PATCH /v1/objects/{kind}/{name}`: changes an object's finalizers.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PatchRequest {
-    /// Finalizers to add (one already there is kept once).
-    #[serde(default)]
-    pub add_finalizers: Vec<String>,
-    /// Finalizers to remove; each must be there. Removing the last one of
-    /// an object being deleted deletes it.
-    #[serde(default)]
-    pub remove_finalizers: Vec<String>,
-    /// Allow changing finalizers owned by vmctl's controllers (`vmctl.dev/…`).
-    #[serde(default)]
-    pub force: bool,
-    /// Fail with 409 Conflict unless the object is at this resourceVersion.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resource_version: Option<u64>,
-}
+pub use vmctl_api::wire::PatchRequest;
 
 /// Why a finalizer change was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,10 +78,31 @@ pub fn after_apply(current: &[String], applied: &[String]) -> Vec<String> {
     out
 }
 
-/// The finalizers of a create: the user finalizers the object lists (the
-/// controllers add their own).
-pub fn on_create(applied: &[String]) -> Vec<String> {
-    after_apply(&[], applied)
+/// The finalizers of a create of a `kind` object: the controller's own
+/// finalizer of the kind, if it has one ([`at_create`]), then the user
+/// finalizers the object lists.
+///
+/// A VirtualMachine is created with `vmctl.dev/vm-teardown` (as
+/// Kubernetes' `StorageObjectInUseProtection` admission creates every
+/// PersistentVolumeClaim with `kubernetes.io/pvc-protection`): the VM
+/// controller would add it before creating anything on the host anyway,
+/// and that was a write of its own per VM, before the first start (the
+/// controller still adds it to a VM without it).
+pub fn on_create(kind: Kind, applied: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = at_create(kind).iter().map(|f| (*f).to_owned()).collect();
+    out.extend(after_apply(&[], applied));
+    out
+}
+
+/// The controller finalizers an object of `kind` is created with: the VM
+/// controller's for a VirtualMachine. An Image's (`vmctl.dev/image-cache`)
+/// is added by its controller once it keeps a cached file, one write per
+/// image rather than per VM.
+pub fn at_create(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::VirtualMachine => &[vmctl_controllers::vm::FINALIZER],
+        _ => &[],
+    }
 }
 
 /// The finalizers after `patch`, or why it is refused.
@@ -151,7 +156,23 @@ mod tests {
         );
         // A file cannot add or drop a controller's finalizer.
         assert_eq!(after_apply(&[], &v(&["vmctl.dev/vm-teardown"])), v(&[]));
-        assert_eq!(on_create(&v(&["vmctl.dev/x", "a/b"])), v(&["a/b"]));
+        assert_eq!(
+            on_create(Kind::Image, &v(&["vmctl.dev/x", "a/b"])),
+            v(&["a/b"])
+        );
+    }
+
+    #[test]
+    fn a_virtual_machine_is_created_with_its_teardown_finalizer() {
+        assert_eq!(
+            on_create(Kind::VirtualMachine, &v(&["vmctl.dev/x", "a/b"])),
+            v(&["vmctl.dev/vm-teardown", "a/b"])
+        );
+        assert_eq!(
+            on_create(Kind::VirtualMachine, &v(&["vmctl.dev/vm-teardown"])),
+            v(&["vmctl.dev/vm-teardown"])
+        );
+        assert!(at_create(Kind::Provision).is_empty());
     }
 
     #[test]

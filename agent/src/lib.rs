@@ -17,9 +17,11 @@ pub mod compaction;
 pub mod config;
 pub mod finalizers;
 pub mod http;
+pub mod lease;
 pub mod openapi;
 pub mod rejection;
 pub mod server;
+pub mod snapshots;
 pub mod socket;
 pub mod streams;
 

@@ -39,7 +39,9 @@ use serde_json::{Value, json};
 use vmctl_api::wire::ErrorBody;
 
 use crate::api::ApiError;
-use crate::rejection::{ApiBytes, ApiJson, ApiPath, ApiQuery, human_bytes};
+use vmctl_api::limits::human_bytes;
+
+use crate::rejection::{ApiBytes, ApiJson, ApiPath, ApiQuery};
 
 /// Builds a JSON Schema for a type, registering definitions in the generator.
 pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
@@ -154,6 +156,39 @@ impl<T: JsonSchema> DocResponse for Json<T> {
     }
 }
 
+/// A JSON answer whose status says whether the agent can serve: 200, or
+/// 503 Service Unavailable with the same body (`/v1/healthz` while the
+/// store is unavailable).
+#[derive(Debug)]
+pub struct HealthJson<T> {
+    /// Whether it can serve (200) or not (503).
+    pub ok: bool,
+    /// The body.
+    pub body: T,
+}
+
+impl<T: serde::Serialize> IntoResponse for HealthJson<T> {
+    fn into_response(self) -> Response {
+        let status = if self.ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (status, Json(self.body)).into_response()
+    }
+}
+
+impl<T: JsonSchema> DocResponse for HealthJson<T> {
+    fn response() -> ResponseDoc {
+        ResponseDoc {
+            status: 200,
+            media_type: "application/json",
+            schema: Some(s::<T>),
+            description: "OK; 503 with the same body while the store is unavailable",
+        }
+    }
+}
+
 /// A `202 Accepted` JSON answer.
 #[derive(Debug)]
 pub struct Accepted<T>(pub T);
@@ -259,6 +294,35 @@ impl DocResponse for Text {
             media_type: "text/plain",
             schema: Some(s::<String>),
             description: "Text",
+        }
+    }
+}
+
+/// Metrics in the OpenMetrics 1.0 text format, which Prometheus scrapes
+/// (<https://github.com/OpenObservability/OpenMetrics/blob/main/specification/OpenMetrics.md>).
+#[derive(Debug)]
+pub struct OpenMetricsText(pub String);
+
+impl IntoResponse for OpenMetricsText {
+    fn into_response(self) -> Response {
+        (
+            [(
+                header::CONTENT_TYPE,
+                vmctl_controllers::metrics::CONTENT_TYPE,
+            )],
+            self.0,
+        )
+            .into_response()
+    }
+}
+
+impl DocResponse for OpenMetricsText {
+    fn response() -> ResponseDoc {
+        ResponseDoc {
+            status: 200,
+            media_type: "application/openmetrics-text",
+            schema: Some(s::<String>),
+            description: "Metrics in the OpenMetrics 1.0 text format",
         }
     }
 }
@@ -602,7 +666,7 @@ pub fn document() -> String {
             op.insert(
                 "requestBody".into(),
                 json!({"required": true,
-                       "description": format!("{what}, at most {} ({} bytes); larger bodies get 413", human_bytes(req.max_bytes), req.max_bytes),
+                       "description": format!("{what}, at most {} ({} bytes); larger bodies get 413", human_bytes(req.max_bytes as u64), req.max_bytes),
                        "content": {req.media_type: {"schema": schema}}}),
             );
         }

@@ -11,14 +11,11 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
+use vmctl_api::limits::human_bytes;
+
 use crate::api::ApiError;
 
-/// Largest accepted `POST /v1/apply` body: 32 MiB, about 80,000 small VMs
-/// as JSON (a 10,000-VM VMFile is about 4 MiB).
-pub const MAX_APPLY_BODY_BYTES: usize = 32 << 20;
-
-/// Largest accepted body of every other endpoint: 64 KiB.
-pub const MAX_BODY_BYTES: usize = 64 << 10;
+pub use vmctl_api::limits::{MAX_APPLY_BODY_BYTES, MAX_BODY_BYTES};
 
 /// A request body that pauses longer than this between two reads is
 /// refused with 408 (tower-http's `RequestBodyTimeoutLayer`).
@@ -27,24 +24,14 @@ pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request body not received whole within this is refused with 408.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A byte count for people: `32 MiB`, `64 KiB`, `913 B`.
-pub fn human_bytes(n: usize) -> String {
-    match n {
-        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
-        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / f64::from(1 << 20)),
-        n if n >= 1 << 10 => format!("{} KiB", n >> 10),
-        n => format!("{n} B"),
-    }
-}
-
 fn too_large(limit: usize, sent: Option<usize>) -> ApiError {
-    let sent = sent.map_or(String::new(), |n| format!(" ({})", human_bytes(n)));
+    let sent = sent.map_or(String::new(), |n| format!(" ({})", human_bytes(n as u64)));
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "vmctl::api::payload_too_large",
         format!(
             "the request body{sent} is larger than the agent accepts here ({})",
-            human_bytes(limit)
+            human_bytes(limit as u64)
         ),
         Some(
             "apply the objects in several smaller files; the limits are in the README and agent/openapi.json",
@@ -252,17 +239,4 @@ pub async fn json_errors(resp: Response) -> Response {
         Some("see agent/openapi.json for what each endpoint accepts"),
     )
     .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn limits_read_as_people_write_them() {
-        assert_eq!(human_bytes(MAX_APPLY_BODY_BYTES), "32 MiB");
-        assert_eq!(human_bytes(MAX_BODY_BYTES), "64 KiB");
-        assert_eq!(human_bytes(4_400_000), "4.2 MiB");
-        assert_eq!(human_bytes(12), "12 B");
-    }
 }

@@ -1,9 +1,10 @@
 //! Starting and stopping the agent: lock, store, socket, signals.
 //!
 //! Order: driver settings → data directory lock → socket probe (a second
-//! agent stops here) → store → socket bound ([`crate::socket`]) → API
-//! served with limits ([`crate::http`]) until SIGTERM/SIGINT → socket
-//! removed if still ours.
+//! agent stops here) → store → on etcd, the agent lease (another agent on
+//! the prefix stops this one here; [`crate::lease`]) → socket bound ([`crate::socket`]) → API
+//! served with limits ([`crate::http`]) until SIGTERM/SIGINT → controllers
+//! stopped (and the agent lease released) → socket removed if still ours.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -27,6 +28,21 @@ pub enum AgentError {
     /// The store could not be opened.
     #[error("cannot open the store")]
     Store(#[source] StoreError),
+    /// Another agent holds the agent lease of this etcd prefix (it runs
+    /// the controllers there; see [`crate::lease`]).
+    #[error(
+        "another vmctl agent runs the controllers of etcd prefix `{prefix}` ({store}): {holder}"
+    )]
+    LeaseHeld {
+        /// The key prefix.
+        prefix: String,
+        /// `etcd at URL,…`.
+        store: String,
+        /// Who holds it.
+        holder: Box<vmctl_store::LeaseHolder>,
+        /// The lease's TTL: a killed holder's lease is gone after it.
+        ttl: std::time::Duration,
+    },
     /// The socket could not be bound (something answers there already, or
     /// the path is not a socket, or a system call failed).
     #[error("cannot listen on the agent socket")]
@@ -58,6 +74,14 @@ impl AgentError {
             AgentError::Locked(_) => {
                 "use the running agent (vmctl talks to it), or stop it first".into()
             }
+            AgentError::LeaseHeld { holder, ttl, .. } => format!(
+                "use that agent (vmctl --socket {} on {}), or stop it first; if it was killed, \
+                 its lease expires within {} s (the TTL): start this one again then. To run \
+                 another installation on this etcd, give it its own --etcd-prefix",
+                holder.socket,
+                holder.host,
+                ttl.as_secs()
+            ),
             AgentError::DataDir(..) => {
                 "check the permissions of the data directory (XDG_DATA_HOME)".into()
             }
@@ -221,11 +245,12 @@ fn propolis_drivers(
     })
 }
 
-/// Opens the configured store and starts its maintenance task.
+/// Opens the configured store and starts its maintenance task; the etcd
+/// store is also returned as such (for its agent lease).
 async fn open_store(
     cfg: &AgentConfig,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<Arc<dyn Store>, AgentError> {
+) -> Result<(Arc<dyn Store>, Option<EtcdStore>), AgentError> {
     match &cfg.store {
         StoreConfig::Sled => {
             let db = cfg.db_dir();
@@ -238,23 +263,20 @@ async fn open_store(
                 cfg.retention.clone(),
                 stop,
             ));
-            Ok(Arc::new(store))
+            Ok((Arc::new(store), None))
         }
         StoreConfig::Etcd { endpoints, prefix } => {
             let mut opts = EtcdOptions::new(endpoints.clone());
             opts.prefix = prefix.clone();
-            let store = EtcdStore::connect(opts).await.map_err(AgentError::Store)?;
             // Unreachable is no reason not to start: every request says so,
-            // and the controllers retry until etcd is back.
-            if let Err(e) = store.health().await {
-                tracing::warn!(error = %vmctl_api::error_chain(&e), "etcd is not reachable yet; retrying");
-            }
+            // and the controllers start once etcd is back (crate::lease).
+            let store = EtcdStore::connect(opts).await.map_err(AgentError::Store)?;
             tokio::spawn(crate::compaction::run_etcd(
                 store.clone(),
                 cfg.retention.clone(),
                 stop,
             ));
-            Ok(Arc::new(store))
+            Ok((Arc::new(store.clone()), Some(store)))
         }
     }
 }
@@ -274,7 +296,22 @@ pub async fn run_until(
     crate::socket::check_free(&cfg.socket).map_err(AgentError::Socket)?;
     let nofile = crate::http::raise_nofile_limit();
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let store = open_store(&cfg, stop.subscribe()).await?;
+    let (store, etcd) = open_store(&cfg, stop.subscribe()).await?;
+    // Every request of the API, the cache and the controllers is timed.
+    let store: Arc<dyn Store> = Arc::new(vmctl_controllers::metrics::MeteredStore(store));
+    // On etcd, one agent per prefix runs the controllers (crate::lease).
+    let me = crate::lease::me(&cfg);
+    let first_lease = match &etcd {
+        Some(e) => crate::lease::at_start(e, &me, cfg.lease_ttl)
+            .await
+            .map_err(|holder| AgentError::LeaseHeld {
+                prefix: e.options().prefix.clone(),
+                store: e.describe(),
+                holder: Box::new(holder),
+                ttl: cfg.lease_ttl,
+            })?,
+        None => None,
+    };
     let group = match &cfg.socket_group {
         Some(name) => Some(crate::socket::group_id(name).map_err(AgentError::Socket)?),
         None => None,
@@ -289,20 +326,60 @@ pub async fn run_until(
         store = %store.describe(),
         "agent listening"
     );
-    let controllers = tokio::spawn(vmctl_controllers::run(
-        store.clone(),
-        drivers,
-        vmctl_controllers::RuntimeConfig::default(),
-        stopped,
-    ));
+    let (controllers_state, _) =
+        tokio::sync::watch::channel(crate::lease::ControllersState::Running);
+    // The VMs this agent runs are recorded as its node's; it leaves the
+    // instances of other nodes and data dirs alone.
+    let runtime = vmctl_controllers::RuntimeConfig {
+        node: vmctl_controllers::NodeIdentity {
+            name: cfg.node_name.clone(),
+            data_dir: Some(cfg.data_dir.clone()),
+        },
+        dnsmasq_leases: cfg.dnsmasq_leases.clone(),
+        ..Default::default()
+    };
+    let start = {
+        let (store, drivers) = (store.clone(), drivers);
+        move |stopped| {
+            tokio::spawn(vmctl_controllers::run(
+                store.clone(),
+                drivers.clone(),
+                runtime.clone(),
+                stopped,
+            ))
+        }
+    };
+    let controllers = match etcd {
+        None => start(stopped),
+        Some(e) => {
+            if first_lease.is_none() {
+                controllers_state
+                    .send_replace(crate::lease::ControllersState::Standby { holder: None });
+            }
+            tokio::spawn(crate::lease::run_while_held(
+                e,
+                first_lease,
+                me,
+                cfg.lease_ttl,
+                start,
+                stopped,
+                controllers_state.clone(),
+            ))
+        }
+    };
     let cache = crate::cache::ObjectCache::start(store.clone(), stop.subscribe());
-    let state = AppState::new(store, cfg.clone()).with_cache(cache);
+    let state = AppState::new(store, cfg.clone())
+        .with_cache(cache)
+        .with_controllers(controllers_state.subscribe());
     let app = api::router(state);
     crate::http::serve(listener, app, limits, shutdown).await;
-    // Removed only if it is still ours (another agent may have taken the path).
-    drop(socket);
     let _ = stop.send(true);
     let ctl = controllers.await;
+    // Removed only if it is still ours (another agent may have taken the
+    // path), and only now: once the socket is gone, the controllers have
+    // stopped and the etcd agent lease is released (crate::lease), so a
+    // next agent on the prefix is not refused.
+    drop(socket);
     match ctl {
         Ok(r) => r.map_err(AgentError::Controllers),
         Err(e) => {

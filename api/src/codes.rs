@@ -76,9 +76,19 @@ pub const CODES: &[Code] = &[
         "use the running agent (vmctl talks to it), or stop it first",
     ),
     c(
+        "vmctl::agent::not_installed",
+        "`vmctl agent`, or a command that starts an agent, found no `vmctl-agent` program next to `vmctl`",
+        "install both programs into one directory: `cargo install --path ctl` and `cargo install --path agent` (or copy vmctl and vmctl-agent together); from a source tree, `cargo build -p vmctl-agent`",
+    ),
+    c(
         "vmctl::agent::protocol",
         "the agent's answer is not what this vmctl expects",
         "are vmctl and the agent the same version? restart the agent",
+    ),
+    c(
+        "vmctl::agent::start_failed",
+        "no agent answered, and the one the command started exited or did not answer within 30 s",
+        "the message shows the end of its log (<data-dir>/agent.log): fix what it says and run the command again; `vmctl agent` runs one in the foreground",
     ),
     c(
         "vmctl::agent::timeout",
@@ -143,7 +153,7 @@ pub const CODES: &[Code] = &[
     c(
         "vmctl::api::unknown_kind",
         "the agent was asked for a kind it does not know",
-        "kinds are vm, image and provision",
+        "kinds are vm, image, provision and snapshot",
     ),
     c(
         "vmctl::apply::failed",
@@ -193,7 +203,7 @@ pub const CODES: &[Code] = &[
     c(
         "vmctl::cli::unknown_kind",
         "a kind argument is not vm, image or provision",
-        "kinds are vm, image and provision",
+        "kinds are vm, image, provision and snapshot",
     ),
     c(
         "vmctl::cli::usage",
@@ -351,6 +361,11 @@ pub const CODES: &[Code] = &[
         "add provision blocks to the VM in its VMFile and apply it",
     ),
     c(
+        "vmctl::qemu::hotplug_failed",
+        "an extra disk could not be attached to or detached from a running QEMU (hot-plug)",
+        "the disk is attached or detached at the next start: stop and start the VM, or set update-policy \"restart\"; the message says why (no free PCIe root port, a guest that did not release the disk)",
+    ),
+    c(
         "vmctl::qemu::qmp_command_failed",
         "QEMU rejected a QMP command",
         "see the message; the VM's console log (`vmctl log NAME --console`) may say more",
@@ -361,6 +376,16 @@ pub const CODES: &[Code] = &[
         "QEMU may have exited before its QMP socket was ready; check the logs in the VM's work directory",
     ),
     c(
+        "vmctl::qemu::share_failed",
+        "a shared folder could not be served when the VM started (its host folder is gone, or virtiofsd did not start)",
+        "create the host folder again (or remove the `share`), check virtiofsd-N.log in the VM's work dir, then start the VM; VMCTL_VIRTIOFSD=none uses 9p instead",
+    ),
+    c(
+        "vmctl::qemu::snapshot_failed",
+        "QEMU or qemu-img could not save, restore, list or delete a snapshot",
+        "see the message and `vmctl describe snapshot NAME`; a full disk or a disk that is not qcow2 are the usual causes",
+    ),
+    c(
         "vmctl::qemu::spawn_failed",
         "the QEMU process failed to start",
         "ensure qemu-system-x86_64 is installed and in PATH, and KVM is available (/dev/kvm), or set VMCTL_ACCEL=tcg",
@@ -368,7 +393,47 @@ pub const CODES: &[Code] = &[
     c(
         "vmctl::schema::unknown_kind",
         "`vmctl schema` was given an unknown kind",
-        "kinds are VirtualMachine (vm), Image (image) and Provision (provision)",
+        "kinds are VirtualMachine (vm), Image (image), Provision (provision) and Snapshot (snapshot)",
+    ),
+    c(
+        "vmctl::snapshot::exists",
+        "`vmctl snapshot create VM NAME` named a snapshot that exists already",
+        "pick another name, or leave it out for a generated one (VM-YYYYMMDD-HHMMSS)",
+    ),
+    c(
+        "vmctl::snapshot::needs_stopped_vm",
+        "a restore of a disk-only snapshot (taken while the VM was stopped) to a running VM",
+        "stop the VM (`vmctl stop NAME`), restore, then start it (`vmctl start NAME`)",
+    ),
+    c(
+        "vmctl::snapshot::not_found",
+        "a snapshot command named a snapshot that does not exist",
+        "`vmctl snapshot list` shows the snapshots of every VM",
+    ),
+    c(
+        "vmctl::snapshot::not_ready",
+        "a restore of a snapshot that is not Ready (still being saved, or its save failed)",
+        "wait for it (`vmctl snapshot list`), or delete a Failed one and create another",
+    ),
+    c(
+        "vmctl::snapshot::restore_failed",
+        "the agent could not bring a VM back to a snapshot",
+        "see `vmctl describe snapshot NAME` (its Restored condition) and the VM's events",
+    ),
+    c(
+        "vmctl::snapshot::vm_changed",
+        "an apply that changes which VM an existing snapshot is of",
+        "a snapshot stays with its VM: create a new snapshot of the other VM (`vmctl snapshot create VM`)",
+    ),
+    c(
+        "vmctl::snapshot::vm_deleting",
+        "a snapshot or restore of a VM that is being deleted",
+        "wait for the deletion to end; its snapshots go with it",
+    ),
+    c(
+        "vmctl::snapshot::vm_not_found",
+        "a snapshot or restore of a VM that does not exist",
+        "check the name with `vmctl get vm`",
     ),
     c(
         "vmctl::ssh::failed",
@@ -555,6 +620,7 @@ mod tests {
             "store/src",
             "controllers/src",
             "agent/src",
+            "agent-args/src",
             "ctl/src",
         ] {
             rust_files(&root.join(dir), &mut files);

@@ -1,4 +1,5 @@
-//! Located diagnostics for VMFiles and manifests.
+//! Diagnostics: coded errors with the help of the registry ([`crate::codes`]),
+//! and located diagnostics for VMFiles and manifests.
 //!
 //! A file with five mistakes reports all five at once: [`FileDiagnostics`]
 //! is one miette diagnostic naming the file, whose related diagnostics are
@@ -12,6 +13,42 @@ use miette::{Diagnostic, LabeledSpan, NamedSource, SourceSpan};
 use crate::limits::{MAX_PROBLEMS, MAX_SHOWN_LINE_CHARS, MAX_SHOWN_TEXT_CHARS, clip_text};
 
 pub use crate::validate::Severity;
+
+/// An error with `code` and the registry's help for it.
+pub fn error(code: &'static str, message: impl std::fmt::Display) -> miette::Report {
+    let mut d = miette::MietteDiagnostic::new(message.to_string()).with_code(code);
+    if let Some(h) = crate::codes::help(code) {
+        d = d.with_help(h);
+    }
+    miette::Report::new(d)
+}
+
+/// An error with `code` and a specific help line.
+pub fn error_help(
+    code: &'static str,
+    help: impl std::fmt::Display,
+    message: impl std::fmt::Display,
+) -> miette::Report {
+    miette::Report::new(
+        miette::MietteDiagnostic::new(message.to_string())
+            .with_code(code)
+            .with_help(help.to_string()),
+    )
+}
+
+/// Makes miette print reports as vmctl's programs do: no terminal
+/// hyperlinks, long lines wrapped. Call once, first thing in `main`.
+pub fn set_report_hook() {
+    miette::set_hook(Box::new(|_| {
+        Box::new(
+            miette::MietteHandlerOpts::new()
+                .terminal_links(false)
+                .wrap_lines(true)
+                .build(),
+        )
+    }))
+    .ok();
+}
 
 /// One located problem in a source file.
 #[derive(Debug, Clone)]

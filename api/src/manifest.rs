@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::diag::{FileDiagnostics, Problem};
 use crate::limits::FileUse;
 use crate::meta::Kind;
-use crate::resources::{Image, Provision, ProvisionStep, Resource, VirtualMachine};
+use crate::resources::{Image, Provision, ProvisionStep, Resource, Snapshot, VirtualMachine};
 use crate::validate::{Severity, kinds_list, validate};
 
 /// Diagnostic code of manifest problems.
@@ -44,23 +44,33 @@ fn split_documents(src: &str) -> Vec<(usize, &str)> {
 fn locate(doc: &str, base: usize, path: &str) -> SourceSpan {
     let mut pos = 0;
     let mut found = None;
+    // `portForwards[2].hostPort`: the third `hostPort:` after `portForwards:`.
+    let mut skip = 0;
     for seg in path.split('.') {
         let key = seg.split('[').next().unwrap_or(seg);
         if key.is_empty() {
             continue;
         }
         let pats = [format!("{key}:"), format!("\"{key}\"")];
-        let hit = pats
-            .iter()
-            .filter_map(|p| doc[pos..].find(p.as_str()).map(|i| (i, p.len())))
-            .min();
-        match hit {
-            Some((i, len)) => {
-                found = Some((base + pos + i, len));
-                pos += i + len;
+        let mut hit = None;
+        for _ in 0..=skip {
+            hit = pats
+                .iter()
+                .filter_map(|p| doc[pos..].find(p.as_str()).map(|i| (i, p.len())))
+                .min();
+            match hit {
+                Some((i, len)) => pos += i + len,
+                None => break,
             }
+        }
+        match hit {
+            Some((_, len)) => found = Some((base + pos - len, len)),
             None => break,
         }
+        skip = seg
+            .split_once('[')
+            .and_then(|(_, i)| i.trim_end_matches(']').parse().ok())
+            .unwrap_or(0);
     }
     found.map(Into::into).unwrap_or_else(|| (base, 0).into())
 }
@@ -114,7 +124,7 @@ fn fill_digests(res: &mut Resource, doc: &str, base: usize, problems: &mut Vec<P
                 }
             }
         }
-        Resource::Image(_) => {}
+        Resource::Image(_) | Resource::Snapshot(_) => {}
     }
     for (key, use_, f) in files {
         if f.digest.is_some() || !f.path.starts_with('/') {
@@ -136,6 +146,30 @@ fn fill_digests(res: &mut Resource, doc: &str, base: usize, problems: &mut Vec<P
                 .label("cannot read")
                 .help("the file must exist, be a regular file and within its size limit when the manifest is applied"),
             ),
+        }
+    }
+}
+
+/// Checks that the host folder of each share exists now, as a VMFile's
+/// reader does (a relative path is already refused by validation).
+fn check_shares(res: &Resource, doc: &str, base: usize, problems: &mut Vec<Problem>) {
+    let Resource::VirtualMachine(vm) = res else {
+        return;
+    };
+    for (i, sh) in vm.spec.shares.iter().enumerate() {
+        if !sh.host_path.starts_with('/') {
+            continue;
+        }
+        if let Err(msg) = crate::validate::check_share_dir(std::path::Path::new(&sh.host_path)) {
+            problems.push(
+                Problem::error(
+                    CODE,
+                    locate(doc, base, &format!("spec.shares[{i}].hostPath")),
+                    msg,
+                )
+                .label("not a directory")
+                .help("create it, or name an existing directory (an absolute path on the agent's host)"),
+            );
         }
     }
 }
@@ -225,9 +259,22 @@ pub fn parse_for(
                 problems.push(p);
             }
             fill_digests(&mut res, doc, base, &mut problems);
-            out.push(res);
+            check_shares(&res, doc, base, &mut problems);
+            out.push((res, doc, base));
         }
     }
+    for (i, fe) in crate::validate::port_clashes(out.iter().map(|(r, _, _)| r)) {
+        let (_, doc, base) = &out[i];
+        problems.push(
+            Problem::error(
+                CODE,
+                locate(doc, *base, &fe.path),
+                format!("{}: {}", fe.path, fe.message),
+            )
+            .maybe_help(fe.help),
+        );
+    }
+    let out: Vec<Resource> = out.into_iter().map(|(r, _, _)| r).collect();
     let diags = FileDiagnostics::new(file, src_arc, problems);
     if diags.has_errors() {
         return Err(diags);
@@ -278,6 +325,9 @@ fn one_object(
         Kind::Image => get::<Image>(doc, base, value, whole_doc, problems).map(Resource::Image),
         Kind::Provision => {
             get::<Provision>(doc, base, value, whole_doc, problems).map(Resource::Provision)
+        }
+        Kind::Snapshot => {
+            get::<Snapshot>(doc, base, value, whole_doc, problems).map(Resource::Snapshot)
         }
     }
 }

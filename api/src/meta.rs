@@ -30,11 +30,18 @@ pub enum Kind {
     Image,
     /// The provisioning steps run on a VM (`provision`).
     Provision,
+    /// A saved point of a VM's disks and memory (`snapshot`).
+    Snapshot,
 }
 
 impl Kind {
     /// Every kind, in the order they are usually applied.
-    pub const ALL: [Kind; 3] = [Kind::Image, Kind::VirtualMachine, Kind::Provision];
+    pub const ALL: [Kind; 4] = [
+        Kind::Image,
+        Kind::VirtualMachine,
+        Kind::Provision,
+        Kind::Snapshot,
+    ];
 
     /// The canonical name, as in `kind:` of a manifest.
     pub fn as_str(self) -> &'static str {
@@ -42,6 +49,7 @@ impl Kind {
             Kind::VirtualMachine => "VirtualMachine",
             Kind::Image => "Image",
             Kind::Provision => "Provision",
+            Kind::Snapshot => "Snapshot",
         }
     }
 
@@ -51,6 +59,7 @@ impl Kind {
             Kind::VirtualMachine => "vm",
             Kind::Image => "image",
             Kind::Provision => "provision",
+            Kind::Snapshot => "snapshot",
         }
     }
 
@@ -60,6 +69,7 @@ impl Kind {
             "virtualmachine" | "virtualmachines" | "vm" | "vms" => Some(Kind::VirtualMachine),
             "image" | "images" | "img" => Some(Kind::Image),
             "provision" | "provisions" | "prov" => Some(Kind::Provision),
+            "snapshot" | "snapshots" | "snap" => Some(Kind::Snapshot),
             _ => None,
         }
     }

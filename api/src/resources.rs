@@ -1,5 +1,5 @@
-//! The typed resources: VirtualMachine, Image and Provision, their specs and
-//! statuses.
+//! The typed resources: VirtualMachine, Image, Provision and Snapshot,
+//! their specs and statuses (Snapshot's in [`crate::snapshot`]).
 //!
 //! Status follows KubeVirt's shape: one display `phase`, a list of
 //! `conditions`, `observedGeneration`, and for VMs a start-failure counter with
@@ -9,6 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{Condition, Kind, Object, ObjectMeta, Time};
+pub use crate::snapshot::{SnapshotPhase, SnapshotSpec, SnapshotStatus};
 
 /// Generates a typed resource struct for one kind, with conversions to and
 /// from the kind-erased [`Object`].
@@ -102,6 +103,14 @@ resource!(
     ProvisionSpec,
     ProvisionStatus
 );
+resource!(
+    /// A point-in-time copy of one VM's disks, and of its memory when it
+    /// runs, that the VM can be restored to.
+    Snapshot,
+    Kind::Snapshot,
+    SnapshotSpec,
+    SnapshotStatus
+);
 
 /// Any one resource, tagged by `kind`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -117,6 +126,8 @@ pub enum Resource {
     Image(Image),
     /// A Provision.
     Provision(Provision),
+    /// A Snapshot.
+    Snapshot(Snapshot),
 }
 
 impl Resource {
@@ -126,6 +137,7 @@ impl Resource {
             Resource::VirtualMachine(_) => Kind::VirtualMachine,
             Resource::Image(_) => Kind::Image,
             Resource::Provision(_) => Kind::Provision,
+            Resource::Snapshot(_) => Kind::Snapshot,
         }
     }
 
@@ -135,6 +147,7 @@ impl Resource {
             Resource::VirtualMachine(r) => &r.metadata,
             Resource::Image(r) => &r.metadata,
             Resource::Provision(r) => &r.metadata,
+            Resource::Snapshot(r) => &r.metadata,
         }
     }
 
@@ -144,6 +157,7 @@ impl Resource {
             Resource::VirtualMachine(r) => &mut r.metadata,
             Resource::Image(r) => &mut r.metadata,
             Resource::Provision(r) => &mut r.metadata,
+            Resource::Snapshot(r) => &mut r.metadata,
         }
     }
 
@@ -158,6 +172,7 @@ impl Resource {
             Resource::VirtualMachine(r) => r.to_object(),
             Resource::Image(r) => r.to_object(),
             Resource::Provision(r) => r.to_object(),
+            Resource::Snapshot(r) => r.to_object(),
         }
     }
 
@@ -167,6 +182,7 @@ impl Resource {
             Kind::VirtualMachine => Resource::VirtualMachine(VirtualMachine::from_object(obj)?),
             Kind::Image => Resource::Image(Image::from_object(obj)?),
             Kind::Provision => Resource::Provision(Provision::from_object(obj)?),
+            Kind::Snapshot => Resource::Snapshot(Snapshot::from_object(obj)?),
         })
     }
 }
@@ -258,6 +274,326 @@ pub struct VirtualMachineSpec {
     /// `vmctl stop --timeout S` sets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout_seconds: Option<u32>,
+    /// Host ports forwarded to guest ports (user networking only). Added
+    /// and removed on a running VM live, without a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_forwards: Vec<PortForward>,
+    /// A graphics console (VMFile `display "vnc"`); none by default.
+    #[serde(default, skip_serializing_if = "Display::is_none")]
+    pub display: Display,
+    /// Readiness probes of the user's own (VMFile `probe "exec" { … }`,
+    /// `probe "tcp" port=80`), run by the agent over SSH once SSH answers:
+    /// the VM is `Ready` only while every one passes. Changed live.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readiness_probes: Vec<Probe>,
+    /// Host directories shared with the guest (VMFile `share "./src"
+    /// mount="/src"`), mounted by cloud-init at every boot. Changing them
+    /// needs a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<Share>,
+}
+
+/// A host directory shared with the guest (VMFile `share "./src"
+/// mount="/src" read-only=#true`): virtio-fs through `virtiofsd`, or 9p
+/// (`-virtfs`) where there is no usable virtiofsd and for read-only
+/// shares (see `status.runtime.shares` for the transport used). The guest
+/// mounts it at `mountPath` at every boot through cloud-init's `bootcmd`.
+/// A VM with shares cannot be snapshotted while it runs (QEMU refuses to
+/// save the state of virtio-fs and 9p devices).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Share {
+    /// The directory on the host: an absolute path (a VMFile resolves a
+    /// relative one against its own directory). It must exist when applied
+    /// and when the VM starts.
+    pub host_path: String,
+    /// Where the guest mounts it: an absolute path, created if missing.
+    pub mount_path: String,
+    /// Mounted read-only in the guest, and enforced on the host (9p
+    /// `readonly=on`, or virtiofsd `--readonly`): the guest cannot change
+    /// the host's files.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
+/// How a share reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ShareType {
+    /// virtio-fs (`vhost-user-fs-pci` and a `virtiofsd` per share); the
+    /// guest mounts it with `mount -t virtiofs TAG PATH`.
+    #[serde(rename = "virtiofs")]
+    Virtiofs,
+    /// 9p over virtio (`-virtfs local,…`); the guest mounts it with `mount
+    /// -t 9p -o trans=virtio,version=9p2000.L TAG PATH`.
+    #[serde(rename = "9p")]
+    NineP,
+}
+
+impl ShareType {
+    /// The guest's file system type: `virtiofs` or `9p`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShareType::Virtiofs => "virtiofs",
+            ShareType::NineP => "9p",
+        }
+    }
+}
+
+/// One entry of `spec.shares` as the hypervisor serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShareRuntime {
+    /// The guest path it is mounted at.
+    pub mount_path: String,
+    /// The host directory.
+    pub host_path: String,
+    /// `virtiofs` or `9p`.
+    #[serde(rename = "type")]
+    pub type_: ShareType,
+    /// Whether it is read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// The mount tag the guest mounts it by.
+    pub tag: String,
+}
+
+/// A readiness probe, in the manner of a Kubernetes container's
+/// `readinessProbe` (exactly one of `exec` and `tcpSocket`): the agent
+/// runs it every `periodSeconds` once the guest answers SSH; it must pass
+/// once to count, and fail `failureThreshold` times in a row to stop
+/// counting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Probe {
+    /// Run a command in the guest over SSH; it passes when it exits 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecAction>,
+    /// Open a TCP connection to a guest port, from inside the guest (an SSH
+    /// `direct-tcpip` channel to 127.0.0.1); it passes when the port
+    /// accepts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<TcpSocketAction>,
+    /// Seconds between runs (1–3600; default 10).
+    #[serde(default = "default_probe_period")]
+    pub period_seconds: u32,
+    /// Seconds one run may take, SSH connection included, before it
+    /// counts as failed (1–3600; default 3).
+    #[serde(default = "default_probe_timeout")]
+    pub timeout_seconds: u32,
+    /// Failures in a row that make a passing probe fail (1–100; default 3,
+    /// Kubernetes' default).
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+}
+
+/// A probe's command (Kubernetes' `ExecAction`, but one shell command
+/// line, as a provisioning step's `inline`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecAction {
+    /// The command line, run by the guest user's shell.
+    pub command: String,
+}
+
+/// A probe's TCP connection (Kubernetes' `TCPSocketAction`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpSocketAction {
+    /// The guest port (1–65535), connected to on the guest's 127.0.0.1.
+    pub port: u16,
+}
+
+fn default_probe_period() -> u32 {
+    10
+}
+fn default_probe_timeout() -> u32 {
+    3
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+
+impl Probe {
+    /// A probe of `exec` or `tcp_socket` with the default period, timeout
+    /// and threshold.
+    pub fn new(exec: Option<ExecAction>, tcp_socket: Option<TcpSocketAction>) -> Self {
+        Probe {
+            exec,
+            tcp_socket,
+            period_seconds: default_probe_period(),
+            timeout_seconds: default_probe_timeout(),
+            failure_threshold: default_failure_threshold(),
+        }
+    }
+
+    /// What it checks, for people: `exec "systemctl is-active nginx"`,
+    /// `tcp 80`.
+    pub fn describe(&self) -> String {
+        match (&self.exec, &self.tcp_socket) {
+            (Some(e), _) => format!("exec {:?}", e.command),
+            (None, Some(t)) => format!("tcp {}", t.port),
+            (None, None) => "nothing".to_owned(),
+        }
+    }
+}
+
+/// A VM's graphics console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum Display {
+    /// No graphics device: the serial console only.
+    #[default]
+    None,
+    /// A VGA device and a VNC server on 127.0.0.1, on the first free
+    /// display (port 5900-5999), without a password: anyone who can
+    /// connect to 127.0.0.1 on the host sees the screen. Its address is
+    /// `status.runtime.vnc`. Changing it needs a restart.
+    #[serde(rename = "VNC")]
+    Vnc,
+}
+
+impl Display {
+    /// Whether there is no graphics console.
+    pub fn is_none(&self) -> bool {
+        *self == Display::None
+    }
+}
+
+/// The transport protocol of a port forward, as Kubernetes spells it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    /// UDP.
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    /// `tcp` or `udp`: how QEMU's `hostfwd` and Docker's `-p 80/udp` write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// The host address a port forward listens on when none is given.
+pub const DEFAULT_FORWARD_ADDRESS: &str = "127.0.0.1";
+
+fn default_forward_address() -> String {
+    DEFAULT_FORWARD_ADDRESS.to_owned()
+}
+
+/// A host port forwarded to a guest port (VMFile `port-forward host=8080
+/// guest=80`, `vmctl create --port 8080:80`), through QEMU's user
+/// networking (`hostfwd`).
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortForward {
+    /// The host port (1–65535) that listens on `address`.
+    pub host_port: u16,
+    /// The guest port (1–65535) connections are forwarded to.
+    pub guest_port: u16,
+    /// `TCP` (default) or `UDP`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The host IPv4 address to listen on (Kubernetes' `hostIP`); default
+    /// `127.0.0.1`, so only this host reaches the guest. Another address
+    /// (`0.0.0.0`: every interface) is taken only as written, with a
+    /// warning.
+    #[serde(default = "default_forward_address")]
+    pub address: String,
+}
+
+impl PortForward {
+    /// A TCP forward on 127.0.0.1.
+    pub fn tcp(host_port: u16, guest_port: u16) -> Self {
+        PortForward {
+            host_port,
+            guest_port,
+            protocol: Protocol::Tcp,
+            address: default_forward_address(),
+        }
+    }
+
+    /// Docker's notation: `127.0.0.1:8080->80/tcp`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}:{}->{}/{}",
+            self.address,
+            self.host_port,
+            self.guest_port,
+            self.protocol.as_str()
+        )
+    }
+
+    /// Whether `self` and `other` need the same host socket: one protocol,
+    /// one port, and the same address or either on every address
+    /// (`0.0.0.0`).
+    pub fn clashes_with(&self, other: &PortForward) -> bool {
+        let any = |a: &str| a == "0.0.0.0";
+        self.protocol == other.protocol
+            && self.host_port == other.host_port
+            && (self.address == other.address || any(&self.address) || any(&other.address))
+    }
+}
+
+impl std::str::FromStr for PortForward {
+    type Err = String;
+
+    /// Docker's `-p` notation: `8080:80`, `127.0.0.1:8080:80`,
+    /// `8080:80/udp` (the address is checked by validation).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = "write HOST:GUEST (8080:80), ADDRESS:HOST:GUEST (127.0.0.1:8080:80), optionally with /tcp or /udp";
+        let (ports, protocol) = match s.rsplit_once('/') {
+            None => (s, Protocol::Tcp),
+            Some((p, proto)) => match proto.to_ascii_lowercase().as_str() {
+                "tcp" => (p, Protocol::Tcp),
+                "udp" => (p, Protocol::Udp),
+                other => {
+                    return Err(format!(
+                        "unknown protocol `{other}` in `{s}`: use tcp or udp"
+                    ));
+                }
+            },
+        };
+        let parts: Vec<&str> = ports.rsplitn(3, ':').collect();
+        let (guest, host, address) = match parts.as_slice() {
+            [guest, host] => (*guest, *host, DEFAULT_FORWARD_ADDRESS),
+            [guest, host, address] if !address.is_empty() => (*guest, *host, *address),
+            _ => return Err(format!("`{s}` is not a port forward: {usage}")),
+        };
+        let port = |p: &str, what: &str| match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "{what} port `{p}` in `{s}` is not a port (1-65535): {usage}"
+            )),
+        };
+        Ok(PortForward {
+            host_port: port(host, "host")?,
+            guest_port: port(guest, "guest")?,
+            protocol,
+            address: address.to_owned(),
+        })
+    }
 }
 
 /// An extra disk of a VM (VMFile `disk "data" size="10G"`).
@@ -397,7 +733,8 @@ pub struct VmRuntime {
     /// Hypervisor process id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    /// VNC display address.
+    /// The VNC server's address (`127.0.0.1:5900`) of a running VM with
+    /// `display: VNC`, as the hypervisor reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vnc: Option<String>,
     /// SSH host (127.0.0.1 for user networking, else the guest IP).
@@ -420,6 +757,10 @@ pub struct VmRuntime {
     /// [`ROOT_DISK`]); empty when the backend does not report them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskRuntime>,
+    /// The shared folders (`spec.shares`) as the instance was prepared or
+    /// started: how each reaches the guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareRuntime>,
 }
 
 /// The name of a VM's root disk (the one made from its image) in
@@ -440,6 +781,60 @@ pub struct DiskRuntime {
     pub path: Option<String>,
 }
 
+/// Whether a port forward is in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum PortForwardState {
+    /// Not in place: the VM is not running (or not observed yet).
+    #[default]
+    Pending,
+    /// Listening on the host and forwarding to the guest.
+    Active,
+    /// Could not be set up (the host port is in use, …): see `message`.
+    /// Tried again every 30 seconds while the VM runs.
+    Failed,
+}
+
+/// One entry of `spec.portForwards` and how it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortForwardStatus {
+    /// The host port.
+    pub host_port: u16,
+    /// The guest port.
+    pub guest_port: u16,
+    /// `TCP` or `UDP`.
+    pub protocol: Protocol,
+    /// The host address it listens on.
+    pub address: String,
+    /// Whether it is in place.
+    pub state: PortForwardState,
+    /// CamelCase, when not Active: `NotRunning`, `HostPortInUse`,
+    /// `PortForwardFailed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Why it failed (or is pending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When `state` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    /// A Failed forward is not tried again before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<Time>,
+}
+
+impl PortForwardStatus {
+    /// The forward this entry is about.
+    pub fn forward(&self) -> PortForward {
+        PortForward {
+            host_port: self.host_port,
+            guest_port: self.guest_port,
+            protocol: self.protocol,
+            address: self.address.clone(),
+        }
+    }
+}
+
 /// Observed state of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -456,6 +851,13 @@ pub struct VirtualMachineStatus {
     /// Start failures and backoff.
     #[serde(default)]
     pub start_failures: StartFailure,
+    /// The node (the agent's `--node-name`, by default its host name) whose
+    /// agent made and runs the VM's instance: its disk lives there, in
+    /// `runtime.workDir`. Set when the instance is prepared, started or
+    /// adopted; an agent of another node (or with another data directory)
+    /// does not act on the instance and reports the VM `NodeLost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
     /// Runtime details of the VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<VmRuntime>,
@@ -468,6 +870,9 @@ pub struct VirtualMachineStatus {
     /// image raises `RecreateRequired` (or recreates, per `updatePolicy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_image: Option<String>,
+    /// Each entry of `spec.portForwards`, in order, with its state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_forwards: Vec<PortForwardStatus>,
 }
 
 // ----------------------------------------------------------------- Image ----

@@ -21,6 +21,10 @@ pub const DISK_GIB: (u64, u64) = (1, 64 * 1024);
 pub const STOP_TIMEOUT: (u64, u64) = (1, 3600);
 /// Valid range of the SSH timeout in seconds.
 pub const SSH_TIMEOUT: (u64, u64) = (1, 24 * 3600);
+/// Allowed readiness probe period and timeout, in seconds.
+pub const PROBE_SECONDS: (u64, u64) = (1, 3600);
+/// Allowed readiness probe failure threshold.
+pub const PROBE_FAILURE_THRESHOLD: (u64, u64) = (1, 100);
 
 /// The hypervisor backend that will run the VMs, for the checks only it
 /// can decide ([`for_backend`]). The VMFile does not name it: the agent's
@@ -56,13 +60,36 @@ impl Backend {
 /// What `backend` cannot run in `resource`, by field path (empty when it
 /// can run all of it). Networking follows the manual ("Network modes"):
 /// `vnic` is an illumos VNIC, so Propolis only; `user` (SLIRP) and `tap`
-/// (a Linux bridge) are QEMU's. Run in addition to [`validate`] when the
+/// (a Linux bridge) are QEMU's. A VNC console (`display`) is QEMU's only. Run in addition to [`validate`] when the
 /// backend is known: by `vmctl apply` (located in the file) and by the
 /// agent's apply (for every API client).
 pub fn for_backend(resource: &Resource, backend: Backend) -> Vec<FieldError> {
     let Resource::VirtualMachine(vm) = resource else {
         return Vec::new();
     };
+    let mut errs = network_for_backend(vm, backend);
+    if backend == Backend::Propolis && vm.spec.display == crate::resources::Display::Vnc {
+        errs.push(
+            FieldError::new(
+                "spec.display",
+                "the Propolis backend this agent runs (--driver propolis) has no VNC console yet",
+            )
+            .help("leave `display` out and use `vmctl console` (the serial console)"),
+        );
+    }
+    if backend == Backend::Propolis && !vm.spec.shares.is_empty() {
+        errs.push(
+            FieldError::new(
+                "spec.shares[0]",
+                "the Propolis backend this agent runs (--driver propolis) cannot share host folders",
+            )
+            .help("leave `share` out; copy files in with `vmctl cp` or a `provision \"file\"` step"),
+        );
+    }
+    errs
+}
+
+fn network_for_backend(vm: &crate::resources::VirtualMachine, backend: Backend) -> Vec<FieldError> {
     let mode = match &vm.spec.network {
         Network::User => "user",
         Network::Tap { .. } => "tap",
@@ -163,6 +190,7 @@ pub fn validate(resource: &Resource) -> Vec<FieldError> {
         Resource::VirtualMachine(r) => (&r.api_version, r.kind, &r.metadata.name),
         Resource::Image(r) => (&r.api_version, r.kind, &r.metadata.name),
         Resource::Provision(r) => (&r.api_version, r.kind, &r.metadata.name),
+        Resource::Snapshot(r) => (&r.api_version, r.kind, &r.metadata.name),
     };
     if api_version != API_VERSION {
         errs.push(
@@ -186,6 +214,13 @@ pub fn validate(resource: &Resource) -> Vec<FieldError> {
         Resource::VirtualMachine(r) => validate_vm(&r.spec, &mut errs),
         Resource::Image(r) => validate_image(&r.spec, &mut errs),
         Resource::Provision(r) => validate_provision(&r.spec, &mut errs),
+        Resource::Snapshot(r) => {
+            if let Err(msg) = check_name(&r.spec.vm) {
+                errs.push(
+                    FieldError::new("spec.vm", format!("VM reference: {msg}")).help(NAME_HELP),
+                );
+            }
+        }
     }
     errs
 }
@@ -213,6 +248,9 @@ fn validate_vm(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
             STOP_TIMEOUT,
         ));
     }
+    validate_port_forwards(spec, errs);
+    validate_probes(spec, errs);
+    validate_shares(spec, errs);
     match &spec.network {
         Network::Tap { bridge } => {
             if let Err(m) = check_ifname(bridge) {
@@ -250,6 +288,276 @@ fn validate_vm(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
         if let Some(k) = &ssh.private_key {
             check_abs("spec.ssh.privateKey", k, errs);
         }
+    }
+}
+
+fn network_mode(n: &Network) -> &'static str {
+    match n {
+        Network::User => "user",
+        Network::Tap { .. } => "tap",
+        Network::Vnic { .. } => "vnic",
+        Network::None => "none",
+    }
+}
+
+fn validate_probes(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
+    for (i, p) in spec.readiness_probes.iter().enumerate() {
+        let at = format!("spec.readinessProbes[{i}]");
+        match (&p.exec, &p.tcp_socket) {
+            (Some(_), Some(_)) | (None, None) => errs.push(
+                FieldError::new(&at, "a probe has exactly one of `exec` and `tcpSocket`")
+                    .help("split it into two probes, or give it a command (`exec`) or a port (`tcpSocket`)"),
+            ),
+            (Some(e), None) if e.command.trim().is_empty() => errs.push(
+                FieldError::new(format!("{at}.exec.command"), "the probe's command is empty")
+                    .help("give a command that exits 0 when the guest is ready, e.g. `systemctl is-active nginx`"),
+            ),
+            (None, Some(t)) if t.port == 0 => errs.push(
+                FieldError::new(format!("{at}.tcpSocket.port"), "port 0 is out of range")
+                    .help("ports are 1-65535"),
+            ),
+            _ => {}
+        }
+        for (field, what, v, range) in [
+            (
+                "periodSeconds",
+                "probe period (s)",
+                p.period_seconds,
+                PROBE_SECONDS,
+            ),
+            (
+                "timeoutSeconds",
+                "probe timeout (s)",
+                p.timeout_seconds,
+                PROBE_SECONDS,
+            ),
+            (
+                "failureThreshold",
+                "probe failure threshold",
+                p.failure_threshold,
+                PROBE_FAILURE_THRESHOLD,
+            ),
+        ] {
+            errs.extend(check_range(&format!("{at}.{field}"), what, v.into(), range));
+        }
+    }
+}
+
+fn validate_port_forwards(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
+    if !spec.port_forwards.is_empty() && spec.network != Network::User {
+        let mode = network_mode(&spec.network);
+        let help = match &spec.network {
+            Network::None => {
+                "a VM without a network cannot be reached: write `network \"user\"` to forward ports"
+            }
+            _ => {
+                "a guest on a bridge or VNIC has its own address: reach its ports there, or write `network \"user\"` to forward host ports"
+            }
+        };
+        errs.push(
+            FieldError::new(
+                "spec.portForwards[0]",
+                format!(
+                    "port forwards need user networking (QEMU's hostfwd); this VM's network is `{mode}`"
+                ),
+            )
+            .help(help),
+        );
+    }
+    for (i, f) in spec.port_forwards.iter().enumerate() {
+        let at = format!("spec.portForwards[{i}]");
+        for (field, what, port) in [
+            ("hostPort", "host port", f.host_port),
+            ("guestPort", "guest port", f.guest_port),
+        ] {
+            if port == 0 {
+                errs.push(
+                    FieldError::new(format!("{at}.{field}"), format!("{what} 0 is out of range"))
+                        .help("ports are 1-65535"),
+                );
+            }
+        }
+        match f.address.parse::<std::net::Ipv4Addr>() {
+            Err(_) => errs.push(
+                FieldError::new(
+                    format!("{at}.address"),
+                    format!("address `{}` is not an IPv4 address", f.address),
+                )
+                .help("QEMU's user networking listens on IPv4 only: leave `address` out for 127.0.0.1 (this host only), or write \"0.0.0.0\" for every interface"),
+            ),
+            Ok(a) if !a.is_loopback() => errs.push(
+                FieldError::new(
+                    format!("{at}.address"),
+                    format!(
+                        "port forward {} is open to other hosts{}: they reach guest port {}",
+                        f.describe(),
+                        if a.is_unspecified() {
+                            " (0.0.0.0 is every interface)"
+                        } else {
+                            ""
+                        },
+                        f.guest_port
+                    ),
+                )
+                .help("leave `address` out to listen on 127.0.0.1 only")
+                .warning(),
+            ),
+            Ok(_) => {}
+        }
+        if let Some(j) = spec.port_forwards[..i]
+            .iter()
+            .position(|g| g.clashes_with(f))
+        {
+            errs.push(
+                FieldError::new(
+                    format!("{at}.hostPort"),
+                    format!(
+                        "host port {}/{} is forwarded twice (port forwards {} and {})",
+                        f.host_port,
+                        f.protocol.as_str(),
+                        j + 1,
+                        i + 1
+                    ),
+                )
+                .help("one host port (per protocol and address) reaches one guest port: keep one, or pick another host port"),
+            );
+        }
+    }
+}
+
+/// Host ports that two VMs of one file forward: the VM's index in
+/// `resources` and an error at the later forward. Checked across the
+/// resources of a file (VMFile or manifest); VMs applied from different
+/// files that clash get a `PortForwardsReady` condition instead.
+pub fn port_clashes<'a>(
+    resources: impl IntoIterator<Item = &'a Resource>,
+) -> Vec<(usize, FieldError)> {
+    use crate::resources::{PortForward, Protocol};
+    // By (protocol, host port): the few forwards that could clash.
+    let mut seen: std::collections::HashMap<(Protocol, u16), Vec<(&str, &PortForward)>> =
+        Default::default();
+    let mut out = Vec::new();
+    for (ri, r) in resources.into_iter().enumerate() {
+        let Resource::VirtualMachine(vm) = r else {
+            continue;
+        };
+        for (i, f) in vm.spec.port_forwards.iter().enumerate() {
+            let earlier = seen.get(&(f.protocol, f.host_port)).into_iter().flatten();
+            if let Some((other, _)) = earlier.into_iter().find(|(_, g)| g.clashes_with(f)) {
+                out.push((
+                    ri,
+                    FieldError::new(
+                        format!("spec.portForwards[{i}].hostPort"),
+                        format!(
+                            "host port {}/{} is already forwarded by VM `{other}`",
+                            f.host_port,
+                            f.protocol.as_str()
+                        ),
+                    )
+                    .help("a host port (per protocol and address) reaches one VM: pick another host port for one of them"),
+                ));
+            }
+        }
+        // Within one VM, `validate` reports a clash.
+        for f in &vm.spec.port_forwards {
+            seen.entry((f.protocol, f.host_port))
+                .or_default()
+                .push((&vm.metadata.name, f));
+        }
+    }
+    out
+}
+
+/// Most shared folders of one VM (each is a PCI device and, for
+/// virtio-fs, a `virtiofsd` process).
+pub const SHARES_MAX: usize = 16;
+
+fn validate_shares(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
+    if spec.shares.len() > SHARES_MAX {
+        errs.push(
+            FieldError::new(
+                format!("spec.shares[{SHARES_MAX}]"),
+                format!(
+                    "{} shared folders; a VM may have at most {SHARES_MAX}",
+                    spec.shares.len()
+                ),
+            )
+            .help("share a common parent directory instead of many siblings"),
+        );
+    }
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    for (i, sh) in spec.shares.iter().enumerate() {
+        let at = format!("spec.shares[{i}]");
+        check_abs(&format!("{at}.hostPath"), &sh.host_path, errs);
+        if sh.host_path.chars().any(char::is_control) {
+            errs.push(
+                FieldError::new(
+                    format!("{at}.hostPath"),
+                    "the host path contains a control character",
+                )
+                .help("rename the directory, or share a parent whose path has none"),
+            );
+        }
+        let m = &sh.mount_path;
+        if let Err(msg) = check_mount_path(m) {
+            errs.push(
+                FieldError::new(format!("{at}.mountPath"), msg)
+                    .help("give an absolute guest path such as `/src` or `/home/vm/project`"),
+            );
+            continue;
+        }
+        let norm = m.trim_end_matches('/').to_owned();
+        if let Some(j) = seen.insert(norm, i) {
+            errs.push(
+                FieldError::new(
+                    format!("{at}.mountPath"),
+                    format!(
+                        "`{m}` is already the mount path of an earlier share (of {})",
+                        spec.shares[j].host_path
+                    ),
+                )
+                .help("each share needs its own mount path in the guest"),
+            );
+        }
+    }
+}
+
+/// Checks a guest mount path of a share: absolute, not `/`, no `.` or
+/// `..` components, no control characters (it ends up in a shell command
+/// line of the guest's boot, quoted).
+pub fn check_mount_path(m: &str) -> Result<(), String> {
+    if !m.starts_with('/') {
+        return Err(format!("mount path `{m}` is not an absolute path"));
+    }
+    if m.trim_end_matches('/').is_empty() {
+        return Err("the guest's root `/` cannot be a mount path".to_owned());
+    }
+    if m.chars().any(char::is_control) {
+        return Err(format!("mount path {m:?} contains a control character"));
+    }
+    if m.split('/').any(|c| c == "." || c == "..") {
+        return Err(format!("mount path `{m}` has a `.` or `..` component"));
+    }
+    if m.len() > 1024 {
+        return Err("the mount path is longer than 1024 bytes".to_owned());
+    }
+    Ok(())
+}
+
+/// Checks that the host directory of a share exists and is a directory
+/// (following symbolic links): a message saying what it is otherwise.
+pub fn check_share_dir(path: &std::path::Path) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) => Err(format!(
+            "shared folder {} is {}, not a directory",
+            path.display(),
+            crate::localfile::kind_of(m.file_type()).unwrap_or("a regular file")
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(format!("shared folder {} does not exist", path.display()))
+        }
+        Err(e) => Err(format!("cannot read shared folder {}: {e}", path.display())),
     }
 }
 

@@ -26,6 +26,25 @@ pub struct ApplyRequest {
     pub prune: bool,
 }
 
+/// `PATCH /v1/objects/{kind}/{name}`: changes an object's finalizers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PatchRequest {
+    /// Finalizers to add (one already there is kept once).
+    #[serde(default)]
+    pub add_finalizers: Vec<String>,
+    /// Finalizers to remove; each must be there. Removing the last one of
+    /// an object being deleted deletes it.
+    #[serde(default)]
+    pub remove_finalizers: Vec<String>,
+    /// Allow changing finalizers owned by vmctl's controllers (`vmctl.dev/…`).
+    #[serde(default)]
+    pub force: bool,
+    /// Fail with 409 Conflict unless the object is at this resourceVersion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<u64>,
+}
+
 /// What applying one object did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -87,8 +106,10 @@ pub struct Health {
     pub driver: String,
     /// The data directory.
     pub data_dir: String,
-    /// The store's current resourceVersion (0 while it is unavailable).
-    pub last_seq: u64,
+    /// The store's current resourceVersion; while the store is
+    /// unavailable, the newest one the agent saw (absent if none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
     /// Which store the agent uses: `sled at PATH` or `etcd at URL,…`.
     #[serde(default)]
     pub store: String,
@@ -96,6 +117,14 @@ pub struct Health {
     /// retries by itself); absent when it answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_error: Option<String>,
+    /// Whether this agent runs the controllers: `running`, or `standby`
+    /// while another agent holds the etcd prefix's agent lease (or etcd
+    /// could not be reached to take it).
+    #[serde(default)]
+    pub controllers: String,
+    /// Who holds the etcd agent lease, when it is another agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_holder: Option<String>,
 }
 
 /// `GET /v1/objects` response.

@@ -327,7 +327,9 @@ impl Reconciler for ImageReconciler {
                     "Ready",
                     false,
                     "FetchFailed",
-                    format!("{message}; not retried until the Image changes"),
+                    format!(
+                        "{message}; not retried until the Image changes or `vmctl image pull` asks"
+                    ),
                     generation,
                 );
                 set_condition(&mut status.conditions, cond, Utc::now());

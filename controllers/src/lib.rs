@@ -1,10 +1,12 @@
 //! The controllers of a vmctl agent.
 //!
-//! Three controllers bring the world to what the store's objects ask for:
+//! Four controllers bring the world to what the store's objects ask for:
 //!
 //! ```text
 //!   Image ──Ready──▶ VirtualMachine ──Ready──▶ Provision
-//!   (ImageFetcher)   (Hypervisor)              (Provisioner)
+//!   (ImageFetcher)   (Hypervisor)   │          (Provisioner)
+//!                                   └─disks──▶ Snapshot
+//!                                              (Hypervisor)
 //! ```
 //!
 //! Each is a [`runtime::Reconciler`] run by a kube-runtime style
@@ -30,16 +32,19 @@
 //! # }
 //! ```
 
+pub mod address;
 pub mod conditions;
 pub mod context;
 pub mod drivers;
 pub mod error;
 pub mod image;
 pub mod images;
+pub mod metrics;
 pub mod probe;
 pub mod provision;
 pub mod runtime;
 pub mod seed;
+pub mod snapshot;
 pub mod vm;
 
 use std::sync::Arc;
@@ -74,9 +79,49 @@ impl Drivers {
     }
 }
 
+/// Which agent the controllers act for: its node (as Kubernetes names the
+/// machine a kubelet runs on; issue 17's `Node`) and data directory. A VM's
+/// instance lives under the agent that made it (`status.nodeName`,
+/// `status.runtime.workDir`); the VM controller acts only on instances of
+/// its own node and data directory, and reports the others `NodeLost`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity {
+    /// The node's name: the agent's `--node-name`, by default the host
+    /// name.
+    pub name: String,
+    /// The agent's data directory, for messages (`None`: not known, e.g.
+    /// in tests without an agent). Which work dirs are this agent's is the
+    /// hypervisor driver's to say ([`drivers::Hypervisor::work_dir`]).
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl NodeIdentity {
+    /// This host, by its host name (`localhost` if it has none), with
+    /// data directory `data_dir`.
+    pub fn this_host(data_dir: Option<std::path::PathBuf>) -> Self {
+        NodeIdentity {
+            name: host_name(),
+            data_dir,
+        }
+    }
+}
+
+/// The host name (`gethostname(2)`), `localhost` when it cannot be read
+/// or is empty: the default node name.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// How the controllers are tuned.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
+    /// The agent the controllers act for (default: this host, data
+    /// directory not known).
+    pub node: NodeIdentity,
     /// Objects of one kind reconciled at once.
     pub concurrency: usize,
     /// Backoff after reconcile errors (per object, with jitter).
@@ -92,11 +137,16 @@ pub struct RuntimeConfig {
     pub liveness: Duration,
     /// How long a Provision waits for SSH by default.
     pub ssh_timeout: Duration,
+    /// dnsmasq lease files read, before the usual ones
+    /// ([`address::DEFAULT_LEASE_FILES`]), to find the address of a guest
+    /// on a `tap` network (the agent's `dnsmasq-leases`).
+    pub dnsmasq_leases: Vec<std::path::PathBuf>,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
+            node: NodeIdentity::this_host(None),
             concurrency: 32,
             backoff: BackoffPolicy::default(),
             start_backoff: BackoffPolicy {
@@ -107,6 +157,7 @@ impl Default for RuntimeConfig {
             stop_timeout: Duration::from_secs(30),
             liveness: Duration::from_secs(5),
             ssh_timeout: Duration::from_secs(120),
+            dnsmasq_leases: Vec::new(),
         }
     }
 }
@@ -129,7 +180,7 @@ pub enum RunError {
     Panicked,
 }
 
-/// Runs the Image, VirtualMachine and Provision controllers until
+/// Runs the Image, VirtualMachine, Provision and Snapshot controllers until
 /// `shutdown` becomes true (or its sender is dropped). In-flight reconciles
 /// finish before it returns. Aborting the returned future instead stops
 /// everything at once, as a killed agent would.
@@ -155,7 +206,12 @@ pub async fn run(
         store.clone(),
         cc.clone(),
     );
-    let provisions = Controller::new(provision::ProvisionReconciler::new(ctx), store, cc);
+    let provisions = Controller::new(
+        provision::ProvisionReconciler::new(ctx.clone()),
+        store.clone(),
+        cc.clone(),
+    );
+    let snapshots = Controller::new(snapshot::SnapshotReconciler::new(ctx), store, cc);
     let mut set = tokio::task::JoinSet::new();
     let sd = shutdown.clone();
     set.spawn(async move {
@@ -167,9 +223,14 @@ pub async fn run(
         vms.run(sd).await;
         "virtualmachine"
     });
+    let sd = shutdown.clone();
     set.spawn(async move {
-        provisions.run(shutdown).await;
+        provisions.run(sd).await;
         "provision"
+    });
+    set.spawn(async move {
+        snapshots.run(shutdown).await;
+        "snapshot"
     });
     while let Some(res) = set.join_next().await {
         match res {

@@ -13,6 +13,7 @@
 //!                          └─ Ready: one attempt every 10 s ◀── SshReady True
 //!                                 └── 3 failures in a row ──▶ Booting again
 //!   forget(vm) ── worker aborted, result dropped (stopped, restarted, deleted)
+//!   watch(vm) whose first attempt answers without waiting ──▶ starts Ready
 //! ```
 //!
 //! Why fresh short attempts: with QEMU's user networking the host accepts
@@ -25,9 +26,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
+
+use vmctl_api::Probe;
 
 use crate::drivers::{Provisioner, SshTarget};
 
@@ -52,6 +56,9 @@ pub struct Watched {
     pub target: SshTarget,
     /// The VM's SSH timeout (`ssh { timeout … }`, default 120 s).
     pub ssh_timeout: Duration,
+    /// The VM's readiness probes of its own (`spec.readinessProbes`), run
+    /// once SSH answers.
+    pub probes: Vec<Probe>,
 }
 
 /// One probe's latest result: the shape of a condition.
@@ -61,7 +68,8 @@ pub struct Check {
     pub ok: bool,
     /// When it last started passing (the condition's lastTransitionTime).
     pub since: Option<DateTime<Utc>>,
-    /// CamelCase: `Connected`, `WaitingForSsh`, `SshTimeout`, `SshLost`.
+    /// CamelCase: `Connected`, `WaitingForSsh`, `SshTimeout`, `SshLost`;
+    /// for a user's probe `ProbePending`, `ProbeSucceeded`, `ProbeFailed`.
     pub reason: &'static str,
     /// What was found, for people.
     pub message: String,
@@ -72,6 +80,8 @@ pub struct Check {
 pub struct Readiness {
     /// The SSH probe.
     pub ssh: Check,
+    /// The user's probes, in the order of `spec.readinessProbes`.
+    pub probes: Vec<Check>,
 }
 
 impl Readiness {
@@ -84,8 +94,32 @@ impl Readiness {
                 reason: "WaitingForSsh",
                 message: format!("waiting for SSH on {}", addr(&w.target)),
             },
+            probes: w
+                .probes
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Check {
+                    ok: false,
+                    since: None,
+                    reason: "ProbePending",
+                    message: format!(
+                        "{}: not run yet (it runs once SSH answers)",
+                        probe_name(i, p)
+                    ),
+                })
+                .collect(),
         }
     }
+
+    /// The first of the user's probes that does not pass, if any.
+    pub fn failing_probe(&self) -> Option<&Check> {
+        self.probes.iter().find(|c| !c.ok)
+    }
+}
+
+/// `probe 0 (exec "systemctl is-active nginx")`, for messages.
+pub fn probe_name(i: usize, p: &Probe) -> String {
+    format!("probe {i} ({})", p.describe())
 }
 
 /// The SSH check that passes (`since`: when it started passing, `None`
@@ -107,6 +141,26 @@ fn addr(t: &SshTarget) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
+    }
+}
+
+/// What a VM's stored status already says of its current boot (see
+/// [`Prober::watch`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Answered {
+    /// `SshReady` is True.
+    pub ssh: bool,
+    /// `ProbesReady` is True.
+    pub probes: bool,
+}
+
+/// A user's probe that passes (`since`: as in [`connected`]).
+fn probe_passed(i: usize, p: &Probe, since: Option<DateTime<Utc>>) -> Check {
+    Check {
+        ok: true,
+        since,
+        reason: "ProbeSucceeded",
+        message: format!("{} passes", probe_name(i, p)),
     }
 }
 
@@ -155,36 +209,73 @@ impl Prober {
 
     /// Makes sure VM `name` is probed as `watched` says: starts a worker,
     /// or a new one when the last probed something else (another address,
-    /// another boot). Returns what has been found so far. Needs a tokio
-    /// runtime.
+    /// another boot). Returns what has been found so far: for a new
+    /// worker, `Connected` when its first attempt answered without waiting
+    /// (polled once here, dropped otherwise), else `WaitingForSsh`. Needs a
+    /// tokio runtime.
     ///
-    /// `answered`: the VM's status already says SSH answers on this boot
-    /// (an agent restarted while the VM ran): the new worker takes that as
-    /// its starting point and only a run of failed attempts
-    /// ([`FAILURE_THRESHOLD`]) changes it, so a restart of the agent does
-    /// not make running VMs flap to not Ready.
-    pub fn watch(&self, name: &str, watched: Watched, answered: bool) -> Readiness {
+    /// `answered`: what the VM's status already says of this boot (an
+    /// agent restarted while the VM ran): SSH answers, the user's probes
+    /// pass. The new worker takes that as its starting point and only a
+    /// run of failed attempts ([`FAILURE_THRESHOLD`], a probe's
+    /// `failureThreshold`) changes it, so a restart of the agent does not
+    /// make running VMs flap to not Ready.
+    pub fn watch(&self, name: &str, watched: Watched, answered: Answered) -> Readiness {
         let mut workers = self.workers.lock().expect("not poisoned");
         if let Some(w) = workers.get(name)
             && w.watched == watched
         {
             return w.result.lock().expect("not poisoned").clone();
         }
-        let first = if answered {
-            Readiness {
-                ssh: connected(&watched.target, None),
+        // A first attempt that answers without waiting (a guest already
+        // up, the fake's) counts at once, so the report that started the
+        // probe already says SSH answers: one status write, not one
+        // saying "waiting" and another right after. One that would wait
+        // (every real boot: connecting takes a round trip) is dropped
+        // before it sent anything but a SYN; the worker tries again at once.
+        let at_once = !answered.ssh
+            && self
+                .provisioner
+                .probe_ssh(&watched.target, ATTEMPT_TIMEOUT)
+                .now_or_never()
+                .is_some_and(|r| r.is_ok());
+        let mut first = Readiness::waiting(&watched);
+        if answered.ssh {
+            first.ssh = connected(&watched.target, None);
+        } else if at_once {
+            first.ssh = connected(&watched.target, Some(Utc::now()));
+        }
+        if answered.probes {
+            for (i, c) in first.probes.iter_mut().enumerate() {
+                *c = probe_passed(i, &watched.probes[i], None);
             }
-        } else {
-            Readiness::waiting(&watched)
+        }
+        let answered = Answered {
+            ssh: answered.ssh || at_once,
+            ..answered
         };
         let result = Arc::new(Mutex::new(first.clone()));
+        let (ssh_ok, _) = tokio::sync::watch::channel(answered.ssh);
+        let mut user_probes = JoinSet::new();
+        for (i, probe) in watched.probes.iter().enumerate() {
+            user_probes.spawn(run_user_probe(
+                self.provisioner.clone(),
+                name.to_owned(),
+                watched.target.clone(),
+                (i, probe.clone()),
+                answered.probes,
+                ssh_ok.subscribe(),
+                result.clone(),
+                self.changes.clone(),
+            ));
+        }
         let task = tokio::spawn(probe_ssh(
             self.provisioner.clone(),
             name.to_owned(),
             watched.clone(),
             result.clone(),
             self.changes.clone(),
-            answered,
+            (answered.ssh, ssh_ok, user_probes),
         ));
         workers.insert(
             name.to_owned(),
@@ -220,31 +311,110 @@ fn publish(
     changes: &broadcast::Sender<String>,
     check: Check,
 ) {
+    publish_at(name, result, changes, None, check);
+}
+
+/// Sets the SSH result (`probe` `None`) or user probe `probe`'s result to
+/// `check`, and wakes the VM if it changed.
+fn publish_at(
+    name: &str,
+    result: &Mutex<Readiness>,
+    changes: &broadcast::Sender<String>,
+    probe: Option<usize>,
+    check: Check,
+) {
     let mut r = result.lock().expect("not poisoned");
-    if r.ssh != check {
-        tracing::debug!(vm = name, ok = check.ok, reason = check.reason, "SSH probe");
-        r.ssh = check;
+    let slot = match probe {
+        None => &mut r.ssh,
+        Some(i) => &mut r.probes[i],
+    };
+    if *slot != check {
+        tracing::debug!(
+            vm = name,
+            ?probe,
+            ok = check.ok,
+            reason = check.reason,
+            "probe"
+        );
+        *slot = check;
         drop(r);
         // No receiver (no controller running) is not an error.
         let _ = changes.send(name.to_owned());
     }
 }
 
+/// The worker of one of a VM's own probes (`(index, probe)`): once SSH
+/// answers (`ssh_ok`), runs it every `periodSeconds`; it passes at its
+/// first success and fails after `failureThreshold` failures in a row
+/// (at once while it has never passed). `passing`: start as passing (see
+/// [`Prober::watch`]).
+#[allow(clippy::too_many_arguments)]
+async fn run_user_probe(
+    p: Arc<dyn Provisioner>,
+    name: String,
+    target: SshTarget,
+    (i, probe): (usize, Probe),
+    mut passing: bool,
+    mut ssh_ok: tokio::sync::watch::Receiver<bool>,
+    result: Arc<Mutex<Readiness>>,
+    changes: broadcast::Sender<String>,
+) {
+    let period = Duration::from_secs(probe.period_seconds.max(1).into());
+    let timeout = Duration::from_secs(probe.timeout_seconds.max(1).into());
+    let mut failures = 0;
+    loop {
+        // The sender lives as long as the worker, which aborts this task.
+        if ssh_ok.wait_for(|ok| *ok).await.is_err() {
+            return;
+        }
+        match p.run_probe(&target, &probe, timeout).await {
+            Ok(()) => {
+                failures = 0;
+                if !passing {
+                    passing = true;
+                    let check = probe_passed(i, &probe, Some(Utc::now()));
+                    publish_at(&name, &result, &changes, Some(i), check);
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                if !passing || failures >= probe.failure_threshold.max(1) {
+                    passing = false;
+                    let message = format!("{} fails: {e}", probe_name(i, &probe));
+                    let check = Check {
+                        ok: false,
+                        since: None,
+                        reason: "ProbeFailed",
+                        message,
+                    };
+                    publish_at(&name, &result, &changes, Some(i), check);
+                }
+            }
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
 /// The SSH worker of one VM (see the module docs); `answered`: start as
 /// ready (see [`Prober::watch`]).
+///
+/// `ssh_ok` tells the user's probes (`_user_probes`, owned here so that
+/// they end with this task) whether SSH answers.
 async fn probe_ssh(
     p: Arc<dyn Provisioner>,
     name: String,
     w: Watched,
     result: Arc<Mutex<Readiness>>,
     changes: broadcast::Sender<String>,
-    mut answered: bool,
+    (mut answered, ssh_ok, _user_probes): (bool, tokio::sync::watch::Sender<bool>, JoinSet<()>),
 ) {
     let t = &w.target;
     loop {
         if !std::mem::take(&mut answered) {
+            ssh_ok.send_replace(false);
             wait_until_answered(&p, &name, &w, &result, &changes).await;
         }
+        ssh_ok.send_replace(true);
         // Ready: one attempt every READY_PERIOD.
         let mut failures = 0;
         let lost = loop {

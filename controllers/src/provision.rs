@@ -23,11 +23,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use vmctl_api::{Kind, NoteType, Object, ObjectRef, Provision, VirtualMachine};
+use vmctl_api::{Kind, NoteType, Object, ObjectRef, Provision, ProvisionStep, VirtualMachine};
 use vmctl_store::{Change, Event};
 
 pub use self::plan::{Observed, Step, is_finished, plan};
-use crate::drivers::SshTarget;
+use crate::drivers::{DriverError, SshTarget, StepOutcome};
 use crate::runtime::{Action, Reconciler, Relations};
 use crate::{Context, Error};
 
@@ -38,22 +38,67 @@ pub struct ProvisionReconciler {
 }
 
 impl ProvisionReconciler {
+    /// Runs step `i`. A step that could not connect (nothing of it ran:
+    /// [`DriverError::Unreachable`], e.g. cloud-init restarting sshd just
+    /// after it first answered) is not a failed step: the guest is waited
+    /// for as at the start of the run, and the step run again once SSH
+    /// answers, for up to `timeout` (the VM's SSH timeout) from the step's
+    /// start. Each such wait is a `WaitingForSsh` note.
+    async fn run_step(
+        &self,
+        r: &ObjectRef,
+        target: &SshTarget,
+        i: usize,
+        step: &ProvisionStep,
+        timeout: Duration,
+    ) -> Result<StepOutcome, DriverError> {
+        let ctx = &self.ctx;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (index, vm) = (i as u32, target.vm.clone());
+        let output = move |line: &str| tracing::debug!(vm = %vm, step = index, "{line}");
+        loop {
+            let why = match ctx
+                .drivers
+                .provisioner
+                .run_step(target, index, step, &output)
+                .await
+            {
+                Err(DriverError::Unreachable(why)) => why,
+                result => return result,
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(DriverError::Unreachable(why));
+            }
+            let msg = format!(
+                "step {i} could not connect ({why}); waiting up to {}s for SSH to answer again",
+                left.as_secs()
+            );
+            ctx.note(r, NoteType::Normal, Self::NAME, "WaitingForSsh", msg)
+                .await;
+            ctx.drivers.provisioner.wait_ssh(target, left).await?;
+        }
+    }
+
     /// A Provision reconciler using `ctx`.
     pub fn new(ctx: Arc<Context>) -> Self {
         ProvisionReconciler { ctx }
     }
 }
 
-/// The VM's SSH target if it runs. Not its `Ready` condition: that waits
-/// for the VM's readiness probes, which may check what the provisioning
-/// installs; SSH is waited for by the run itself.
+/// The VM's SSH target if it runs and has an address. Not its `Ready`
+/// condition: that waits for the VM's readiness probes, which may check
+/// what the provisioning installs; SSH is waited for by the run itself.
+/// A guest on a `tap` network has no address until the VM controller
+/// found it: the Provision waits (its VM's status change wakes it) rather
+/// than fail.
 fn ready_vm(obj: Option<&Object>) -> Option<SshTarget> {
     let vm = VirtualMachine::from_object(obj?).ok()?;
     let status = vm.status?;
     let ready = status.phase == vmctl_api::VmPhase::Running;
     Some(SshTarget {
         vm: vm.metadata.name,
-        runtime: status.runtime.filter(|_| ready)?,
+        runtime: status.runtime.filter(|r| ready && r.ssh_host.is_some())?,
         ssh: vm.spec.ssh,
     })
 }
@@ -140,13 +185,7 @@ impl ProvisionReconciler {
             o.now = Utc::now();
             o.step_started(i);
             obj = ctx.write_status(&obj, &o.status).await?;
-            let (index, vm) = (i as u32, target.vm.clone());
-            let output = move |line: &str| tracing::debug!(vm = %vm, step = index, "{line}");
-            let result = ctx
-                .drivers
-                .provisioner
-                .run_step(&target, index, step, &output)
-                .await;
+            let result = self.run_step(&r, &target, i, step, timeout).await;
             o.now = Utc::now();
             failed = o.step_ended(i, &result);
         }

@@ -18,15 +18,23 @@
 //! hypervisor's view of the instance decides, so a run after a crash picks
 //! up wherever the last one stopped.
 //!
-//! The finalizer `vmctl.dev/vm-teardown` is added before the first start, so
-//! a deleted VM's instance is destroyed before the object goes. Start
+//! The finalizer `vmctl.dev/vm-teardown` makes a deleted VM's instance be
+//! destroyed before the object goes (its Snapshots are deleted first, and
+//! their state removed from its disks). The agent's apply creates every VM
+//! with it; the controller adds it before the first start when it is
+//! missing, so nothing exists on the host before it is stored. Start
 //! failures are counted in `status.startFailures`, with a `retryAfter`
 //! deadline growing exponentially, and reported by a Warning note `BackOff`.
 //!
 //! A running VM with an SSH address is probed by a [`Prober`] (fresh short
 //! SSH connections, the pinned host key); the VM is `Ready` once its
 //! `SshReady` condition is True, so `apply --wait` and `up` return when
-//! `vmctl ssh` works.
+//! `vmctl ssh` works. A guest on a `tap` network has no address until a
+//! [`Discoverer`] finds it by the VM's MAC (neighbour table of the bridge,
+//! then dnsmasq leases): until then `AddressReady` and `SshReady` are
+//! False (`WaitingForAddress`, then `IPDiscoveryTimeout` with the manual's
+//! hints) and the VM is not Ready; once found, the address is
+//! `status.runtime.sshHost` (port 22) and probing starts.
 
 mod plan;
 
@@ -37,9 +45,12 @@ use chrono::Utc;
 use vmctl_api::{Image, ImagePhase, Kind, NoteType, Object, ObjectRef, VirtualMachine, VmPhase};
 use vmctl_store::{Change, Event};
 
-pub use self::plan::{ImageNotReady, Observed, Step, disks, plan, restart_digest};
+pub use self::plan::{
+    Elsewhere, Here, ImageNotReady, NODE_LOST, Observed, Step, disks, plan, ports, restart_digest,
+};
+use crate::address::{Discoverer, Discovery, Sources, Wanted};
 use crate::drivers::{DriverError, InstanceSpec, InstanceState, LocalImage, SshTarget};
-use crate::probe::{Prober, Readiness, Watched};
+use crate::probe::{Answered, Prober, Readiness, Watched};
 use crate::runtime::{Action, Reconciler, Relations};
 use crate::{Context, Error};
 
@@ -47,9 +58,10 @@ use crate::{Context, Error};
 pub const FINALIZER: &str = "vmctl.dev/vm-teardown";
 
 /// Steps one reconcile performs at the most. The longest path is 9 steps
-/// plus one per disk (ImageReady, AddFinalizer, Start, RecreateRequired,
-/// Suspend, DiskShrinkRefused, a ResizeDisk per disk, DiskResizePending,
-/// RestartRequired, Report); a plan that has not ended by this bound is a
+/// plus one or two per disk (ImageReady, AddFinalizer, Start,
+/// RecreateRequired, Suspend, an AttachDisk or DetachDisk and a ResizeDisk
+/// per disk, DiskShrinkRefused, DiskResizePending, RestartRequired,
+/// Report); a plan that has not ended by this bound is a
 /// bug, and the VM is looked at again later instead of spinning.
 pub const MAX_STEPS: usize = 48;
 
@@ -63,6 +75,9 @@ pub struct VmReconciler {
     /// Probes running guests over SSH; its results go into `SshReady` and
     /// `Ready` when a VM is reported.
     prober: Arc<Prober>,
+    /// Finds the addresses of guests on `tap` networks; its results go
+    /// into `status.runtime.sshHost` and `AddressReady`.
+    discoverer: Arc<Discoverer>,
 }
 
 impl VmReconciler {
@@ -70,16 +85,74 @@ impl VmReconciler {
     pub fn new(ctx: Arc<Context>) -> Self {
         let event_driven = ctx.drivers.hypervisor.changes().is_some();
         let prober = Arc::new(Prober::new(ctx.drivers.provisioner.clone()));
+        let discoverer = Arc::new(Discoverer::new(Sources {
+            lease_files: ctx.config.dnsmasq_leases.clone(),
+        }));
         VmReconciler {
             ctx,
             event_driven,
             prober,
+            discoverer,
         }
     }
 
     /// The prober of this reconciler's VMs.
     pub fn prober(&self) -> &Arc<Prober> {
         &self.prober
+    }
+
+    /// The VM's SSH timeout: `ssh { timeout … }`, else the configured one.
+    fn ssh_timeout(&self, spec: &vmctl_api::VirtualMachineSpec) -> Duration {
+        spec.ssh
+            .as_ref()
+            .and_then(|s| s.timeout_seconds)
+            .map_or(self.ctx.config.ssh_timeout, |s| {
+                Duration::from_secs(s.into())
+            })
+    }
+
+    /// For a VM up on a `tap` network whose hypervisor gives no address:
+    /// has the discoverer look for the guest's IPv4 by its MAC, puts the
+    /// address once found into the instance's runtime (SSH on port 22),
+    /// and returns how the search stands. `None` (and no search) for
+    /// every other VM.
+    fn discover(&self, o: &mut Observed) -> Option<Discovery> {
+        let vmctl_api::Network::Tap { bridge } = &o.spec.network else {
+            self.discoverer.forget(&o.name);
+            return None;
+        };
+        let timeout = self.ssh_timeout(&o.spec);
+        let runtime = &mut o.instance.as_mut()?.runtime;
+        let (None, Some(mac)) = (&runtime.ssh_host, &runtime.mac) else {
+            self.discoverer.forget(&o.name);
+            return None;
+        };
+        let wanted = Wanted {
+            mac: mac.clone(),
+            bridge: bridge.clone(),
+            timeout,
+        };
+        // What the status holds of this boot (an agent restarted while
+        // the VM ran); a start resets AddressReady.
+        let known = o
+            .status
+            .runtime
+            .as_ref()
+            .and_then(|r| r.ssh_host.as_deref()?.parse().ok())
+            .filter(|_| crate::conditions::is_true(&o.status.conditions, "AddressReady"));
+        let d = self.discoverer.watch(&o.name, wanted, known);
+        if let Some(ip) = d.address() {
+            runtime.ssh_host = Some(ip.to_string());
+            runtime.ssh_port = Some(22);
+        }
+        Some(d)
+    }
+
+    /// Stops probing VM `name` and looking for its address (stopped,
+    /// restarted, deleted).
+    fn forget(&self, name: &str) {
+        self.prober.forget(name);
+        self.discoverer.forget(name);
     }
 
     /// Has the prober probe the running VM of `o` and returns what it
@@ -90,14 +163,7 @@ impl VmReconciler {
             self.prober.forget(&o.name);
             return None;
         }
-        let ssh_timeout = o
-            .spec
-            .ssh
-            .as_ref()
-            .and_then(|s| s.timeout_seconds)
-            .map_or(self.ctx.config.ssh_timeout, |s| {
-                Duration::from_secs(s.into())
-            });
+        let ssh_timeout = self.ssh_timeout(&o.spec);
         let watched = Watched {
             target: SshTarget {
                 vm: o.name.clone(),
@@ -105,11 +171,18 @@ impl VmReconciler {
                 ssh: o.spec.ssh.clone(),
             },
             ssh_timeout,
+            probes: o.spec.readiness_probes.clone(),
         };
-        let answered = crate::conditions::is_true(&o.status.conditions, "SshReady");
+        let answered = Answered {
+            ssh: crate::conditions::is_true(&o.status.conditions, "SshReady"),
+            probes: crate::conditions::is_true(&o.status.conditions, "ProbesReady"),
+        };
         Some(self.prober.watch(&o.name, watched, answered))
     }
 }
+
+/// How often a deleted VM looks again whether its Snapshots are gone.
+const SNAPSHOT_WAIT: Duration = Duration::from_millis(250);
 
 /// How often a running VM is looked at when the hypervisor reports its
 /// changes itself (QMP events): only to catch a lost event.
@@ -165,10 +238,23 @@ impl VmReconciler {
             instance: None,
             now: Utc::now(),
             readiness: None,
-            spec: vm.spec,
+            address: None,
+            snapshots: Vec::new(),
             live_disk_resize: self.ctx.drivers.hypervisor.resizes_disks_live(),
+            here: Here {
+                node: self.ctx.config.node.clone(),
+                work_dir: (self.ctx.drivers.hypervisor)
+                    .work_dir(&vm.metadata.name)
+                    .map(|d| d.display().to_string()),
+            },
+            spec: vm.spec,
+            live_disk_hotplug: self.ctx.drivers.hypervisor.hotplugs_disks(),
         };
         if o.deleting {
+            let all = self.ctx.list(Kind::Snapshot).await?;
+            o.snapshots = crate::snapshot::of_vm(&all, &o.name)
+                .map(|s| s.metadata.name.clone())
+                .collect();
             return Ok(o);
         }
         let image_ref = ObjectRef::new(Kind::Image, o.spec.image.clone());
@@ -198,9 +284,19 @@ impl VmReconciler {
         let driver = |op| Error::driver(op, &r);
         let done = Ok(Flow::Done(Action::await_change()));
         match step {
+            Step::NodeLost { condition, warning } => {
+                self.forget(&name);
+                if o.node_lost(condition)
+                    && let Some(msg) = warning
+                {
+                    self.note(&r, NoteType::Warning, NODE_LOST, msg).await;
+                }
+                ctx.write_status(obj, &o.status).await?;
+                return done;
+            }
             Step::Forget => return done,
             Step::Teardown => {
-                self.prober.forget(&name);
+                self.forget(&name);
                 o.terminating();
                 let written = ctx.write_status(obj, &o.status).await?;
                 hv.destroy(&name).await.map_err(driver("destroy"))?;
@@ -208,6 +304,22 @@ impl VmReconciler {
                 self.note(&r, NoteType::Normal, "Destroyed", msg).await;
                 ctx.remove_finalizer(&written, FINALIZER).await?;
                 return done;
+            }
+            Step::DeleteSnapshots { names } => {
+                o.terminating();
+                ctx.write_status(obj, &o.status).await?;
+                for s in &names {
+                    let sr = ObjectRef::new(Kind::Snapshot, s.clone());
+                    match ctx.store.request_delete(&sr, None).await {
+                        Ok(_) | Err(vmctl_store::StoreError::NotFound(_)) => {}
+                        Err(e) => {
+                            return Err(crate::runtime::controller::ControllerError::from(e).into());
+                        }
+                    }
+                }
+                // Their deletion is not tied to this VM by the watch (a
+                // deleted Snapshot no longer names it): look again soon.
+                return Ok(Flow::Done(Action::requeue(SNAPSHOT_WAIT)));
             }
             Step::SetCondition { condition, warning } => {
                 let reason = condition.type_.clone();
@@ -275,7 +387,7 @@ impl VmReconciler {
                     }
                 }
                 // A new boot: nothing found of the last one holds.
-                self.prober.forget(&name);
+                self.forget(&name);
                 match hv.start(&name).await {
                     Ok(st) => {
                         let port = st
@@ -350,6 +462,87 @@ impl VmReconciler {
                     }
                 }
             }
+            Step::AttachDisk { disk } => match hv.attach_disk(&name, &disk).await {
+                Ok(attached) => {
+                    let msg = format!(
+                        "Attached disk {} ({}) to VM {name} while it runs (live); the guest sees it as /dev/disk/by-id/virtio-{}",
+                        disk.name,
+                        disks::human_gib(attached.size_bytes),
+                        disk.name
+                    );
+                    o.disk_attached(attached);
+                    self.note(&r, NoteType::Normal, "DiskAttached", msg).await;
+                }
+                Err(e) => {
+                    let err = vmctl_api::error_chain(&e);
+                    o.disk_hotplug_failed(&disk.name, true, &err);
+                    let msg = format!(
+                        "Cannot attach disk {} to VM {name} live ({err}); it is attached at the next start",
+                        disk.name
+                    );
+                    self.note(&r, NoteType::Warning, disks::HOTPLUG_FAILED, msg)
+                        .await;
+                }
+            },
+            Step::DetachDisk { disk } => match hv.detach_disk(&name, &disk).await {
+                Ok(()) => {
+                    o.disk_detached(&disk);
+                    let msg = format!(
+                        "Detached disk {disk} from VM {name} while it runs (live); its file is kept until the VM is deleted"
+                    );
+                    self.note(&r, NoteType::Normal, "DiskDetached", msg).await;
+                }
+                Err(e) => {
+                    let err = vmctl_api::error_chain(&e);
+                    o.disk_hotplug_failed(&disk, false, &err);
+                    let msg = format!(
+                        "Cannot detach disk {disk} from VM {name} live ({err}); it is detached at the next start"
+                    );
+                    self.note(&r, NoteType::Warning, disks::HOTPLUG_FAILED, msg)
+                        .await;
+                }
+            },
+            Step::ForwardPorts { remove, add } => {
+                for f in &remove {
+                    match hv.remove_port_forward(&name, f).await {
+                        Ok(()) => {
+                            let msg = format!("Removed port forward {} of VM {name}", f.describe());
+                            self.note(&r, NoteType::Normal, "PortForwardRemoved", msg)
+                                .await;
+                        }
+                        Err(e) => {
+                            let msg = format!(
+                                "Cannot remove port forward {} of VM {name} ({}); tried again later",
+                                f.describe(),
+                                vmctl_api::error_chain(&e)
+                            );
+                            self.note(&r, NoteType::Warning, "PortForwardFailed", msg)
+                                .await;
+                        }
+                    }
+                    o.forward_removed(f);
+                }
+                for f in &add {
+                    match hv.add_port_forward(&name, f).await {
+                        Ok(()) => {
+                            o.forward_added(f);
+                            let msg = format!("Forwarding {} to VM {name}", f.describe());
+                            self.note(&r, NoteType::Normal, "PortForwardAdded", msg)
+                                .await;
+                        }
+                        Err(e) => {
+                            let (reason, message) = self.forward_failure(&name, f, &e).await;
+                            if o.forward_failed(f, reason, &message) {
+                                let msg = format!(
+                                    "Cannot forward {} to VM {name}: {message}; the VM and its other forwards keep working",
+                                    f.describe()
+                                );
+                                self.note(&r, NoteType::Warning, reason, msg).await;
+                            }
+                        }
+                    }
+                }
+            }
             Step::Restart => {
                 hv.stop(&name, self.stop_timeout(&o.spec))
                     .await
@@ -362,6 +555,14 @@ impl VmReconciler {
                 return Ok(Flow::Done(Action::requeue(Duration::ZERO)));
             }
             Step::Report { phase } => {
+                // A paused guest keeps its address.
+                o.address = match phase {
+                    VmPhase::Running | VmPhase::Suspended => self.discover(o),
+                    _ => {
+                        self.discoverer.forget(&name);
+                        None
+                    }
+                };
                 o.readiness = match phase {
                     VmPhase::Running => self.probe(o),
                     _ => {
@@ -369,18 +570,96 @@ impl VmReconciler {
                         None
                     }
                 };
+                let before = address_reason(o);
                 o.report(phase);
                 ctx.write_status(obj, &o.status).await?;
+                self.note_address(&r, o, before).await;
+                let liveness = if self.event_driven {
+                    EVENT_DRIVEN_LIVENESS.max(ctx.config.liveness)
+                } else {
+                    ctx.config.liveness
+                };
                 return Ok(Flow::Done(match phase {
-                    VmPhase::Running | VmPhase::Suspended if self.event_driven => {
-                        Action::requeue(EVENT_DRIVEN_LIVENESS.max(ctx.config.liveness))
-                    }
-                    VmPhase::Running | VmPhase::Suspended => Action::requeue(ctx.config.liveness),
+                    // A failed port forward is tried again when its wait ends.
+                    VmPhase::Running | VmPhase::Suspended => Action::requeue(
+                        plan::ports::next_retry(o).map_or(liveness, |d| d.min(liveness)),
+                    ),
                     _ => Action::await_change(),
                 }));
             }
         }
         Ok(Flow::Next)
+    }
+
+    /// The reason and message of a port forward `f` of VM `name` that
+    /// failed with `err`; a host port in use names the VM that forwards
+    /// it, when one of vmctl's does.
+    async fn forward_failure(
+        &self,
+        name: &str,
+        f: &vmctl_api::PortForward,
+        err: &DriverError,
+    ) -> (&'static str, String) {
+        if !matches!(err, DriverError::AddressInUse(_)) {
+            return (plan::ports::FAILED, vmctl_api::error_chain(err));
+        }
+        let holder = self
+            .ctx
+            .list(Kind::VirtualMachine)
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|o| o.metadata.name != name)
+            .filter_map(|o| VirtualMachine::from_object(o).ok())
+            .find(|vm| {
+                vm.status.as_ref().is_some_and(|st| {
+                    st.port_forwards.iter().any(|e| {
+                        e.state == vmctl_api::PortForwardState::Active
+                            && e.forward().clashes_with(f)
+                    })
+                })
+            })
+            .map(|vm| vm.metadata.name);
+        let by = match holder {
+            Some(vm) => format!(" (VM {vm} forwards it)"),
+            None => String::new(),
+        };
+        (
+            plan::ports::IN_USE,
+            format!("{err}{by}: free the port or pick another host port for this forward"),
+        )
+    }
+
+    /// Notes the address search's turns, for `describe` and `events`: a
+    /// Warning `IPDiscoveryTimeout` when it times out, a Normal
+    /// `AddressFound` when the address is found or moves. `before`: the
+    /// `AddressReady` reason and message before this report.
+    async fn note_address(&self, r: &ObjectRef, o: &Observed, before: Option<(String, String)>) {
+        let Some((reason, message)) = address_reason(o) else {
+            return;
+        };
+        if before.as_ref() == Some(&(reason.clone(), message.clone())) {
+            return;
+        }
+        let name = &o.name;
+        match reason.as_str() {
+            "IPDiscoveryTimeout" if before.as_ref().is_none_or(|(r, _)| *r != reason) => {
+                let msg = format!("VM {name}: {message}");
+                self.note(r, NoteType::Warning, "IPDiscoveryTimeout", msg)
+                    .await;
+            }
+            // Not when only where it was found from changes (an agent
+            // restarted while the VM ran).
+            "AddressFound"
+                if before.as_ref().is_none_or(|(r, m)| {
+                    *r != reason || m.split(' ').next() != message.split(' ').next()
+                }) =>
+            {
+                let msg = format!("VM {name} has address {message}");
+                self.note(r, NoteType::Normal, "AddressFound", msg).await;
+            }
+            _ => {}
+        }
     }
 
     /// Records a note about the VM `r` (see [`Context::note`]).
@@ -480,7 +759,7 @@ impl Reconciler for VmReconciler {
     }
 
     fn external_triggers(&self) -> Vec<tokio::sync::broadcast::Receiver<String>> {
-        let mut triggers = vec![self.prober.changes()];
+        let mut triggers = vec![self.prober.changes(), self.discoverer.changes()];
         triggers.extend(self.ctx.drivers.hypervisor.changes());
         triggers
     }
@@ -492,6 +771,15 @@ impl Reconciler for VmReconciler {
             _ => Vec::new(),
         }
     }
+}
+
+/// The reason and message of `o`'s `AddressReady` condition, if it has one.
+fn address_reason(o: &Observed) -> Option<(String, String)> {
+    o.status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "AddressReady")
+        .map(|c| (c.reason.clone(), c.message.clone()))
 }
 
 /// Which step of a start failed, for [`VmReconciler::back_off`].

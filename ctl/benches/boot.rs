@@ -7,7 +7,7 @@
 //! 2. Four VMs from one VMFile in parallel, against the same four applied
 //!    one after another (each waited to SSH-ready). Goal: ≤ 0.5.
 //!
-//! Run: `cargo build --release -p vmctl && cargo bench -p vmctl --bench boot`
+//! Run: `cargo build --release -p vmctl -p vmctl-agent && cargo bench -p vmctl --bench boot`
 //! (`BENCH_RUNS`, default 7, pairs for 1; `BENCH_GROUP_RUNS`, default 2, for 2).
 //! Needs qemu-system-x86_64, qemu-img, genisoimage, ssh and the tiny image
 //! (`tests/images/build.sh tiny`, built on first use).
@@ -29,8 +29,8 @@ fn vmctl_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("vmctl");
     assert!(
-        bin.exists(),
-        "build the binary first: cargo build --release -p vmctl ({})",
+        bin.exists() && bin.with_file_name("vmctl-agent").exists(),
+        "build the binaries first: cargo build --release -p vmctl -p vmctl-agent ({})",
         bin.display()
     );
     bin

@@ -17,8 +17,8 @@ fn vmctl() -> PathBuf {
     let dir = exe.parent().unwrap().parent().unwrap();
     let bin = dir.join("vmctl");
     assert!(
-        bin.exists(),
-        "build the binary first: cargo build --release -p vmctl ({})",
+        bin.exists() && bin.with_file_name("vmctl-agent").exists(),
+        "build the binaries first: cargo build --release -p vmctl -p vmctl-agent ({})",
         bin.display()
     );
     bin

@@ -11,7 +11,7 @@
 //!   from `qemu-img create` until `ssh … true` exited 0, polled with fresh
 //!   short connections (banner within 300 ms, every 100 ms), then `ssh`.
 //!
-//! Run: `cargo build --release -p vmctl && cargo bench -p vmctl --bench ssh_ready`
+//! Run: `cargo build --release -p vmctl -p vmctl-agent && cargo bench -p vmctl --bench ssh_ready`
 //! (`BENCH_RUNS`, default 5 pairs). Needs qemu-system-x86_64, qemu-img,
 //! genisoimage, ssh and the tiny image (`tests/images/build.sh tiny`).
 
@@ -33,8 +33,8 @@ fn vmctl_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("vmctl");
     assert!(
-        bin.exists(),
-        "build the binary first: cargo build --release -p vmctl"
+        bin.exists() && bin.with_file_name("vmctl-agent").exists(),
+        "build the binaries first: cargo build --release -p vmctl -p vmctl-agent"
     );
     bin
 }

@@ -7,19 +7,17 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// vmctl: declarative local virtual machines.
 ///
 /// Describe VMs in VMFile.kdl (or YAML/JSON manifests); vmctl turns them into
-/// VirtualMachine, Image and Provision resources.
+/// VirtualMachine, Image and Provision resources (and Snapshot, by
+/// `vmctl snapshot`).
 #[derive(Debug, Parser)]
 #[command(name = "vmctl", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
-    /// Data directory of the agent [default: $XDG_DATA_HOME/vmctl or ~/.local/share/vmctl].
-    #[arg(long, global = true, env = "VMCTL_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// The agent's socket [default: <data-dir>/agent.sock].
-    #[arg(long, global = true, env = "VMCTL_SOCKET")]
-    pub socket: Option<PathBuf>,
+    /// The data directory and the agent's socket.
+    #[command(flatten)]
+    pub paths: vmctl_agent_args::AgentPaths,
     /// Do not start an agent when none answers.
     #[arg(long, global = true)]
     pub no_autostart: bool,
@@ -33,15 +31,6 @@ pub struct Cli {
 }
 
 /// Output formats of `get`.
-/// The agent's store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StoreKind {
-    /// Embedded sled database in the data directory.
-    Sled,
-    /// etcd v3 cluster.
-    Etcd,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum GetOutput {
     /// A table.
@@ -94,32 +83,9 @@ pub enum Command {
     /// Run the agent in the foreground (for a service manager).
     ///
     /// vmctl starts one in the background by itself when none is running.
-    Agent {
-        /// Hypervisor driver: qemu, or fake (in memory, for tests and
-        /// benchmarks) [default: `driver` in <data-dir>/agent.toml, else qemu].
-        #[arg(long, env = "VMCTL_DRIVER")]
-        driver: Option<String>,
-        /// Where objects are kept: sled (embedded, in the data directory) or
-        /// etcd (shared; needs --etcd-endpoints) [default: `store` in
-        /// <data-dir>/agent.toml, else sled].
-        #[arg(long, env = "VMCTL_STORE", value_enum)]
-        store: Option<StoreKind>,
-        /// etcd client URLs, comma-separated (e.g. http://127.0.0.1:2379)
-        /// [default: `endpoints` under [etcd] in <data-dir>/agent.toml].
-        #[arg(long, env = "VMCTL_ETCD_ENDPOINTS", value_delimiter = ',')]
-        etcd_endpoints: Vec<String>,
-        /// Prefix of every etcd key of this installation [default: `prefix`
-        /// under [etcd] in <data-dir>/agent.toml, else /vmctl/].
-        #[arg(long, env = "VMCTL_ETCD_PREFIX")]
-        etcd_prefix: Option<String>,
-        #[command(flatten)]
-        propolis: PropolisArgs,
-        /// Let the members of this group use the agent: its socket gets the
-        /// group and mode 0660 (default: 0600, this user only). Put the
-        /// socket outside the data directory (--socket), which stays 0700.
-        #[arg(long, env = "VMCTL_SOCKET_GROUP")]
-        socket_group: Option<String>,
-    },
+    /// The agent is its own program, `vmctl-agent`, installed next to
+    /// `vmctl`: this runs it with these flags.
+    Agent(vmctl_agent_args::AgentArgs),
     /// Create or update the resources of a VMFile or manifest.
     ///
     /// Prints created / configured / unchanged per object.
@@ -153,7 +119,7 @@ pub enum Command {
     /// As with kubectl, `-o json|yaml` prints the object itself when a NAME
     /// is given, and a `List` (`kind: List`, `items`) otherwise.
     Get {
-        /// Kind: vm, image, provision; all kinds when omitted.
+        /// Kind: vm, image, provision, snapshot; all kinds when omitted.
         kind: Option<String>,
         /// One object's name.
         name: Option<String>,
@@ -172,14 +138,14 @@ pub enum Command {
     /// With a name, that object; without, every object of the kind, by name.
     /// Repeated identical notes show once, with a count: `2m (x5 over 10m)`.
     Describe {
-        /// Kind: vm, image, provision.
+        /// Kind: vm, image, provision, snapshot.
         kind: String,
         /// Name; every object of the kind when omitted.
         name: Option<String>,
     },
     /// Delete an object, or every object of a file.
     Delete {
-        /// Kind: vm, image, provision.
+        /// Kind: vm, image, provision, snapshot.
         kind: Option<String>,
         /// Name.
         name: Option<String>,
@@ -202,7 +168,7 @@ pub enum Command {
     /// deletes it.
     #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["add_finalizer", "remove_finalizer"])))]
     Patch {
-        /// Kind: vm, image, provision.
+        /// Kind: vm, image, provision, snapshot.
         kind: String,
         /// Name.
         name: String,
@@ -228,7 +194,7 @@ pub enum Command {
     },
     /// Show every recorded change of one object, oldest first.
     History {
-        /// Kind: vm, image, provision.
+        /// Kind: vm, image, provision, snapshot.
         kind: String,
         /// Name.
         name: String,
@@ -313,6 +279,22 @@ pub enum Command {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Save a VM's disks (and memory, when it runs) and bring it back
+    /// to that point later: create, list, restore, delete.
+    ///
+    /// A snapshot of a running (or suspended) VM holds its disks and its
+    /// memory, and restoring it brings the VM back running where it was;
+    /// a snapshot of a stopped VM holds its disks only and can be
+    /// restored to a stopped VM only. Snapshots are qcow2 internal
+    /// snapshots on the VM's own disks: deleting the VM deletes them.
+    /// Each is a Snapshot object (`vmctl get snapshots`, `vmctl describe
+    /// snapshot NAME`), and every snapshot and restore is in the VM's
+    /// history (`vmctl history vm NAME`).
+    Snapshot {
+        /// The snapshot command.
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// Manage images: pull, list, inspect, rm, prune.
     Image {
         /// The image command.
@@ -342,6 +324,11 @@ pub enum Command {
         /// Bridge for TAP networking (default: user networking).
         #[arg(long)]
         bridge: Option<String>,
+        /// Forward a host port to a guest port, Docker's way:
+        /// `8080:80`, `127.0.0.1:8080:80`, `5353:53/udp` (on 127.0.0.1
+        /// unless an address is given; user networking only). Repeatable.
+        #[arg(long = "port", value_name = "[ADDRESS:]HOST:GUEST[/PROTO]")]
+        ports: Vec<vmctl_api::PortForward>,
         /// A cloud-init user-data file, passed through.
         #[arg(long = "cloud-init")]
         cloud_init: Option<PathBuf>,
@@ -369,8 +356,11 @@ pub enum Command {
         name: String,
         /// Graceful shutdown timeout in seconds: how long the guest has to
         /// power off after the ACPI button before QEMU is quit, then killed.
-        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-        timeout: u64,
+        /// Given, it is kept in the VM's spec (stopTimeoutSeconds) for later
+        /// stops; without it the VM's own applies (its VMFile's
+        /// `stop-timeout`, default 30).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout: Option<u64>,
     },
     /// Pause a running VM.
     Suspend {
@@ -474,10 +464,73 @@ pub enum Command {
         /// NAME:/path or LOCAL.
         dst: String,
     },
-    /// Print the JSON Schema of a kind (vm, image, provision), or of all kinds.
+    /// Print the JSON Schema of a kind (vm, image, provision, snapshot), or of all kinds.
     Schema {
-        /// The kind: VirtualMachine (vm), Image (image) or Provision (provision).
+        /// The kind: VirtualMachine (vm), Image (image), Provision (provision)
+        /// or Snapshot (snapshot).
         kind: Option<String>,
+    },
+}
+
+/// `vmctl snapshot` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of a VM (its disks; its memory too when it runs).
+    ///
+    /// Refused for a VM that does not exist or is being deleted. Without
+    /// --wait it returns once the Snapshot object exists; the save runs
+    /// in the agent (`vmctl snapshot list` shows its phase).
+    Create {
+        /// The VM.
+        vm: String,
+        /// The snapshot's name [default: VM-YYYYMMDD-HHMMSS, UTC].
+        name: Option<String>,
+        /// Wait until the snapshot is Ready; exit non-zero if it fails.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Output: the Snapshot object as JSON or YAML instead of a line.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// List snapshots (of one VM, or of every VM).
+    List {
+        /// Only the snapshots of this VM.
+        vm: Option<String>,
+        /// Output format (json and yaml print a `List` of the objects).
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: GetOutput,
+    },
+    /// Bring a VM back to a snapshot.
+    ///
+    /// A running VM with a snapshot that has memory state continues from
+    /// that moment (disks and memory); a stopped VM gets the snapshot's
+    /// disks and stays stopped. A snapshot without memory state (taken
+    /// while the VM was stopped) needs the VM stopped first. Refused for a
+    /// snapshot that does not exist or is not Ready, and for a VM being
+    /// deleted.
+    Restore {
+        /// The snapshot.
+        name: String,
+        /// Wait until the restore is done; exit non-zero if it failed.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Delete a snapshot (its saved state is removed from the VM's disks).
+    Delete {
+        /// The snapshot.
+        name: String,
+        /// Wait until it is gone.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
 }
 
@@ -516,66 +569,4 @@ pub enum ImageCommand {
     },
     /// Delete every image no VM uses.
     Prune,
-}
-
-/// Settings of the Propolis driver (`vmctl agent --driver propolis`), each
-/// [default: the same key under [propolis] in <data-dir>/agent.toml, else
-/// the driver's default].
-#[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Propolis driver (illumos)")]
-pub struct PropolisArgs {
-    /// Where host commands (zfs, zoneadm, zonecfg, dladm) run: system
-    /// (illumos), or simulated (any OS, against a mock propolis-server)
-    /// [default: system].
-    #[arg(
-        long = "propolis-host",
-        env = "VMCTL_PROPOLIS_HOST",
-        value_name = "HOST"
-    )]
-    pub host: Option<String>,
-    /// The first VM's propolis-server address; later VMs use the next
-    /// ports [default: 127.0.0.1:12400].
-    #[arg(
-        long = "propolis-addr",
-        env = "VMCTL_PROPOLIS_ADDR",
-        value_name = "IP:PORT"
-    )]
-    pub addr: Option<String>,
-    /// ZFS pool of images ({pool}/images/IMAGE@latest) and VM disks
-    /// ({pool}/vms/VM) [default: rpool].
-    #[arg(
-        long = "propolis-pool",
-        env = "VMCTL_PROPOLIS_POOL",
-        value_name = "POOL"
-    )]
-    pub pool: Option<String>,
-    /// Zone brand that runs propolis-server [default: nebula-vm].
-    #[arg(
-        long = "propolis-brand",
-        env = "VMCTL_PROPOLIS_BRAND",
-        value_name = "BRAND"
-    )]
-    pub brand: Option<String>,
-    /// Directory of the VMs' zone paths [default: /zones].
-    #[arg(
-        long = "propolis-zone-root",
-        env = "VMCTL_PROPOLIS_ZONE_ROOT",
-        value_name = "DIR"
-    )]
-    pub zone_root: Option<String>,
-    /// Physical link to create VNICs on [default: none; VNICs must exist].
-    #[arg(
-        long = "propolis-vnic-link",
-        env = "VMCTL_PROPOLIS_VNIC_LINK",
-        value_name = "LINK"
-    )]
-    pub vnic_link: Option<String>,
-    /// How long a start may take (zone boot, server up, instance Running),
-    /// in seconds [default: 120].
-    #[arg(
-        long = "propolis-start-timeout",
-        env = "VMCTL_PROPOLIS_START_TIMEOUT",
-        value_name = "SECONDS"
-    )]
-    pub start_timeout: Option<u64>,
 }

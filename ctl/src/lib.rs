@@ -15,15 +15,7 @@ use clap::Parser;
 /// Parses the command line, runs the command and maps the result to an exit code.
 pub fn run() -> ExitCode {
     let cli = cli::Cli::parse();
-    miette::set_hook(Box::new(|_| {
-        Box::new(
-            miette::MietteHandlerOpts::new()
-                .terminal_links(false)
-                .wrap_lines(true)
-                .build(),
-        )
-    }))
-    .ok();
+    vmctl_api::diag::set_report_hook();
     match commands::dispatch(cli) {
         Ok(code) => code,
         Err(report) => {

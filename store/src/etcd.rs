@@ -3,12 +3,20 @@
 //! Keys, under a configurable prefix `P` (default `/vmctl/`), so that
 //! several installations can share one etcd:
 //!
-//! | key                              | value                                    |
-//! |----------------------------------|------------------------------------------|
-//! | `P/o/{Kind}/{name}`              | the object and its last change           |
-//! | `P/n/{Kind}/{name}/{uuid}`       | a note, attached to a lease (expires)    |
-//! | `P/h/{Kind}/{name}/{uid}/{prev}` | one change of the object (history)       |
+//! | key                               | value                                    |
+//! |-----------------------------------|------------------------------------------|
+//! | `P@o/{Kind}/{name}`               | the object and its last change           |
+//! | `P@n/{Kind}/{name}/{uuid}`        | a note, attached to a lease (expires)    |
+//! | `P@h/{Kind}/{name}/{uid}/{prev}`  | one change of the object (history)       |
 //!
+//! * `P` starts and ends with `/` and contains no `@` ([`check_prefix`]),
+//!   so no installation's keys lie in another's ranges, even when one
+//!   prefix is inside the other (`/nest/` and `/nest/o/`: the first one's
+//!   ranges start `/nest/@`, the second one's keys `/nest/o/`). With the
+//!   sections right under `P` (`P/o/…`, before), a listing under `/nest/`
+//!   read `/nest/o/`'s keys as its own, and its compaction pruned their
+//!   history.
+
 //! * resourceVersion = etcd's revision: an object's is its key's
 //!   `mod_revision`, a listing's is the revision of its range read.
 //! * Every write is ONE round trip when the store knows the object: one
@@ -24,23 +32,30 @@
 //!   a fresh read, so a stale cache can cost a round trip, never a wrong
 //!   answer. [`StoreError::Conflict`] comes only from the caller's own
 //!   `expected_rv`.
-//! * The watch covers `P/n/` and `P/o/` (one key per revision) and turns
-//!   each etcd event into an [`Event`]; a start revision compacted away
+//! * The watch covers `P@lease/`, `P@n/` and `P@o/` (one key per revision)
+//!   and turns each etcd event of a note or object into an [`Event`], and
+//!   a revision with none (the agent lease) into a
+//!   [`WatchItem::Bookmark`]; a start revision compacted away
 //!   is [`StoreError::TooOld`]. One etcd watch per store is fanned out in
 //!   process to every subscriber near its position (it keeps the last
 //!   [`HUB_RECENT`] events for late subscribers); a subscriber that falls
 //!   behind, or starts below what it keeps, gets its own etcd watch from
 //!   its position (every event still once, in order).
-//! * History keys (`P/h/…`) are current keys, written in the same
+//! * History keys (`P@h/…`) are current keys, written in the same
 //!   transaction as every change (spec, status, finalizers, deletion), so
 //!   they survive etcd's own compaction; [`EtcdStore::compact`] prunes them
 //!   below the compacted revision as sled's compaction prunes its log
 //!   ([`EtcdOptions::retention`]: spec changes and deletions always stay).
 //!   [`Store::history`] adds the object's notes, as sled's does.
 //! * Notes expire with their lease ([`EtcdOptions::note_ttl`]).
+//! * `P@lease/agent` is the installation's agent lease: one agent at a
+//!   time runs the controllers of a prefix ([`EtcdStore::acquire_lease`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod lease;
+pub use lease::{AgentLease, LeaseHolder, LeaseOutcome};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
@@ -53,7 +68,7 @@ use crate::compact::{Retention, Seen, droppable};
 use crate::error::{BoxError, Result, StoreError};
 use crate::event::{self, Change, Event};
 use crate::plan::{self, Outcome, Plan};
-use crate::{Listing, RecordedNote, Store, Watch, Written, fold};
+use crate::{Listing, RecordedNote, Store, Watch, WatchItem, Written, fold};
 
 /// Largest gRPC message accepted (a listing of many objects is one message).
 const MAX_MESSAGE: usize = 256 << 20;
@@ -69,6 +84,31 @@ const CACHE_MAX: usize = 100_000;
 /// Operations etcd accepts in one transaction (its `--max-txn-ops` default).
 const MAX_TXN_OPS: usize = 128;
 
+/// What separates the prefix from the sections of vmctl's keys
+/// (`P@o/…`); never part of a prefix, see [`check_prefix`].
+const SECTION_MARK: char = '@';
+
+/// Checks an etcd key prefix: it starts and ends with `/` and contains no
+/// `@` (the mark that starts vmctl's sections after it, so that no
+/// installation's keys fall inside another's ranges, even when one prefix
+/// is inside the other). Returns what is wrong, as a sentence naming the
+/// prefix.
+pub fn check_prefix(prefix: &str) -> std::result::Result<(), String> {
+    if !(prefix.starts_with('/') && prefix.ends_with('/')) {
+        return Err(format!(
+            "etcd key prefix `{prefix}` must start and end with `/` (e.g. \"/vmctl/\")"
+        ));
+    }
+    if prefix.contains(SECTION_MARK) {
+        return Err(format!(
+            "etcd key prefix `{prefix}` must not contain `{SECTION_MARK}` (vmctl's keys \
+             are `PREFIX{SECTION_MARK}o/…`: the mark keeps installations with nested \
+             prefixes apart)"
+        ));
+    }
+    Ok(())
+}
+
 /// How to reach etcd and lay out vmctl's keys in it.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
@@ -83,6 +123,11 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// Deadline of connecting to one endpoint (default 2 s).
     pub connect_timeout: Duration,
+    /// Deadline of one request while etcd is known to be unreachable (the
+    /// last request found no member within `request_timeout`; default 2 s):
+    /// during an outage every caller learns it in this time, not in the
+    /// whole request timeout. The first success ends the outage.
+    pub outage_timeout: Duration,
     /// How long a broken watch tries to resume from its position before it
     /// reports [`StoreError::Unavailable`] (default 5 s).
     pub watch_resume: Duration,
@@ -101,6 +146,7 @@ impl EtcdOptions {
             note_ttl: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
+            outage_timeout: Duration::from_secs(2),
             watch_resume: Duration::from_secs(5),
             retention: Retention::default(),
         }
@@ -118,6 +164,10 @@ struct Inner {
     opts: EtcdOptions,
     /// The lease notes are attached to, and when it was granted.
     lease: tokio::sync::Mutex<Option<(i64, Instant)>>,
+    /// etcd is known to be unreachable: a request found no member within
+    /// its whole timeout, and none succeeded since (see
+    /// [`EtcdOptions::outage_timeout`]).
+    outage: std::sync::atomic::AtomicBool,
     /// Object key → what this store last wrote or read of it; see the module docs.
     cache: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Known>>,
     /// The shared watch.
@@ -145,7 +195,7 @@ struct Hub {
     recent: std::collections::VecDeque<Arc<Event>>,
     /// Live events to subscribers; dropping it ends their fan-out (they go
     /// on with their own etcd watch).
-    tx: tokio::sync::broadcast::Sender<Arc<Event>>,
+    tx: tokio::sync::broadcast::Sender<WatchItem>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -212,12 +262,7 @@ impl EtcdStore {
                 "no etcd endpoint given; pass --etcd-endpoints http://HOST:2379[,…]".into(),
             ));
         }
-        if !opts.prefix.ends_with('/') {
-            return Err(StoreError::Invalid(format!(
-                "etcd key prefix `{}` must end with `/`",
-                opts.prefix
-            )));
-        }
+        check_prefix(&opts.prefix).map_err(StoreError::Invalid)?;
         let copts = ConnectOptions::new()
             .with_timeout(opts.request_timeout)
             .with_connect_timeout(opts.connect_timeout)
@@ -232,13 +277,14 @@ impl EtcdStore {
                         opts.endpoints.join(",")
                     ))
                 }
-                e => unavailable_of(&opts, e),
+                e => unavailable_of(&opts, plain(&e)),
             })?;
         Ok(EtcdStore {
             inner: Arc::new(Inner {
                 client,
                 opts,
                 lease: tokio::sync::Mutex::new(None),
+                outage: std::sync::atomic::AtomicBool::new(false),
                 cache: Default::default(),
                 hub: std::sync::Mutex::new(Hub {
                     running: false,
@@ -260,8 +306,9 @@ impl EtcdStore {
         classify(&self.inner.opts, e)
     }
 
+    /// `P@{section}/{rest}` (see the module docs).
     fn key(&self, section: &str, rest: &str) -> Vec<u8> {
-        format!("{}{section}/{rest}", self.inner.opts.prefix).into_bytes()
+        format!("{}{SECTION_MARK}{section}/{rest}", self.inner.opts.prefix).into_bytes()
     }
 
     fn object_key(&self, r: &ObjectRef) -> Vec<u8> {
@@ -284,19 +331,66 @@ impl EtcdStore {
         key: Vec<u8>,
         opts: Option<GetOptions>,
     ) -> Result<etcd_client::GetResponse> {
-        let deadline = Instant::now() + self.inner.opts.request_timeout;
+        let mut budget = self.budget();
         loop {
-            match self.kv().get(key.clone(), opts.clone()).await {
-                Ok(r) => return Ok(r),
-                Err(e) => {
-                    let e = self.err(e);
-                    if !e.is_unavailable() || Instant::now() >= deadline {
-                        return Err(e);
-                    }
-                }
+            let left = budget.left();
+            let e = match tokio::time::timeout(left, self.kv().get(key.clone(), opts.clone())).await
+            {
+                Ok(Ok(r)) => return Ok(self.reached(r)),
+                Ok(Err(e)) => self.err(e),
+                Err(_) => unavailable_of(
+                    &self.inner.opts,
+                    format!("no member answered within {}", secs(budget.timeout)),
+                ),
+            };
+            if !e.is_unavailable() || budget.spent(self) {
+                return Err(self.unreached(e));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// What one request may spend on attempts (see [`Budget`]).
+    fn budget(&self) -> Budget {
+        let outage = self.inner.outage.load(std::sync::atomic::Ordering::Relaxed);
+        let timeout = self.request_timeout();
+        Budget {
+            start: Instant::now(),
+            timeout,
+            tries_left: outage.then_some(self.inner.opts.endpoints.len().max(1)),
+        }
+    }
+
+    /// The deadline of one request now: the request timeout, or the
+    /// outage timeout while etcd is known to be unreachable.
+    fn request_timeout(&self) -> Duration {
+        if self.inner.outage.load(std::sync::atomic::Ordering::Relaxed) {
+            self.inner
+                .opts
+                .outage_timeout
+                .min(self.inner.opts.request_timeout)
+        } else {
+            self.inner.opts.request_timeout
+        }
+    }
+
+    /// A request reached etcd: no outage.
+    fn reached<T>(&self, r: T) -> T {
+        self.inner
+            .outage
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    /// A request failed for good with `e`: if etcd could not be reached,
+    /// an outage begins (later requests fail within the outage timeout).
+    fn unreached(&self, e: StoreError) -> StoreError {
+        if e.is_unavailable() {
+            self.inner
+                .outage
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        e
     }
 
     /// Runs a write, retried within the request timeout while etcd is
@@ -314,27 +408,27 @@ impl EtcdStore {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        let timeout = self.inner.opts.request_timeout;
-        let deadline = Instant::now() + timeout;
+        let mut budget = self.budget();
+        let timeout = budget.timeout;
         let attempt = if idempotent { timeout / 4 } else { timeout };
         loop {
-            let Ok(answer) = tokio::time::timeout(attempt, f()).await else {
-                if Instant::now() >= deadline {
-                    return Err(unavailable_of(
+            let Ok(answer) = tokio::time::timeout(attempt.min(budget.left()), f()).await else {
+                if budget.spent(self) {
+                    return Err(self.unreached(unavailable_of(
                         &self.inner.opts,
-                        format!("no answer within {timeout:?}"),
-                    ));
+                        format!("no member answered within {}", secs(timeout)),
+                    )));
                 }
                 continue;
             };
             match answer {
-                Ok(r) => return Ok(r),
-                Err(e) if Instant::now() >= deadline => return Err(self.err(e)),
+                Ok(r) => return Ok(self.reached(r)),
+                Err(e) if budget.spent(self) => return Err(self.unreached(self.err(e))),
                 Err(e) if never_sent(&e) => {}
                 Err(e) => {
                     let e = self.err(e);
                     if !idempotent || !e.is_unavailable() {
-                        return Err(e);
+                        return Err(self.unreached(e));
                     }
                 }
             }
@@ -683,9 +777,13 @@ impl EtcdStore {
         self.current_revision().await.map(|_| ())
     }
 
-    /// Opens the etcd watch from `start` (inclusive) over notes and objects.
+    /// Opens the etcd watch from `start` (inclusive) over the agent lease,
+    /// notes and objects (`P@lease/` to the end of `P@o/`). The lease key
+    /// is watched only so that its writes become bookmarks: found as, after
+    /// an etcd outage, every read waited 1 s for the cluster revision that
+    /// the agent's new lease had moved past the last object event.
     async fn open_watch(&self, start: i64) -> Result<etcd_client::WatchStream> {
-        let from = self.key("n", "");
+        let from = self.key("lease", "");
         let to = prefix_end(&self.key("o", ""));
         let opts = WatchOptions::new()
             .with_range(to)
@@ -704,7 +802,10 @@ impl EtcdStore {
     fn event_of(&self, e: &etcd_client::Event) -> Result<Option<Event>> {
         let Some(kv) = e.kv() else { return Ok(None) };
         let key = String::from_utf8_lossy(kv.key());
-        let Some(rest) = key.strip_prefix(&self.inner.opts.prefix) else {
+        let Some(rest) = key
+            .strip_prefix(&self.inner.opts.prefix)
+            .and_then(|k| k.strip_prefix(SECTION_MARK))
+        else {
             return Ok(None);
         };
         let seq = rev(kv.mod_revision());
@@ -798,6 +899,87 @@ fn unavailable_of(opts: &EtcdOptions, e: impl Into<BoxError>) -> StoreError {
     }
 }
 
+/// What one request may still spend on attempts while etcd is
+/// unavailable: until `timeout` after `start`, and during a known outage
+/// (`tries_left`) one try per endpoint at most, so that a request fails
+/// within milliseconds when every member refuses connections.
+struct Budget {
+    start: Instant,
+    timeout: Duration,
+    tries_left: Option<usize>,
+}
+
+impl Budget {
+    /// Time left for the next attempt (at least 1 ms).
+    fn left(&self) -> Duration {
+        self.timeout
+            .saturating_sub(self.start.elapsed())
+            .max(Duration::from_millis(1))
+    }
+
+    /// Counts one failed attempt; whether the request must give up. A
+    /// request that found no member for the outage timeout starts an
+    /// outage for the requests after it (it still tries until its own
+    /// deadline).
+    fn spent(&mut self, store: &EtcdStore) -> bool {
+        let elapsed = self.start.elapsed();
+        if elapsed >= store.inner.opts.outage_timeout {
+            store
+                .inner
+                .outage
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(n) = &mut self.tries_left {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                return true;
+            }
+        }
+        elapsed >= self.timeout
+    }
+}
+
+/// `2 s`, `1.5 s`.
+fn secs(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+/// What went wrong, for people: a gRPC status as its message (`tcp
+/// connect error: Connection refused (os error 111)`) with its code
+/// where the message is empty, never tonic's Debug-like `status: …,
+/// metadata: MetadataMap {…}`; other errors as their own chain.
+#[derive(Debug)]
+struct Plain(String);
+
+impl std::fmt::Display for Plain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Plain {}
+
+fn plain(e: &etcd_client::Error) -> Plain {
+    use etcd_client::Error as E;
+    Plain(match e {
+        E::GRpcStatus(s) if s.message().is_empty() => format!("{:?}", s.code()),
+        E::GRpcStatus(s) => {
+            let mut text = s.message().to_owned();
+            let mut source = std::error::Error::source(s);
+            while let Some(inner) = source {
+                let more = inner.to_string();
+                if !text.contains(&more) {
+                    text = format!("{text}: {more}");
+                }
+                source = inner.source();
+            }
+            text
+        }
+        E::TransportError(t) => vmctl_api::error_chain(t),
+        e => e.to_string(),
+    })
+}
+
 /// Sorts an etcd error: unreachable, no leader, timeouts → Unavailable.
 fn classify(opts: &EtcdOptions, e: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
@@ -817,7 +999,7 @@ fn classify(opts: &EtcdOptions, e: etcd_client::Error) -> StoreError {
         _ => false,
     };
     if transient {
-        unavailable_of(opts, e)
+        unavailable_of(opts, plain(&e))
     } else {
         StoreError::backend(e)
     }
@@ -829,7 +1011,7 @@ struct WatchState {
     store: EtcdStore,
     stream: Option<etcd_client::WatchStream>,
     pos: u64,
-    pending: std::collections::VecDeque<Event>,
+    pending: std::collections::VecDeque<WatchItem>,
     failed: bool,
     /// Since when the etcd watch is broken (a field, not a local, so that
     /// a cancelled `next` keeps counting).
@@ -849,7 +1031,7 @@ impl WatchState {
         }
     }
 
-    async fn next(&mut self) -> Option<Result<Arc<Event>>> {
+    async fn next(&mut self) -> Option<Result<WatchItem>> {
         if self.failed {
             return None;
         }
@@ -860,12 +1042,12 @@ impl WatchState {
         Some(r)
     }
 
-    async fn next_inner(&mut self) -> Result<Arc<Event>> {
+    async fn next_inner(&mut self) -> Result<WatchItem> {
         loop {
-            if let Some(ev) = self.pending.pop_front() {
-                if ev.seq > self.pos {
-                    self.pos = ev.seq;
-                    return Ok(Arc::new(ev));
+            if let Some(item) = self.pending.pop_front() {
+                if item.seq() > self.pos {
+                    self.pos = item.seq();
+                    return Ok(item);
                 }
                 continue;
             }
@@ -892,10 +1074,21 @@ impl WatchState {
                             )))
                         } else {
                             self.broken_since = None;
+                            // The newest revision this response covers:
+                            // a key that is no object event (the lease)
+                            // still tells that nothing came before it.
+                            let mut top = 0;
                             for e in resp.events() {
-                                if let Some(ev) = self.store.event_of(e)? {
-                                    self.pending.push_back(ev);
+                                if let Some(kv) = e.kv() {
+                                    top = top.max(rev(kv.mod_revision()));
                                 }
+                                if let Some(ev) = self.store.event_of(e)? {
+                                    self.pending.push_back(WatchItem::Event(Arc::new(ev)));
+                                }
+                            }
+                            let queued = self.pending.back().map_or(self.pos, WatchItem::seq);
+                            if top > queued {
+                                self.pending.push_back(WatchItem::Bookmark(top));
                             }
                             continue;
                         }
@@ -938,18 +1131,22 @@ async fn pump(store: EtcdStore, mut watch: WatchState, generation: u64) {
                 continue;
             }
         };
-        let Some(Ok(ev)) = item else { break };
+        let Some(Ok(item)) = item else { break };
         let mut hub = store.hub();
         if hub.generation != generation {
             return;
         }
-        if hub.recent.len() >= HUB_RECENT
-            && let Some(old) = hub.recent.pop_front()
-        {
-            hub.covered_from = hub.covered_from.max(old.seq);
+        // Bookmarks go to live subscribers only: a late one loses nothing
+        // without them.
+        if let WatchItem::Event(ev) = &item {
+            if hub.recent.len() >= HUB_RECENT
+                && let Some(old) = hub.recent.pop_front()
+            {
+                hub.covered_from = hub.covered_from.max(old.seq);
+            }
+            hub.recent.push_back(ev.clone());
         }
-        hub.recent.push_back(ev.clone());
-        if hub.tx.send(ev).is_err() {
+        if hub.tx.send(item).is_err() {
             break; // no subscriber left
         }
     }
@@ -969,7 +1166,7 @@ enum Sub {
     Shared {
         store: EtcdStore,
         backlog: std::collections::VecDeque<Arc<Event>>,
-        rx: tokio::sync::broadcast::Receiver<Arc<Event>>,
+        rx: tokio::sync::broadcast::Receiver<WatchItem>,
         pos: u64,
     },
     /// Its own etcd watch.
@@ -993,7 +1190,7 @@ impl Sub {
         }
     }
 
-    async fn next(&mut self) -> Option<Result<Arc<Event>>> {
+    async fn next(&mut self) -> Option<Result<WatchItem>> {
         loop {
             let fallback = match self {
                 Sub::Own(own) => return own.next().await,
@@ -1003,14 +1200,14 @@ impl Sub {
                     rx,
                     pos,
                 } => {
-                    let ev = match backlog.pop_front() {
-                        Some(ev) => Ok(ev),
+                    let item = match backlog.pop_front() {
+                        Some(ev) => Ok(WatchItem::Event(ev)),
                         None => rx.recv().await,
                     };
-                    match ev {
-                        Ok(ev) if ev.seq > *pos => {
-                            *pos = ev.seq;
-                            return Some(Ok(ev));
+                    match item {
+                        Ok(item) if item.seq() > *pos => {
+                            *pos = item.seq();
+                            return Some(Ok(item));
                         }
                         Ok(_) => continue,
                         // Fell behind (lagged) or the shared watch ended:
@@ -1134,7 +1331,7 @@ impl Store for EtcdStore {
 
     async fn watch(&self, after: u64) -> Result<Watch> {
         let sub = self.subscribe(after).await?;
-        Ok(Watch::new(futures::stream::unfold(
+        Ok(Watch::with_bookmarks(futures::stream::unfold(
             sub,
             |mut st| async move { st.next().await.map(|r| (r, st)) },
         )))
@@ -1204,5 +1401,11 @@ impl Store for EtcdStore {
 
     fn describe(&self) -> String {
         describe_opts(&self.inner.opts)
+    }
+
+    fn mark_unreachable(&self) {
+        self.inner
+            .outage
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -45,7 +45,7 @@ use vmctl_api::{ApplySource, Kind, Note, Object, ObjectRef, Time};
 
 pub use compact::{CompactReport, Retention};
 pub use error::{BoxError, Result, StoreError};
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{AgentLease, EtcdOptions, EtcdStore, LeaseHolder, LeaseOutcome};
 pub use event::{Change, Event};
 pub use plan::Outcome;
 pub use sled_store::{Durability, OpenReport, Options, RebuildReport, SCHEMA_VERSION, SledStore};
@@ -145,6 +145,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn last_seq(&self) -> Result<u64>;
     /// Which store this is, for messages: `sled at /path`, `etcd at URL,URL`.
     fn describe(&self) -> String;
+    /// Told by a caller that the store did not answer within the caller's
+    /// own deadline (the agent's health probe): a remote store then treats
+    /// itself as in an outage, so that the requests after fail within its
+    /// outage budget instead of its full request timeout, until one
+    /// reaches it again. An embedded store ignores it (the default).
+    fn mark_unreachable(&self) {}
 }
 
 /// A watch: a stream of events in resourceVersion order, without gaps or
@@ -152,7 +158,31 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 /// [`StoreError::Unavailable`]: the backend went away, re-list later).
 /// Dropping it unsubscribes.
 pub struct Watch {
-    stream: Pin<Box<dyn Stream<Item = Result<Arc<Event>>> + Send>>,
+    stream: Pin<Box<dyn Stream<Item = Result<WatchItem>> + Send>>,
+}
+
+/// What a [`Watch`] yields: an event, or word that nothing of the watched
+/// objects changed up to a sequence (Kubernetes' watch `BOOKMARK`).
+#[derive(Debug, Clone)]
+pub enum WatchItem {
+    /// An event, in sequence order.
+    Event(Arc<Event>),
+    /// Every event up to and including this sequence has been delivered:
+    /// the store wrote something at this sequence that is no event of an
+    /// object (etcd: the agent lease, the history), so a reader waiting
+    /// for [`Store::last_seq`] is not left waiting for an event that never
+    /// comes. Never below an event already delivered.
+    Bookmark(u64),
+}
+
+impl WatchItem {
+    /// The event's sequence, or the bookmark's.
+    pub fn seq(&self) -> u64 {
+        match self {
+            WatchItem::Event(ev) => ev.seq,
+            WatchItem::Bookmark(seq) => *seq,
+        }
+    }
 }
 
 impl std::fmt::Debug for Watch {
@@ -162,17 +192,33 @@ impl std::fmt::Debug for Watch {
 }
 
 impl Watch {
-    /// Wraps a backend's event stream.
+    /// Wraps a backend's event stream (a backend without bookmarks).
     pub fn new(stream: impl Stream<Item = Result<Arc<Event>>> + Send + 'static) -> Self {
+        Watch {
+            stream: Box::pin(stream.map(|r| r.map(WatchItem::Event))),
+        }
+    }
+
+    /// Wraps a backend's stream of events and bookmarks.
+    pub fn with_bookmarks(stream: impl Stream<Item = Result<WatchItem>> + Send + 'static) -> Self {
         Watch {
             stream: Box::pin(stream),
         }
     }
 
-    /// Waits for the next event. Cancel-safe: the stream keeps its
-    /// position when the future is dropped. A stream that ended reports
-    /// [`StoreError::Unavailable`].
+    /// Waits for the next event, skipping bookmarks. Cancel-safe: the
+    /// stream keeps its position when the future is dropped. A stream that
+    /// ended reports [`StoreError::Unavailable`].
     pub async fn next(&mut self) -> Result<Arc<Event>> {
+        loop {
+            if let WatchItem::Event(ev) = self.next_item().await? {
+                return Ok(ev);
+            }
+        }
+    }
+
+    /// Waits for the next event or bookmark; as [`Watch::next`] otherwise.
+    pub async fn next_item(&mut self) -> Result<WatchItem> {
         match self.stream.next().await {
             Some(r) => r,
             None => Err(StoreError::Unavailable {
@@ -190,6 +236,14 @@ impl Stream for Watch {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        self.stream.as_mut().poll_next(cx)
+        // Events only, as `next`: bookmarks are skipped.
+        loop {
+            return match std::task::ready!(self.stream.as_mut().poll_next(cx)) {
+                Some(Ok(WatchItem::Bookmark(_))) => continue,
+                Some(Ok(WatchItem::Event(ev))) => std::task::Poll::Ready(Some(Ok(ev))),
+                Some(Err(e)) => std::task::Poll::Ready(Some(Err(e))),
+                None => std::task::Poll::Ready(None),
+            };
+        }
     }
 }

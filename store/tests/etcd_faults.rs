@@ -327,3 +327,162 @@ async fn a_watcher_behind_the_shared_watch_still_gets_every_event_once() {
         assert_eq!(w.next().await.unwrap().seq, r.seq.unwrap(), "no duplicate");
     }
 }
+
+/// The fault (new-user tryout): two installations on nested prefixes,
+/// `/nest/` and `/nest/o/`, shared keys: a listing under `/nest/` (its
+/// objects were `/nest/o/…`) returned `/nest/o/`'s objects as its own, its
+/// notes those under `/nest/n/…`, and its compaction pruned the history of
+/// the installation under `/nest/h/`. Every installation, nested either
+/// way, must list, watch, read the history and notes of, and prune only
+/// its own keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_prefixes_never_see_or_prune_each_others_keys() {
+    // Its own cluster: compaction is cluster-wide.
+    let cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(1))
+        .await
+        .unwrap()
+        .expect("etcd starts (scripts/install-prereqs installs etcd-server)");
+    let outer = unique_prefix();
+    let prefixes = [
+        outer.clone(),
+        format!("{outer}o/"),
+        format!("{outer}n/"),
+        format!("{outer}h/"),
+        format!("{outer}h/VirtualMachine/"),
+    ];
+    let mut stores = Vec::new();
+    for p in &prefixes {
+        let mut opts = EtcdOptions::new(cluster.endpoints());
+        opts.prefix = p.clone();
+        stores.push(EtcdStore::connect(opts).await.unwrap());
+    }
+    let r = ObjectRef::new(Kind::VirtualMachine, "a");
+    let from = stores[0].last_seq().await.unwrap();
+    const STATUSES: u64 = 5;
+    // One installation after the other, so that each one's own events
+    // come first in a watch from `from`.
+    for (i, s) in stores.iter().enumerate() {
+        s.apply(vm("a", i as u64), None, None).await.unwrap();
+        for k in 0..STATUSES {
+            s.update_status(&r, json!({"of": i, "k": k}), None)
+                .await
+                .unwrap();
+        }
+        s.record_note(vmctl_api::Note {
+            type_: vmctl_api::NoteType::Normal,
+            reason: "Mine".into(),
+            message: format!("of {i}"),
+            object: r.clone(),
+            source: None,
+        })
+        .await
+        .unwrap();
+    }
+    let own_events = 1 + STATUSES as usize + 1;
+    for (i, s) in stores.iter().enumerate() {
+        let p = &prefixes[i];
+        for kind in [None, Some(Kind::VirtualMachine)] {
+            let listed = s.list(kind).await.unwrap().objects;
+            assert_eq!(listed.len(), 1, "{p} lists only its own object: {listed:?}");
+            assert_eq!(listed[0].spec["n"], json!(i), "{p}");
+        }
+        let notes = s.notes(None).await.unwrap();
+        assert_eq!(notes.len(), 1, "{p}: {notes:?}");
+        assert_eq!(notes[0].note.message, format!("of {i}"), "{p}");
+        let history = s.history(&r).await.unwrap();
+        assert_eq!(history.len(), own_events, "{p}: {history:?}");
+        let mut w = s.watch(from).await.unwrap();
+        for _ in 0..own_events {
+            let ev = w.next().await.unwrap();
+            assert!(history.iter().any(|h| h.seq == ev.seq), "{p}: {ev:?}");
+        }
+        // Nothing of another installation's comes before its next write.
+        let next = s.apply(vm("a", 100 + i as u64), None, None).await.unwrap();
+        assert_eq!(w.next().await.unwrap().seq, next.seq.unwrap(), "{p}");
+    }
+    // The outer installation compacts (statuses beyond the newest 3 go):
+    // every nested one keeps its whole history.
+    let top = stores[0].last_seq().await.unwrap();
+    stores[0].compact(top).await.unwrap();
+    let statuses = |h: &[vmctl_store::Event]| {
+        h.iter()
+            .filter(|e| matches!(e.change, Change::StatusUpdated { .. }))
+            .count()
+    };
+    assert!(statuses(&stores[0].history(&r).await.unwrap()) < STATUSES as usize);
+    for (s, p) in stores.iter().zip(&prefixes).skip(1) {
+        let h = s.history(&r).await.unwrap();
+        assert_eq!(statuses(&h), STATUSES as usize, "{p}: {h:?}");
+    }
+    drop(cluster);
+}
+
+/// A prefix with the section mark `@` could still nest into another
+/// installation's ranges: it is refused, with what to do.
+#[tokio::test]
+async fn a_prefix_with_the_section_mark_is_refused() {
+    let mut opts = EtcdOptions::new(vec!["http://127.0.0.1:1".into()]);
+    opts.prefix = "/a@o/".into();
+    let err = EtcdStore::connect(opts).await.expect_err("refused");
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    assert!(err.to_string().contains("must not contain `@`"), "{err}");
+}
+
+/// The fault (new-user tryout): after an etcd outage every read through
+/// the agent took 1 s longer until the next object write. Reads wait for
+/// the agent's cache to reach `last_seq` (etcd's revision), and the
+/// agent's new lease had moved the revision past the last object event,
+/// so the cache waited for an event that never came. Now a write under
+/// the prefix that is no object event reaches the watch as a bookmark at
+/// its revision, so a reader waiting for `last_seq` goes on at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_write_after_the_last_object_event_is_a_bookmark_so_reads_do_not_wait() {
+    // A cluster of its own: on the shared one, other tests' writes (other
+    // prefixes) move the revision past this prefix's lease write.
+    let cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(1))
+        .await
+        .unwrap()
+        .expect("etcd starts");
+    let mut opts = EtcdOptions::new(cluster.endpoints());
+    opts.prefix = unique_prefix();
+    let store = EtcdStore::connect(opts).await.unwrap();
+    let w = store.apply(vm("x", 1), None, None).await.unwrap();
+    let rv = w.object.unwrap().metadata.resource_version;
+    let mut watch = store.watch(rv).await.unwrap();
+    let me = vmctl_store::LeaseHolder {
+        host: "test".into(),
+        boot_id: None,
+        pid: std::process::id(),
+        socket: "/nowhere.sock".into(),
+        data_dir: "/nowhere".into(),
+        since: chrono::Utc::now(),
+    };
+    let outcome = store
+        .acquire_lease(&me, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, vmctl_store::LeaseOutcome::Acquired(_)),
+        "{outcome:?}"
+    );
+    let last = store.last_seq().await.unwrap();
+    assert!(last > rv, "the lease moved the revision");
+    let item = tokio::time::timeout(Duration::from_secs(5), watch.next_item())
+        .await
+        .expect("the watch says something about the lease write")
+        .unwrap();
+    match item {
+        vmctl_store::WatchItem::Bookmark(seq) => assert!(seq >= last, "{seq} < {last}"),
+        vmctl_store::WatchItem::Event(ev) => panic!("no object changed, yet: {ev:?}"),
+    }
+    // A plain `next` still yields events only.
+    store.apply(vm("x", 2), None, None).await.unwrap();
+    let mut events = store.watch(rv).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.object.name, "x");
+    assert!(ev.seq > last);
+    drop(cluster);
+}

@@ -217,7 +217,8 @@ build_tiny() {
     # kernel modules and their dependencies, in load order
     depmod -b "$R" "$kver"
     : > "$I/etc/tiny-modules"
-    local want="virtio_pci virtio_blk virtio_net virtio_scsi sr_mod isofs button evdev"
+    # virtiofs, fuse, 9p, 9pnet_virtio: shared folders (vmctl `share`)
+    local want="virtio_pci virtio_blk virtio_net virtio_scsi sr_mod isofs button evdev virtiofs fuse 9p 9pnet 9pnet_virtio"
     local -A seen=()
     add_mod() {
         local path dep

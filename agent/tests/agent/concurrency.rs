@@ -8,7 +8,13 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 use vmctl_api::{Kind, ObjectRef};
 
-async fn call(app: &axum::Router, method: &str, uri: &str, body: Value) -> (StatusCode, Value) {
+/// One request to `app`: its status and JSON body (`Null` when empty or not JSON).
+pub(crate) async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: Value,
+) -> (StatusCode, Value) {
     let req = Request::builder()
         .method(method)
         .uri(uri)

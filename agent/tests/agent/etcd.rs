@@ -44,6 +44,19 @@ fn apply_body() -> String {
     .to_string()
 }
 
+/// No Debug text of tonic, hyper or etcd-client in a message for people.
+fn assert_plain(message: &str) {
+    for debug in [
+        "Status {",
+        "MetadataMap",
+        "grpc request error",
+        "code: ",
+        "details: [",
+    ] {
+        assert!(!message.contains(debug), "{debug:?} in: {message}");
+    }
+}
+
 async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
@@ -76,28 +89,48 @@ async fn an_agent_whose_etcd_is_down_starts_names_the_endpoints_and_recovers_by_
         let _ = stopped.await;
     }));
 
-    // Down: the agent answers, and says why it cannot serve.
+    // Down: the agent answers, and says why it cannot serve. The fault
+    // (new-user tryout, issue 12 item 4): healthz answered 200 after 5 s
+    // with lastSeq 0, and errors showed tonic's Debug text. Now it answers
+    // 503 at once, lastSeq absent (never known), and every request fails
+    // within the outage timeout, in plain words.
     let s = socket.clone();
     eventually("the agent answers healthz", Duration::from_secs(30), || {
-        request(&s, "GET", "/v1/healthz", "").is_some_and(|(c, _)| c == 200)
+        request(&s, "GET", "/v1/healthz", "").is_some()
     })
     .await;
-    let (_, health) = request(&socket, "GET", "/v1/healthz", "").unwrap();
-    let err = health["storeError"]
-        .as_str()
-        .expect("healthz reports the store error");
-    assert!(
-        err.contains("unavailable") && err.contains(&endpoints[0]),
-        "{err}"
-    );
-    assert!(health["store"].as_str().unwrap().contains(&endpoints[2]));
-    let (code, body) = request(&socket, "POST", "/v1/apply", &apply_body()).unwrap();
-    assert_eq!(code, 503, "{body}");
-    assert_eq!(body["code"], "vmctl::store::unavailable");
-    assert!(
-        body["message"].as_str().unwrap().contains(&endpoints[1]),
-        "{body}"
-    );
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (code, health) = request(&socket, "GET", "/v1/healthz", "").unwrap();
+        let took = t.elapsed();
+        assert_eq!(code, 503, "{health}");
+        assert!(took < Duration::from_millis(1500), "healthz took {took:?}");
+        let err = health["storeError"]
+            .as_str()
+            .expect("healthz reports the store error");
+        assert!(
+            err.contains("unavailable") && err.contains(&endpoints[0]),
+            "{err}"
+        );
+        assert_plain(err);
+        assert!(health["store"].as_str().unwrap().contains(&endpoints[2]));
+        assert!(health.get("lastSeq").is_none(), "never known: {health}");
+    }
+    for (method, path, body) in [
+        ("POST", "/v1/apply", apply_body()),
+        ("GET", "/v1/objects/vm/vm0", String::new()),
+        ("GET", "/v1/notes", String::new()),
+    ] {
+        let t = Instant::now();
+        let (code, body) = request(&socket, method, path, &body).unwrap();
+        let took = t.elapsed();
+        assert_eq!(code, 503, "{path}: {body}");
+        assert!(took < Duration::from_secs(3), "{path} took {took:?}");
+        assert_eq!(body["code"], "vmctl::store::unavailable");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(&endpoints[1]), "{body}");
+        assert_plain(message);
+    }
 
     // Back: no restart of the agent, it carries on.
     cluster = tokio::task::spawn_blocking(move || {
@@ -114,8 +147,9 @@ async fn an_agent_whose_etcd_is_down_starts_names_the_endpoints_and_recovers_by_
         "healthz clears the store error",
         Duration::from_secs(30),
         || {
-            request(&s, "GET", "/v1/healthz", "")
-                .is_some_and(|(c, h)| c == 200 && h.get("storeError").is_none())
+            request(&s, "GET", "/v1/healthz", "").is_some_and(|(c, h)| {
+                c == 200 && h.get("storeError").is_none() && h["lastSeq"].as_u64() > Some(0)
+            })
         },
     )
     .await;
@@ -138,5 +172,333 @@ async fn an_agent_whose_etcd_is_down_starts_names_the_endpoints_and_recovers_by_
     .await;
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
+    drop(cluster);
+}
+
+/// A TCP relay to one etcd member that the test can cut (a network
+/// partition between one agent and etcd): while cut, open connections are
+/// closed and new ones are accepted and then left unanswered.
+struct Partition {
+    addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    relays: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Partition {
+    async fn to(endpoint: &str) -> Partition {
+        use std::sync::atomic::Ordering;
+        let target = endpoint.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let relays = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, r) = (cut.clone(), relays.clone());
+        tokio::spawn(async move {
+            let mut unanswered = Vec::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if c.load(Ordering::SeqCst) {
+                    unanswered.push(client);
+                    continue;
+                }
+                unanswered.clear();
+                let target = target.clone();
+                r.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                }));
+            }
+        });
+        Partition { addr, cut, relays }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for relay in self.relays.lock().unwrap().drain(..) {
+            relay.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// An agent's settings: fake driver, etcd at `endpoints` under `prefix`,
+/// agent lease TTL 3 s.
+fn etcd_agent(dir: &Path, endpoints: Vec<String>, prefix: &str) -> AgentConfig {
+    let mut cfg = AgentConfig::new(dir.join("data"));
+    cfg.socket = dir.join("agent.sock");
+    cfg.driver = "fake".into();
+    cfg.store = StoreConfig::Etcd {
+        endpoints,
+        prefix: prefix.to_owned(),
+    };
+    cfg.lease_ttl = Duration::from_secs(3);
+    cfg
+}
+
+fn health(socket: &Path) -> Option<serde_json::Value> {
+    request(socket, "GET", "/v1/healthz", "").map(|(_, h)| h)
+}
+
+fn controllers(socket: &Path) -> Option<String> {
+    health(socket).and_then(|h| h["controllers"].as_str().map(str::to_owned))
+}
+
+/// The `Ready` condition's status and reason of VM `name`, and its
+/// `status.nodeName`.
+fn vm_ready_reason(socket: &Path, name: &str) -> Option<(String, String, String)> {
+    let (code, o) = request(socket, "GET", &format!("/v1/objects/vm/{name}"), "")?;
+    let c = o["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")?
+        .clone();
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    (code == 200).then(|| {
+        (
+            text(&c["status"]),
+            text(&c["reason"]),
+            text(&o["status"]["nodeName"]),
+        )
+    })
+}
+
+/// The reasons of VM `name`'s notes.
+fn note_reasons(socket: &Path, name: &str) -> Vec<String> {
+    let (_, notes) = request(socket, "GET", &format!("/v1/notes/vm/{name}"), "").unwrap();
+    notes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["reason"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn vm_ready(socket: &Path, name: &str) -> bool {
+    request(socket, "GET", &format!("/v1/objects/vm/{name}"), "").is_some_and(|(c, o)| {
+        c == 200
+            && o["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+    })
+}
+
+fn apply_vm(socket: &Path, name: &str) {
+    let body = json!({"objects": [
+        {"apiVersion": "vmctl/v1alpha1", "kind": "Image", "metadata": {"name": "img"},
+         "spec": {"source": {"path": "/images/img.qcow2"}}},
+        {"apiVersion": "vmctl/v1alpha1", "kind": "VirtualMachine", "metadata": {"name": name},
+         "spec": {"image": "img"}},
+    ]});
+    let (code, body) = request(socket, "POST", "/v1/apply", &body.to_string()).unwrap();
+    assert_eq!(code, 200, "{body}");
+}
+
+/// The fault (new-user tryout): two agents on one etcd prefix both ran
+/// the controllers: every action twice, with QEMU two copies of one VM.
+/// Now the agent lease lets one run them: a second agent is refused,
+/// naming the holder and the prefix; a holder cut off from etcd for
+/// longer than the TTL stops its controllers and another agent takes
+/// over; healed, the old holder stands by (and does not act) until the
+/// new one stops, then takes over at once.
+///
+/// And the fault of the second tryout: the agent that took over (another
+/// node or data dir) found no instance of A's VM in its own data dir,
+/// noted a false `Crashed` and started a second copy on a new empty disk.
+/// Now B reports A's VM `NodeLost` and starts nothing for it; A, back,
+/// adopts it and reports B's VM `NodeLost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
+    let cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .unwrap()
+        .expect("etcd starts (scripts/install-prereqs installs etcd-server)");
+    let prefix = unique_prefix();
+    let mut partitions = Vec::new();
+    for i in 0..cluster.len() {
+        partitions.push(Partition::to(&cluster.endpoint(i)).await);
+    }
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg_a = etcd_agent(
+        dir_a.path(),
+        partitions.iter().map(|p| p.addr.clone()).collect(),
+        &prefix,
+    );
+    let mut cfg_b = etcd_agent(dir_b.path(), cluster.endpoints(), &prefix);
+    let mut cfg_a = cfg_a;
+    cfg_a.node_name = "node-a".into();
+    cfg_b.node_name = "node-b".into();
+    let (socket_a, socket_b) = (cfg_a.socket.clone(), cfg_b.socket.clone());
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let agent_a = tokio::spawn(run_until(cfg_a, async {
+        let _ = stopped_a.await;
+    }));
+    let s = socket_a.clone();
+    eventually("A runs the controllers", Duration::from_secs(30), || {
+        controllers(&s).as_deref() == Some("running")
+    })
+    .await;
+
+    // A second agent on the prefix is refused, and told who holds it.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(20),
+        run_until(cfg_b.clone(), std::future::pending()),
+    )
+    .await
+    .expect("refused at once, not run")
+    .expect_err("a second agent on the prefix is refused");
+    assert!(
+        matches!(refused, vmctl_agent::AgentError::LeaseHeld { .. }),
+        "{refused:?}"
+    );
+    let shown = refused.to_string();
+    for part in [
+        prefix.as_str(),
+        &socket_a.display().to_string(),
+        &format!("pid {}", std::process::id()),
+        &cluster.endpoint(0),
+    ] {
+        assert!(shown.contains(part), "{part:?} not in: {shown}");
+    }
+    assert!(
+        refused.help().contains("expires within 3 s"),
+        "{}",
+        refused.help()
+    );
+    assert!(
+        refused.help().contains("--etcd-prefix"),
+        "{}",
+        refused.help()
+    );
+    apply_vm(&socket_a, "vm0");
+    let s = socket_a.clone();
+    eventually("vm0 Ready through A", Duration::from_secs(30), || {
+        vm_ready(&s, "vm0")
+    })
+    .await;
+
+    // A cut off from etcd for longer than the TTL stops its controllers.
+    for p in &partitions {
+        p.cut();
+    }
+    let s = socket_a.clone();
+    eventually("A stands by", Duration::from_secs(10), || {
+        controllers(&s).as_deref() == Some("standby")
+    })
+    .await;
+    // B takes over once A's lease expired.
+    let started = Instant::now();
+    let (stop_b, agent_b) = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "B never took over"
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run_until(cfg_b.clone(), async {
+            let _ = stopped.await;
+        }));
+        let s = socket_b.clone();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !task.is_finished() && controllers(&s).as_deref() != Some("running") {
+            assert!(Instant::now() < deadline, "B neither ran nor was refused");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !task.is_finished() {
+            break (stop, task);
+        }
+        let err = task
+            .await
+            .unwrap()
+            .expect_err("refused while A's lease lives");
+        assert!(
+            matches!(err, vmctl_agent::AgentError::LeaseHeld { .. }),
+            "{err:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    apply_vm(&socket_b, "vm1");
+    let s = socket_b.clone();
+    eventually("vm1 Ready through B", Duration::from_secs(30), || {
+        vm_ready(&s, "vm1")
+    })
+    .await;
+
+    // Healed, A stands by: B holds the lease, and A does not act.
+    for p in &partitions {
+        p.heal();
+    }
+    let (s, b) = (socket_a.clone(), socket_b.display().to_string());
+    eventually("A names B as the holder", Duration::from_secs(20), || {
+        health(&s).is_some_and(|h| {
+            h["controllers"] == "standby"
+                && h["leaseHolder"].as_str().is_some_and(|l| l.contains(&b))
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, notes) = request(&socket_b, "GET", "/v1/notes/vm/vm1", "").unwrap();
+    let starts = notes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["reason"] == "Started")
+        .count();
+    assert_eq!(starts, 1, "vm1 started by one agent only: {notes}");
+    // A's VM, under B: reported NodeLost, never started a second time.
+    let s = socket_b.clone();
+    eventually("vm0 NodeLost under B", Duration::from_secs(10), || {
+        vm_ready_reason(&s, "vm0") == Some(("False".into(), "NodeLost".into(), "node-a".into()))
+    })
+    .await;
+    let reasons = note_reasons(&socket_b, "vm0");
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "Started").count(),
+        1,
+        "vm0 started by A only: {reasons:?}"
+    );
+    assert!(!reasons.iter().any(|r| r == "Crashed"), "{reasons:?}");
+    assert_eq!(
+        vm_ready_reason(&socket_b, "vm1").map(|r| r.2).as_deref(),
+        Some("node-b")
+    );
+
+    // B stops (and revokes its lease): A takes over without waiting for the TTL.
+    let _ = stop_b.send(());
+    agent_b.await.unwrap().unwrap();
+    let s = socket_a.clone();
+    let t = Instant::now();
+    eventually(
+        "A runs the controllers again",
+        Duration::from_secs(10),
+        || controllers(&s).as_deref() == Some("running"),
+    )
+    .await;
+    eprintln!("A took over {:?} after B stopped", t.elapsed());
+    // A adopts its own VM (still one start) and leaves B's alone.
+    let s = socket_a.clone();
+    eventually("vm0 Ready again under A", Duration::from_secs(10), || {
+        vm_ready(&s, "vm0")
+    })
+    .await;
+    eventually("vm1 NodeLost under A", Duration::from_secs(10), || {
+        vm_ready_reason(&s, "vm1") == Some(("False".into(), "NodeLost".into(), "node-b".into()))
+    })
+    .await;
+    for vm in ["vm0", "vm1"] {
+        let reasons = note_reasons(&socket_a, vm);
+        assert_eq!(
+            reasons.iter().filter(|r| *r == "Started").count(),
+            1,
+            "{vm}: {reasons:?}"
+        );
+    }
+    let _ = stop_a.send(());
+    agent_a.await.unwrap().unwrap();
     drop(cluster);
 }

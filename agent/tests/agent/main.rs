@@ -8,6 +8,7 @@ mod full_disk;
 mod limits;
 mod socket;
 mod streams;
+mod writes;
 
 use std::sync::Arc;
 

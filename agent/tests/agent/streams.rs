@@ -15,6 +15,14 @@ use vmctl_store::Store;
 /// An agent serving on a socket in `dir`, over a store holding VM `vm0`
 /// with `status` (none: never started).
 async fn serve(dir: &std::path::Path, status: Option<serde_json::Value>) -> std::path::PathBuf {
+    serve_store(dir, status).await.0
+}
+
+/// [`serve`], and the store it serves.
+async fn serve_store(
+    dir: &std::path::Path,
+    status: Option<serde_json::Value>,
+) -> (std::path::PathBuf, Arc<vmctl_store::SledStore>) {
     let store = Arc::new(vmctl_store::SledStore::open(dir.join("db")).unwrap());
     let vm: Object = serde_json::from_value(json!({
         "apiVersion": "vmctl/v1alpha1", "kind": "VirtualMachine",
@@ -26,7 +34,10 @@ async fn serve(dir: &std::path::Path, status: Option<serde_json::Value>) -> std:
         let r = ObjectRef::new(Kind::VirtualMachine, "vm0");
         Store::update_status(&*store, &r, st, None).await.unwrap();
     }
-    let app = router(AppState::new(store, AgentConfig::new(dir.to_path_buf())));
+    let app = router(AppState::new(
+        store.clone(),
+        AgentConfig::new(dir.to_path_buf()),
+    ));
     let sock = dir.join("agent.sock");
     let listener = tokio::net::UnixListener::bind(&sock).unwrap();
     tokio::spawn(vmctl_agent::http::serve(
@@ -35,7 +46,7 @@ async fn serve(dir: &std::path::Path, status: Option<serde_json::Value>) -> std:
         vmctl_agent::http::Limits::for_nofile(1024),
         std::future::pending(),
     ));
-    sock
+    (sock, store)
 }
 
 /// Sends a request on a new connection; returns the answer's head and
@@ -213,4 +224,130 @@ async fn a_log_read_from_an_offset_gives_exactly_the_rest() {
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&body), want, "{query}");
     }
+}
+
+/// What a streamed body has brought so far, read by a thread.
+#[derive(Clone, Default)]
+struct Received(Arc<std::sync::Mutex<(Vec<u8>, bool)>>);
+
+impl Received {
+    /// Reads `s` until it ends, keeping the bytes; `true` once it ended.
+    fn read_from(mut s: std::os::unix::net::UnixStream) -> Self {
+        let got = Received::default();
+        let keep = got.clone();
+        s.set_read_timeout(None).unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = s.read(&mut buf).unwrap_or(0);
+                let mut g = keep.0.lock().unwrap();
+                if n == 0 {
+                    g.1 = true;
+                    return;
+                }
+                g.0.extend_from_slice(&buf[..n]);
+            }
+        });
+        got
+    }
+
+    /// Waits (10 s at most) until `done` holds for (bytes, ended).
+    fn wait(&self, what: &str, done: impl Fn(&str, bool) -> bool) -> std::time::Instant {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            {
+                let g = self.0.lock().unwrap();
+                if done(&String::from_utf8_lossy(&g.0), g.1) {
+                    return std::time::Instant::now();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what} never came: {:?}",
+                    String::from_utf8_lossy(&g.0)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// `log --follow` used to read the whole file again every 200 ms: each
+/// append reached the client up to 200 ms late (and an idle follow cost a
+/// read of the whole log five times a second). Now inotify wakes it: an
+/// append is streamed as written, a log created later is followed too, and
+/// the stream ends when the VM is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_follow_streams_each_append_as_written_not_at_the_next_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("console.log"), "old\nboot\n").unwrap();
+    let (sock, store) = serve_store(
+        dir.path(),
+        Some(json!({"phase": "Running", "runtime": {
+            "backend": "qemu", "workDir": work.display().to_string()}})),
+    )
+    .await;
+    let sock2 = sock.clone();
+    let work2 = work.clone();
+    let console = tokio::task::spawn_blocking(move || {
+        let (head, s) = request(
+            &sock2,
+            "GET /v1/logs/vm0?source=console&follow=true&tail=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let got = Received::read_from(s);
+        got.wait("the last line", |b, _| b.contains("boot"));
+        assert!(
+            !got.0.lock().unwrap().0.windows(3).any(|w| w == b"old"),
+            "tail=1"
+        );
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(work2.join("console.log"))
+            .unwrap();
+        let mut latencies = Vec::new();
+        for i in 0..9 {
+            let line = format!("line-{i}\n");
+            let sent = std::time::Instant::now();
+            log.write_all(line.as_bytes()).unwrap();
+            let came = got.wait(&line, |b, _| b.contains(line.trim()));
+            latencies.push(came - sent);
+        }
+        latencies.sort();
+        // Polling every 200 ms, each of these appends (made right after
+        // the previous one arrived, so right after a poll) came ~200 ms
+        // late; inotify brings it in about a millisecond.
+        let median = latencies[latencies.len() / 2];
+        assert!(median < Duration::from_millis(100), "{latencies:?}");
+        got
+    });
+    // A log that does not exist yet is followed from its creation.
+    let sock3 = sock.clone();
+    let provision = tokio::task::spawn_blocking(move || {
+        let (head, s) = request(
+            &sock3,
+            "GET /v1/logs/vm0?source=provision&follow=true HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let got = Received::read_from(s);
+        std::fs::write(work.join("provision.log"), "[vm0] made later\n").unwrap();
+        got.wait("the new log", |b, _| b.contains("made later"));
+        got
+    });
+    let console = console.await.unwrap();
+    let provision = provision.await.unwrap();
+    // Deleting the VM ends both streams (chunked encoding's last chunk,
+    // then the connection stays open for the next request: "0\r\n\r\n").
+    let r = ObjectRef::new(Kind::VirtualMachine, "vm0");
+    Store::request_delete(&*store, &r, None).await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        for got in [console, provision] {
+            got.wait("the end of the stream", |b, ended| {
+                ended || b.ends_with("0\r\n\r\n")
+            });
+        }
+    })
+    .await
+    .unwrap();
 }

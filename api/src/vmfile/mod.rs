@@ -184,6 +184,10 @@ pub fn parse(file: &str, src: &str, ctx: &Context) -> Result<Translation, FileDi
             rd.push(p);
         }
     }
+    for (i, fe) in crate::validate::port_clashes(resources.iter().map(|(r, _)| r)) {
+        let span = locate(&resources[i].1, &fe.path);
+        rd.push(Problem::error(reader::CODE, span, fe.message).maybe_help(fe.help));
+    }
     // The same span can be reported by both passes (e.g. a bad VM name is
     // also a bad Provision name): keep the first of each.
     let mut seen_msgs = std::collections::HashSet::new();

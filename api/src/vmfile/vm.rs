@@ -9,8 +9,9 @@ use crate::diag::Problem;
 use crate::limits::{FileUse, human_bytes};
 use crate::localfile::LocalFileError;
 use crate::resources::{
-    CloudInit, Disk, ImageSource, LocalFile, Network, PowerState, Provision, ProvisionSpec,
-    ProvisionStep, Resource, SshConfig, UpdatePolicy, VirtualMachine, VirtualMachineSpec,
+    CloudInit, DEFAULT_FORWARD_ADDRESS, Disk, Display, ExecAction, ImageSource, LocalFile, Network,
+    PortForward, PowerState, Probe, Protocol, Provision, ProvisionSpec, ProvisionStep, Resource,
+    Share, SshConfig, TcpSocketAction, UpdatePolicy, VirtualMachine, VirtualMachineSpec,
     default_ssh_user,
 };
 
@@ -27,6 +28,10 @@ const VM_NODES: &[&str] = &[
     "power-state",
     "update-policy",
     "stop-timeout",
+    "port-forward",
+    "display",
+    "probe",
+    "share",
 ];
 
 /// A VM block read from the file, with the spans of its fields.
@@ -99,6 +104,10 @@ pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft
             power_state: PowerState::Running,
             update_policy: UpdatePolicy::RestartRequired,
             stop_timeout_seconds: None,
+            port_forwards: Vec::new(),
+            display: Display::None,
+            readiness_probes: Vec::new(),
+            shares: Vec::new(),
         },
         steps: Vec::new(),
         vm_spans: SpanMap::new(),
@@ -134,6 +143,21 @@ pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft
                 .any(|e| e.name().is_some_and(|n| n.value() == "size"));
         if extra_disk {
             read_extra_disk(rd, child, &mut d);
+            continue;
+        }
+        // Many forwards may be given; clashes are caught by validation.
+        if cname == "port-forward" {
+            read_port_forward(rd, child, &mut d);
+            continue;
+        }
+        if cname == "probe" {
+            read_probe(rd, child, &mut d);
+            continue;
+        }
+        // Many shares may be given; duplicate mount paths are caught by
+        // validation.
+        if cname == "share" {
+            read_share(rd, child, ctx, &mut d);
             continue;
         }
         if cname != "provision" {
@@ -221,6 +245,23 @@ pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft
                     }
                 }
             }
+            "display" => {
+                if let Some(s) = rd
+                    .leaf(child, "display \"vnc\"")
+                    .and_then(|e| rd.string(e, "display"))
+                {
+                    d.vm_spans.insert("spec.display".into(), s.span);
+                    match s.value.to_ascii_lowercase().as_str() {
+                        "vnc" => d.spec.display = Display::Vnc,
+                        "none" => d.spec.display = Display::None,
+                        other => rd.error(
+                            s.span,
+                            format!("unknown display `{other}`"),
+                            "use \"vnc\" (a VNC server on 127.0.0.1) or \"none\" (the default: serial console only)",
+                        ),
+                    }
+                }
+            }
             "update-policy" => {
                 if let Some(s) = rd
                     .leaf(child, "update-policy \"restart\"")
@@ -285,6 +326,323 @@ fn read_extra_disk(rd: &mut Reader, node: &KdlNode, d: &mut VmDraft) {
         name: name.value,
         size_gib: size.value,
     });
+}
+
+/// Reads `port-forward host=8080 guest=80 [protocol="udp"]
+/// [address="0.0.0.0"]`.
+fn read_port_forward(rd: &mut Reader, node: &KdlNode, d: &mut VmDraft) {
+    const PROPS: &[&str] = &["host", "guest", "protocol", "address"];
+    let entries = rd.entries(node, PROPS, 0);
+    rd.no_children(node);
+    let example = "write it as `port-forward host=8080 guest=80` (optionally protocol=\"udp\", address=\"0.0.0.0\")";
+    let port = |rd: &mut Reader, key: &str| -> Option<Spanned<u16>> {
+        let Some(e) = entries.props.get(key) else {
+            rd.push(
+                Problem::error(
+                    CODE,
+                    name_span(node),
+                    format!("`port-forward` needs `{key}=`, the {key} port"),
+                )
+                .label(format!("no {key} port"))
+                .help(example),
+            );
+            return None;
+        };
+        let v = rd.integer(e, &format!("{key} port"))?;
+        match u16::try_from(v.value) {
+            Ok(p) => Some(Spanned {
+                value: p,
+                span: v.span,
+            }),
+            Err(_) => {
+                rd.error(
+                    v.span,
+                    format!("{key} port {} is out of range", v.value),
+                    "ports are 1-65535",
+                );
+                None
+            }
+        }
+    };
+    let host = port(rd, "host");
+    let guest = port(rd, "guest");
+    let protocol = match entries.props.get("protocol") {
+        None => Some(Protocol::Tcp),
+        Some(e) => {
+            let s = rd.string(e, "protocol");
+            match s.as_ref().map(|s| s.value.to_ascii_lowercase()) {
+                Some(p) if p == "tcp" => Some(Protocol::Tcp),
+                Some(p) if p == "udp" => Some(Protocol::Udp),
+                Some(other) => {
+                    let span = s.map_or_else(|| rd.vspan(e), |s| s.span);
+                    rd.error(
+                        span,
+                        format!("unknown protocol `{other}`"),
+                        "use protocol=\"tcp\" (the default) or protocol=\"udp\"",
+                    );
+                    None
+                }
+                None => None,
+            }
+        }
+    };
+    let address = match entries.props.get("address") {
+        None => None,
+        Some(e) => match rd.string(e, "address") {
+            Some(a) => Some(a),
+            None => return,
+        },
+    };
+    let (Some(host), Some(guest), Some(protocol)) = (host, guest, protocol) else {
+        return;
+    };
+    let i = d.spec.port_forwards.len();
+    let at = format!("spec.portForwards[{i}]");
+    d.vm_spans.insert(at.clone(), name_span(node));
+    d.vm_spans.insert(format!("{at}.hostPort"), host.span);
+    d.vm_spans.insert(format!("{at}.guestPort"), guest.span);
+    if let Some(e) = entries.props.get("protocol") {
+        d.vm_spans.insert(format!("{at}.protocol"), rd.vspan(e));
+    }
+    if let Some(a) = &address {
+        d.vm_spans.insert(format!("{at}.address"), a.span);
+    }
+    d.spec.port_forwards.push(PortForward {
+        host_port: host.value,
+        guest_port: guest.value,
+        protocol,
+        address: address.map_or_else(|| DEFAULT_FORWARD_ADDRESS.to_owned(), |a| a.value),
+    });
+}
+
+/// Reads `share "./src" mount="/src" [read-only=#true]`: a host directory
+/// (resolved against the VMFile's directory, and required to exist now)
+/// mounted in the guest.
+fn read_share(rd: &mut Reader, node: &KdlNode, ctx: &Context, d: &mut VmDraft) {
+    let example = "write it as `share \"./src\" mount=\"/src\"` (optionally read-only=#true)";
+    let entries = rd.entries(node, &["mount", "read-only"], 1);
+    rd.no_children(node);
+    let host = match entries.args.first() {
+        Some(e) => rd.string(e, "the shared folder"),
+        None => {
+            rd.push(
+                Problem::error(CODE, name_span(node), "`share` needs the host folder")
+                    .label("no folder")
+                    .help(example),
+            );
+            None
+        }
+    };
+    let mount = match entries.props.get("mount") {
+        Some(e) => rd.string(e, "mount"),
+        None => {
+            rd.push(
+                Problem::error(
+                    CODE,
+                    name_span(node),
+                    "`share` needs `mount=`, the path in the guest",
+                )
+                .label("no mount path")
+                .help(example),
+            );
+            None
+        }
+    };
+    let read_only = match entries.props.get("read-only") {
+        None => Some(false),
+        Some(e) => match e.value() {
+            kdl::KdlValue::Bool(b) => Some(*b),
+            _ => {
+                rd.error(
+                    rd.vspan(e),
+                    "read-only must be #true or #false",
+                    "write `read-only=#true` (KDL v2 booleans have a `#`)",
+                );
+                None
+            }
+        },
+    };
+    let (Some(host), Some(mount), Some(read_only)) = (host, mount, read_only) else {
+        return;
+    };
+    let path = ctx.resolve(&host.value);
+    if let Err(msg) = crate::validate::check_share_dir(&path) {
+        rd.push(
+            Problem::error(CODE, host.span, msg)
+                .label("not a directory")
+                .help(format!(
+                    "create it, or name an existing directory; relative paths are resolved against the VMFile's directory ({})",
+                    ctx.base_dir.display()
+                )),
+        );
+        return;
+    }
+    let i = d.spec.shares.len();
+    let at = format!("spec.shares[{i}]");
+    d.vm_spans.insert(at.clone(), name_span(node));
+    d.vm_spans.insert(format!("{at}.hostPath"), host.span);
+    d.vm_spans.insert(format!("{at}.mountPath"), mount.span);
+    if let Some(e) = entries.props.get("read-only") {
+        d.vm_spans.insert(format!("{at}.readOnly"), rd.vspan(e));
+    }
+    d.spec.shares.push(Share {
+        host_path: path.to_string_lossy().into_owned(),
+        mount_path: mount.value,
+        read_only,
+    });
+}
+
+/// Reads `probe "exec" { command "systemctl is-active nginx"; period 5;
+/// timeout 3 }` or `probe "tcp" port=80`: each setting either as a
+/// property (`port=80`) or as a node in the block (`port 80`).
+fn read_probe(rd: &mut Reader, node: &KdlNode, d: &mut VmDraft) {
+    const KEYS: &[&str] = &["command", "port", "period", "timeout", "failure-threshold"];
+    let example = "write it as `probe \"exec\" { command \"systemctl is-active nginx\"; period 5; timeout 3 }` or `probe \"tcp\" port=80`";
+    let entries = rd.entries(node, KEYS, 1);
+    let mut settings: std::collections::HashMap<String, (&KdlEntry, SourceSpan)> = entries
+        .props
+        .iter()
+        .map(|(k, e)| (k.clone(), (*e, e.span())))
+        .collect();
+    if let Some(children) = node.children() {
+        for c in children.nodes() {
+            let key = c.name().value();
+            if !KEYS.contains(&key) {
+                rd.unknown_node(c, "a `probe` block", KEYS);
+                continue;
+            }
+            if let Some((_, first)) = settings.get(key) {
+                rd.duplicate(c, *first);
+                continue;
+            }
+            if let Some(e) = rd.leaf(c, &format!("{key} …")) {
+                settings.insert(key.to_owned(), (e, name_span(c)));
+            }
+        }
+    }
+    let kind = match entries.args.first() {
+        None => {
+            rd.push(
+                Problem::error(
+                    CODE,
+                    name_span(node),
+                    "`probe` needs its type, \"exec\" or \"tcp\"",
+                )
+                .label("no type")
+                .help(example),
+            );
+            return;
+        }
+        Some(e) => match rd.string(e, "probe type") {
+            Some(k) => k,
+            None => return,
+        },
+    };
+    let i = d.spec.readiness_probes.len();
+    let at = format!("spec.readinessProbes[{i}]");
+    let mut probe = Probe::new(None, None);
+    let mut ok = true;
+    let wrong_for = |rd: &mut Reader, key: &str, kind: &str, span: SourceSpan| {
+        rd.error(
+            span,
+            format!("`{key}` is not a setting of a `{kind}` probe"),
+            "an \"exec\" probe takes `command`, a \"tcp\" probe `port`; both take `period`, `timeout` and `failure-threshold`",
+        );
+    };
+    match kind.value.to_ascii_lowercase().as_str() {
+        "exec" => {
+            if let Some((_, span)) = settings.get("port") {
+                wrong_for(rd, "port", "exec", *span);
+                ok = false;
+            }
+            match settings.get("command") {
+                None => {
+                    rd.push(
+                        Problem::error(
+                            CODE,
+                            name_span(node),
+                            "an \"exec\" probe needs a `command`",
+                        )
+                        .label("no command")
+                        .help(example),
+                    );
+                    ok = false;
+                }
+                Some((e, _)) => match rd.string(e, "command") {
+                    Some(c) => {
+                        d.vm_spans.insert(format!("{at}.exec.command"), c.span);
+                        probe.exec = Some(ExecAction { command: c.value });
+                    }
+                    None => ok = false,
+                },
+            }
+        }
+        "tcp" => {
+            if let Some((_, span)) = settings.get("command") {
+                wrong_for(rd, "command", "tcp", *span);
+                ok = false;
+            }
+            match settings.get("port") {
+                None => {
+                    rd.push(
+                        Problem::error(CODE, name_span(node), "a \"tcp\" probe needs a `port`")
+                            .label("no port")
+                            .help("write it as `probe \"tcp\" port=80`"),
+                    );
+                    ok = false;
+                }
+                Some((e, _)) => match rd.integer(e, "port") {
+                    Some(v) => match u16::try_from(v.value) {
+                        Ok(p) => {
+                            d.vm_spans.insert(format!("{at}.tcpSocket.port"), v.span);
+                            probe.tcp_socket = Some(TcpSocketAction { port: p });
+                        }
+                        Err(_) => {
+                            rd.error(
+                                v.span,
+                                format!("port {} is out of range", v.value),
+                                "ports are 1-65535",
+                            );
+                            ok = false;
+                        }
+                    },
+                    None => ok = false,
+                },
+            }
+        }
+        other => {
+            rd.error(
+                kind.span,
+                format!("unknown probe type `{other}`"),
+                "use \"exec\" (a command that must exit 0) or \"tcp\" (a guest port that must accept a connection)",
+            );
+            return;
+        }
+    }
+    for (key, field) in [
+        ("period", "periodSeconds"),
+        ("timeout", "timeoutSeconds"),
+        ("failure-threshold", "failureThreshold"),
+    ] {
+        let Some((e, _)) = settings.get(key) else {
+            continue;
+        };
+        let Some(v) = rd.integer(e, key) else {
+            ok = false;
+            continue;
+        };
+        d.vm_spans.insert(format!("{at}.{field}"), v.span);
+        let n = u32::try_from(v.value).unwrap_or(u32::MAX);
+        match key {
+            "period" => probe.period_seconds = n,
+            "timeout" => probe.timeout_seconds = n,
+            _ => probe.failure_threshold = n,
+        }
+    }
+    if ok {
+        d.vm_spans.insert(at, name_span(node));
+        d.spec.readiness_probes.push(probe);
+    }
 }
 
 /// Reads a size: a plain integer in the node's unit (MiB for memory, GiB

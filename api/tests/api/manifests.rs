@@ -29,6 +29,146 @@ spec: {}
 }
 
 #[test]
+fn a_host_port_forwarded_by_two_vms_of_a_manifest_is_located_at_the_second() {
+    let src = r#"apiVersion: vmctl/v1alpha1
+kind: VirtualMachine
+metadata:
+  name: a
+spec:
+  image: base
+  portForwards:
+  - hostPort: 8080
+    guestPort: 80
+---
+apiVersion: vmctl/v1alpha1
+kind: VirtualMachine
+metadata:
+  name: b
+spec:
+  image: base
+  portForwards:
+  - hostPort: 8081
+    guestPort: 80
+  - hostPort: 8080
+    guestPort: 81
+    protocol: TCP
+"#;
+    let d = parse("vms.yaml", src).unwrap_err();
+    let text = d.render_plain();
+    assert_eq!(d.error_count(), 1, "{text}");
+    let p = &d.problems[0];
+    assert!(
+        p.message.contains(
+            "spec.portForwards[1].hostPort: host port 8080/tcp is already forwarded by VM `a`"
+        ),
+        "{text}"
+    );
+    // At the second entry's `hostPort` of VM b, not the first.
+    let second = src.rfind("hostPort: 8080").unwrap();
+    assert_eq!(p.span.offset(), second, "{text}");
+    // Without the clash, the forwards read with their defaults.
+    let (res, _) = parse(
+        "vms.yaml",
+        &src.replace(
+            "hostPort: 8080\n    guestPort: 81",
+            "hostPort: 8082\n    guestPort: 81",
+        ),
+    )
+    .unwrap();
+    let Resource::VirtualMachine(b) = &res[1] else {
+        panic!()
+    };
+    assert_eq!(b.spec.port_forwards[1], PortForward::tcp(8082, 81));
+}
+
+#[test]
+fn manifest_shares_need_an_existing_absolute_host_folder_and_distinct_mount_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_dir = dir.path().join("src");
+    std::fs::create_dir(&src_dir).unwrap();
+    let ok = format!(
+        r#"apiVersion: vmctl/v1alpha1
+kind: VirtualMachine
+metadata:
+  name: a
+spec:
+  image: base
+  shares:
+  - hostPath: {src}
+    mountPath: /src
+    readOnly: true
+"#,
+        src = src_dir.display()
+    );
+    let (res, _) = parse("vm.yaml", &ok).unwrap();
+    let Resource::VirtualMachine(a) = &res[0] else {
+        panic!()
+    };
+    assert_eq!(
+        a.spec.shares,
+        vec![Share {
+            host_path: src_dir.display().to_string(),
+            mount_path: "/src".into(),
+            read_only: true,
+        }]
+    );
+    let bad = format!(
+        r#"apiVersion: vmctl/v1alpha1
+kind: VirtualMachine
+metadata:
+  name: a
+spec:
+  image: base
+  shares:
+  - hostPath: {src}
+    mountPath: /src
+  - hostPath: {missing}
+    mountPath: /m
+  - hostPath: relative/dir
+    mountPath: /r
+  - hostPath: {src}
+    mountPath: /src
+"#,
+        src = src_dir.display(),
+        missing = dir.path().join("missing").display()
+    );
+    let d = parse("vm.yaml", &bad).unwrap_err();
+    let text = d.render_plain();
+    let at = |needle: &str| {
+        let p = d
+            .problems
+            .iter()
+            .find(|p| p.message.contains(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` in {text}"));
+        &bad[p.span.offset()..p.span.offset() + p.span.len()]
+    };
+    // Each at its own entry's key.
+    assert_eq!(at("missing does not exist"), "hostPath:");
+    assert!(
+        bad[..bad
+            .find(&format!("{}", dir.path().join("missing").display()))
+            .unwrap()]
+            .ends_with("hostPath: ")
+    );
+    assert_eq!(at("`relative/dir` is not an absolute path"), "hostPath:");
+    assert_eq!(
+        at("`/src` is already the mount path of an earlier share"),
+        "mountPath:"
+    );
+    let dup = d
+        .problems
+        .iter()
+        .find(|p| p.message.contains("an earlier share"))
+        .unwrap();
+    assert_eq!(
+        dup.span.offset(),
+        bad.rfind("mountPath: /src").unwrap(),
+        "{text}"
+    );
+    assert_eq!(d.error_count(), 3, "{text}");
+}
+
+#[test]
 fn unknown_fields_are_rejected() {
     let src = "apiVersion: vmctl/v1alpha1\nkind: Image\nmetadata: {name: a}\nspec:\n  source: {url: 'https://e.com/a.img'}\n  chksum: x\n";
     let d = parse("x.yaml", src).unwrap_err();
@@ -131,6 +271,10 @@ fn vm() -> impl Strategy<Value = Resource> {
                         update_policy: UpdatePolicy::RestartRequired,
                         stop_timeout_seconds: None,
                         disks: Vec::new(),
+                        port_forwards: Vec::new(),
+                        display: Display::None,
+                        readiness_probes: Vec::new(),
+                        shares: Vec::new(),
                     },
                 ))
             },

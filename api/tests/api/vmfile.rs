@@ -388,3 +388,329 @@ fn bad_extra_disks_are_located_errors() {
     );
     assert_eq!(d.line_col(p.span.offset()).0, 4);
 }
+
+/// The text a problem's span covers.
+fn spanned<'a>(src: &'a str, p: &vmctl_api::diag::Problem) -> &'a str {
+    &src[p.span.offset()..p.span.offset() + p.span.len()]
+}
+
+#[test]
+fn port_forwards_default_to_tcp_on_loopback_and_take_protocol_and_address() {
+    use vmctl_api::{PortForward, Protocol};
+    let dir = tempfile::tempdir().unwrap();
+    let src = r#"vm "web" {
+    image-url "https://example.com/a.qcow2"
+    port-forward host=8080 guest=80
+    port-forward host=5353 guest=53 protocol="udp"
+    port-forward host=9090 guest=90 address="0.0.0.0"
+}"#;
+    let t = parse("VMFile.kdl", src, &ctx(dir.path())).unwrap();
+    let Resource::VirtualMachine(v) = &t.resources[1] else {
+        panic!()
+    };
+    assert_eq!(
+        v.spec.port_forwards,
+        vec![
+            PortForward::tcp(8080, 80),
+            PortForward {
+                protocol: Protocol::Udp,
+                ..PortForward::tcp(5353, 53)
+            },
+            PortForward {
+                address: "0.0.0.0".into(),
+                ..PortForward::tcp(9090, 90)
+            },
+        ]
+    );
+    // Every interface is taken as written, with a warning at its place.
+    let w = t.warnings.expect("a warning for 0.0.0.0");
+    assert_eq!(w.problems.len(), 1, "{}", w.render_plain());
+    assert_eq!(spanned(src, &w.problems[0]), "\"0.0.0.0\"");
+    assert!(
+        w.problems[0].message.contains("open to other hosts"),
+        "{}",
+        w.render_plain()
+    );
+}
+
+#[test]
+fn bad_port_forwards_are_located_errors() {
+    let src = r#"vm "web" {
+    image-url "https://example.com/a.qcow2"
+    port-forward host=70000 guest=80
+    port-forward host=8080
+    port-forward host=8081 guest=81 protocol="sctp"
+    port-forward host=8082 guest=82 address="::1"
+    port-forward host=8083 guest=0
+}"#;
+    let d = parse_err(src);
+    let text = d.render_plain();
+    assert_eq!(d.error_count(), 5, "{text}");
+    let at = |needle: &str| {
+        d.problems
+            .iter()
+            .find(|p| p.message.contains(needle))
+            .map(|p| spanned(src, p).to_owned())
+            .unwrap_or_else(|| panic!("no `{needle}` in {text}"))
+    };
+    assert_eq!(at("host port 70000 is out of range"), "70000");
+    assert_eq!(at("needs `guest=`"), "port-forward");
+    assert_eq!(at("unknown protocol `sctp`"), "\"sctp\"");
+    assert_eq!(at("not an IPv4 address"), "\"::1\"");
+    assert_eq!(at("guest port 0 is out of range"), "0");
+}
+
+#[test]
+fn a_host_port_forwarded_twice_in_a_vm_or_across_vms_is_a_located_error() {
+    let src = r#"vm "a" {
+    image-url "https://example.com/a.qcow2"
+    port-forward host=8080 guest=80
+    port-forward host=8080 guest=81 address="0.0.0.0"
+    port-forward host=8080 guest=82 protocol="udp"
+}
+vm "b" {
+    image-url "https://example.com/a.qcow2"
+    port-forward host=8082 guest=80
+    port-forward host=8082 guest=80 protocol="udp"
+    port-forward host=8080 guest=80
+}"#;
+    let d = parse_err(src);
+    let text = d.render_plain();
+    // UDP and TCP on one port do not clash; 0.0.0.0 clashes with 127.0.0.1.
+    assert_eq!(d.error_count(), 2, "{text}");
+    let twice = d
+        .problems
+        .iter()
+        .find(|p| p.message.contains("forwarded twice"))
+        .expect(&text);
+    assert_eq!(spanned(src, twice), "8080");
+    assert!(twice.span.offset() < src.find("vm \"b\"").unwrap());
+    let cross = d
+        .problems
+        .iter()
+        .find(|p| p.message.contains("already forwarded by VM `a`"))
+        .expect(&text);
+    assert_eq!(spanned(src, cross), "8080");
+    assert!(
+        cross.span.offset() > src.find("vm \"b\"").unwrap(),
+        "{text}"
+    );
+}
+
+#[test]
+fn port_forwards_need_user_networking() {
+    let src = r#"vm "a" {
+    image-url "https://example.com/a.qcow2"
+    network "tap" bridge="br0"
+    port-forward host=8080 guest=80
+}"#;
+    let d = parse_err(src);
+    let p = &d.problems[0];
+    assert!(
+        p.message.contains("need user networking"),
+        "{}",
+        d.render_plain()
+    );
+    assert!(p.message.contains("`tap`"), "{}", d.render_plain());
+    assert_eq!(spanned(src, p), "port-forward");
+}
+
+#[test]
+fn docker_port_notation_reads_into_a_forward() {
+    use vmctl_api::{PortForward, Protocol};
+    let f: PortForward = "8080:80".parse().unwrap();
+    assert_eq!(f, PortForward::tcp(8080, 80));
+    let f: PortForward = "0.0.0.0:5353:53/udp".parse().unwrap();
+    assert_eq!(
+        f,
+        PortForward {
+            address: "0.0.0.0".into(),
+            protocol: Protocol::Udp,
+            ..PortForward::tcp(5353, 53)
+        }
+    );
+    for bad in [
+        "80",
+        "8080:80/sctp",
+        "x:80",
+        "8080:0",
+        ":8080:80",
+        "8080:80:",
+    ] {
+        let e = bad.parse::<PortForward>().unwrap_err();
+        assert!(e.contains(bad) || e.contains("sctp"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn display_vnc_is_opt_in_and_refused_on_propolis_at_its_place() {
+    use vmctl_api::Display;
+    let base = r#"vm "a" { image-url "https://example.com/a.qcow2" }"#;
+    assert_eq!(vm(&parse_ok(base), "a").spec.display, Display::None);
+    let src = r#"vm "a" {
+    image-url "https://example.com/a.qcow2"
+    display "vnc"
+}"#;
+    assert_eq!(vm(&parse_ok(src), "a").spec.display, Display::Vnc);
+    let dir = tempfile::tempdir().unwrap();
+    let prop = Context {
+        backend: Some(vmctl_api::validate::Backend::Propolis),
+        ..ctx(dir.path())
+    };
+    let d = parse("VMFile.kdl", src, &prop).unwrap_err();
+    let p = d
+        .problems
+        .iter()
+        .find(|p| p.message.contains("no VNC console"))
+        .unwrap_or_else(|| panic!("{}", d.render_plain()));
+    assert_eq!(spanned(src, p), "\"vnc\"");
+    let d = parse_err(&src.replace("\"vnc\"", "\"spice\""));
+    assert!(
+        d.problems[0].message.contains("unknown display `spice`"),
+        "{}",
+        d.render_plain()
+    );
+}
+
+#[test]
+fn readiness_probes_read_exec_and_tcp_in_block_or_property_form() {
+    use vmctl_api::{ExecAction, Probe, TcpSocketAction};
+    let dir = tempfile::tempdir().unwrap();
+    let src = r#"vm "web" {
+    image-url "https://example.com/a.qcow2"
+    probe "exec" {
+        command "systemctl is-active nginx"
+        period 5
+        timeout 2
+    }
+    probe "tcp" port=80 failure-threshold=1
+}"#;
+    let t = parse("VMFile.kdl", src, &ctx(dir.path())).unwrap();
+    let Resource::VirtualMachine(v) = &t.resources[1] else {
+        panic!()
+    };
+    let exec = Probe {
+        period_seconds: 5,
+        timeout_seconds: 2,
+        ..Probe::new(
+            Some(ExecAction {
+                command: "systemctl is-active nginx".into(),
+            }),
+            None,
+        )
+    };
+    let tcp = Probe {
+        failure_threshold: 1,
+        ..Probe::new(None, Some(TcpSocketAction { port: 80 }))
+    };
+    assert_eq!(v.spec.readiness_probes, vec![exec, tcp]);
+    // Unset settings take Kubernetes-like defaults.
+    assert_eq!(v.spec.readiness_probes[1].period_seconds, 10);
+    assert_eq!(v.spec.readiness_probes[1].timeout_seconds, 3);
+}
+
+#[test]
+fn bad_readiness_probes_are_located_errors() {
+    let src = r#"vm "web" {
+    image-url "https://example.com/a.qcow2"
+    probe "http" port=80
+    probe "exec"
+    probe "tcp" port=70000
+    probe "tcp" command="true" port=22
+    probe "exec" command="true" period=0
+    probe "exec" { command "true"; perod 3; }
+}"#;
+    let d = parse_err(src);
+    let text = d.render_plain();
+    let at = |needle: &str| {
+        d.problems
+            .iter()
+            .find(|p| p.message.contains(needle))
+            .map(|p| spanned(src, p).to_owned())
+            .unwrap_or_else(|| panic!("no `{needle}` in {text}"))
+    };
+    assert_eq!(at("unknown probe type `http`"), "\"http\"");
+    assert_eq!(at("needs a `command`"), "probe");
+    assert_eq!(at("port 70000 is out of range"), "70000");
+    assert!(at("`command` is not a setting of a `tcp` probe").contains("command"));
+    assert_eq!(at("probe period (s) 0 is out of range"), "0");
+    assert_eq!(at("unknown node `perod`"), "perod");
+    assert_eq!(d.error_count(), 6, "{text}");
+}
+
+#[test]
+fn shares_resolve_against_the_vmfile_dir_and_default_to_read_write() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    std::fs::create_dir(dir.path().join("docs")).unwrap();
+    let abs = dir.path().join("docs").display().to_string();
+    let src = format!(
+        r#"vm "web" {{
+    image-url "https://example.com/a.qcow2"
+    share "./src" mount="/src"
+    share "{abs}" mount="/mnt/docs" read-only=#true
+}}"#
+    );
+    let t = parse("VMFile.kdl", &src, &ctx(dir.path())).unwrap();
+    let Resource::VirtualMachine(v) = &t.resources[1] else {
+        panic!()
+    };
+    assert_eq!(
+        v.spec.shares,
+        vec![
+            vmctl_api::Share {
+                host_path: dir.path().join("src").display().to_string(),
+                mount_path: "/src".into(),
+                read_only: false,
+            },
+            vmctl_api::Share {
+                host_path: abs,
+                mount_path: "/mnt/docs".into(),
+                read_only: true,
+            },
+        ]
+    );
+}
+
+#[test]
+fn bad_shares_are_located_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    std::fs::write(dir.path().join("file.txt"), "x").unwrap();
+    let src = r#"vm "web" {
+    image-url "https://example.com/a.qcow2"
+    share "./missing" mount="/m"
+    share "./file.txt" mount="/f"
+    share "./src" mount="src"
+    share "./src" mount="/a"
+    share "./src" mount="/a/"
+    share "./src"
+    share "./src" mount="/b" read-only="yes"
+    share "./src" mount="/"
+}"#;
+    let d = parse("VMFile.kdl", src, &ctx(dir.path())).unwrap_err();
+    let text = d.render_plain();
+    let at = |needle: &str| {
+        d.problems
+            .iter()
+            .find(|p| p.message.contains(needle))
+            .map(|p| spanned(src, p).to_owned())
+            .unwrap_or_else(|| panic!("no `{needle}` in {text}"))
+    };
+    assert_eq!(at("missing does not exist"), "\"./missing\"");
+    assert_eq!(at("is a regular file, not a directory"), "\"./file.txt\"");
+    assert_eq!(at("mount path `src` is not an absolute path"), "\"src\"");
+    assert_eq!(
+        at("`/a/` is already the mount path of an earlier share"),
+        "\"/a/\"",
+        "a duplicate mount path, trailing slash or not"
+    );
+    assert_eq!(at("needs `mount=`"), "share");
+    assert_eq!(at("read-only must be #true or #false"), "\"yes\"");
+    assert_eq!(at("the guest's root `/` cannot be a mount path"), "\"/\"");
+    assert!(
+        text.contains("relative paths are resolved against"),
+        "{text}"
+    );
+    assert_eq!(d.error_count(), 7, "{text}");
+}

@@ -14,11 +14,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use vmctl_api::{DiskRuntime, ImageSpec, ProvisionStep, ROOT_DISK, VmRuntime};
+use vmctl_api::{DiskRuntime, ImageSpec, PortForward, ProvisionStep, ROOT_DISK, VmRuntime};
 
 use super::{
     BoxFuture, DriverError, Hypervisor, ImageFetcher, InstanceSpec, InstanceState, InstanceStatus,
-    LocalImage, OutputFn, ProgressFn, Provisioner, Result, SshTarget, StepOutcome,
+    LocalImage, OutputFn, ProgressFn, Provisioner, Result, SnapshotInfo, SshTarget, StepOutcome,
 };
 
 /// Latency and injected failures of the fake drivers.
@@ -36,6 +36,29 @@ pub struct FakeConfig {
     pub ssh_unreachable: HashSet<String>,
     /// (VM name, step index) of provisioning steps that exit 1.
     pub fail_steps: HashSet<(String, u32)>,
+    /// (VM name, step index) → how many of that step's next runs cannot
+    /// connect ([`DriverError::Unreachable`]: nothing of it runs), as when
+    /// the guest restarts sshd.
+    pub unreachable_steps: HashMap<(String, u32), u32>,
+    /// (VM name, [`vmctl_api::Probe::describe`]) of readiness probes that
+    /// fail.
+    pub failing_probes: HashSet<(String, String)>,
+    /// Host ports another program holds: a port forward from one fails as
+    /// QEMU's would ([`DriverError::AddressInUse`]).
+    pub busy_ports: HashSet<u16>,
+    /// VMs whose snapshots cannot be saved (as a full disk would refuse).
+    pub fail_snapshots: HashSet<String>,
+    /// VMs whose snapshots cannot be listed (as a monitor that refuses
+    /// `query-named-block-nodes`, or a `qemu-img` that fails, would).
+    pub fail_snapshot_lists: HashSet<String>,
+    /// The data directory the fake's instances live in: work dirs are
+    /// `<data_dir>/vms/<name>` (default `/fake`, nothing is written
+    /// there). Two fake worlds with different data directories stand for
+    /// two agents' hosts or data directories.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// VMs whose disk hot-plugs and hot-unplugs fail (as a QEMU without a
+    /// free root port, or a guest that does not release a disk, would).
+    pub fail_hotplugs: HashSet<String>,
 }
 
 /// Errors reading a [`FakeConfig`] from the environment.
@@ -54,13 +77,26 @@ pub enum FakeConfigError {
 }
 
 impl FakeConfig {
+    /// The work dir of VM `name`: `<data_dir>/vms/<name>`.
+    pub fn work_dir(&self, name: &str) -> std::path::PathBuf {
+        let root = self
+            .data_dir
+            .as_deref()
+            .unwrap_or(std::path::Path::new("/fake"));
+        root.join("vms").join(name)
+    }
+
     /// Reads the configuration from the environment:
     ///
     /// * `VMCTL_FAKE_LATENCY_MS`: latency of every operation (default 0);
     /// * `VMCTL_FAKE_FAIL_STARTS`: `vm=n,…`, the first `n` starts of `vm` fail;
     /// * `VMCTL_FAKE_FAIL_PREPARES`: `vm=n,…`, the first `n` prepares of `vm` fail;
     /// * `VMCTL_FAKE_FAIL_IMAGES`: `image,…`, fetches that fail;
-    /// * `VMCTL_FAKE_SSH_UNREACHABLE`: `vm,…`, VMs that never answer SSH.
+    /// * `VMCTL_FAKE_SSH_UNREACHABLE`: `vm,…`, VMs that never answer SSH;
+    /// * `VMCTL_FAKE_BUSY_PORTS`: `port,…`, host ports another program holds;
+    /// * `VMCTL_FAKE_FAIL_SNAPSHOTS`: `vm,…`, VMs whose snapshots fail;
+    /// * `VMCTL_FAKE_FAIL_SNAPSHOT_LISTS`: `vm,…`, VMs whose snapshots cannot be listed;
+    /// * `VMCTL_FAKE_FAIL_HOTPLUGS`: `vm,…`, VMs whose disk hot-plugs fail.
     pub fn from_env() -> Result<Self, FakeConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -109,6 +145,17 @@ impl FakeConfig {
         };
         cfg.fail_images = names("VMCTL_FAKE_FAIL_IMAGES");
         cfg.ssh_unreachable = names("VMCTL_FAKE_SSH_UNREACHABLE");
+        cfg.fail_snapshots = names("VMCTL_FAKE_FAIL_SNAPSHOTS");
+        cfg.fail_snapshot_lists = names("VMCTL_FAKE_FAIL_SNAPSHOT_LISTS");
+        cfg.fail_hotplugs = names("VMCTL_FAKE_FAIL_HOTPLUGS");
+        for p in names("VMCTL_FAKE_BUSY_PORTS") {
+            let port = p.parse().map_err(|_| FakeConfigError::Invalid {
+                var: "VMCTL_FAKE_BUSY_PORTS",
+                value: p.clone(),
+                expected: "port,…",
+            })?;
+            cfg.busy_ports.insert(port);
+        }
         Ok(cfg)
     }
 }
@@ -122,6 +169,23 @@ pub struct FakeInstance {
     pub runtime: VmRuntime,
     /// How many times it was started.
     pub starts: u32,
+    /// Its port forwards in place (none while stopped).
+    pub forwards: Vec<PortForward>,
+    /// Its snapshots, oldest first.
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Every restore, in order: (snapshot, whether memory state was
+    /// loaded, i.e. the instance was running or paused).
+    pub restores: Vec<(String, bool)>,
+}
+
+impl FakeInstance {
+    fn status(&self) -> InstanceStatus {
+        InstanceStatus {
+            state: self.state,
+            runtime: self.runtime.clone(),
+            port_forwards: (self.state != InstanceState::Stopped).then(|| self.forwards.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -212,10 +276,7 @@ impl FakeHypervisor {
             .get_mut(name)
             .ok_or_else(|| DriverError::NotFound(name.to_owned()))?;
         if inst.state == to {
-            return Ok(InstanceStatus {
-                state: to,
-                runtime: inst.runtime.clone(),
-            });
+            return Ok(inst.status());
         }
         if !from.contains(&inst.state) {
             return Err(DriverError::InvalidState {
@@ -225,16 +286,21 @@ impl FakeHypervisor {
             });
         }
         inst.state = to;
-        Ok(InstanceStatus {
-            state: to,
-            runtime: inst.runtime.clone(),
-        })
+        if to == InstanceState::Stopped {
+            // The hypervisor process and its forwards are gone.
+            inst.forwards.clear();
+        }
+        Ok(inst.status())
     }
 }
 
 impl Hypervisor for FakeHypervisor {
     fn backend(&self) -> &'static str {
         "fake"
+    }
+
+    fn work_dir(&self, name: &str) -> Option<std::path::PathBuf> {
+        Some(self.0.lock().config.work_dir(name))
     }
 
     fn prepare<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<InstanceStatus>> {
@@ -256,8 +322,10 @@ impl Hypervisor for FakeHypervisor {
                 .max(spec.spec.disk_gib.unwrap_or(0) << 30);
             if let Some(inst) = w.instances.get_mut(&spec.name) {
                 grow_disk(&mut inst.runtime, ROOT_DISK, root);
-                // Extra disks are attached and detached while stopped.
+                // Extra disks are attached and detached while stopped,
+                // and the display changes then.
                 if inst.state == InstanceState::Stopped {
+                    inst.runtime.vnc = fake_vnc(spec);
                     let want = &spec.spec.disks;
                     inst.runtime
                         .disks
@@ -269,19 +337,18 @@ impl Hypervisor for FakeHypervisor {
                         grow_disk(&mut inst.runtime, &d.name, d.size_gib << 30);
                     }
                 }
-                return Ok(InstanceStatus {
-                    state: inst.state,
-                    runtime: inst.runtime.clone(),
-                });
+                return Ok(inst.status());
             }
             w.created += 1;
             let port = 20000 + (w.created % 40000) as u16;
+            let work_dir = w.config.work_dir(&spec.name);
             let runtime = VmRuntime {
                 backend: "fake".to_owned(),
-                work_dir: Some(format!("/fake/vms/{}", spec.name)),
-                overlay: Some(format!("/fake/vms/{}/disk.qcow2", spec.name)),
+                overlay: Some(work_dir.join("disk.qcow2").display().to_string()),
+                work_dir: Some(work_dir.display().to_string()),
                 ssh_host: Some("127.0.0.1".to_owned()),
                 ssh_port: Some(port),
+                vnc: fake_vnc(spec),
                 instance_id: Some(uuid::Uuid::new_v4().to_string()),
                 disks: std::iter::once(DiskRuntime {
                     name: ROOT_DISK.to_owned(),
@@ -294,18 +361,33 @@ impl Hypervisor for FakeHypervisor {
                     path: Some(format!("/fake/vms/{}/disk-{}.qcow2", spec.name, d.name)),
                 }))
                 .collect(),
+                // As the QEMU driver serves them where virtiofsd is found.
+                shares: spec
+                    .spec
+                    .shares
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| vmctl_api::ShareRuntime {
+                        mount_path: s.mount_path.clone(),
+                        host_path: s.host_path.clone(),
+                        type_: vmctl_api::ShareType::Virtiofs,
+                        read_only: s.read_only,
+                        tag: format!("vmctl-share{i}"),
+                    })
+                    .collect(),
                 ..Default::default()
             };
             let inst = FakeInstance {
                 state: InstanceState::Stopped,
-                runtime: runtime.clone(),
-                starts: 0,
-            };
-            w.instances.insert(spec.name.clone(), inst);
-            Ok(InstanceStatus {
-                state: InstanceState::Stopped,
                 runtime,
-            })
+                starts: 0,
+                forwards: Vec::new(),
+                snapshots: Vec::new(),
+                restores: Vec::new(),
+            };
+            let status = inst.status();
+            w.instances.insert(spec.name.clone(), inst);
+            Ok(status)
         })
     }
 
@@ -411,16 +493,231 @@ impl Hypervisor for FakeHypervisor {
         })
     }
 
+    fn hotplugs_disks(&self) -> bool {
+        true
+    }
+
+    fn attach_disk<'a>(
+        &'a self,
+        name: &'a str,
+        disk: &'a vmctl_api::Disk,
+    ) -> BoxFuture<'a, Result<DiskRuntime>> {
+        Box::pin(async move {
+            self.0.delay().await;
+            let mut w = self.0.lock();
+            if w.config.fail_hotplugs.contains(name) {
+                return Err(DriverError::Injected(format!(
+                    "hot-plug of disk {} of {name}",
+                    disk.name
+                )));
+            }
+            let path = w
+                .config
+                .work_dir(name)
+                .join(format!("disk-{}.qcow2", disk.name));
+            let inst = running_instance(&mut w, "attach a disk to", name)?;
+            // Its file, like QEMU's, keeps the size it had if larger.
+            grow_disk(&mut inst.runtime, &disk.name, disk.size_gib << 30);
+            let d = inst.runtime.disks.iter_mut().find(|d| d.name == disk.name);
+            let d = d.expect("just added");
+            d.path = Some(path.display().to_string());
+            Ok(d.clone())
+        })
+    }
+
+    fn detach_disk<'a>(&'a self, name: &'a str, disk: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.0.delay().await;
+            let mut w = self.0.lock();
+            if w.config.fail_hotplugs.contains(name) {
+                return Err(DriverError::Injected(format!(
+                    "hot-unplug of disk {disk} of {name}"
+                )));
+            }
+            let inst = running_instance(&mut w, "detach a disk from", name)?;
+            inst.runtime.disks.retain(|d| d.name != disk);
+            Ok(())
+        })
+    }
+
+    fn snapshots<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<SnapshotInfo>>> {
+        Box::pin(async move {
+            let w = self.0.lock();
+            if w.config.fail_snapshot_lists.contains(name) {
+                return Err(DriverError::Injected(format!("snapshot list of {name}")));
+            }
+            w.instances
+                .get(name)
+                .map(|i| i.snapshots.clone())
+                .ok_or_else(|| DriverError::NotFound(name.to_owned()))
+        })
+    }
+
+    fn create_snapshot<'a>(
+        &'a self,
+        name: &'a str,
+        snapshot: &'a str,
+    ) -> BoxFuture<'a, Result<SnapshotInfo>> {
+        Box::pin(async move {
+            self.0.delay().await;
+            let mut w = self.0.lock();
+            if w.config.fail_snapshots.contains(name) {
+                return Err(DriverError::Injected(format!("snapshot of {name}")));
+            }
+            let inst = w
+                .instances
+                .get_mut(name)
+                .ok_or_else(|| DriverError::NotFound(name.to_owned()))?;
+            if let Some(s) = inst.snapshots.iter().find(|s| s.name == snapshot) {
+                return Ok(s.clone());
+            }
+            let memory = inst.state != InstanceState::Stopped;
+            let info = SnapshotInfo {
+                name: snapshot.to_owned(),
+                memory,
+                // The fake's "memory": a fixed size per MiB of nothing.
+                vm_state_bytes: if memory { 1 << 20 } else { 0 },
+                created: Some(chrono::Utc::now()),
+                disks: inst.runtime.disks.iter().map(|d| d.name.clone()).collect(),
+            };
+            inst.snapshots.push(info.clone());
+            Ok(info)
+        })
+    }
+
+    fn restore_snapshot<'a>(
+        &'a self,
+        name: &'a str,
+        snapshot: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.0.delay().await;
+            let mut w = self.0.lock();
+            let inst = w
+                .instances
+                .get_mut(name)
+                .ok_or_else(|| DriverError::NotFound(name.to_owned()))?;
+            let info = inst
+                .snapshots
+                .iter()
+                .find(|s| s.name == snapshot)
+                .ok_or_else(|| DriverError::NotFound(format!("snapshot {snapshot} of {name}")))?;
+            let live = inst.state != InstanceState::Stopped;
+            if live && !info.memory {
+                return Err(DriverError::InvalidState {
+                    op: "restore a disk-only snapshot to",
+                    name: name.to_owned(),
+                    state: inst.state,
+                });
+            }
+            inst.restores.push((snapshot.to_owned(), live));
+            Ok(())
+        })
+    }
+
+    fn delete_snapshot<'a>(
+        &'a self,
+        name: &'a str,
+        snapshot: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.0.delay().await;
+            if let Some(inst) = self.0.lock().instances.get_mut(name) {
+                inst.snapshots.retain(|s| s.name != snapshot);
+            }
+            Ok(())
+        })
+    }
+
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<InstanceStatus>>> {
         Box::pin(async move {
             // Observing is cheap in every real backend too: no latency.
             let w = self.0.lock();
-            Ok(w.instances.get(name).map(|i| InstanceStatus {
-                state: i.state,
-                runtime: i.runtime.clone(),
-            }))
+            Ok(w.instances.get(name).map(FakeInstance::status))
         })
     }
+
+    fn add_port_forward<'a>(
+        &'a self,
+        name: &'a str,
+        fwd: &'a PortForward,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.0.delay().await;
+            let mut w = self.0.lock();
+            // As a host's sockets: another program's port, or another
+            // instance's forward, is in use.
+            let held = w.config.busy_ports.contains(&fwd.host_port)
+                || w.instances.iter().any(|(n, i)| {
+                    i.forwards
+                        .iter()
+                        .any(|g| g.clashes_with(fwd) && !(n == name && g == fwd))
+                });
+            if held {
+                return Err(DriverError::AddressInUse(format!(
+                    "host port {}/{} on {} is in use",
+                    fwd.host_port,
+                    fwd.protocol.as_str(),
+                    fwd.address
+                )));
+            }
+            let inst = w
+                .instances
+                .get_mut(name)
+                .ok_or_else(|| DriverError::NotFound(name.to_owned()))?;
+            if inst.state == InstanceState::Stopped {
+                return Err(DriverError::InvalidState {
+                    op: "forward a port of",
+                    name: name.to_owned(),
+                    state: inst.state,
+                });
+            }
+            if !inst.forwards.contains(fwd) {
+                inst.forwards.push(fwd.clone());
+            }
+            Ok(())
+        })
+    }
+
+    fn remove_port_forward<'a>(
+        &'a self,
+        name: &'a str,
+        fwd: &'a PortForward,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.0.delay().await;
+            let mut w = self.0.lock();
+            if let Some(inst) = w.instances.get_mut(name) {
+                inst.forwards.retain(|g| g != fwd);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The instance `name`, which must be running for `op`.
+fn running_instance<'w>(
+    w: &'w mut WorldState,
+    op: &'static str,
+    name: &str,
+) -> Result<&'w mut FakeInstance> {
+    let inst = w
+        .instances
+        .get_mut(name)
+        .ok_or_else(|| DriverError::NotFound(name.to_owned()))?;
+    if inst.state != InstanceState::Running {
+        return Err(DriverError::InvalidState {
+            op,
+            name: name.to_owned(),
+            state: inst.state,
+        });
+    }
+    Ok(inst)
+}
+
+/// The VNC address a fake instance reports: QEMU's first display.
+fn fake_vnc(spec: &InstanceSpec) -> Option<String> {
+    (spec.spec.display == vmctl_api::Display::Vnc).then(|| "127.0.0.1:5900".to_owned())
 }
 
 /// Grows disk `name` of `rt` to `bytes` (adding it if missing); never shrinks.
@@ -530,6 +827,28 @@ impl Provisioner for FakeProvisioner {
         })
     }
 
+    fn run_probe<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        probe: &'a vmctl_api::Probe,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.0.delay().await;
+            let what = probe.describe();
+            let fails = self
+                .0
+                .lock()
+                .config
+                .failing_probes
+                .contains(&(target.vm.clone(), what.clone()));
+            if fails {
+                return Err(DriverError::Backend(format!("{what} fails (injected)")));
+            }
+            Ok(())
+        })
+    }
+
     fn run_step<'a>(
         &'a self,
         target: &'a SshTarget,
@@ -541,6 +860,14 @@ impl Provisioner for FakeProvisioner {
             self.0.delay().await;
             let fail = {
                 let mut w = self.0.lock();
+                let key = (target.vm.clone(), index);
+                if let Some(n) = w.config.unreachable_steps.get_mut(&key).filter(|n| **n > 0) {
+                    *n -= 1;
+                    return Err(DriverError::Unreachable(format!(
+                        "no SSH connection could be made to VM {}, so nothing ran",
+                        target.vm
+                    )));
+                }
                 w.steps_run.push((target.vm.clone(), index));
                 w.config.fail_steps.contains(&(target.vm.clone(), index))
             };

@@ -3,6 +3,7 @@
 //! ```text
 //!   ImageController ──▶ ImageFetcher   (ensure an image is on disk)
 //!   VmController    ──▶ Hypervisor     (prepare / start / stop / … one instance)
+//!   SnapshotCtl     ──▶ Hypervisor     (create / restore / delete snapshots)
 //!   ProvisionCtl    ──▶ Provisioner    (wait for SSH, run steps)
 //! ```
 //!
@@ -26,7 +27,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use vmctl_api::{ImageSpec, ProvisionStep, SshConfig, VirtualMachineSpec, VmRuntime};
+use vmctl_api::{ImageSpec, PortForward, ProvisionStep, SshConfig, VirtualMachineSpec, VmRuntime};
 
 /// A boxed, sendable future, as the driver traits return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -62,6 +63,16 @@ pub enum DriverError {
         #[source]
         source: std::io::Error,
     },
+    /// A host address (and port) the operation needs is taken by another
+    /// socket (`EADDRINUSE`), described by the backend.
+    #[error("{0}")]
+    AddressInUse(String),
+    /// No connection to the guest could be made (SSH refused, dropped or
+    /// silent during the handshake, e.g. while the guest restarts sshd), so
+    /// the operation did not start and nothing ran; the same request may
+    /// succeed once the guest answers again.
+    #[error("{0}")]
+    Unreachable(String),
     /// Any other backend failure, described by the backend.
     #[error("{0}")]
     Backend(String),
@@ -101,6 +112,10 @@ pub struct InstanceStatus {
     pub state: InstanceState,
     /// Runtime details, as shown in the VM's `status.runtime`.
     pub runtime: VmRuntime,
+    /// The port forwards in place now (the user's, not vmctl's own SSH
+    /// forward); `None` when the backend does not report them or the
+    /// instance does not run.
+    pub port_forwards: Option<Vec<PortForward>>,
 }
 
 /// What the hypervisor needs to prepare an instance.
@@ -121,6 +136,16 @@ pub struct InstanceSpec {
 pub trait Hypervisor: Send + Sync + Debug {
     /// The backend's name as shown in `status.runtime.backend`.
     fn backend(&self) -> &'static str;
+    /// The work directory this driver keeps VM `name`'s instance in (its
+    /// disk, seed, sockets), as `status.runtime.workDir` records it:
+    /// `<data-dir>/vms/<name>` for QEMU and Propolis. An instance recorded
+    /// in another work dir belongs to another agent, which this one does
+    /// not act on (the VM controller reports it `NodeLost`). `None` when
+    /// the backend cannot say; then only the node name is compared.
+    fn work_dir(&self, name: &str) -> Option<std::path::PathBuf> {
+        let _ = name;
+        None
+    }
     /// Creates the instance's disk, seed and configuration if it does not
     /// exist yet; a prepared instance is brought to the spec where that
     /// can be done while stopped (a disk grows; one the spec asks smaller
@@ -164,12 +189,145 @@ pub trait Hypervisor: Send + Sync + Debug {
             )))
         })
     }
+    /// Whether [`attach_disk`](Self::attach_disk) and
+    /// [`detach_disk`](Self::detach_disk) work on a running instance
+    /// (hot-plug). When not, an extra disk added to or removed from a
+    /// running VM's spec waits for the next start, where
+    /// [`prepare`](Self::prepare) attaches or detaches it.
+    fn hotplugs_disks(&self) -> bool {
+        false
+    }
+    /// Attaches extra disk `disk` to the running instance `name`, live:
+    /// its file is made (`disk.size_gib` GiB) when missing and grown when
+    /// smaller, and the guest sees it with its name as serial, as after a
+    /// start. Returns the disk as [`status`](Self::status) will report it.
+    /// One attached already is not an error. Backends without hot-plug
+    /// refuse with [`DriverError::Permanent`].
+    fn attach_disk<'a>(
+        &'a self,
+        name: &'a str,
+        disk: &'a vmctl_api::Disk,
+    ) -> BoxFuture<'a, Result<vmctl_api::DiskRuntime>> {
+        let _ = disk;
+        Box::pin(async move { Err(no_hotplug(self.backend(), name)) })
+    }
+    /// Detaches extra disk `disk` from the running instance `name`, live,
+    /// once the guest has released it (a guest that does not is an
+    /// error). Its file is kept (until [`destroy`](Self::destroy)). One not
+    /// attached is not an error. Backends without hot-plug refuse with
+    /// [`DriverError::Permanent`].
+    fn detach_disk<'a>(&'a self, name: &'a str, disk: &'a str) -> BoxFuture<'a, Result<()>> {
+        let _ = disk;
+        Box::pin(async move { Err(no_hotplug(self.backend(), name)) })
+    }
+    /// Puts port forward `fwd` in place on the running (or paused)
+    /// instance `name`, live. A host port another socket holds is
+    /// [`DriverError::AddressInUse`]. Backends without port forwards
+    /// refuse with [`DriverError::Permanent`].
+    fn add_port_forward<'a>(
+        &'a self,
+        name: &'a str,
+        fwd: &'a PortForward,
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = fwd;
+        Box::pin(async move { Err(no_port_forwards(self.backend(), name)) })
+    }
+    /// Takes port forward `fwd` away from the running (or paused)
+    /// instance `name`, live; one not in place is not an error.
+    fn remove_port_forward<'a>(
+        &'a self,
+        name: &'a str,
+        fwd: &'a PortForward,
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = fwd;
+        Box::pin(async move { Err(no_port_forwards(self.backend(), name)) })
+    }
+    /// The snapshots of instance `name`, oldest first; an instance that
+    /// does not exist is [`DriverError::NotFound`]. Backends without
+    /// snapshots answer an empty list.
+    fn snapshots<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<SnapshotInfo>>> {
+        let _ = name;
+        Box::pin(async move { Ok(Vec::new()) })
+    }
+    /// Saves snapshot `snapshot` of instance `name`: of every disk, and of
+    /// the memory and device state when the instance runs (or is paused),
+    /// which then goes on running; a stopped instance's disks only. One
+    /// that exists already is returned as it is. Backends without
+    /// snapshots refuse with [`DriverError::Permanent`].
+    fn create_snapshot<'a>(
+        &'a self,
+        name: &'a str,
+        snapshot: &'a str,
+    ) -> BoxFuture<'a, Result<SnapshotInfo>> {
+        let _ = snapshot;
+        Box::pin(async move { Err(no_snapshots(self.backend(), name)) })
+    }
+    /// Brings instance `name` back to snapshot `snapshot`: a running (or
+    /// paused) instance to its memory state too, staying in the run state
+    /// it had; a stopped one to its disks only. A running instance and a
+    /// snapshot without memory state is [`DriverError::InvalidState`]
+    /// (stop it first); a snapshot it does not have is
+    /// [`DriverError::NotFound`].
+    fn restore_snapshot<'a>(
+        &'a self,
+        name: &'a str,
+        snapshot: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = snapshot;
+        Box::pin(async move { Err(no_snapshots(self.backend(), name)) })
+    }
+    /// Removes snapshot `snapshot` of instance `name` from its disks; a
+    /// missing snapshot or instance is not an error.
+    fn delete_snapshot<'a>(
+        &'a self,
+        name: &'a str,
+        snapshot: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = (name, snapshot);
+        Box::pin(async move { Ok(()) })
+    }
     /// Names of instances whose state changed by itself (the guest powered
     /// off or paused, the hypervisor process died), for backends that are
     /// told; `None` when the controller has to poll [`status`](Self::status).
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         None
     }
+}
+
+/// One snapshot of an instance, as the hypervisor keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Its name (the qcow2 snapshot tag: the Snapshot object's name).
+    pub name: String,
+    /// Whether memory and device state were saved with the disks.
+    pub memory: bool,
+    /// Bytes of memory state saved (0 without).
+    pub vm_state_bytes: u64,
+    /// When it was saved.
+    pub created: Option<vmctl_api::Time>,
+    /// The disks holding it (`root` first, then extra disks by name).
+    pub disks: Vec<String>,
+}
+
+/// What a backend without snapshots answers.
+fn no_snapshots(backend: &str, name: &str) -> DriverError {
+    DriverError::Permanent(format!(
+        "the {backend} backend cannot take or restore snapshots of VM {name}"
+    ))
+}
+
+/// What a backend without disk hot-plug answers.
+fn no_hotplug(backend: &str, name: &str) -> DriverError {
+    DriverError::Permanent(format!(
+        "the {backend} backend cannot attach or detach a disk of running VM {name}; it is done at the next start"
+    ))
+}
+
+/// What a backend without port forwards answers.
+fn no_port_forwards(backend: &str, name: &str) -> DriverError {
+    DriverError::Permanent(format!(
+        "the {backend} backend cannot forward ports to VM {name}"
+    ))
 }
 
 /// An image available on the host.
@@ -247,8 +405,20 @@ pub trait Provisioner: Send + Sync + Debug {
         target: &'a SshTarget,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<()>>;
+    /// Runs a readiness probe of the user's own ([`vmctl_api::Probe`])
+    /// once, within `timeout`: `Ok` when it passes, `Err` saying why not
+    /// (the command's exit code and output, the refused port, or that the
+    /// guest could not be reached).
+    fn run_probe<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        probe: &'a vmctl_api::Probe,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<()>>;
     /// Runs one step. A step that ran and exited non-zero is `Ok` with its
-    /// exit code; `Err` means it could not be run at all.
+    /// exit code; `Err` means it could not be run at all, and
+    /// [`DriverError::Unreachable`] that no connection could be made, so
+    /// that nothing of it ran and it may be run again.
     fn run_step<'a>(
         &'a self,
         target: &'a SshTarget,

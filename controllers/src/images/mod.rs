@@ -238,7 +238,10 @@ impl ImageError {
                 "check the URL and the network; it is retried with backoff"
             }
             ImageError::Download { .. } => {
-                "the server refused it: fix the URL (or the server), then apply again"
+                // Found by the new-user tryout: this said "fix the URL (or
+                // the server), then apply again", but an unchanged apply
+                // changes nothing and a refused download is not retried.
+                "the server refused it: fix the URL and apply again; once the server serves it, `vmctl image pull` with the same URL fetches it again (an unchanged apply does not)"
             }
             ImageError::ChecksumMismatch { .. } => {
                 "the file at the URL changed or the checksum is wrong: fix whichever is stale"

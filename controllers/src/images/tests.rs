@@ -403,6 +403,20 @@ async fn http_404_fails_naming_status_and_url_and_caches_nothing() {
     assert_nothing_cached(&f.cache, &url);
 }
 
+/// The fault (new-user tryout): a 404's advice was "fix the URL (or the
+/// server), then apply again", but an unchanged apply changes nothing and
+/// a refused download is not retried: the advice names `vmctl image pull`.
+#[tokio::test]
+async fn a_refused_download_advises_image_pull_not_an_apply_that_changes_nothing() {
+    let f = fixture();
+    let url = f.server.url("/missing.qcow2");
+    let err = f.cache.fetch(&url, None, no_progress).await.unwrap_err();
+    assert!(!err.is_transient());
+    let help = err.help().unwrap();
+    assert!(help.contains("vmctl image pull"), "{help}");
+    assert!(!help.contains("or the server), then apply again"), "{help}");
+}
+
 #[tokio::test]
 async fn truncated_body_is_retried_then_fails_as_transient_and_caches_nothing() {
     let f = fixture();

@@ -34,13 +34,15 @@ pub enum ControllerError {
 }
 
 /// Which objects refer to which, for cross-kind triggers: VMs by image,
-/// Provisions by VM. Built from the listing and `Applied`/`Deleted` events.
+/// Provisions and Snapshots by VM. Built from the listing and `Applied`/`Deleted` events.
 #[derive(Debug, Default)]
 pub struct Relations {
     vms_by_image: HashMap<String, BTreeSet<String>>,
     image_of_vm: HashMap<String, String>,
     provisions_by_vm: HashMap<String, BTreeSet<String>>,
     vm_of_provision: HashMap<String, String>,
+    snapshots_by_vm: HashMap<String, BTreeSet<String>>,
+    vm_of_snapshot: HashMap<String, String>,
 }
 
 impl Relations {
@@ -83,6 +85,12 @@ impl Relations {
                 obj.name(),
                 field("vm").as_deref(),
             ),
+            Kind::Snapshot => Self::set(
+                &mut self.vm_of_snapshot,
+                &mut self.snapshots_by_vm,
+                obj.name(),
+                field("vm").as_deref(),
+            ),
             Kind::Image => {}
         }
     }
@@ -96,6 +104,12 @@ impl Relations {
             Kind::Provision => Self::set(
                 &mut self.vm_of_provision,
                 &mut self.provisions_by_vm,
+                &r.name,
+                None,
+            ),
+            Kind::Snapshot => Self::set(
+                &mut self.vm_of_snapshot,
+                &mut self.snapshots_by_vm,
                 &r.name,
                 None,
             ),
@@ -117,6 +131,14 @@ impl Relations {
         set.into_iter()
             .flatten()
             .map(|n| ObjectRef::new(Kind::Provision, n.clone()))
+    }
+
+    /// The Snapshots of `vm`.
+    pub fn snapshots_of(&self, vm: &str) -> impl Iterator<Item = ObjectRef> + '_ {
+        let set = self.snapshots_by_vm.get(vm);
+        set.into_iter()
+            .flatten()
+            .map(|n| ObjectRef::new(Kind::Snapshot, n.clone()))
     }
 
     fn clear(&mut self) {
@@ -303,8 +325,9 @@ impl<R: Reconciler> Watcher<R> {
                 _ => self.queue.trigger(ev.object.clone()),
             }
         } else if !matches!(ev.change, Change::Noted { .. }) {
+            // Not at once while it backs off after a failure.
             for r in self.reconciler.related(&self.relations, ev) {
-                self.queue.trigger(r);
+                self.queue.trigger_related(r);
             }
         }
     }
@@ -333,7 +356,7 @@ async fn worker<R: Reconciler>(
             }
             Err(e) => {
                 tracing::warn!(object = %r, error = %e, "cannot read object");
-                queue.schedule_after(r.clone(), queue.backoff(&r));
+                queue.back_off(r.clone(), queue.backoff(&r));
                 queue.finish(&r);
                 continue;
             }
@@ -351,13 +374,23 @@ async fn worker<R: Reconciler>(
         let mut task = AbortOnDrop(tokio::spawn(
             async move { rec.reconcile(o).await }.instrument(span.clone()),
         ));
+        let started = std::time::Instant::now();
         let result = (&mut task.0).await;
         let _enter = span.enter();
+        let metrics = crate::metrics::Metrics::global();
+        let outcome = match &result {
+            Err(_) => "panic",
+            Ok(Ok(_)) => "ok",
+            Ok(Err(e)) if e.is_conflict() => "conflict",
+            Ok(Err(_)) => "error",
+        };
+        metrics.reconciled(R::NAME, outcome, started);
+        metrics.queue_depth(R::NAME, queue.depth());
         match result {
             Err(join) => {
                 let backoff = queue.backoff(&r);
                 tracing::error!(error = %join, ?backoff, "reconcile panicked");
-                queue.schedule_after(r.clone(), backoff);
+                queue.back_off(r.clone(), backoff);
             }
             Ok(Ok(action)) => {
                 queue.reset_backoff(&r);
@@ -374,7 +407,7 @@ async fn worker<R: Reconciler>(
                 tracing::warn!(error = %ErrorChain(&e), ?backoff, "reconcile failed");
                 let action = reconciler.error_policy(&obj, &e, backoff);
                 if let Some(d) = action.requeue_after().or(resync) {
-                    queue.schedule_after(r.clone(), d);
+                    queue.back_off(r.clone(), d);
                 }
             }
         }
@@ -566,7 +599,9 @@ mod tests {
         let rec = c.reconciler.clone();
         let (stop, shutdown) = watch::channel(false);
         let task = tokio::spawn(c.run(shutdown));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // Generous: the backoff is 10 ms, but the suite runs this on a
+        // loaded 2-core machine, where 5 s was once not enough.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while rec.0.load(std::sync::atomic::Ordering::SeqCst) < 2 {
             assert!(tokio::time::Instant::now() < deadline, "not retried");
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -14,7 +14,13 @@
 //!   and runs once afterwards.
 //! * Concurrency is bounded by the number of workers calling [`Queue::next`].
 //! * [`Queue::backoff`] gives per-object exponential delays with jitter,
-//!   reset by [`Queue::reset_backoff`].
+//!   reset by [`Queue::reset_backoff`]; [`Queue::back_off`] holds a failed
+//!   object until its delay ends.
+//! * A change of the object itself ([`Queue::trigger`]) runs it at once,
+//!   even in its backoff. A change of an object it depends on
+//!   ([`Queue::trigger_related`]) does not cut a backoff short: a failing
+//!   Provision whose VM keeps writing its status still waits its delay
+//!   (before, each of those writes retried it at once).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -71,6 +77,11 @@ struct State {
     running: HashSet<ObjectRef>,
     /// Consecutive failures per object.
     failures: HashMap<ObjectRef, u32>,
+    /// When the backoff of a failed object ends ([`Queue::back_off`]).
+    backoff_until: HashMap<ObjectRef, Instant>,
+    /// Pending objects asked for by [`Queue::trigger`] (a change of the
+    /// object itself): a backoff does not push them back.
+    urgent: HashSet<ObjectRef>,
     /// Tie-breaker keeping the heap FIFO among equal times.
     counter: u64,
 }
@@ -79,6 +90,23 @@ impl State {
     fn push(&mut self, r: ObjectRef, at: Instant) {
         self.counter += 1;
         self.heap.push(Reverse((at, self.counter, r)));
+    }
+
+    /// Makes `r` pending at `at`, unless it is already due earlier (and,
+    /// with `replace`, even then); returns whether its time changed.
+    fn set_pending(&mut self, r: &ObjectRef, at: Instant, replace: bool) -> bool {
+        match self.pending.get(r) {
+            Some(&t) if t <= at && !replace => return false,
+            Some(&t) if t == at => return false,
+            _ => {}
+        }
+        self.pending.insert(r.clone(), at);
+        // A running object is re-armed by finish(); pushing now would only
+        // make a stale entry.
+        if !self.running.contains(r) {
+            self.push(r.clone(), at);
+        }
+        true
     }
 }
 
@@ -99,12 +127,25 @@ impl Queue {
         }
     }
 
+    /// How many objects are due and wait for a worker (Kubernetes'
+    /// workqueue depth; objects scheduled for later are not counted).
+    pub fn depth(&self) -> usize {
+        let now = Instant::now();
+        self.lock()
+            .pending
+            .values()
+            .filter(|at| **at <= now)
+            .count()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Asks for `r` to be reconciled now.
+    /// Asks for `r` to be reconciled now: `r` itself changed (or must be
+    /// looked at again), which no backoff holds up.
     pub fn trigger(&self, r: ObjectRef) {
+        self.lock().urgent.insert(r.clone());
         self.schedule(r, Instant::now());
     }
 
@@ -116,18 +157,45 @@ impl Queue {
     /// Asks for `r` to be reconciled at `at`, unless it is already due earlier.
     pub fn schedule(&self, r: ObjectRef, at: Instant) {
         let mut s = self.lock();
-        match s.pending.get(&r) {
-            Some(&t) if t <= at => return,
-            _ => {}
-        }
-        s.pending.insert(r.clone(), at);
-        // A running object is re-armed by finish(); pushing now would only
-        // make a stale entry.
-        if !s.running.contains(&r) {
-            s.push(r, at);
+        if !s.set_pending(&r, at, false) {
+            return;
         }
         drop(s);
         self.notify.notify_one();
+    }
+
+    /// Asks for `r` to be reconciled because an object it depends on
+    /// changed: now, or when its backoff ends if it is backing off after a
+    /// failure. A trigger that arrives while `r` runs, and the run then
+    /// fails, waits for that backoff too ([`back_off`](Self::back_off)).
+    pub fn trigger_related(&self, r: ObjectRef) {
+        let mut s = self.lock();
+        let now = Instant::now();
+        let at = s
+            .backoff_until
+            .get(&r)
+            .copied()
+            .filter(|&t| t > now)
+            .unwrap_or(now);
+        if !s.set_pending(&r, at, false) {
+            return;
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Holds `r` after a failure: reconciled again after `delay`, and not
+    /// before by related changes (pending ones included); a change of `r`
+    /// itself ([`trigger`](Self::trigger)) still runs it at once.
+    pub fn back_off(&self, r: ObjectRef, delay: Duration) {
+        let mut s = self.lock();
+        let at = Instant::now() + delay;
+        s.backoff_until.insert(r.clone(), at);
+        let replace = !s.urgent.contains(&r);
+        if s.set_pending(&r, at, replace) {
+            drop(s);
+            self.notify.notify_one();
+        }
     }
 
     /// Takes a due object that is not running, or says when to look again.
@@ -144,6 +212,7 @@ impl Queue {
             }
             s.heap.pop();
             s.pending.remove(&r);
+            s.urgent.remove(&r);
             s.running.insert(r.clone());
             return Ok(r);
         }
@@ -211,7 +280,9 @@ impl Queue {
 
     /// Forgets the failures of `r` after a success.
     pub fn reset_backoff(&self, r: &ObjectRef) {
-        self.lock().failures.remove(r);
+        let mut s = self.lock();
+        s.failures.remove(r);
+        s.backoff_until.remove(r);
     }
 
     /// Forgets everything about `r` (it was deleted), unless it is running or pending.
@@ -219,6 +290,8 @@ impl Queue {
         let mut s = self.lock();
         if !s.running.contains(r) && !s.pending.contains_key(r) {
             s.failures.remove(r);
+            s.backoff_until.remove(r);
+            s.urgent.remove(r);
         }
     }
 
@@ -251,6 +324,32 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(1), q.next())
             .await
             .ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_related_change_does_not_cut_a_backoff_short_but_an_own_change_does() {
+        let q = Queue::default();
+        q.trigger(vm("a"));
+        assert_eq!(next_now(&q).await, Some(vm("a")));
+        // While it runs, an object it depends on changes; then it fails.
+        q.trigger_related(vm("a"));
+        q.back_off(vm("a"), Duration::from_secs(1));
+        q.finish(&vm("a"));
+        assert_eq!(next_now(&q).await, None, "held by its backoff");
+        q.trigger_related(vm("a"));
+        assert_eq!(next_now(&q).await, None, "still held");
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert_eq!(next_now(&q).await, Some(vm("a")));
+        q.back_off(vm("a"), Duration::from_secs(2));
+        q.finish(&vm("a"));
+        // A change of the object itself runs it at once.
+        q.trigger(vm("a"));
+        assert_eq!(next_now(&q).await, Some(vm("a")));
+        q.reset_backoff(&vm("a"));
+        q.finish(&vm("a"));
+        // Without a backoff, a related change runs it at once.
+        q.trigger_related(vm("a"));
+        assert_eq!(next_now(&q).await, Some(vm("a")));
     }
 
     #[tokio::test(start_paused = true)]

@@ -56,6 +56,10 @@ pub struct SeedSpec {
     pub raw_user_data: Option<Vec<u8>>,
     /// A `network-config` (v1 or v2 YAML), passed through.
     pub network_config: Option<String>,
+    /// Shell command lines for cloud-init's `bootcmd` (run at every boot,
+    /// early): the mounts of the shared folders. In the generated
+    /// user-data; with the user's own user-data, in the vendor-data.
+    pub bootcmd: Vec<String>,
 }
 
 impl std::fmt::Debug for SeedSpec {
@@ -68,6 +72,7 @@ impl std::fmt::Debug for SeedSpec {
             .field("host_key", &self.host_key)
             .field("raw_user_data", &self.raw_user_data.as_ref().map(Vec::len))
             .field("network_config", &self.network_config.is_some())
+            .field("bootcmd", &self.bootcmd)
             .finish()
     }
 }
@@ -222,8 +227,11 @@ impl SeedSpec {
         if let Some(net) = &self.network_config {
             files.push(("network-config", net.clone().into_bytes()));
         }
-        if let (Some(_), Some(host)) = (&self.raw_user_data, &self.host_key) {
-            files.push(("vendor-data", vendor_data(host).into_bytes()));
+        if self.raw_user_data.is_some() && (self.host_key.is_some() || !self.bootcmd.is_empty()) {
+            files.push((
+                "vendor-data",
+                vendor_data(self.host_key.as_ref(), &self.bootcmd).into_bytes(),
+            ));
         }
         files
     }

@@ -16,6 +16,7 @@ fn spec(keys: &VmKeys) -> SeedSpec {
         host_key: Some(keys.host.to_host_key()),
         raw_user_data: None,
         network_config: Some("version: 2\nethernets:\n  eth0:\n    dhcp4: true\n".into()),
+        bootcmd: Vec::new(),
     }
 }
 

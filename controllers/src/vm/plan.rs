@@ -5,7 +5,10 @@
 //! the plan names, and plans again.
 //!
 //! ```text
-//!   deleted? ── finalizer ──▶ Teardown            (else Forget)
+//!   instance not here, status says it lives under another agent
+//!     (other node or work dir) ──▶ NodeLost        (even when deleted)
+//!   deleted? ── finalizer ── Snapshots of it left ──▶ DeleteSnapshots
+//!                         └── else ──▶ Teardown  (else Forget)
 //!   ImageReady condition stale ──▶ SetCondition
 //!   no instance, wants to run, image not Ready ──▶ WaitForImage
 //!   no finalizer ──▶ AddFinalizer
@@ -15,10 +18,15 @@
 //!                               ├── retryAfter ahead ──▶ BackOff
 //!                               └── else ──▶ Start
 //!   power state differs ──▶ Suspend / Resume / Stop
+//!   up, port forwards differ from the spec ──▶ ForwardPorts (live; ports.rs)
+//!   running, an extra disk removed / added, backend hot-plugs (and no
+//!   hot-plug failed for this generation) ──▶ DetachDisk / AttachDisk
+//!                                            (paused: waits for the resume)
 //!   a disk asked smaller ──▶ SetCondition DiskShrinkRefused (the VM runs on)
 //!   a disk asked larger ── up, backend resizes live ──▶ ResizeDisk
 //!                       └── else ──▶ SetCondition DiskResizePending
-//!   running an older spec (or a disk growth waits for a restart)
+//!   running an older spec (or a disk growth, attach or detach waits
+//!   for a restart)
 //!                         ── Restart/Recreate policy ──▶ Restart
 //!                         └── else ──▶ SetCondition RestartRequired
 //!   otherwise ──▶ Report (writes the status only if it changed)
@@ -32,11 +40,13 @@ use vmctl_api::{
     set_condition,
 };
 
+use crate::address::Discovery;
 use crate::conditions::{condition, would_change};
 use crate::drivers::{InstanceState, InstanceStatus, LocalImage};
 use crate::probe::{Check, Readiness};
 
 pub mod disks;
+pub mod ports;
 
 /// Why a VM's image cannot be booted: the reason and message of the VM's
 /// `ImageReady` condition.
@@ -76,11 +86,51 @@ pub struct Observed {
     /// The hypervisor grows a running instance's disks live
     /// ([`crate::drivers::Hypervisor::resize_disk`]).
     pub live_disk_resize: bool,
+    /// The hypervisor attaches and detaches extra disks of a running
+    /// instance live ([`crate::drivers::Hypervisor::attach_disk`]).
+    pub live_disk_hotplug: bool,
+    /// Names of the Snapshot objects of this VM; looked at only for a VM
+    /// being deleted (they go first).
+    pub snapshots: Vec<String>,
     /// What the prober found of the running guest (SSH); `None` when
     /// nothing probes it (not running, or no SSH address). Read when the
     /// VM is reported ([`Step::Report`]).
     pub readiness: Option<Readiness>,
+    /// Where this agent keeps the VM's instance.
+    pub here: Here,
+    /// How the search for the guest's address on a `tap` network stands;
+    /// `None` when no address is searched for (other networks, not
+    /// running, or the hypervisor gave the address). Read when the VM is
+    /// reported: it becomes the `AddressReady` condition.
+    pub address: Option<Discovery>,
 }
+
+/// Where this agent keeps a VM's instance: its node and the work dir its
+/// hypervisor driver uses for the VM. An instance the status places
+/// anywhere else belongs to another agent ([`Observed::elsewhere`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Here {
+    /// This agent's node and data directory.
+    pub node: crate::NodeIdentity,
+    /// The VM's work dir under this agent
+    /// ([`crate::drivers::Hypervisor::work_dir`]); `None` when the driver
+    /// cannot say (only node names are compared then).
+    pub work_dir: Option<String>,
+}
+
+/// Where a VM's instance lives when that is under another agent, as its
+/// status records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Elsewhere {
+    /// `status.nodeName` (`None` in a status written before it existed).
+    pub node: Option<String>,
+    /// `status.runtime.workDir`.
+    pub work_dir: Option<String>,
+}
+
+/// The reason of the `Ready` condition of a VM whose instance lives under
+/// another agent (issue 17's term for a VM whose node is gone).
+pub const NODE_LOST: &str = "NodeLost";
 
 /// The next thing to do for a VM: the output of [`plan`]. Steps that end
 /// a reconcile ([`Step::ends_reconcile`]) write the status and say when to
@@ -88,11 +138,31 @@ pub struct Observed {
 /// are followed by another plan.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
+    /// The instance lives under another agent (another node, or another
+    /// data directory: [`Observed::elsewhere`]), which this agent cannot
+    /// reach: set `condition` (`Ready` False, reason [`NODE_LOST`]) and
+    /// change nothing else. Nothing is started, restarted, recreated or
+    /// destroyed, no crash is noted, and a deleted VM keeps its finalizer
+    /// (it stays Terminating until the owning agent destroys the
+    /// instance). A `warning` goes out as a Warning note `NodeLost`.
+    NodeLost {
+        /// The `Ready` condition as it should be.
+        condition: Condition,
+        /// The note's message when the condition changes.
+        warning: Option<String>,
+    },
     /// Deleted and torn down (no finalizer left): nothing to do.
     Forget,
     /// Deleted: report `Terminating`, destroy the instance and everything
     /// it owns, remove the finalizer.
     Teardown,
+    /// Deleted while Snapshots of it exist: report `Terminating`, request
+    /// their deletion (their controller removes their state from the
+    /// disks), and look again until they are gone.
+    DeleteSnapshots {
+        /// The Snapshot objects' names.
+        names: Vec<String>,
+    },
     /// A condition no longer says what was observed: set it; a `warning`
     /// also goes out as a Warning note whose reason is the condition's type.
     SetCondition {
@@ -145,6 +215,27 @@ pub enum Step {
         /// The size the spec asks for, in bytes.
         to: u64,
     },
+    /// Attach an extra disk the spec lists to the running instance, live
+    /// (hot-plug); the guest sees it with its name as serial.
+    AttachDisk {
+        /// The disk as the spec lists it.
+        disk: vmctl_api::Disk,
+    },
+    /// Detach an extra disk the spec no longer lists from the running
+    /// instance, live (hot-unplug); its file is kept until the VM is
+    /// deleted.
+    DetachDisk {
+        /// The disk's name.
+        disk: String,
+    },
+    /// Take away and put in place port forwards of the running (or
+    /// paused) instance, live; each result goes into the status.
+    ForwardPorts {
+        /// Forwards in place that the spec no longer lists.
+        remove: Vec<vmctl_api::PortForward>,
+        /// Forwards the spec lists that are not in place.
+        add: Vec<vmctl_api::PortForward>,
+    },
     /// Stop the instance to apply fields only a restart applies (policy
     /// `Restart` or `Recreate`); the next reconcile starts it again.
     Restart,
@@ -170,6 +261,9 @@ impl Step {
                 | Step::Resume
                 | Step::Stop
                 | Step::ResizeDisk { .. }
+                | Step::AttachDisk { .. }
+                | Step::DetachDisk { .. }
+                | Step::ForwardPorts { .. }
         )
     }
 }
@@ -177,11 +271,18 @@ impl Step {
 /// The next step for the VM observed as `o`. Pure: the same observation
 /// gives the same step.
 pub fn plan(o: &Observed) -> Step {
+    if let Some(away) = o.elsewhere()
+        && (o.finalizer || !o.deleting)
+    {
+        return node_lost(o, &away);
+    }
     if o.deleting {
-        return if o.finalizer {
-            Step::Teardown
-        } else {
-            Step::Forget
+        return match (o.finalizer, o.snapshots.is_empty()) {
+            (false, _) => Step::Forget,
+            (true, false) => Step::DeleteSnapshots {
+                names: o.snapshots.clone(),
+            },
+            (true, true) => Step::Teardown,
         };
     }
     let (spec, status, generation) = (&o.spec, &o.status, o.generation);
@@ -270,6 +371,34 @@ pub fn plan(o: &Observed) -> Step {
         state,
         Some(InstanceState::Running | InstanceState::Suspended)
     );
+    // Port forwards apply live, whatever else waits for a restart.
+    if let Some((remove, add)) = ports::changes(o) {
+        return Step::ForwardPorts { remove, add };
+    }
+
+    // Extra disks added to or removed from the spec: hot-plugged while
+    // the guest runs, when the backend can and no hot-plug failed for
+    // this generation; else at the next start. A paused guest cannot
+    // release a disk: that waits for the resume.
+    let (attach, detach) = disks::attachment_changes(o);
+    let hotplug = o.live_disk_hotplug && !disks::hotplug_failed(o);
+    if hotplug && state == Some(InstanceState::Running) {
+        if let Some(disk) = detach.first() {
+            return Step::DetachDisk { disk: disk.clone() };
+        }
+        if let Some(disk) = attach
+            .first()
+            .and_then(|a| spec.disks.iter().find(|d| d.name == *a))
+        {
+            return Step::AttachDisk { disk: disk.clone() };
+        }
+    }
+    let waits_for_resume = hotplug && state == Some(InstanceState::Suspended);
+    let (attach, detach) = if waits_for_resume {
+        (Vec::new(), Vec::new())
+    } else {
+        (attach, detach)
+    };
 
     // Disk sizes: a shrink is refused (the disk keeps its size and the VM
     // runs on), a growth is applied live when the backend can, else at
@@ -350,15 +479,22 @@ pub fn plan(o: &Observed) -> Step {
             .started_spec
             .as_ref()
             .is_some_and(|s| *s != restart_digest(spec));
-        let (attach, detach) = disks::attachment_changes(o);
-        let differs = spec_differs || !grow.is_empty() || !attach.is_empty() || !detach.is_empty();
+        let plugs = !attach.is_empty() || !detach.is_empty();
+        let differs = spec_differs || !grow.is_empty() || plugs;
         if differs && spec.update_policy != UpdatePolicy::RestartRequired {
             return Step::Restart;
         }
-        let step = if differs {
+        let step = if plugs && disks::hotplug_failed(o) {
+            // Keeps the failure's message; the disk is attached or
+            // detached at the next start.
+            None
+        } else if differs {
             let mut what = Vec::new();
             if spec_differs {
-                what.push("vcpus, memory, network or cloud-init changed".to_owned());
+                what.push(
+                    "vcpus, memory, network, cloud-init, display or shared folders changed"
+                        .to_owned(),
+                );
             }
             if !grow.is_empty() {
                 what.push("a disk grows only at the next start".to_owned());
@@ -402,10 +538,96 @@ pub fn plan(o: &Observed) -> Step {
     }
 }
 
+/// [`Step::NodeLost`] for the VM `o` whose instance is `away`.
+fn node_lost(o: &Observed, away: &Elsewhere) -> Step {
+    let name = &o.name;
+    let node = away.node.as_deref().unwrap_or("unknown");
+    let at = match &away.work_dir {
+        Some(w) => format!("node {node} (work dir {w})"),
+        None => format!("node {node}"),
+    };
+    let owner = match &away.work_dir {
+        Some(w) => format!("the agent of node {node} whose data dir holds {w}"),
+        None => format!("the agent of node {node}"),
+    };
+    let me = &o.here.node;
+    let this = match &me.data_dir {
+        Some(d) => format!("this agent (node {}, data dir {})", me.name, d.display()),
+        None => format!("this agent (node {})", me.name),
+    };
+    let (message, warning) = if o.deleting {
+        let message = format!(
+            "its instance on {at} was not destroyed: {this} cannot reach it; the VM stays \
+             Terminating until {owner} runs again and destroys it. If that node is gone for \
+             good, stop the VM's hypervisor process there and remove its work dir yourself, then \
+             run `vmctl patch vm {name} --remove-finalizer {} --force`",
+            super::FINALIZER
+        );
+        let warning = format!(
+            "VM {name} is deleted, but its instance on {at} was not destroyed: {this} cannot reach it"
+        );
+        (message, warning)
+    } else {
+        let message = format!(
+            "its instance is on {at}, last reported {:?}; {this} does not manage it and starts no \
+             second copy: run {owner} again, or, if that node is gone for good, delete the VM \
+             (its disk there is not removed) and apply it again to start it here from a new disk",
+            o.status.phase
+        );
+        let warning = format!(
+            "VM {name} runs under another agent, on {at}; {this} leaves it alone (no second copy is started)"
+        );
+        (message, warning)
+    };
+    let condition = condition("Ready", false, NODE_LOST, message, o.generation);
+    Step::NodeLost {
+        warning: would_change(&o.status.conditions, &condition).then_some(warning),
+        condition,
+    }
+}
+
 /// How each step changes the status (and the observation). The reconciler
 /// calls these after the step's driver call succeeded; tests call them to
 /// model the driver.
 impl Observed {
+    /// Where the VM's instance lives when that is under another agent:
+    /// this agent's driver has no instance of the VM, and the status
+    /// records one on another node (`status.nodeName`) or in another work
+    /// dir (`status.runtime.workDir`, so another data directory of this
+    /// host). `None` when the instance is here, or when none was ever
+    /// made (those are started by whichever agent runs the controllers).
+    pub fn elsewhere(&self) -> Option<Elsewhere> {
+        if self.instance.is_some() {
+            return None;
+        }
+        let node = self.status.node_name.clone();
+        let work_dir = self
+            .status
+            .runtime
+            .as_ref()
+            .and_then(|r| r.work_dir.clone());
+        let other_node = node.as_deref().is_some_and(|n| n != self.here.node.name);
+        let other_dir = match (&work_dir, &self.here.work_dir) {
+            (Some(w), Some(h)) => std::path::Path::new(w) != std::path::Path::new(h),
+            _ => false,
+        };
+        (other_node || other_dir).then_some(Elsewhere { node, work_dir })
+    }
+
+    /// [`Step::NodeLost`]: sets `condition`; a deleted VM shows
+    /// `Terminating`. Whether anything changed.
+    pub fn node_lost(&mut self, condition: Condition) -> bool {
+        if self.deleting {
+            self.status.phase = VmPhase::Terminating;
+        }
+        self.set_condition(condition)
+    }
+
+    /// Records that the instance lives under this agent (its node).
+    fn here_now(&mut self) {
+        self.status.node_name = Some(self.here.node.name.clone());
+    }
+
     /// Sets `cond`; whether anything changed.
     pub fn set_condition(&mut self, cond: Condition) -> bool {
         set_condition(&mut self.status.conditions, cond, self.now)
@@ -415,24 +637,23 @@ impl Observed {
         self.status.phase = phase;
         let cond = condition("Ready", ready, reason, message, self.generation);
         self.set_condition(cond);
-        // A guest that is not running answers no SSH: an `SshReady` left
-        // True from its last boot would let `vmctl ssh` hang in a connect.
-        if phase != VmPhase::Running
-            && let Some(c) = self
-                .status
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "SshReady")
-            && c.status == vmctl_api::ConditionStatus::True
-        {
-            let cond = condition(
-                "SshReady",
-                false,
-                reason,
-                "the VM is not running",
-                self.generation,
-            );
-            self.set_condition(cond);
+        // A guest that is not running answers no SSH and passes no probe:
+        // an `SshReady` left True from its last boot would let `vmctl ssh`
+        // hang in a connect.
+        for type_ in ["SshReady", "ProbesReady"] {
+            if phase != VmPhase::Running
+                && let Some(c) = self.status.conditions.iter().find(|c| c.type_ == type_)
+                && c.status == vmctl_api::ConditionStatus::True
+            {
+                let cond = condition(
+                    type_,
+                    false,
+                    reason,
+                    "the VM is not running",
+                    self.generation,
+                );
+                self.set_condition(cond);
+            }
         }
     }
 
@@ -455,6 +676,67 @@ impl Observed {
         {
             c.last_transition_time = check.since.or(c.last_transition_time);
         }
+    }
+
+    /// The `ProbesReady` condition from the user's probes: True when every
+    /// one passes, else the first failing one's reason and message; removed
+    /// when the spec has none.
+    fn report_probes(&mut self, r: &Readiness) {
+        if r.probes.is_empty() {
+            self.status.conditions.retain(|c| c.type_ != "ProbesReady");
+            return;
+        }
+        let check = match r.failing_probe() {
+            Some(c) => c.clone(),
+            None => Check {
+                ok: true,
+                since: r.probes.iter().filter_map(|c| c.since).max(),
+                reason: "ProbesSucceeded",
+                message: format!("all {} probes pass", r.probes.len()),
+            },
+        };
+        self.set_check("ProbesReady", &check);
+    }
+
+    /// The `AddressReady` condition from the address search (removed when
+    /// there is none); for a running VM whose address is not known, the
+    /// reason and message that keep it (and `SshReady`) not ready.
+    fn report_address(&mut self, phase: VmPhase) -> Option<(&'static str, String)> {
+        let Some(d) = self.address.clone() else {
+            self.status.conditions.retain(|c| c.type_ != "AddressReady");
+            return None;
+        };
+        let (reason, message) = match d {
+            Discovery::Found {
+                address,
+                source,
+                since,
+            } => {
+                let check = Check {
+                    ok: true,
+                    since,
+                    reason: "AddressFound",
+                    message: format!("{address} from {source}"),
+                };
+                self.set_check("AddressReady", &check);
+                return None;
+            }
+            Discovery::Searching { message } => ("WaitingForAddress", message),
+            Discovery::TimedOut { message } => ("IPDiscoveryTimeout", message),
+        };
+        let check = Check {
+            ok: false,
+            since: None,
+            reason,
+            message: message.clone(),
+        };
+        self.set_check("AddressReady", &check);
+        if phase == VmPhase::Running {
+            // `vmctl ssh`, `exec` and `cp` wait for SshReady: say why it
+            // cannot be yet.
+            self.set_check("SshReady", &check);
+        }
+        Some((reason, message))
     }
 
     /// [`Step::Teardown`], before the instance is destroyed.
@@ -482,6 +764,7 @@ impl Observed {
         self.status.disk_image = None;
         self.status.started_spec = None;
         self.status.runtime = None;
+        self.status.node_name = None;
         self.status.observed_generation = self.generation;
         self.phase(VmPhase::Pending, false, "Recreating", "");
         let cond = condition("RecreateRequired", false, "Recreating", "", self.generation);
@@ -500,24 +783,29 @@ impl Observed {
             self.status.disk_image = Some(self.spec.image.clone());
         }
         self.instance = Some(instance);
+        self.here_now();
     }
 
     /// [`Step::Start`], after the instance started.
     pub fn started(&mut self, instance: InstanceStatus) {
-        // A new boot: SSH has to answer again before the VM is Ready.
-        if self.status.conditions.iter().any(|c| c.type_ == "SshReady") {
-            let cond = condition(
-                "SshReady",
-                false,
-                "Starting",
-                "the VM is booting",
-                self.generation,
-            );
-            self.set_condition(cond);
+        // A new boot: the address has to be found, SSH has to answer, and
+        // the probes pass, again before the VM is Ready.
+        for type_ in ["AddressReady", "SshReady", "ProbesReady"] {
+            if self.status.conditions.iter().any(|c| c.type_ == type_) {
+                let cond = condition(
+                    type_,
+                    false,
+                    "Starting",
+                    "the VM is booting",
+                    self.generation,
+                );
+                self.set_condition(cond);
+            }
         }
         self.status.start_failures = Default::default();
         self.status.started_spec = Some(restart_digest(&self.spec));
         self.instance = Some(instance);
+        self.here_now();
     }
 
     /// A failed start, or [`Step::Crashed`]: one more failure, the next
@@ -542,6 +830,7 @@ impl Observed {
         self.status.observed_generation = self.generation;
         if let Some(inst) = &self.instance {
             self.status.runtime = Some(inst.runtime.clone());
+            self.here_now();
         }
         self.phase(VmPhase::CrashLoopBackOff, false, reason, message);
     }
@@ -576,6 +865,44 @@ impl Observed {
         self.set_condition(cond);
     }
 
+    /// [`Step::AttachDisk`], after the disk was attached as `disk`.
+    pub fn disk_attached(&mut self, disk: vmctl_api::DiskRuntime) {
+        if let Some(inst) = &mut self.instance {
+            inst.runtime.disks.retain(|d| d.name != disk.name);
+            inst.runtime.disks.push(disk);
+        }
+    }
+
+    /// [`Step::DetachDisk`], after disk `disk` was detached.
+    pub fn disk_detached(&mut self, disk: &str) {
+        if let Some(inst) = &mut self.instance {
+            inst.runtime.disks.retain(|d| d.name != disk);
+        }
+    }
+
+    /// [`Step::AttachDisk`] (`attach`) or [`Step::DetachDisk`] failed with
+    /// `message`: RestartRequired, reason [`disks::HOTPLUG_FAILED`]; no
+    /// disk is hot-plugged again for this generation.
+    pub fn disk_hotplug_failed(&mut self, disk: &str, attach: bool, message: &str) {
+        let what = if attach {
+            format!(
+                "disk {disk} could not be attached live ({message}); it is attached at the next start"
+            )
+        } else {
+            format!(
+                "disk {disk} could not be detached live ({message}); it is detached at the next start (its file is kept until the VM is deleted)"
+            )
+        };
+        let cond = condition(
+            "RestartRequired",
+            true,
+            disks::HOTPLUG_FAILED,
+            format!("{what}; stop and start the VM (or set update-policy \"restart\") to apply"),
+            self.generation,
+        );
+        self.set_condition(cond);
+    }
+
     /// [`Step::Restart`], after the instance was stopped.
     pub fn restarting(&mut self) {
         self.now_in(InstanceState::Stopped);
@@ -591,35 +918,58 @@ impl Observed {
         }
         if let Some(inst) = &self.instance {
             self.status.runtime = Some(inst.runtime.clone());
+            // An adopted instance (status written before nodeName existed).
+            self.here_now();
         }
         self.status.observed_generation = self.generation;
-        let readiness = self.readiness.clone().filter(|_| phase == VmPhase::Running);
-        let (ready, reason, message) = match (phase, &readiness) {
-            (VmPhase::Running, None) => (true, "Running", String::new()),
+        let unaddressed = self.report_address(phase);
+        // Nothing probes a guest without an address.
+        let readiness = self
+            .readiness
+            .clone()
+            .filter(|_| phase == VmPhase::Running && unaddressed.is_none());
+        let (ready, reason, message) = match (phase, &readiness, unaddressed) {
+            // A tap VM whose address is not known: nothing can reach it.
+            (VmPhase::Running, _, Some((reason, message))) => (false, reason, message),
+            (VmPhase::Running, None, None) => (true, "Running", String::new()),
             // Running, and Ready once the guest answers: `apply --wait`
             // and `up` return when `vmctl ssh` works.
-            (VmPhase::Running, Some(r)) if r.ssh.ok => (true, "Running", String::new()),
-            (VmPhase::Running, Some(r)) => (false, "SshNotReady", r.ssh.message.clone()),
-            (VmPhase::Suspended, _) => (false, "Suspended", String::new()),
+            (VmPhase::Running, Some(r), None) if r.ssh.ok => match r.failing_probe() {
+                None => (true, "Running", String::new()),
+                // `vmctl get` and `apply --wait` say which probe fails.
+                Some(c) => (false, c.reason, c.message.clone()),
+            },
+            (VmPhase::Running, Some(r), None) => (false, "SshNotReady", r.ssh.message.clone()),
+            (VmPhase::Suspended, _, _) => (false, "Suspended", String::new()),
             _ => (false, "Stopped", String::new()),
         };
         if let Some(r) = &readiness {
             self.set_check("SshReady", &r.ssh);
+            self.report_probes(r);
         }
+        self.report_forwards();
         self.phase(phase, ready, reason, &message);
     }
 }
 
 /// Digest of the spec fields that only a restart can apply (vcpus,
-/// memory, network, cloud-init): 16 hex digits of their SHA-256.
+/// memory, network, cloud-init, display, shares): 16 hex digits of their SHA-256.
 pub fn restart_digest(spec: &VirtualMachineSpec) -> String {
     use sha2::Digest;
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "vcpus": spec.vcpus,
         "memoryMib": spec.memory_mib,
         "network": spec.network,
         "cloudInit": spec.cloud_init,
     });
+    // Only when set: VMs started before `display` existed keep their digest.
+    if !spec.display.is_none() {
+        v["display"] = serde_json::json!(spec.display);
+    }
+    // Likewise `shares`: VMs without shares keep their digest.
+    if !spec.shares.is_empty() {
+        v["shares"] = serde_json::json!(spec.shares);
+    }
     hex::encode(&sha2::Sha256::digest(v.to_string().as_bytes())[..8])
 }
 

@@ -187,6 +187,19 @@ pub async fn eventually(what: &str, timeout: Duration, mut cond: impl AsyncFnMut
     }
 }
 
+/// Applies the VirtualMachine `vm`, then waits (at most [`WAIT`]) until
+/// it is Ready.
+pub async fn apply_until_ready(store: &Arc<dyn Store>, vm: Object) {
+    let name = vm.metadata.name.clone();
+    apply(store, vm).await;
+    eventually(&format!("vm/{name} Ready"), WAIT, async || {
+        get(store, Kind::VirtualMachine, &name)
+            .await
+            .is_some_and(|o| is_ready(&o))
+    })
+    .await;
+}
+
 /// Every object of `kind` Ready.
 pub async fn all_ready(store: &Arc<dyn Store>, kind: Kind) -> bool {
     store

@@ -8,3 +8,5 @@ mod failures;
 mod lifecycle;
 mod readiness;
 mod restart;
+mod snapshots;
+mod takeover;

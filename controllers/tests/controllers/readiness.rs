@@ -101,3 +101,70 @@ async fn a_stopped_vm_loses_ssh_ready_and_a_restart_probes_again() {
     .await;
     agent.stop().await;
 }
+
+/// Issue 15 item 2: probes of the user's own. A failing one keeps the VM
+/// not Ready, named in `Ready` and `ProbesReady`; once it passes the VM is
+/// Ready; a passing one that fails `failureThreshold` times makes it not
+/// Ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_readiness_probe_keeps_the_vm_not_ready_and_names_the_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world();
+    let failing = ("web".to_owned(), "tcp 80".to_owned());
+    w.configure(|c| {
+        c.failing_probes.insert(failing.clone());
+    });
+    let agent = Agent::start(dir.path(), w.clone()).await;
+    let s = agent.store.clone();
+    apply(&s, image("img")).await;
+    let probes = serde_json::json!([
+        {"exec": {"command": "true"}, "periodSeconds": 1},
+        {"tcpSocket": {"port": 80}, "periodSeconds": 1, "failureThreshold": 2},
+    ]);
+    apply(
+        &s,
+        vm_with(
+            "web",
+            serde_json::json!({"image": "img", "readinessProbes": probes}),
+        ),
+    )
+    .await;
+    eventually("SSH answers, the tcp probe fails", WAIT, async || {
+        let (_, st) = vm_status(&s, "web").await.unwrap();
+        cond(&st, "SshReady").is_some_and(|c| c.status == ConditionStatus::True)
+            && cond(&st, "ProbesReady").is_some_and(|c| c.reason == "ProbeFailed")
+    })
+    .await;
+    let (obj, st) = vm_status(&s, "web").await.unwrap();
+    assert!(!is_ready(&obj));
+    let ready = cond(&st, "Ready").unwrap();
+    assert_eq!(ready.reason, "ProbeFailed");
+    assert!(
+        ready.message.contains("probe 1 (tcp 80) fails"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(st.phase, VmPhase::Running);
+
+    w.configure(|c| c.failing_probes.clear());
+    eventually("Ready once every probe passes", WAIT, async || {
+        is_ready(&vm_status(&s, "web").await.unwrap().0)
+    })
+    .await;
+    let (_, st) = vm_status(&s, "web").await.unwrap();
+    let probes = cond(&st, "ProbesReady").unwrap();
+    assert_eq!(probes.status, ConditionStatus::True);
+    assert_eq!(probes.reason, "ProbesSucceeded");
+
+    // Fails again: not Ready after its threshold (2 runs, 1 s apart).
+    w.configure(|c| {
+        c.failing_probes.insert(failing.clone());
+    });
+    eventually("not Ready again", WAIT, async || {
+        !is_ready(&vm_status(&s, "web").await.unwrap().0)
+    })
+    .await;
+    let (_, st) = vm_status(&s, "web").await.unwrap();
+    assert_eq!(cond(&st, "Ready").unwrap().reason, "ProbeFailed");
+    agent.stop().await;
+}

@@ -125,6 +125,26 @@ pub enum ClientError {
     /// The agent's answer was not what this vmctl expects.
     #[error("unexpected answer from the agent: {0}")]
     Protocol(String),
+    /// The agent this command started (no agent answered) exited or did
+    /// not answer in time; `why` says which, with the end of what it wrote
+    /// to its log.
+    #[error("the vmctl agent this command started {why}")]
+    StartFailed {
+        /// The agent's log file.
+        log: PathBuf,
+        /// `exited with code 1 before it answered: …` or `did not answer
+        /// on SOCKET within 30 s`.
+        why: String,
+    },
+    /// The agent program is not where `vmctl` looks for it (see
+    /// [`agent_program`]).
+    #[error("the vmctl agent program is not installed: {} {why}", path.display())]
+    AgentNotInstalled {
+        /// Where it was looked for: `vmctl-agent` next to this `vmctl`.
+        path: PathBuf,
+        /// What is wrong there (`does not exist`, `is not executable`).
+        why: String,
+    },
 }
 
 /// `10 s`, `0.5 s`.
@@ -146,6 +166,8 @@ impl ClientError {
             ClientError::Api { .. } => "vmctl::agent::error",
             ClientError::Io(_) | ClientError::HungUp(_) => "vmctl::agent::io",
             ClientError::Protocol(_) => "vmctl::agent::protocol",
+            ClientError::AgentNotInstalled { .. } => "vmctl::agent::not_installed",
+            ClientError::StartFailed { .. } => "vmctl::agent::start_failed",
         }
     }
 
@@ -164,6 +186,10 @@ impl miette::Diagnostic for ClientError {
         match self {
             ClientError::Unreachable { log, .. } => Some(Box::new(format!(
                 "start one with `vmctl agent`, or drop --no-autostart; its log is {}",
+                log.display()
+            ))),
+            ClientError::StartFailed { log, .. } => Some(Box::new(format!(
+                "its log is {}: fix what it says and run the command again; `vmctl agent` runs one in the foreground, its output on the terminal",
                 log.display()
             ))),
             ClientError::Timeout { log, .. } => Some(Box::new(format!(
@@ -189,6 +215,8 @@ pub struct Client {
     /// The request timeout.
     request_timeout: RequestTimeout,
     rt: Arc<tokio::runtime::Runtime>,
+    /// The agent's first `/v1/healthz` answer (kept by [`Client::ping`]).
+    first_health: Arc<std::sync::OnceLock<Health>>,
 }
 
 /// A response whose body has not been read yet.
@@ -328,6 +356,7 @@ impl Client {
             log: log.to_path_buf(),
             request_timeout,
             rt: Arc::new(rt),
+            first_health: Arc::default(),
         })
     }
 
@@ -450,7 +479,20 @@ impl Client {
         bytes: Vec<u8>,
         objects: usize,
     ) -> Result<T, ClientError> {
-        let (status, body) = self.timed(objects, async {
+        let (status, body) = self.call_raw(method, path, bytes, objects)?;
+        decode(status, &body)
+    }
+
+    /// Sends a request and reads its whole answer within the request
+    /// timeout: its status and body.
+    fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        bytes: Vec<u8>,
+        objects: usize,
+    ) -> Result<(u16, Bytes), ClientError> {
+        self.timed(objects, async {
             let resp = self.exchange(method, path, bytes).await?;
             let status = resp.status().as_u16();
             let body = resp
@@ -460,8 +502,7 @@ impl Client {
                 .map_err(|e| hyper_error(e, "in the middle of its answer"))?
                 .to_bytes();
             Ok((status, body))
-        })?;
-        decode(status, &body)
+        })
     }
 
     /// Whether an agent answers: `Ok(false)` when nothing listens on the
@@ -471,15 +512,38 @@ impl Client {
     /// answer in time.
     pub fn ping(&self) -> Result<bool, ClientError> {
         match self.health() {
-            Ok(_) => Ok(true),
+            Ok(h) => {
+                let _ = self.first_health.set(h);
+                Ok(true)
+            }
             Err(e @ ClientError::Timeout { .. }) => Err(e),
             Err(_) => Ok(false),
         }
     }
 
-    /// `GET /v1/healthz`: the agent's version, driver and store.
+    /// `GET /v1/healthz`: the agent's version, driver and store, also
+    /// while its store is unavailable (the agent answers 503 with the same
+    /// body; `store_error` says why).
     pub fn health(&self) -> Result<Health, ClientError> {
-        self.call("GET", &api_path(&["healthz"]), None::<&()>)
+        let (status, body) = self.call_raw("GET", &api_path(&["healthz"]), Vec::new(), 0)?;
+        if status == 503
+            && let Ok(h) = serde_json::from_slice::<Health>(&body)
+        {
+            return Ok(h);
+        }
+        decode(status, &body)
+    }
+
+    /// The agent's `/v1/healthz` answer from when this client connected
+    /// ([`connect`] pings it), asked now only when there was none. For
+    /// what an agent keeps while it runs (version, driver, data
+    /// directory); `lastSeq` and the store's state need [`health`](Self::health).
+    pub fn connected_health(&self) -> Result<Health, ClientError> {
+        if let Some(h) = self.first_health.get() {
+            return Ok(h.clone());
+        }
+        let h = self.health()?;
+        Ok(self.first_health.get_or_init(|| h).clone())
     }
 
     /// `GET /v1/objects/KIND/NAME`. Errors: the agent's 404
@@ -520,12 +584,12 @@ impl Client {
     /// run only reports what would change).
     ///
     /// Errors: a request over the agent's limit
-    /// ([`vmctl_agent::rejection::MAX_APPLY_BODY_BYTES`]) is refused here
+    /// ([`vmctl_api::limits::MAX_APPLY_BODY_BYTES`]) is refused here
     /// with the agent's 413 `vmctl::api::payload_too_large`, unsent: the
     /// agent refuses it before reading it and closes the connection, and
     /// hyper reports that broken write rather than the answer.
     pub fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ClientError> {
-        use vmctl_agent::rejection::{MAX_APPLY_BODY_BYTES, human_bytes};
+        use vmctl_api::limits::{MAX_APPLY_BODY_BYTES, human_bytes};
         let bytes = serde_json::to_vec(req).expect("requests serialise");
         let size = bytes.len();
         if size > MAX_APPLY_BODY_BYTES {
@@ -533,8 +597,8 @@ impl Client {
                 code: "vmctl::api::payload_too_large".into(),
                 message: format!(
                     "the request body ({}) is over the agent's limit of {}; nothing was sent",
-                    human_bytes(size),
-                    human_bytes(MAX_APPLY_BODY_BYTES)
+                    human_bytes(size as u64),
+                    human_bytes(MAX_APPLY_BODY_BYTES as u64)
                 ),
                 help: Some(
                     "apply the objects in several smaller files; the limits are in the README and agent/openapi.json"
@@ -567,7 +631,7 @@ impl Client {
         &self,
         kind: Kind,
         name: &str,
-        patch: &vmctl_agent::finalizers::PatchRequest,
+        patch: &vmctl_api::wire::PatchRequest,
     ) -> Result<Option<Object>, ClientError> {
         self.call(
             "PATCH",
@@ -695,9 +759,31 @@ pub fn parse_request_timeout(s: &str) -> Result<Duration, String> {
 /// `vmctl` started at the same moment) to answer, in seconds.
 pub const AUTOSTART_WAIT_SECS: u64 = 30;
 
-/// The exit code of `vmctl agent` when another agent holds the data
-/// directory's lock (`DATA_DIR/agent.lock`).
-pub const EXIT_AGENT_LOCKED: u8 = 3;
+pub use vmctl_agent_args::EXIT_AGENT_LOCKED;
+
+/// The agent program: `vmctl-agent` ([`vmctl_agent_args::AGENT_BIN`]) in
+/// the directory of the running `vmctl` (symlinks resolved), as `cargo
+/// build` and `cargo install` put them. The agent is a program of its own
+/// so that `vmctl` links none of its controllers.
+///
+/// Errors: [`ClientError::AgentNotInstalled`] naming the path looked at
+/// when nothing executable is there; [`ClientError::Io`] when the running
+/// program's path is unknown.
+pub fn agent_program() -> Result<PathBuf, ClientError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let exe = std::env::current_exe().map_err(ClientError::Io)?;
+    let path = exe
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(vmctl_agent_args::AGENT_BIN);
+    let why = match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => return Ok(path),
+        Ok(_) => "is not an executable file".to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_owned(),
+        Err(e) => format!("cannot be read ({e})"),
+    };
+    Err(ClientError::AgentNotInstalled { path, why })
+}
 
 /// Connects to the agent, starting one in the background when none answers
 /// (unless `autostart` is false), and waits up to [`AUTOSTART_WAIT_SECS`]
@@ -711,7 +797,9 @@ pub const EXIT_AGENT_LOCKED: u8 = 3;
 /// Errors: [`ClientError::Timeout`] when something accepts on the socket
 /// but does not answer within the request timeout (a hung agent: no second
 /// one is started); [`ClientError::Unreachable`] when no agent answers in
-/// time or the started agent failed (its log says why);
+/// time and `autostart` is false; [`ClientError::StartFailed`] when the
+/// agent it started exited (with the end of its log) or did not answer
+/// within [`AUTOSTART_WAIT_SECS`];
 /// [`ClientError::Io`] when the data directory, the log or the process
 /// cannot be created.
 pub fn connect(
@@ -732,13 +820,14 @@ pub fn connect(
     if !autostart {
         return Err(unreachable());
     }
+    // Before anything is created: a missing program changes nothing.
+    let agent = agent_program()?;
     std::fs::create_dir_all(data_dir).map_err(ClientError::Io)?;
     let logf = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log)
         .map_err(ClientError::Io)?;
-    let exe = std::env::current_exe().map_err(ClientError::Io)?;
     // Wakes the wait below when something happens to the socket's path
     // (an agent binds it: a hard link appears) or the started agent
     // exits; set up before the agent starts, so no event is missed.
@@ -757,8 +846,9 @@ pub fn connect(
         let _ = notify::Watcher::watch(&mut watcher, dir, notify::RecursiveMode::NonRecursive);
     }
     eprintln!("starting the vmctl agent (log: {})", log.display());
-    let mut child = Command::new(exe)
-        .arg("agent")
+    // Where this agent's own lines start in the shared log.
+    let log_start = logf.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut child = Command::new(agent)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--socket")
@@ -787,10 +877,72 @@ pub fn connect(
             // Another agent holds the lock and is starting: wait for it to
             // bind the socket.
             Ok(Wake::Exited(status)) if status.code() == Some(EXIT_AGENT_LOCKED.into()) => {}
-            Ok(Wake::Exited(_)) => return Err(unreachable()),
-            Err(_) => return Err(unreachable()),
+            // Found by the new-user tryout: this said only "no vmctl agent
+            // answers" and advised dropping --no-autostart, which was not
+            // given; the reason was in the log alone.
+            Ok(Wake::Exited(status)) => {
+                let how = match status.code() {
+                    Some(c) => format!("exited with code {c}"),
+                    None => format!("was killed ({status})"),
+                };
+                let why = match log_tail(&log, log_start) {
+                    Some(tail) => format!("{how} before it answered:\n{tail}"),
+                    None => format!("{how} before it answered, writing nothing to its log"),
+                };
+                return Err(ClientError::StartFailed {
+                    log: log.clone(),
+                    why,
+                });
+            }
+            Err(_) => {
+                return Err(ClientError::StartFailed {
+                    log: log.clone(),
+                    why: format!(
+                        "did not answer on {} within {AUTOSTART_WAIT_SECS} s",
+                        socket.display()
+                    ),
+                });
+            }
         }
     }
+}
+
+/// The last lines (at most 8) the agent wrote to `log` after byte
+/// `start`, unwrapped: a diagnostic's frame (`│`, indents) is dropped and
+/// its wrapped lines are joined, so the error that shows them wraps them
+/// once; `None` if it wrote nothing.
+fn log_tail(log: &Path, start: u64) -> Option<String> {
+    use std::io::{Read as _, Seek as _};
+    let mut f = std::fs::File::open(log).ok()?;
+    f.seek(std::io::SeekFrom::Start(start)).ok()?;
+    let mut bytes = Vec::new();
+    f.take(64 * 1024).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<String> = Vec::new();
+    for raw in text.lines() {
+        let t = raw.trim_start_matches(|c: char| c.is_whitespace() || c == '│');
+        let t = t.trim_end();
+        if t.is_empty() {
+            continue;
+        }
+        // A diagnostic's code (one word with `::`), its message (`×`),
+        // its help, or anything unindented starts a line.
+        let code = t.contains("::") && !t.contains(' ');
+        let starts_one = code
+            || ["×", "help:", "Error", "error"]
+                .iter()
+                .any(|m| t.starts_with(m))
+            || !raw.starts_with(char::is_whitespace);
+        match lines.last_mut() {
+            Some(last) if !starts_one => {
+                last.push(' ');
+                last.push_str(t);
+            }
+            _ => lines.push(t.to_owned()),
+        }
+    }
+    let tail = lines[lines.len().saturating_sub(8)..].join("\n");
+    (!tail.is_empty()).then_some(tail)
 }
 
 /// What wakes [`connect`]'s wait for an agent it started.

@@ -269,7 +269,7 @@ fn watch(client: &Client, a: &ApplyArgs, mut last: Loaded) -> miette::Result<Exi
     let mut last_refusal: Option<String> = None;
     // The agent's backend, asked once: every re-apply is checked against it.
     let backend = client
-        .health()
+        .connected_health()
         .ok()
         .and_then(|h| vmctl_api::validate::Backend::from_driver(&h.driver));
     while let Ok(Wake::Changed(paths)) = rx.recv() {

@@ -99,11 +99,58 @@ pub(crate) fn render(o: &Object, notes: &[AggregatedNote]) -> String {
                 }
                 s.push_str(&table(&rows));
             }
+            let forwards: Vec<vmctl_api::PortForwardStatus> = st
+                .get("portForwards")
+                .and_then(|c| serde_json::from_value(c.clone()).ok())
+                .unwrap_or_default();
+            if !forwards.is_empty() {
+                s.push_str("Port forwards:\n");
+                let mut rows = vec![vec![
+                    "  FORWARD".into(),
+                    "STATE".into(),
+                    "REASON".into(),
+                    "AGE".into(),
+                    "MESSAGE".into(),
+                ]];
+                for e in forwards {
+                    rows.push(vec![
+                        format!("  {}", e.forward().describe()),
+                        format!("{:?}", e.state),
+                        e.reason.clone().unwrap_or_default(),
+                        age(e.last_transition_time),
+                        e.message.clone().unwrap_or_default(),
+                    ]);
+                }
+                s.push_str(&table(&rows));
+            }
+            let shares: Vec<vmctl_api::ShareRuntime> = st
+                .pointer("/runtime/shares")
+                .and_then(|c| serde_json::from_value(c.clone()).ok())
+                .unwrap_or_default();
+            if !shares.is_empty() {
+                s.push_str("Shared folders:\n");
+                let mut rows = vec![vec![
+                    "  MOUNT".into(),
+                    "HOST PATH".into(),
+                    "TYPE".into(),
+                    "MODE".into(),
+                ]];
+                for sh in shares {
+                    rows.push(vec![
+                        format!("  {}", sh.mount_path),
+                        sh.host_path,
+                        sh.type_.as_str().to_owned(),
+                        if sh.read_only { "ro" } else { "rw" }.to_owned(),
+                    ]);
+                }
+                s.push_str(&table(&rows));
+            }
             let mut rest = st.clone();
             if let Some(obj) = rest.as_object_mut() {
                 obj.remove("phase");
                 obj.remove("conditions");
                 obj.remove("observedGeneration");
+                obj.remove("portForwards");
             }
             if rest.as_object().is_some_and(|o| !o.is_empty()) {
                 s.push_str("Status:\n");

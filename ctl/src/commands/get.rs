@@ -25,6 +25,44 @@ fn phase(o: &Object) -> String {
         })
 }
 
+/// A VM's port forwards in Docker's notation (`127.0.0.1:8080->80/tcp`),
+/// comma-separated, a failed one marked `(Failed)`; `-` when none.
+pub(crate) fn ports_cell(vm: &vmctl_api::VirtualMachine) -> String {
+    if vm.spec.port_forwards.is_empty() {
+        return "-".into();
+    }
+    let entries = vm
+        .status
+        .as_ref()
+        .map(|s| s.port_forwards.as_slice())
+        .unwrap_or_default();
+    vm.spec
+        .port_forwards
+        .iter()
+        .map(|f| {
+            let failed = entries
+                .iter()
+                .any(|e| e.forward() == *f && e.state == vmctl_api::PortForwardState::Failed);
+            if failed {
+                format!("{} (Failed)", f.describe())
+            } else {
+                f.describe()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Bytes as `0B`, `512Ki`, `64Mi`, `1.5Gi` (kubectl's binary suffixes).
+pub(crate) fn human_size(b: u64) -> String {
+    match b {
+        0 => "0B".into(),
+        b if b >= 1 << 30 => format!("{:.1}Gi", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{}Mi", b.div_ceil(1 << 20)),
+        b => format!("{}Ki", b.div_ceil(1 << 10)),
+    }
+}
+
 /// One table row for an object.
 pub(crate) fn row(o: &Object, wide: bool) -> Vec<String> {
     let gen_cols = |o: &Object| {
@@ -44,11 +82,13 @@ pub(crate) fn row(o: &Object, wide: bool) -> Vec<String> {
             r.push(vm.spec.image.clone());
             if wide {
                 r.push(format!("{:?}", vm.spec.power_state));
+                let ports = ports_cell(&vm);
                 let rt = vm.status.and_then(|s| s.runtime).unwrap_or_default();
                 r.push(rt.pid.map_or("-".into(), |p| p.to_string()));
                 r.push(rt.ssh_port.map_or("-".into(), |p| {
                     format!("{}:{p}", rt.ssh_host.unwrap_or_default())
                 }));
+                r.push(ports);
             }
         }
         Ok(Resource::Image(img)) => {
@@ -69,6 +109,31 @@ pub(crate) fn row(o: &Object, wide: bool) -> Vec<String> {
             r.push(p.spec.vm.clone());
             r.push(p.spec.steps.len().to_string());
         }
+        Ok(Resource::Snapshot(s)) => {
+            let st = s.status.unwrap_or_default();
+            r.push(s.spec.vm.clone());
+            let saved = st.creation_time.is_some();
+            r.push(if !saved {
+                "-".into()
+            } else if st.memory {
+                "yes".into()
+            } else {
+                "no".into()
+            });
+            r.push(
+                st.size_bytes
+                    .filter(|_| saved)
+                    .map_or("-".into(), human_size),
+            );
+            if wide {
+                r.push(if st.disks.is_empty() {
+                    "-".into()
+                } else {
+                    st.disks.join(",")
+                });
+                r.push(age(st.last_restore_time));
+            }
+        }
         Err(_) => {}
     }
     if wide {
@@ -84,12 +149,14 @@ pub(crate) fn header(kind: Kind, wide: bool) -> Vec<String> {
         Kind::VirtualMachine => vec!["NAME", "PHASE", "VCPUS", "MEMORY", "IMAGE"],
         Kind::Image => vec!["NAME", "PHASE", "SOURCE"],
         Kind::Provision => vec!["NAME", "PHASE", "VM", "STEPS"],
+        Kind::Snapshot => vec!["NAME", "PHASE", "VM", "MEMORY", "SIZE"],
     };
     if wide {
         match kind {
-            Kind::VirtualMachine => h.extend(["POWER", "PID", "SSH"]),
+            Kind::VirtualMachine => h.extend(["POWER", "PID", "SSH", "PORTS"]),
             Kind::Image => h.extend(["FORMAT", "SIZE"]),
             Kind::Provision => {}
+            Kind::Snapshot => h.extend(["DISKS", "RESTORED"]),
         }
         h.extend(["GEN", "OBSERVED"]);
     }

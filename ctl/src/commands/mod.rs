@@ -18,6 +18,7 @@ mod power;
 mod provision;
 mod ready;
 mod schema;
+mod snapshot;
 mod ssh;
 mod validate;
 mod wait;
@@ -31,22 +32,7 @@ use crate::cli::{Cli, Command};
 pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
     let g = Globals::new(&cli)?;
     match cli.command {
-        Command::Agent {
-            driver,
-            store,
-            etcd_endpoints,
-            etcd_prefix,
-            propolis,
-            socket_group,
-        } => agent::run(
-            &g,
-            driver,
-            store,
-            etcd_endpoints,
-            etcd_prefix,
-            propolis,
-            socket_group,
-        ),
+        Command::Agent(args) => agent::run(&g, &args),
         Command::Apply {
             file,
             dry_run,
@@ -106,7 +92,7 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             &g,
             &kind,
             &name,
-            &vmctl_agent::finalizers::PatchRequest {
+            &vmctl_api::wire::PatchRequest {
                 add_finalizers: add_finalizer,
                 remove_finalizers: remove_finalizer,
                 force,
@@ -126,6 +112,7 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
         Command::Cp { src, dst } => ssh::cp(&g, &src, &dst),
         Command::Tunnel { name } => ssh::tunnel(&g, &name),
         Command::Image { command } => image::run(&g, command),
+        Command::Snapshot { command } => snapshot::run(&g, command),
         Command::Console { name } => console::run(&g, &name),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -151,6 +138,7 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             memory,
             disk,
             bridge,
+            ports,
             cloud_init,
             ssh_key,
             start,
@@ -165,6 +153,7 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
                 memory,
                 disk,
                 bridge,
+                ports,
                 cloud_init,
                 ssh_key,
                 start,
@@ -176,28 +165,32 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
             &name,
             vmctl_api::PowerState::Running,
             "start",
-            secs(timeout),
+            None,
+            Some(secs(timeout)),
         ),
         Command::Stop { name, timeout } => power::power(
             &g,
             &name,
             vmctl_api::PowerState::Stopped,
             "stop",
-            secs(timeout),
+            timeout.map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
+            None,
         ),
         Command::Suspend { name, timeout } => power::power(
             &g,
             &name,
             vmctl_api::PowerState::Suspended,
             "suspend",
-            secs(timeout),
+            None,
+            Some(secs(timeout)),
         ),
         Command::Resume { name, timeout } => power::power(
             &g,
             &name,
             vmctl_api::PowerState::Running,
             "resume",
-            secs(timeout),
+            None,
+            Some(secs(timeout)),
         ),
         Command::Destroy { name, timeout } => power::destroy(&g, &name, secs(timeout)),
         Command::List { output } => power::list(&g, output),
@@ -305,7 +298,7 @@ pub(crate) fn report(
 }
 
 /// Checks loaded files against the backend of the agent `client` talks to
-/// (its driver, from `/v1/healthz`): what that backend cannot run (e.g.
+/// (its driver, from the `/v1/healthz` answer `connect` got): what that backend cannot run (e.g.
 /// `network "user"` on Propolis) is shown at its place in its file, and
 /// nothing is applied. Drivers that run anything (`fake`) skip the check;
 /// the agent's apply checks again for every client.
@@ -319,7 +312,7 @@ pub(crate) fn check_backend(
     loaded: &vmctl_api::load::Loaded,
     file: &std::path::Path,
 ) -> miette::Result<()> {
-    let health = client.health()?;
+    let health = client.connected_health()?;
     let Some(backend) = vmctl_api::validate::Backend::from_driver(&health.driver) else {
         return Ok(());
     };
@@ -363,10 +356,10 @@ pub struct Globals {
 impl Globals {
     /// Paths made absolute once, here: the agent and QEMU run elsewhere.
     fn new(cli: &Cli) -> miette::Result<Self> {
-        use vmctl_agent::config::{absolute, default_data_dir, default_socket};
-        let data_dir =
-            absolute(&cli.data_dir.clone().unwrap_or_else(default_data_dir)).map_err(path_error)?;
-        let socket = match &cli.socket {
+        use vmctl_api::paths::{absolute, default_data_dir, default_socket};
+        let data_dir = absolute(&cli.paths.data_dir.clone().unwrap_or_else(default_data_dir))
+            .map_err(path_error)?;
+        let socket = match &cli.paths.socket {
             Some(s) => absolute(s).map_err(path_error)?,
             None => default_socket(&data_dir),
         };
@@ -380,7 +373,7 @@ impl Globals {
 
     /// The socket, checked to fit a Unix socket address.
     pub fn checked_socket(&self) -> miette::Result<&std::path::Path> {
-        vmctl_agent::config::check_socket_path(&self.socket).map_err(path_error)?;
+        vmctl_api::paths::check_socket_path(&self.socket).map_err(path_error)?;
         Ok(&self.socket)
     }
 
@@ -396,7 +389,7 @@ impl Globals {
     }
 }
 
-fn path_error(e: vmctl_agent::config::PathError) -> miette::Report {
+fn path_error(e: vmctl_api::paths::PathError) -> miette::Report {
     crate::diag::error_help("vmctl::cli::usage", e.help(), vmctl_api::error_chain(&e))
 }
 
@@ -405,7 +398,7 @@ pub(crate) fn kind_arg(s: &str) -> miette::Result<vmctl_api::Kind> {
     vmctl_api::Kind::parse(s).ok_or_else(|| {
         miette::miette!(
             code = "vmctl::cli::unknown_kind",
-            help = "kinds are vm, image and provision",
+            help = "kinds are vm, image, provision and snapshot",
             "unknown kind `{s}`"
         )
     })

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use vmctl_agent::finalizers::PatchRequest;
+use vmctl_api::wire::PatchRequest;
 
 use super::Globals;
 use crate::output::print;

@@ -119,12 +119,19 @@ pub(crate) fn wait_phase(
 }
 
 /// `vmctl start|stop|suspend|resume NAME`.
+///
+/// `grace` (stop only) is the guest's grace period in seconds, written to
+/// `spec.stopTimeoutSeconds` only when given (`vmctl stop --timeout S`):
+/// otherwise the VM keeps its own (its file's `stop-timeout`, default 30 s).
+/// `wait` bounds the wait for the phase; `None` for a stop means the VM's
+/// grace period plus 60 s (the agent forces the stop after the grace).
 pub fn power(
     g: &Globals,
     name: &str,
     want: PowerState,
     verb: &str,
-    timeout: Duration,
+    grace: Option<u32>,
+    wait: Option<Duration>,
 ) -> miette::Result<ExitCode> {
     name_arg(name)?;
     let client = g.client()?;
@@ -133,18 +140,30 @@ pub fn power(
         PowerState::Stopped => "Stopped",
         PowerState::Suspended => "Suspended",
     };
-    // For a stop, the timeout is the guest's grace period: the agent forces
-    // the stop after it, so the wait allows for that too.
-    let (grace, wait) = if want == PowerState::Stopped {
-        let secs = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX);
-        (Some(secs), timeout + Duration::from_secs(60))
-    } else {
-        (None, timeout)
-    };
+    let grace = grace.filter(|_| want == PowerState::Stopped);
     let generation = set_power(&client, name, want, verb, grace)?;
+    let wait = match wait {
+        Some(w) => w,
+        None => {
+            let secs = match grace {
+                Some(s) => s,
+                None => stop_timeout_of(&get_vm(&client, name)?),
+            };
+            Duration::from_secs(u64::from(secs) + 60)
+        }
+    };
     wait_phase(&client, name, generation, phase, wait)?;
     println!("vm/{name} {}", phase.to_lowercase());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The VM's grace period for a stop, in seconds: `spec.stopTimeoutSeconds`,
+/// 30 when unset (the agent's default).
+fn stop_timeout_of(vm: &Object) -> u32 {
+    vm.spec["stopTimeoutSeconds"]
+        .as_u64()
+        .and_then(|s| u32::try_from(s).ok())
+        .unwrap_or(30)
 }
 
 /// `vmctl destroy NAME`: deletes the VM (and its Provision); the finalizer
@@ -208,7 +227,7 @@ pub fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
     }
     let mut rows = vec![
         [
-            "NAME", "BACKEND", "VCPUS", "MEM", "NETWORK", "PID", "SSH", "STATE",
+            "NAME", "BACKEND", "VCPUS", "MEM", "NETWORK", "PID", "SSH", "PORTS", "STATE",
         ]
         .map(String::from)
         .to_vec(),
@@ -231,6 +250,7 @@ pub fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
             network_mode(&vm).into(),
             rt.pid.map_or("-".into(), |p| p.to_string()),
             rt.ssh_port.map_or("-".into(), |p| p.to_string()),
+            super::get::ports_cell(&vm),
             format!("{:?}", st.phase),
         ]);
     }
@@ -275,6 +295,7 @@ pub fn status(g: &Globals, name: &str, output: Output) -> miette::Result<ExitCod
         ("pid", dash(rt.pid.map(|p| p.to_string()))),
         ("vnc", dash(rt.vnc.clone())),
         ("ssh port", dash(rt.ssh_port.map(|p| p.to_string()))),
+        ("ports", super::get::ports_cell(&vm)),
         ("mac", dash(rt.mac.clone())),
     ];
     match output {

@@ -33,6 +33,16 @@ fn settled(vm: &VirtualMachine) -> bool {
         && ssh.is_none()
 }
 
+/// Whether `vm` is on a `tap` network whose guest address the agent has
+/// not found (its `AddressReady` condition is False).
+fn unaddressed(vm: &VirtualMachine) -> bool {
+    vm.status.as_ref().is_some_and(|st| {
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "AddressReady" && c.status != ConditionStatus::True)
+    })
+}
+
 /// Why the VM is not ready, from its `Ready` condition, for messages.
 fn why(vm: &VirtualMachine) -> String {
     let Some(st) = &vm.status else {
@@ -91,6 +101,15 @@ pub(crate) fn wait_ssh_ready(g: &Globals, name: &str) -> miette::Result<()> {
     match client.await_condition(std::slice::from_ref(&r), check, Some(timeout))? {
         Awaited::Done(Ok(())) => Ok(()),
         Awaited::Done(Err(())) => Err(crate::diag::not_found(Kind::VirtualMachine, name)),
+        Awaited::TimedOut(_) if unaddressed(&last) => Err(miette::miette!(
+            code = "vmctl::network::ip_discovery_timeout",
+            help = format!(
+                "verify that the VM's bridge exists and has DHCP; check `ip neigh show dev BRIDGE` for the VM's MAC (`vmctl get vm {name} -o yaml`: status.runtime.mac); ensure the guest has obtained a DHCP lease (`vmctl log {name} --console`)"
+            ),
+            "vm/{name} has no IP address after {} s ({})",
+            timeout.as_secs(),
+            why(&last)
+        )),
         Awaited::TimedOut(_) => Err(miette::miette!(
             code = "vmctl::ssh::not_ready",
             help = format!(
@@ -100,5 +119,35 @@ pub(crate) fn wait_ssh_ready(g: &Globals, name: &str) -> miette::Result<()> {
             timeout.as_secs(),
             why(&last)
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm_with(conditions: serde_json::Value) -> VirtualMachine {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "vmctl/v1alpha1",
+            "kind": "VirtualMachine",
+            "metadata": { "name": "tapvm" },
+            "spec": { "image": "a" },
+            "status": { "phase": "Running", "conditions": conditions },
+        }))
+        .unwrap()
+    }
+
+    /// A `vmctl ssh` that gives up on a tap VM without an address says
+    /// `vmctl::network::ip_discovery_timeout`, not that SSH did not answer.
+    #[test]
+    fn a_vm_whose_address_is_not_found_is_told_apart() {
+        let cond = |status: &str, reason: &str| {
+            serde_json::json!([{ "type": "AddressReady", "status": status, "reason": reason,
+                "message": "", "lastTransitionTime": null, "observedGeneration": 1 }])
+        };
+        assert!(unaddressed(&vm_with(cond("False", "IPDiscoveryTimeout"))));
+        assert!(unaddressed(&vm_with(cond("False", "WaitingForAddress"))));
+        assert!(!unaddressed(&vm_with(cond("True", "AddressFound"))));
+        assert!(!unaddressed(&vm_with(serde_json::json!([]))));
     }
 }

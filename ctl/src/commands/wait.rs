@@ -15,6 +15,11 @@ pub(crate) enum State {
     Progressing(String),
     /// Ready at its current generation.
     Ready,
+    /// At its spec but not Ready by design: a VM whose spec asks it to be
+    /// `Stopped` or `Suspended` reports that phase at its current
+    /// generation (its `Ready` condition stays False: it serves nothing).
+    /// The text is the phase.
+    AtSpec(String),
     /// Failed for a reason retrying will not fix (or not soon).
     Failed(String),
 }
@@ -119,6 +124,7 @@ impl Progress {
             match st {
                 State::Progressing(s) => eprintln!("  {r}: {s}"),
                 State::Ready => eprintln!("  {r}: Ready"),
+                State::AtSpec(p) => eprintln!("  {r}: {p}, as its spec asks"),
                 State::Failed(s) => eprintln!("  {r}: Failed: {s}"),
             }
             return;
@@ -150,6 +156,10 @@ impl Progress {
             (State::Ready, _) => {
                 bar.set_style(style(DONE_STYLE));
                 bar.finish_with_message("Ready");
+            }
+            (State::AtSpec(p), _) => {
+                bar.set_style(style(DONE_STYLE));
+                bar.finish_with_message(format!("{p}, as its spec asks"));
             }
             (State::Failed(s), _) => {
                 bar.set_style(style(DONE_STYLE));
@@ -213,6 +223,16 @@ pub(crate) fn state(o: &Object) -> State {
             }
         })
         .unwrap_or_default();
+    // What a wait waits for is the object at its spec (as `kubectl wait`
+    // on a resource's own target): for a VM asked to be Stopped or
+    // Suspended, that phase, not Ready (which only a running VM is).
+    if o.kind == vmctl_api::Kind::VirtualMachine
+        && let Some(want) = o.spec.get("powerState").and_then(|p| p.as_str())
+        && want != "Running"
+        && phase == want
+    {
+        return State::AtSpec(phase.to_owned());
+    }
     if phase == "Failed" {
         return State::Failed(if reason.is_empty() {
             "Failed".into()
@@ -383,7 +403,7 @@ pub(crate) fn wait_ready(
                 last.insert(r.clone(), st.clone());
             }
             match st {
-                State::Ready => {}
+                State::Ready | State::AtSpec(_) => {}
                 State::Failed(reason) => return Some(Err((r.clone(), reason))),
                 State::Progressing(_) => all_ready = false,
             }
@@ -399,7 +419,23 @@ pub(crate) fn wait_ready(
     progress.finish();
     match awaited? {
         Awaited::Done(Ok(())) => {
-            eprintln!("all {} objects are Ready", refs.len());
+            let at_spec: Vec<String> = last
+                .iter()
+                .filter_map(|(r, s)| match s {
+                    State::AtSpec(p) => Some(format!("{r} {p}")),
+                    _ => None,
+                })
+                .collect();
+            if at_spec.is_empty() {
+                eprintln!("all {} objects are Ready", refs.len());
+            } else {
+                eprintln!(
+                    "all {} objects are as their specs ask: {} Ready, {}",
+                    refs.len(),
+                    refs.len() - at_spec.len(),
+                    at_spec.join(", ")
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Awaited::Done(Err((r, reason))) => Err(miette::miette!(

@@ -52,6 +52,7 @@ fn load_filtered(
         Resource::VirtualMachine(vm) => names.contains(&vm.metadata.name),
         Resource::Image(i) => images.contains(&i.metadata.name),
         Resource::Provision(p) => provision && names.contains(&p.spec.vm),
+        Resource::Snapshot(s) => names.contains(&s.spec.vm),
     });
     Ok((loaded, names))
 }
@@ -105,7 +106,10 @@ pub fn down(
         if destroy {
             super::power::destroy(g, n, timeout)?;
         } else {
-            super::power::power(g, n, PowerState::Stopped, "down", timeout)?;
+            // The VM's own grace period (its file's `stop-timeout`), never
+            // this command's wait written into its spec (found by the
+            // new-user tryout: `down` set stopTimeoutSeconds to 300).
+            super::power::power(g, n, PowerState::Stopped, "down", None, Some(timeout))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -149,6 +153,8 @@ pub struct CreateArgs {
     pub disk: Option<u64>,
     /// TAP bridge.
     pub bridge: Option<String>,
+    /// Port forwards (`--port`).
+    pub ports: Vec<vmctl_api::PortForward>,
     /// Raw user-data file.
     pub cloud_init: Option<PathBuf>,
     /// Public key file.
@@ -234,14 +240,21 @@ pub fn create(g: &Globals, a: CreateArgs) -> miette::Result<ExitCode> {
         update_policy: Default::default(),
         stop_timeout_seconds: None,
         disks: Vec::new(),
+        port_forwards: a.ports.clone(),
+        display: Default::default(),
+        readiness_probes: Vec::new(),
+        shares: Vec::new(),
     };
     let vm = VirtualMachine::new(a.name.clone(), spec);
     let resources = vec![Resource::Image(image), Resource::VirtualMachine(vm)];
     for r in &resources {
-        let errs: Vec<_> = vmctl_api::validate::validate(r)
+        let (errs, warnings): (Vec<_>, Vec<_>) = vmctl_api::validate::validate(r)
             .into_iter()
-            .filter(|e| e.severity == vmctl_api::validate::Severity::Error)
-            .collect();
+            .partition(|e| e.severity == vmctl_api::validate::Severity::Error);
+        for w in warnings {
+            let help = w.help.map(|h| format!(" ({h})")).unwrap_or_default();
+            eprintln!("warning: {}{help}", w.message);
+        }
         if let Some(first) = errs.first() {
             let message = errs
                 .iter()

@@ -88,7 +88,7 @@ impl Agent {
 
     /// Starts the agent again (same driver, environment and store).
     pub fn spawn(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        let child = Command::new(crate::vmctl_bin())
             .args(["agent", "--driver", &self.driver, "--data-dir"])
             .arg(self.data_dir())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -112,7 +112,7 @@ impl Agent {
 
     /// Runs `vmctl` against this agent, never auto-starting another.
     pub fn vmctl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+        let mut cmd = Command::new(crate::vmctl_bin());
         cmd.args(args)
             .arg("--no-autostart")
             .arg("--data-dir")
@@ -202,7 +202,7 @@ fn socket_is_0600_and_data_dir_is_0700() {
 #[test]
 fn a_second_agent_on_the_same_data_dir_is_refused() {
     let a = Agent::start();
-    let out = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    let out = Command::new(crate::vmctl_bin())
         .args(["agent", "--driver", "fake", "--data-dir"])
         .arg(a.data_dir())
         .output()
@@ -418,7 +418,7 @@ fn sigterm_stops_cleanly_and_a_restarted_agent_keeps_everything() {
 #[test]
 fn commands_start_an_agent_when_none_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    let out = Command::new(crate::vmctl_bin())
         .args(["get", "--data-dir"])
         .arg(dir.path())
         .env("VMCTL_DRIVER", "fake")
@@ -456,6 +456,8 @@ fn snapshot_settings() -> insta::Settings {
     s.add_filter(r"\b\d+[smhd]\b( ago)?", "[AGE]");
     s.add_filter(r"ResourceVersion:  \d+", "ResourceVersion:  [RV]");
     s.add_filter(r"\b200\d\d\b", "[PORT]");
+    // The agent's node name is the host's.
+    s.add_filter(r#"("?nodeName"?:\s*"?)[^\s",]+"#, "$1[NODE]");
     s.set_snapshot_path("snapshots");
     s.set_prepend_module_to_snapshot(false);
     s
@@ -602,7 +604,7 @@ fn concurrent_autostarts_all_reach_the_agent_that_wins_the_lock() {
         let data = dir.path().join("vmctl");
         let children: Vec<Child> = (0..8)
             .map(|_| {
-                Command::new(env!("CARGO_BIN_EXE_vmctl"))
+                Command::new(crate::vmctl_bin())
                     .args(["get", "vms", "--data-dir"])
                     .arg(&data)
                     .env("NO_COLOR", "1")
@@ -633,4 +635,145 @@ fn concurrent_autostarts_all_reach_the_agent_that_wins_the_lock() {
         )
         .unwrap();
     }
+}
+
+/// Applies a VMFile with one VM, `web`, and waits until it is Ready;
+/// returns the directory holding the file.
+fn apply_web(a: &Agent) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("VMFile.kdl");
+    std::fs::write(
+        &f,
+        "vm \"web\" {\n    image-url \"https://example.com/debian.qcow2\"\n}\n",
+    )
+    .unwrap();
+    let out = a.vmctl(
+        &[
+            "apply",
+            "-f",
+            f.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    dir
+}
+
+/// `GET /metrics` (issue 17 item 8): the agent's metrics in the OpenMetrics
+/// text format, with real values from this agent: the Running VM by phase
+/// and node, the VM controller's reconciles, the store's apply requests
+/// and the watch delay.
+#[test]
+fn the_agent_serves_metrics_for_prometheus_with_vms_reconciles_and_store_requests() {
+    let a = Agent::start();
+    let _dir = apply_web(&a);
+    let vm: serde_json::Value =
+        serde_json::from_str(&stdout(&a.vmctl(&["get", "vm", "web", "-o", "json"], None))).unwrap();
+    let node = vm["status"]["nodeName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let (status, text) = raw(&a.socket(), "GET", "/metrics", "");
+    assert_eq!(status, 200, "{text}");
+    // A sample's value, by its name and labels as written.
+    let value = |sample: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {sample} in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        value(&format!("vmctl_vms{{phase=\"Running\",node=\"{node}\"}}")),
+        1.0
+    );
+    assert!(value("vmctl_reconciles_total{controller=\"vm-controller\",result=\"ok\"}") >= 1.0);
+    assert!(value("vmctl_reconcile_duration_seconds_count{controller=\"vm-controller\"}") >= 1.0);
+    assert!(value("vmctl_store_request_duration_seconds_count{operation=\"apply\"}") >= 1.0);
+    assert!(
+        value("vmctl_store_request_duration_seconds_count{operation=\"update_status\"}") >= 1.0
+    );
+    assert!(value("vmctl_watch_delay_seconds_count") >= 1.0);
+    assert!(
+        text.contains("# TYPE vmctl_workqueue_depth gauge"),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+}
+
+/// `vmctl snapshot create --wait` right after the agent was killed
+/// (SIGKILL) and started again on the same data directory: the new agent
+/// saves the snapshot and reports it Ready within seconds. (The fake
+/// driver's instances live in the agent process, so the restarted agent
+/// starts the VM again first; the control-plane test
+/// `a_snapshot_taken_after_an_agent_restart_gets_its_status` covers an
+/// instance that survives the agent.)
+#[test]
+fn a_snapshot_taken_after_an_agent_kill_gets_its_status() {
+    let mut a = Agent::start();
+    let _dir = apply_web(&a);
+    let out = a.vmctl(&["snapshot", "create", "web", "before", "--wait"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let mut child = a.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    a.spawn();
+
+    let started = Instant::now();
+    let out = a.vmctl(
+        &[
+            "snapshot",
+            "create",
+            "web",
+            "after",
+            "--wait",
+            "--timeout",
+            "20",
+            "-o",
+            "json",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let made: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(made["status"]["phase"], "Ready", "{made}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// The hypervisor cannot list the VM's snapshots
+/// (`VMCTL_FAKE_FAIL_SNAPSHOT_LISTS`): `vmctl snapshot create --wait`
+/// times out naming why, and `describe` shows it, instead of a Snapshot
+/// with no status.
+#[test]
+fn a_snapshot_whose_vm_cannot_be_looked_at_says_why_on_the_command_line() {
+    let a = Agent::start_with("fake", &[("VMCTL_FAKE_FAIL_SNAPSHOT_LISTS", "web")]);
+    let _dir = apply_web(&a);
+    let out = a.vmctl(
+        &[
+            "snapshot",
+            "create",
+            "web",
+            "s1",
+            "--wait",
+            "--timeout",
+            "3",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("snapshot list of web"), "{err}");
+    let describe = stdout(&a.vmctl(&["describe", "snapshot", "s1"], None));
+    assert!(
+        describe.contains("HypervisorError") && describe.contains("snapshot list of web"),
+        "{describe}"
+    );
 }

@@ -185,3 +185,38 @@ fn waiting_for_a_deletion_watches_instead_of_polling() {
     assert_eq!(watches, 1, "{seen:#?}");
     assert!(reads <= 2, "{seen:#?}");
 }
+
+/// `apply` checked the file against the agent's backend by asking
+/// `/v1/healthz` again right after connecting had asked it: the driver is
+/// now taken from the first answer.
+#[test]
+fn apply_asks_the_agents_health_once_not_again_for_its_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let seen = stuck_vm_agent(&socket);
+    let out = vmctl(
+        &[
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--no-autostart",
+            "apply",
+            "-f",
+            "examples/quick-start/VMFile.kdl",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let seen = seen.lock().unwrap().clone();
+    // The fake agent refuses the apply itself: the request got that far.
+    assert!(
+        seen.iter().any(|l| l.starts_with("POST /v1/apply")),
+        "{err}\n{seen:#?}"
+    );
+    let healthz = seen
+        .iter()
+        .filter(|l| *l == "GET /v1/healthz HTTP/1.1")
+        .count();
+    assert_eq!(healthz, 1, "{seen:#?}");
+}

@@ -12,6 +12,8 @@ use std::process::{Command, Output, Stdio};
 
 use crate::agent::Agent;
 
+mod snapshot_command;
+
 /// An agent plus a working directory.
 struct World {
     agent: Agent,
@@ -42,7 +44,7 @@ impl World {
 
     /// Runs `vmctl` in `cwd` against this agent (never starting another).
     fn run_in(&self, cwd: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+        let mut cmd = Command::new(crate::vmctl_bin());
         cmd.arg("--no-autostart")
             .arg("--data-dir")
             .arg(self.agent.data_dir())
@@ -151,7 +153,7 @@ fn transcript(args: &[&str], out: &Output) -> String {
 fn drop_progress(text: &str) -> String {
     let mut out = String::new();
     for line in text.split_inclusive('\n') {
-        let progress = ["  vm/", "  image/", "  provision/"]
+        let progress = ["  vm/", "  image/", "  provision/", "  snapshot/"]
             .iter()
             .any(|p| line.starts_with(p))
             && line.contains(": ");
@@ -243,9 +245,12 @@ fn settings() -> insta::Settings {
     s.add_filter(r#"("?resourceVersion"?:\s*)\d+"#, "$1[RV]");
     s.add_filter(r"ResourceVersion:  \d+", "ResourceVersion:  [RV]");
     s.add_filter(r#"("?runToken"?:\s*)"?\d+"?"#, "$1[TOKEN]");
+    s.add_filter(r#"("?restored?Token"?:\s*)['"]?\d+['"]?"#, "$1[TOKEN]");
     // A digest of the started spec, which holds temporary paths.
     s.add_filter(r#"("?startedSpec"?:\s*)"?[0-9a-f]{16}"?"#, "$1[SPEC]");
     s.add_filter(r"\b200\d\d\b", "[PORT]");
+    // The agent's node name is the host's.
+    s.add_filter(r#"("?nodeName"?:\s*"?)[^\s",]+"#, "$1[NODE]");
     // A path miette wrapped across lines.
     s.add_filter(
         r"its log is [^\n]*\n\s*[^\n]*agent\.log",
@@ -362,7 +367,7 @@ fn validate_convert_and_schema() {
     // schema of every kind: one object keyed by kind.
     let all: serde_json::Value = serde_json::from_str(&w.ok(&["schema"])).unwrap();
     let keys: Vec<&String> = all.as_object().unwrap().keys().collect();
-    assert_eq!(keys, ["Image", "Provision", "VirtualMachine"]);
+    assert_eq!(keys, ["Image", "Provision", "Snapshot", "VirtualMachine"]);
 }
 
 // ---------------------------------------------------------------- declarative
@@ -410,6 +415,104 @@ fn apply_dry_run_prune_and_diff() {
         insta::assert_snapshot!("cmd_apply_errors", errors);
     });
     assert!(second.contains("vm/beta pruned"), "{second}");
+}
+
+const POWER_STATES: &str = r#"vm "on" {
+    image-url "https://example.com/debian.qcow2"
+}
+vm "off" {
+    image-url "https://example.com/debian.qcow2"
+    power-state "stopped"
+}
+vm "paused" {
+    image-url "https://example.com/debian.qcow2"
+    power-state "suspended"
+}
+"#;
+
+/// The fault (new-user tryout, on sled and etcd): `apply --wait` (and
+/// `up`) of a VM with `power-state "stopped"` never returned: the wait
+/// looked for the `Ready` condition, which only a running VM has. A wait
+/// now ends when each object is at its spec, as `kubectl wait` on a
+/// resource's own target: Ready when asked to run, the asked phase
+/// (Stopped, Suspended) when asked not to, at the current generation.
+#[test]
+fn apply_wait_of_a_vm_asked_stopped_or_suspended_returns_at_its_spec() {
+    let w = World::new();
+    w.write("VMFile.kdl", POWER_STATES);
+    let timed = |args: &[&str]| {
+        let t = std::time::Instant::now();
+        let out = w.run(args);
+        let took = t.elapsed();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert!(
+            took < std::time::Duration::from_secs(20),
+            "{args:?} took {took:?}"
+        );
+        stderr(&out)
+    };
+    let err = timed(&["apply", "--wait", "--timeout", "30"]);
+    assert!(err.contains("vm/off: Stopped, as its spec asks"), "{err}");
+    assert!(
+        err.contains("vm/paused: Suspended, as its spec asks"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "all 4 objects are as their specs ask: 2 Ready, vm/off Stopped, vm/paused Suspended"
+        ),
+        "{err}"
+    );
+    for (vm, phase) in [
+        ("on", "Running"),
+        ("off", "Stopped"),
+        ("paused", "Suspended"),
+    ] {
+        let o = w.vm_json(vm);
+        assert_eq!(o["status"]["phase"], phase, "{o}");
+        assert_eq!(
+            o["status"]["observedGeneration"], o["metadata"]["generation"],
+            "{o}"
+        );
+    }
+    // `up` waits the same way.
+    let err = timed(&["up", "--timeout", "30"]);
+    assert!(err.contains("as their specs ask"), "{err}");
+    // A change the stopped VM must observe first; then asked to run, the
+    // wait is for Ready again (not merely for the phase).
+    w.write(
+        "VMFile.kdl",
+        &POWER_STATES.replace(
+            "power-state \"stopped\"",
+            "power-state \"stopped\"\n    vcpus 2",
+        ),
+    );
+    timed(&["apply", "--wait", "--timeout", "30"]);
+    let off = w.vm_json("off");
+    assert_eq!(off["spec"]["vcpus"], 2);
+    assert_eq!(
+        off["status"]["observedGeneration"], off["metadata"]["generation"],
+        "{off}"
+    );
+    w.write(
+        "VMFile.kdl",
+        &POWER_STATES.replace("power-state \"stopped\"", "power-state \"running\""),
+    );
+    let err = timed(&["apply", "--wait", "--timeout", "30"]);
+    assert!(
+        err.contains("all 4 objects are as their specs ask: 3 Ready, vm/paused Suspended"),
+        "{err}"
+    );
+    let off = w.vm_json("off");
+    assert_eq!(off["status"]["phase"], "Running", "{off}");
+    assert!(
+        off["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True"),
+        "{off}"
+    );
 }
 
 #[test]
@@ -470,8 +573,21 @@ fn get_in_every_format_and_describe() {
         "describe KIND is describe KIND NAME of each"
     );
     // json and yaml agree: one List document of the objects.
-    let j: serde_json::Value = serde_json::from_str(&w.ok(&["get", "vm", "-o", "json"])).unwrap();
-    let y: serde_json::Value = serde_yaml::from_str(&w.ok(&["get", "vm", "-o", "yaml"])).unwrap();
+    // Two listings: the List's own resourceVersion is the store's revision when each was read,
+    // which other installations sharing the etcd cluster move between the two reads (on sled it
+    // stays): compare everything else.
+    let listing = |text: String, yaml: bool| {
+        let mut v: serde_json::Value = if yaml {
+            serde_yaml::from_str(&text).unwrap()
+        } else {
+            serde_json::from_str(&text).unwrap()
+        };
+        assert!(v["metadata"]["resourceVersion"].as_u64().is_some(), "{v}");
+        v["metadata"]["resourceVersion"].take();
+        v
+    };
+    let j = listing(w.ok(&["get", "vm", "-o", "json"]), false);
+    let y = listing(w.ok(&["get", "vm", "-o", "yaml"]), true);
     assert_eq!(j, y);
     assert_eq!(j["kind"], "List");
     assert_eq!(j["items"].as_array().map(Vec::len), Some(2));
@@ -620,7 +736,7 @@ fn repeated_identical_notes_are_aggregated_with_count() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     // `events -w` from here: its listing first (the header), then the stream.
-    let mut watch = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    let mut watch = Command::new(crate::vmctl_bin())
         .args(["--no-autostart", "--data-dir"])
         .arg(w.agent.data_dir())
         .args(["events", "-w"])
@@ -1021,6 +1137,31 @@ fn reload_recreates_and_provision_is_a_recorded_rerun() {
     }
 }
 
+/// The fault (new-user tryout): `vmctl down` wrote its own wait (300 s)
+/// into each VM's spec as `stopTimeoutSeconds`, and `vmctl stop` without
+/// `--timeout` wrote 30 over the VMFile's `stop-timeout`. Now only an
+/// explicit `vmctl stop --timeout S` changes the VM's grace period.
+#[test]
+fn down_and_stop_without_timeout_keep_the_vms_own_stop_timeout() {
+    let w = World::new();
+    w.write(
+        "VMFile.kdl",
+        "vm \"web\" {\n    image-url \"https://example.com/debian.qcow2\"\n    stop-timeout 45\n}\nvm \"db\" {\n    image-url \"https://example.com/debian.qcow2\"\n}\n",
+    );
+    w.ok(&["up", "--timeout", "60"]);
+    let grace = |w: &World, vm: &str| w.vm_json(vm)["spec"]["stopTimeoutSeconds"].clone();
+    w.ok(&["down"]);
+    assert_eq!(grace(&w, "web"), 45, "down keeps the file's stop-timeout");
+    assert!(grace(&w, "db").is_null(), "down writes no stop timeout");
+    w.ok(&["start", "web"]);
+    w.ok(&["stop", "web"]);
+    assert_eq!(grace(&w, "web"), 45, "stop without --timeout keeps it");
+    w.ok(&["start", "web"]);
+    w.ok(&["stop", "web", "--timeout", "12"]);
+    assert_eq!(grace(&w, "web"), 12, "stop --timeout S sets it");
+    assert_eq!(w.vm_json("web")["status"]["phase"], "Stopped");
+}
+
 // ---------------------------------------------------------------- ssh, log, images
 
 #[test]
@@ -1234,14 +1375,14 @@ fn bad_names_never_reach_the_agent() {
 #[test]
 fn agent_errors_have_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let no_agent = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    let no_agent = Command::new(crate::vmctl_bin())
         .args(["--no-autostart", "--data-dir"])
         .arg(dir.path())
         .arg("list")
         .env("NO_COLOR", "1")
         .output()
         .unwrap();
-    let bogus = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    let bogus = Command::new(crate::vmctl_bin())
         .args(["agent", "--driver", "bogus", "--data-dir"])
         .arg(dir.path().join("d"))
         .env("NO_COLOR", "1")
@@ -1257,4 +1398,106 @@ fn agent_errors_have_codes() {
         &[(dir.path(), "[DATA]")],
     );
     settings().bind(|| insta::assert_snapshot!("cmd_agent_errors", text));
+}
+
+// ---------------------------------------------------------------- port forwards
+
+/// Port forwards (issue 15 item 3) as every command shows them, with one
+/// whose host port another program holds (the fake's
+/// `VMCTL_FAKE_BUSY_PORTS`): `get -o wide`, `list`, `status`, `describe`,
+/// `create --port` in Docker's notation and its errors.
+#[test]
+fn port_forwards_in_get_wide_list_status_describe_and_create() {
+    let w = World {
+        agent: Agent::start_with("fake", &[("VMCTL_FAKE_BUSY_PORTS", "9999")]),
+        work: tempfile::tempdir().unwrap(),
+    };
+    w.write(
+        "VMFile.kdl",
+        r#"vm "web" {
+    image-url "https://example.com/debian.qcow2"
+    port-forward host=8080 guest=80
+    port-forward host=9999 guest=90
+    port-forward host=5353 guest=53 protocol="udp" address="0.0.0.0"
+}
+"#,
+    );
+    let apply = w.transcript(&["apply", "--wait", "--timeout", "60"]);
+    let vm = w.vm_json("web");
+    let states: Vec<&str> = vm["status"]["portForwards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["Active", "Failed", "Active"], "{vm}");
+    let shown = w.session(&[&["get", "vm", "-o", "wide"], &["list"], &["status", "web"]]);
+    let describe = w.transcript(&["describe", "vm", "web"]);
+    let create = w.session(&[
+        &[
+            "create",
+            "--name",
+            "api",
+            "--image-url",
+            "https://example.com/debian.qcow2",
+            "--port",
+            "8081:80",
+            "--port",
+            "127.0.0.1:5354:53/udp",
+            "--start",
+        ],
+        &[
+            "create",
+            "--name",
+            "bad",
+            "--image-url",
+            "https://example.com/debian.qcow2",
+            "--port",
+            "8082",
+        ],
+        &[
+            "create",
+            "--name",
+            "tapvm",
+            "--image-url",
+            "https://example.com/debian.qcow2",
+            "--bridge",
+            "br0",
+            "--port",
+            "8083:80",
+        ],
+        &["get", "vm", "api", "-o", "wide"],
+    ]);
+    assert_eq!(
+        w.vm_json("api")["status"]["portForwards"][1]["state"],
+        "Active"
+    );
+    settings().bind(|| {
+        insta::assert_snapshot!("cmd_port_forwards_apply", apply);
+        insta::assert_snapshot!("cmd_port_forwards_shown", shown);
+        insta::assert_snapshot!("cmd_port_forwards_describe", describe);
+        insta::assert_snapshot!("cmd_port_forwards_create", create);
+    });
+}
+
+/// `display "vnc"` (issue 15 item 6): the VNC address the backend reports
+/// is in `status`, `describe` and the object's `status.runtime.vnc`.
+#[test]
+fn display_vnc_address_in_status_and_describe() {
+    let w = World::new();
+    w.write(
+        "VMFile.kdl",
+        "vm \"desk\" {\n    image-url \"https://example.com/debian.qcow2\"\n    display \"vnc\"\n}\n",
+    );
+    w.ok(&["apply", "--wait", "--timeout", "60"]);
+    let vm = w.vm_json("desk");
+    assert_eq!(vm["spec"]["display"], "VNC");
+    assert_eq!(vm["status"]["runtime"]["vnc"], "127.0.0.1:5900", "{vm}");
+    let status = w.ok(&["status", "desk"]);
+    assert!(status.contains("vnc:       127.0.0.1:5900"), "{status}");
+    let describe = w.ok(&["describe", "vm", "desk"]);
+    assert!(
+        describe.contains("display: VNC") && describe.contains("vnc: 127.0.0.1:5900"),
+        "{describe}"
+    );
 }

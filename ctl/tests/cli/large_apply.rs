@@ -26,7 +26,7 @@ fn an_apply_of_10000_vms_redirected_to_a_file_is_acknowledged_and_created() {
     // As the issue ran it: `vmctl apply -f big.kdl > out.log 2>&1`.
     let log = dir.path().join("out.log");
     let out = std::fs::File::create(&log).unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    let status = Command::new(crate::vmctl_bin())
         .args(["apply", "--no-autostart", "--data-dir"])
         .arg(a.data_dir())
         .arg("-f")
@@ -121,7 +121,7 @@ fn fake_agent(apply: fn(&mut BufReader<UnixStream>, usize)) -> tempfile::TempDir
 fn apply_to_fake(dir: &tempfile::TempDir, n: usize) -> std::process::Output {
     let f = dir.path().join("VMFile.kdl");
     std::fs::write(&f, vms_kdl(n)).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    Command::new(crate::vmctl_bin())
         .args(["apply", "--no-autostart", "--data-dir"])
         .arg(dir.path())
         .arg("--socket")

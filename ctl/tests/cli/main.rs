@@ -1,5 +1,8 @@
 //! The `vmctl` binary as a user runs it.
 
+#[path = "../common/agent_program.rs"]
+mod agent_program;
+pub use agent_program::vmctl_bin;
 mod agent;
 mod client;
 mod commands;
@@ -10,6 +13,7 @@ mod large_apply;
 mod parser_faults;
 mod propolis;
 mod ready;
+mod separate_agent;
 mod socket;
 mod tunnel;
 mod watch_mode;
@@ -25,7 +29,7 @@ pub fn repo() -> PathBuf {
 }
 
 fn vmctl(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+    let mut cmd = Command::new(crate::vmctl_bin());
     cmd.args(args).current_dir(repo()).env("NO_COLOR", "1");
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
@@ -120,7 +124,7 @@ fn validate_json_reports_lines_and_columns() {
 #[test]
 fn missing_vmfile_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    let out = Command::new(crate::vmctl_bin())
         .arg("validate")
         .current_dir(dir.path())
         .output()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 /// Runs `vmctl ARGS` with no agent (none is needed to reject a file),
 /// killing it after 60 s so that a hang fails the test instead of stalling it.
 fn run(data: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    let mut child = Command::new(crate::vmctl_bin())
         .args(["--no-autostart", "--data-dir"])
         .arg(data)
         .args(args)

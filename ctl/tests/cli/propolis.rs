@@ -16,7 +16,7 @@ fn text(b: &[u8]) -> String {
 #[test]
 fn propolis_driver_refuses_to_start_on_linux_without_a_mock_endpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+    let mut cmd = Command::new(crate::vmctl_bin());
     cmd.args(["agent", "--driver", "propolis", "--data-dir"])
         .arg(dir.path())
         .env("NO_COLOR", "1")
@@ -37,7 +37,7 @@ fn propolis_driver_refuses_to_start_on_linux_without_a_mock_endpoint() {
     assert!(!dir.path().join("db").exists());
 
     // Simulated without saying where the mock listens: refused too.
-    let out = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    let out = Command::new(crate::vmctl_bin())
         .args(["agent", "--driver", "propolis", "--data-dir"])
         .arg(dir.path())
         .env("VMCTL_PROPOLIS_HOST", "simulated")
@@ -303,7 +303,7 @@ fn propolis_settings_as_flags_or_in_the_config_file_start_the_agent() {
 
     // Flags.
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+    let mut cmd = Command::new(crate::vmctl_bin());
     cmd.args([
         "agent",
         "--driver",
@@ -326,7 +326,7 @@ fn propolis_settings_as_flags_or_in_the_config_file_start_the_agent() {
     let toml =
         format!("driver = \"propolis\"\n\n[propolis]\nhost = \"simulated\"\naddr = \"{addr}\"\n");
     std::fs::write(dir.path().join("agent.toml"), &toml).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+    let mut cmd = Command::new(crate::vmctl_bin());
     cmd.args(["agent", "--data-dir"])
         .arg(dir.path())
         .stderr(Stdio::null());
@@ -344,7 +344,7 @@ fn propolis_settings_as_flags_or_in_the_config_file_start_the_agent() {
         "driver = \"propolis\"\n[propolis]\nhost = \"simulated\"\naddr = \"nowhere\"\n",
     )
     .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+    let mut cmd = Command::new(crate::vmctl_bin());
     cmd.args(["agent", "--data-dir"]).arg(dir.path());
     clean(&mut cmd);
     let out = cmd.output().unwrap();

@@ -27,7 +27,7 @@ fn ssh_exec_and_cp_say_what_they_wait_for_and_give_up_clearly() {
     ] {
         let t0 = Instant::now();
         // Global flags first: what follows `--` goes to the guest.
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        let out = std::process::Command::new(crate::vmctl_bin())
             .arg("--no-autostart")
             .arg("--data-dir")
             .arg(a.data_dir())

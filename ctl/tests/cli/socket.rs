@@ -17,7 +17,7 @@ fn spawn_agent(prefix: &str, data_dir: &Path, socket: &Path) -> Child {
         .arg("-c")
         .arg(format!("{prefix}; exec \"$@\""))
         .arg("sh")
-        .arg(env!("CARGO_BIN_EXE_vmctl"))
+        .arg(crate::vmctl_bin())
         .args(["agent", "--driver", "fake", "--data-dir"])
         .arg(data_dir)
         .arg("--socket")

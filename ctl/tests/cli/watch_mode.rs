@@ -29,7 +29,7 @@ fn watch_mode_logging_into_the_watched_directory_prints_a_refusal_once() {
     let good = |mem: u32| format!("vm \"w\" {{\n    image \"w.qcow2\"\n    memory {mem}\n}}\n");
     std::fs::write(&vmfile, good(128)).unwrap();
     let log = project.join("watch.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    let mut child = Command::new(crate::vmctl_bin())
         .args(["apply", "--watch", "--no-autostart", "--data-dir"])
         .arg(a.data_dir())
         .current_dir(&project)

@@ -9,7 +9,8 @@
 //! hostname, installed the pinned host key and nothing else, and a shell
 //! provisioner must get root through `sudo -n`. The first provisioning step
 //! waits for cloud-init to finish (as one does with real cloud images): its
-//! config stage restarts sshd, and a step connecting at that moment fails.
+//! config stage restarts sshd, and a step that cannot connect at that
+//! moment waits for SSH and runs then (it once failed the provision).
 
 use super::*;
 

@@ -6,7 +6,7 @@ use super::*;
 /// `vmctl ARGS` in the project dir with the data dir given only as the
 /// relative `.vmctl`: through `VMCTL_DATA_DIR` when `env`, else `--data-dir`.
 fn relative(w: &World, env: bool, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+    let mut cmd = Command::new(crate::vmctl_bin());
     if env {
         cmd.env("VMCTL_DATA_DIR", ".vmctl");
     } else {

@@ -10,13 +10,20 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 // Scenarios in their own files; they use this file's helpers (`super::*`).
+#[path = "../common/agent_program.rs"]
+mod agent_program;
+pub use agent_program::vmctl_bin;
 mod cloud;
 mod disks;
 mod etcd;
 mod host_faults;
 mod more;
+mod ports;
 mod reach;
 mod second_user;
+mod shares;
+mod snapshots;
+mod tap;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -112,7 +119,7 @@ impl World {
 
     fn vmctl(&self, args: &[&str]) -> Output {
         // Global flags first: anything after a `--` in `args` goes to the guest.
-        Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        Command::new(crate::vmctl_bin())
             .arg("--data-dir")
             .arg(self.data())
             .args(args)
@@ -159,7 +166,7 @@ impl World {
         use std::io::Write;
         let cmd = format!(
             "{} --data-dir {} console {name}",
-            env!("CARGO_BIN_EXE_vmctl"),
+            crate::vmctl_bin(),
             self.data().display()
         );
         let mut child = Command::new("script")
@@ -811,86 +818,4 @@ vm "db" {{
     assert_eq!(w.json(&["status", "web", "-o", "json"])["state"], "Stopped");
     w.ok(&["down", "--name", "web", "--destroy"]);
     assert!(!w.ok(&["list"]).contains("web "));
-}
-
-/// `network "tap"`: the VM's NIC is a tap really attached to the bridge.
-/// The agent runs in a network namespace of its own (with a bridge) and a
-/// private mount namespace whose /etc is an overlay holding the bridge
-/// helper's ACL, so nothing on the host changes.
-#[test]
-fn tap_network_attaches_the_vm_to_the_bridge() {
-    let w = World::new();
-    let t = w.dir.path();
-    for d in ["upper", "work"] {
-        std::fs::create_dir_all(t.join(d)).unwrap();
-    }
-    std::fs::create_dir_all(w.data()).unwrap();
-    let script = format!(
-        "set -e
-mount -t overlay overlay -o lowerdir=/etc,upperdir={t}/upper,workdir={t}/work /etc
-mkdir -p /etc/qemu && echo 'allow br-vmctl' > /etc/qemu/bridge.conf
-ip link set lo up
-ip link add br-vmctl type bridge
-ip link set br-vmctl up
-exec {bin} agent --data-dir {data}",
-        t = t.display(),
-        bin = env!("CARGO_BIN_EXE_vmctl"),
-        data = w.data().display()
-    );
-    let log = std::fs::File::create(t.join("agent.out")).unwrap();
-    let mut agent = Command::new("unshare")
-        .args(["--mount", "--net", "--propagation", "private", "sh", "-c"])
-        .arg(&script)
-        .env("VMCTL_ACCEL", "tcg")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("unshare runs");
-    wait_until(
-        "the agent in its namespace",
-        Duration::from_secs(30),
-        || w.agent_pid().is_some(),
-    );
-    let netns = |args: &[&str]| -> String {
-        let out = Command::new("nsenter")
-            .args(["-t", &agent.id().to_string(), "-n"])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    std::fs::write(
-        w.project().join("VMFile.kdl"),
-        format!(
-            "vm \"tapvm\" {{\n    image \"{}\"\n    memory 256\n    network \"tap\" {{\n        bridge \"br-vmctl\"\n    }}\n}}\n",
-            tiny_image().display()
-        ),
-    )
-    .unwrap();
-    w.ok(&["apply", "--wait", "--timeout", "120"]);
-    let vm = w.json(&["get", "vm", "tapvm", "-o", "json"]);
-    let mac = vm["status"]["runtime"]["mac"].as_str().unwrap().to_owned();
-    assert!(
-        vm["status"]["runtime"]["sshPort"].is_null(),
-        "no host port forward on a tap network: {vm}"
-    );
-    let links = netns(&["bridge", "link"]);
-    assert!(
-        links.contains("master br-vmctl"),
-        "a tap is enslaved to the bridge:\n{links}"
-    );
-    // The guest's DHCP requests reach the bridge: it learns the VM's MAC on the tap.
-    wait_until(
-        "the bridge to learn the guest's MAC",
-        Duration::from_secs(180),
-        || {
-            netns(&["bridge", "fdb", "show", "br", "br-vmctl"])
-                .lines()
-                .any(|l| l.starts_with(&mac) && !l.contains("permanent"))
-        },
-    );
-    w.ok(&["delete", "-f", "VMFile.kdl", "--wait", "--timeout", "60"]);
-    assert!(w.qemu_pids().is_empty());
-    let _ = agent.kill();
-    let _ = agent.wait();
 }

@@ -14,7 +14,7 @@ struct Bg {
 impl Bg {
     fn spawn(w: &World, args: &[&str], tag: &str) -> Bg {
         let stderr = w.dir.path().join(format!("{tag}.stderr"));
-        let child = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        let child = Command::new(crate::vmctl_bin())
             .arg("--data-dir")
             .arg(w.data())
             .args(args)

@@ -83,7 +83,7 @@ impl SharedAgent {
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
         let socket = run.join("agent.sock");
         let log = std::fs::File::create(dirs.path().join("agent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        let child = Command::new(crate::vmctl_bin())
             .arg("--data-dir")
             .arg(&data)
             .arg("--socket")
@@ -132,7 +132,7 @@ impl SharedAgent {
         let pre = Self::as_user();
         Command::new(&pre[0])
             .args(&pre[1..])
-            .arg(env!("CARGO_BIN_EXE_vmctl"))
+            .arg(crate::vmctl_bin())
             .arg("--data-dir")
             .arg(&self.data)
             .arg("--socket")
@@ -154,7 +154,7 @@ impl SharedAgent {
         let pre = Self::as_user();
         let mut child = Command::new(&pre[0])
             .args(&pre[1..])
-            .arg(env!("CARGO_BIN_EXE_vmctl"))
+            .arg(crate::vmctl_bin())
             .arg("--data-dir")
             .arg(&self.data)
             .arg("--socket")
@@ -193,7 +193,7 @@ impl SharedAgent {
         use std::io::Write;
         let mut cmd = Self::as_user();
         cmd.extend([
-            env!("CARGO_BIN_EXE_vmctl").to_owned(),
+            crate::vmctl_bin().to_owned(),
             "--socket".into(),
             self.socket.display().to_string(),
             "--no-autostart".into(),

@@ -125,6 +125,20 @@ else
     say "WARNING: DHCP on eth0 failed"
 fi
 
+# --- bootcmd ---------------------------------------------------------------
+# cloud-init's bootcmd (every boot): string entries only, each run by sh, in
+# order, before SSH starts (vmctl mounts shared folders this way).
+n=0
+getall /run/ud.flat bootcmd. > /run/bootcmd.list
+while IFS= read -r cmd; do
+    n=$((n + 1))
+    if sh -c "$cmd" </dev/null >>/run/bootcmd.log 2>&1; then
+        say "bootcmd $n ok"
+    else
+        say "WARNING: bootcmd $n failed: $(tail -n 1 /run/bootcmd.log)"
+    fi
+done < /run/bootcmd.list
+
 # --- ssh ------------------------------------------------------------------
 dropbear -r "$hk" -p 22 -s -E 2>>/run/dropbear.log
 say "ssh ready"

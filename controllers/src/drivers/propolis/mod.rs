@@ -984,8 +984,13 @@ impl PropolisDriver {
                 })
                 .into_iter()
                 .collect(),
+            shares: Vec::new(),
         };
-        Ok(Some(InstanceStatus { state, runtime }))
+        Ok(Some(InstanceStatus {
+            state,
+            runtime,
+            port_forwards: None,
+        }))
     }
 
     /// Starts the state watcher and the serial bridge of a running VM,
@@ -1083,6 +1088,10 @@ fn refused(op: &str, name: &str) -> DriverError {
 impl Hypervisor for PropolisDriver {
     fn backend(&self) -> &'static str {
         "propolis"
+    }
+
+    fn work_dir(&self, name: &str) -> Option<PathBuf> {
+        Some(PropolisDriver::work_dir(self, name))
     }
 
     fn prepare<'a>(&'a self, spec: &'a VmInstanceSpec) -> BoxFuture<'a, Result<InstanceStatus>> {

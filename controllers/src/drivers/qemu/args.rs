@@ -57,6 +57,12 @@ pub struct LaunchPlan {
     /// (`disk-<name>.qcow2` in the work dir; the name is the serial).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<String>,
+    /// A VGA device and a VNC server on 127.0.0.1 (the first free display).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vnc: bool,
+    /// Shared folders (see `shares.rs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<super::shares::SharePlan>,
 }
 
 /// Errors turning a spec into a plan.
@@ -100,8 +106,60 @@ impl LaunchPlan {
             mac: mac.to_owned(),
             seed,
             disks: Vec::new(),
+            vnc: false,
+            shares: Vec::new(),
         })
     }
+}
+
+/// Empty PCIe root ports a VM starts with besides one per extra disk:
+/// how many disks can be hot-plugged before a restart (which places every
+/// disk on a port of its own and leaves this many spare again).
+pub const SPARE_PORTS: usize = 4;
+
+/// Root ports at the most: slots 0x10-0x1e of pcie.0, eight functions
+/// each (0x1f holds q35's ICH9 LPC, SATA and SMBus functions).
+pub const MAX_PORTS: usize = 15 * 8;
+
+/// The pcie.0 slot of the first root port; devices placed by QEMU (root
+/// disk, seed, NIC, RNG, VGA) take the free slots from 1 upwards.
+const PORT_FIRST_SLOT: usize = 0x10;
+
+/// How many root ports a VM with `disks` extra disks starts with.
+pub fn hotplug_ports(disks: usize) -> usize {
+    (disks + SPARE_PORTS).min(MAX_PORTS)
+}
+
+/// The QEMU device id of root port `i` (`hotplug<i>`).
+pub fn port_id(i: usize) -> String {
+    format!("{PORT_PREFIX}{i}")
+}
+
+/// The prefix of the root ports' device ids.
+pub const PORT_PREFIX: &str = "hotplug";
+
+/// The block node (QMP `blockdev-add` / `-blockdev` JSON) of extra disk
+/// `name` stored in `path`: a qcow2 node `disk-<name>` over a file node
+/// `disk-<name>-file`, discarding as the root disk does. Node names hold
+/// at most 31 bytes; a disk name holds 20 (`vmctl_api::DISK_NAME_MAX`).
+pub fn blockdev(name: &str, path: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "driver": "qcow2",
+        "node-name": format!("disk-{name}"),
+        "discard": "unmap",
+        "file": {
+            "driver": "file",
+            "filename": path.display().to_string(),
+            "node-name": format!("disk-{name}-file"),
+        },
+    })
+}
+
+/// The `-device` value of extra disk `name`: virtio-blk with id
+/// `disk-<name>` and serial `<name>`, on root port `port` (else pcie.0).
+pub fn disk_device(name: &str, port: Option<&str>) -> String {
+    let bus = port.map(|p| format!(",bus={p}")).unwrap_or_default();
+    format!("virtio-blk-pci,drive=disk-{name},serial={name},id=disk-{name}{bus}")
 }
 
 /// A stable, locally administered MAC (`0x52` has the local bit set) in
@@ -124,7 +182,13 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
     push(&["-name", &format!("guest={},debug-threads=on", plan.name)]);
-    push(&["-machine", "q35", "-accel", &plan.accel.to_string()]);
+    // virtio-fs needs guest RAM that virtiofsd can map: a shared memfd.
+    let machine = if super::shares::needs_shared_memory(&plan.shares) {
+        "q35,memory-backend=mem0"
+    } else {
+        "q35"
+    };
+    push(&["-machine", machine, "-accel", &plan.accel.to_string()]);
     push(&["-cpu", plan.accel.cpu_model()]);
     push(&[
         "-smp",
@@ -156,18 +220,40 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<String> {
             "virtio-blk-pci,drive=seed0",
         ]);
     }
-    for name in &plan.disks {
-        // The serial is the disk's name: the guest sees
-        // /dev/disk/by-id/virtio-<name>.
+    // PCIe root ports: one per extra disk and a few spare, so that extra
+    // disks can be hot-plugged and hot-unplugged while the VM runs (QEMU
+    // docs/pcie.txt, 5. Hot-plug: "PCI Express root buses ... do not
+    // support hot-plug", devices on pcie.0 are integrated endpoints; 5.1
+    // (2): "Leave enough PCI Express Root Ports empty. Use multifunction
+    // PCI Express Root Ports (up to 8 ports per pcie.0 slot)"). The root
+    // disk and the seed stay on pcie.0: they are never unplugged.
+    let ports = hotplug_ports(plan.disks.len());
+    for i in 0..ports {
+        let (slot, function) = (PORT_FIRST_SLOT + i / 8, i % 8);
+        let multi = if function == 0 {
+            ",multifunction=on"
+        } else {
+            ""
+        };
         push(&[
-            "-drive",
-            &format!(
-                "file={},if=none,id=disk-{name},format=qcow2,discard=unmap",
-                esc(&plan.work_dir.join(format!("disk-{name}.qcow2")))
-            ),
             "-device",
-            &format!("virtio-blk-pci,drive=disk-{name},serial={name}"),
+            &format!(
+                "pcie-root-port,id={},bus=pcie.0,chassis={},addr={slot:#x}.{function}{multi}",
+                port_id(i),
+                i + 1
+            ),
         ]);
+    }
+    for (i, name) in plan.disks.iter().enumerate() {
+        // Node and device as a hot-plug makes them (hotplug.rs): node
+        // `disk-<name>` over `disk-<name>-file`, device id `disk-<name>`
+        // whose serial is the disk's name, so the guest sees
+        // /dev/disk/by-id/virtio-<name>. A disk past the last port (more
+        // than MAX_PORTS) goes on pcie.0 and is detached at a restart only.
+        let path = plan.work_dir.join(format!("disk-{name}.qcow2"));
+        let device = disk_device(name, (i < ports).then(|| port_id(i)).as_deref());
+        push(&["-blockdev", &blockdev(name, &path).to_string()]);
+        push(&["-device", &device]);
     }
     match &plan.net {
         NetPlan::User { ssh_port } => push(&[
@@ -183,7 +269,18 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<String> {
             &format!("virtio-net-pci,netdev=net0,mac={}", plan.mac),
         ]);
     }
+    a.extend(super::shares::qemu_args(
+        &plan.shares,
+        &plan.sock_dir,
+        plan.memory_mib,
+    ));
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
     push(&["-device", "virtio-rng-pci"]);
+    if plan.vnc {
+        // Displays 0-99 (ports 5900-5999) on loopback: QEMU takes the
+        // first free one; QMP `query-vnc` tells which.
+        push(&["-device", "VGA", "-vnc", "127.0.0.1:0,to=99"]);
+    }
     // The console goes to a socket (for `vmctl console`) and is logged
     // whether or not anyone is attached.
     push(&[
@@ -304,35 +401,120 @@ mod tests {
     }
 
     #[test]
-    fn extra_disks_follow_the_seed_with_their_name_as_serial() {
+    fn extra_disks_follow_the_seed_on_root_ports_with_their_name_as_serial() {
         let p = LaunchPlan {
             disks: vec!["data".into(), "logs".into()],
             ..plan(&Network::User, Accel::Tcg)
         };
         let args = qemu_args(&p);
-        let seed = args
+        let at = |want: &str| args.iter().position(|a| a == want).unwrap();
+        let seed = at("virtio-blk-pci,drive=seed0");
+        let port0 =
+            at("pcie-root-port,id=hotplug0,bus=pcie.0,chassis=1,addr=0x10.0,multifunction=on");
+        let data = at("virtio-blk-pci,drive=disk-data,serial=data,id=disk-data,bus=hotplug0");
+        let logs = at("virtio-blk-pci,drive=disk-logs,serial=logs,id=disk-logs,bus=hotplug1");
+        assert!(seed < port0 && port0 < data && data < logs);
+        // Two ports for the disks and the spare ones, all in slot 0x10.
+        let ports: Vec<_> = args
             .iter()
-            .position(|a| a == "virtio-blk-pci,drive=seed0")
-            .unwrap();
-        let data = args
-            .iter()
-            .position(|a| a == "virtio-blk-pci,drive=disk-data,serial=data")
-            .unwrap();
-        let logs = args
-            .iter()
-            .position(|a| a == "virtio-blk-pci,drive=disk-logs,serial=logs")
-            .unwrap();
-        assert!(seed < data && data < logs);
-        assert!(args.contains(
-            &"file=/data/vms/web-1/disk-data.qcow2,if=none,id=disk-data,format=qcow2,discard=unmap"
-                .to_owned()
-        ));
-        // No extra disk: the argv is as before.
+            .filter(|a| a.starts_with("pcie-root-port"))
+            .collect();
+        assert_eq!(ports.len(), 2 + SPARE_PORTS, "{ports:?}");
         assert!(
-            !qemu_args(&plan(&Network::User, Accel::Tcg))
-                .iter()
-                .any(|a| a.contains("disk-"))
+            args.contains(
+                &"pcie-root-port,id=hotplug5,bus=pcie.0,chassis=6,addr=0x10.5".to_owned()
+            )
         );
+        let node: serde_json::Value = serde_json::from_str(&args[data - 2]).unwrap();
+        assert_eq!(args[data - 3], "-blockdev");
+        assert_eq!(
+            node,
+            blockdev("data", Path::new("/data/vms/web-1/disk-data.qcow2"))
+        );
+        assert_eq!(node["file"]["filename"], "/data/vms/web-1/disk-data.qcow2");
+        assert_eq!(node["node-name"], "disk-data");
+        // No extra disk: no disk device, only the spare ports.
+        let bare = qemu_args(&plan(&Network::User, Accel::Tcg));
+        assert!(!bare.iter().any(|a| a.contains("disk-")));
+        assert_eq!(
+            bare.iter()
+                .filter(|a| a.starts_with("pcie-root-port"))
+                .count(),
+            SPARE_PORTS
+        );
+    }
+
+    #[test]
+    fn root_ports_fill_slots_eight_functions_each_and_stop_before_slot_0x1f() {
+        assert_eq!(hotplug_ports(0), SPARE_PORTS);
+        assert_eq!(hotplug_ports(10_000), MAX_PORTS);
+        let p = LaunchPlan {
+            disks: (0..MAX_PORTS + 2).map(|i| format!("d{i}")).collect(),
+            ..plan(&Network::None, Accel::Tcg)
+        };
+        let args = qemu_args(&p);
+        assert!(
+            args.contains(
+                &"pcie-root-port,id=hotplug8,bus=pcie.0,chassis=9,addr=0x11.0,multifunction=on"
+                    .to_owned()
+            )
+        );
+        let last = port_id(MAX_PORTS - 1);
+        assert!(
+            args.iter()
+                .any(|a| a.contains(&format!("id={last},")) && a.contains("addr=0x1e.7"))
+        );
+        // Past the last port a disk sits on pcie.0.
+        let d = format!("d{}", MAX_PORTS);
+        assert!(args.contains(&disk_device(&d, None)));
+    }
+
+    #[test]
+    fn vnc_is_opt_in_and_on_loopback_only() {
+        let off = qemu_args(&plan(&Network::User, Accel::Tcg));
+        assert!(!off.iter().any(|a| a == "-vnc" || a == "VGA"));
+        let on = qemu_args(&LaunchPlan {
+            vnc: true,
+            ..plan(&Network::User, Accel::Tcg)
+        });
+        let i = on.iter().position(|a| a == "-vnc").unwrap();
+        assert_eq!(on[i + 1], "127.0.0.1:0,to=99");
+        assert!(on.contains(&"VGA".to_owned()));
+    }
+
+    #[test]
+    fn shares_add_a_shared_memory_backend_and_their_devices_only_when_present() {
+        use vmctl_api::Share;
+        let base = qemu_args(&plan(&Network::User, Accel::Tcg));
+        assert!(base.contains(&"q35".to_owned()));
+        assert!(!base.iter().any(|a| a.contains("mem0") || a.contains("fs0")));
+        let v = super::super::shares::Virtiofsd {
+            path: "/usr/lib/qemu/virtiofsd".into(),
+            rust: false,
+            readonly: false,
+        };
+        let share = Share {
+            host_path: "/home/me/src".into(),
+            mount_path: "/src".into(),
+            read_only: false,
+        };
+        let with = qemu_args(&LaunchPlan {
+            shares: super::super::shares::plan(std::slice::from_ref(&share), Some(&v)),
+            ..plan(&Network::User, Accel::Tcg)
+        });
+        let i = with.iter().position(|a| a == "-machine").unwrap();
+        assert_eq!(with[i + 1], "q35,memory-backend=mem0");
+        assert!(with.contains(&"memory-backend-memfd,id=mem0,size=1024M,share=on".to_owned()));
+        assert!(with.contains(&"socket,id=fs0,path=/data/vms/web-1/fs0.sock".to_owned()));
+        assert!(with.contains(&"vhost-user-fs-pci,chardev=fs0,tag=vmctl-share0".to_owned()));
+        // 9p needs no shared memory.
+        let nine = qemu_args(&LaunchPlan {
+            shares: super::super::shares::plan(&[share], None),
+            ..plan(&Network::User, Accel::Tcg)
+        });
+        assert!(nine.contains(&"q35".to_owned()));
+        assert!(!nine.iter().any(|a| a.contains("mem0")));
+        assert!(nine.contains(&"-virtfs".to_owned()));
     }
 
     #[test]

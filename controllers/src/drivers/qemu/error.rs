@@ -2,12 +2,17 @@
 
 use super::args::PlanError;
 use super::disk::DiskError;
+use super::hotplug::{HOTPLUG_FAILED, HotplugError};
+use super::ports::ForwardError;
 use super::qmp::QmpError;
+use super::snapshot::{SNAPSHOT_FAILED, SnapshotError};
 use crate::drivers::DriverError;
 use crate::seed::{KeyError, SeedError};
 
 /// Diagnostic code: QEMU could not be started or died while starting.
 pub const SPAWN_FAILED: &str = "vmctl::qemu::spawn_failed";
+/// Diagnostic code: a shared folder could not be served at start.
+pub const SHARE_FAILED: &str = "vmctl::qemu::share_failed";
 /// Diagnostic code: QMP did not answer.
 pub const QMP_CONNECT_FAILED: &str = "vmctl::qemu::qmp_connect_failed";
 /// Diagnostic code: a QMP command failed.
@@ -78,6 +83,49 @@ pub enum QemuError {
         #[source]
         source: PlanError,
     },
+    /// A port forward could not be set up or taken away.
+    #[error("Port forward of {name}")]
+    Forward {
+        /// The VM.
+        name: String,
+        /// Why.
+        #[source]
+        source: ForwardError,
+    },
+    /// A snapshot could not be saved, restored, listed or deleted.
+    #[error("Snapshot of {name}")]
+    Snapshot {
+        /// The VM.
+        name: String,
+        /// Why.
+        #[source]
+        source: SnapshotError,
+    },
+    /// An extra disk could not be attached to or detached from the
+    /// running QEMU.
+    #[error("Cannot {op} disk {disk} of {name} live")]
+    Hotplug {
+        /// The VM.
+        name: String,
+        /// The disk.
+        disk: String,
+        /// `attach` or `detach`.
+        op: &'static str,
+        /// Why (boxed: it holds a disk or QMP error, and this enum is
+        /// returned everywhere).
+        #[source]
+        source: Box<HotplugError>,
+    },
+    /// A shared folder cannot be served (its host folder is gone,
+    /// virtiofsd did not start).
+    #[error("Shared folder of {name}")]
+    Share {
+        /// The VM.
+        name: String,
+        /// Why.
+        #[source]
+        source: super::shares::ShareError,
+    },
     /// A host file operation failed.
     #[error("{context}")]
     Io {
@@ -94,11 +142,14 @@ impl QemuError {
     pub fn code(&self) -> &'static str {
         match self {
             QemuError::Spawn { .. } | QemuError::Plan { .. } | QemuError::Io { .. } => SPAWN_FAILED,
+            QemuError::Share { .. } => SHARE_FAILED,
             QemuError::QmpConnect { .. } => QMP_CONNECT_FAILED,
-            QemuError::QmpCommand { .. } => QMP_COMMAND_FAILED,
+            QemuError::QmpCommand { .. } | QemuError::Forward { .. } => QMP_COMMAND_FAILED,
             QemuError::Disk { source, .. } => source.code(),
             QemuError::Seed { source, .. } => source.code(),
             QemuError::Keys { source, .. } => source.code(),
+            QemuError::Snapshot { .. } => SNAPSHOT_FAILED,
+            QemuError::Hotplug { .. } => HOTPLUG_FAILED,
         }
     }
 }
@@ -108,6 +159,10 @@ impl From<QemuError> for DriverError {
         let code = e.code();
         match e {
             QemuError::Io { context, source } => DriverError::Io { context, source },
+            QemuError::Forward {
+                source: source @ ForwardError::InUse { .. },
+                ..
+            } => DriverError::AddressInUse(source.to_string()),
             e => {
                 // DriverError has no code or source of its own yet: keep
                 // the whole chain and the code in the message.

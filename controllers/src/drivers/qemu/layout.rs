@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-/// The longest path a Unix socket can have on Linux: `sun_path` is 108
-/// bytes, including the terminating NUL.
-pub const SOCKET_PATH_MAX: usize = 107;
+/// The longest path a Unix socket can have on Linux (`sun_path` is 108
+/// bytes, including the terminating NUL); the agent's socket has it too.
+pub use vmctl_api::paths::SOCKET_PATH_MAX;
 
 /// File names of QEMU's sockets (QMP, QMP events, serial console).
 const SOCKETS: [&str; 3] = [QMP_SOCK, EVENTS_SOCK, SERIAL_SOCK];

@@ -17,6 +17,8 @@
 //!   qemu.pid        written by QEMU; qemu.log its stderr
 //!   exit.status     how the last QEMU ended                  (process.rs)
 //!   stop.requested  present when vmctl asked it to end
+//!   virtiofsd-N.pid virtiofsd of shared folder N; virtiofsd-N.log its
+//!                   output; its socket fsN.sock is with QEMU's (shares.rs)
 //! ```
 //!
 //! Lifecycle, as QMP sees it:
@@ -39,9 +41,13 @@ pub mod accel;
 pub mod args;
 pub mod disk;
 mod error;
+pub mod hotplug;
 mod layout;
+mod ports;
 pub mod process;
 pub mod qmp;
+pub mod shares;
+pub mod snapshot;
 
 #[cfg(test)]
 mod tests;
@@ -53,7 +59,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vmctl_api::{DiskRuntime, Network, ROOT_DISK, VmRuntime, default_ssh_user};
+use vmctl_api::{
+    DiskRuntime, Display, Network, PortForward, ROOT_DISK, VmRuntime, default_ssh_user,
+};
 
 pub use self::error::{QMP_COMMAND_FAILED, QMP_CONNECT_FAILED, QemuError, SPAWN_FAILED};
 pub use self::layout::{Layout, SOCKET_PATH_MAX};
@@ -65,6 +73,7 @@ use self::process::Exit;
 use self::qmp::Qmp;
 use super::{
     BoxFuture, DriverError, Hypervisor, InstanceSpec, InstanceState, InstanceStatus, Result,
+    SnapshotInfo,
 };
 use crate::seed::{SeedSpec, SeedTool, build_seed, ensure_vm_keys};
 
@@ -85,6 +94,9 @@ pub struct QemuConfig {
     pub qmp_timeout: Duration,
     /// How long QEMU has after SIGTERM before SIGKILL.
     pub kill_grace: Duration,
+    /// How long a disk hot-unplug waits for the guest to release the disk
+    /// ([`hotplug::UNPLUG_TIMEOUT`] by default).
+    pub unplug_timeout: Duration,
 }
 
 impl QemuConfig {
@@ -99,6 +111,7 @@ impl QemuConfig {
             start_timeout: Duration::from_secs(30),
             qmp_timeout: Duration::from_secs(10),
             kill_grace: Duration::from_secs(5),
+            unplug_timeout: hotplug::UNPLUG_TIMEOUT,
         }
     }
 
@@ -128,6 +141,13 @@ pub struct VmConfig {
     /// (`disk-<name>.qcow2` in the work dir, serial `<name>`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<String>,
+    /// The graphics console.
+    #[serde(default, skip_serializing_if = "Display::is_none")]
+    pub display: Display,
+    /// The shared folders and how each is served (decided at prepare,
+    /// when the seed that mounts them is built).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<shares::SharePlan>,
 }
 
 impl VmConfig {
@@ -330,7 +350,24 @@ impl QemuDriver {
                 id
             }
         };
-        let seed = seed_spec(spec, instance_id, &keys)?;
+        // Shares: virtio-fs or 9p, decided now, as the seed mounts them.
+        let share_plans = if process::running_pid(&l).is_some() {
+            // The running QEMU serves the shares it started with; a changed
+            // `spec.shares` waits for the restart (and its seed with it).
+            read_config(&l).map(|c| c.shares).unwrap_or_default()
+        } else if spec.spec.shares.is_empty() {
+            Vec::new()
+        } else {
+            let v = tokio::task::spawn_blocking(shares::find_virtiofsd)
+                .await
+                .map_err(|e| io_err("virtiofsd lookup panicked")(std::io::Error::other(e)))?;
+            shares::plan(&spec.spec.shares, v.as_ref())
+        };
+        let mut seed = seed_spec(spec, instance_id, &keys)?;
+        seed.bootcmd = share_plans
+            .iter()
+            .map(shares::SharePlan::mount_command)
+            .collect();
         let seed_digest = seed.digest();
         let seed_current =
             std::fs::read_to_string(l.seed_digest_file()).is_ok_and(|d| d.trim() == seed_digest);
@@ -396,6 +433,8 @@ impl QemuDriver {
             network: spec.spec.network.clone(),
             mac: Some(mac),
             disks: spec.spec.disks.iter().map(|d| d.name.clone()).collect(),
+            display: spec.spec.display,
+            shares: share_plans,
         };
         let json = serde_json::to_vec_pretty(&cfg).map_err(|e| io_err("")(e.into()))?;
         std::fs::write(l.config_file(), json).map_err(io_err("Cannot write vm.json"))?;
@@ -403,7 +442,8 @@ impl QemuDriver {
     }
 
     /// Grows disk `disk` of the running QEMU of `name` to `bytes` with QMP
-    /// `block_resize`.
+    /// `block_resize` (naming its BlockBackend or, for a disk attached with
+    /// `-blockdev`, its node).
     async fn block_resize(
         &self,
         name: &str,
@@ -412,14 +452,25 @@ impl QemuDriver {
         bytes: u64,
     ) -> Result<(), QemuError> {
         let mut q = self.qmp(name, l).await?;
-        let args = serde_json::json!({ "device": drive_id(disk), "size": bytes });
+        let qmp_err = |source| QemuError::QmpCommand {
+            name: name.to_owned(),
+            source,
+        };
+        let target = hotplug::query(&mut q)
+            .await
+            .map_err(qmp_err)?
+            .into_iter()
+            .find(|a| a.disk == disk)
+            .map_or_else(
+                || serde_json::json!({ "device": drive_id(disk) }),
+                |a| a.block_target(),
+            );
+        let mut args = target;
+        args["size"] = serde_json::json!(bytes);
         q.execute("block_resize", Some(args))
             .await
             .map(drop)
-            .map_err(|source| QemuError::QmpCommand {
-                name: name.to_owned(),
-                source,
-            })
+            .map_err(qmp_err)
     }
 
     /// Grows disk `disk` of `name` to `bytes`: live through QMP when QEMU
@@ -469,6 +520,82 @@ impl QemuDriver {
         Ok(())
     }
 
+    /// Attaches extra disk `disk` to the running QEMU of `name`
+    /// ([`hotplug::attach`]) and records it in `vm.json`, so a stopped VM
+    /// reports it and the next start attaches it.
+    async fn do_attach_disk(
+        &self,
+        name: &str,
+        disk: &vmctl_api::Disk,
+    ) -> Result<DiskRuntime, QemuError> {
+        let l = self.layout(name);
+        let err = |source| QemuError::Hotplug {
+            name: name.to_owned(),
+            disk: disk.name.clone(),
+            op: "attach",
+            source: Box::new(source),
+        };
+        if process::running_pid(&l).is_none() {
+            return Err(err(hotplug::HotplugError::NotRunning));
+        }
+        let path = disk_path(&l, &disk.name);
+        let bytes = disk.size_gib.saturating_mul(disk::GIB);
+        let mut q = self.qmp(name, &l).await?;
+        hotplug::attach(&mut q, &disk.name, &path, bytes)
+            .await
+            .map_err(err)?;
+        let size = hotplug::query(&mut q)
+            .await
+            .map_err(|e| err(e.into()))?
+            .into_iter()
+            .find(|a| a.disk == disk.name)
+            .and_then(|a| a.size)
+            .unwrap_or(bytes);
+        self.record_disks(&l, |disks| {
+            if !disks.contains(&disk.name) {
+                disks.push(disk.name.clone());
+            }
+        })?;
+        tracing::info!(vm = name, disk = %disk.name, "disk hot-plugged");
+        Ok(DiskRuntime {
+            name: disk.name.clone(),
+            size_bytes: size,
+            path: Some(path.display().to_string()),
+        })
+    }
+
+    /// Detaches extra disk `disk` from the running QEMU of `name`
+    /// ([`hotplug::detach`]) and drops it from `vm.json`; its file stays.
+    async fn do_detach_disk(&self, name: &str, disk: &str) -> Result<(), QemuError> {
+        let l = self.layout(name);
+        let err = |source| QemuError::Hotplug {
+            name: name.to_owned(),
+            disk: disk.to_owned(),
+            op: "detach",
+            source: Box::new(source),
+        };
+        if process::running_pid(&l).is_none() {
+            return Err(err(hotplug::HotplugError::NotRunning));
+        }
+        let mut q = self.qmp(name, &l).await?;
+        hotplug::detach(&mut q, disk, self.config.unplug_timeout)
+            .await
+            .map_err(err)?;
+        self.record_disks(&l, |disks| disks.retain(|d| d != disk))?;
+        tracing::info!(vm = name, disk, "disk hot-unplugged");
+        Ok(())
+    }
+
+    /// Changes the extra disks `vm.json` lists with `f`.
+    fn record_disks(&self, l: &Layout, f: impl FnOnce(&mut Vec<String>)) -> Result<(), QemuError> {
+        let Some(mut cfg) = read_config(l) else {
+            return Ok(());
+        };
+        f(&mut cfg.disks);
+        let json = serde_json::to_vec_pretty(&cfg).map_err(|e| io_err("")(e.into()))?;
+        std::fs::write(l.config_file(), json).map_err(io_err("Cannot write vm.json"))
+    }
+
     async fn do_start(&self, name: &str) -> Result<Option<InstanceStatus>, QemuError> {
         let l = self.layout(name);
         if process::running_pid(&l).is_some() {
@@ -504,8 +631,15 @@ impl QemuDriver {
         })?;
         let plan = LaunchPlan {
             disks: cfg.disks.clone(),
+            vnc: cfg.display == Display::Vnc,
+            shares: cfg.shares.clone(),
             ..plan
         };
+        let share_err = |source| QemuError::Share {
+            name: name.to_owned(),
+            source,
+        };
+        shares::check_host_paths(&cfg.shares).map_err(share_err)?;
         let argv = qemu_args(&plan);
         for stale in [l.exit_file(), l.stop_marker(), l.pidfile()] {
             let _ = std::fs::remove_file(stale);
@@ -517,8 +651,38 @@ impl QemuDriver {
                 l.sock_dir.display()
             ),
         })?;
+        if cfg
+            .shares
+            .iter()
+            .any(|s| s.type_ == vmctl_api::ShareType::Virtiofs)
+        {
+            // QEMU connects to virtiofsd's socket as it starts.
+            let v = tokio::task::spawn_blocking(shares::find_virtiofsd)
+                .await
+                .map_err(|e| io_err("virtiofsd lookup panicked")(std::io::Error::other(e)))?;
+            shares::start_virtiofsd(v.as_ref(), &cfg.shares, &l)
+                .await
+                .map_err(share_err)?;
+        }
         tracing::info!(vm = name, %accel, port, "starting QEMU");
-        process::spawn_supervised(&self.config.qemu_binary, &argv, &l).map_err(|e| {
+        let started = self.spawn_and_wait(name, &argv, &l).await;
+        if started.is_err() {
+            // A virtiofsd whose QEMU never connected would wait forever.
+            shares::stop_virtiofsd(&l, cfg.shares.len()).await;
+        }
+        started?;
+        self.observe(name, &l).await
+    }
+
+    /// Spawns QEMU with `argv` and waits until QMP answers.
+    async fn spawn_and_wait(
+        &self,
+        name: &str,
+        argv: &[String],
+        l: &Layout,
+    ) -> Result<(), QemuError> {
+        let l = l.clone();
+        process::spawn_supervised(&self.config.qemu_binary, argv, &l).map_err(|e| {
             QemuError::Spawn {
                 name: name.to_owned(),
                 reason: format!("cannot run {}: {e}", self.config.qemu_binary.display()),
@@ -554,7 +718,7 @@ impl QemuDriver {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        self.observe(name, &l).await
+        Ok(())
     }
 
     async fn do_stop(&self, name: &str, timeout: Duration) -> Result<(), QemuError> {
@@ -623,12 +787,32 @@ impl QemuDriver {
             name: name.to_owned(),
             source,
         };
+        let user_net = matches!(cfg.network, Network::User);
+        let mut forwards = None;
+        let mut vnc = None;
         let (state, sizes) = match pid {
             Some(_) => {
                 let mut q = self.qmp(name, l).await?;
                 let status = q.query_status().await.map_err(qmp_err)?;
                 // What the guest sees now.
                 let sizes = disk_sizes(&mut q).await.map_err(qmp_err)?;
+                if cfg.display == Display::Vnc {
+                    vnc = vnc_address(&mut q).await.map_err(qmp_err)?;
+                }
+                if user_net {
+                    forwards = match ports::list(&mut q).await {
+                        // The user's forwards: vmctl's own SSH one left out.
+                        Ok(all) => Some(
+                            all.into_iter()
+                                .filter(|f| !is_ssh_forward(f, read_port(l)))
+                                .collect::<Vec<_>>(),
+                        ),
+                        Err(e) => {
+                            tracing::warn!(vm = name, error = %e, "cannot list port forwards");
+                            None
+                        }
+                    };
+                }
                 (run_state(&status), sizes)
             }
             None => {
@@ -661,7 +845,6 @@ impl QemuDriver {
                 size_bytes,
             })
             .collect();
-        let user_net = matches!(cfg.network, Network::User);
         let path = |p: PathBuf| p.exists().then(|| p.display().to_string());
         let runtime = VmRuntime {
             backend: "qemu".to_owned(),
@@ -669,7 +852,7 @@ impl QemuDriver {
             overlay: path(l.disk()),
             seed_iso: path(l.seed()),
             pid: pid.filter(|_| state != InstanceState::Stopped),
-            vnc: None,
+            vnc: vnc.filter(|_| state != InstanceState::Stopped),
             ssh_host: user_net.then(|| "127.0.0.1".to_owned()),
             ssh_port: read_port(l).filter(|_| user_net),
             mac: (!matches!(cfg.network, Network::None)).then(|| cfg.mac(name)),
@@ -687,8 +870,35 @@ impl QemuDriver {
                 }),
             },
             disks,
+            shares: cfg.shares.iter().map(shares::SharePlan::runtime).collect(),
         };
-        Ok(Some(InstanceStatus { state, runtime }))
+        Ok(Some(InstanceStatus {
+            state,
+            runtime,
+            port_forwards: forwards.filter(|_| state != InstanceState::Stopped),
+        }))
+    }
+
+    /// Adds (`add`) or removes port forward `fwd` of the running QEMU of
+    /// `name`.
+    async fn forward(&self, name: &str, fwd: &PortForward, add: bool) -> Result<(), QemuError> {
+        let l = self.layout(name);
+        if process::running_pid(&l).is_none() {
+            return Err(QemuError::Forward {
+                name: name.to_owned(),
+                source: ports::ForwardError::NotRunning,
+            });
+        }
+        let mut q = self.qmp(name, &l).await?;
+        let done = if add {
+            ports::add(&mut q, fwd).await
+        } else {
+            ports::remove(&mut q, fwd).await
+        };
+        done.map_err(|source| QemuError::Forward {
+            name: name.to_owned(),
+            source,
+        })
     }
 
     /// Logs how a QEMU that vmctl did not stop ended. QEMU is gone the
@@ -775,6 +985,7 @@ pub(crate) fn seed_spec(
         host_key: Some(keys.host.to_host_key()),
         raw_user_data,
         network_config: None,
+        bootcmd: Vec::new(),
     })
 }
 
@@ -798,25 +1009,34 @@ pub fn disk_path(l: &Layout, disk: &str) -> PathBuf {
 
 /// The virtual size of each of vmctl's disks of a running QEMU, from QMP
 /// `query-block` (the root disk first; the seed and unknown devices left
-/// out).
+/// out; [`hotplug::attached`]).
 async fn disk_sizes(q: &mut Qmp) -> Result<Vec<(String, u64)>, qmp::QmpError> {
-    let blocks = q.execute("query-block", None).await?;
-    let mut out = Vec::new();
-    for b in blocks.as_array().into_iter().flatten() {
-        let device = b.get("device").and_then(serde_json::Value::as_str);
-        let size = b
-            .pointer("/inserted/image/virtual-size")
-            .and_then(serde_json::Value::as_u64);
-        let (Some(device), Some(size)) = (device, size) else {
-            continue;
-        };
-        if device == "disk0" {
-            out.insert(0, (ROOT_DISK.to_owned(), size));
-        } else if let Some(disk) = device.strip_prefix("disk-") {
-            out.push((disk.to_owned(), size));
-        }
+    Ok(hotplug::query(q)
+        .await?
+        .into_iter()
+        .filter_map(|a| Some((a.disk, a.size?)))
+        .collect())
+}
+
+/// `host:port` of the VNC server of a running QEMU (QMP `query-vnc`),
+/// `None` when it has none.
+async fn vnc_address(q: &mut Qmp) -> Result<Option<String>, qmp::QmpError> {
+    let v = q.execute("query-vnc", None).await?;
+    if v.get("enabled").and_then(serde_json::Value::as_bool) != Some(true) {
+        return Ok(None);
     }
-    Ok(out)
+    let field = |k| v.get(k).and_then(serde_json::Value::as_str);
+    Ok(field("host")
+        .zip(field("service"))
+        .map(|(h, s)| format!("{h}:{s}")))
+}
+
+/// Whether `f` is vmctl's own SSH forward (127.0.0.1:`ssh_port` → 22).
+fn is_ssh_forward(f: &PortForward, ssh_port: Option<u16>) -> bool {
+    Some(f.host_port) == ssh_port
+        && f.guest_port == 22
+        && f.protocol == vmctl_api::Protocol::Tcp
+        && f.address == "127.0.0.1"
 }
 
 fn read_config(l: &Layout) -> Option<VmConfig> {
@@ -869,6 +1089,10 @@ fn not_running(op: &'static str, name: &str) -> DriverError {
 impl Hypervisor for QemuDriver {
     fn backend(&self) -> &'static str {
         "qemu"
+    }
+
+    fn work_dir(&self, name: &str) -> Option<PathBuf> {
+        Some(self.config.data_dir.join("vms").join(name))
     }
 
     fn prepare<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<InstanceStatus>> {
@@ -934,6 +1158,9 @@ impl Hypervisor for QemuDriver {
             if let Some(pid) = process::running_pid(&l) {
                 self.kill(name, &l, pid).await?;
             }
+            if let Some(cfg) = read_config(&l) {
+                shares::stop_virtiofsd(&l, cfg.shares.len()).await;
+            }
             // QEMU's supervisor writes `exit.status` just after QEMU dies;
             // a removal racing with that write finds the directory not empty.
             let mut removed = std::fs::remove_dir_all(&l.root);
@@ -986,6 +1213,100 @@ impl Hypervisor for QemuDriver {
             let lock = self.lock(name);
             let _guard = lock.lock().await;
             Ok(self.do_resize_disk(name, disk, bytes).await?)
+        })
+    }
+
+    fn hotplugs_disks(&self) -> bool {
+        true
+    }
+
+    fn attach_disk<'a>(
+        &'a self,
+        name: &'a str,
+        disk: &'a vmctl_api::Disk,
+    ) -> BoxFuture<'a, Result<DiskRuntime>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            Ok(self.do_attach_disk(name, disk).await?)
+        })
+    }
+
+    fn detach_disk<'a>(&'a self, name: &'a str, disk: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            Ok(self.do_detach_disk(name, disk).await?)
+        })
+    }
+
+    fn add_port_forward<'a>(
+        &'a self,
+        name: &'a str,
+        fwd: &'a PortForward,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            Ok(self.forward(name, fwd, true).await?)
+        })
+    }
+
+    fn remove_port_forward<'a>(
+        &'a self,
+        name: &'a str,
+        fwd: &'a PortForward,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            Ok(self.forward(name, fwd, false).await?)
+        })
+    }
+
+    fn snapshots<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<SnapshotInfo>>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            self.do_snapshots(name)
+                .await?
+                .ok_or_else(|| DriverError::NotFound(name.to_owned()))
+        })
+    }
+
+    fn create_snapshot<'a>(
+        &'a self,
+        name: &'a str,
+        snapshot: &'a str,
+    ) -> BoxFuture<'a, Result<SnapshotInfo>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            self.do_create_snapshot(name, snapshot).await
+        })
+    }
+
+    fn restore_snapshot<'a>(
+        &'a self,
+        name: &'a str,
+        snapshot: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            self.do_restore_snapshot(name, snapshot).await
+        })
+    }
+
+    fn delete_snapshot<'a>(
+        &'a self,
+        name: &'a str,
+        snapshot: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let lock = self.lock(name);
+            let _guard = lock.lock().await;
+            self.do_delete_snapshot(name, snapshot).await
         })
     }
 

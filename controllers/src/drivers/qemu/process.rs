@@ -60,31 +60,34 @@ impl std::fmt::Display for Exit {
 /// Starts `program args` under the supervisor, stderr to `qemu.log`.
 /// Returns the supervisor's pid; QEMU's own is in the pidfile.
 pub fn spawn_supervised(program: &Path, args: &[String], l: &Layout) -> std::io::Result<u32> {
-    use std::os::unix::process::CommandExt;
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(l.stderr_log())?;
-    let mut child = Command::new(SHELL)
-        .arg("-c")
+    let mut cmd = Command::new(SHELL);
+    cmd.arg("-c")
         .arg(SUPERVISOR)
         .arg("vmctl-qemu-supervisor")
         .arg(program)
         .args(args)
         .env("VMCTL_EXIT_FILE", l.exit_file())
-        .current_dir(&l.root)
+        .current_dir(&l.root);
+    spawn_detached(cmd, &l.stderr_log(), "qemu-reaper")
+}
+
+/// Starts `cmd` as a process that outlives the agent, as QEMU does: no
+/// stdin, stdout and stderr appended to `log`, its own process group (a
+/// Ctrl-C meant for the agent must not reach the VMs), and a thread named
+/// `{reaper}-{pid}` that reaps it while this agent lives, so it is not
+/// left a zombie that looks alive. Returns its pid.
+pub fn spawn_detached(mut cmd: Command, log: &Path, reaper: &str) -> std::io::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let log = File::options().create(true).append(true).open(log)?;
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        // Its own process group: a Ctrl-C meant for the agent must not
-        // reach the VMs.
         .process_group(0)
         .spawn()?;
     let pid = child.id();
-    // Reap the supervisor while this agent lives, so it is not left a
-    // zombie that looks alive.
     std::thread::Builder::new()
-        .name(format!("qemu-reaper-{pid}"))
+        .name(format!("{reaper}-{pid}"))
         .spawn(move || {
             let _ = child.wait();
         })?;

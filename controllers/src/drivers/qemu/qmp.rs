@@ -188,7 +188,9 @@ mod tests {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        for _ in 0..100 {
+        // Up to 60 s: QEMU took over 5 s to create its socket on a loaded
+        // machine (found as this test failing while builds ran).
+        for _ in 0..1200 {
             if sock.exists() {
                 break;
             }

@@ -533,3 +533,153 @@ async fn stop_and_destroy_work_with_only_qemu_tools_on_path() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The fault: a VM's graphics console was not there at all (the manual's
+/// QEMU backend had VNC on localhost and showed its address). Now it is
+/// opt-in: off by default, and `display: VNC` puts a VNC server on
+/// 127.0.0.1 whose address status shows and which answers RFB.
+#[tokio::test]
+async fn vnc_is_off_by_default_and_display_vnc_answers_rfb_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let d = driver(dir.path());
+    let mut plain = instance("novnc", &image);
+    plain.spec.memory_mib = 64;
+    d.prepare(&plain).await.unwrap();
+    let st = d.start("novnc").await.unwrap();
+    assert_eq!(st.runtime.vnc, None, "off by default");
+    d.destroy("novnc").await.unwrap();
+
+    let mut spec = instance("vnc", &image);
+    spec.spec.memory_mib = 64;
+    spec.spec.display = vmctl_api::Display::Vnc;
+    d.prepare(&spec).await.unwrap();
+    let st = d.start("vnc").await.unwrap();
+    let addr = st.runtime.vnc.clone().expect("the VNC address in status");
+    assert!(addr.starts_with("127.0.0.1:59"), "{addr}");
+    let mut s = tokio::net::TcpStream::connect(addr.as_str()).await.unwrap();
+    let mut banner = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&banner, b"RFB 003.008\n");
+    // A stopped VM has no VNC address.
+    d.stop("vnc", Duration::from_secs(1)).await.unwrap();
+    let st = d.status("vnc").await.unwrap().unwrap();
+    assert_eq!(st.runtime.vnc, None);
+    d.destroy("vnc").await.unwrap();
+}
+
+/// Port forwards through the real QEMU's monitor, without a guest: put in
+/// place and read back (vmctl's SSH forward left out), a host port that
+/// another socket holds is `AddressInUse` naming it, removal takes it away
+/// (and again is no error).
+#[tokio::test]
+async fn port_forwards_go_in_and_out_live_and_a_held_host_port_is_address_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let d = driver(dir.path());
+    let mut spec = instance("fwd", &image);
+    spec.spec.memory_mib = 64;
+    d.prepare(&spec).await.unwrap();
+    let st = d.start("fwd").await.unwrap();
+    assert_eq!(
+        st.port_forwards,
+        Some(vec![]),
+        "the SSH forward is vmctl's own"
+    );
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let f = vmctl_api::PortForward::tcp(port, 80);
+    d.add_port_forward("fwd", &f).await.unwrap();
+    let st = d.status("fwd").await.unwrap().unwrap();
+    assert_eq!(st.port_forwards, Some(vec![f.clone()]));
+    // QEMU listens there now.
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
+
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = vmctl_api::PortForward::tcp(held.local_addr().unwrap().port(), 81);
+    let err = d.add_port_forward("fwd", &busy).await.unwrap_err();
+    assert!(matches!(err, DriverError::AddressInUse(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(&format!("host port {}/tcp", busy.host_port)),
+        "{err}"
+    );
+    let st = d.status("fwd").await.unwrap().unwrap();
+    assert_eq!(st.port_forwards, Some(vec![f.clone()]), "the others stay");
+
+    d.remove_port_forward("fwd", &f).await.unwrap();
+    d.remove_port_forward("fwd", &f).await.unwrap();
+    let st = d.status("fwd").await.unwrap().unwrap();
+    assert_eq!(st.port_forwards, Some(vec![]));
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+    d.destroy("fwd").await.unwrap();
+}
+
+/// Hot-plug against a real QEMU whose guest (a blank disk: no OS) never
+/// answers ACPI: disks go onto the spare root ports QEMU-side and are
+/// reported and recorded; one more finds no free port; an unplug the guest
+/// does not release times out. Both failures carry HOTPLUG_FAILED and say
+/// why, and change nothing.
+#[tokio::test]
+async fn disks_hot_plug_onto_spare_root_ports_and_failures_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let mut config = QemuConfig::new(dir.path());
+    config.accel = Some(Accel::Tcg);
+    config.unplug_timeout = Duration::from_secs(1);
+    let d = QemuDriver::new(config);
+    let mut spec = instance("plug", &image);
+    spec.spec.memory_mib = 64;
+    let disk = |name: &str| vmctl_api::Disk {
+        name: name.into(),
+        size_gib: 1,
+    };
+    spec.spec.disks = vec![disk("data")];
+    d.prepare(&spec).await.unwrap();
+    d.start("plug").await.unwrap();
+    assert!(d.hotplugs_disks());
+
+    let l = d.layout("plug");
+    let spare: Vec<String> = (0..args::SPARE_PORTS).map(|i| format!("d{i}")).collect();
+    for name in &spare {
+        let got = d.attach_disk("plug", &disk(name)).await.unwrap();
+        assert_eq!(got.size_bytes, 1 << 30);
+        assert!(disk_path(&l, name).exists());
+        // Attaching it again is a no-op.
+        d.attach_disk("plug", &disk(name)).await.unwrap();
+    }
+    let names = |st: InstanceStatus| -> Vec<String> {
+        st.runtime.disks.into_iter().map(|d| d.name).collect()
+    };
+    let mut want = vec![ROOT_DISK.to_owned(), "data".to_owned()];
+    want.extend(spare.iter().cloned());
+    assert_eq!(names(d.status("plug").await.unwrap().unwrap()), want);
+    assert_eq!(read_config(&l).unwrap().disks, want[1..]);
+
+    let err = d
+        .attach_disk("plug", &disk("extra"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(hotplug::HOTPLUG_FAILED), "{err}");
+    assert!(
+        err.contains("Cannot attach disk extra of plug live"),
+        "{err}"
+    );
+    assert!(err.contains("no free PCIe root port"), "{err}");
+    assert!(!disk_path(&l, "extra").exists(), "nothing made");
+
+    let err = d.detach_disk("plug", "d0").await.unwrap_err().to_string();
+    assert!(
+        err.contains("the guest did not release disk d0 within 1s"),
+        "{err}"
+    );
+    assert_eq!(names(d.status("plug").await.unwrap().unwrap()), want);
+    // A disk not attached: detached already.
+    d.detach_disk("plug", "never").await.unwrap();
+    d.destroy("plug").await.unwrap();
+}

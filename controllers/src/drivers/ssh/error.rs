@@ -119,6 +119,19 @@ pub enum SshError {
         /// The last attempt's error chain.
         last: String,
     },
+    /// No connection could be made for an operation within `within`, so it
+    /// did not start ([`DriverError::Unreachable`]).
+    #[error("no SSH connection could be made in {}, so nothing ran", secs(*within))]
+    NotStarted {
+        /// How long connecting was retried.
+        within: Duration,
+        /// The last attempt's error.
+        #[source]
+        source: Box<SshError>,
+    },
+    /// A readiness probe ran and did not pass: why, for people.
+    #[error("{0}")]
+    ProbeFailed(String),
     /// A local file of a step cannot be read.
     #[error("Cannot read {}", path.display())]
     LocalFile {
@@ -278,6 +291,7 @@ impl From<SshError> for DriverError {
     fn from(e: SshError) -> Self {
         match e {
             SshError::Timeout { .. } => DriverError::Timeout(chain(&e)),
+            SshError::NotStarted { .. } => DriverError::Unreachable(chain(&e)),
             e => DriverError::Backend(chain(&e)),
         }
     }

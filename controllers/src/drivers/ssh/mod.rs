@@ -105,6 +105,15 @@ impl Provisioner for SshProvisioner {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move { Ok(probe_ssh(target, timeout).await?) })
     }
+
+    fn run_probe<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        probe: &'a vmctl_api::Probe,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { Ok(probe::run_probe(target, probe, timeout).await?) })
+    }
 }
 
 /// Waits until `target` accepts an authenticated SSH session with the
@@ -198,13 +207,23 @@ pub async fn run_step(
             "==> {started} step {index}: {}",
             steps::describe(&step)
         ))?;
-        let result = connect_retrying(&ep, STEP_CONNECT_TIMEOUT).and_then(|sess| {
-            let code = steps::run_step(&sess, index, &step, &mut sink);
-            connect::disconnect(&sess);
-            code
-        });
+        let result = match connect_retrying(&ep, STEP_CONNECT_TIMEOUT) {
+            Ok(sess) => {
+                let code = steps::run_step(&sess, index, &step, &mut sink);
+                connect::disconnect(&sess);
+                code
+            }
+            Err(e) if e.is_transient() => Err(SshError::NotStarted {
+                within: STEP_CONNECT_TIMEOUT,
+                source: Box::new(e),
+            }),
+            Err(e) => Err(e),
+        };
         let footer = match &result {
             Ok(code) => format!("==> step {index} exited with code {code}"),
+            Err(e @ SshError::NotStarted { .. }) => {
+                format!("==> step {index} did not start: {}", error::chain(e))
+            }
             Err(e) => format!("==> step {index} failed: {}", error::chain(e)),
         };
         sink.log_only(&footer)?;

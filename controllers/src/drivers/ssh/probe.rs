@@ -72,15 +72,152 @@ pub async fn probe_ssh(target: &SshTarget, timeout: Duration) -> Result<(), SshE
         // Part of the banner arrived: peek again once more is there.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // sshd is there. One handshake at a time per address: the prober has
+    // several attempts in flight while the guest boots, and when sshd comes
+    // up they all pass the banner at once; their handshakes would share
+    // the guest's CPU (one vCPU under TCG), so each would take longer than
+    // one alone. The others wait here, their connections open, until the
+    // first one's handshake ends (the prober stops them once one passes).
+    let turn = tokio::time::timeout_at(deadline, handshake_lock(&addr).lock_owned())
+        .await
+        .map_err(|_| connect_err(timed_out("turn to shake hands")))?;
     let tcp = tcp.into_std().map_err(connect_err)?;
     tcp.set_nonblocking(false).map_err(connect_err)?;
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
     super::blocking(move || {
+        let _turn = turn;
         let sess = ep.handshake(tcp, left)?;
         connect::disconnect(&sess);
         Ok(())
     })
     .await
+}
+
+/// The lock that lets one probe handshake with `addr` at a time. One per
+/// address ever probed (a few bytes each; addresses are reused).
+fn handshake_lock(addr: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    > = std::sync::OnceLock::new();
+    LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(addr.to_owned())
+        .or_default()
+        .clone()
+}
+
+/// Output of an exec probe kept for its failure message, in bytes.
+const PROBE_OUTPUT_LIMIT: usize = 4096;
+
+/// Runs a readiness probe of the user's own on `target` once: an
+/// authenticated SSH session, then the probe's command (passing when it
+/// exits 0) or a `direct-tcpip` channel to the probe's port on the guest's
+/// 127.0.0.1 (passing when the guest's sshd could connect to it: RFC 4254,
+/// 7.2). `timeout` bounds each blocking SSH operation and the whole run.
+///
+/// Errors: [`SshError::ProbeFailed`] when the probe ran and did not pass
+/// (the exit code and the output's last line, or the refusal), and the
+/// connection errors of [`Endpoint::connect`] when it could not run.
+pub async fn run_probe(
+    target: &SshTarget,
+    probe: &vmctl_api::Probe,
+    timeout: Duration,
+) -> Result<(), SshError> {
+    let ep = Endpoint::resolve(target)?;
+    let probe = probe.clone();
+    let run = super::blocking(move || {
+        let sess = ep.connect(timeout)?;
+        sess.set_timeout(
+            u32::try_from(timeout.as_millis())
+                .unwrap_or(u32::MAX)
+                .max(1),
+        );
+        let r = probe_on(&sess, &probe);
+        connect::disconnect(&sess);
+        r
+    });
+    tokio::time::timeout(timeout + Duration::from_millis(500), run)
+        .await
+        .unwrap_or_else(|_| {
+            Err(SshError::ProbeFailed(format!(
+                "no answer within {} s",
+                timeout.as_secs_f64()
+            )))
+        })
+}
+
+/// [`run_probe`] on a connected session.
+fn probe_on(sess: &ssh2::Session, probe: &vmctl_api::Probe) -> Result<(), SshError> {
+    use std::io::Read as _;
+    if let Some(t) = &probe.tcp_socket {
+        return match sess.channel_direct_tcpip("127.0.0.1", t.port, None) {
+            Ok(mut ch) => {
+                let _ = ch.close();
+                Ok(())
+            }
+            Err(e) => Err(SshError::ProbeFailed(format!(
+                "port {} in the guest does not accept connections ({})",
+                t.port,
+                e.message()
+            ))),
+        };
+    }
+    let Some(exec) = &probe.exec else {
+        return Err(SshError::ProbeFailed("the probe has nothing to run".into()));
+    };
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        SshError::ProbeFailed(format!("could not {what}: {e}"))
+    };
+    let mut ch = sess
+        .channel_session()
+        .map_err(|e| failed("open a channel", &e))?;
+    ch.handle_extended_data(ssh2::ExtendedData::Merge)
+        .map_err(|e| failed("merge stderr", &e))?;
+    ch.exec(&exec.command)
+        .map_err(|e| failed("start the command", &e))?;
+    ch.send_eof().map_err(|e| failed("close its stdin", &e))?;
+    // The output is read to its end (the command ends only once it is
+    // read), keeping its last PROBE_OUTPUT_LIMIT bytes.
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = ch.read(&mut buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                SshError::ProbeFailed("the command did not end within the probe's timeout".into())
+            } else {
+                failed("read its output", &e)
+            }
+        })?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if out.len() > PROBE_OUTPUT_LIMIT {
+            out.drain(..out.len() - PROBE_OUTPUT_LIMIT);
+        }
+    }
+    ch.wait_close()
+        .map_err(|e| failed("close the channel", &e))?;
+    let code = ch
+        .exit_status()
+        .map_err(|e| failed("read the exit status", &e))?;
+    if code == 0 {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&out);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    Err(SshError::ProbeFailed(if last.is_empty() {
+        format!("exited with code {code}")
+    } else {
+        format!("exited with code {code}: {last}")
+    }))
 }

@@ -8,10 +8,14 @@
 //!   failed for this generation) ──▶ ResizeDisk
 //!   spec asks more, otherwise ──▶ DiskResizePending True (applies at the next
 //!                                 start; a running VM also needs RestartRequired)
-//!   an extra disk added to or removed from the spec of a running VM
-//!                               ──▶ RestartRequired (attached or detached at
-//!                                   the next start; its file is kept until the
-//!                                   VM is deleted)
+//!   an extra disk added to or removed from the spec of a running VM,
+//!   backend hot-plugs (no hot-plug failed for this generation)
+//!                               ──▶ AttachDisk / DetachDisk (live; a removed
+//!                                   disk's file is kept until the VM is deleted)
+//!   … otherwise, or a hot-plug failed ──▶ RestartRequired (attached or
+//!                                   detached at the next start; reason
+//!                                   HotPlugFailed after a failure)
+//!   … of a paused VM whose backend hot-plugs ──▶ waits for the resume
 //! ```
 //!
 //! A disk the hypervisor does not report (a backend that reports none, an
@@ -31,6 +35,10 @@ pub const RESIZE_PENDING: &str = "DiskResizePending";
 /// Reason of [`RESIZE_PENDING`] after a live resize failed; it is not
 /// tried again for the same generation.
 pub const LIVE_RESIZE_FAILED: &str = "LiveResizeFailed";
+
+/// Reason of `RestartRequired` after a disk hot-plug or hot-unplug
+/// failed; no disk is hot-plugged again for the same generation.
+pub const HOTPLUG_FAILED: &str = "HotPlugFailed";
 
 /// A disk whose size the spec and the hypervisor disagree on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +141,17 @@ pub fn live_resize_failed(o: &Observed) -> bool {
         c.type_ == RESIZE_PENDING
             && c.status == ConditionStatus::True
             && c.reason == LIVE_RESIZE_FAILED
+            && c.observed_generation == o.generation
+    })
+}
+
+/// Whether a disk hot-plug or hot-unplug failed for this generation (then
+/// disks are attached and detached at the next start instead).
+pub fn hotplug_failed(o: &Observed) -> bool {
+    o.status.conditions.iter().any(|c| {
+        c.type_ == "RestartRequired"
+            && c.status == ConditionStatus::True
+            && c.reason == HOTPLUG_FAILED
             && c.observed_generation == o.generation
     })
 }

@@ -33,6 +33,20 @@ fn not_ready() -> ImageNotReady {
     }
 }
 
+/// The VM's work dir under the agent of [`here`].
+const WORK_DIR: &str = "/data/vms/web";
+
+/// The agent that plans: node `here`, data dir `/data`.
+fn here() -> Here {
+    Here {
+        node: crate::NodeIdentity {
+            name: "here".into(),
+            data_dir: Some("/data".into()),
+        },
+        work_dir: Some(WORK_DIR.into()),
+    }
+}
+
 /// The size of the root disk a prepared instance has (the image's).
 const IMAGE_SIZE: u64 = 8 << 30;
 
@@ -41,6 +55,7 @@ fn instance(state: InstanceState) -> InstanceStatus {
         state,
         runtime: VmRuntime {
             backend: "fake".into(),
+            work_dir: Some(WORK_DIR.into()),
             instance_id: Some("i-1".into()),
             disks: vec![DiskRuntime {
                 name: ROOT_DISK.into(),
@@ -49,6 +64,8 @@ fn instance(state: InstanceState) -> InstanceStatus {
             }],
             ..Default::default()
         },
+        // As QEMU reports them: a running instance's forwards (none yet).
+        port_forwards: (state != InstanceState::Stopped).then(Vec::new),
     }
 }
 
@@ -95,7 +112,11 @@ fn fresh() -> Observed {
         instance: None,
         now: now(),
         live_disk_resize: true,
+        live_disk_hotplug: true,
         readiness: None,
+        address: None,
+        snapshots: Vec::new(),
+        here: here(),
     }
 }
 
@@ -116,11 +137,18 @@ fn settled() -> Observed {
 /// succeeds; whether the reconcile ends with it.
 fn model(o: &mut Observed, step: &Step) -> bool {
     match step {
+        Step::NodeLost { condition, .. } => {
+            o.node_lost(condition.clone());
+        }
         Step::Forget => {}
         Step::Teardown => {
             o.terminating();
             o.instance = None;
             o.finalizer = false;
+        }
+        Step::DeleteSnapshots { .. } => {
+            o.terminating();
+            o.snapshots.clear();
         }
         Step::SetCondition { condition, .. } => {
             o.set_condition(condition.clone());
@@ -141,6 +169,16 @@ fn model(o: &mut Observed, step: &Step) -> bool {
             o.started(running);
         }
         Step::ResizeDisk { disk, to, .. } => o.disk_resized(disk, *to),
+        Step::AttachDisk { disk } => o.disk_attached(DiskRuntime {
+            name: disk.name.clone(),
+            size_bytes: disk.size_gib << 30,
+            path: None,
+        }),
+        Step::DetachDisk { disk } => o.disk_detached(disk),
+        Step::ForwardPorts { remove, add } => {
+            remove.iter().for_each(|f| o.forward_removed(f));
+            add.iter().for_each(|f| o.forward_added(f));
+        }
         Step::Suspend => o.now_in(InstanceState::Suspended),
         Step::Resume => o.now_in(InstanceState::Running),
         Step::Stop => o.now_in(InstanceState::Stopped),
@@ -192,12 +230,78 @@ fn plan_table() {
             })),
         ),
         (
+            "a disk added to a running VM is hot-plugged",
+            spec_of(settled(), |s| s.disks = vec![data_disk(2)]),
+            Box::new(is(Step::AttachDisk { disk: data_disk(2) })),
+        ),
+        (
+            "a disk removed from a running VM is hot-unplugged",
+            {
+                let mut o = edited(settled(), |s| s.disks = vec![data_disk(2)]);
+                reconcile(&mut o);
+                spec_of(o, |s| s.disks.clear())
+            },
+            Box::new(is(Step::DetachDisk {
+                disk: "data".into(),
+            })),
+        ),
+        (
+            "a disk added to a running VM whose backend cannot hot-plug requires a restart",
+            spec_of(
+                Observed {
+                    live_disk_hotplug: false,
+                    ..settled()
+                },
+                |s| s.disks = vec![data_disk(2)],
+            ),
+            Box::new(|s: &Step| is_set_condition(s, "RestartRequired", ConditionStatus::True)),
+        ),
+        (
+            "a disk added to a running VM after a failed hot-plug of this generation requires a restart",
+            {
+                let mut o = spec_of(settled(), |s| s.disks = vec![data_disk(2)]);
+                o.disk_hotplug_failed("data", true, "no free PCIe root port");
+                o
+            },
+            Box::new(is(Step::Report {
+                phase: VmPhase::Running,
+            })),
+        ),
+        (
+            "a disk added to a paused VM waits for the resume, no restart",
+            spec_of(
+                Observed {
+                    instance: Some(instance(InstanceState::Suspended)),
+                    ..settled()
+                },
+                |s| {
+                    s.disks = vec![data_disk(2)];
+                    s.power_state = PowerState::Suspended;
+                    s.update_policy = UpdatePolicy::Restart;
+                },
+            ),
+            Box::new(is(Step::Report {
+                phase: VmPhase::Suspended,
+            })),
+        ),
+        (
             "a deleted VM with the finalizer is torn down",
             Observed {
                 deleting: true,
                 ..settled()
             },
             Box::new(is(Step::Teardown)),
+        ),
+        (
+            "a deleted VM with Snapshots deletes them before its teardown",
+            Observed {
+                deleting: true,
+                snapshots: vec!["before".into()],
+                ..settled()
+            },
+            Box::new(is(Step::DeleteSnapshots {
+                names: vec!["before".into()],
+            })),
         ),
         (
             "a deleted VM without the finalizer is forgotten",
@@ -501,6 +605,117 @@ fn a_new_vm_is_started_in_one_reconcile_and_the_next_only_reports() {
     assert_eq!(o.status, before);
 }
 
+/// The fault: the agent that took the etcd lease over from another data
+/// dir (or host) saw no instance in its own data dir, noted `Crashed` and
+/// started a second copy on a new empty disk. Now it reports `NodeLost`,
+/// changes nothing else, and the owning agent adopts the VM as before.
+#[test]
+fn a_second_agent_never_starts_a_second_copy_of_a_vm_running_under_another_data_dir() {
+    let running = settled();
+    assert_eq!(running.status.node_name.as_deref(), Some("here"));
+    // Another agent on the same host, with data dir /data2: its driver
+    // finds no instance of the VM.
+    let mut other = Observed {
+        instance: None,
+        here: Here {
+            node: crate::NodeIdentity {
+                name: "here".into(),
+                data_dir: Some("/data2".into()),
+            },
+            work_dir: Some("/data2/vms/web".into()),
+        },
+        ..running.clone()
+    };
+    let steps = reconcile(&mut other);
+    assert!(
+        matches!(
+            steps[..],
+            [Step::NodeLost {
+                warning: Some(_),
+                ..
+            }]
+        ),
+        "{steps:?}"
+    );
+    let ready = cond(&other, "Ready").unwrap();
+    assert_eq!(
+        (ready.status, ready.reason.as_str()),
+        (ConditionStatus::False, NODE_LOST)
+    );
+    assert!(
+        ready
+            .message
+            .contains("node here (work dir /data/vms/web), last reported Running")
+            && ready.message.contains("data dir /data2"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(
+        other.status.phase,
+        VmPhase::Running,
+        "the last known phase stays"
+    );
+    assert_eq!(other.status.start_failures.count, 0, "no crash is counted");
+    assert_eq!(other.status.runtime, running.status.runtime);
+    // Another host: the node name differs, whatever its work dir.
+    let mut far = Observed {
+        instance: None,
+        here: Here {
+            node: crate::NodeIdentity {
+                name: "far".into(),
+                data_dir: None,
+            },
+            work_dir: Some(WORK_DIR.into()),
+        },
+        ..running.clone()
+    };
+    assert!(matches!(reconcile(&mut far)[..], [Step::NodeLost { .. }]));
+    // Deleted there: the finalizer stays (no claim of a teardown).
+    let mut deleted = Observed {
+        deleting: true,
+        ..other.clone()
+    };
+    assert!(matches!(
+        reconcile(&mut deleted)[..],
+        [Step::NodeLost {
+            warning: Some(_),
+            ..
+        }]
+    ));
+    assert!(deleted.finalizer);
+    assert_eq!(deleted.status.phase, VmPhase::Terminating);
+    // The owner, back, adopts its running instance from the NodeLost
+    // status: Ready again, nothing started.
+    let mut back = Observed {
+        instance: running.instance.clone(),
+        here: here(),
+        ..other
+    };
+    let steps = reconcile(&mut back);
+    assert!(
+        !steps
+            .iter()
+            .any(|s| matches!(s, Step::Start { .. } | Step::Crashed)),
+        "{steps:?}"
+    );
+    assert!(crate::conditions::is_true(&back.status.conditions, "Ready"));
+}
+
+/// A status written before `nodeName` existed, on the agent that runs the
+/// instance: adopted, and the node recorded.
+#[test]
+fn an_instance_adopted_from_a_status_without_a_node_records_this_node() {
+    let mut o = settled();
+    o.status.node_name = None;
+    assert_eq!(
+        reconcile(&mut o),
+        [Step::Report {
+            phase: VmPhase::Running
+        }]
+    );
+    assert_eq!(o.status.node_name.as_deref(), Some("here"));
+}
+
 #[test]
 fn a_failed_start_backs_off_with_a_growing_count() {
     let mut o = Observed {
@@ -709,8 +924,11 @@ fn a_stopped_vms_disk_growth_is_reported_as_applying_at_the_next_start() {
 }
 
 #[test]
-fn an_extra_disk_added_to_a_running_vm_requires_a_restart_and_is_attached_at_start() {
-    let mut o = settled();
+fn an_extra_disk_added_to_a_running_vm_whose_backend_cannot_hot_plug_requires_a_restart() {
+    let mut o = Observed {
+        live_disk_hotplug: false,
+        ..settled()
+    };
     o.spec.disks = vec![vmctl_api::Disk {
         name: "data".into(),
         size_gib: 2,
@@ -769,6 +987,171 @@ fn an_extra_disk_added_to_a_running_vm_requires_a_restart_and_is_attached_at_sta
     );
 }
 
+/// `o` with its spec changed by `f`, same generation (a plan table row).
+fn spec_of(mut o: Observed, f: impl FnOnce(&mut VirtualMachineSpec)) -> Observed {
+    f(&mut o.spec);
+    o
+}
+
+/// The steps that act (conditions left out).
+fn acts(steps: Vec<Step>) -> Vec<Step> {
+    steps
+        .into_iter()
+        .filter(|s| !matches!(s, Step::SetCondition { .. }))
+        .collect()
+}
+
+fn data_disk(size_gib: u64) -> vmctl_api::Disk {
+    vmctl_api::Disk {
+        name: "data".into(),
+        size_gib,
+    }
+}
+
+/// [`settled`]-like `o` running with a 2 GiB disk `data` attached, then
+/// its spec changed by `f` (a new generation).
+fn with_data_disk(o: Observed, f: impl FnOnce(&mut VirtualMachineSpec)) -> Observed {
+    let mut o = edited(o, |s| s.disks = vec![data_disk(2)]);
+    reconcile(&mut o);
+    assert!(disk_names(&o).contains(&"data".to_owned()));
+    edited(o, f)
+}
+
+fn disk_names(o: &Observed) -> Vec<String> {
+    o.instance
+        .as_ref()
+        .map(|i| i.runtime.disks.iter().map(|d| d.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_data_disk_added_to_a_running_vm_is_hot_plugged_and_removed_live() {
+    let mut o = edited(settled(), |s| s.disks = vec![data_disk(2)]);
+    let steps = acts(reconcile(&mut o));
+    assert_eq!(
+        steps,
+        [
+            Step::AttachDisk { disk: data_disk(2) },
+            Step::Report {
+                phase: VmPhase::Running
+            }
+        ]
+    );
+    assert!(!steps.contains(&Step::Restart));
+    let runtime: Vec<_> = o
+        .status
+        .runtime
+        .as_ref()
+        .unwrap()
+        .disks
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(runtime, [ROOT_DISK, "data"], "the status shows it attached");
+    assert!(cond(&o, "RestartRequired").is_none_or(|c| c.status == ConditionStatus::False));
+
+    // Removed: detached live, even with policy Restart (no restart).
+    let mut o = edited(o, |s| {
+        s.disks.clear();
+        s.update_policy = UpdatePolicy::Restart;
+    });
+    let steps = acts(reconcile(&mut o));
+    assert_eq!(
+        steps,
+        [
+            Step::DetachDisk {
+                disk: "data".into()
+            },
+            Step::Report {
+                phase: VmPhase::Running
+            }
+        ]
+    );
+    assert_eq!(disk_names(&o), [ROOT_DISK]);
+    assert!(cond(&o, "RestartRequired").is_none_or(|c| c.status == ConditionStatus::False));
+}
+
+#[test]
+fn a_failed_hot_plug_is_not_retried_for_the_generation_and_requires_a_restart() {
+    let o = edited(settled(), |s| s.disks = vec![data_disk(2)]);
+    assert!(reconcile(&mut o.clone()).contains(&Step::AttachDisk { disk: data_disk(2) }));
+    let mut failed = o.clone();
+    failed.disk_hotplug_failed("data", true, "no free PCIe root port");
+    let steps = reconcile(&mut failed);
+    assert!(
+        !steps
+            .iter()
+            .any(|s| matches!(s, Step::AttachDisk { .. } | Step::Restart)),
+        "{steps:?}"
+    );
+    let restart = cond(&failed, "RestartRequired").unwrap();
+    assert_eq!(
+        (restart.status, restart.reason.as_str()),
+        (ConditionStatus::True, disks::HOTPLUG_FAILED)
+    );
+    assert!(
+        restart.message.contains("disk data could not be attached live (no free PCIe root port); it is attached at the next start"),
+        "{}",
+        restart.message
+    );
+    // A reconcile later still does not retry it.
+    assert_eq!(
+        acts(reconcile(&mut failed)),
+        [Step::Report {
+            phase: VmPhase::Running
+        }]
+    );
+    // With policy Restart the failure restarts the VM, which attaches it.
+    let mut restart_policy = edited(failed.clone(), |s| s.update_policy = UpdatePolicy::Restart);
+    restart_policy.disk_hotplug_failed("data", true, "no free PCIe root port");
+    assert_eq!(reconcile(&mut restart_policy).last(), Some(&Step::Restart));
+    reconcile(&mut restart_policy);
+    assert!(disk_names(&restart_policy).contains(&"data".to_owned()));
+    // The next generation tries live again.
+    let mut next = edited(failed, |s| s.vcpus = 1);
+    assert!(reconcile(&mut next).contains(&Step::AttachDisk { disk: data_disk(2) }));
+
+    // A failed detach: the same, worded for a detach.
+    let mut o = with_data_disk(settled(), |s| s.disks.clear());
+    o.disk_hotplug_failed(
+        "data",
+        false,
+        "the guest did not release disk data within 30 s",
+    );
+    let steps = reconcile(&mut o);
+    assert!(!steps.iter().any(|s| matches!(s, Step::DetachDisk { .. })));
+    let restart = cond(&o, "RestartRequired").unwrap();
+    assert!(
+        restart
+            .message
+            .contains("disk data could not be detached live"),
+        "{}",
+        restart.message
+    );
+    assert!(restart.message.contains("its file is kept"));
+}
+
+#[test]
+fn a_paused_vms_disk_change_waits_for_the_resume_and_is_then_hot_plugged() {
+    let mut o = edited(settled(), |s| s.power_state = PowerState::Suspended);
+    reconcile(&mut o);
+    let mut o = edited(o, |s| s.disks = vec![data_disk(2)]);
+    let steps = acts(reconcile(&mut o));
+    assert_eq!(
+        steps,
+        [Step::Report {
+            phase: VmPhase::Suspended
+        }]
+    );
+    assert!(cond(&o, "RestartRequired").is_none_or(|c| c.status == ConditionStatus::False));
+    let mut o = edited(o, |s| s.power_state = PowerState::Running);
+    let steps = acts(reconcile(&mut o));
+    assert_eq!(
+        &steps[..2],
+        [Step::Resume, Step::AttachDisk { disk: data_disk(2) }]
+    );
+}
+
 // ------------------------------------------------------------ properties ----
 
 fn arb_condition() -> impl Strategy<Value = Condition> {
@@ -788,6 +1171,7 @@ fn arb_condition() -> impl Strategy<Value = Condition> {
             "Running",
             "Other",
             disks::LIVE_RESIZE_FAILED,
+            disks::HOTPLUG_FAILED,
         ]),
         1u64..3,
     )
@@ -823,9 +1207,14 @@ prop_compose! {
         power in prop::sample::select(vec![PowerState::Running, PowerState::Stopped, PowerState::Suspended]),
         policy in prop::sample::select(vec![UpdatePolicy::RestartRequired, UpdatePolicy::Restart, UpdatePolicy::Recreate]),
         disk_gib in prop::option::of(6u64..10),
+        disks in prop::sample::subsequence(vec!["data", "logs"], 0..=2),
     ) -> VirtualMachineSpec {
         let mut s = spec(image);
         s.disk_gib = disk_gib;
+        s.disks = disks
+            .into_iter()
+            .map(|n| vmctl_api::Disk { name: n.into(), size_gib: 2 })
+            .collect();
         s.vcpus = vcpus;
         s.power_state = power;
         s.update_policy = policy;
@@ -841,8 +1230,15 @@ prop_compose! {
         disk_image in prop::option::of(prop::sample::select(vec!["a", "b"])),
         failures in 0u32..3,
         retry_in in prop::option::of(-30i64..30),
+        node in prop::option::of(prop::sample::select(vec!["here", "there"])),
+        work_dir in prop::option::of(prop::sample::select(vec![WORK_DIR, "/other/vms/web"])),
     ) -> VirtualMachineStatus {
         let mut status = VirtualMachineStatus { phase, ..Default::default() };
+        status.node_name = node.map(str::to_owned);
+        status.runtime = work_dir.map(|w| VmRuntime {
+            work_dir: Some(w.into()),
+            ..Default::default()
+        });
         for c in conditions {
             set_condition(&mut status.conditions, c, now());
         }
@@ -868,8 +1264,11 @@ prop_compose! {
         image_ready in any::<bool>(),
         state in arb_state(),
         root_gib in 6u64..10,
+        attached in prop::sample::subsequence(vec!["data", "logs"], 0..=2),
         live_disk_resize in any::<bool>(),
+        live_disk_hotplug in any::<bool>(),
         ssh in prop::option::of(any::<bool>()),
+        address in prop::option::of(0u8..3),
     ) -> Observed {
         Observed {
             name: "web".into(),
@@ -882,10 +1281,16 @@ prop_compose! {
             instance: state.map(|st| {
                 let mut i = instance(st);
                 i.runtime.disks[0].size_bytes = root_gib << 30;
+                i.runtime.disks.extend(attached.iter().map(|n| DiskRuntime {
+                    name: (*n).into(),
+                    size_bytes: 2 << 30,
+                    path: None,
+                }));
                 i
             }),
             now: now(),
             live_disk_resize,
+            live_disk_hotplug,
             readiness: ssh.map(|ok| crate::probe::Readiness {
                 ssh: crate::probe::Check {
                     ok,
@@ -893,8 +1298,29 @@ prop_compose! {
                     reason: if ok { "Connected" } else { "WaitingForSsh" },
                     message: String::new(),
                 },
+                probes: Vec::new(),
             }),
+            address: address.map(discovery),
+            snapshots: Vec::new(),
+            here: here(),
         }
+    }
+}
+
+/// An address search: 0 searching, 1 timed out, 2 found.
+fn discovery(i: u8) -> Discovery {
+    match i {
+        0 => Discovery::Searching {
+            message: "looking for the IPv4 address of MAC 52:54:00:aa:bb:cc".into(),
+        },
+        1 => Discovery::TimedOut {
+            message: format!("IP discovery timeout: … Hints: {}", crate::address::HINTS),
+        },
+        _ => Discovery::Found {
+            address: std::net::Ipv4Addr::new(10, 77, 0, 141),
+            source: crate::address::Source::Neighbours("br0".into()),
+            since: Some(now()),
+        },
     }
 }
 
@@ -915,11 +1341,65 @@ proptest! {
         }
     }
 
+    /// A tap VM whose address is not found is not Ready, and neither is
+    /// its SSH (`vmctl ssh` waits for it), whatever the prober says.
+    #[test]
+    fn a_vm_is_never_ready_while_its_address_is_not_found(mut o in arb_observed(), phase in prop::sample::select(vec![VmPhase::Running, VmPhase::Suspended, VmPhase::Stopped])) {
+        let unaddressed = o.address.as_ref().is_some_and(|d| d.address().is_none());
+        o.report(phase);
+        if unaddressed {
+            prop_assert!(!crate::conditions::is_true(&o.status.conditions, "Ready"));
+            prop_assert!(!crate::conditions::is_true(&o.status.conditions, "SshReady"));
+            prop_assert!(!crate::conditions::is_true(&o.status.conditions, "AddressReady"));
+        }
+        if o.address.is_none() {
+            prop_assert!(!o.status.conditions.iter().any(|c| c.type_ == "AddressReady"));
+        }
+    }
+
     #[test]
     fn a_vm_being_deleted_is_only_torn_down(o in arb_observed()) {
-        let o = Observed { deleting: true, ..o };
-        let want = if o.finalizer { Step::Teardown } else { Step::Forget };
-        prop_assert_eq!(plan(&o), want);
+        let o = Observed { deleting: true, instance: None, ..o };
+        let step = plan(&o);
+        match (o.finalizer, o.elsewhere()) {
+            (false, _) => prop_assert_eq!(step, Step::Forget),
+            (true, None) => prop_assert_eq!(step, Step::Teardown),
+            (true, Some(_)) => prop_assert!(matches!(step, Step::NodeLost { .. }), "{:?}", step),
+        }
+    }
+
+    /// The fault: an agent that took over an etcd prefix from another
+    /// (another host, or another data dir of this one) found no instance
+    /// in its own data dir, noted a false `Crashed` and started a second
+    /// copy of the VM on a new empty disk. Whatever else was observed, an
+    /// instance the status places under another agent is never started,
+    /// stopped, recreated or destroyed from here, nor noted as crashed.
+    #[test]
+    fn a_vm_whose_instance_lives_under_another_agent_is_only_reported_node_lost(o in arb_observed()) {
+        let mut o = Observed { instance: None, ..o };
+        let Some(away) = o.elsewhere() else { return Ok(()) };
+        prop_assert!(
+            away.node.as_deref() == Some("there")
+                || away.work_dir.as_deref() == Some("/other/vms/web"),
+            "{:?}", away
+        );
+        let (runtime, node) = (o.status.runtime.clone(), o.status.node_name.clone());
+        let steps = reconcile(&mut o);
+        if o.deleting && !o.finalizer {
+            prop_assert_eq!(steps, vec![Step::Forget]);
+            return Ok(());
+        }
+        prop_assert!(matches!(steps[..], [Step::NodeLost { .. }]), "{:?}", steps);
+        let ready = cond(&o, "Ready").unwrap();
+        prop_assert_eq!(ready.status, ConditionStatus::False);
+        prop_assert_eq!(ready.reason.as_str(), NODE_LOST);
+        prop_assert!(ready.message.contains("node here"), "{}", ready.message);
+        // The last known place of the instance stays in the status.
+        prop_assert_eq!(&o.status.runtime, &runtime);
+        prop_assert_eq!(&o.status.node_name, &node);
+        // Reported once: the next reconcile changes nothing.
+        let again = plan(&o);
+        prop_assert!(matches!(&again, Step::NodeLost { warning: None, .. }), "{:?}", again);
     }
 
     #[test]
@@ -927,7 +1407,7 @@ proptest! {
         let o = Observed { deleting: false, finalizer: false, ..o };
         let step = plan(&o);
         prop_assert!(
-            matches!(step, Step::SetCondition { .. } | Step::WaitForImage | Step::AddFinalizer),
+            matches!(step, Step::SetCondition { .. } | Step::WaitForImage | Step::AddFinalizer | Step::NodeLost { .. }),
             "{:?}", step
         );
     }
@@ -975,6 +1455,26 @@ proptest! {
     }
 
     #[test]
+    fn a_disk_is_only_hot_plugged_into_a_running_instance_whose_backend_can(o in arb_observed()) {
+        match plan(&o) {
+            Step::AttachDisk { disk } => {
+                prop_assert!(o.live_disk_hotplug && !disks::hotplug_failed(&o));
+                prop_assert_eq!(o.instance.as_ref().map(|i| i.state), Some(InstanceState::Running));
+                prop_assert!(o.spec.disks.contains(&disk));
+                prop_assert!(!disk_names(&o).contains(&disk.name));
+            }
+            Step::DetachDisk { disk } => {
+                prop_assert!(o.live_disk_hotplug && !disks::hotplug_failed(&o));
+                prop_assert_eq!(o.instance.as_ref().map(|i| i.state), Some(InstanceState::Running));
+                prop_assert!(!o.spec.disks.iter().any(|d| d.name == disk));
+                prop_assert!(disk != ROOT_DISK);
+                prop_assert!(disk_names(&o).contains(&disk));
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
     fn a_shrink_never_stops_restarts_or_fails_a_vm(o in arb_observed()) {
         // Only the disk asked smaller: the same VM with the size it has
         // takes the same power steps.
@@ -1012,12 +1512,297 @@ proptest! {
             let before = o.status.clone();
             prop_assert_eq!(reconcile(&mut o), vec![Step::Report { phase }]);
             prop_assert_eq!(&o.status, &before, "a second report changes nothing");
-            // Running is Ready unless the SSH probe has not passed.
+            // Running is Ready unless the SSH probe has not passed or the
+            // address is not found.
             let ssh_down = o.readiness.as_ref().is_some_and(|r| !r.ssh.ok);
+            let unaddressed = o.address.as_ref().is_some_and(|d| d.address().is_none());
             if phase == VmPhase::Running {
                 let ready = cond(&o, "Ready").is_some_and(|c| c.status == ConditionStatus::True);
-                prop_assert_eq!(ready, !ssh_down);
+                prop_assert_eq!(ready, !ssh_down && !unaddressed);
             }
         }
     }
+}
+
+// ------------------------------------------------------ port forwards ----
+
+fn fwd(host: u16, guest: u16) -> vmctl_api::PortForward {
+    vmctl_api::PortForward::tcp(host, guest)
+}
+
+fn forward_entry(o: &Observed, host: u16) -> vmctl_api::PortForwardStatus {
+    o.status
+        .port_forwards
+        .iter()
+        .find(|e| e.host_port == host)
+        .cloned()
+        .unwrap()
+}
+
+fn forward_steps(steps: &[Step]) -> Vec<&Step> {
+    steps
+        .iter()
+        .filter(|s| matches!(s, Step::ForwardPorts { .. }))
+        .collect()
+}
+
+/// `o` with its spec edited by `f` (a new generation), as an apply does.
+fn edited(mut o: Observed, f: impl FnOnce(&mut VirtualMachineSpec)) -> Observed {
+    f(&mut o.spec);
+    o.generation += 1;
+    o
+}
+
+#[test]
+fn a_port_forward_added_or_removed_on_a_running_vm_applies_live_without_a_restart() {
+    let digest = restart_digest(&settled().spec);
+    for policy in [UpdatePolicy::RestartRequired, UpdatePolicy::Restart] {
+        let mut o = edited(settled(), |s| {
+            s.update_policy = policy;
+            s.port_forwards = vec![fwd(8080, 80), fwd(8081, 81)];
+        });
+        assert_eq!(restart_digest(&o.spec), digest, "not a restart field");
+        let steps = reconcile(&mut o);
+        assert_eq!(
+            forward_steps(&steps),
+            vec![&Step::ForwardPorts {
+                remove: vec![],
+                add: vec![fwd(8080, 80), fwd(8081, 81)]
+            }]
+        );
+        assert!(!steps.contains(&Step::Restart), "{steps:?}");
+        assert!(
+            cond(&o, "RestartRequired").is_none_or(|c| c.status == ConditionStatus::False),
+            "{steps:?}"
+        );
+        assert_eq!(
+            forward_entry(&o, 8080).state,
+            vmctl_api::PortForwardState::Active
+        );
+        let ready = cond(&o, ports::READY).unwrap();
+        assert_eq!(ready.status, ConditionStatus::True);
+        assert!(
+            ready.message.contains("127.0.0.1:8081->81/tcp"),
+            "{ready:?}"
+        );
+
+        // One removed: taken away live, the other stays.
+        let mut o = edited(o, |s| s.port_forwards = vec![fwd(8081, 81)]);
+        let steps = reconcile(&mut o);
+        assert_eq!(
+            forward_steps(&steps),
+            vec![&Step::ForwardPorts {
+                remove: vec![fwd(8080, 80)],
+                add: vec![]
+            }]
+        );
+        assert!(!steps.contains(&Step::Restart), "{steps:?}");
+        assert_eq!(o.status.port_forwards.len(), 1);
+        // All removed: no entries, no condition.
+        let mut o = edited(o, |s| s.port_forwards.clear());
+        reconcile(&mut o);
+        assert!(o.status.port_forwards.is_empty());
+        assert!(cond(&o, ports::READY).is_none());
+        assert!(o.instance.as_ref().unwrap().port_forwards == Some(vec![]));
+    }
+}
+
+#[test]
+fn a_busy_host_port_fails_that_forward_only_the_vm_stays_ready_and_it_is_retried() {
+    let mut o = edited(settled(), |s| {
+        s.port_forwards = vec![fwd(8080, 80), fwd(8081, 81)]
+    });
+    // The act part, with 8080 in use.
+    let add = loop {
+        match plan(&o) {
+            Step::ForwardPorts { add, .. } => break add,
+            step => assert!(!model(&mut o, &step), "ended before ForwardPorts"),
+        }
+    };
+    for f in &add {
+        if f.host_port == 8080 {
+            assert!(o.forward_failed(f, ports::IN_USE, "host port 8080/tcp is in use"));
+        } else {
+            o.forward_added(f);
+        }
+    }
+    // Not tried again in this reconcile, nor before the retry time.
+    let steps = reconcile(&mut o);
+    assert!(
+        !steps.iter().any(|s| matches!(s, Step::ForwardPorts { .. })),
+        "{steps:?}"
+    );
+    assert_eq!(cond(&o, "Ready").unwrap().status, ConditionStatus::True);
+    let c = cond(&o, ports::READY).unwrap();
+    assert_eq!(
+        (c.status, c.reason.as_str()),
+        (ConditionStatus::False, ports::IN_USE)
+    );
+    assert!(c.message.contains("8080/tcp is in use"), "{c:?}");
+    assert!(c.message.contains("1 other forward(s) active"), "{c:?}");
+    let failed = forward_entry(&o, 8080);
+    assert_eq!(failed.state, vmctl_api::PortForwardState::Failed);
+    assert_eq!(
+        forward_entry(&o, 8081).state,
+        vmctl_api::PortForwardState::Active
+    );
+    assert_eq!(ports::next_retry(&o), Some(ports::RETRY));
+    // The same failure again changes nothing (no second Warning note).
+    assert!(!o.forward_failed(
+        &fwd(8080, 80),
+        ports::IN_USE,
+        "host port 8080/tcp is in use"
+    ));
+    // Once the wait is over, it is tried again.
+    o.now += chrono::Duration::seconds(31);
+    assert_eq!(
+        plan(&o),
+        Step::ForwardPorts {
+            remove: vec![],
+            add: vec![fwd(8080, 80)]
+        }
+    );
+    reconcile(&mut o);
+    assert!(cond(&o, ports::READY).unwrap().status == ConditionStatus::True);
+    assert_eq!(
+        forward_entry(&o, 8080).state,
+        vmctl_api::PortForwardState::Active
+    );
+}
+
+#[test]
+fn forwards_of_a_stopped_vm_are_pending_and_come_back_at_start() {
+    let mut o = edited(settled(), |s| s.port_forwards = vec![fwd(8080, 80)]);
+    reconcile(&mut o);
+    let mut o = edited(o, |s| s.power_state = PowerState::Stopped);
+    reconcile(&mut o);
+    let e = forward_entry(&o, 8080);
+    assert_eq!(e.state, vmctl_api::PortForwardState::Pending);
+    assert_eq!(e.reason.as_deref(), Some("NotRunning"));
+    let mut o = edited(o, |s| s.power_state = PowerState::Running);
+    let steps = acts(reconcile(&mut o));
+    let start = steps
+        .iter()
+        .position(|s| matches!(s, Step::Start { .. }))
+        .unwrap();
+    assert!(
+        matches!(&steps[start + 1], Step::ForwardPorts { add, .. } if add == &vec![fwd(8080, 80)]),
+        "forwards go in right after the start: {steps:?}"
+    );
+    assert_eq!(
+        forward_entry(&o, 8080).state,
+        vmctl_api::PortForwardState::Active
+    );
+}
+
+#[test]
+fn a_display_change_needs_a_restart_and_vms_without_one_keep_their_digest() {
+    // The digest as it was before `display` existed: running VMs started
+    // then must not suddenly need a restart.
+    let s = settled().spec;
+    let before = {
+        use sha2::Digest;
+        let v = serde_json::json!({
+            "vcpus": s.vcpus,
+            "memoryMib": s.memory_mib,
+            "network": s.network,
+            "cloudInit": s.cloud_init,
+        });
+        hex::encode(&sha2::Sha256::digest(v.to_string().as_bytes())[..8])
+    };
+    assert_eq!(restart_digest(&s), before);
+    let mut o = edited(settled(), |s| s.display = vmctl_api::Display::Vnc);
+    assert_ne!(restart_digest(&o.spec), before);
+    reconcile(&mut o);
+    let c = cond(&o, "RestartRequired").unwrap();
+    assert_eq!(c.status, ConditionStatus::True);
+    assert!(c.message.contains("display"), "{c:?}");
+}
+
+/// The address search of a running tap VM, as it goes: searching, timed
+/// out (the manual's hints in `AddressReady` and `Ready`), found (the
+/// condition True since it was found; Ready follows SSH again).
+#[test]
+fn address_ready_follows_the_search_and_holds_ready_back_until_found() {
+    let mut o = settled();
+    let cond = |o: &Observed, t: &str| {
+        o.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {t}: {:?}", o.status.conditions))
+    };
+    o.address = Some(discovery(0));
+    o.report(VmPhase::Running);
+    assert_eq!(cond(&o, "AddressReady").reason, "WaitingForAddress");
+    assert_eq!(cond(&o, "Ready").reason, "WaitingForAddress");
+    assert_eq!(cond(&o, "SshReady").status, ConditionStatus::False);
+
+    o.address = Some(discovery(1));
+    o.report(VmPhase::Running);
+    let c = cond(&o, "AddressReady");
+    assert_eq!(
+        (c.status, c.reason.as_str()),
+        (ConditionStatus::False, "IPDiscoveryTimeout")
+    );
+    assert!(c.message.contains("ip neigh show dev"), "{}", c.message);
+    assert_eq!(cond(&o, "Ready").reason, "IPDiscoveryTimeout");
+    assert!(cond(&o, "Ready").message.contains("DHCP lease"));
+
+    o.address = Some(discovery(2));
+    o.readiness = Some(crate::probe::Readiness {
+        ssh: crate::probe::Check {
+            ok: true,
+            since: Some(now()),
+            reason: "Connected",
+            message: String::new(),
+        },
+        probes: Vec::new(),
+    });
+    o.now = now() + chrono::Duration::seconds(30);
+    o.report(VmPhase::Running);
+    let c = cond(&o, "AddressReady");
+    assert_eq!(c.status, ConditionStatus::True);
+    assert_eq!(c.message, "10.77.0.141 from the neighbour table of br0");
+    assert_eq!(c.last_transition_time, Some(now()), "when it was found");
+    assert_eq!(cond(&o, "Ready").status, ConditionStatus::True);
+
+    // Another network, or stopped: no search, no condition.
+    o.address = None;
+    o.report(VmPhase::Stopped);
+    assert!(
+        !o.status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "AddressReady")
+    );
+}
+
+#[test]
+fn a_share_change_needs_a_restart_and_vms_without_shares_keep_their_digest() {
+    let s = settled().spec;
+    let before = {
+        use sha2::Digest;
+        let v = serde_json::json!({
+            "vcpus": s.vcpus,
+            "memoryMib": s.memory_mib,
+            "network": s.network,
+            "cloudInit": s.cloud_init,
+        });
+        hex::encode(&sha2::Sha256::digest(v.to_string().as_bytes())[..8])
+    };
+    assert_eq!(restart_digest(&s), before);
+    let mut o = edited(settled(), |s| {
+        s.shares = vec![vmctl_api::Share {
+            host_path: "/home/me/src".into(),
+            mount_path: "/src".into(),
+            read_only: false,
+        }]
+    });
+    assert_ne!(restart_digest(&o.spec), before);
+    reconcile(&mut o);
+    let c = cond(&o, "RestartRequired").unwrap();
+    assert_eq!(c.status, ConditionStatus::True);
+    assert!(c.message.contains("shared folders"), "{c:?}");
 }

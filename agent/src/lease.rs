@@ -1,0 +1,246 @@
+//! One agent runs the controllers of an etcd prefix: the agent lease.
+//!
+//! The guard sled's data-directory lock gives on one host, for agents that
+//! share an etcd key prefix from anywhere (before it, two agents on one
+//! prefix both ran the controllers: every action twice, with QEMU two
+//! copies of one VM). Until issue 17's per-node leases:
+//!
+//! * At start, when etcd answers, the agent takes the prefix's agent lease
+//!   ([`vmctl_store::EtcdStore::acquire_lease`], TTL [`DEFAULT_TTL`]) or is
+//!   refused ([`crate::AgentError::LeaseHeld`], naming the holder: host,
+//!   pid, socket, data directory).
+//! * A holder that is this agent's own dead predecessor (same host, boot
+//!   and data directory, whose lock this agent holds: it was killed before
+//!   it could revoke its lease) is no reason to refuse or wait: its lease
+//!   is revoked and taken at once.
+//! * With etcd unreachable the agent still starts and serves the API; it
+//!   takes the lease once etcd answers, and if another agent took it
+//!   meanwhile it stands by (no controllers) until that one gives it up.
+//! * The controllers run only while the lease is held. The holder keeps
+//!   it alive every third of the TTL; when it cannot (etcd unreachable or
+//!   the lease gone) for so long that the lease may expire within a fifth
+//!   of the TTL, it stops its controllers and tries to take the lease
+//!   again, as at start. Another agent can take it only once etcd expired
+//!   it: a cut-off holder's controllers are stopping by then (stopping
+//!   waits for the action in progress).
+//! * A holder that stops (SIGTERM) revokes its lease: the next agent takes
+//!   it at once; one killed with SIGKILL holds it until the TTL runs out,
+//!   unless restarted on the same host and data directory (above).
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use vmctl_store::{AgentLease, EtcdStore, LeaseHolder, LeaseOutcome, StoreError};
+
+use crate::config::AgentConfig;
+
+/// The agent lease's TTL: a killed holder's controllers are taken over by
+/// another agent on the prefix within this time.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+/// How often an agent that does not hold the lease tries to take it.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Whether this agent runs the controllers (for `/v1/healthz`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControllersState {
+    /// They run (sled, or the etcd agent lease is held).
+    Running,
+    /// They do not: the lease is held by `holder` (`None`: not known yet,
+    /// e.g. etcd unreachable).
+    Standby {
+        /// Who holds the agent lease.
+        holder: Option<LeaseHolder>,
+    },
+}
+
+/// This agent, as a lease holder.
+pub fn me(cfg: &AgentConfig) -> LeaseHolder {
+    LeaseHolder {
+        host: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into()),
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty()),
+        pid: std::process::id(),
+        socket: cfg.socket.display().to_string(),
+        data_dir: cfg.data_dir.display().to_string(),
+        since: chrono::Utc::now(),
+    }
+}
+
+/// What one attempt to take the lease found.
+enum Take {
+    Taken(AgentLease),
+    HeldBy(LeaseHolder),
+}
+
+/// One attempt: takes the lease, revoking it first when its holder is
+/// this agent's dead predecessor.
+async fn take(store: &EtcdStore, me: &LeaseHolder, ttl: Duration) -> Result<Take, StoreError> {
+    let mut me = me.clone();
+    me.since = chrono::Utc::now();
+    match store.acquire_lease(&me, ttl).await? {
+        LeaseOutcome::Acquired(l) => Ok(Take::Taken(l)),
+        LeaseOutcome::Held { holder, lease } if holder.is_predecessor_of(&me) => {
+            tracing::info!(
+                %holder,
+                "the agent lease is held by this agent's predecessor (same host, boot and \
+                 data directory: killed before it could give it up); revoking it"
+            );
+            store.revoke_lease(lease).await?;
+            Ok(match store.acquire_lease(&me, ttl).await? {
+                LeaseOutcome::Acquired(l) => Take::Taken(l),
+                LeaseOutcome::Held { holder, .. } => Take::HeldBy(holder),
+            })
+        }
+        LeaseOutcome::Held { holder, .. } => Ok(Take::HeldBy(holder)),
+    }
+}
+
+/// At start: the lease, or `Err(holder)` when another agent holds it, or
+/// `Ok(None)` when etcd cannot be reached now (the agent starts anyway and
+/// [`run_while_held`] takes it later).
+pub async fn at_start(
+    store: &EtcdStore,
+    me: &LeaseHolder,
+    ttl: Duration,
+) -> Result<Option<AgentLease>, LeaseHolder> {
+    match take(store, me, ttl).await {
+        Ok(Take::Taken(l)) => Ok(Some(l)),
+        Ok(Take::HeldBy(h)) => Err(h),
+        Err(e) => {
+            tracing::warn!(
+                error = %vmctl_api::error_chain(&e),
+                "etcd is not reachable yet; the API serves, the controllers start once this \
+                 agent holds the agent lease"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// How a term of holding the lease ended.
+enum End {
+    /// The controllers returned.
+    Returned(Result<(), vmctl_controllers::RunError>),
+    /// The agent stops.
+    Stop,
+    /// The lease is lost (or may expire any moment): why.
+    Lost(String),
+}
+
+/// Runs the controllers (`start` spawns them with a stop signal) while
+/// this agent holds the agent lease, taking it first if `first` is `None`,
+/// and again after losing it; see the module docs. Returns when `stopped`
+/// turns true (after stopping the controllers and revoking the lease) or
+/// when the controllers fail.
+pub async fn run_while_held(
+    store: EtcdStore,
+    first: Option<AgentLease>,
+    me: LeaseHolder,
+    ttl: Duration,
+    start: impl Fn(watch::Receiver<bool>) -> JoinHandle<Result<(), vmctl_controllers::RunError>>,
+    mut stopped: watch::Receiver<bool>,
+    state: watch::Sender<ControllersState>,
+) -> Result<(), vmctl_controllers::RunError> {
+    let mut next = first;
+    loop {
+        let mut lease = match next.take() {
+            Some(l) => l,
+            None => {
+                let mut last_holder: Option<LeaseHolder> = None;
+                loop {
+                    if *stopped.borrow() {
+                        return Ok(());
+                    }
+                    match take(&store, &me, ttl).await {
+                        Ok(Take::Taken(l)) => break l,
+                        Ok(Take::HeldBy(h)) => {
+                            if last_holder.as_ref() != Some(&h) {
+                                tracing::warn!(
+                                    holder = %h,
+                                    "another agent holds this etcd prefix's agent lease: this \
+                                     agent serves the API but runs no controllers until it \
+                                     takes the lease"
+                                );
+                            }
+                            last_holder = Some(h.clone());
+                            state.send_replace(ControllersState::Standby { holder: Some(h) });
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %vmctl_api::error_chain(&e), "cannot take the agent lease yet");
+                        }
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(RETRY) => {}
+                        _ = stopped.changed() => {}
+                    }
+                }
+            }
+        };
+        tracing::info!(
+            lease = lease.id(),
+            ttl_s = lease.ttl().as_secs(),
+            "holding the agent lease: the controllers run"
+        );
+        state.send_replace(ControllersState::Running);
+        let (term_stop, term_stopped) = watch::channel(false);
+        let mut controllers = start(term_stopped);
+        let margin = lease.ttl() / 5;
+        let end = loop {
+            let keep_at = (Instant::now() + lease.ttl() / 3).min(lease.expires() - margin);
+            tokio::select! {
+                r = &mut controllers => {
+                    break End::Returned(r.unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "controller task failed");
+                        Ok(())
+                    }));
+                }
+                _ = stopped.changed() => break End::Stop,
+                () = tokio::time::sleep_until(keep_at.into()) => {}
+            }
+            let left = lease.expires().saturating_duration_since(Instant::now());
+            if left <= margin {
+                break End::Lost(format!(
+                    "no keep-alive acknowledged for {:?}: the lease may expire",
+                    lease.ttl() - left
+                ));
+            }
+            match tokio::time::timeout(left - margin, lease.keep_alive()).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => break End::Lost("the lease expired or was revoked".into()),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %vmctl_api::error_chain(&e), "keep-alive failed; retrying");
+                }
+                Err(_) => {}
+            }
+        };
+        let _ = term_stop.send(true);
+        match end {
+            End::Returned(r) => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), lease.release()).await;
+                return r;
+            }
+            End::Stop => {
+                let r = (&mut controllers).await;
+                // Revoked, so that the next agent need not wait for the TTL.
+                let _ = tokio::time::timeout(Duration::from_secs(2), lease.release()).await;
+                return r.unwrap_or(Ok(()));
+            }
+            End::Lost(why) => {
+                tracing::warn!(
+                    why,
+                    "lost the agent lease: stopping the controllers until this agent holds it again"
+                );
+                state.send_replace(ControllersState::Standby { holder: None });
+                if let Ok(Err(e)) = (&mut controllers).await {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Snapshots across agent restarts: the instance outlives the agent (as
+//! QEMU outlives a killed agent), and a Snapshot created afterwards is
+//! saved by the new controllers.
+
+use std::time::Duration;
+
+use vmctl_api::{Kind, Snapshot, SnapshotPhase, SnapshotSpec, SnapshotStatus};
+
+use crate::common::*;
+
+fn snapshot(name: &str, vm: &str) -> vmctl_api::Object {
+    let spec = SnapshotSpec {
+        vm: vm.to_owned(),
+        restore_token: None,
+    };
+    Snapshot::new(name, spec).to_object()
+}
+
+async fn snapshot_status(
+    store: &std::sync::Arc<dyn vmctl_store::Store>,
+    name: &str,
+) -> Option<SnapshotStatus> {
+    let obj = get(store, Kind::Snapshot, name).await?;
+    Some(
+        Snapshot::from_object(&obj)
+            .unwrap()
+            .status
+            .unwrap_or_default(),
+    )
+}
+
+/// Kills (or stops) the controllers of a Ready VM, starts new ones on the
+/// same store and fake world, then creates a Snapshot: it must be Ready.
+async fn snapshot_after_restart(kill: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world();
+    let agent = Agent::start(dir.path(), w.clone()).await;
+    let s = agent.store.clone();
+    apply(&s, image("img")).await;
+    apply_until_ready(&s, vm("box", "img")).await;
+    // One snapshot before the restart, so the restarted controllers also
+    // see an existing Snapshot on start.
+    apply(&s, snapshot("before", "box")).await;
+    eventually("first snapshot Ready", WAIT, async || {
+        snapshot_status(&s, "before")
+            .await
+            .is_some_and(|st| st.phase == SnapshotPhase::Ready)
+    })
+    .await;
+    drop(s);
+    if kill {
+        agent.kill().await;
+    } else {
+        agent.stop().await;
+    }
+    assert_eq!(w.instances().len(), 1, "the instance survived the agent");
+
+    let agent = Agent::start(dir.path(), w.clone()).await;
+    let s = agent.store.clone();
+    apply(&s, snapshot("after", "box")).await;
+    eventually(
+        "snapshot after the restart Ready",
+        Duration::from_secs(5),
+        async || {
+            snapshot_status(&s, "after")
+                .await
+                .is_some_and(|st| st.phase == SnapshotPhase::Ready)
+        },
+    )
+    .await;
+    let saved: Vec<_> = w.instances()["box"]
+        .snapshots
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    assert_eq!(saved, ["before", "after"]);
+    assert_eq!(
+        w.instances()["box"].starts,
+        1,
+        "the running VM was not restarted"
+    );
+    drop(s);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_taken_after_an_agent_restart_gets_its_status() {
+    snapshot_after_restart(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_taken_after_a_graceful_agent_restart_gets_its_status() {
+    snapshot_after_restart(false).await;
+}
+
+/// The hypervisor cannot list a VM's snapshots (as on the shared-folders
+/// branch, where listing a running VM with shares failed): a new Snapshot
+/// of it says so in its status and a Warning note instead of staying
+/// without any status, and is saved once the list can be read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_whose_vm_cannot_be_looked_at_says_so_in_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world();
+    let agent = Agent::start(dir.path(), w.clone()).await;
+    let s = agent.store.clone();
+    apply(&s, image("img")).await;
+    apply_until_ready(&s, vm("box", "img")).await;
+    w.configure(|c| {
+        c.fail_snapshot_lists.insert("box".into());
+    });
+    apply(&s, snapshot("snap", "box")).await;
+    eventually(
+        "the status names the failure",
+        Duration::from_secs(5),
+        async || {
+            snapshot_status(&s, "snap").await.is_some_and(|st| {
+                st.phase == SnapshotPhase::Pending
+                    && st.conditions.iter().any(|c| {
+                        c.type_ == "Ready"
+                            && c.reason == "HypervisorError"
+                            && c.message.contains("snapshot list of box")
+                    })
+            })
+        },
+    )
+    .await;
+    eventually("a Warning note", Duration::from_secs(5), async || {
+        reasons(&s, Kind::Snapshot, "snap")
+            .await
+            .contains(&"HypervisorError".to_owned())
+    })
+    .await;
+    assert!(
+        w.instances()["box"].snapshots.is_empty(),
+        "nothing saved while the list cannot be read"
+    );
+
+    w.configure(|c| {
+        c.fail_snapshot_lists.clear();
+    });
+    eventually("Ready once the list can be read", WAIT, async || {
+        snapshot_status(&s, "snap")
+            .await
+            .is_some_and(|st| st.phase == SnapshotPhase::Ready)
+    })
+    .await;
+    let notes = reasons(&s, Kind::Snapshot, "snap").await;
+    assert_eq!(
+        notes.iter().filter(|r| *r == "HypervisorError").count(),
+        1,
+        "one note for the same failure, not one per retry: {notes:?}"
+    );
+    drop(s);
+    agent.stop().await;
+}
