@@ -164,9 +164,19 @@ impl SnapshotReconciler {
             Step::Teardown => {
                 o.terminating();
                 let written = ctx.write_status(obj, &o.status).await?;
-                hv.delete_snapshot(&o.vm, &o.name)
-                    .await
-                    .map_err(Error::driver("delete a snapshot of", &vm_ref))?;
+                // A VM being deleted (or gone) takes its disks, and so this
+                // snapshot's state, with it: nothing to ask of its QEMU,
+                // which may be the reason it is deleted (wedged, not
+                // answering QMP).
+                let vm_goes = match ctx.get(&vm_ref).await? {
+                    None => true,
+                    Some(vm) => vm.metadata.deletion_timestamp.is_some(),
+                };
+                if !vm_goes {
+                    hv.delete_snapshot(&o.vm, &o.name)
+                        .await
+                        .map_err(Error::driver("delete a snapshot of", &vm_ref))?;
+                }
                 if o.status.creation_time.is_some() {
                     let msg = format!("Deleted snapshot {} of VM {}", o.name, o.vm);
                     self.note_both(o, NoteType::Normal, "SnapshotDeleted", msg)

@@ -57,6 +57,10 @@ use crate::{Context, Error};
 /// The finalizer that makes a deleted VM wait for its teardown.
 pub const FINALIZER: &str = "vmctl.dev/vm-teardown";
 
+/// The reason of `Ready=False` (and a Warning note) when the hypervisor
+/// cannot tell the state of a VM's instance.
+pub const HYPERVISOR_ERROR: &str = "HypervisorError";
+
 /// Steps one reconcile performs at the most. The longest path is 9 steps
 /// plus one or two per disk (ImageReady, AddFinalizer, Start,
 /// RecreateRequired, Suspend, an AttachDisk or DetachDisk and a ResizeDisk
@@ -663,6 +667,52 @@ impl VmReconciler {
     }
 
     /// Records a note about the VM `r` (see [`Context::note`]).
+    /// The hypervisor could not tell the state of the VM's instance
+    /// (error `e`: QEMU not answering QMP, say): `Ready` and `SshReady` are
+    /// False with reason `HypervisorError` and the error as the message,
+    /// and one Warning note is written per distinct error, instead of the
+    /// status going on saying Running and Ready. The runtime retries with
+    /// backoff; the next inspection that works sets the status again.
+    async fn report_uninspectable(&self, obj: &Object, e: &Error) -> Result<(), Error> {
+        let vm = VirtualMachine::from_object(obj).map_err(Error::decode(Kind::VirtualMachine))?;
+        if vm.metadata.deletion_timestamp.is_some() {
+            return Ok(());
+        }
+        let mut status = vm.status.unwrap_or_default();
+        let message = format!(
+            "{}; `vmctl stop {name}` or `vmctl delete vm {name}` end it",
+            vmctl_api::error_chain(e),
+            name = vm.metadata.name
+        );
+        let said = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == HYPERVISOR_ERROR && c.message == message);
+        if said {
+            return Ok(());
+        }
+        let now = Utc::now();
+        let generation = vm.metadata.generation;
+        for type_ in ["Ready", "SshReady"] {
+            let exists = type_ == "Ready" || status.conditions.iter().any(|c| c.type_ == type_);
+            if exists {
+                let cond = crate::conditions::condition(
+                    type_,
+                    false,
+                    HYPERVISOR_ERROR,
+                    message.clone(),
+                    generation,
+                );
+                vmctl_api::set_condition(&mut status.conditions, cond, now);
+            }
+        }
+        let msg = format!("VM {}: {message}", vm.metadata.name);
+        self.note(&obj.object_ref(), NoteType::Warning, HYPERVISOR_ERROR, msg)
+            .await;
+        self.ctx.write_status(obj, &status).await?;
+        Ok(())
+    }
+
     async fn note(&self, r: &ObjectRef, type_: NoteType, reason: &str, msg: String) {
         self.ctx.note(r, type_, Self::NAME, reason, msg).await;
     }
@@ -742,7 +792,27 @@ impl Reconciler for VmReconciler {
     const NAME: &'static str = "vm-controller";
 
     async fn reconcile(&self, obj: Arc<Object>) -> Result<Action, Error> {
-        let mut o = self.observe(&obj).await?;
+        let mut o = match self.observe(&obj).await {
+            Ok(o) => o,
+            Err(e @ Error::Driver { .. }) => {
+                self.report_uninspectable(&obj, &e).await?;
+                // `vmctl stop` must end an instance nobody can inspect:
+                // the driver's stop falls back to signals.
+                let vm = VirtualMachine::from_object(&obj)
+                    .map_err(Error::decode(Kind::VirtualMachine))?;
+                if vm.spec.power_state == vmctl_api::PowerState::Stopped {
+                    let name = &vm.metadata.name;
+                    tracing::warn!(vm = %name, "stopping a VM whose hypervisor does not answer");
+                    (self.ctx.drivers.hypervisor)
+                        .stop(name, self.stop_timeout(&vm.spec))
+                        .await
+                        .map_err(Error::driver("stop", &obj.object_ref()))?;
+                    return Ok(Action::requeue(Duration::ZERO));
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let mut obj = (*obj).clone();
         for _ in 0..MAX_STEPS {
             let step = plan(&o);

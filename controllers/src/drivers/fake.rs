@@ -59,6 +59,15 @@ pub struct FakeConfig {
     /// VMs whose disk hot-plugs and hot-unplugs fail (as a QEMU without a
     /// free root port, or a guest that does not release a disk, would).
     pub fail_hotplugs: HashSet<String>,
+    /// VMs whose hypervisor does not answer (as a wedged QEMU's QMP does
+    /// not): inspecting them and deleting their snapshots fail; stop and
+    /// destroy still end them (they kill).
+    pub unresponsive: HashSet<String>,
+}
+
+/// The error of a VM in [`FakeConfig::unresponsive`].
+fn unresponsive(name: &str) -> DriverError {
+    DriverError::Injected(format!("the hypervisor of {name} does not answer"))
 }
 
 /// Errors reading a [`FakeConfig`] from the environment.
@@ -622,7 +631,11 @@ impl Hypervisor for FakeHypervisor {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.0.delay().await;
-            if let Some(inst) = self.0.lock().instances.get_mut(name) {
+            let mut w = self.0.lock();
+            if w.config.unresponsive.contains(name) {
+                return Err(unresponsive(name));
+            }
+            if let Some(inst) = w.instances.get_mut(name) {
                 inst.snapshots.retain(|s| s.name != snapshot);
             }
             Ok(())
@@ -633,6 +646,14 @@ impl Hypervisor for FakeHypervisor {
         Box::pin(async move {
             // Observing is cheap in every real backend too: no latency.
             let w = self.0.lock();
+            // A stopped instance has no hypervisor process to ask.
+            let running = w
+                .instances
+                .get(name)
+                .is_some_and(|i| i.state != InstanceState::Stopped);
+            if w.config.unresponsive.contains(name) && running {
+                return Err(unresponsive(name));
+            }
             Ok(w.instances.get(name).map(FakeInstance::status))
         })
     }

@@ -153,3 +153,78 @@ async fn a_snapshot_whose_vm_cannot_be_looked_at_says_so_in_its_status() {
     drop(s);
     agent.stop().await;
 }
+
+/// The fault (issue 16, found by a new-user tryout): a VM whose QEMU no
+/// longer answered QMP (a snapshot load that hung) still showed Running,
+/// Ready and SshReady, and deleting it left the VM and its Snapshots
+/// Terminating for good, since deleting a Snapshot asked that QEMU to
+/// remove the snapshot from the disks. Now the VM is not Ready (reason
+/// HypervisorError, one Warning note), and deleting it deletes its
+/// Snapshots without asking the hypervisor (the disks go with the VM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_hypervisor_stops_answering_is_not_ready_and_is_deleted_with_its_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world();
+    let agent = Agent::start(dir.path(), w.clone()).await;
+    let s = agent.store.clone();
+    apply(&s, image("img")).await;
+    apply_until_ready(&s, vm("box", "img")).await;
+    apply(&s, snapshot("snap", "box")).await;
+    eventually("the snapshot is Ready", WAIT, async || {
+        snapshot_status(&s, "snap")
+            .await
+            .is_some_and(|st| st.phase == SnapshotPhase::Ready)
+    })
+    .await;
+
+    w.configure(|c| {
+        c.unresponsive.insert("box".into());
+    });
+    // Anything that wakes the VM's reconcile: a label.
+    let mut labelled = get(&s, Kind::VirtualMachine, "box").await.unwrap();
+    labelled.metadata.labels.insert("poke".into(), "1".into());
+    apply(&s, labelled).await;
+    eventually("Ready=False, HypervisorError", WAIT, async || {
+        get(&s, Kind::VirtualMachine, "box").await.is_some_and(|o| {
+            let vm = vmctl_api::VirtualMachine::from_object(&o).unwrap();
+            vm.status.unwrap_or_default().conditions.iter().any(|c| {
+                c.type_ == "Ready"
+                    && c.status == vmctl_api::ConditionStatus::False
+                    && c.reason == "HypervisorError"
+                    && c.message.contains("does not answer")
+                    && c.message.contains("vmctl delete vm box")
+            })
+        })
+    })
+    .await;
+    let notes = reasons(&s, Kind::VirtualMachine, "box").await;
+    assert_eq!(
+        notes.iter().filter(|r| *r == "HypervisorError").count(),
+        1,
+        "{notes:?}"
+    );
+
+    // `vmctl stop` ends it although nothing can be asked of it.
+    let mut stopped = get(&s, Kind::VirtualMachine, "box").await.unwrap();
+    stopped.spec["powerState"] = serde_json::json!("Stopped");
+    apply(&s, stopped).await;
+    eventually("stopped", WAIT, async || {
+        vm_status(&s, "box")
+            .await
+            .is_some_and(|(_, st)| st.phase == vmctl_api::VmPhase::Stopped)
+    })
+    .await;
+
+    w.configure(|c| {
+        c.unresponsive.insert("box".into());
+    });
+    delete(&s, vmctl_api::ObjectRef::new(Kind::VirtualMachine, "box")).await;
+    eventually("the VM and its snapshot are gone", WAIT, async || {
+        get(&s, Kind::VirtualMachine, "box").await.is_none()
+            && get(&s, Kind::Snapshot, "snap").await.is_none()
+    })
+    .await;
+    assert!(w.instances().is_empty(), "the instance was destroyed");
+    drop(s);
+    agent.stop().await;
+}

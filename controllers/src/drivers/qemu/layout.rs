@@ -163,6 +163,12 @@ impl Layout {
     pub fn stop_marker(&self) -> PathBuf {
         self.root.join("stop.requested")
     }
+    /// The extra disks whose hot-unplug the guest has not completed, one
+    /// name per line, written when a detach times out (the `device_del`
+    /// stays pending inside QEMU) and removed when QEMU starts again.
+    pub fn unplug_pending(&self) -> PathBuf {
+        self.root.join("unplug.pending")
+    }
     /// The saved [`VmConfig`](super::VmConfig).
     pub fn config_file(&self) -> PathBuf {
         self.root.join("vm.json")

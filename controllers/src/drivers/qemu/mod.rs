@@ -97,6 +97,9 @@ pub struct QemuConfig {
     /// How long a disk hot-unplug waits for the guest to release the disk
     /// ([`hotplug::UNPLUG_TIMEOUT`] by default).
     pub unplug_timeout: Duration,
+    /// How long `stop` and `destroy` wait for another operation on the
+    /// same VM before ending QEMU regardless (10 s by default).
+    pub lock_wait: Duration,
 }
 
 impl QemuConfig {
@@ -112,6 +115,7 @@ impl QemuConfig {
             qmp_timeout: Duration::from_secs(10),
             kill_grace: Duration::from_secs(5),
             unplug_timeout: hotplug::UNPLUG_TIMEOUT,
+            lock_wait: Duration::from_secs(10),
         }
     }
 
@@ -305,6 +309,26 @@ impl QemuDriver {
     fn lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// The VM's lock for `stop` and `destroy`, waited for at most
+    /// [`QemuConfig::lock_wait`]. `None` when another operation still holds
+    /// it then (a snapshot job QEMU never finishes, a QMP call to a wedged
+    /// QEMU): stop and destroy go ahead without it, since ending QEMU is
+    /// what ends that operation too; a way out must never wait on it.
+    async fn lock_to_end(&self, name: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let lock = self.lock(name);
+        match tokio::time::timeout(self.config.lock_wait, lock.lock_owned()).await {
+            Ok(guard) => Some(guard),
+            Err(_) => {
+                tracing::warn!(
+                    vm = name,
+                    waited = ?self.config.lock_wait,
+                    "another operation on this VM does not finish; ending QEMU without waiting for it"
+                );
+                None
+            }
+        }
     }
 
     async fn qmp(&self, name: &str, l: &Layout) -> Result<Qmp, QemuError> {
@@ -578,9 +602,18 @@ impl QemuDriver {
             return Err(err(hotplug::HotplugError::NotRunning));
         }
         let mut q = self.qmp(name, &l).await?;
-        hotplug::detach(&mut q, disk, self.config.unplug_timeout)
-            .await
-            .map_err(err)?;
+        let detached = hotplug::detach(&mut q, disk, self.config.unplug_timeout).await;
+        if let Err(hotplug::HotplugError::UnplugTimeout { .. }) = &detached {
+            // The device_del stays pending in QEMU until the guest acts
+            // or QEMU ends: memory snapshots must not be loaded meanwhile.
+            let mut pending = std::fs::read_to_string(l.unplug_pending()).unwrap_or_default();
+            if !pending.lines().any(|d| d == disk) {
+                pending.push_str(disk);
+                pending.push('\n');
+                let _ = std::fs::write(l.unplug_pending(), pending);
+            }
+        }
+        detached.map_err(err)?;
         self.record_disks(&l, |disks| disks.retain(|d| d != disk))?;
         tracing::info!(vm = name, disk, "disk hot-unplugged");
         Ok(())
@@ -641,7 +674,12 @@ impl QemuDriver {
         };
         shares::check_host_paths(&cfg.shares).map_err(share_err)?;
         let argv = qemu_args(&plan);
-        for stale in [l.exit_file(), l.stop_marker(), l.pidfile()] {
+        for stale in [
+            l.exit_file(),
+            l.stop_marker(),
+            l.pidfile(),
+            l.unplug_pending(),
+        ] {
             let _ = std::fs::remove_file(stale);
         }
         l.make_sock_dir().map_err(|e| QemuError::Spawn {
@@ -1117,8 +1155,7 @@ impl Hypervisor for QemuDriver {
 
     fn stop<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let lock = self.lock(name);
-            let _guard = lock.lock().await;
+            let _guard = self.lock_to_end(name).await;
             if read_config(&self.layout(name)).is_none() {
                 return Err(DriverError::NotFound(name.to_owned()));
             }
@@ -1152,8 +1189,7 @@ impl Hypervisor for QemuDriver {
 
     fn destroy<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let lock = self.lock(name);
-            let _guard = lock.lock().await;
+            let _guard = self.lock_to_end(name).await;
             let l = self.layout(name);
             if let Some(pid) = process::running_pid(&l) {
                 self.kill(name, &l, pid).await?;

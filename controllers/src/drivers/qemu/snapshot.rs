@@ -34,7 +34,8 @@ pub const SNAPSHOT_FAILED: &str = "vmctl::qemu::snapshot_failed";
 /// The prefix of vmctl's tags on a qcow2 disk.
 const TAG_PREFIX: &str = "vmctl-";
 
-/// How long a snapshot job may run (a save writes the guest's memory).
+/// How long a snapshot job may run (a save writes the guest's memory; a
+/// load reads it back). `stop` and `destroy` do not wait for it.
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How often a running job is looked at.
@@ -73,6 +74,41 @@ pub enum SnapshotError {
         "a running VM with shared folders has no memory snapshots: QEMU cannot save or load the state of its virtio-fs or 9p devices; stop the VM (vmctl stop) to snapshot or restore its disks, or remove its shares"
     )]
     SharedFolders,
+    /// A memory snapshot cannot be loaded: the disks attached to the
+    /// running guest are not those it was saved with (its device state
+    /// would not match the machine; QEMU can hang in the load).
+    #[error(
+        "snapshot {snapshot} holds the memory of a VM with disks ({}), but the running VM has ({}): loading it into different devices could wedge QEMU; stop the VM (vmctl stop) to restore its disks only, or attach/detach disks to match first",
+        saved.join(", "),
+        attached.join(", ")
+    )]
+    DisksChanged {
+        /// The snapshot's name.
+        snapshot: String,
+        /// The disks holding the snapshot, root first.
+        saved: Vec<String>,
+        /// The disks attached to the guest now, root first.
+        attached: Vec<String>,
+    },
+    /// A memory snapshot cannot be loaded while the guest has not finished
+    /// a disk hot-unplug (a `device_del` QEMU still holds pending).
+    #[error(
+        "the guest has not released disk(s) {} it was asked to detach; a memory snapshot cannot be loaded while that unplug is pending: stop the VM (vmctl stop) to restore its disks only",
+        disks.join(", ")
+    )]
+    UnplugPending {
+        /// The disks whose unplug is pending.
+        disks: Vec<String>,
+    },
+    /// Loading a memory snapshot into the running QEMU failed; QEMU was
+    /// ended, since a failed load leaves the guest's memory half-written.
+    #[error(
+        "{source}; QEMU was ended, as a failed load leaves the guest's memory half-written: its disks may or may not be at the snapshot, so restore again with the VM stopped for a known state"
+    )]
+    LoadFailed {
+        /// Why the load failed.
+        source: Box<SnapshotError>,
+    },
     /// A snapshot job did not end in time.
     #[error("{job} did not finish within {} s", JOB_TIMEOUT.as_secs())]
     JobTimeout {
@@ -339,13 +375,77 @@ impl QemuDriver {
             });
         }
         let l = self.layout(name);
-        if process::running_pid(&l).is_some()
-            && super::read_config(&l).is_some_and(|c| !c.shares.is_empty())
-        {
-            return Err(self.snapshot_err(name)(SnapshotError::SharedFolders).into());
+        let Some(pid) = process::running_pid(&l) else {
+            return self
+                .on_saved_disks(name, &info, "snapshot-load", "-a")
+                .await;
+        };
+        let err = self.snapshot_err(name);
+        if super::read_config(&l).is_some_and(|c| !c.shares.is_empty()) {
+            return Err(err(SnapshotError::SharedFolders).into());
         }
-        self.on_saved_disks(name, &info, "snapshot-load", "-a")
+        self.check_loadable(name, &l, &info).await.map_err(err)?;
+        match self
+            .on_saved_disks(name, &info, "snapshot-load", "-a")
             .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(vm = name, error = %e, "snapshot-load failed; ending QEMU");
+                if let Err(k) = self.kill(name, &l, pid).await {
+                    tracing::warn!(vm = name, error = %k, "cannot end QEMU after a failed load");
+                }
+                let source = Box::new(SnapshotError::Job {
+                    job: "snapshot-load",
+                    error: e.to_string(),
+                });
+                Err(self.snapshot_err(name)(SnapshotError::LoadFailed { source }).into())
+            }
+        }
+    }
+
+    /// Refuses to load memory snapshot `info` into the running QEMU of
+    /// `name` when the guest's disks are not those it was saved with, or a
+    /// disk unplug is pending: QEMU's load expects the same devices, and
+    /// was seen to hang (and then ignore SIGTERM) when they differed.
+    async fn check_loadable(
+        &self,
+        name: &str,
+        l: &Layout,
+        info: &SnapshotInfo,
+    ) -> Result<(), SnapshotError> {
+        let pending: Vec<String> = std::fs::read_to_string(l.unplug_pending())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if !pending.is_empty() {
+            return Err(SnapshotError::UnplugPending { disks: pending });
+        }
+        let mut q = self.qmp(name, l).await.map_err(|e| SnapshotError::Job {
+            job: "snapshot-load",
+            error: vmctl_api::error_chain(&e),
+        })?;
+        // Disks with a guest device; a block node left without one (an
+        // unplug the guest finished late) is not part of the machine.
+        let attached: Vec<String> = super::hotplug::query(&mut q)
+            .await?
+            .into_iter()
+            .filter(|a| a.qdev.is_some() || a.device.is_some())
+            .map(|a| a.disk)
+            .collect();
+        let mut a = attached.clone();
+        let mut s = info.disks.clone();
+        a.sort();
+        s.sort();
+        if a != s {
+            return Err(SnapshotError::DisksChanged {
+                snapshot: info.name.clone(),
+                saved: info.disks.clone(),
+                attached,
+            });
+        }
+        Ok(())
     }
 
     /// Deletes `snapshot` of `name` where it is (see [`crate::drivers::Hypervisor::delete_snapshot`]).

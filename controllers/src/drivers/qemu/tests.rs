@@ -683,3 +683,110 @@ async fn disks_hot_plug_onto_spare_root_ports_and_failures_say_why() {
     d.detach_disk("plug", "never").await.unwrap();
     d.destroy("plug").await.unwrap();
 }
+
+/// The fault (issue 16, found by a new-user tryout): a QEMU that stopped
+/// answering (a snapshot load that never ended, after which QEMU ignored
+/// SIGTERM) was still reported as running, `vmctl stop` waited behind the
+/// snapshot operation for good, and deleting the VM never finished. A
+/// SIGSTOPped QEMU is such a QEMU: its QMP socket accepts (the kernel
+/// does) but nothing answers, and SIGTERM stays pending. Inspecting it is
+/// an error within the QMP timeout, and stop and destroy end it even while
+/// another operation holds the VM's lock.
+#[tokio::test]
+async fn a_wedged_qemu_is_an_error_not_running_and_stop_and_destroy_still_end_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let mut config = QemuConfig::new(dir.path());
+    config.accel = Some(Accel::Tcg);
+    config.qmp_timeout = Duration::from_secs(1);
+    config.kill_grace = Duration::from_secs(1);
+    config.lock_wait = Duration::from_secs(1);
+    let d = QemuDriver::new(config);
+    let mut spec = instance("wedged", &image);
+    spec.spec.memory_mib = 64;
+    d.prepare(&spec).await.unwrap();
+
+    let wedge = |pid: u32| process::kill(pid, process::Signal::SIGSTOP).unwrap();
+    let pid = d.start("wedged").await.unwrap().runtime.pid.unwrap();
+    wedge(pid);
+    let t = Instant::now();
+    let err = d.status("wedged").await.unwrap_err().to_string();
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(err.contains("QMP"), "{err}");
+
+    // As a snapshot job that QEMU never finishes does.
+    let held = d.lock("wedged").lock_owned().await;
+    let t = Instant::now();
+    d.stop("wedged", Duration::from_secs(1)).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert!(!process::is_alive(pid), "stop ended the wedged QEMU {pid}");
+    assert_eq!(state(&d, "wedged").await, Some(InstanceState::Stopped));
+    drop(held);
+
+    let pid = d.start("wedged").await.unwrap().runtime.pid.unwrap();
+    wedge(pid);
+    let _held = d.lock("wedged").lock_owned().await;
+    let t = Instant::now();
+    d.destroy("wedged").await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert!(
+        !process::is_alive(pid),
+        "destroy ended the wedged QEMU {pid}"
+    );
+    assert!(!d.layout("wedged").root.exists());
+}
+
+/// The fault (issue 16, found by a new-user tryout): restoring a memory
+/// snapshot into a running VM whose disks were no longer those it was
+/// saved with (after a detach the guest never completed) hung QEMU in
+/// `snapshot-load`. Now the restore is refused up front, saying why and
+/// what to do, and QEMU goes on answering; restoring the disks of the
+/// stopped VM still works.
+#[tokio::test]
+async fn a_memory_snapshot_is_never_loaded_into_a_vm_whose_disks_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let mut config = QemuConfig::new(dir.path());
+    config.accel = Some(Accel::Tcg);
+    config.unplug_timeout = Duration::from_secs(1);
+    let d = QemuDriver::new(config);
+    let mut spec = instance("moved", &image);
+    spec.spec.memory_mib = 64;
+    let disk = |name: &str| vmctl_api::Disk {
+        name: name.into(),
+        size_gib: 1,
+    };
+    spec.spec.disks = vec![disk("data")];
+    d.prepare(&spec).await.unwrap();
+    d.start("moved").await.unwrap();
+    let saved = d.create_snapshot("moved", "s1").await.unwrap();
+    assert!(saved.memory, "{saved:?}");
+    assert_eq!(saved.disks, vec![ROOT_DISK.to_owned(), "data".to_owned()]);
+
+    d.attach_disk("moved", &disk("extra")).await.unwrap();
+    let err = d
+        .restore_snapshot("moved", "s1")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("with disks (root, data), but the running VM has (root, data, extra)"),
+        "{err}"
+    );
+    assert!(err.contains("vmctl stop"), "{err}");
+    assert_eq!(state(&d, "moved").await, Some(InstanceState::Running));
+
+    // The blank guest never releases it: the unplug stays pending.
+    d.detach_disk("moved", "extra").await.unwrap_err();
+    let err = d
+        .restore_snapshot("moved", "s1")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has not released disk(s) extra"), "{err}");
+    assert_eq!(state(&d, "moved").await, Some(InstanceState::Running));
+
+    d.stop("moved", Duration::from_secs(1)).await.unwrap();
+    d.restore_snapshot("moved", "s1").await.unwrap();
+    d.destroy("moved").await.unwrap();
+}
