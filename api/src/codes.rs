@@ -101,6 +101,11 @@ pub const CODES: &[Code] = &[
         "start one with `vmctl agent`, or drop --no-autostart",
     ),
     c(
+        "vmctl::api::already_exists",
+        "a create-only request named an object that exists",
+        "pick another name, or apply (create or update) instead of creating",
+    ),
+    c(
         "vmctl::api::bad_request",
         "the agent refused a malformed or invalid request",
         "fix the request; `vmctl validate` checks files before they are applied",

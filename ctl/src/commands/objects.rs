@@ -71,6 +71,7 @@ fn request_with_source(
         }),
         dry_run,
         prune,
+        create_only: false,
     }
 }
 
