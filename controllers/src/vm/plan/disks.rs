@@ -72,6 +72,45 @@ pub fn human_gib(bytes: u64) -> String {
     }
 }
 
+/// The message of the [`SHRINK_REFUSED`] condition and its Warning note
+/// for VM `vm`, naming every disk of `shrink` (found as: a refused shrink
+/// of the root and a data disk was noted as the root disk's alone).
+pub fn shrink_refused(vm: &str, shrink: &[SizeChange]) -> (String, String) {
+    let list: Vec<String> = shrink.iter().map(SizeChange::describe).collect();
+    let kept: Vec<String> = shrink
+        .iter()
+        .map(|c| {
+            format!(
+                "{} at {} (the spec asks {})",
+                c.disk,
+                human_gib(c.from),
+                human_gib(c.to)
+            )
+        })
+        .collect();
+    let (message, warning) = match shrink {
+        [one] => (
+            format!(
+                "disks cannot shrink ({}); the disk keeps its size: set the size to at least {} again, or delete and recreate the VM for a smaller disk (that destroys it)",
+                list.join(", "),
+                human_gib(one.from)
+            ),
+            format!("VM {vm} keeps disk {}: disks cannot shrink", kept[0]),
+        ),
+        _ => (
+            format!(
+                "disks cannot shrink ({}); each disk keeps its size: set each size to at least the one it has again, or delete and recreate the VM for smaller disks (that destroys them)",
+                list.join(", ")
+            ),
+            format!(
+                "VM {vm} keeps disks {}: disks cannot shrink",
+                kept.join(", ")
+            ),
+        ),
+    };
+    (message, warning)
+}
+
 /// The size in bytes the spec asks for disk `name`, if it asks one.
 fn wanted(o: &Observed, name: &str) -> Option<u64> {
     if name == ROOT_DISK {
