@@ -176,6 +176,11 @@ pub const CODES: &[Code] = &[
         "apply from a file or directory to prune",
     ),
     c(
+        "vmctl::apply::refused",
+        "`--wait` saw an applied spec change refused by its controller (e.g. a disk asked to shrink); the object runs on as it was",
+        "change the spec back as the message says (e.g. a disk size at least the one it has) and apply again; `vmctl describe KIND NAME` shows the condition",
+    ),
+    c(
         "vmctl::apply::timeout",
         "objects were not Ready before `--timeout`",
         "raise --timeout, or run `vmctl describe` on the objects still waiting",

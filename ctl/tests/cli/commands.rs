@@ -12,6 +12,7 @@ use std::process::{Command, Output, Stdio};
 
 use crate::agent::Agent;
 
+mod disk_command;
 mod snapshot_command;
 
 /// An agent plus a working directory.
@@ -24,6 +25,14 @@ impl World {
     fn new() -> World {
         World {
             agent: Agent::start(),
+            work: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A world whose agent has extra environment (`VMCTL_FAKE_*`).
+    fn with_env(env: &[(&str, &str)]) -> World {
+        World {
+            agent: Agent::start_with("fake", env),
             work: tempfile::tempdir().unwrap(),
         }
     }
