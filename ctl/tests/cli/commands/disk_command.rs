@@ -92,3 +92,23 @@ fn apply_wait_warns_when_a_disk_detach_failed_and_the_vm_needs_a_restart() {
         "{err}"
     );
 }
+
+/// Issue 16 fault (c): `vmctl get vm -o wide` showed no disks.
+#[test]
+fn get_vm_wide_shows_every_disk_with_its_size() {
+    let w = World::new();
+    w.write(
+        "VMFile.kdl",
+        &disk_vm(10, "    disk \"data\" size=\"1G\"\n"),
+    );
+    w.ok(&["apply", "--wait"]);
+    let wide = w.ok(&["get", "vm", "-o", "wide"]);
+    let mut lines = wide.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let at = header
+        .iter()
+        .position(|h| *h == "DISKS")
+        .expect("a DISKS column");
+    assert_eq!(row[at], "root:10GiB,data:1GiB", "{wide}");
+}
