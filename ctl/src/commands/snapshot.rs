@@ -161,6 +161,14 @@ fn list(g: &Globals, vm: Option<&str>, output: GetOutput) -> miette::Result<Exit
         .into_iter()
         .filter(|o| vm.is_none_or(|v| o.spec.get("vm").and_then(|x| x.as_str()) == Some(v)))
         .collect();
+    if items.is_empty()
+        && let Some(v) = vm
+    {
+        // No snapshots of a VM that does not exist is that VM's
+        // `not_found` (found as: `snapshot list nosuch` exited 0). A VM
+        // gone while its snapshots were being deleted still lists them.
+        super::objects::get_object(&client, Kind::VirtualMachine, v)?;
+    }
     if items.is_empty() && matches!(output, GetOutput::Table | GetOutput::Wide) {
         match vm {
             Some(v) => eprintln!("No snapshots of VM {v}."),

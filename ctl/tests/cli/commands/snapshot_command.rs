@@ -155,3 +155,32 @@ fn concurrent_snapshot_creates_with_generated_names_never_collide() {
         assert!(n.starts_with("web-") && n.len() <= 63, "{n}");
     }
 }
+
+/// Issue 16 fault (d): `vmctl snapshot list nosuch` exited 0 ("No
+/// snapshots of VM nosuch."), as if the VM existed.
+#[test]
+fn snapshot_list_of_a_vm_that_does_not_exist_is_not_found() {
+    let w = World::new();
+    w.write("VMFile.kdl", ONE_VM);
+    w.ok(&["apply", "--wait"]);
+    let list = w.run(&["snapshot", "list", "nosuch"]);
+    let get = w.run(&["get", "vm", "nosuch"]);
+    assert!(!list.status.success());
+    assert_eq!(
+        list.status.code(),
+        get.status.code(),
+        "as other NotFound errors"
+    );
+    let err = String::from_utf8_lossy(&list.stderr);
+    assert!(
+        err.contains("vmctl::vm::not_found") && err.contains("VM nosuch not found"),
+        "{err}"
+    );
+    // A VM that exists and has none: an empty listing, exit 0.
+    let none = w.run(&["snapshot", "list", "web"]);
+    assert!(none.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&none.stderr),
+        "No snapshots of VM web.\n"
+    );
+}
