@@ -629,6 +629,40 @@ fn get_in_every_format_and_describe() {
     });
 }
 
+/// Issue 16 fault (e): `vmctl history` said "by unknown via vmctl stop"
+/// when `vmctl stop` ran without `USER` (a container's exec, a service).
+#[test]
+fn history_names_who_stopped_a_vm_even_without_user_in_the_environment() {
+    let w = World::new();
+    w.write("VMFile.kdl", ONE_VM);
+    w.ok(&["apply", "--wait"]);
+    let out = Command::new(crate::vmctl_bin())
+        .arg("--no-autostart")
+        .arg("--data-dir")
+        .arg(w.agent.data_dir())
+        .args(["stop", "web"])
+        .env_remove("USER")
+        .env_remove("LOGNAME")
+        .env_remove("VMCTL_DATA_DIR")
+        .env_remove("VMCTL_SOCKET")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history = w.ok(&["history", "vm", "web"]);
+    let me = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .unwrap()
+        .map_or_else(|| format!("uid {}", nix::unistd::getuid()), |u| u.name);
+    assert!(
+        history.contains(&format!("by {me} via vmctl stop")),
+        "{history}"
+    );
+    assert!(!history.contains("unknown"), "{history}");
+}
+
 #[test]
 fn delete_history_and_events() {
     let w = World::new();
