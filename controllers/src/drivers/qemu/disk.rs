@@ -42,7 +42,7 @@ pub enum DiskError {
         stderr: String,
     },
     /// `qemu-img resize` failed.
-    #[error("Cannot grow {} to {bytes} bytes: {stderr}", path.display())]
+    #[error("Cannot grow {} to {}: {stderr}", path.display(), human_bytes(*bytes))]
     Resize {
         /// The overlay.
         path: PathBuf,
