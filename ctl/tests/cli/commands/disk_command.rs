@@ -57,6 +57,14 @@ fn apply_wait_fails_when_a_disk_shrink_is_refused_and_names_every_disk() {
             && l.contains("data at 2 GiB")),
         "{events}"
     );
+    // `up` waits the same way.
+    let up = w.run(&["up", "--timeout", "30"]);
+    assert!(!up.status.success(), "{}", stderr(&up));
+    assert!(
+        stderr(&up).contains("vmctl::apply::refused"),
+        "{}",
+        stderr(&up)
+    );
     // The VM runs on with its disks; asking their sizes again is fine.
     w.write(
         "VMFile.kdl",
