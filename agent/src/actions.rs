@@ -57,6 +57,12 @@ pub enum ActionError {
         /// The stored one (0: the object does not exist).
         actual: u64,
     },
+    /// A create-only request names an object that exists.
+    #[error("{object} exists already; nothing was written")]
+    AlreadyExists {
+        /// The object.
+        object: ObjectRef,
+    },
     /// A Snapshot cannot be applied as asked (its VM is missing or being
     /// deleted, a restore that cannot happen now, …).
     #[error("{object}: {reason}; nothing was written")]
@@ -97,14 +103,18 @@ const APPLY_WRITERS: usize = 8;
 /// resourceVersion and finalizer name, then writes the objects in order
 /// (or, with `dry_run`, only computes what a write would do) and, with
 /// `prune`, requests deletion of the objects applied earlier from the same
-/// source file that the request no longer has.
+/// source file that the request no longer has. With `create_only` every
+/// object must be new: each write expects the object absent, so of two
+/// concurrent creates of one name exactly one succeeds.
 ///
 /// Results: one per object in request order, then one per pruned object.
 ///
 /// # Errors
 /// [`ActionError::Malformed`] / [`ActionError::Invalid`] /
-/// [`ActionError::Stale`] / [`ActionError::Finalizer`] /
-/// [`ActionError::Snapshot`] before anything is written; [`ActionError::Store`] when the store fails (a large request
+/// [`ActionError::Stale`] / [`ActionError::AlreadyExists`] /
+/// [`ActionError::Finalizer`] / [`ActionError::Snapshot`] before anything
+/// is written (`AlreadyExists` also when a create-only write finds the
+/// object made meanwhile); [`ActionError::Store`] when the store fails (a large request
 /// may then be partly written, each object whole).
 pub async fn apply(
     store: &dyn Store,
@@ -113,6 +123,11 @@ pub async fn apply(
 ) -> ActionResult<ApplyResponse> {
     validate_objects(&req.objects, backend)?;
     for obj in &req.objects {
+        if req.create_only && store.get(&obj.object_ref()).await?.is_some() {
+            return Err(ActionError::AlreadyExists {
+                object: obj.object_ref(),
+            });
+        }
         let rv = obj.metadata.resource_version;
         if rv != 0 {
             let object = obj.object_ref();
@@ -140,7 +155,11 @@ pub async fn apply(
     crate::snapshots::check(store, &req.objects).await?;
     let wanted: HashSet<ObjectRef> = req.objects.iter().map(Object::object_ref).collect();
     let distinct = wanted.len() == req.objects.len();
-    let mut results = apply_all(store, req.objects, &req.source, req.dry_run, distinct).await?;
+    let mode = Mode {
+        dry_run: req.dry_run,
+        create_only: req.create_only,
+    };
+    let mut results = apply_all(store, req.objects, &req.source, mode, distinct).await?;
     let source_file = req.source.as_ref().and_then(|s| s.file.as_deref());
     if let (true, Some(file)) = (req.prune, source_file) {
         results.extend(prune(store, file, &wanted, req.dry_run).await?);
@@ -206,6 +225,15 @@ async fn prune(
     Ok(pruned)
 }
 
+/// How the objects of a request are written.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    /// Only compute what a write would do.
+    dry_run: bool,
+    /// Write only objects that do not exist.
+    create_only: bool,
+}
+
 /// Applies `objects` and returns their results in request order: in
 /// [`APPLY_WRITERS`] ordered chunks at once when the request is large and
 /// names every object once (a name given twice is applied in order).
@@ -213,12 +241,12 @@ async fn apply_all(
     store: &dyn Store,
     objects: Vec<Object>,
     source: &Option<ApplySource>,
-    dry_run: bool,
+    mode: Mode,
     distinct: bool,
 ) -> ActionResult<Vec<ApplyResult>> {
     let chunk = objects.len().div_ceil(APPLY_WRITERS).max(1);
     if !distinct || objects.len() < 4 * APPLY_WRITERS {
-        return apply_chunk(store, objects, source, dry_run).await;
+        return apply_chunk(store, objects, source, mode).await;
     }
     let mut chunks = Vec::new();
     let mut rest = objects;
@@ -231,7 +259,7 @@ async fn apply_all(
     // The chunks run concurrently on this task: each awaits its own writes.
     let writers = chunks
         .into_iter()
-        .map(|c| apply_chunk(store, c, source, dry_run));
+        .map(|c| apply_chunk(store, c, source, mode));
     let mut all = Vec::new();
     for w in futures::future::join_all(writers).await {
         all.extend(w?);
@@ -244,11 +272,11 @@ async fn apply_chunk(
     store: &dyn Store,
     objects: Vec<Object>,
     source: &Option<ApplySource>,
-    dry_run: bool,
+    mode: Mode,
 ) -> ActionResult<Vec<ApplyResult>> {
     let mut out = Vec::with_capacity(objects.len());
     for obj in objects {
-        out.push(apply_one(store, obj, source, dry_run).await?);
+        out.push(apply_one(store, obj, source, mode).await?);
     }
     Ok(out)
 }
@@ -277,23 +305,28 @@ async fn keep_imperative_fields(store: &dyn Store, obj: &mut Object) -> ActionRe
 }
 
 /// Applies one object: its spec, labels and annotations, then its user
-/// finalizers (see [`finalizers`]); a dry run only reads.
+/// finalizers (see [`finalizers`]); a dry run only reads. A create-only
+/// write expects the object absent (the store checks it in the write).
 async fn apply_one(
     store: &dyn Store,
     mut obj: Object,
     source: &Option<ApplySource>,
-    dry_run: bool,
+    mode: Mode,
 ) -> ActionResult<ApplyResult> {
     obj.status = None;
     let r = obj.object_ref();
-    let given_rv = Some(obj.metadata.resource_version).filter(|rv| *rv != 0);
+    let given_rv = if mode.create_only {
+        Some(0)
+    } else {
+        Some(obj.metadata.resource_version).filter(|rv| *rv != 0)
+    };
     let applied_finalizers = std::mem::take(&mut obj.metadata.finalizers);
     // On create the store keeps these (with the controller's own of the
     // kind); on update it ignores them and `edit_finalizers` below
     // reconciles them.
     obj.metadata.finalizers = finalizers::on_create(obj.kind, &applied_finalizers);
     keep_imperative_fields(store, &mut obj).await?;
-    if dry_run {
+    if mode.dry_run {
         let outcome = match store.get(&r).await? {
             None => ApplyOutcome::Created,
             Some(cur)
@@ -348,9 +381,15 @@ async fn apply_one(
     })
 }
 
-/// A store conflict is a stale request; other store errors stay so.
+/// A store conflict is a stale request (or, when the write expected no
+/// object, one that exists); other store errors stay so.
 fn stale_or_store(e: StoreError) -> ActionError {
     match e {
+        StoreError::Conflict {
+            object,
+            expected: 0,
+            ..
+        } => ActionError::AlreadyExists { object },
         StoreError::Conflict {
             object,
             expected,
@@ -465,6 +504,7 @@ mod tests {
             }),
             dry_run: false,
             prune: false,
+            create_only: false,
         }
     }
 
@@ -684,6 +724,44 @@ mod tests {
             "{err}"
         );
         assert_eq!(store.last_seq().await.unwrap(), before);
+    }
+
+    /// Issue 16 fault 3: two concurrent creates of one name both answered
+    /// "created" (apply is create-or-update). A create-only request writes
+    /// only an object that does not exist, checked in the write itself.
+    #[tokio::test]
+    async fn a_create_only_request_never_lands_on_an_existing_object() {
+        let (_dir, store) = store();
+        let create = |url: &str| ApplyRequest {
+            create_only: true,
+            ..request(vec![image("a", url)], None)
+        };
+        let (one, two) = tokio::join!(
+            apply(&*store, None, create("https://e.com/1.img")),
+            apply(&*store, None, create("https://e.com/2.img")),
+        );
+        let (won, lost) = match (one, two) {
+            (Ok(w), Err(l)) => (w, l),
+            (Err(l), Ok(w)) => (w, l),
+            other => panic!("exactly one create must succeed: {other:?}"),
+        };
+        assert_eq!(won.results[0].outcome, ApplyOutcome::Created);
+        assert!(
+            matches!(&lost, ActionError::AlreadyExists { object } if object.name == "a"),
+            "{lost}"
+        );
+        assert_eq!(
+            lost.to_string(),
+            "image/a exists already; nothing was written"
+        );
+        // Sequentially too, and nothing of the request is written.
+        let before = store.last_seq().await.unwrap();
+        let mut req = create("https://e.com/3.img");
+        req.objects.insert(0, image("b", "https://e.com/b.img"));
+        let err = apply(&*store, None, req).await.unwrap_err();
+        assert!(matches!(err, ActionError::AlreadyExists { .. }), "{err}");
+        assert_eq!(store.last_seq().await.unwrap(), before);
+        assert_eq!(store.list(None).await.unwrap().objects.len(), 1);
     }
 
     #[tokio::test]

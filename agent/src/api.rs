@@ -422,6 +422,12 @@ fn action_error(e: ActionError) -> ApiError {
                 object.name
             )),
         ),
+        ActionError::AlreadyExists { .. } => ApiError::new(
+            StatusCode::CONFLICT,
+            "vmctl::api::already_exists",
+            e.to_string(),
+            vmctl_api::codes::help("vmctl::api::already_exists"),
+        ),
         ActionError::Snapshot { ref reason, .. } => {
             use crate::snapshots::SnapshotRefusal;
             let status = match reason {

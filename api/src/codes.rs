@@ -101,6 +101,11 @@ pub const CODES: &[Code] = &[
         "start one with `vmctl agent`, or drop --no-autostart",
     ),
     c(
+        "vmctl::api::already_exists",
+        "a create-only request named an object that exists",
+        "pick another name, or apply (create or update) instead of creating",
+    ),
+    c(
         "vmctl::api::bad_request",
         "the agent refused a malformed or invalid request",
         "fix the request; `vmctl validate` checks files before they are applied",
@@ -169,6 +174,11 @@ pub const CODES: &[Code] = &[
         "vmctl::apply::prune_needs_file",
         "`apply --prune` was given standard input",
         "apply from a file or directory to prune",
+    ),
+    c(
+        "vmctl::apply::refused",
+        "`--wait` saw an applied spec change refused by its controller (e.g. a disk asked to shrink); the object runs on as it was",
+        "change the spec back as the message says (e.g. a disk size at least the one it has) and apply again; `vmctl describe KIND NAME` shows the condition",
     ),
     c(
         "vmctl::apply::timeout",

@@ -92,6 +92,12 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// `n` and a noun in the singular or plural, as `n` asks: `1 step`,
+/// `2 steps`, `0 objects` (found as: "all 1 objects are Ready").
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// `text` cut to at most `max` characters, with `…` marking the cut.
 pub fn clip_text(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     match text.char_indices().nth(max) {
@@ -115,6 +121,13 @@ mod tests {
         assert_eq!(human_bytes(MAX_APPLY_BODY_BYTES as u64), "32 MiB");
         assert_eq!(human_bytes(MAX_BODY_BYTES as u64), "64 KiB");
         assert_eq!(human_bytes(4_400_000), "4.2 MiB");
+    }
+
+    #[test]
+    fn count_says_one_in_the_singular_and_others_in_the_plural() {
+        assert_eq!(count(1, "step", "steps"), "1 step");
+        assert_eq!(count(0, "step", "steps"), "0 steps");
+        assert_eq!(count(2, "byte", "bytes"), "2 bytes");
     }
 
     #[test]

@@ -24,6 +24,11 @@ pub struct ApplyRequest {
     /// not in `objects`.
     #[serde(default)]
     pub prune: bool,
+    /// Create only: when one of the objects exists, refuse the whole
+    /// request (409 `vmctl::api::already_exists`) and write nothing, so
+    /// a create never lands on an object someone else made meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub create_only: bool,
 }
 
 /// `PATCH /v1/objects/{kind}/{name}`: changes an object's finalizers.

@@ -447,7 +447,7 @@ impl VmReconciler {
                 o.now_in(InstanceState::Stopped);
             }
             Step::ResizeDisk { disk, from, to } => {
-                let (from_h, to_h) = (disks::human_gib(from), disks::human_gib(to));
+                let (from_h, to_h) = (disks::human_size(from), disks::human_size(to));
                 match hv.resize_disk(&name, &disk, to).await {
                     Ok(()) => {
                         o.disk_resized(&disk, to);
@@ -468,12 +468,7 @@ impl VmReconciler {
             }
             Step::AttachDisk { disk } => match hv.attach_disk(&name, &disk).await {
                 Ok(attached) => {
-                    let msg = format!(
-                        "Attached disk {} ({}) to VM {name} while it runs (live); the guest sees it as /dev/disk/by-id/virtio-{}",
-                        disk.name,
-                        disks::human_gib(attached.size_bytes),
-                        disk.name
-                    );
+                    let msg = disks::attached_note(&name, &disk.name, attached.size_bytes);
                     o.disk_attached(attached);
                     self.note(&r, NoteType::Normal, "DiskAttached", msg).await;
                 }

@@ -494,7 +494,8 @@ impl Hypervisor for FakeHypervisor {
                 .ok_or_else(|| DriverError::NotFound(format!("disk {disk} of {name}")))?;
             if bytes < d.size_bytes {
                 return Err(DriverError::Permanent(format!(
-                    "disk {disk} of {name} cannot shrink to {bytes} bytes"
+                    "disk {disk} of {name} cannot shrink to {}",
+                    vmctl_api::limits::human_bytes(bytes)
                 )));
             }
             d.size_bytes = bytes;

@@ -177,7 +177,11 @@ impl Observed {
             None => {
                 self.status.phase = ProvisionPhase::Succeeded;
                 self.set("Ready", true, "Succeeded", "");
-                let msg = format!("Provisioned VM {} ({} steps)", vm.vm, self.steps);
+                let msg = format!(
+                    "Provisioned VM {} ({})",
+                    vm.vm,
+                    vmctl_api::limits::count(self.steps as u64, "step", "steps")
+                );
                 (true, "ProvisionSucceeded", msg)
             }
             Some(why) => {

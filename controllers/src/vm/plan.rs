@@ -405,20 +405,8 @@ pub fn plan(o: &Observed) -> Step {
     // the next start.
     let (grow, shrink) = disks::size_changes(o);
     let had = |type_: &str| status.conditions.iter().any(|c| c.type_ == type_);
-    let step = if let Some(first) = shrink.first() {
-        let list: Vec<String> = shrink.iter().map(disks::SizeChange::describe).collect();
-        let message = format!(
-            "disks cannot shrink ({}); the disk keeps its size: set the size to at least {} again, or delete and recreate the VM for a smaller disk (that destroys it)",
-            list.join(", "),
-            disks::human_gib(first.from)
-        );
-        let warning = format!(
-            "VM {} keeps disk {} at {}: the spec asks {} and disks cannot shrink",
-            o.name,
-            first.disk,
-            disks::human_gib(first.from),
-            disks::human_gib(first.to)
-        );
+    let step = if !shrink.is_empty() {
+        let (message, warning) = disks::shrink_refused(&o.name, &shrink);
         let cond = condition(
             disks::SHRINK_REFUSED,
             true,

@@ -104,9 +104,9 @@ pub(crate) fn check_acknowledged(req: &ApplyRequest, resp: &ApplyResponse) -> mi
     Err(miette::miette!(
         code = "vmctl::apply::incomplete",
         help = "run the apply again; `vmctl get` shows what was written",
-        "the agent acknowledged {} of the {} objects sent{}",
+        "the agent acknowledged {} of the {} sent{}",
         acked.len().min(req.objects.len()),
-        req.objects.len(),
+        vmctl_api::limits::count(req.objects.len() as u64, "object", "objects"),
         if missing.is_empty() {
             String::new()
         } else if more > 0 {

@@ -53,6 +53,39 @@ pub(crate) fn ports_cell(vm: &vmctl_api::VirtualMachine) -> String {
         .join(",")
 }
 
+/// A VM's disks and their sizes, `root:10GiB,data:1GiB`: as the
+/// hypervisor reports them when it does (what the guest sees), else as
+/// the spec asks (`root:image` when the root disk is the image's size).
+pub(crate) fn disks_cell(vm: &vmctl_api::VirtualMachine) -> String {
+    let size = |b: u64| vmctl_api::limits::human_bytes(b).replace(' ', "");
+    let reported = vm
+        .status
+        .as_ref()
+        .and_then(|s| s.runtime.as_ref())
+        .map(|r| r.disks.as_slice())
+        .unwrap_or_default();
+    let cells: Vec<String> = if reported.is_empty() {
+        let root = vm
+            .spec
+            .disk_gib
+            .map_or("image".into(), |g| format!("{g}GiB"));
+        std::iter::once(format!("{}:{root}", vmctl_api::ROOT_DISK))
+            .chain(
+                vm.spec
+                    .disks
+                    .iter()
+                    .map(|d| format!("{}:{}GiB", d.name, d.size_gib)),
+            )
+            .collect()
+    } else {
+        reported
+            .iter()
+            .map(|d| format!("{}:{}", d.name, size(d.size_bytes)))
+            .collect()
+    };
+    cells.join(",")
+}
+
 /// Bytes as `0B`, `512Ki`, `64Mi`, `1.5Gi` (kubectl's binary suffixes).
 pub(crate) fn human_size(b: u64) -> String {
     match b {
@@ -83,12 +116,14 @@ pub(crate) fn row(o: &Object, wide: bool) -> Vec<String> {
             if wide {
                 r.push(format!("{:?}", vm.spec.power_state));
                 let ports = ports_cell(&vm);
+                let disks = disks_cell(&vm);
                 let rt = vm.status.and_then(|s| s.runtime).unwrap_or_default();
                 r.push(rt.pid.map_or("-".into(), |p| p.to_string()));
                 r.push(rt.ssh_port.map_or("-".into(), |p| {
                     format!("{}:{p}", rt.ssh_host.unwrap_or_default())
                 }));
                 r.push(ports);
+                r.push(disks);
             }
         }
         Ok(Resource::Image(img)) => {
@@ -153,7 +188,7 @@ pub(crate) fn header(kind: Kind, wide: bool) -> Vec<String> {
     };
     if wide {
         match kind {
-            Kind::VirtualMachine => h.extend(["POWER", "PID", "SSH", "PORTS"]),
+            Kind::VirtualMachine => h.extend(["POWER", "PID", "SSH", "PORTS", "DISKS"]),
             Kind::Image => h.extend(["FORMAT", "SIZE"]),
             Kind::Provision => {}
             Kind::Snapshot => h.extend(["DISKS", "RESTORED"]),

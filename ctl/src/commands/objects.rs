@@ -62,7 +62,7 @@ fn request_with_source(
     dry_run: bool,
     prune: bool,
 ) -> ApplyRequest {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let user = actor(|k| std::env::var(k).ok(), nix::unistd::getuid());
     ApplyRequest {
         objects,
         source: Some(ApplySource {
@@ -71,7 +71,27 @@ fn request_with_source(
         }),
         dry_run,
         prune,
+        create_only: false,
     }
+}
+
+/// Who runs this command, for the history ("USER via vmctl VERB"):
+/// `$USER`, else `$LOGNAME`, else the name of `uid` in the user database,
+/// else `uid N`. Found as: `vmctl history` said "by unknown via vmctl
+/// stop" from a shell without USER (a container's `exec`, a service).
+fn actor(var: impl Fn(&str) -> Option<String>, uid: nix::unistd::Uid) -> String {
+    ["USER", "LOGNAME"]
+        .into_iter()
+        .filter_map(var)
+        .map(|v| v.trim().to_owned())
+        .find(|v| !v.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(uid)
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .unwrap_or_else(|| format!("uid {uid}"))
 }
 
 /// Sends an apply request; fails unless every object is acknowledged.
@@ -129,4 +149,32 @@ pub(crate) fn edit_spec(
             format!("the agent applied nothing for {}/{name}", kind.short()),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 16 fault (e): "by unknown via vmctl stop" without `$USER`.
+    #[test]
+    fn the_actor_of_a_change_is_known_without_user_in_the_environment() {
+        let root = nix::unistd::Uid::from_raw(0);
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert_eq!(
+            actor(env(&[("USER", "alice"), ("LOGNAME", "bob")]), root),
+            "alice"
+        );
+        assert_eq!(actor(env(&[("USER", ""), ("LOGNAME", "bob")]), root), "bob");
+        // Neither: the user database (root is in every one).
+        assert_eq!(actor(env(&[]), root), "root");
+        let nobody = nix::unistd::Uid::from_raw(4_000_000_000);
+        assert_eq!(actor(env(&[]), nobody), "uid 4000000000");
+    }
 }

@@ -45,14 +45,24 @@ pub fn run(g: &Globals, cmd: SnapshotCommand) -> miette::Result<ExitCode> {
     }
 }
 
-/// `VM-YYYYMMDD-HHMMSS` (UTC), the VM's part shortened so the whole is
-/// a DNS label (63 characters at most).
-pub(crate) fn generated_name(vm: &str, now: chrono::DateTime<chrono::Utc>) -> String {
+/// `VM-YYYYMMDD-HHMMSS` (UTC), then `…-2`, `…-3` for later `attempt`s
+/// (another snapshot took the name within the same second); the VM's part
+/// shortened so the whole is a DNS label (63 characters at most).
+pub(crate) fn generated_name(vm: &str, now: chrono::DateTime<chrono::Utc>, attempt: u32) -> String {
     let stamp = now.format("%Y%m%d-%H%M%S").to_string();
-    let keep = 63 - stamp.len() - 1;
+    let suffix = if attempt > 1 {
+        format!("-{attempt}")
+    } else {
+        String::new()
+    };
+    let keep = 63 - stamp.len() - suffix.len() - 1;
     let head: String = vm.chars().take(keep).collect();
-    format!("{}-{stamp}", head.trim_end_matches('-'))
+    format!("{}-{stamp}{suffix}", head.trim_end_matches('-'))
 }
+
+/// How many generated names a create tries before it gives up (each
+/// taken by a snapshot created in the same second).
+const NAME_ATTEMPTS: u32 = 100;
 
 fn create(
     g: &Globals,
@@ -66,44 +76,58 @@ fn create(
         name_arg(n)?;
     }
     let client = g.client()?;
-    let name = match name {
-        Some(n) => {
-            if super::objects::exists(&client, Kind::Snapshot, &n)? {
-                return Err(crate::diag::error_help(
-                    "vmctl::snapshot::exists",
-                    "pick another name, or leave it out for a generated one",
-                    format!("snapshot {n} exists already"),
-                ));
+    let now = chrono::Utc::now();
+    // A create-only request: the agent writes the Snapshot only if no
+    // object has its name, checked in the write itself, so two concurrent
+    // creates never land on one object (found as: two `snapshot create
+    // web` in one second both said "created", one Snapshot existed).
+    let mut attempt = 1;
+    let name = loop {
+        let candidate = name
+            .clone()
+            .unwrap_or_else(|| generated_name(vm, now, attempt));
+        let snap = Snapshot::new(
+            candidate.clone(),
+            SnapshotSpec {
+                vm: vm.to_owned(),
+                restore_token: None,
+            },
+        );
+        let mut req = super::objects::apply_request(
+            vec![snap.to_object()],
+            None,
+            "snapshot create",
+            false,
+            false,
+        );
+        req.create_only = true;
+        match client.apply(&req) {
+            Err(e) if e.code() == "vmctl::api::already_exists" => {
+                if name.is_some() {
+                    return Err(crate::diag::error_help(
+                        "vmctl::snapshot::exists",
+                        "pick another name, or leave it out for a generated one",
+                        format!("snapshot {candidate} exists already"),
+                    ));
+                }
+                if attempt >= NAME_ATTEMPTS {
+                    return Err(crate::diag::error_help(
+                        "vmctl::snapshot::exists",
+                        "name the snapshot: `vmctl snapshot create VM NAME`",
+                        format!(
+                            "snapshot {candidate} exists already, as do the {} names generated before it",
+                            NAME_ATTEMPTS - 1
+                        ),
+                    ));
+                }
+                attempt += 1;
             }
-            n
-        }
-        None => {
-            // Two snapshots within one second: the next free suffix.
-            let base = generated_name(vm, chrono::Utc::now());
-            let mut n = base.clone();
-            let mut i = 2;
-            while super::objects::exists(&client, Kind::Snapshot, &n)? {
-                n = format!("{base}-{i}");
-                i += 1;
+            r => {
+                super::apply::check_acknowledged(&req, &r?)?;
+                break candidate;
             }
-            n
         }
     };
-    let snap = Snapshot::new(
-        name.clone(),
-        SnapshotSpec {
-            vm: vm.to_owned(),
-            restore_token: None,
-        },
-    );
-    let req = super::objects::apply_request(
-        vec![snap.to_object()],
-        None,
-        "snapshot create",
-        false,
-        false,
-    );
-    super::objects::apply(&client, &req)?;
     let r = ObjectRef::new(Kind::Snapshot, name.clone());
     let code = match wait {
         Some(t) => super::wait::wait_ready(&client, std::slice::from_ref(&r), t)?,
@@ -137,6 +161,14 @@ fn list(g: &Globals, vm: Option<&str>, output: GetOutput) -> miette::Result<Exit
         .into_iter()
         .filter(|o| vm.is_none_or(|v| o.spec.get("vm").and_then(|x| x.as_str()) == Some(v)))
         .collect();
+    if items.is_empty()
+        && let Some(v) = vm
+    {
+        // No snapshots of a VM that does not exist is that VM's
+        // `not_found` (found as: `snapshot list nosuch` exited 0). A VM
+        // gone while its snapshots were being deleted still lists them.
+        super::objects::get_object(&client, Kind::VirtualMachine, v)?;
+    }
     if items.is_empty() && matches!(output, GetOutput::Table | GetOutput::Wide) {
         match vm {
             Some(v) => eprintln!("No snapshots of VM {v}."),
@@ -254,10 +286,17 @@ mod tests {
     #[test]
     fn a_generated_name_is_a_dns_label_even_for_the_longest_vm_name() {
         let t = chrono::Utc.with_ymd_and_hms(2026, 12, 1, 3, 4, 5).unwrap();
-        assert_eq!(generated_name("web", t), "web-20261201-030405");
+        assert_eq!(generated_name("web", t, 1), "web-20261201-030405");
+        assert_eq!(generated_name("web", t, 2), "web-20261201-030405-2");
         let long = "a".repeat(40) + "-" + &"b".repeat(22);
-        let n = generated_name(&long, t);
-        assert!(n.len() <= 63, "{n}");
-        assert!(vmctl_api::names::check_name(&n).is_ok(), "{n}");
+        for attempt in [1, 2, NAME_ATTEMPTS] {
+            let n = generated_name(&long, t, attempt);
+            assert!(n.len() <= 63, "{n}");
+            assert!(vmctl_api::names::check_name(&n).is_ok(), "{n}");
+        }
+        // The VM's part is cut where a '-' would end it.
+        let dashed = "a".repeat(43) + "-b";
+        let n = generated_name(&dashed, t, 10);
+        assert_eq!(n, "a".repeat(43) + "-20261201-030405-10");
     }
 }

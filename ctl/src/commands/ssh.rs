@@ -7,6 +7,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use vmctl_api::limits::count;
 use vmctl_api::streams::{ExecEvent, SshAccess};
 
 use super::{Globals, name_arg};
@@ -333,8 +334,10 @@ pub fn cp(g: &Globals, src: &str, dst: &str) -> miette::Result<ExitCode> {
             let client = g.client()?;
             let w = client.put_file(name, path, data, mode)?;
             eprintln!(
-                "copied {} bytes to {name}:{} (mode {:04o})",
-                w.bytes, w.path, w.mode
+                "copied {} to {name}:{} (mode {:04o})",
+                count(w.bytes, "byte", "bytes"),
+                w.path,
+                w.mode
             );
         }
         (Some((name, path)), None) => {
@@ -343,8 +346,8 @@ pub fn cp(g: &Globals, src: &str, dst: &str) -> miette::Result<ExitCode> {
             let f = client.get_file(name, path)?;
             write_local(Path::new(dst), &f.data, f.mode)?;
             eprintln!(
-                "copied {} bytes from {name}:{path} (mode {:04o})",
-                f.data.len(),
+                "copied {} from {name}:{path} (mode {:04o})",
+                count(f.data.len() as u64, "byte", "bytes"),
                 f.mode
             );
         }

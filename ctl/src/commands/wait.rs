@@ -22,12 +22,55 @@ pub(crate) enum State {
     AtSpec(String),
     /// Failed for a reason retrying will not fix (or not soon).
     Failed(String),
+    /// Its controller observed the current generation and refused part of
+    /// the spec change (a condition of [`REFUSED_CHANGES`]); the object
+    /// runs on as it was. The text is the condition's type and message.
+    Refused(String),
+}
+
+/// Conditions that say a spec change was refused and will not happen
+/// unless the spec changes again: waiting longer cannot help.
+const REFUSED_CHANGES: &[&str] = &["DiskShrinkRefused"];
+
+fn conditions(o: &Object) -> Vec<vmctl_api::Condition> {
+    o.status
+        .as_ref()
+        .and_then(|s| s.get("conditions"))
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default()
 }
 
 fn ready_condition(o: &Object) -> Option<vmctl_api::Condition> {
-    let conds = o.status.as_ref()?.get("conditions")?.clone();
-    let conds: Vec<vmctl_api::Condition> = serde_json::from_value(conds).ok()?;
-    conds.into_iter().find(|c| c.type_ == "Ready")
+    conditions(o).into_iter().find(|c| c.type_ == "Ready")
+}
+
+/// A condition of `o` that is True for its current generation.
+fn current_true(o: &Object, types: &[&str]) -> Option<vmctl_api::Condition> {
+    conditions(o).into_iter().find(|c| {
+        types.contains(&c.type_.as_str())
+            && c.status == vmctl_api::ConditionStatus::True
+            && c.observed_generation >= o.metadata.generation
+    })
+}
+
+/// `Reason: message` (or the reason alone).
+fn reason_message(c: &vmctl_api::Condition) -> String {
+    if c.message.is_empty() {
+        c.reason.clone()
+    } else {
+        format!("{}: {}", c.reason, c.message)
+    }
+}
+
+/// What a wait that ended well still warns about: a VM that runs with an
+/// older spec (`RestartRequired`, e.g. a disk hot-unplug the guest did
+/// not complete: reason `HotPlugFailed`).
+fn warning(r: &ObjectRef, o: &Object) -> Option<String> {
+    let c = current_true(o, &["RestartRequired"])?;
+    Some(format!(
+        "warning: {r}: RestartRequired ({})",
+        reason_message(&c)
+    ))
 }
 
 /// An Image's download progress: bytes done and the total when known.
@@ -126,6 +169,7 @@ impl Progress {
                 State::Ready => eprintln!("  {r}: Ready"),
                 State::AtSpec(p) => eprintln!("  {r}: {p}, as its spec asks"),
                 State::Failed(s) => eprintln!("  {r}: Failed: {s}"),
+                State::Refused(s) => eprintln!("  {r}: Refused: {s}"),
             }
             return;
         };
@@ -164,6 +208,10 @@ impl Progress {
             (State::Failed(s), _) => {
                 bar.set_style(style(DONE_STYLE));
                 bar.finish_with_message(format!("Failed: {s}"));
+            }
+            (State::Refused(s), _) => {
+                bar.set_style(style(DONE_STYLE));
+                bar.finish_with_message(format!("Refused: {s}"));
             }
         }
     }
@@ -213,16 +261,12 @@ pub(crate) fn state(o: &Object) -> State {
             o.metadata.generation
         ));
     }
-    let reason = ready
-        .as_ref()
-        .map(|c| {
-            if c.message.is_empty() {
-                c.reason.clone()
-            } else {
-                format!("{}: {}", c.reason, c.message)
-            }
-        })
-        .unwrap_or_default();
+    // Found as: `disk 2` re-applied as `disk 1` (refused) and `apply
+    // --wait` said "all Ready", exit 0.
+    if let Some(c) = current_true(o, REFUSED_CHANGES) {
+        return State::Refused(format!("{}: {}", c.type_, c.message));
+    }
+    let reason = ready.as_ref().map(reason_message).unwrap_or_default();
     // What a wait waits for is the object at its spec (as `kubectl wait`
     // on a resource's own target): for a VM asked to be Stopped or
     // Suspended, that phase, not Ready (which only a running VM is).
@@ -390,7 +434,9 @@ pub(crate) fn wait_ready(
         .map(|r| stream_provision_output(client, r, &progress))
         .collect();
     let mut last: BTreeMap<ObjectRef, State> = BTreeMap::new();
-    let check = |states: &States| -> Option<Result<(), (ObjectRef, String)>> {
+    // Done: the warnings of the objects as they ended; or the first one
+    // that failed or refused its change.
+    let check = |states: &States| -> Option<Result<Vec<String>, Ended>> {
         let mut all_ready = true;
         for r in refs {
             let o = states.get(r).and_then(Option::as_ref);
@@ -404,11 +450,17 @@ pub(crate) fn wait_ready(
             }
             match st {
                 State::Ready | State::AtSpec(_) => {}
-                State::Failed(reason) => return Some(Err((r.clone(), reason))),
+                State::Failed(why) => return Some(Err(Ended::Failed(r.clone(), why))),
+                State::Refused(why) => return Some(Err(Ended::Refused(r.clone(), why))),
                 State::Progressing(_) => all_ready = false,
             }
         }
-        all_ready.then_some(Ok(()))
+        all_ready.then(|| {
+            Ok(refs
+                .iter()
+                .filter_map(|r| warning(r, states.get(r)?.as_ref()?))
+                .collect())
+        })
     };
     let awaited = client.await_condition(refs, check, Some(timeout));
     // The provision output up to now, whatever the outcome (a failure's
@@ -418,27 +470,30 @@ pub(crate) fn wait_ready(
     }
     progress.finish();
     match awaited? {
-        Awaited::Done(Ok(())) => {
-            let at_spec: Vec<String> = last
+        Awaited::Done(Ok(warnings)) => {
+            for w in warnings {
+                eprintln!("{w}");
+            }
+            let at_spec: Vec<(&ObjectRef, &str)> = last
                 .iter()
                 .filter_map(|(r, s)| match s {
-                    State::AtSpec(p) => Some(format!("{r} {p}")),
+                    State::AtSpec(p) => Some((r, p.as_str())),
                     _ => None,
                 })
                 .collect();
-            if at_spec.is_empty() {
-                eprintln!("all {} objects are Ready", refs.len());
-            } else {
-                eprintln!(
-                    "all {} objects are as their specs ask: {} Ready, {}",
-                    refs.len(),
-                    refs.len() - at_spec.len(),
-                    at_spec.join(", ")
-                );
-            }
+            eprintln!("{}", summary(refs.len(), &at_spec));
             Ok(ExitCode::SUCCESS)
         }
-        Awaited::Done(Err((r, reason))) => Err(miette::miette!(
+        Awaited::Done(Err(Ended::Refused(r, why))) => Err(miette::miette!(
+            code = "vmctl::apply::refused",
+            help = format!(
+                "change the spec back as the message says and apply again; `vmctl describe {} {}` shows the condition",
+                r.kind.short(),
+                r.name
+            ),
+            "{r} refused the change: {why}"
+        )),
+        Awaited::Done(Err(Ended::Failed(r, reason))) => Err(miette::miette!(
             code = "vmctl::apply::failed",
             help = format!(
                 "run `vmctl describe {} {}` for details",
@@ -463,6 +518,31 @@ pub(crate) fn wait_ready(
                 pending.join("; ")
             ))
         }
+    }
+}
+
+/// Why a wait ended before every object was Ready.
+enum Ended {
+    /// This object failed ([`State::Failed`]).
+    Failed(ObjectRef, String),
+    /// This object's controller refused its spec change ([`State::Refused`]).
+    Refused(ObjectRef, String),
+}
+
+/// The last line of a wait that ended well: `all 3 objects are Ready`,
+/// `vm/web is Ready`, or which objects are at a spec that is not Ready
+/// (a VM asked to be Stopped).
+fn summary(total: usize, at_spec: &[(&ObjectRef, &str)]) -> String {
+    let listed: Vec<String> = at_spec.iter().map(|(r, p)| format!("{r} {p}")).collect();
+    match (total, at_spec) {
+        (1, []) => "1 object is Ready".to_owned(),
+        (1, [(r, p)]) => format!("{r} is {p}, as its spec asks"),
+        (n, []) => format!("all {n} objects are Ready"),
+        (n, _) => format!(
+            "all {n} objects are as their specs ask: {} Ready, {}",
+            n - at_spec.len(),
+            listed.join(", ")
+        ),
     }
 }
 
@@ -520,6 +600,71 @@ mod tests {
             "conditions": [{"type": "Ready", "status": "True", "reason": "Running", "message": ""}]});
         assert_eq!(state(&obj(1, ready.clone())), State::Ready);
         assert!(matches!(state(&obj(2, ready)), State::Progressing(_)));
+    }
+
+    /// Issue 16 fault 4: a refused shrink left the wait "all Ready".
+    #[test]
+    fn a_refused_shrink_at_the_current_generation_ends_the_wait_refused() {
+        let status = |cond_gen: u64| {
+            serde_json::json!({"phase": "Running", "observedGeneration": 2,
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "Running", "message": ""},
+                {"type": "DiskShrinkRefused", "status": "True", "reason": "SizeBelowCurrent",
+                 "message": "disks cannot shrink (root: 2 GiB → 1 GiB)", "observedGeneration": cond_gen}]})
+        };
+        assert_eq!(
+            state(&obj(2, status(2))),
+            State::Refused("DiskShrinkRefused: disks cannot shrink (root: 2 GiB → 1 GiB)".into())
+        );
+        // Not yet judged for generation 3: waits.
+        let mut later = obj(3, status(2));
+        later.status.as_mut().unwrap()["observedGeneration"] = 3.into();
+        assert_eq!(state(&later), State::Ready);
+    }
+
+    /// Issue 16 fault (a): a disk hot-unplug that failed left the VM
+    /// needing a restart, and `apply --wait` said only "Ready".
+    #[test]
+    fn a_vm_that_needs_a_restart_is_a_warning_of_a_wait_that_ended_well() {
+        let r = ObjectRef::new(vmctl_api::Kind::VirtualMachine, "web");
+        let o = obj(
+            2,
+            serde_json::json!({"phase": "Running", "observedGeneration": 2,
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "Running", "message": ""},
+                {"type": "RestartRequired", "status": "True", "reason": "HotPlugFailed",
+                 "message": "disk data could not be detached live (busy)", "observedGeneration": 2}]}),
+        );
+        assert_eq!(state(&o), State::Ready);
+        assert_eq!(
+            warning(&r, &o).as_deref(),
+            Some(
+                "warning: vm/web: RestartRequired (HotPlugFailed: disk data could not be detached live (busy))"
+            )
+        );
+        let fine = obj(
+            2,
+            serde_json::json!({"phase": "Running", "observedGeneration": 2,
+            "conditions": [{"type": "RestartRequired", "status": "False", "reason": "UpToDate",
+                "message": "", "observedGeneration": 2}]}),
+        );
+        assert_eq!(warning(&r, &fine), None);
+    }
+
+    /// Issue 16 fault (g): "all 1 objects are Ready".
+    #[test]
+    fn the_summary_of_a_wait_counts_in_the_singular_and_plural() {
+        let off = ObjectRef::new(vmctl_api::Kind::VirtualMachine, "off");
+        assert_eq!(summary(1, &[]), "1 object is Ready");
+        assert_eq!(summary(3, &[]), "all 3 objects are Ready");
+        assert_eq!(
+            summary(1, &[(&off, "Stopped")]),
+            "vm/off is Stopped, as its spec asks"
+        );
+        assert_eq!(
+            summary(2, &[(&off, "Stopped")]),
+            "all 2 objects are as their specs ask: 1 Ready, vm/off Stopped"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::process::{Command, Output, Stdio};
 
 use crate::agent::Agent;
 
+mod disk_command;
 mod snapshot_command;
 
 /// An agent plus a working directory.
@@ -24,6 +25,14 @@ impl World {
     fn new() -> World {
         World {
             agent: Agent::start(),
+            work: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A world whose agent has extra environment (`VMCTL_FAKE_*`).
+    fn with_env(env: &[(&str, &str)]) -> World {
+        World {
+            agent: Agent::start_with("fake", env),
             work: tempfile::tempdir().unwrap(),
         }
     }
@@ -618,6 +627,40 @@ fn get_in_every_format_and_describe() {
         insta::assert_snapshot!("cmd_describe_all", describe_all);
         insta::assert_snapshot!("cmd_get_describe_errors", errors);
     });
+}
+
+/// Issue 16 fault (e): `vmctl history` said "by unknown via vmctl stop"
+/// when `vmctl stop` ran without `USER` (a container's exec, a service).
+#[test]
+fn history_names_who_stopped_a_vm_even_without_user_in_the_environment() {
+    let w = World::new();
+    w.write("VMFile.kdl", ONE_VM);
+    w.ok(&["apply", "--wait"]);
+    let out = Command::new(crate::vmctl_bin())
+        .arg("--no-autostart")
+        .arg("--data-dir")
+        .arg(w.agent.data_dir())
+        .args(["stop", "web"])
+        .env_remove("USER")
+        .env_remove("LOGNAME")
+        .env_remove("VMCTL_DATA_DIR")
+        .env_remove("VMCTL_SOCKET")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history = w.ok(&["history", "vm", "web"]);
+    let me = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .unwrap()
+        .map_or_else(|| format!("uid {}", nix::unistd::getuid()), |u| u.name);
+    assert!(
+        history.contains(&format!("by {me} via vmctl stop")),
+        "{history}"
+    );
+    assert!(!history.contains("unknown"), "{history}");
 }
 
 #[test]

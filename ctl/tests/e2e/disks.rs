@@ -104,9 +104,17 @@ fn data_disk_keeps_its_serial_and_data_root_grows_live_and_a_shrink_is_refused_v
     let events = w.ok(&["events"]);
     assert!(events.contains("DiskResized"), "{events}");
 
-    // A shrink: refused visibly, the VM runs on, stops and starts again.
+    // A shrink: refused visibly (`apply --wait` fails, naming the VM and
+    // the disk), the VM runs on, stops and starts again.
     std::fs::write(p.join("VMFile.kdl"), vmfile(&img, 1, data)).unwrap();
-    w.ok(&["apply"]);
+    let out = w.vmctl(&["apply", "--wait", "--timeout", "120"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("vmctl::apply::refused")
+            && err.contains("vm/dk refused the change"),
+        "{err}"
+    );
     wait_until("DiskShrinkRefused", Duration::from_secs(60), || {
         let vm = w.json(&["get", "vm", "dk", "-o", "json"]);
         cond(&vm, "DiskShrinkRefused").is_some_and(|c| c["status"] == "True")

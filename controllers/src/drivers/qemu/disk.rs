@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use tokio::process::Command;
+use vmctl_api::limits::human_bytes;
 
 use crate::drivers::LocalImage;
 #[cfg(test)]
@@ -41,7 +42,7 @@ pub enum DiskError {
         stderr: String,
     },
     /// `qemu-img resize` failed.
-    #[error("Cannot grow {} to {bytes} bytes: {stderr}", path.display())]
+    #[error("Cannot grow {} to {}: {stderr}", path.display(), human_bytes(*bytes))]
     Resize {
         /// The overlay.
         path: PathBuf,
@@ -52,7 +53,9 @@ pub enum DiskError {
     },
     /// The requested size is smaller than the disk.
     #[error(
-        "Disk of {requested_bytes} bytes is smaller than the existing {current_bytes} bytes; disks cannot shrink"
+        "Disk of {} is smaller than the existing {}; disks cannot shrink",
+        human_bytes(*requested_bytes),
+        human_bytes(*current_bytes)
     )]
     ShrinkRefused {
         /// The requested size in bytes.
@@ -315,7 +318,7 @@ mod tests {
         assert_eq!(err.code(), SHRINK_REFUSED);
         assert_eq!(
             err.to_string(),
-            "Disk of 2147483648 bytes is smaller than the existing 3221225472 bytes; disks cannot shrink"
+            "Disk of 2 GiB is smaller than the existing 3 GiB; disks cannot shrink"
         );
         assert_eq!(virtual_size(&ov).await.unwrap(), 3 * GIB);
         grow_file(&ov, 4 * GIB).await.unwrap();

@@ -57,19 +57,67 @@ impl SizeChange {
         format!(
             "{}: {} → {}",
             self.disk,
-            human_gib(self.from),
-            human_gib(self.to)
+            human_size(self.from),
+            human_size(self.to)
         )
     }
 }
 
-/// `3 GiB`, or bytes when not a whole number of GiB.
-pub fn human_gib(bytes: u64) -> String {
-    if bytes.is_multiple_of(GIB) {
-        format!("{} GiB", bytes / GIB)
-    } else {
-        format!("{bytes} bytes")
-    }
+/// A disk size for notes and messages, in one unit whatever the size:
+/// `3 GiB`, `2.2 GiB`, `512 MiB` (found as: a resize note said "from
+/// 2361393152 bytes to 3 GiB").
+pub fn human_size(bytes: u64) -> String {
+    vmctl_api::limits::human_bytes(bytes)
+}
+
+/// The note of a disk attached live. Where the guest finds it, honestly:
+/// `/dev/disk/by-id/` exists only where udev runs (found as: a tiny guest
+/// without udev had no such path), the serial in sysfs always.
+pub fn attached_note(vm: &str, disk: &str, size_bytes: u64) -> String {
+    format!(
+        "Attached disk {disk} ({}) to VM {vm} while it runs (live); the guest sees it as /dev/disk/by-id/virtio-{disk} where udev runs, otherwise as the /dev/vdX whose /sys/block/vdX/serial is {disk}",
+        human_size(size_bytes)
+    )
+}
+
+/// The message of the [`SHRINK_REFUSED`] condition and its Warning note
+/// for VM `vm`, naming every disk of `shrink` (found as: a refused shrink
+/// of the root and a data disk was noted as the root disk's alone).
+pub fn shrink_refused(vm: &str, shrink: &[SizeChange]) -> (String, String) {
+    let list: Vec<String> = shrink.iter().map(SizeChange::describe).collect();
+    let kept: Vec<String> = shrink
+        .iter()
+        .map(|c| {
+            format!(
+                "{} at {} (the spec asks {})",
+                c.disk,
+                human_size(c.from),
+                human_size(c.to)
+            )
+        })
+        .collect();
+    let (message, warning) = match shrink {
+        [one] => (
+            format!(
+                "disks cannot shrink ({}); the disk keeps its size: set the size to at least {} again, or delete and recreate the VM for a smaller disk (that destroys it)",
+                list.join(", "),
+                // Sizes are asked in whole GiB.
+                human_size(one.from.div_ceil(GIB) * GIB)
+            ),
+            format!("VM {vm} keeps disk {}: disks cannot shrink", kept[0]),
+        ),
+        _ => (
+            format!(
+                "disks cannot shrink ({}); each disk keeps its size: set each size to at least the one it has again, or delete and recreate the VM for smaller disks (that destroys them)",
+                list.join(", ")
+            ),
+            format!(
+                "VM {vm} keeps disks {}: disks cannot shrink",
+                kept.join(", ")
+            ),
+        ),
+    };
+    (message, warning)
 }
 
 /// The size in bytes the spec asks for disk `name`, if it asks one.
@@ -154,4 +202,50 @@ pub fn hotplug_failed(o: &Observed) -> bool {
             && c.reason == HOTPLUG_FAILED
             && c.observed_generation == o.generation
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 16 fault (f): a resize note said "from 2361393152 bytes to
+    /// 3 GiB"; every size is now in one human unit.
+    #[test]
+    fn a_resize_note_says_every_size_in_one_human_unit() {
+        let odd = 2_361_393_152;
+        let grow = SizeChange {
+            disk: "root".into(),
+            from: odd,
+            to: 3 * GIB,
+        };
+        assert_eq!(grow.describe(), "root: 2.2 GiB → 3 GiB");
+        assert_eq!(human_size(512 << 20), "512 MiB");
+        let shrink = SizeChange {
+            disk: "root".into(),
+            from: odd,
+            to: 2 * GIB,
+        };
+        let (message, warning) = shrink_refused("web", &[shrink]);
+        assert!(!message.contains("bytes") && !warning.contains("bytes"));
+        // A size is asked in whole GiB: at least the next one up.
+        assert!(
+            message.contains("set the size to at least 3 GiB again"),
+            "{message}"
+        );
+        assert_eq!(
+            warning,
+            "VM web keeps disk root at 2.2 GiB (the spec asks 2 GiB): disks cannot shrink"
+        );
+    }
+
+    /// Issue 16 fault (b): the note promised /dev/disk/by-id/virtio-data,
+    /// which a guest without udev does not have.
+    #[test]
+    fn the_attach_note_names_the_serial_for_guests_without_udev() {
+        let note = attached_note("web", "data", GIB);
+        assert_eq!(
+            note,
+            "Attached disk data (1 GiB) to VM web while it runs (live); the guest sees it as /dev/disk/by-id/virtio-data where udev runs, otherwise as the /dev/vdX whose /sys/block/vdX/serial is data"
+        );
+    }
 }

@@ -805,6 +805,48 @@ fn shrinking_the_disk_no_longer_stops_the_vm_from_starting_again() {
     );
 }
 
+/// Issue 16 fault 4: a refused shrink of the root disk and of a data disk
+/// at once was noted (Warning) as the root disk's alone.
+#[test]
+fn a_refused_shrink_names_every_disk_refused_in_its_warning_and_condition() {
+    let mut o = settled();
+    o.spec.disk_gib = Some(10);
+    o.spec.disks = vec![vmctl_api::Disk {
+        name: "data".into(),
+        size_gib: 2,
+    }];
+    o.generation += 1;
+    reconcile(&mut o);
+    o.spec.disk_gib = Some(9);
+    o.spec.disks[0].size_gib = 1;
+    o.generation += 1;
+    let steps = reconcile(&mut o);
+    let warning = steps
+        .iter()
+        .find_map(|s| match s {
+            Step::SetCondition {
+                condition,
+                warning: Some(w),
+            } if condition.type_ == disks::SHRINK_REFUSED => Some(w.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no Warning: {steps:?}"));
+    assert_eq!(
+        warning,
+        "VM web keeps disks root at 10 GiB (the spec asks 9 GiB), data at 2 GiB (the spec asks 1 GiB): disks cannot shrink"
+    );
+    let refused = cond(&o, disks::SHRINK_REFUSED).unwrap();
+    assert_eq!(refused.status, ConditionStatus::True);
+    assert_eq!(refused.observed_generation, o.generation);
+    assert!(
+        refused
+            .message
+            .contains("root: 10 GiB → 9 GiB, data: 2 GiB → 1 GiB"),
+        "{}",
+        refused.message
+    );
+}
+
 /// Issue 16: `disk 3` on a running VM was neither applied live nor
 /// reported as needing a restart (the restart digest left it out).
 #[test]

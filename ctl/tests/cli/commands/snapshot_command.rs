@@ -112,3 +112,75 @@ fn snapshot_create_list_restore_delete_and_their_refusals() {
         insta::assert_snapshot!("cmd_snapshot_gone", gone);
     });
 }
+
+/// Issue 16 fault 3: two `vmctl snapshot create web` in the same second
+/// (generated names are `VM-YYYYMMDD-HHMMSS`) both said "created", but
+/// one Snapshot existed: the second apply had landed on the first. A
+/// create is create-only now, and a generated name taken meanwhile is
+/// retried as `…-2`, `…-3`.
+#[test]
+fn concurrent_snapshot_creates_with_generated_names_never_collide() {
+    const N: usize = 4;
+    let w = World::new();
+    w.write("VMFile.kdl", ONE_VM);
+    w.ok(&["apply", "--wait"]);
+    let outs: Vec<Output> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..N)
+            .map(|_| s.spawn(|| w.run(&["snapshot", "create", "web", "-o", "json"])))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let mut said = std::collections::BTreeSet::new();
+    for out in &outs {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        said.insert(made["metadata"]["name"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        said.len(),
+        N,
+        "each create names its own snapshot: {said:?}"
+    );
+    let listed = w.ok(&["get", "snapshots", "-o", "name"]);
+    let exist: std::collections::BTreeSet<String> = listed
+        .lines()
+        .map(|l| l.trim_start_matches("snapshot/").to_owned())
+        .collect();
+    assert_eq!(exist, said, "every create made a Snapshot of its own");
+    for n in &said {
+        assert!(n.starts_with("web-") && n.len() <= 63, "{n}");
+    }
+}
+
+/// Issue 16 fault (d): `vmctl snapshot list nosuch` exited 0 ("No
+/// snapshots of VM nosuch."), as if the VM existed.
+#[test]
+fn snapshot_list_of_a_vm_that_does_not_exist_is_not_found() {
+    let w = World::new();
+    w.write("VMFile.kdl", ONE_VM);
+    w.ok(&["apply", "--wait"]);
+    let list = w.run(&["snapshot", "list", "nosuch"]);
+    let get = w.run(&["get", "vm", "nosuch"]);
+    assert!(!list.status.success());
+    assert_eq!(
+        list.status.code(),
+        get.status.code(),
+        "as other NotFound errors"
+    );
+    let err = String::from_utf8_lossy(&list.stderr);
+    assert!(
+        err.contains("vmctl::vm::not_found") && err.contains("VM nosuch not found"),
+        "{err}"
+    );
+    // A VM that exists and has none: an empty listing, exit 0.
+    let none = w.run(&["snapshot", "list", "web"]);
+    assert!(none.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&none.stderr),
+        "No snapshots of VM web.\n"
+    );
+}
