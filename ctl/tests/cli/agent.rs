@@ -129,7 +129,12 @@ impl Agent {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         if let Some(s) = stdin {
-            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+            // A command refused before it reads standard input may have exited
+            // already: a broken pipe is its answer.
+            match child.stdin.take().unwrap().write_all(s.as_bytes()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => r.unwrap(),
+            }
         }
         child.wait_with_output().unwrap()
     }

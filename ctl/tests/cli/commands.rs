@@ -75,7 +75,12 @@ impl World {
         let mut child = cmd.spawn().unwrap();
         if let Some(s) = stdin {
             use std::io::Write;
-            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+            // A command refused before it reads standard input (`apply -f -
+            // --prune`) may have exited already: a broken pipe is its answer.
+            match child.stdin.take().unwrap().write_all(s.as_bytes()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => r.unwrap(),
+            }
         }
         child.wait_with_output().unwrap()
     }
