@@ -27,16 +27,24 @@
 //!
 //! `dnsmasq-leases = ["/run/br0.leases"]` (top level, before any table)
 //! adds dnsmasq lease files to those read to find the address of a guest
-//! on a `tap` network.
+//! on a `tap` network. `node-labels = ["zone=a", "rack=1"]` labels this
+//! agent's Node, and `node-lease-ttl = 10` (seconds; store etcd) sets the
+//! TTL of its node lease (top level too).
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
 /// The agent's config file name inside its data directory.
 pub const CONFIG_FILE: &str = "agent.toml";
+
+/// The node lease TTLs accepted, in seconds: etcd's minimum lease is 2 s;
+/// an hour is already far too long to notice a dead node.
+pub const NODE_LEASE_TTL_RANGE: std::ops::RangeInclusive<u64> = 2..=3600;
 
 /// The agent's settings, resolved once from flags, environment and the
 /// config file ([`AgentConfig::resolve`]).
@@ -64,10 +72,21 @@ pub struct AgentConfig {
     /// how long a killed agent's prefix waits for another agent.
     pub lease_ttl: std::time::Duration,
     /// This agent's node name (`--node-name` / `VMCTL_NODE_NAME`, default
-    /// the host name): recorded in `status.nodeName` of the VMs whose
-    /// instances it makes; the VM controller leaves instances of other
-    /// nodes alone (`NodeLost`).
+    /// the host name in lowercase, see [`default_node_name`]): the name of
+    /// the Node it registers, recorded in `status.nodeName` of the VMs
+    /// whose instances it makes; the VM controller leaves instances of
+    /// other nodes alone (`NodeLost`). A DNS-1123 subdomain.
     pub node_name: String,
+    /// Labels of this agent's Node (`--node-labels` / `VMCTL_NODE_LABELS`
+    /// or `node-labels` in the config file), each checked
+    /// ([`vmctl_api::node::parse_label`]).
+    pub node_labels: BTreeMap<String, String>,
+    /// The TTL of this agent's node lease (store etcd; `--node-lease-ttl`
+    /// / `VMCTL_NODE_LEASE_TTL` or `node-lease-ttl` in the config file;
+    /// whole seconds, [`NODE_LEASE_TTL_RANGE`], default 10 s): the Node's
+    /// heartbeat is written every third of it, and the Node is marked not
+    /// Ready once its heartbeat is older than it + 2 s.
+    pub node_lease_ttl: Duration,
     /// dnsmasq lease files read (before the usual ones) to find the
     /// address of a guest on a `tap` network: `--dnsmasq-leases`,
     /// `VMCTL_DNSMASQ_LEASES` or `dnsmasq-leases` in the config file.
@@ -170,6 +189,10 @@ pub struct AgentOverrides {
     pub etcd_prefix: Option<String>,
     /// `--node-name` / `VMCTL_NODE_NAME`.
     pub node_name: Option<String>,
+    /// `--node-labels` / `VMCTL_NODE_LABELS` (`KEY=VALUE` each).
+    pub node_labels: Option<Vec<String>>,
+    /// `--node-lease-ttl` / `VMCTL_NODE_LEASE_TTL`, seconds.
+    pub node_lease_ttl: Option<u64>,
     /// `--propolis-*` / `VMCTL_PROPOLIS_*`.
     pub propolis: PropolisSettings,
     /// `--dnsmasq-leases` / `VMCTL_DNSMASQ_LEASES`.
@@ -186,6 +209,13 @@ struct FileSettings {
     propolis: Option<PropolisSection>,
     #[serde(rename = "dnsmasq-leases")]
     dnsmasq_leases: Option<Vec<Spanned<PathBuf>>>,
+    #[serde(rename = "node-labels")]
+    node_labels: Option<Vec<Spanned<String>>>,
+    #[serde(rename = "node-lease-ttl")]
+    node_lease_ttl: Option<Spanned<u64>>,
+    /// `node_labels`, checked by [`read_file`].
+    #[serde(skip)]
+    node_labels_checked: Option<BTreeMap<String, String>>,
     /// `propolis`, checked by [`read_file`].
     #[serde(skip)]
     propolis_settings: PropolisSettings,
@@ -273,6 +303,7 @@ impl ConfigError {
                 "fix {} (keys: driver = \"qemu\"|\"propolis\"|\"fake\", store = \"sled\"|\"etcd\", \
                  under [etcd]: endpoints = [\"http://HOST:2379\", …], prefix = \"/vmctl/\", \
                  dnsmasq-leases = [\"/ABSOLUTE/PATH\", …], \
+                 node-labels = [\"KEY=VALUE\", …], node-lease-ttl = SECONDS, \
                  under [propolis]: host, addr, pool, brand, zone-root, vnic-link, start-timeout), \
                  or remove it to use the defaults",
                 path.display()
@@ -361,7 +392,19 @@ fn read_file(path: &Path) -> Result<Option<FileSettings>, ConfigError> {
             ));
         }
     }
+    if let Some(t) = &file.node_lease_ttl
+        && let Err(why) = check_lease_ttl(*t.get_ref())
+    {
+        return Err(invalid(t.span(), why));
+    }
     let mut file = file;
+    if let Some(labels) = &file.node_labels {
+        let mut out = BTreeMap::new();
+        for l in labels {
+            add_label(&mut out, l.get_ref()).map_err(|why| invalid(l.span(), why))?;
+        }
+        file.node_labels_checked = Some(out);
+    }
     if let Some(section) = &file.propolis {
         file.propolis_settings = propolis_section(section, &invalid)?;
     }
@@ -459,6 +502,38 @@ fn check_given(given: &AgentOverrides, file_store: Option<StoreKind>) -> Result<
             help: "give absolute paths, comma-separated: --dnsmasq-leases /run/br0.leases".into(),
         });
     }
+    if let (Some(ttl), false) = (given.node_lease_ttl, etcd) {
+        return Err(ConfigError::Flag {
+            flag: NODE_LEASE_TTL,
+            message: format!(
+                "{ttl} given, but the store is sled, which has no node lease (its one agent \
+                 registers its Node and keeps it Ready while it runs)"
+            ),
+            help: "add --store etcd (or VMCTL_STORE=etcd, or store = \"etcd\" in agent.toml), \
+                   or drop --node-lease-ttl"
+                .into(),
+        });
+    }
+    if let Some(ttl) = given.node_lease_ttl {
+        check_lease_ttl(ttl).map_err(|message| ConfigError::Flag {
+            flag: NODE_LEASE_TTL,
+            message,
+            help: "give whole seconds, e.g. --node-lease-ttl 10 (the default)".into(),
+        })?;
+    }
+    if let Some(labels) = &given.node_labels {
+        let mut out = BTreeMap::new();
+        for l in labels.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
+            add_label(&mut out, l).map_err(|message| ConfigError::Flag {
+                flag: "--node-labels / VMCTL_NODE_LABELS",
+                message,
+                help: "write comma-separated KEY=VALUE pairs, e.g. --node-labels zone=a,rack=1 \
+                       (keys and values: letters, digits, '-', '_' and '.', at most 63; a key \
+                       may have a DNS prefix, as in topology.vmctl.dev/zone=a)"
+                    .into(),
+            })?;
+        }
+    }
     if let (Some(flag), false) = (unused, etcd) {
         return Err(ConfigError::Flag {
             flag,
@@ -472,25 +547,76 @@ fn check_given(given: &AgentOverrides, file_store: Option<StoreKind>) -> Result<
     Ok(())
 }
 
-/// Checks a `--node-name`: 1–253 printable ASCII characters without
-/// spaces (a host name fits).
+/// The flag and variable of the node lease TTL, for messages.
+const NODE_LEASE_TTL: &str = "--node-lease-ttl / VMCTL_NODE_LEASE_TTL";
+
+/// Checks a node lease TTL in seconds against [`NODE_LEASE_TTL_RANGE`].
+fn check_lease_ttl(secs: u64) -> Result<(), String> {
+    if NODE_LEASE_TTL_RANGE.contains(&secs) {
+        return Ok(());
+    }
+    Err(format!(
+        "node lease TTL {secs} s is out of range: {} to {} seconds",
+        NODE_LEASE_TTL_RANGE.start(),
+        NODE_LEASE_TTL_RANGE.end()
+    ))
+}
+
+/// Checks one node label (`KEY=VALUE`) and adds it to `labels`; a key
+/// given twice is refused (which one was meant?).
+fn add_label(labels: &mut BTreeMap<String, String>, label: &str) -> Result<(), String> {
+    let (k, v) = vmctl_api::node::parse_label(label)?;
+    if labels.contains_key(&k) {
+        return Err(format!("label key `{k}` is given twice"));
+    }
+    labels.insert(k, v);
+    Ok(())
+}
+
+/// Checks a `--node-name`: a DNS-1123 subdomain, as Kubernetes' node
+/// names (a lowercase host name fits).
 fn check_node_name(name: &str) -> Result<(), ConfigError> {
-    let bad = |message: String| ConfigError::Flag {
+    vmctl_api::node::check_node_name(name).map_err(|message| ConfigError::Flag {
         flag: "--node-name / VMCTL_NODE_NAME",
         message,
-        help: "give a name such as the host's (`host-b`), or drop it to use the host name".into(),
-    };
-    if name.is_empty() || name.len() > 253 {
-        return Err(bad(format!(
-            "node name `{name}` must have 1 to 253 characters"
-        )));
+        help: format!(
+            "give a name such as the host's (`host-b`), or drop it to use the host name; {}",
+            vmctl_api::node::NODE_NAME_HELP
+        ),
+    })
+}
+
+/// The node name when none is given: the host name in lowercase (as the
+/// kubelet's), with any character a node name cannot have turned into
+/// `-` (`my_host` → `my-host`); `localhost` when nothing is left.
+pub fn default_node_name() -> String {
+    let host = vmctl_controllers::host_name().to_ascii_lowercase();
+    if vmctl_api::node::check_node_name(&host).is_ok() {
+        return host;
     }
-    if !name.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad(format!(
-            "node name `{name}` may only have printable ASCII characters without spaces"
-        )));
+    let mapped: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let parts: Vec<String> = mapped
+        .split('.')
+        .map(|p| p.chars().take(63).collect::<String>().trim_matches('-').to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mut name = parts.join(".");
+    name.truncate(253);
+    let name = name.trim_matches(|c| c == '-' || c == '.').to_owned();
+    if vmctl_api::node::check_node_name(&name).is_ok() {
+        name
+    } else {
+        "localhost".into()
     }
-    Ok(())
 }
 
 /// Checks that an endpoint is an `http://` or `https://` URL with a host.
@@ -529,7 +655,9 @@ impl AgentConfig {
             propolis: PropolisSettings::default(),
             socket_group: None,
             lease_ttl: crate::lease::DEFAULT_TTL,
-            node_name: vmctl_controllers::host_name(),
+            node_name: default_node_name(),
+            node_labels: BTreeMap::new(),
+            node_lease_ttl: Duration::from_secs(vmctl_api::node::DEFAULT_LEASE_TTL_SECONDS),
             dnsmasq_leases: Vec::new(),
         }
     }
@@ -552,6 +680,24 @@ impl AgentConfig {
         if let Some(n) = &given.node_name {
             check_node_name(n)?;
             cfg.node_name = n.clone();
+        }
+        cfg.node_labels = match (&given.node_labels, &file.node_labels_checked) {
+            // Checked by check_given.
+            (Some(g), _) => {
+                let mut out = BTreeMap::new();
+                for l in g.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
+                    let _ = add_label(&mut out, l);
+                }
+                out
+            }
+            (None, Some(f)) => f.clone(),
+            (None, None) => BTreeMap::new(),
+        };
+        if let Some(t) = given
+            .node_lease_ttl
+            .or(file.node_lease_ttl.as_ref().map(|t| *t.get_ref()))
+        {
+            cfg.node_lease_ttl = Duration::from_secs(t);
         }
         cfg.propolis = given.propolis.clone().or(file.propolis_settings.clone());
         cfg.dnsmasq_leases = match (&given.dnsmasq_leases, &file.dnsmasq_leases) {
@@ -651,10 +797,13 @@ mod tests {
                 },
             )
         };
-        assert_eq!(
-            named(None).unwrap().node_name,
-            vmctl_controllers::host_name()
-        );
+        let default = named(None).unwrap().node_name;
+        assert_eq!(default, default_node_name());
+        vmctl_api::node::check_node_name(&default).unwrap();
+        let host = vmctl_controllers::host_name().to_ascii_lowercase();
+        if vmctl_api::node::check_node_name(&host).is_ok() {
+            assert_eq!(default, host);
+        }
         assert_eq!(named(Some("host-b")).unwrap().node_name, "host-b");
         for bad in ["", "host b"] {
             let err = named(Some(bad)).unwrap_err();
@@ -662,6 +811,88 @@ mod tests {
                 err.to_string()
                     .starts_with("--node-name / VMCTL_NODE_NAME: node name"),
                 "{err}"
+            );
+        }
+    }
+
+    /// Issue 17 item 1: `--node-labels zone=a,rack=1` (or
+    /// `VMCTL_NODE_LABELS`, or `node-labels` in agent.toml) labels the
+    /// agent's Node; a bad label, a key given twice, or a bad
+    /// `--node-lease-ttl` is refused naming the flag (or the file's line),
+    /// and the TTL is refused on sled, which would ignore it.
+    #[test]
+    fn node_labels_and_lease_ttl_are_parsed_and_bad_ones_refused_naming_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_path_buf();
+        let etcd = |labels: &[&str], ttl: Option<u64>| AgentOverrides {
+            store: Some(StoreKind::Etcd),
+            etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into()]),
+            node_labels: Some(labels.iter().map(|l| l.to_string()).collect()),
+            node_lease_ttl: ttl,
+            ..Default::default()
+        };
+        let cfg = AgentConfig::resolve(data.clone(), etcd(&["zone=a", " rack=1", ""], Some(4)))
+            .unwrap();
+        assert_eq!(
+            cfg.node_labels,
+            BTreeMap::from([
+                ("rack".to_owned(), "1".to_owned()),
+                ("zone".to_owned(), "a".to_owned())
+            ])
+        );
+        assert_eq!(cfg.node_lease_ttl, Duration::from_secs(4));
+        let cfg = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap();
+        assert!(cfg.node_labels.is_empty());
+        assert_eq!(cfg.node_lease_ttl, Duration::from_secs(10));
+
+        for (given, flag, says) in [
+            (etcd(&["zone"], None), "--node-labels", "has no `=`"),
+            (etcd(&["zone=a b"], None), "--node-labels", "label value"),
+            (etcd(&["-zone=a"], None), "--node-labels", "label key"),
+            (
+                etcd(&["zone=a", "zone=b"], None),
+                "--node-labels",
+                "given twice",
+            ),
+            (etcd(&[], Some(1)), "--node-lease-ttl", "out of range"),
+            (etcd(&[], Some(7200)), "--node-lease-ttl", "out of range"),
+            (
+                AgentOverrides {
+                    node_lease_ttl: Some(5),
+                    ..Default::default()
+                },
+                "--node-lease-ttl",
+                "the store is sled",
+            ),
+        ] {
+            let err = AgentConfig::resolve(data.clone(), given).unwrap_err();
+            assert!(matches!(err, ConfigError::Flag { .. }), "{err}");
+            let shown = err.to_string();
+            assert!(shown.starts_with(flag), "{shown}");
+            assert!(shown.contains(says), "{shown}");
+        }
+
+        let (_d, data) = with_file("node-labels = [\"zone=b\"]\nnode-lease-ttl = 3\n");
+        let cfg = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap();
+        assert_eq!(cfg.node_labels.get("zone").map(String::as_str), Some("b"));
+        assert_eq!(cfg.node_lease_ttl, Duration::from_secs(3));
+        // The flag wins over the file.
+        let given = AgentOverrides {
+            node_labels: Some(vec!["zone=c".into()]),
+            ..Default::default()
+        };
+        let cfg = AgentConfig::resolve(data, given).unwrap();
+        assert_eq!(cfg.node_labels.get("zone").map(String::as_str), Some("c"));
+        for (text, line, column, says) in [
+            ("node-labels = [\"zone=a\", \"rack\"]\n", 1, 26, "has no `=`"),
+            ("node-lease-ttl = 1\n", 1, 18, "out of range"),
+        ] {
+            let (_d, data) = with_file(text);
+            let err = AgentConfig::resolve(data, AgentOverrides::default()).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { line: l, column: c, message, .. }
+                    if (*l, *c) == (line, column) && message.contains(says)),
+                "{text:?}: {err:?}"
             );
         }
     }

@@ -86,6 +86,13 @@ impl Agent {
             .unwrap()
     }
 
+    /// Sets (or replaces) one variable of the environment the next
+    /// [`Agent::spawn`] starts the agent with.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.into(), value.into()));
+    }
+
     /// Starts the agent again (same driver, environment and store).
     pub fn spawn(&mut self) {
         let child = Command::new(crate::vmctl_bin())

@@ -10,6 +10,7 @@ mod etcd;
 mod finalizers;
 mod images;
 mod large_apply;
+mod nodes;
 mod parser_faults;
 mod propolis;
 mod ready;
