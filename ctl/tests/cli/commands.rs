@@ -367,7 +367,10 @@ fn validate_convert_and_schema() {
     // schema of every kind: one object keyed by kind.
     let all: serde_json::Value = serde_json::from_str(&w.ok(&["schema"])).unwrap();
     let keys: Vec<&String> = all.as_object().unwrap().keys().collect();
-    assert_eq!(keys, ["Image", "Provision", "Snapshot", "VirtualMachine"]);
+    assert_eq!(
+        keys,
+        ["Image", "Node", "Provision", "Snapshot", "VirtualMachine"]
+    );
 }
 
 // ---------------------------------------------------------------- declarative
