@@ -503,7 +503,13 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
     // A's VM, under B: reported NodeLost, never started a second time.
     let s = socket_b.clone();
     eventually("vm0 NodeLost under B", Duration::from_secs(10), || {
-        vm_ready_reason(&s, "vm0") == Some(("False".into(), "NodeLost".into(), "node-a".into()))
+        let r = vm_ready_reason(&s, "vm0");
+        let lost = r == Some(("False".into(), "NodeLost".into(), "node-a".into()));
+        if !lost {
+            // What it is instead, should this time out.
+            eprintln!("vm0 under B: {r:?}");
+        }
+        lost
     })
     .await;
     let reasons = note_reasons(&socket_b, "vm0");
