@@ -91,7 +91,7 @@ pub struct AgentArgs {
     /// TTL of this agent's node lease in etcd, whole seconds (2 to 3600):
     /// the agent posts its Node's heartbeat every third of it, and the
     /// Node is marked not Ready once its heartbeat is older than the TTL
-    /// + 2 s (store etcd only) [default: `node-lease-ttl` in
+    /// plus 2 s (store etcd only) [default: `node-lease-ttl` in
     /// <data-dir>/agent.toml, else 10].
     #[arg(long, env = "VMCTL_NODE_LEASE_TTL", value_name = "SECONDS")]
     pub node_lease_ttl: Option<u64>,

@@ -606,7 +606,13 @@ pub fn default_node_name() -> String {
         .collect();
     let parts: Vec<String> = mapped
         .split('.')
-        .map(|p| p.chars().take(63).collect::<String>().trim_matches('-').to_owned())
+        .map(|p| {
+            p.chars()
+                .take(63)
+                .collect::<String>()
+                .trim_matches('-')
+                .to_owned()
+        })
         .filter(|p| !p.is_empty())
         .collect();
     let mut name = parts.join(".");
@@ -831,8 +837,8 @@ mod tests {
             node_lease_ttl: ttl,
             ..Default::default()
         };
-        let cfg = AgentConfig::resolve(data.clone(), etcd(&["zone=a", " rack=1", ""], Some(4)))
-            .unwrap();
+        let cfg =
+            AgentConfig::resolve(data.clone(), etcd(&["zone=a", " rack=1", ""], Some(4))).unwrap();
         assert_eq!(
             cfg.node_labels,
             BTreeMap::from([
@@ -884,7 +890,12 @@ mod tests {
         let cfg = AgentConfig::resolve(data, given).unwrap();
         assert_eq!(cfg.node_labels.get("zone").map(String::as_str), Some("c"));
         for (text, line, column, says) in [
-            ("node-labels = [\"zone=a\", \"rack\"]\n", 1, 26, "has no `=`"),
+            (
+                "node-labels = [\"zone=a\", \"rack\"]\n",
+                1,
+                26,
+                "has no `=`",
+            ),
             ("node-lease-ttl = 1\n", 1, 18, "out of range"),
         ] {
             let (_d, data) = with_file(text);

@@ -115,7 +115,10 @@ async fn take_one(
         None => store.acquire_lease(me, ttl).await,
         Some(n) => store.acquire_node_lease(n, me, ttl).await,
     };
-    let what = node.map_or_else(|| "the agent lease".to_owned(), |n| format!("node {n}'s lease"));
+    let what = node.map_or_else(
+        || "the agent lease".to_owned(),
+        |n| format!("node {n}'s lease"),
+    );
     match acquire(&me).await? {
         LeaseOutcome::Acquired(l) => Ok(Take::Taken(l)),
         LeaseOutcome::Held { holder, lease } if holder.is_predecessor_of(&me) => {

@@ -87,6 +87,11 @@ pub fn capacity(data_dir: &Path) -> NodeResources {
         .ok()
         .and_then(|t| mem_total_kib(&t))
         .map_or(0, |kib| kib / 1024);
+    // `allow`, not `expect`: the casts are needed where these are 32-bit.
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "fsblkcnt_t and c_ulong are u64 on 64-bit Linux only"
+    )]
     let disk_gib = nix::sys::statvfs::statvfs(data_dir).map_or(0, |s| {
         (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64) >> 30
     });
@@ -361,8 +366,12 @@ impl NodeAgent {
             file: None,
             applied_by: Some(APPLIED_BY.into()),
         };
-        let w = self.store.apply(node.to_object(), Some(source), None).await?;
-        w.object.ok_or_else(|| StoreError::NotFound(self.object_ref()))
+        let w = self
+            .store
+            .apply(node.to_object(), Some(source), None)
+            .await?;
+        w.object
+            .ok_or_else(|| StoreError::NotFound(self.object_ref()))
     }
 
     /// Writes the status with `ready` as its `Ready` condition, the

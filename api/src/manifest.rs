@@ -9,9 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::diag::{FileDiagnostics, Problem};
 use crate::limits::FileUse;
 use crate::meta::Kind;
-use crate::resources::{
-    Image, Node, Provision, ProvisionStep, Resource, Snapshot, VirtualMachine,
-};
+use crate::resources::{Image, Node, Provision, ProvisionStep, Resource, Snapshot, VirtualMachine};
 use crate::validate::{Severity, kinds_list, validate};
 
 /// Diagnostic code of manifest problems.

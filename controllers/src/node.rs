@@ -119,7 +119,10 @@ impl NodeReconciler {
     /// How long `heartbeat` has been Node `name`'s current one (see the
     /// module docs).
     fn silent_for(&self, name: &str, heartbeat: Option<Time>) -> Duration {
-        let mut seen = self.seen.lock().expect("never poisoned: no panics under it");
+        let mut seen = self
+            .seen
+            .lock()
+            .expect("never poisoned: no panics under it");
         match seen.get(name) {
             Some(s) if s.heartbeat == heartbeat => s.at.elapsed(),
             known => {
@@ -152,9 +155,9 @@ impl Reconciler for NodeReconciler {
         let status = node.status;
         let o = Observed {
             own: name == self.ctx.config.node.name,
-            silent_for: status
-                .as_ref()
-                .map_or(Duration::ZERO, |s| self.silent_for(&name, s.last_heartbeat_time)),
+            silent_for: status.as_ref().map_or(Duration::ZERO, |s| {
+                self.silent_for(&name, s.last_heartbeat_time)
+            }),
             status,
             generation: node.metadata.generation,
         };

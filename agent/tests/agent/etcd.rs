@@ -449,9 +449,11 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
     // TTL (2 s) + 2 s of its last heartbeat, or at once if that is past.
     let took = Instant::now();
     let s = socket_b.clone();
-    eventually("node-a NodeStatusUnknown under B", Duration::from_secs(6), || {
-        node_ready(&s, "node-a") == Some(("False".into(), "NodeStatusUnknown".into()))
-    })
+    eventually(
+        "node-a NodeStatusUnknown under B",
+        Duration::from_secs(6),
+        || node_ready(&s, "node-a") == Some(("False".into(), "NodeStatusUnknown".into())),
+    )
     .await;
     eprintln!("node-a marked {:?} after B took over", took.elapsed());
     assert_eq!(

@@ -70,9 +70,11 @@ async fn a_node_whose_heartbeat_stops_becomes_not_ready_within_its_ttl_plus_two_
         register(&s, n).await;
         heartbeat(&s, n, old, TTL).await;
     }
-    eventually("host-c NodeStatusUnknown", Duration::from_secs(2), async || {
-        ready(&node_status(&s, "host-c").await.1).0 == ConditionStatus::False
-    })
+    eventually(
+        "host-c NodeStatusUnknown",
+        Duration::from_secs(2),
+        async || ready(&node_status(&s, "host-c").await.1).0 == ConditionStatus::False,
+    )
     .await;
 
     // host-b beats every TTL/3 for longer than TTL + 2 s: always Ready.
@@ -108,11 +110,7 @@ async fn a_node_whose_heartbeat_stops_becomes_not_ready_within_its_ttl_plus_two_
     );
     assert_eq!(ready(&st).1, "NodeStatusUnknown");
     let c = st.ready().unwrap();
-    assert!(
-        c.message.starts_with("last heartbeat at "),
-        "{}",
-        c.message
-    );
+    assert!(c.message.starts_with("last heartbeat at "), "{}", c.message);
     assert!(c.message.contains("TTL (2 s) + 2 s"), "{}", c.message);
     let notes = s
         .notes(Some(&ObjectRef::new(Kind::Node, "host-b")))

@@ -321,7 +321,9 @@ pub fn run(g: &Globals, kind: &str, name: Option<&str>) -> miette::Result<ExitCo
     let client = g.client()?;
     // A Node's description lists the VMs on it.
     let vms = if kind == vmctl_api::Kind::Node {
-        client.list(Some(vmctl_api::Kind::VirtualMachine), &[])?.items
+        client
+            .list(Some(vmctl_api::Kind::VirtualMachine), &[])?
+            .items
     } else {
         Vec::new()
     };

@@ -94,10 +94,17 @@ fn get_nodes_shows_the_agents_node_ready_with_its_labels_and_capacity() {
         .iter()
         .find(|c| c["type"] == "Ready")
         .unwrap();
-    assert_eq!((&ready["status"], &ready["reason"]), (&"True".into(), &"AgentReady".into()));
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&"True".into(), &"AgentReady".into())
+    );
     // Only on etcd is there a node lease (whose TTL judges the heartbeat).
     let on_etcd = !test_store_env().is_empty();
-    assert_eq!(st["leaseTtlSeconds"].as_u64(), on_etcd.then_some(10), "{st}");
+    assert_eq!(
+        st["leaseTtlSeconds"].as_u64(),
+        on_etcd.then_some(10),
+        "{st}"
+    );
 
     // A VM on it is counted and listed.
     let dir = tempfile::tempdir().unwrap();
@@ -150,8 +157,16 @@ fn get_nodes_shows_the_agents_node_ready_with_its_labels_and_capacity() {
     );
     let out = a.vmctl(&["delete", "node", "node-a"], None);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("Node node-a is Ready"), "{}", stderr(&out));
-    assert!(stderr(&out).contains("vmctl::node::ready"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Node node-a is Ready"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("vmctl::node::ready"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(rows(&ok(&a, &["get", "nodes"]))[1][1], "Ready");
 }
 
@@ -161,7 +176,10 @@ fn get_nodes_shows_the_agents_node_ready_with_its_labels_and_capacity() {
 #[test]
 fn a_stopped_agents_node_is_not_ready_and_can_be_deleted() {
     let mut a = Agent::start_with("fake", &[("VMCTL_NODE_NAME", "before")]);
-    assert_eq!(rows(&ok(&a, &["get", "nodes"]))[1][..2], ["before", "Ready"]);
+    assert_eq!(
+        rows(&ok(&a, &["get", "nodes"]))[1][..2],
+        ["before", "Ready"]
+    );
     assert!(a.stop().success());
     a.set_env("VMCTL_NODE_NAME", "after");
     a.spawn();
