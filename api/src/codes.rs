@@ -338,7 +338,7 @@ pub const CODES: &[Code] = &[
     c(
         "vmctl::node::ready",
         "a Node was to be deleted while it is Ready (its agent runs and would register it again)",
-        "stop that node's agent first (`vmctl get nodes` shows it NotReady within its lease TTL + 2 s), then delete the Node",
+        "stop that node's agent first (its Node turns NotReady when it stops, or within its node lease TTL + 2 s if it was killed: `vmctl get nodes`), then delete the Node",
     ),
     c(
         "vmctl::propolis::api_failed",
