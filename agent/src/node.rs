@@ -136,6 +136,9 @@ pub struct NodeAgent {
     current: Option<Object>,
     /// Whether a status of this run was written.
     registered: bool,
+    /// Whether the last write failed (its error was logged as a warning;
+    /// the next ones only at debug level until one succeeds).
+    failing: bool,
 }
 
 impl NodeAgent {
@@ -164,6 +167,7 @@ impl NodeAgent {
             accelerator: None,
             current: None,
             registered: false,
+            failing: false,
         }
     }
 
@@ -315,15 +319,31 @@ impl NodeAgent {
         vmctl_controllers::conditions::condition("Ready", true, REASON_AGENT_READY, message, 0)
     }
 
-    /// Posts `Ready=True`, logging a failure (retried at the next beat).
+    /// Posts `Ready=True`, logging a failure (retried at the next beat;
+    /// a warning for the first of a row, so that an outage does not fill
+    /// the log).
     async fn post_ready(&mut self) {
         match self.post(self.ready()).await {
-            Ok(()) => self.registered = true,
-            Err(e) => tracing::warn!(
+            Ok(()) => {
+                if self.failing {
+                    tracing::info!(node = %self.name, "this node's status is written again");
+                }
+                self.registered = true;
+                self.failing = false;
+            }
+            Err(e) if self.failing => tracing::debug!(
                 node = %self.name,
                 error = %vmctl_api::error_chain(&e),
-                "cannot write this node's status; trying again"
+                "cannot write this node's status"
             ),
+            Err(e) => {
+                self.failing = true;
+                tracing::warn!(
+                    node = %self.name,
+                    error = %vmctl_api::error_chain(&e),
+                    "cannot write this node's status; trying again at each heartbeat"
+                );
+            }
         }
     }
 
