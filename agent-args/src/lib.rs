@@ -78,6 +78,23 @@ pub struct AgentArgs {
     /// [default: the host name].
     #[arg(long, env = "VMCTL_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Labels of this agent's Node, comma-separated KEY=VALUE pairs
+    /// (e.g. zone=a,rack=1), shown by `vmctl get nodes -o wide`
+    /// [default: `node-labels` in <data-dir>/agent.toml, else none].
+    #[arg(
+        long,
+        env = "VMCTL_NODE_LABELS",
+        value_delimiter = ',',
+        value_name = "KEY=VALUE"
+    )]
+    pub node_labels: Vec<String>,
+    /// TTL of this agent's node lease in etcd, whole seconds (2 to 3600):
+    /// the agent posts its Node's heartbeat every third of it, and the
+    /// Node is marked not Ready once its heartbeat is older than the TTL
+    /// plus 2 s (store etcd only) [default: `node-lease-ttl` in
+    /// <data-dir>/agent.toml, else 10].
+    #[arg(long, env = "VMCTL_NODE_LEASE_TTL", value_name = "SECONDS")]
+    pub node_lease_ttl: Option<u64>,
     /// dnsmasq lease files to read, comma-separated absolute paths, to find
     /// the address of a guest on a `tap` network (after the bridge's
     /// neighbour table, before /var/lib/misc/dnsmasq.leases and the other
@@ -127,6 +144,11 @@ impl AgentArgs {
         );
         flag("socket-group", self.socket_group.clone());
         flag("node-name", self.node_name.clone());
+        flag(
+            "node-labels",
+            (!self.node_labels.is_empty()).then(|| self.node_labels.join(",")),
+        );
+        flag("node-lease-ttl", self.node_lease_ttl.map(|t| t.to_string()));
         for p in &self.dnsmasq_leases {
             out.push("--dnsmasq-leases".into());
             out.push(p.clone().into_os_string());

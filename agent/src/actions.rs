@@ -72,6 +72,18 @@ pub enum ActionError {
         /// Why.
         reason: crate::snapshots::SnapshotRefusal,
     },
+    /// A Node that is Ready was to be deleted: its agent runs and would
+    /// register it again at once.
+    #[error(
+        "Node {node} is Ready (its agent posts its status{}); nothing was deleted",
+        heartbeat.map(|t| format!(", last at {}", t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))).unwrap_or_default()
+    )]
+    NodeReady {
+        /// The Node's name.
+        node: String,
+        /// Its last heartbeat.
+        heartbeat: Option<vmctl_api::Time>,
+    },
     /// A finalizer change was refused (bad name, protected, absent).
     #[error(transparent)]
     Finalizer(#[from] FinalizerError),
@@ -172,6 +184,18 @@ pub async fn apply(
 /// driver) cannot run ([`vmctl_api::validate::for_backend`]).
 fn validate_objects(objects: &[Object], backend: Option<Backend>) -> ActionResult<()> {
     for (index, obj) in objects.iter().enumerate() {
+        // Refused whatever its fields, with validation's reason.
+        if obj.kind == Kind::Node {
+            let node = Resource::Node(vmctl_api::Node::new(obj.name(), Default::default()));
+            return Err(ActionError::Invalid {
+                index,
+                object: obj.object_ref(),
+                errors: vmctl_api::validate::validate(&node)
+                    .into_iter()
+                    .map(|e| format!("{}: {}", e.path, e.message))
+                    .collect(),
+            });
+        }
         let res = Resource::from_object(obj).map_err(|e| ActionError::Malformed {
             index,
             object: obj.object_ref(),
@@ -405,11 +429,44 @@ fn stale_or_store(e: StoreError) -> ActionError {
 
 /// Requests deletion of `r`: it goes once its finalizers are cleared.
 /// Returns the object while it waits for them, `None` once it is gone.
+/// A Node only when it is not Ready (its agent stopped or is cut off).
 ///
 /// # Errors
-/// [`ActionError::Store`] (`NotFound` when there is no such object).
+/// [`ActionError::NodeReady`] for a Ready Node; [`ActionError::Store`]
+/// (`NotFound` when there is no such object).
 pub async fn delete(store: &dyn Store, r: &ObjectRef) -> ActionResult<Option<Object>> {
-    Ok(store.request_delete(r, None).await?.object)
+    if r.kind != Kind::Node {
+        return Ok(store.request_delete(r, None).await?.object);
+    }
+    // Checked and deleted at one resourceVersion: a heartbeat that makes
+    // it Ready in between is a conflict, and the check is made again.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let cur = store
+            .get(r)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(r.clone()))?;
+        let status: vmctl_api::NodeStatus = cur
+            .status
+            .clone()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        if status.is_ready() {
+            return Err(ActionError::NodeReady {
+                node: r.name.clone(),
+                heartbeat: status.last_heartbeat_time,
+            });
+        }
+        match store
+            .request_delete(r, Some(cur.metadata.resource_version))
+            .await
+        {
+            Ok(w) => return Ok(w.object),
+            Err(StoreError::Conflict { .. }) if attempts < 5 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Adds and removes finalizers of `r` as `patch` says (those under

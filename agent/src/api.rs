@@ -169,7 +169,7 @@ fn parse_kind(s: &str) -> ApiResult<Kind> {
             StatusCode::NOT_FOUND,
             "vmctl::api::unknown_kind",
             format!("unknown kind `{s}`"),
-            Some("kinds are vm, image, provision and snapshot"),
+            Some("kinds are vm, image, provision, snapshot and node"),
         )
     })
 }
@@ -212,7 +212,7 @@ pub fn routes() -> ApiRouter<AppState> {
         .endpoint(
             Method::GET,
             "/v1/objects/{kind}",
-            "List objects of one kind (vm, image, provision, snapshot)",
+            "List objects of one kind (vm, image, provision, snapshot, node)",
             list_kind,
         )
         .endpoint(
@@ -439,6 +439,15 @@ fn action_error(e: ActionError) -> ApiError {
             };
             let code = reason.code();
             ApiError::new(status, code, e.to_string(), vmctl_api::codes::help(code))
+        }
+        ActionError::NodeReady { .. } => {
+            let code = "vmctl::node::ready";
+            ApiError::new(
+                StatusCode::CONFLICT,
+                code,
+                e.to_string(),
+                vmctl_api::codes::help(code),
+            )
         }
         ActionError::Finalizer(e) => finalizer_error(e),
         ActionError::Store(e) => e.into(),

@@ -27,16 +27,24 @@
 //!
 //! `dnsmasq-leases = ["/run/br0.leases"]` (top level, before any table)
 //! adds dnsmasq lease files to those read to find the address of a guest
-//! on a `tap` network.
+//! on a `tap` network. `node-labels = ["zone=a", "rack=1"]` labels this
+//! agent's Node, and `node-lease-ttl = 10` (seconds; store etcd) sets the
+//! TTL of its node lease (top level too).
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
 /// The agent's config file name inside its data directory.
 pub const CONFIG_FILE: &str = "agent.toml";
+
+/// The node lease TTLs accepted, in seconds: etcd's minimum lease is 2 s;
+/// an hour is already far too long to notice a dead node.
+pub const NODE_LEASE_TTL_RANGE: std::ops::RangeInclusive<u64> = 2..=3600;
 
 /// The agent's settings, resolved once from flags, environment and the
 /// config file ([`AgentConfig::resolve`]).
@@ -64,10 +72,21 @@ pub struct AgentConfig {
     /// how long a killed agent's prefix waits for another agent.
     pub lease_ttl: std::time::Duration,
     /// This agent's node name (`--node-name` / `VMCTL_NODE_NAME`, default
-    /// the host name): recorded in `status.nodeName` of the VMs whose
-    /// instances it makes; the VM controller leaves instances of other
-    /// nodes alone (`NodeLost`).
+    /// the host name in lowercase, see [`default_node_name`]): the name of
+    /// the Node it registers, recorded in `status.nodeName` of the VMs
+    /// whose instances it makes; the VM controller leaves instances of
+    /// other nodes alone (`NodeLost`). A DNS-1123 subdomain.
     pub node_name: String,
+    /// Labels of this agent's Node (`--node-labels` / `VMCTL_NODE_LABELS`
+    /// or `node-labels` in the config file), each checked
+    /// ([`vmctl_api::node::parse_label`]).
+    pub node_labels: BTreeMap<String, String>,
+    /// The TTL of this agent's node lease (store etcd; `--node-lease-ttl`
+    /// / `VMCTL_NODE_LEASE_TTL` or `node-lease-ttl` in the config file;
+    /// whole seconds, [`NODE_LEASE_TTL_RANGE`], default 10 s): the Node's
+    /// heartbeat is written every third of it, and the Node is marked not
+    /// Ready once its heartbeat is older than it + 2 s.
+    pub node_lease_ttl: Duration,
     /// dnsmasq lease files read (before the usual ones) to find the
     /// address of a guest on a `tap` network: `--dnsmasq-leases`,
     /// `VMCTL_DNSMASQ_LEASES` or `dnsmasq-leases` in the config file.
@@ -170,6 +189,10 @@ pub struct AgentOverrides {
     pub etcd_prefix: Option<String>,
     /// `--node-name` / `VMCTL_NODE_NAME`.
     pub node_name: Option<String>,
+    /// `--node-labels` / `VMCTL_NODE_LABELS` (`KEY=VALUE` each).
+    pub node_labels: Option<Vec<String>>,
+    /// `--node-lease-ttl` / `VMCTL_NODE_LEASE_TTL`, seconds.
+    pub node_lease_ttl: Option<u64>,
     /// `--propolis-*` / `VMCTL_PROPOLIS_*`.
     pub propolis: PropolisSettings,
     /// `--dnsmasq-leases` / `VMCTL_DNSMASQ_LEASES`.
@@ -186,6 +209,13 @@ struct FileSettings {
     propolis: Option<PropolisSection>,
     #[serde(rename = "dnsmasq-leases")]
     dnsmasq_leases: Option<Vec<Spanned<PathBuf>>>,
+    #[serde(rename = "node-labels")]
+    node_labels: Option<Vec<Spanned<String>>>,
+    #[serde(rename = "node-lease-ttl")]
+    node_lease_ttl: Option<Spanned<u64>>,
+    /// `node_labels`, checked by [`read_file`].
+    #[serde(skip)]
+    node_labels_checked: Option<BTreeMap<String, String>>,
     /// `propolis`, checked by [`read_file`].
     #[serde(skip)]
     propolis_settings: PropolisSettings,
@@ -273,6 +303,7 @@ impl ConfigError {
                 "fix {} (keys: driver = \"qemu\"|\"propolis\"|\"fake\", store = \"sled\"|\"etcd\", \
                  under [etcd]: endpoints = [\"http://HOST:2379\", …], prefix = \"/vmctl/\", \
                  dnsmasq-leases = [\"/ABSOLUTE/PATH\", …], \
+                 node-labels = [\"KEY=VALUE\", …], node-lease-ttl = SECONDS, \
                  under [propolis]: host, addr, pool, brand, zone-root, vnic-link, start-timeout), \
                  or remove it to use the defaults",
                 path.display()
@@ -361,7 +392,19 @@ fn read_file(path: &Path) -> Result<Option<FileSettings>, ConfigError> {
             ));
         }
     }
+    if let Some(t) = &file.node_lease_ttl
+        && let Err(why) = check_lease_ttl(*t.get_ref())
+    {
+        return Err(invalid(t.span(), why));
+    }
     let mut file = file;
+    if let Some(labels) = &file.node_labels {
+        let mut out = BTreeMap::new();
+        for l in labels {
+            add_label(&mut out, l.get_ref()).map_err(|why| invalid(l.span(), why))?;
+        }
+        file.node_labels_checked = Some(out);
+    }
     if let Some(section) = &file.propolis {
         file.propolis_settings = propolis_section(section, &invalid)?;
     }
@@ -459,6 +502,38 @@ fn check_given(given: &AgentOverrides, file_store: Option<StoreKind>) -> Result<
             help: "give absolute paths, comma-separated: --dnsmasq-leases /run/br0.leases".into(),
         });
     }
+    if let (Some(ttl), false) = (given.node_lease_ttl, etcd) {
+        return Err(ConfigError::Flag {
+            flag: NODE_LEASE_TTL,
+            message: format!(
+                "{ttl} given, but the store is sled, which has no node lease (its one agent \
+                 registers its Node and keeps it Ready while it runs)"
+            ),
+            help: "add --store etcd (or VMCTL_STORE=etcd, or store = \"etcd\" in agent.toml), \
+                   or drop --node-lease-ttl"
+                .into(),
+        });
+    }
+    if let Some(ttl) = given.node_lease_ttl {
+        check_lease_ttl(ttl).map_err(|message| ConfigError::Flag {
+            flag: NODE_LEASE_TTL,
+            message,
+            help: "give whole seconds, e.g. --node-lease-ttl 10 (the default)".into(),
+        })?;
+    }
+    if let Some(labels) = &given.node_labels {
+        let mut out = BTreeMap::new();
+        for l in labels.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
+            add_label(&mut out, l).map_err(|message| ConfigError::Flag {
+                flag: "--node-labels / VMCTL_NODE_LABELS",
+                message,
+                help: "write comma-separated KEY=VALUE pairs, e.g. --node-labels zone=a,rack=1 \
+                       (keys and values: letters, digits, '-', '_' and '.', at most 63; a key \
+                       may have a DNS prefix, as in topology.vmctl.dev/zone=a)"
+                    .into(),
+            })?;
+        }
+    }
     if let (Some(flag), false) = (unused, etcd) {
         return Err(ConfigError::Flag {
             flag,
@@ -472,25 +547,82 @@ fn check_given(given: &AgentOverrides, file_store: Option<StoreKind>) -> Result<
     Ok(())
 }
 
-/// Checks a `--node-name`: 1–253 printable ASCII characters without
-/// spaces (a host name fits).
+/// The flag and variable of the node lease TTL, for messages.
+const NODE_LEASE_TTL: &str = "--node-lease-ttl / VMCTL_NODE_LEASE_TTL";
+
+/// Checks a node lease TTL in seconds against [`NODE_LEASE_TTL_RANGE`].
+fn check_lease_ttl(secs: u64) -> Result<(), String> {
+    if NODE_LEASE_TTL_RANGE.contains(&secs) {
+        return Ok(());
+    }
+    Err(format!(
+        "node lease TTL {secs} s is out of range: {} to {} seconds",
+        NODE_LEASE_TTL_RANGE.start(),
+        NODE_LEASE_TTL_RANGE.end()
+    ))
+}
+
+/// Checks one node label (`KEY=VALUE`) and adds it to `labels`; a key
+/// given twice is refused (which one was meant?).
+fn add_label(labels: &mut BTreeMap<String, String>, label: &str) -> Result<(), String> {
+    let (k, v) = vmctl_api::node::parse_label(label)?;
+    if labels.contains_key(&k) {
+        return Err(format!("label key `{k}` is given twice"));
+    }
+    labels.insert(k, v);
+    Ok(())
+}
+
+/// Checks a `--node-name`: a DNS-1123 subdomain, as Kubernetes' node
+/// names (a lowercase host name fits).
 fn check_node_name(name: &str) -> Result<(), ConfigError> {
-    let bad = |message: String| ConfigError::Flag {
+    vmctl_api::node::check_node_name(name).map_err(|message| ConfigError::Flag {
         flag: "--node-name / VMCTL_NODE_NAME",
         message,
-        help: "give a name such as the host's (`host-b`), or drop it to use the host name".into(),
-    };
-    if name.is_empty() || name.len() > 253 {
-        return Err(bad(format!(
-            "node name `{name}` must have 1 to 253 characters"
-        )));
+        help: format!(
+            "give a name such as the host's (`host-b`), or drop it to use the host name; {}",
+            vmctl_api::node::NODE_NAME_HELP
+        ),
+    })
+}
+
+/// The node name when none is given: the host name in lowercase (as the
+/// kubelet's), with any character a node name cannot have turned into
+/// `-` (`my_host` → `my-host`); `localhost` when nothing is left.
+pub fn default_node_name() -> String {
+    let host = vmctl_controllers::host_name().to_ascii_lowercase();
+    if vmctl_api::node::check_node_name(&host).is_ok() {
+        return host;
     }
-    if !name.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad(format!(
-            "node name `{name}` may only have printable ASCII characters without spaces"
-        )));
+    let mapped: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let parts: Vec<String> = mapped
+        .split('.')
+        .map(|p| {
+            p.chars()
+                .take(63)
+                .collect::<String>()
+                .trim_matches('-')
+                .to_owned()
+        })
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mut name = parts.join(".");
+    name.truncate(253);
+    let name = name.trim_matches(|c| c == '-' || c == '.').to_owned();
+    if vmctl_api::node::check_node_name(&name).is_ok() {
+        name
+    } else {
+        "localhost".into()
     }
-    Ok(())
 }
 
 /// Checks that an endpoint is an `http://` or `https://` URL with a host.
@@ -529,7 +661,9 @@ impl AgentConfig {
             propolis: PropolisSettings::default(),
             socket_group: None,
             lease_ttl: crate::lease::DEFAULT_TTL,
-            node_name: vmctl_controllers::host_name(),
+            node_name: default_node_name(),
+            node_labels: BTreeMap::new(),
+            node_lease_ttl: Duration::from_secs(vmctl_api::node::DEFAULT_LEASE_TTL_SECONDS),
             dnsmasq_leases: Vec::new(),
         }
     }
@@ -552,6 +686,24 @@ impl AgentConfig {
         if let Some(n) = &given.node_name {
             check_node_name(n)?;
             cfg.node_name = n.clone();
+        }
+        cfg.node_labels = match (&given.node_labels, &file.node_labels_checked) {
+            // Checked by check_given.
+            (Some(g), _) => {
+                let mut out = BTreeMap::new();
+                for l in g.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
+                    let _ = add_label(&mut out, l);
+                }
+                out
+            }
+            (None, Some(f)) => f.clone(),
+            (None, None) => BTreeMap::new(),
+        };
+        if let Some(t) = given
+            .node_lease_ttl
+            .or(file.node_lease_ttl.as_ref().map(|t| *t.get_ref()))
+        {
+            cfg.node_lease_ttl = Duration::from_secs(t);
         }
         cfg.propolis = given.propolis.clone().or(file.propolis_settings.clone());
         cfg.dnsmasq_leases = match (&given.dnsmasq_leases, &file.dnsmasq_leases) {
@@ -617,412 +769,4 @@ impl AgentConfig {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Issue 18 item 8: `--data-dir .vmctl` reached QEMU as a relative
-    /// pidfile path, resolved in the VM's work dir ("cannot create PID
-    /// file"), and the VM crash-looped.
-    #[test]
-    fn relative_data_dir_is_made_absolute_once() {
-        let cfg = AgentConfig::new(PathBuf::from(".vmctl"));
-        assert!(cfg.data_dir.is_absolute(), "{}", cfg.data_dir.display());
-        assert_eq!(
-            cfg.data_dir,
-            std::env::current_dir().unwrap().join(".vmctl")
-        );
-        assert!(cfg.socket.is_absolute());
-        assert!(cfg.db_dir().is_absolute());
-        assert_eq!(absolute(Path::new("/a/b")).unwrap(), Path::new("/a/b"));
-    }
-
-    /// `--node-name` names the node recorded in the VMs' status (default
-    /// the host name); an empty one or one with spaces is refused.
-    #[test]
-    fn node_name_defaults_to_the_host_name_and_is_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().to_path_buf();
-        let named = |n: Option<&str>| {
-            AgentConfig::resolve(
-                data.clone(),
-                AgentOverrides {
-                    node_name: n.map(str::to_owned),
-                    ..Default::default()
-                },
-            )
-        };
-        assert_eq!(
-            named(None).unwrap().node_name,
-            vmctl_controllers::host_name()
-        );
-        assert_eq!(named(Some("host-b")).unwrap().node_name, "host-b");
-        for bad in ["", "host b"] {
-            let err = named(Some(bad)).unwrap_err();
-            assert!(
-                err.to_string()
-                    .starts_with("--node-name / VMCTL_NODE_NAME: node name"),
-                "{err}"
-            );
-        }
-    }
-
-    /// A data directory holding `agent.toml` with `text`.
-    fn with_file(text: &str) -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
-        let data = dir.path().to_path_buf();
-        (dir, data)
-    }
-
-    /// The fault (new-user tryout): `--etcd-endpoints ftp://…`, an endpoint
-    /// without a scheme and `--etcd-prefix vmctl/` were accepted from flags
-    /// although the config file refuses them, and `--etcd-endpoints`
-    /// without `--store etcd` was silently ignored (sled was used).
-    #[test]
-    fn etcd_flags_are_checked_like_the_file_and_never_silently_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().to_path_buf();
-        let etcd = |eps: &[&str], prefix: Option<&str>| AgentOverrides {
-            store: Some(StoreKind::Etcd),
-            etcd_endpoints: Some(eps.iter().map(|e| e.to_string()).collect()),
-            etcd_prefix: prefix.map(str::to_owned),
-            ..Default::default()
-        };
-        for (given, says) in [
-            (etcd(&["ftp://127.0.0.1:2379"], None), "not http or https"),
-            (etcd(&["127.0.0.1:2379"], None), "no scheme"),
-            (
-                etcd(&["http://127.0.0.1:2379"], Some("vmctl/")),
-                "must start and end",
-            ),
-            (
-                etcd(&["http://127.0.0.1:2379"], Some("/vmctl")),
-                "must start and end",
-            ),
-            (
-                etcd(&["http://127.0.0.1:2379"], Some("/a@b/")),
-                "must not contain `@`",
-            ),
-        ] {
-            let err = AgentConfig::resolve(data.clone(), given).unwrap_err();
-            assert!(matches!(err, ConfigError::Flag { .. }), "{err}");
-            assert!(err.to_string().contains(says), "{err}");
-        }
-        let sled = AgentOverrides {
-            etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into()]),
-            ..Default::default()
-        };
-        let err = AgentConfig::resolve(data.clone(), sled).unwrap_err();
-        assert!(err.to_string().contains("the store is sled"), "{err}");
-        assert!(err.help().contains("--store etcd"), "{err}");
-        // Valid flags still work, and the file may select etcd for them.
-        let cfg =
-            AgentConfig::resolve(data.clone(), etcd(&["https://e:2379"], Some("/a/"))).unwrap();
-        assert_eq!(
-            cfg.store,
-            StoreConfig::Etcd {
-                endpoints: vec!["https://e:2379".into()],
-                prefix: "/a/".into()
-            }
-        );
-        std::fs::write(data.join(CONFIG_FILE), "store = \"etcd\"\n").unwrap();
-        let given = AgentOverrides {
-            etcd_endpoints: Some(vec!["http://e:2379".into()]),
-            ..Default::default()
-        };
-        AgentConfig::resolve(data, given).unwrap();
-    }
-
-    /// Issue 14 item 4: the Propolis driver's settings were read from
-    /// `VMCTL_PROPOLIS_*` only. `[propolis]` in the config file gives them
-    /// too; a flag or variable wins per key; a bad value is located in the
-    /// file and the agent does not start.
-    #[test]
-    fn propolis_settings_come_from_the_config_file_and_flags_win_per_key() {
-        let (_d, data) = with_file(
-            "driver = \"propolis\"\n\n[propolis]\nhost = \"simulated\"\n\
-             addr = \"127.0.0.1:13000\"\npool = \"tank/vmctl\"\nstart-timeout = 30\n",
-        );
-        let cfg = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap();
-        assert_eq!(cfg.driver, "propolis");
-        assert_eq!(
-            cfg.propolis.lookup("VMCTL_PROPOLIS_HOST").as_deref(),
-            Some("simulated")
-        );
-        assert_eq!(
-            cfg.propolis.lookup("VMCTL_PROPOLIS_POOL").as_deref(),
-            Some("tank/vmctl")
-        );
-        assert_eq!(
-            cfg.propolis
-                .lookup("VMCTL_PROPOLIS_START_TIMEOUT")
-                .as_deref(),
-            Some("30")
-        );
-        assert_eq!(cfg.propolis.lookup("VMCTL_PROPOLIS_BRAND"), None);
-        let given = AgentOverrides {
-            propolis: PropolisSettings {
-                addr: Some("127.0.0.1:14000".into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let cfg = AgentConfig::resolve(data, given).unwrap();
-        assert_eq!(cfg.propolis.addr.as_deref(), Some("127.0.0.1:14000"));
-        assert_eq!(cfg.propolis.pool.as_deref(), Some("tank/vmctl"));
-
-        for (text, line, column, says) in [
-            ("[propolis]\naddr = \"localhost\"\n", 2, 8, "IP:PORT"),
-            (
-                "[propolis]\n\npool = \"rpool; rm -rf /\"\n",
-                3,
-                8,
-                "ZFS pool",
-            ),
-            ("[propolis]\nhost = \"remote\"\n", 2, 8, "\"simulated\""),
-            (
-                "[propolis]\nstart-timeout = \"soon\"\n",
-                2,
-                17,
-                "expected u64",
-            ),
-            (
-                "[propolis]\nzone_root = \"/zones\"\n",
-                2,
-                1,
-                "unknown field",
-            ),
-        ] {
-            let (_d, data) = with_file(text);
-            let err = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap_err();
-            let ConfigError::Invalid {
-                line: l,
-                column: c,
-                message,
-                ..
-            } = &err
-            else {
-                panic!("{err}");
-            };
-            assert_eq!((*l, *c), (line, column), "{text:?}: {err}");
-            assert!(message.contains(says), "{text:?}: {err}");
-            assert!(err.to_string().contains("agent.toml"), "{err}");
-        }
-    }
-
-    /// Issue 12 item 4: the store is selected by flag, environment *and*
-    /// the agent's config file; the file alone could not select it.
-    #[test]
-    fn config_file_selects_etcd_and_flags_or_env_win_over_it() {
-        let (_d, data) = with_file(
-            "driver = \"fake\"\nstore = \"etcd\"\n\n[etcd]\n\
-             endpoints = [\"http://10.0.0.1:2379\", \"https://10.0.0.2:2379\"]\n\
-             prefix = \"/site-a/\"\n",
-        );
-        let cfg = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap();
-        assert_eq!(cfg.driver, "fake");
-        assert_eq!(
-            cfg.store,
-            StoreConfig::Etcd {
-                endpoints: vec![
-                    "http://10.0.0.1:2379".into(),
-                    "https://10.0.0.2:2379".into()
-                ],
-                prefix: "/site-a/".into(),
-            }
-        );
-        // Each flag/variable wins over its own key only.
-        let given = AgentOverrides {
-            etcd_endpoints: Some(vec![" http://127.0.0.1:2379 ".into(), String::new()]),
-            ..Default::default()
-        };
-        let cfg = AgentConfig::resolve(data.clone(), given).unwrap();
-        assert_eq!(
-            cfg.store,
-            StoreConfig::Etcd {
-                endpoints: vec!["http://127.0.0.1:2379".into()],
-                prefix: "/site-a/".into(),
-            }
-        );
-        let given = AgentOverrides {
-            driver: Some("qemu".into()),
-            store: Some(StoreKind::Sled),
-            ..Default::default()
-        };
-        let cfg = AgentConfig::resolve(data, given).unwrap();
-        assert_eq!(
-            (cfg.driver.as_str(), &cfg.store),
-            ("qemu", &StoreConfig::Sled)
-        );
-    }
-
-    #[test]
-    fn no_config_file_means_every_default() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = AgentConfig::resolve(dir.path().into(), AgentOverrides::default()).unwrap();
-        assert_eq!(
-            (cfg.driver.as_str(), &cfg.store),
-            ("qemu", &StoreConfig::Sled)
-        );
-        let given = AgentOverrides {
-            store: Some(StoreKind::Etcd),
-            etcd_endpoints: Some(vec!["http://h:2379".into()]),
-            ..Default::default()
-        };
-        let cfg = AgentConfig::resolve(dir.path().into(), given).unwrap();
-        assert_eq!(
-            cfg.store,
-            StoreConfig::Etcd {
-                endpoints: vec!["http://h:2379".into()],
-                prefix: "/vmctl/".into()
-            }
-        );
-    }
-
-    /// Unknown keys and bad values in `agent.toml` are refused with the
-    /// file, line and column, never ignored or half-applied.
-    #[test]
-    fn config_file_unknown_keys_and_bad_values_are_located_errors_naming_the_file() {
-        for (text, line, column, says) in [
-            (
-                "store = \"etcd\"\nstor = \"sled\"\n",
-                2,
-                1,
-                "unknown field `stor`",
-            ),
-            (
-                "[etcd]\nendpoint = [\"http://h:2379\"]\n",
-                2,
-                1,
-                "unknown field `endpoint`",
-            ),
-            ("store = \"etc\"\n", 1, 9, "unknown variant `etc`"),
-            ("driver = \"kvm\"\n", 1, 10, "unknown driver `kvm`"),
-            (
-                "[etcd]\nendpoints = \"http://h:2379\"\n",
-                2,
-                13,
-                "invalid type: string",
-            ),
-            ("[etcd]\nendpoints = []\n", 2, 13, "endpoints are empty"),
-            (
-                "[etcd]\nendpoints = [\"http://a:2379\", \"10.0.0.1:2379\"]\n",
-                2,
-                31,
-                "`10.0.0.1:2379` has no scheme",
-            ),
-            (
-                "[etcd]\nendpoints = [\"ftp://a\"]\n",
-                2,
-                14,
-                "is not http or https",
-            ),
-            (
-                "[etcd]\nprefix = \"vmctl\"\n",
-                2,
-                10,
-                "must start and end with `/`",
-            ),
-            (
-                "[etcd]\nprefix = \"/a@b/\"\n",
-                2,
-                10,
-                "must not contain `@`",
-            ),
-            ("store = etcd\n", 1, 9, ""),
-        ] {
-            let (_d, data) = with_file(text);
-            let err = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap_err();
-            let ConfigError::Invalid {
-                path,
-                line: l,
-                column: c,
-                message,
-            } = &err
-            else {
-                panic!("{text:?}: {err:?}");
-            };
-            assert_eq!(path, &data.join("agent.toml"), "{text:?}");
-            assert_eq!((*l, *c), (line, column), "{text:?}: {message}");
-            assert!(message.contains(says), "{text:?}: {message}");
-            let shown = err.to_string();
-            assert!(
-                shown.starts_with(&format!("{}:{line}:{column}: ", path.display())),
-                "{shown}"
-            );
-            assert!(err.help().contains("agent.toml"), "{}", err.help());
-        }
-    }
-
-    #[test]
-    fn etcd_selected_without_endpoints_names_where_it_was_selected() {
-        let (_d, data) = with_file("store = \"etcd\"\n");
-        let err = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap_err();
-        assert!(matches!(err, ConfigError::NoEndpoints { .. }), "{err:?}");
-        assert!(err.to_string().contains("agent.toml"), "{err}");
-        assert!(
-            err.help().contains("VMCTL_ETCD_ENDPOINTS"),
-            "{}",
-            err.help()
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let given = AgentOverrides {
-            store: Some(StoreKind::Etcd),
-            ..Default::default()
-        };
-        let err = AgentConfig::resolve(dir.path().into(), given).unwrap_err();
-        assert!(err.to_string().contains("--store"), "{err}");
-    }
-
-    #[test]
-    fn unreadable_config_file_is_an_error_not_the_defaults() {
-        let dir = tempfile::tempdir().unwrap();
-        // A directory where the file should be: reading it fails for root too.
-        std::fs::create_dir(dir.path().join(CONFIG_FILE)).unwrap();
-        let err = AgentConfig::resolve(dir.path().into(), AgentOverrides::default()).unwrap_err();
-        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
-        assert!(err.to_string().contains("agent.toml"), "{err}");
-    }
-
-    #[test]
-    fn dnsmasq_lease_files_come_from_the_flag_else_the_file_and_must_be_absolute() {
-        let (_d, data) = with_file("dnsmasq-leases = [\"/run/br0.leases\", \"/run/br1.leases\"]\n");
-        let cfg = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap();
-        assert_eq!(
-            cfg.dnsmasq_leases,
-            [
-                PathBuf::from("/run/br0.leases"),
-                PathBuf::from("/run/br1.leases")
-            ]
-        );
-        let given = AgentOverrides {
-            dnsmasq_leases: Some(vec![PathBuf::from("/tmp/x.leases")]),
-            ..Default::default()
-        };
-        let cfg = AgentConfig::resolve(data, given).unwrap();
-        assert_eq!(cfg.dnsmasq_leases, [PathBuf::from("/tmp/x.leases")]);
-
-        let (_d, data) = with_file("driver = \"qemu\"\ndnsmasq-leases = [\"leases\"]\n");
-        let err = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ConfigError::Invalid {
-                    line: 2,
-                    column: 19,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
-        assert!(err.to_string().contains("not an absolute path"), "{err}");
-        let relative = AgentOverrides {
-            dnsmasq_leases: Some(vec![PathBuf::from("x.leases")]),
-            ..Default::default()
-        };
-        let (_d, data) = with_file("");
-        let err = AgentConfig::resolve(data, relative).unwrap_err();
-        assert!(err.to_string().contains("--dnsmasq-leases"), "{err}");
-        assert!(err.help().contains("absolute"), "{err}");
-    }
-}
+mod tests;

@@ -78,21 +78,57 @@ enum Take {
     HeldBy(LeaseHolder),
 }
 
-/// One attempt: takes the lease, revoking it first when its holder is
-/// this agent's dead predecessor.
+/// One attempt: takes the agent lease, revoking it first when its
+/// holder is this agent's dead predecessor.
 async fn take(store: &EtcdStore, me: &LeaseHolder, ttl: Duration) -> Result<Take, StoreError> {
+    take_one(store, None, me, ttl).await
+}
+
+/// One attempt to take node `node`'s lease (its Node's name, for this
+/// agent): `Ok(Ok(lease))`, or `Ok(Err(holder))` when another live agent
+/// holds it; a dead predecessor's is revoked and taken, as the agent
+/// lease is.
+///
+/// Errors: [`StoreError::Unavailable`] when etcd cannot be reached.
+pub async fn take_node_lease(
+    store: &EtcdStore,
+    node: &str,
+    me: &LeaseHolder,
+    ttl: Duration,
+) -> Result<Result<AgentLease, LeaseHolder>, StoreError> {
+    Ok(match take_one(store, Some(node), me, ttl).await? {
+        Take::Taken(l) => Ok(l),
+        Take::HeldBy(h) => Err(h),
+    })
+}
+
+/// One attempt at the agent lease (`node` `None`) or a node's lease.
+async fn take_one(
+    store: &EtcdStore,
+    node: Option<&str>,
+    me: &LeaseHolder,
+    ttl: Duration,
+) -> Result<Take, StoreError> {
     let mut me = me.clone();
     me.since = chrono::Utc::now();
-    match store.acquire_lease(&me, ttl).await? {
+    let acquire = async |me: &LeaseHolder| match node {
+        None => store.acquire_lease(me, ttl).await,
+        Some(n) => store.acquire_node_lease(n, me, ttl).await,
+    };
+    let what = node.map_or_else(
+        || "the agent lease".to_owned(),
+        |n| format!("node {n}'s lease"),
+    );
+    match acquire(&me).await? {
         LeaseOutcome::Acquired(l) => Ok(Take::Taken(l)),
         LeaseOutcome::Held { holder, lease } if holder.is_predecessor_of(&me) => {
             tracing::info!(
                 %holder,
-                "the agent lease is held by this agent's predecessor (same host, boot and \
+                "{what} is held by this agent's predecessor (same host, boot and \
                  data directory: killed before it could give it up); revoking it"
             );
             store.revoke_lease(lease).await?;
-            Ok(match store.acquire_lease(&me, ttl).await? {
+            Ok(match acquire(&me).await? {
                 LeaseOutcome::Acquired(l) => Take::Taken(l),
                 LeaseOutcome::Held { holder, .. } => Take::HeldBy(holder),
             })

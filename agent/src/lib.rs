@@ -18,6 +18,7 @@ pub mod config;
 pub mod finalizers;
 pub mod http;
 pub mod lease;
+pub mod node;
 pub mod openapi;
 pub mod rejection;
 pub mod server;

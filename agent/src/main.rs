@@ -56,6 +56,8 @@ fn run(cli: Cli) -> miette::Result<ExitCode> {
         propolis,
         socket_group,
         node_name,
+        node_labels,
+        node_lease_ttl,
         dnsmasq_leases,
     } = cli.agent;
     // Flags and environment (merged by clap) win over <data-dir>/agent.toml.
@@ -65,6 +67,8 @@ fn run(cli: Cli) -> miette::Result<ExitCode> {
         etcd_endpoints: (!etcd_endpoints.is_empty()).then_some(etcd_endpoints),
         etcd_prefix,
         node_name,
+        node_labels: (!node_labels.is_empty()).then_some(node_labels),
+        node_lease_ttl,
         dnsmasq_leases: (!dnsmasq_leases.is_empty()).then_some(dnsmasq_leases),
         propolis: PropolisSettings {
             host: propolis.host,

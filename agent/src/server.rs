@@ -2,9 +2,13 @@
 //!
 //! Order: driver settings → data directory lock → socket probe (a second
 //! agent stops here) → store → on etcd, the agent lease (another agent on
-//! the prefix stops this one here; [`crate::lease`]) → socket bound ([`crate::socket`]) → API
-//! served with limits ([`crate::http`]) until SIGTERM/SIGINT → controllers
-//! stopped (and the agent lease released) → socket removed if still ours.
+//! the prefix stops this one here; [`crate::lease`]) → this agent's Node
+//! registered (on etcd its node lease: another live agent of the same
+//! node name stops this one here; [`crate::node`]) → socket bound
+//! ([`crate::socket`]) → API served with limits ([`crate::http`]) until
+//! SIGTERM/SIGINT → controllers stopped (and the agent lease released),
+//! the Node marked stopped (and its lease released) → socket removed if
+//! still ours.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -43,6 +47,19 @@ pub enum AgentError {
         /// The lease's TTL: a killed holder's lease is gone after it.
         ttl: std::time::Duration,
     },
+    /// Another live agent holds the node lease of this agent's node name
+    /// (two agents must not post one Node's status; see [`crate::node`]).
+    #[error("another vmctl agent runs as node `{node}` ({store}): {holder}")]
+    NodeNameTaken {
+        /// The node name.
+        node: String,
+        /// `etcd at URL,…`.
+        store: String,
+        /// Who holds it.
+        holder: Box<vmctl_store::LeaseHolder>,
+        /// The node lease's TTL: a killed holder's lease is gone after it.
+        ttl: std::time::Duration,
+    },
     /// The socket could not be bound (something answers there already, or
     /// the path is not a socket, or a system call failed).
     #[error("cannot listen on the agent socket")]
@@ -79,6 +96,14 @@ impl AgentError {
                  its lease expires within {} s (the TTL): start this one again then. To run \
                  another installation on this etcd, give it its own --etcd-prefix",
                 holder.socket,
+                holder.host,
+                ttl.as_secs()
+            ),
+            AgentError::NodeNameTaken { holder, ttl, .. } => format!(
+                "give this agent another node name (--node-name, VMCTL_NODE_NAME), or stop that \
+                 agent (pid {} on {}) first; if it was killed, its node lease expires within {} s \
+                 (the TTL): start this one again then",
+                holder.pid,
                 holder.host,
                 ttl.as_secs()
             ),
@@ -312,6 +337,26 @@ pub async fn run_until(
             })?,
         None => None,
     };
+    // This agent's Node, before the API answers (a client sees it at once).
+    let mut node = crate::node::NodeAgent::new(
+        &cfg,
+        store.clone(),
+        etcd.clone(),
+        drivers.hypervisor.clone(),
+        me.clone(),
+    );
+    if let Err(holder) = node.start().await {
+        if let Some(l) = first_lease {
+            // Not kept for the TTL by an agent that does not start.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), l.release()).await;
+        }
+        return Err(AgentError::NodeNameTaken {
+            node: cfg.node_name.clone(),
+            store: store.describe(),
+            holder: Box::new(holder),
+            ttl: cfg.node_lease_ttl,
+        });
+    }
     let group = match &cfg.socket_group {
         Some(name) => Some(crate::socket::group_id(name).map_err(AgentError::Socket)?),
         None => None,
@@ -367,6 +412,7 @@ pub async fn run_until(
             ))
         }
     };
+    let node = tokio::spawn(node.run(stop.subscribe()));
     let cache = crate::cache::ObjectCache::start(store.clone(), stop.subscribe());
     let state = AppState::new(store, cfg.clone())
         .with_cache(cache)
@@ -375,6 +421,10 @@ pub async fn run_until(
     crate::http::serve(listener, app, limits, shutdown).await;
     let _ = stop.send(true);
     let ctl = controllers.await;
+    // Marked stopped within its own budget (crate::node).
+    if let Err(e) = node.await {
+        tracing::error!(error = %e, "node task failed");
+    }
     // Removed only if it is still ours (another agent may have taken the
     // path), and only now: once the socket is gone, the controllers have
     // stopped and the etcd agent lease is released (crate::lease), so a

@@ -158,7 +158,7 @@ pub const CODES: &[Code] = &[
     c(
         "vmctl::api::unknown_kind",
         "the agent was asked for a kind it does not know",
-        "kinds are vm, image, provision and snapshot",
+        "kinds are vm, image, provision, snapshot and node",
     ),
     c(
         "vmctl::apply::failed",
@@ -212,8 +212,8 @@ pub const CODES: &[Code] = &[
     ),
     c(
         "vmctl::cli::unknown_kind",
-        "a kind argument is not vm, image or provision",
-        "kinds are vm, image, provision and snapshot",
+        "a kind argument is not vm, image, provision, snapshot or node",
+        "kinds are vm, image, provision, snapshot and node",
     ),
     c(
         "vmctl::cli::usage",
@@ -341,6 +341,16 @@ pub const CODES: &[Code] = &[
         "the guest may have no DHCP lease; check its network config and cloud-init (`vmctl log NAME --console`)",
     ),
     c(
+        "vmctl::node::not_found",
+        "a command named a node that is not registered",
+        "`vmctl get nodes` lists the nodes; a node is registered by its agent when that agent starts (its --node-name, by default the host name)",
+    ),
+    c(
+        "vmctl::node::ready",
+        "a Node was to be deleted while it is Ready (its agent runs and would register it again)",
+        "stop that node's agent first (its Node turns NotReady when it stops, or within its node lease TTL + 2 s if it was killed: `vmctl get nodes`), then delete the Node",
+    ),
+    c(
         "vmctl::propolis::api_failed",
         "propolis-server refused a request, or the instance went to Failed (illumos backend)",
         "see the message for the request and propolis-server's answer; the VM's zone log and `vmctl log NAME --console` may say more",
@@ -403,7 +413,7 @@ pub const CODES: &[Code] = &[
     c(
         "vmctl::schema::unknown_kind",
         "`vmctl schema` was given an unknown kind",
-        "kinds are VirtualMachine (vm), Image (image), Provision (provision) and Snapshot (snapshot)",
+        "kinds are VirtualMachine (vm), Image (image), Provision (provision), Snapshot (snapshot) and Node (node)",
     ),
     c(
         "vmctl::snapshot::exists",

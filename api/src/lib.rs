@@ -9,6 +9,7 @@ pub mod localfile;
 pub mod manifest;
 pub mod meta;
 pub mod names;
+pub mod node;
 pub mod paths;
 pub mod resources;
 pub mod schema;

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::diag::{FileDiagnostics, Problem};
 use crate::limits::FileUse;
 use crate::meta::Kind;
-use crate::resources::{Image, Provision, ProvisionStep, Resource, Snapshot, VirtualMachine};
+use crate::resources::{Image, Node, Provision, ProvisionStep, Resource, Snapshot, VirtualMachine};
 use crate::validate::{Severity, kinds_list, validate};
 
 /// Diagnostic code of manifest problems.
@@ -124,7 +124,7 @@ fn fill_digests(res: &mut Resource, doc: &str, base: usize, problems: &mut Vec<P
                 }
             }
         }
-        Resource::Image(_) | Resource::Snapshot(_) => {}
+        Resource::Image(_) | Resource::Snapshot(_) | Resource::Node(_) => {}
     }
     for (key, use_, f) in files {
         if f.digest.is_some() || !f.path.starts_with('/') {
@@ -329,6 +329,16 @@ fn one_object(
         Kind::Snapshot => {
             get::<Snapshot>(doc, base, value, whole_doc, problems).map(Resource::Snapshot)
         }
+        // Read as a Node so that validation refuses it with its reason
+        // ("registered by agents"), located at `kind`, whatever its fields.
+        Kind::Node => Some(Resource::Node(Node::new(
+            value
+                .get("metadata")
+                .and_then(|m| m.get("name"))
+                .and_then(|n| n.as_str())
+                .unwrap_or_default(),
+            Default::default(),
+        ))),
     }
 }
 

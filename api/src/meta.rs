@@ -32,11 +32,24 @@ pub enum Kind {
     Provision,
     /// A saved point of a VM's disks and memory (`snapshot`).
     Snapshot,
+    /// A host running an agent, registered by that agent (`node`).
+    Node,
 }
 
 impl Kind {
-    /// Every kind, in the order they are usually applied.
-    pub const ALL: [Kind; 4] = [
+    /// Every kind: those users apply in the order they usually are
+    /// ([`Kind::APPLIED`]), then Node.
+    pub const ALL: [Kind; 5] = [
+        Kind::Image,
+        Kind::VirtualMachine,
+        Kind::Provision,
+        Kind::Snapshot,
+        Kind::Node,
+    ];
+
+    /// The kinds a manifest or VMFile may hold, in the order they are
+    /// usually applied: every kind but Node, which agents register.
+    pub const APPLIED: [Kind; 4] = [
         Kind::Image,
         Kind::VirtualMachine,
         Kind::Provision,
@@ -50,6 +63,7 @@ impl Kind {
             Kind::Image => "Image",
             Kind::Provision => "Provision",
             Kind::Snapshot => "Snapshot",
+            Kind::Node => "Node",
         }
     }
 
@@ -60,6 +74,7 @@ impl Kind {
             Kind::Image => "image",
             Kind::Provision => "provision",
             Kind::Snapshot => "snapshot",
+            Kind::Node => "node",
         }
     }
 
@@ -70,6 +85,7 @@ impl Kind {
             "image" | "images" | "img" => Some(Kind::Image),
             "provision" | "provisions" | "prov" => Some(Kind::Provision),
             "snapshot" | "snapshots" | "snap" => Some(Kind::Snapshot),
+            "node" | "nodes" | "no" => Some(Kind::Node),
             _ => None,
         }
     }

@@ -1,5 +1,6 @@
-//! The typed resources: VirtualMachine, Image, Provision and Snapshot,
-//! their specs and statuses (Snapshot's in [`crate::snapshot`]).
+//! The typed resources: VirtualMachine, Image, Provision, Snapshot and
+//! Node, their specs and statuses (Snapshot's in [`crate::snapshot`],
+//! Node's in [`crate::node`]).
 //!
 //! Status follows KubeVirt's shape: one display `phase`, a list of
 //! `conditions`, `observedGeneration`, and for VMs a start-failure counter with
@@ -9,6 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{Condition, Kind, Object, ObjectMeta, Time};
+pub use crate::node::{NodeAddress, NodeResources, NodeSpec, NodeStatus};
 pub use crate::snapshot::{SnapshotPhase, SnapshotSpec, SnapshotStatus};
 
 /// Generates a typed resource struct for one kind, with conversions to and
@@ -111,6 +113,14 @@ resource!(
     SnapshotSpec,
     SnapshotStatus
 );
+resource!(
+    /// A host running an agent, as that agent registered it: its labels,
+    /// capacity, API address and `Ready` condition. Never applied by users.
+    Node,
+    Kind::Node,
+    NodeSpec,
+    NodeStatus
+);
 
 /// Any one resource, tagged by `kind`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -128,6 +138,8 @@ pub enum Resource {
     Provision(Provision),
     /// A Snapshot.
     Snapshot(Snapshot),
+    /// A Node.
+    Node(Node),
 }
 
 impl Resource {
@@ -138,6 +150,7 @@ impl Resource {
             Resource::Image(_) => Kind::Image,
             Resource::Provision(_) => Kind::Provision,
             Resource::Snapshot(_) => Kind::Snapshot,
+            Resource::Node(_) => Kind::Node,
         }
     }
 
@@ -148,6 +161,7 @@ impl Resource {
             Resource::Image(r) => &r.metadata,
             Resource::Provision(r) => &r.metadata,
             Resource::Snapshot(r) => &r.metadata,
+            Resource::Node(r) => &r.metadata,
         }
     }
 
@@ -158,6 +172,7 @@ impl Resource {
             Resource::Image(r) => &mut r.metadata,
             Resource::Provision(r) => &mut r.metadata,
             Resource::Snapshot(r) => &mut r.metadata,
+            Resource::Node(r) => &mut r.metadata,
         }
     }
 
@@ -173,6 +188,7 @@ impl Resource {
             Resource::Image(r) => r.to_object(),
             Resource::Provision(r) => r.to_object(),
             Resource::Snapshot(r) => r.to_object(),
+            Resource::Node(r) => r.to_object(),
         }
     }
 
@@ -183,6 +199,7 @@ impl Resource {
             Kind::Image => Resource::Image(Image::from_object(obj)?),
             Kind::Provision => Resource::Provision(Provision::from_object(obj)?),
             Kind::Snapshot => Resource::Snapshot(Snapshot::from_object(obj)?),
+            Kind::Node => Resource::Node(Node::from_object(obj)?),
         })
     }
 }

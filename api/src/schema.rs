@@ -1,7 +1,7 @@
 //! JSON Schemas of every kind, generated from the types.
 
 use crate::meta::Kind;
-use crate::resources::{Image, Provision, Snapshot, VirtualMachine};
+use crate::resources::{Image, Node, Provision, Snapshot, VirtualMachine};
 
 /// The JSON Schema of one kind, pretty-printed with a trailing newline.
 pub fn schema_json(kind: Kind) -> String {
@@ -10,6 +10,7 @@ pub fn schema_json(kind: Kind) -> String {
         Kind::Image => schemars::schema_for!(Image),
         Kind::Provision => schemars::schema_for!(Provision),
         Kind::Snapshot => schemars::schema_for!(Snapshot),
+        Kind::Node => schemars::schema_for!(Node),
     };
     let mut s = serde_json::to_string_pretty(&schema).expect("schemas always serialise");
     s.push('\n');

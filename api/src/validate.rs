@@ -191,6 +191,7 @@ pub fn validate(resource: &Resource) -> Vec<FieldError> {
         Resource::Image(r) => (&r.api_version, r.kind, &r.metadata.name),
         Resource::Provision(r) => (&r.api_version, r.kind, &r.metadata.name),
         Resource::Snapshot(r) => (&r.api_version, r.kind, &r.metadata.name),
+        Resource::Node(r) => (&r.api_version, r.kind, &r.metadata.name),
     };
     if api_version != API_VERSION {
         errs.push(
@@ -207,6 +208,22 @@ pub fn validate(resource: &Resource) -> Vec<FieldError> {
             format!("kind {kind} does not match the object"),
         ));
     }
+    if let Resource::Node(_) = resource {
+        // A Node written by a user would fight its agent (which rewrites
+        // its labels and status) or pose as a host that is not there.
+        errs.push(
+            FieldError::new(
+                "kind",
+                "kind Node cannot be applied: Nodes are registered by agents",
+            )
+            .help(
+                "each agent registers its own Node (`vmctl get nodes` lists them); give it \
+                 labels with `vmctl agent --node-labels KEY=VALUE,…` (or VMCTL_NODE_LABELS, or \
+                 node-labels in agent.toml)",
+            ),
+        );
+        return errs;
+    }
     if let Err(msg) = check_name(name) {
         errs.push(FieldError::new("metadata.name", msg).help(NAME_HELP));
     }
@@ -214,6 +231,7 @@ pub fn validate(resource: &Resource) -> Vec<FieldError> {
         Resource::VirtualMachine(r) => validate_vm(&r.spec, &mut errs),
         Resource::Image(r) => validate_image(&r.spec, &mut errs),
         Resource::Provision(r) => validate_provision(&r.spec, &mut errs),
+        Resource::Node(_) => {}
         Resource::Snapshot(r) => {
             if let Err(msg) = check_name(&r.spec.vm) {
                 errs.push(
@@ -763,7 +781,7 @@ pub fn check_checksum(c: &str) -> Result<(), String> {
 
 /// Which kinds a manifest may contain, for error messages.
 pub fn kinds_list() -> String {
-    Kind::ALL
+    Kind::APPLIED
         .iter()
         .map(|k| k.as_str())
         .collect::<Vec<_>>()

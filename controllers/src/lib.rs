@@ -9,6 +9,9 @@
 //!                                              (Hypervisor)
 //! ```
 //!
+//! A fifth, the node lifecycle controller ([`node`]), marks Nodes whose
+//! agent stopped posting its heartbeat not Ready.
+//!
 //! Each is a [`runtime::Reconciler`] run by a kube-runtime style
 //! [`runtime::Controller`]: list then watch the store, a queue that never
 //! runs one object twice at once, bounded concurrency, exponential backoff
@@ -40,6 +43,7 @@ pub mod error;
 pub mod image;
 pub mod images;
 pub mod metrics;
+pub mod node;
 pub mod probe;
 pub mod provision;
 pub mod runtime;
@@ -180,7 +184,8 @@ pub enum RunError {
     Panicked,
 }
 
-/// Runs the Image, VirtualMachine, Provision and Snapshot controllers until
+/// Runs the Image, VirtualMachine, Provision, Snapshot and node lifecycle
+/// controllers until
 /// `shutdown` becomes true (or its sender is dropped). In-flight reconciles
 /// finish before it returns. Aborting the returned future instead stops
 /// everything at once, as a killed agent would.
@@ -211,6 +216,11 @@ pub async fn run(
         store.clone(),
         cc.clone(),
     );
+    let nodes = Controller::new(
+        node::NodeReconciler::new(ctx.clone()),
+        store.clone(),
+        cc.clone(),
+    );
     let snapshots = Controller::new(snapshot::SnapshotReconciler::new(ctx), store, cc);
     let mut set = tokio::task::JoinSet::new();
     let sd = shutdown.clone();
@@ -227,6 +237,11 @@ pub async fn run(
     set.spawn(async move {
         provisions.run(sd).await;
         "provision"
+    });
+    let sd = shutdown.clone();
+    set.spawn(async move {
+        nodes.run(sd).await;
+        "node"
     });
     set.spawn(async move {
         snapshots.run(shutdown).await;

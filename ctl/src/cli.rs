@@ -117,9 +117,10 @@ pub enum Command {
     /// List objects, or show one.
     ///
     /// As with kubectl, `-o json|yaml` prints the object itself when a NAME
-    /// is given, and a `List` (`kind: List`, `items`) otherwise.
+    /// is given, and a `List` (`kind: List`, `items`) otherwise. Without a
+    /// kind, every kind that is applied (not nodes: `vmctl get nodes`).
     Get {
-        /// Kind: vm, image, provision, snapshot; all kinds when omitted.
+        /// Kind: vm, image, provision, snapshot, node; all applied kinds when omitted.
         kind: Option<String>,
         /// One object's name.
         name: Option<String>,
@@ -138,14 +139,14 @@ pub enum Command {
     /// With a name, that object; without, every object of the kind, by name.
     /// Repeated identical notes show once, with a count: `2m (x5 over 10m)`.
     Describe {
-        /// Kind: vm, image, provision, snapshot.
+        /// Kind: vm, image, provision, snapshot, node.
         kind: String,
         /// Name; every object of the kind when omitted.
         name: Option<String>,
     },
     /// Delete an object, or every object of a file.
     Delete {
-        /// Kind: vm, image, provision, snapshot.
+        /// Kind: vm, image, provision, snapshot, node (one that is not Ready).
         kind: Option<String>,
         /// Name.
         name: Option<String>,
@@ -194,7 +195,7 @@ pub enum Command {
     },
     /// Show every recorded change of one object, oldest first.
     History {
-        /// Kind: vm, image, provision, snapshot.
+        /// Kind: vm, image, provision, snapshot, node.
         kind: String,
         /// Name.
         name: String,

@@ -5,7 +5,8 @@ pub use vmctl_api::diag::{error, error_help};
 
 /// The error for a missing object of `kind`: `vmctl::vm::not_found` for
 /// VMs, `vmctl::image::not_found` for images, `vmctl::provision::not_found`
-/// for provisions, `vmctl::snapshot::not_found` for snapshots.
+/// for provisions, `vmctl::snapshot::not_found` for snapshots,
+/// `vmctl::node::not_found` for nodes.
 pub fn not_found(kind: vmctl_api::Kind, name: &str) -> miette::Report {
     match kind {
         vmctl_api::Kind::VirtualMachine => {
@@ -22,5 +23,6 @@ pub fn not_found(kind: vmctl_api::Kind, name: &str) -> miette::Report {
             "vmctl::snapshot::not_found",
             format!("snapshot {name} not found"),
         ),
+        vmctl_api::Kind::Node => error("vmctl::node::not_found", format!("node {name} not found")),
     }
 }

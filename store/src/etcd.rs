@@ -50,6 +50,9 @@
 //! * Notes expire with their lease ([`EtcdOptions::note_ttl`]).
 //! * `P@lease/agent` is the installation's agent lease: one agent at a
 //!   time runs the controllers of a prefix ([`EtcdStore::acquire_lease`]).
+//!   `P@lease/node/{name}` is a node's lease: held by the agent that
+//!   registered the Node `name` while it runs
+//!   ([`EtcdStore::acquire_node_lease`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -486,3 +486,66 @@ async fn a_lease_write_after_the_last_object_event_is_a_bookmark_so_reads_do_not
     assert!(ev.seq > last);
     drop(cluster);
 }
+
+/// Issue 17 item 1: a node's lease (`P@lease/node/{name}`) is held by one
+/// agent at a time, apart from the agent lease and from other nodes'; a
+/// second holder is told who holds it; once released, it can be taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lease_has_one_holder_apart_from_the_agent_lease_and_other_nodes() {
+    let cluster = EtcdCluster::shared();
+    let mut opts = EtcdOptions::new(cluster.endpoints());
+    opts.prefix = unique_prefix();
+    let store = EtcdStore::connect(opts).await.unwrap();
+    let holder = |pid: u32| vmctl_store::LeaseHolder {
+        host: "test".into(),
+        boot_id: None,
+        pid,
+        socket: format!("/agent-{pid}.sock"),
+        data_dir: format!("/data-{pid}"),
+        since: chrono::Utc::now(),
+    };
+    let ttl = Duration::from_secs(10);
+    let taken = |o: vmctl_store::LeaseOutcome| match o {
+        vmctl_store::LeaseOutcome::Acquired(l) => l,
+        held => panic!("not taken: {held:?}"),
+    };
+    let first = taken(
+        store
+            .acquire_node_lease("n1", &holder(1), ttl)
+            .await
+            .unwrap(),
+    );
+    match store
+        .acquire_node_lease("n1", &holder(2), ttl)
+        .await
+        .unwrap()
+    {
+        vmctl_store::LeaseOutcome::Held { holder: h, .. } => assert_eq!(h.pid, 1),
+        other => panic!("taken twice: {other:?}"),
+    }
+    // Other names, and the agent lease, are not held by it.
+    let other = taken(
+        store
+            .acquire_node_lease("n2", &holder(2), ttl)
+            .await
+            .unwrap(),
+    );
+    let agent = taken(store.acquire_lease(&holder(2), ttl).await.unwrap());
+    assert_eq!(
+        store.node_lease_holder("n1").await.unwrap().map(|h| h.pid),
+        Some(1)
+    );
+    let mut first = first;
+    assert!(first.keep_alive().await.unwrap(), "still n1's holder");
+    first.release().await.unwrap();
+    assert_eq!(store.node_lease_holder("n1").await.unwrap(), None);
+    let again = taken(
+        store
+            .acquire_node_lease("n1", &holder(2), ttl)
+            .await
+            .unwrap(),
+    );
+    for l in [again, other, agent] {
+        l.release().await.unwrap();
+    }
+}

@@ -279,6 +279,18 @@ fn note_reasons(socket: &Path, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// The `Ready` condition's status and reason of Node `name`.
+fn node_ready(socket: &Path, name: &str) -> Option<(String, String)> {
+    let (code, o) = request(socket, "GET", &format!("/v1/objects/node/{name}"), "")?;
+    let c = o["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")?
+        .clone();
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    (code == 200).then(|| (text(&c["status"]), text(&c["reason"])))
+}
+
 fn vm_ready(socket: &Path, name: &str) -> bool {
     request(socket, "GET", &format!("/v1/objects/vm/{name}"), "").is_some_and(|(c, o)| {
         c == 200
@@ -313,6 +325,11 @@ fn apply_vm(socket: &Path, name: &str) {
 /// noted a false `Crashed` and started a second copy on a new empty disk.
 /// Now B reports A's VM `NodeLost` and starts nothing for it; A, back,
 /// adopts it and reports B's VM `NodeLost`.
+///
+/// And issue 17 item 1: each agent registers its Node (node lease TTL
+/// 2 s here); A's, its heartbeat cut off with A, is marked `Ready=False`
+/// `NodeStatusUnknown` by B's controllers, and is Ready again once A's
+/// heartbeat gets through; B's, when B stops, is `AgentStopped`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
     let cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
@@ -334,6 +351,8 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
     let mut cfg_a = cfg_a;
     cfg_a.node_name = "node-a".into();
     cfg_b.node_name = "node-b".into();
+    cfg_a.node_lease_ttl = Duration::from_secs(2);
+    cfg_b.node_lease_ttl = Duration::from_secs(2);
     let (socket_a, socket_b) = (cfg_a.socket.clone(), cfg_b.socket.clone());
     let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
     let agent_a = tokio::spawn(run_until(cfg_a, async {
@@ -375,6 +394,10 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
         refused.help().contains("--etcd-prefix"),
         "{}",
         refused.help()
+    );
+    assert_eq!(
+        node_ready(&socket_a, "node-a"),
+        Some(("True".into(), "AgentReady".into()))
     );
     apply_vm(&socket_a, "vm0");
     let s = socket_a.clone();
@@ -422,6 +445,21 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
+    // B's controllers mark A's Node, silent since the cut: within its
+    // TTL (2 s) + 2 s of its last heartbeat, or at once if that is past.
+    let took = Instant::now();
+    let s = socket_b.clone();
+    eventually(
+        "node-a NodeStatusUnknown under B",
+        Duration::from_secs(6),
+        || node_ready(&s, "node-a") == Some(("False".into(), "NodeStatusUnknown".into())),
+    )
+    .await;
+    eprintln!("node-a marked {:?} after B took over", took.elapsed());
+    assert_eq!(
+        node_ready(&socket_b, "node-b"),
+        Some(("True".into(), "AgentReady".into()))
+    );
     apply_vm(&socket_b, "vm1");
     let s = socket_b.clone();
     eventually("vm1 Ready through B", Duration::from_secs(30), || {
@@ -441,6 +479,20 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
         })
     })
     .await;
+    let s = socket_b.clone();
+    eventually("node-a Ready again", Duration::from_secs(10), || {
+        node_ready(&s, "node-a") == Some(("True".into(), "AgentReady".into()))
+    })
+    .await;
+    let (_, notes) = request(&socket_b, "GET", "/v1/notes/node/node-a", "").unwrap();
+    let reasons: Vec<&str> = notes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["reason"].as_str())
+        .collect();
+    assert!(reasons.contains(&"NodeNotReady"), "{reasons:?}");
+    assert!(reasons.contains(&"NodeReady"), "{reasons:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, notes) = request(&socket_b, "GET", "/v1/notes/vm/vm1", "").unwrap();
     let starts = notes
@@ -453,7 +505,13 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
     // A's VM, under B: reported NodeLost, never started a second time.
     let s = socket_b.clone();
     eventually("vm0 NodeLost under B", Duration::from_secs(10), || {
-        vm_ready_reason(&s, "vm0") == Some(("False".into(), "NodeLost".into(), "node-a".into()))
+        let r = vm_ready_reason(&s, "vm0");
+        let lost = r == Some(("False".into(), "NodeLost".into(), "node-a".into()));
+        if !lost {
+            // What it is instead, should this time out.
+            eprintln!("vm0 under B: {r:?}");
+        }
+        lost
     })
     .await;
     let reasons = note_reasons(&socket_b, "vm0");
@@ -480,6 +538,10 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
     )
     .await;
     eprintln!("A took over {:?} after B stopped", t.elapsed());
+    assert_eq!(
+        node_ready(&socket_a, "node-b"),
+        Some(("False".into(), "AgentStopped".into()))
+    );
     // A adopts its own VM (still one start) and leaves B's alone.
     let s = socket_a.clone();
     eventually("vm0 Ready again under A", Duration::from_secs(10), || {

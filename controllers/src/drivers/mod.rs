@@ -136,6 +136,13 @@ pub struct InstanceSpec {
 pub trait Hypervisor: Send + Sync + Debug {
     /// The backend's name as shown in `status.runtime.backend`.
     fn backend(&self) -> &'static str;
+    /// The accelerator VMs start with (`kvm` or `tcg` for QEMU, `bhyve`
+    /// for Propolis), as the node's status shows it; `None` for a backend
+    /// without one (the fake). QEMU may boot a probe to find out the
+    /// first time (at most a few seconds, then cached per boot).
+    fn accelerator(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async { None })
+    }
     /// The work directory this driver keeps VM `name`'s instance in (its
     /// disk, seed, sockets), as `status.runtime.workDir` records it:
     /// `<data-dir>/vms/<name>` for QEMU and Propolis. An instance recorded

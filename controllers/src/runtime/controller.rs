@@ -91,7 +91,7 @@ impl Relations {
                 obj.name(),
                 field("vm").as_deref(),
             ),
-            Kind::Image => {}
+            Kind::Image | Kind::Node => {}
         }
     }
 
@@ -113,7 +113,7 @@ impl Relations {
                 &r.name,
                 None,
             ),
-            Kind::Image => {}
+            Kind::Image | Kind::Node => {}
         }
     }
 
@@ -318,8 +318,12 @@ impl<R: Reconciler> Watcher<R> {
         }
         if ev.object.kind == R::KIND {
             match &ev.change {
-                // Status is written only by this controller, and notes change
-                // nothing: neither needs another run.
+                // Status is written only by this controller (unless it says
+                // otherwise), and notes change nothing: neither needs
+                // another run.
+                Change::StatusUpdated { .. } if R::STATUS_TRIGGERS => {
+                    self.queue.trigger(ev.object.clone())
+                }
                 Change::StatusUpdated { .. } | Change::Noted { .. } => {}
                 Change::Deleted => self.queue.forget(&ev.object),
                 _ => self.queue.trigger(ev.object.clone()),

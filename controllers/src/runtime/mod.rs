@@ -69,6 +69,11 @@ pub trait Reconciler: Send + Sync + 'static {
     /// A short name for logs and note sources (`vm-controller`).
     const NAME: &'static str;
 
+    /// Whether a status write triggers a run. Statuses are written by
+    /// their controller (no run needed), except a Node's, which its agent
+    /// writes (the heartbeat) for the node lifecycle controller to judge.
+    const STATUS_TRIGGERS: bool = false;
+
     /// Brings the world closer to what `obj` asks for.
     fn reconcile(
         &self,

@@ -6,6 +6,7 @@ mod concurrency;
 mod disks;
 mod failures;
 mod lifecycle;
+mod nodes;
 mod readiness;
 mod restart;
 mod snapshots;

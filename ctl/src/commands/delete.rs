@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use vmctl_api::{Kind, Object, ObjectRef};
 
-use super::{Globals, kind_arg, name_arg};
+use super::{Globals, kind_arg, name_arg_of};
 use crate::client::{Awaited, Client};
 use crate::output::print;
 
@@ -87,8 +87,9 @@ pub fn run(
             Err(code) => return Ok(code),
         },
         (Some(k), Some(n), None) => {
-            name_arg(n)?;
-            vec![ObjectRef::new(kind_arg(k)?, n)]
+            let kind = kind_arg(k)?;
+            name_arg_of(kind, n)?;
+            vec![ObjectRef::new(kind, n)]
         }
         _ => {
             return Err(miette::miette!(

@@ -1,10 +1,11 @@
 //! `vmctl get [KIND [NAME]]`.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 
 use vmctl_api::{Kind, Object, Resource};
 
-use super::{Globals, age, kind_arg, name_arg, table};
+use super::{Globals, age, kind_arg, name_arg, name_arg_of, table};
 use crate::cli::GetOutput;
 use crate::client::WatchItem;
 use crate::output::print;
@@ -96,8 +97,58 @@ pub(crate) fn human_size(b: u64) -> String {
     }
 }
 
-/// One table row for an object.
-pub(crate) fn row(o: &Object, wide: bool) -> Vec<String> {
+/// A Node's STATUS: `Ready`, `NotReady`, or `Unknown` before its agent
+/// reported (as kubectl shows nodes).
+pub(crate) fn node_state(status: Option<&vmctl_api::NodeStatus>) -> &'static str {
+    match status.and_then(|s| s.ready()).map(|c| c.status) {
+        Some(vmctl_api::ConditionStatus::True) => "Ready",
+        Some(vmctl_api::ConditionStatus::False) => "NotReady",
+        _ => "Unknown",
+    }
+}
+
+/// A Node's labels as `k=v,k=v`, `<none>` without any (kubectl's).
+pub(crate) fn labels_cell(o: &Object) -> String {
+    if o.metadata.labels.is_empty() {
+        return "<none>".into();
+    }
+    let l: Vec<String> = o
+        .metadata
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    l.join(",")
+}
+
+/// What rows need beyond their object: for `get nodes -o wide`, how many
+/// VMs each node runs (VMs by `status.nodeName`).
+#[derive(Debug, Default)]
+pub(crate) struct RowContext {
+    /// VMs per node name.
+    pub vms_per_node: HashMap<String, usize>,
+}
+
+impl RowContext {
+    /// Counts the VMs of each node among `vms`.
+    pub(crate) fn from_vms(vms: &[Object]) -> Self {
+        let mut vms_per_node = HashMap::new();
+        for vm in vms {
+            if let Some(n) = vm
+                .status
+                .as_ref()
+                .and_then(|s| s.get("nodeName"))
+                .and_then(|n| n.as_str())
+            {
+                *vms_per_node.entry(n.to_owned()).or_default() += 1;
+            }
+        }
+        RowContext { vms_per_node }
+    }
+}
+
+/// One table row for an object, with what it needs beyond itself.
+pub(crate) fn row_in(o: &Object, wide: bool, cx: &RowContext) -> Vec<String> {
     let gen_cols = |o: &Object| {
         let observed = o
             .status
@@ -107,6 +158,29 @@ pub(crate) fn row(o: &Object, wide: bool) -> Vec<String> {
             .unwrap_or(0);
         vec![o.metadata.generation.to_string(), observed.to_string()]
     };
+    if let Ok(Resource::Node(n)) = Resource::from_object(o) {
+        let st = n.status.unwrap_or_default();
+        let mut r = vec![
+            n.metadata.name.clone(),
+            node_state(Some(&st)).to_owned(),
+            st.capacity.vcpus.to_string(),
+            format!("{}Mi", st.capacity.memory_mib),
+        ];
+        if wide {
+            r.push(st.accelerator.clone().unwrap_or_else(|| "-".into()));
+            r.push(labels_cell(o));
+            r.push(
+                cx.vms_per_node
+                    .get(&n.metadata.name)
+                    .copied()
+                    .unwrap_or(0)
+                    .to_string(),
+            );
+            r.push(st.address.tcp.clone().unwrap_or(st.address.socket.clone()));
+        }
+        r.push(age(o.metadata.creation_timestamp));
+        return r;
+    }
     let mut r = vec![o.metadata.name.clone(), phase(o)];
     match Resource::from_object(o) {
         Ok(Resource::VirtualMachine(vm)) => {
@@ -169,7 +243,7 @@ pub(crate) fn row(o: &Object, wide: bool) -> Vec<String> {
                 r.push(age(st.last_restore_time));
             }
         }
-        Err(_) => {}
+        Ok(Resource::Node(_)) | Err(_) => {}
     }
     if wide {
         r.extend(gen_cols(o));
@@ -185,6 +259,7 @@ pub(crate) fn header(kind: Kind, wide: bool) -> Vec<String> {
         Kind::Image => vec!["NAME", "PHASE", "SOURCE"],
         Kind::Provision => vec!["NAME", "PHASE", "VM", "STEPS"],
         Kind::Snapshot => vec!["NAME", "PHASE", "VM", "MEMORY", "SIZE"],
+        Kind::Node => vec!["NAME", "STATUS", "VCPUS", "MEMORY"],
     };
     if wide {
         match kind {
@@ -192,8 +267,11 @@ pub(crate) fn header(kind: Kind, wide: bool) -> Vec<String> {
             Kind::Image => h.extend(["FORMAT", "SIZE"]),
             Kind::Provision => {}
             Kind::Snapshot => h.extend(["DISKS", "RESTORED"]),
+            Kind::Node => h.extend(["ACCEL", "LABELS", "VMS", "ADDRESS"]),
         }
-        h.extend(["GEN", "OBSERVED"]);
+        if kind != Kind::Node {
+            h.extend(["GEN", "OBSERVED"]);
+        }
     }
     h.push("AGE");
     h.into_iter().map(str::to_owned).collect()
@@ -220,6 +298,16 @@ struct ListMeta {
 /// Renders a listing: a table (one per kind), names, or one `List`
 /// document holding the objects as `items`.
 pub(crate) fn render(objects: &[Object], resource_version: u64, output: GetOutput) -> String {
+    render_in(objects, resource_version, output, &RowContext::default())
+}
+
+/// [`render`], with what the rows need beyond their objects.
+pub(crate) fn render_in(
+    objects: &[Object],
+    resource_version: u64,
+    output: GetOutput,
+    cx: &RowContext,
+) -> String {
     let list = || List {
         api_version: vmctl_api::API_VERSION,
         kind: "List",
@@ -248,7 +336,7 @@ pub(crate) fn render(objects: &[Object], resource_version: u64, output: GetOutpu
                     out.push('\n');
                 }
                 let mut rows = vec![header(kind, wide)];
-                rows.extend(of_kind.iter().map(|o| row(o, wide)));
+                rows.extend(of_kind.iter().map(|o| row_in(o, wide, cx)));
                 out.push_str(&table(&rows));
             }
             out
@@ -258,12 +346,26 @@ pub(crate) fn render(objects: &[Object], resource_version: u64, output: GetOutpu
 
 /// Renders one named object: in JSON or YAML the object itself (not a
 /// list), else as a listing of it.
-pub(crate) fn render_one(o: &Object, output: GetOutput) -> String {
+pub(crate) fn render_one(o: &Object, output: GetOutput, cx: &RowContext) -> String {
     match output {
         GetOutput::Json => format!("{}\n", serde_json::to_string_pretty(o).expect("serialises")),
         GetOutput::Yaml => serde_yaml::to_string(o).expect("serialises"),
-        _ => render(std::slice::from_ref(o), 0, output),
+        _ => render_in(std::slice::from_ref(o), 0, output, cx),
     }
+}
+
+/// What the rows of `kind` need: the VMs per node for `get nodes -o
+/// wide` (one more listing), nothing else.
+fn context_for(
+    client: &crate::client::Client,
+    kind: Option<Kind>,
+    output: GetOutput,
+) -> miette::Result<RowContext> {
+    if kind == Some(Kind::Node) && output == GetOutput::Wide {
+        let vms = client.list(Some(Kind::VirtualMachine), &[])?;
+        return Ok(RowContext::from_vms(&vms.items));
+    }
+    Ok(RowContext::default())
 }
 
 /// Lists objects.
@@ -277,7 +379,10 @@ pub fn run(
 ) -> miette::Result<ExitCode> {
     let kind = kind.map(kind_arg).transpose()?;
     if let Some(n) = name {
-        name_arg(n)?;
+        match kind {
+            Some(k) => name_arg_of(k, n)?,
+            None => name_arg(n)?,
+        }
     }
     for s in selector {
         if !s.contains('=') {
@@ -289,24 +394,30 @@ pub fn run(
         }
     }
     let client = g.client()?;
+    let cx = context_for(&client, kind, output)?;
     if let (Some(k), Some(n)) = (kind, name) {
         let o = super::objects::get_object(&client, k, n)?;
         if watch {
-            let mut w = Watcher::new(output);
+            let mut w = Watcher::new(output, cx);
             print(&w.object(&o))?;
             return watch_rows(&client, kind, name, o.metadata.resource_version, w);
         }
-        print(&render_one(&o, output))?;
+        print(&render_one(&o, output, &cx))?;
         return Ok(ExitCode::SUCCESS);
     }
     let list = client.list(kind, selector)?;
-    let (objects, rv) = (list.items, list.resource_version);
+    let (mut objects, rv) = (list.items, list.resource_version);
+    if kind.is_none() {
+        // As `kubectl get all` leaves nodes out: what was applied (and
+        // can be applied again from `-o yaml`).
+        objects.retain(|o| o.kind != Kind::Node);
+    }
     if watch {
-        let mut w = Watcher::new(output);
+        let mut w = Watcher::new(output, cx);
         if matches!(output, GetOutput::Table | GetOutput::Wide) {
             // One aligned table first; each change then is a row.
             if !objects.is_empty() {
-                print(&render(&objects, rv, output))?;
+                print(&render_in(&objects, rv, output, &w.cx))?;
                 w.printed = true;
             }
         } else {
@@ -320,7 +431,7 @@ pub fn run(
         eprintln!("No resources found.");
         return Ok(ExitCode::SUCCESS);
     }
-    print(&render(&objects, rv, output))?;
+    print(&render_in(&objects, rv, output, &cx))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -330,13 +441,16 @@ pub fn run(
 struct Watcher {
     output: GetOutput,
     printed: bool,
+    /// What rows need beyond their object (as when the watch started).
+    cx: RowContext,
 }
 
 impl Watcher {
-    fn new(output: GetOutput) -> Self {
+    fn new(output: GetOutput, cx: RowContext) -> Self {
         Watcher {
             output,
             printed: false,
+            cx,
         }
     }
 
@@ -346,13 +460,15 @@ impl Watcher {
             GetOutput::Table | GetOutput::Wide => {
                 let wide = self.output == GetOutput::Wide;
                 if self.printed {
-                    table(&[row(o, wide)])
+                    table(&[row_in(o, wide, &self.cx)])
                 } else {
-                    table(&[header(o.kind, wide), row(o, wide)])
+                    table(&[header(o.kind, wide), row_in(o, wide, &self.cx)])
                 }
             }
-            GetOutput::Yaml if self.printed => format!("---\n{}", render_one(o, self.output)),
-            _ => render_one(o, self.output),
+            GetOutput::Yaml if self.printed => {
+                format!("---\n{}", render_one(o, self.output, &self.cx))
+            }
+            _ => render_one(o, self.output, &self.cx),
         };
         self.printed = true;
         text
@@ -380,6 +496,7 @@ fn watch_rows(
         };
         let r = &ev.object;
         if kind.is_some_and(|k| k != r.kind)
+            || (kind.is_none() && r.kind == Kind::Node)
             || name.is_some_and(|n| n != r.name)
             || ev.change_type() == "noted"
         {

@@ -2,14 +2,14 @@
 
 use std::process::ExitCode;
 
-use super::{Globals, kind_arg, name_arg, table};
+use super::{Globals, kind_arg, name_arg_of, table};
 use crate::cli::Output;
 use crate::output::print;
 
 /// Prints every recorded change of one object, oldest first.
 pub fn run(g: &Globals, kind: &str, name: &str, output: Output) -> miette::Result<ExitCode> {
     let kind = kind_arg(kind)?;
-    name_arg(name)?;
+    name_arg_of(kind, name)?;
     let client = g.client()?;
     let events = client.history(kind, name)?;
     if events.is_empty() {
@@ -47,6 +47,20 @@ pub fn run(g: &Globals, kind: &str, name: &str, output: Output) -> miette::Resul
                             src["file"].as_str().unwrap_or("-"),
                             src["appliedBy"].as_str().unwrap_or("-"),
                         )
+                    }
+                    // A Node has no phase: its Ready condition.
+                    "statusUpdated" if kind == vmctl_api::Kind::Node => {
+                        let ready = change["status"]["conditions"]
+                            .as_array()
+                            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"));
+                        match ready {
+                            Some(c) => format!(
+                                "Ready {} ({})",
+                                c["status"].as_str().unwrap_or("-"),
+                                c["reason"].as_str().unwrap_or("-")
+                            ),
+                            None => "Ready -".into(),
+                        }
                     }
                     "statusUpdated" => format!(
                         "phase {}",

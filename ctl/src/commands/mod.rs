@@ -398,8 +398,23 @@ pub(crate) fn kind_arg(s: &str) -> miette::Result<vmctl_api::Kind> {
     vmctl_api::Kind::parse(s).ok_or_else(|| {
         miette::miette!(
             code = "vmctl::cli::unknown_kind",
-            help = "kinds are vm, image, provision and snapshot",
+            help = "kinds are vm, image, provision, snapshot and node",
             "unknown kind `{s}`"
+        )
+    })
+}
+
+/// Checks the name argument of an object of `kind`: a node name (a DNS
+/// subdomain, which may have dots) for a Node, else as [`name_arg`].
+pub(crate) fn name_arg_of(kind: vmctl_api::Kind, s: &str) -> miette::Result<()> {
+    if kind != vmctl_api::Kind::Node {
+        return name_arg(s);
+    }
+    vmctl_api::node::check_node_name(s).map_err(|m| {
+        miette::miette!(
+            code = "vmctl::cli::bad_name",
+            help = vmctl_api::node::NODE_NAME_HELP,
+            "{m}"
         )
     })
 }

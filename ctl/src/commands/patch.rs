@@ -11,7 +11,7 @@ use crate::output::print;
 /// of the object: its finalizers now, or that it is gone.
 pub fn run(g: &Globals, kind: &str, name: &str, patch: &PatchRequest) -> miette::Result<ExitCode> {
     let kind = super::kind_arg(kind)?;
-    super::name_arg(name)?;
+    super::name_arg_of(kind, name)?;
     let client = g.client()?;
     let obj = client.patch(kind, name, patch)?;
     let line = match obj {

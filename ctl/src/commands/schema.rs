@@ -14,7 +14,7 @@ pub fn run(kind: Option<&str>) -> miette::Result<ExitCode> {
             let kind = Kind::parse(k).ok_or_else(|| {
                 miette::miette!(
                     code = "vmctl::schema::unknown_kind",
-                    help = "kinds are VirtualMachine (vm), Image (image), Provision (provision) and Snapshot (snapshot)",
+                    help = "kinds are VirtualMachine (vm), Image (image), Provision (provision), Snapshot (snapshot) and Node (node)",
                     "unknown kind `{k}`"
                 )
             })?;

@@ -53,6 +53,8 @@ fn load_filtered(
         Resource::Image(i) => images.contains(&i.metadata.name),
         Resource::Provision(p) => provision && names.contains(&p.spec.vm),
         Resource::Snapshot(s) => names.contains(&s.spec.vm),
+        // Never loaded: a file with a Node is refused.
+        Resource::Node(_) => false,
     });
     Ok((loaded, names))
 }

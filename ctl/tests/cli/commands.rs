@@ -12,7 +12,6 @@ use std::process::{Command, Output, Stdio};
 
 use crate::agent::Agent;
 
-mod disk_command;
 mod snapshot_command;
 
 /// An agent plus a working directory.
@@ -25,14 +24,6 @@ impl World {
     fn new() -> World {
         World {
             agent: Agent::start(),
-            work: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    /// A world whose agent has extra environment (`VMCTL_FAKE_*`).
-    fn with_env(env: &[(&str, &str)]) -> World {
-        World {
-            agent: Agent::start_with("fake", env),
             work: tempfile::tempdir().unwrap(),
         }
     }
@@ -75,11 +66,11 @@ impl World {
         let mut child = cmd.spawn().unwrap();
         if let Some(s) = stdin {
             use std::io::Write;
-            // A command refused before it reads standard input (`apply -f -
-            // --prune`) may have exited already: a broken pipe is its answer.
-            match child.stdin.take().unwrap().write_all(s.as_bytes()) {
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-                r => r.unwrap(),
+            // A command that fails before reading its input (`apply -f - --prune`)
+            // closes it: a broken pipe then is no failure of the test (it was, by
+            // a race, whenever vmctl exited before the write).
+            if let Err(e) = child.stdin.take().unwrap().write_all(s.as_bytes()) {
+                assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
             }
         }
         child.wait_with_output().unwrap()
@@ -381,7 +372,10 @@ fn validate_convert_and_schema() {
     // schema of every kind: one object keyed by kind.
     let all: serde_json::Value = serde_json::from_str(&w.ok(&["schema"])).unwrap();
     let keys: Vec<&String> = all.as_object().unwrap().keys().collect();
-    assert_eq!(keys, ["Image", "Provision", "Snapshot", "VirtualMachine"]);
+    assert_eq!(
+        keys,
+        ["Image", "Node", "Provision", "Snapshot", "VirtualMachine"]
+    );
 }
 
 // ---------------------------------------------------------------- declarative
@@ -632,40 +626,6 @@ fn get_in_every_format_and_describe() {
         insta::assert_snapshot!("cmd_describe_all", describe_all);
         insta::assert_snapshot!("cmd_get_describe_errors", errors);
     });
-}
-
-/// Issue 16 fault (e): `vmctl history` said "by unknown via vmctl stop"
-/// when `vmctl stop` ran without `USER` (a container's exec, a service).
-#[test]
-fn history_names_who_stopped_a_vm_even_without_user_in_the_environment() {
-    let w = World::new();
-    w.write("VMFile.kdl", ONE_VM);
-    w.ok(&["apply", "--wait"]);
-    let out = Command::new(crate::vmctl_bin())
-        .arg("--no-autostart")
-        .arg("--data-dir")
-        .arg(w.agent.data_dir())
-        .args(["stop", "web"])
-        .env_remove("USER")
-        .env_remove("LOGNAME")
-        .env_remove("VMCTL_DATA_DIR")
-        .env_remove("VMCTL_SOCKET")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let history = w.ok(&["history", "vm", "web"]);
-    let me = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .unwrap()
-        .map_or_else(|| format!("uid {}", nix::unistd::getuid()), |u| u.name);
-    assert!(
-        history.contains(&format!("by {me} via vmctl stop")),
-        "{history}"
-    );
-    assert!(!history.contains("unknown"), "{history}");
 }
 
 #[test]

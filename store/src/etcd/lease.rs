@@ -1,5 +1,7 @@
 //! The agent lease of an installation: which agent runs the controllers of
-//! one key prefix (until issue 17's per-node leases).
+//! one key prefix (until issue 17's per-node leases); and the node leases:
+//! which agent holds a node name (`P@lease/node/{name}`), alive while it
+//! runs.
 //!
 //! etcd's lock pattern: the key `P@lease/agent` is created, in one
 //! transaction that requires it absent, attached to an etcd lease with a
@@ -87,9 +89,13 @@ pub enum LeaseOutcome {
 /// A held agent lease. Keep it alive ([`AgentLease::keep_alive`]) more
 /// often than its TTL, and release it when stopping
 /// ([`AgentLease::release`]); dropping it lets it expire within the TTL.
+///
+/// The same type holds a node lease ([`EtcdStore::acquire_node_lease`]).
 #[derive(Debug)]
 pub struct AgentLease {
     store: EtcdStore,
+    /// The key attached to the lease (`P@lease/agent`, `P@lease/node/N`).
+    key: Vec<u8>,
     id: i64,
     ttl: Duration,
     expires: Instant,
@@ -101,6 +107,11 @@ impl EtcdStore {
         self.key("lease", "agent")
     }
 
+    /// The key of node `node`'s lease: `P@lease/node/{node}`.
+    fn node_lease_key(&self, node: &str) -> Vec<u8> {
+        self.key("lease", &format!("node/{node}"))
+    }
+
     /// Takes the installation's agent lease for `me`, with this TTL (whole
     /// seconds, at least etcd's minimum of 2 s), unless another agent holds
     /// it. Two round trips: a lease grant, then one transaction that
@@ -109,8 +120,43 @@ impl EtcdStore {
     /// Errors: [`StoreError::Unavailable`] when etcd cannot be reached
     /// (nothing taken).
     pub async fn acquire_lease(&self, me: &LeaseHolder, ttl: Duration) -> Result<LeaseOutcome> {
+        self.acquire_lease_at(self.lease_key(), me, ttl).await
+    }
+
+    /// Takes the lease of node `node` for `me` (the agent that registers
+    /// that Node), as [`EtcdStore::acquire_lease`] takes the agent lease:
+    /// held by one agent at a time, kept alive by it, gone within the TTL
+    /// after it dies. [`LeaseOutcome::Held`]: another agent runs under
+    /// that node name.
+    ///
+    /// Errors: [`StoreError::Unavailable`] when etcd cannot be reached.
+    pub async fn acquire_node_lease(
+        &self,
+        node: &str,
+        me: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<LeaseOutcome> {
+        self.acquire_lease_at(self.node_lease_key(node), me, ttl)
+            .await
+    }
+
+    /// Who holds node `node`'s lease now, if anyone (none: its agent
+    /// stopped, or has not reached etcd for longer than the TTL).
+    pub async fn node_lease_holder(&self, node: &str) -> Result<Option<LeaseHolder>> {
+        let resp = self.range(self.node_lease_key(node), None).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| event::decode(kv.value()))
+            .transpose()
+    }
+
+    async fn acquire_lease_at(
+        &self,
+        key: Vec<u8>,
+        me: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<LeaseOutcome> {
         let secs = ttl.as_secs().max(2);
-        let key = self.lease_key();
         loop {
             let asked = Instant::now();
             let grant = self
@@ -141,6 +187,7 @@ impl EtcdStore {
             if resp.succeeded() {
                 return Ok(LeaseOutcome::Acquired(AgentLease {
                     store: self.clone(),
+                    key,
                     id,
                     ttl: Duration::from_secs(secs),
                     expires: asked + Duration::from_secs(secs),
@@ -223,7 +270,7 @@ impl AgentLease {
             Err(e) => return Err(self.store.err(e)),
         }
         self.expires = sent + self.ttl;
-        let resp = self.store.range(self.store.lease_key(), None).await?;
+        let resp = self.store.range(self.key.clone(), None).await?;
         Ok(resp.kvs().first().is_some_and(|kv| kv.lease() == self.id))
     }
 

@@ -1090,6 +1090,10 @@ impl Hypervisor for PropolisDriver {
         "propolis"
     }
 
+    fn accelerator(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async { Some("bhyve".to_owned()) })
+    }
+
     fn work_dir(&self, name: &str) -> Option<PathBuf> {
         Some(PropolisDriver::work_dir(self, name))
     }

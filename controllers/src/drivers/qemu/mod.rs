@@ -1129,6 +1129,10 @@ impl Hypervisor for QemuDriver {
         "qemu"
     }
 
+    fn accelerator(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async move { Some(self.accel().await.to_string()) })
+    }
+
     fn work_dir(&self, name: &str) -> Option<PathBuf> {
         Some(self.config.data_dir.join("vms").join(name))
     }
