@@ -145,6 +145,11 @@ pub struct RuntimeConfig {
     /// ([`address::DEFAULT_LEASE_FILES`]), to find the address of a guest
     /// on a `tap` network (the agent's `dnsmasq-leases`).
     pub dnsmasq_leases: Vec<std::path::PathBuf>,
+    /// How long a VM's hypervisor may fail to answer before the VM is
+    /// reported not Ready (`HypervisorError`) and a VM whose spec says
+    /// Stopped is stopped without inspecting it. A monitor busy for a
+    /// moment (another QMP client, a snapshot job) is not a fault.
+    pub inspect_grace: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -162,6 +167,7 @@ impl Default for RuntimeConfig {
             liveness: Duration::from_secs(5),
             ssh_timeout: Duration::from_secs(120),
             dnsmasq_leases: Vec::new(),
+            inspect_grace: Duration::from_secs(30),
         }
     }
 }

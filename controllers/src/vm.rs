@@ -82,6 +82,9 @@ pub struct VmReconciler {
     /// Finds the addresses of guests on `tap` networks; its results go
     /// into `status.runtime.sshHost` and `AddressReady`.
     discoverer: Arc<Discoverer>,
+    /// VM name → when its hypervisor first failed to answer, since it last
+    /// did ([`RuntimeConfig::inspect_grace`](crate::RuntimeConfig)).
+    failing_since: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl VmReconciler {
@@ -97,6 +100,7 @@ impl VmReconciler {
             event_driven,
             prober,
             discoverer,
+            failing_since: Default::default(),
         }
     }
 
@@ -790,6 +794,17 @@ impl Reconciler for VmReconciler {
         let mut o = match self.observe(&obj).await {
             Ok(o) => o,
             Err(e @ Error::Driver { .. }) => {
+                let failing_for = {
+                    let mut m = self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
+                    let since = m
+                        .entry(obj.metadata.name.clone())
+                        .or_insert_with(std::time::Instant::now);
+                    since.elapsed()
+                };
+                if failing_for < self.ctx.config.inspect_grace {
+                    // A busy monitor, most likely: retried with backoff.
+                    return Err(e);
+                }
                 self.report_uninspectable(&obj, &e).await?;
                 // `vmctl stop` must end an instance nobody can inspect:
                 // the driver's stop falls back to signals.
@@ -808,6 +823,9 @@ impl Reconciler for VmReconciler {
             }
             Err(e) => return Err(e),
         };
+        if let Ok(mut m) = self.failing_since.lock() {
+            m.remove(&o.name);
+        }
         let mut obj = (*obj).clone();
         for _ in 0..MAX_STEPS {
             let step = plan(&o);

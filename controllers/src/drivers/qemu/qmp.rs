@@ -58,16 +58,36 @@ pub struct Qmp {
     next_id: u64,
 }
 
+/// How long a connect to a busy monitor (EAGAIN) waits before trying again.
+const BUSY_RETRY: Duration = Duration::from_millis(25);
+
 impl Qmp {
     /// Connects to `path`, reads the greeting and negotiates capabilities.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
-        let stream = tokio::time::timeout(timeout, UnixStream::connect(path))
-            .await
-            .map_err(|_| QmpError::Timeout("connect".into()))?
-            .map_err(|source| QmpError::Connect {
-                path: path.to_owned(),
-                source,
-            })?;
+        // QEMU's monitor serves one client at a time; the others wait in
+        // the socket's listen backlog, and a connect to a full backlog
+        // fails at once with EAGAIN. That is a busy monitor, not a dead
+        // one: try again until the timeout.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stream = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, UnixStream::connect(path)).await {
+                Err(_) => return Err(QmpError::Timeout("connect".into())),
+                Ok(Ok(stream)) => break stream,
+                Ok(Err(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && tokio::time::Instant::now() + BUSY_RETRY < deadline =>
+                {
+                    tokio::time::sleep(BUSY_RETRY).await;
+                }
+                Ok(Err(source)) => {
+                    return Err(QmpError::Connect {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+            }
+        };
         let (r, w) = stream.into_split();
         let mut qmp = Qmp {
             reader: BufReader::new(r),

@@ -103,11 +103,11 @@ pub enum SnapshotError {
     /// Loading a memory snapshot into the running QEMU failed; QEMU was
     /// ended, since a failed load leaves the guest's memory half-written.
     #[error(
-        "{source}; QEMU was ended, as a failed load leaves the guest's memory half-written: its disks may or may not be at the snapshot, so restore again with the VM stopped for a known state"
+        "{cause}; QEMU was ended, as a failed load leaves the guest's memory half-written: its disks may or may not be at the snapshot, so restore again with the VM stopped for a known state"
     )]
     LoadFailed {
-        /// Why the load failed.
-        source: Box<SnapshotError>,
+        /// Why the load failed (in the message, not a source: it is said once).
+        cause: Box<SnapshotError>,
     },
     /// A snapshot job did not end in time.
     #[error("{job} did not finish within {} s", JOB_TIMEOUT.as_secs())]
@@ -272,6 +272,23 @@ async fn stopped_disks(l: &Layout) -> Result<Vec<(String, PathBuf, DiskSnapshots
     Ok(out)
 }
 
+/// The extra disks whose files are in the work dir of `l`
+/// (`disk-NAME.qcow2`) but that are not among `attached`, by name, sorted.
+fn unattached_disk_files(l: &Layout, attached: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(&l.root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let f = e.file_name().into_string().ok()?;
+            let name = f.strip_prefix("disk-")?.strip_suffix(".qcow2")?.to_owned();
+            (!attached.contains(&name)).then_some(name)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 impl QemuDriver {
     fn snapshot_err(&self, name: &str) -> impl FnOnce(SnapshotError) -> QemuError {
         let name = name.to_owned();
@@ -385,21 +402,37 @@ impl QemuDriver {
             return Err(err(SnapshotError::SharedFolders).into());
         }
         self.check_loadable(name, &l, &info).await.map_err(err)?;
-        match self
-            .on_saved_disks(name, &info, "snapshot-load", "-a")
-            .await
-        {
+        let load = async {
+            let mut q = self.qmp(name, &l).await.map_err(|e| SnapshotError::Job {
+                job: "snapshot-load",
+                error: vmctl_api::error_chain(&e),
+            })?;
+            let disks = running_disks(&mut q).await?;
+            let node = |want: &dyn Fn(&str) -> bool| -> Vec<String> {
+                disks
+                    .iter()
+                    .filter(|(d, _, _)| want(d))
+                    .map(|(_, n, _)| n.clone())
+                    .collect()
+            };
+            let t = tag(&info.name);
+            let args = json!({
+                "job-id": format!("snapshot-load-{t}"),
+                "tag": t,
+                "devices": node(&|d| info.disks.iter().any(|x| x == d)),
+                "vmstate": node(&|d| d == ROOT_DISK).first(),
+            });
+            run_job(&mut q, "snapshot-load", args).await
+        };
+        match load.await {
             Ok(()) => Ok(()),
-            Err(e) => {
-                tracing::warn!(vm = name, error = %e, "snapshot-load failed; ending QEMU");
+            Err(cause) => {
+                tracing::warn!(vm = name, error = %cause, "snapshot-load failed; ending QEMU");
                 if let Err(k) = self.kill(name, &l, pid).await {
                     tracing::warn!(vm = name, error = %k, "cannot end QEMU after a failed load");
                 }
-                let source = Box::new(SnapshotError::Job {
-                    job: "snapshot-load",
-                    error: e.to_string(),
-                });
-                Err(self.snapshot_err(name)(SnapshotError::LoadFailed { source }).into())
+                let cause = Box::new(cause);
+                Err(self.snapshot_err(name)(SnapshotError::LoadFailed { cause }).into())
             }
         }
     }
@@ -434,14 +467,31 @@ impl QemuDriver {
             .filter(|a| a.qdev.is_some() || a.device.is_some())
             .map(|a| a.disk)
             .collect();
+        // A disk detached since keeps its file, and the snapshot's tag on
+        // it: query-block no longer lists it, so look at the files.
+        let mut saved = info.disks.clone();
+        let t = tag(&info.name);
+        for extra in unattached_disk_files(l, &attached) {
+            let path = super::disk_path(l, &extra);
+            let out = qemu_img(
+                "info",
+                &["info", "--output=json", "-f", "qcow2", "--force-share"],
+                &path,
+            )
+            .await?;
+            let image: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+            if parse_snapshots(&image).iter().any(|(x, _, _)| *x == t) && !saved.contains(&extra) {
+                saved.push(extra);
+            }
+        }
         let mut a = attached.clone();
-        let mut s = info.disks.clone();
+        let mut s = saved.clone();
         a.sort();
         s.sort();
         if a != s {
             return Err(SnapshotError::DisksChanged {
                 snapshot: info.name.clone(),
-                saved: info.disks.clone(),
+                saved,
                 attached,
             });
         }

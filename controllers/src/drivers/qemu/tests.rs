@@ -788,5 +788,59 @@ async fn a_memory_snapshot_is_never_loaded_into_a_vm_whose_disks_changed() {
 
     d.stop("moved", Duration::from_secs(1)).await.unwrap();
     d.restore_snapshot("moved", "s1").await.unwrap();
+
+    // A disk the snapshot holds but the running VM no longer has (detached
+    // since; its file stays): refused too (found by the second tryout).
+    d.start("moved").await.unwrap();
+    let saved = d.create_snapshot("moved", "s2").await.unwrap();
+    assert_eq!(saved.disks, ["root", "data", "extra"]);
+    d.stop("moved", Duration::from_secs(1)).await.unwrap();
+    let l = d.layout("moved");
+    d.record_disks(&l, |disks| disks.retain(|x| x != "extra"))
+        .unwrap();
+    d.start("moved").await.unwrap();
+    let err = d
+        .restore_snapshot("moved", "s2")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("with disks (root, data, extra), but the running VM has (root, data)"),
+        "{err}"
+    );
+    assert_eq!(state(&d, "moved").await, Some(InstanceState::Running));
     d.destroy("moved").await.unwrap();
+}
+
+/// The fault (issue 16, second tryout): with several Snapshots, a change to
+/// the VM had each of them open QMP at once; QEMU's monitor serves one
+/// client at a time, and a connect to its full listen backlog failed at
+/// once with EAGAIN. The VM was then reported `HypervisorError`, and a
+/// `vmctl stop` in that moment was no ACPI shutdown but a kill. A busy
+/// monitor is waited for: every one of many concurrent inspections of a
+/// VM whose monitor another client holds for a second succeeds.
+#[tokio::test]
+async fn a_busy_monitor_is_waited_for_and_never_reported_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let d = driver(dir.path());
+    let mut spec = instance("busy", &image);
+    spec.spec.memory_mib = 64;
+    d.prepare(&spec).await.unwrap();
+    d.start("busy").await.unwrap();
+    let l = d.layout("busy");
+    let held = Qmp::connect(&l.qmp_sock(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(held);
+    });
+    let all = futures::future::join_all((0..8).map(|_| d.status("busy"))).await;
+    for st in all {
+        let st = st.expect("a busy monitor is waited for").unwrap();
+        assert_eq!(st.state, InstanceState::Running);
+    }
+    release.await.unwrap();
+    d.destroy("busy").await.unwrap();
 }
