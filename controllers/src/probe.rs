@@ -530,3 +530,177 @@ async fn wait_until_answered(
     drop(attempts);
     publish(name, result, changes, connected(t, Some(Utc::now())));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drivers::{DriverError, OutputFn, StepOutcome};
+
+    /// A guest behind QEMU's user networking whose sshd starts at `up`:
+    /// an attempt made before then stalls until its banner deadline (the
+    /// host side was accepted; the guest side is retried with TCP
+    /// backoff, and here never answered in time), one made after answers
+    /// at once.
+    #[derive(Debug)]
+    struct SlirpGuest {
+        up: Instant,
+        attempts: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Provisioner for SlirpGuest {
+        fn wait_ssh<'a>(&'a self, _: &'a SshTarget, _: Duration) -> BoxFuture<'a, Result<()>> {
+            unreachable!()
+        }
+        fn probe_ssh<'a>(
+            &'a self,
+            _: &'a SshTarget,
+            timeout: Duration,
+        ) -> BoxFuture<'a, Result<()>> {
+            self.attempts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let up = self.up;
+            Box::pin(async move {
+                if Instant::now() >= up {
+                    return Ok(());
+                }
+                tokio::time::sleep(timeout).await;
+                Err(DriverError::Backend("no SSH banner".into()))
+            })
+        }
+        fn run_probe<'a>(
+            &'a self,
+            _: &'a SshTarget,
+            _: &'a Probe,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<()>> {
+            unreachable!()
+        }
+        fn run_step<'a>(
+            &'a self,
+            _: &'a SshTarget,
+            _: u32,
+            _: &'a vmctl_api::ProvisionStep,
+            _: OutputFn<'a>,
+        ) -> BoxFuture<'a, Result<StepOutcome>> {
+            unreachable!()
+        }
+    }
+
+    use crate::drivers::{BoxFuture, Result};
+
+    fn watched() -> Watched {
+        Watched {
+            target: SshTarget {
+                vm: "web".into(),
+                runtime: vmctl_api::VmRuntime {
+                    ssh_host: Some("127.0.0.1".into()),
+                    ssh_port: Some(2222),
+                    ..Default::default()
+                },
+                ssh: None,
+            },
+            ssh_timeout: Duration::from_secs(120),
+            probes: Vec::new(),
+        }
+    }
+
+    /// How long after its sshd starts the prober says a booting guest
+    /// answers, when attempts made before then stall.
+    async fn found_after(sshd_at: Duration) -> (Duration, usize) {
+        let start = Instant::now();
+        let guest = Arc::new(SlirpGuest {
+            up: start + sshd_at,
+            attempts: Default::default(),
+        });
+        let prober = Prober::new(guest.clone());
+        let mut changes = prober.changes();
+        let first = prober.watch("web", watched(), Answered::default());
+        if !first.ssh.ok {
+            tokio::time::timeout(sshd_at + Duration::from_secs(10), changes.recv())
+                .await
+                .expect("found")
+                .unwrap();
+        }
+        let r = prober.watch("web", watched(), Answered::default());
+        assert!(r.ssh.ok, "{r:?}");
+        assert_eq!(r.ssh.reason, "Connected");
+        let attempts = guest.attempts.load(std::sync::atomic::Ordering::Relaxed);
+        (Instant::now() - (start + sshd_at), attempts)
+    }
+
+    /// Stalled attempts do not hold back fresh ones: sshd is found within
+    /// about one boot period of starting, wherever in the boot that is
+    /// (with four 3 s attempts in flight it was found up to 3 s late).
+    #[tokio::test(start_paused = true)]
+    async fn the_ssh_probe_finds_sshd_within_a_boot_period_though_earlier_attempts_stall() {
+        for ms in [0, 450, 1_030, 2_990, 7_250, 30_010] {
+            let (late, attempts) = found_after(Duration::from_millis(ms)).await;
+            assert!(
+                late <= BOOT_PERIOD,
+                "sshd up at {ms} ms was found {late:?} late"
+            );
+            // A fresh attempt per period, not a burst (and the one
+            // `watch` tries at once).
+            assert!(
+                attempts as u128 <= ms as u128 / BOOT_PERIOD.as_millis() + 3,
+                "{attempts} attempts in {ms} ms"
+            );
+        }
+    }
+
+    /// A guest whose banner takes longer than the short attempts wait is
+    /// still found, by the long attempt kept in flight.
+    #[tokio::test(start_paused = true)]
+    async fn the_ssh_probe_keeps_one_long_attempt_for_a_slow_banner() {
+        /// Answers only attempts that wait longer than the short ones.
+        #[derive(Debug)]
+        struct SlowBanner;
+        impl Provisioner for SlowBanner {
+            fn wait_ssh<'a>(&'a self, _: &'a SshTarget, _: Duration) -> BoxFuture<'a, Result<()>> {
+                unreachable!()
+            }
+            fn probe_ssh<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                timeout: Duration,
+            ) -> BoxFuture<'a, Result<()>> {
+                Box::pin(async move {
+                    let banner = BOOT_BANNER_TIMEOUT + Duration::from_millis(500);
+                    if timeout < banner {
+                        tokio::time::sleep(timeout).await;
+                        return Err(DriverError::Backend("no SSH banner".into()));
+                    }
+                    tokio::time::sleep(banner).await;
+                    Ok(())
+                })
+            }
+            fn run_probe<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                _: &'a Probe,
+                _: Duration,
+            ) -> BoxFuture<'a, Result<()>> {
+                unreachable!()
+            }
+            fn run_step<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                _: u32,
+                _: &'a vmctl_api::ProvisionStep,
+                _: OutputFn<'a>,
+            ) -> BoxFuture<'a, Result<StepOutcome>> {
+                unreachable!()
+            }
+        }
+        let start = Instant::now();
+        let prober = Prober::new(Arc::new(SlowBanner));
+        let mut changes = prober.changes();
+        prober.watch("web", watched(), Answered::default());
+        tokio::time::timeout(Duration::from_secs(10), changes.recv())
+            .await
+            .expect("found")
+            .unwrap();
+        assert!(prober.watch("web", watched(), Answered::default()).ssh.ok);
+        assert!(Instant::now() - start < Duration::from_secs(3));
+    }
+}
