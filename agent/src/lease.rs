@@ -22,7 +22,10 @@
 //!   of the TTL, it stops its controllers and tries to take the lease
 //!   again, as at start. Another agent can take it only once etcd expired
 //!   it: a cut-off holder's controllers are stopping by then (stopping
-//!   waits for the action in progress).
+//!   waits for the action in progress). That action may outlast the cut
+//!   (its requests held up until it heals), so the controllers write
+//!   through a store fenced by the lease ([`vmctl_store::EtcdStore::fenced`]):
+//!   once the lease is gone, none of their writes lands.
 //! * A holder that stops (SIGTERM) revokes its lease: the next agent takes
 //!   it at once; one killed with SIGKILL holds it until the TTL runs out,
 //!   unless restarted on the same host and data directory (above).
@@ -179,7 +182,10 @@ pub async fn run_while_held(
     first: Option<AgentLease>,
     me: LeaseHolder,
     ttl: Duration,
-    start: impl Fn(watch::Receiver<bool>) -> JoinHandle<Result<(), vmctl_controllers::RunError>>,
+    start: impl Fn(
+        watch::Receiver<bool>,
+        Option<vmctl_store::Fence>,
+    ) -> JoinHandle<Result<(), vmctl_controllers::RunError>>,
     mut stopped: watch::Receiver<bool>,
     state: watch::Sender<ControllersState>,
 ) -> Result<(), vmctl_controllers::RunError> {
@@ -225,7 +231,7 @@ pub async fn run_while_held(
         );
         state.send_replace(ControllersState::Running);
         let (term_stop, term_stopped) = watch::channel(false);
-        let mut controllers = start(term_stopped);
+        let mut controllers = start(term_stopped, Some(lease.fence()));
         let margin = lease.ttl() / 5;
         let end = loop {
             let keep_at = (Instant::now() + lease.ttl() / 3).min(lease.expires() - margin);

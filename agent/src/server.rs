@@ -383,11 +383,20 @@ pub async fn run_until(
         dnsmasq_leases: cfg.dnsmasq_leases.clone(),
         ..Default::default()
     };
+    // On etcd the controllers write through a store fenced by the agent
+    // lease of the term they run in: none of their writes lands once
+    // another agent could hold it (EtcdStore::fenced).
     let start = {
-        let (store, drivers) = (store.clone(), drivers);
-        move |stopped| {
+        let (store, drivers, etcd) = (store.clone(), drivers, etcd.clone());
+        move |stopped, fence: Option<vmctl_store::Fence>| {
+            let store = match (&etcd, fence) {
+                (Some(e), Some(f)) => Arc::new(vmctl_controllers::metrics::MeteredStore(Arc::new(
+                    e.fenced(f),
+                ))) as Arc<dyn Store>,
+                _ => store.clone(),
+            };
             tokio::spawn(vmctl_controllers::run(
-                store.clone(),
+                store,
                 drivers.clone(),
                 runtime.clone(),
                 stopped,
@@ -395,7 +404,7 @@ pub async fn run_until(
         }
     };
     let controllers = match etcd {
-        None => start(stopped),
+        None => start(stopped, None),
         Some(e) => {
             if first_lease.is_none() {
                 controllers_state

@@ -160,6 +160,18 @@ impl EtcdOptions {
 #[derive(Clone)]
 pub struct EtcdStore {
     inner: Arc<Inner>,
+    /// Set on the controllers' handle ([`EtcdStore::fenced`]): every
+    /// object write also compares that this agent still holds its agent
+    /// lease.
+    fence: Option<Arc<Fence>>,
+}
+
+/// An agent lease that object writes are fenced by: the lease's key and
+/// id (see [`EtcdStore::fenced`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    key: Vec<u8>,
+    id: i64,
 }
 
 struct Inner {
@@ -283,6 +295,7 @@ impl EtcdStore {
                 e => unavailable_of(&opts, plain(&e)),
             })?;
         Ok(EtcdStore {
+            fence: None,
             inner: Arc::new(Inner {
                 client,
                 opts,
@@ -303,6 +316,35 @@ impl EtcdStore {
     /// The options it was opened with.
     pub fn options(&self) -> &EtcdOptions {
         &self.inner.opts
+    }
+
+    /// This store, for controllers that run while this agent holds the
+    /// agent lease `fence` ([`AgentLease::fence`]): each object write
+    /// (apply, status, finalizers, delete) is committed only if the lease
+    /// is still this agent's, in the same transaction. An agent cut off
+    /// from etcd stops its controllers before its lease can expire, but
+    /// a reconcile already under way (its requests held up by the cut)
+    /// may go on after another agent took over; fenced, its writes are
+    /// refused instead of undoing the new holder's.
+    pub fn fenced(&self, fence: Fence) -> EtcdStore {
+        EtcdStore {
+            inner: self.inner.clone(),
+            fence: Some(Arc::new(fence)),
+        }
+    }
+
+    /// The error of a write refused by `f`: [`StoreError::Unavailable`]
+    /// (nothing was written; the controllers stop).
+    fn fenced_out(&self, f: &Fence) -> StoreError {
+        StoreError::Unavailable {
+            store: self.describe(),
+            source: format!(
+                "this agent no longer holds the agent lease {} (it expired or another agent \
+                 took it): its controllers write nothing more",
+                f.id
+            )
+            .into(),
+        }
     }
 
     fn err(&self, e: etcd_client::Error) -> StoreError {
@@ -569,10 +611,13 @@ impl EtcdStore {
                 &format!("{}/{}/{uid}/{prev_rev:020}", r.kind.as_str(), r.name),
             );
             ops.push(TxnOp::put(hkey, event::encode(&ev)?, None));
-            let txn = Txn::new()
-                .when([guard])
-                .and_then(ops)
-                .or_else([TxnOp::get(key.clone(), None)]);
+            let mut guards = vec![guard];
+            let mut otherwise = vec![TxnOp::get(key.clone(), None)];
+            if let Some(f) = &self.fence {
+                guards.push(Compare::lease(f.key.clone(), CompareOp::Equal, f.id));
+                otherwise.push(TxnOp::get(f.key.clone(), None));
+            }
+            let txn = Txn::new().when(guards).and_then(ops).or_else(otherwise);
             let resp = match self
                 .send_write(true, || {
                     let (mut kv, txn) = (self.kv(), txn.clone());
@@ -588,12 +633,21 @@ impl EtcdStore {
                 }
             };
             if !resp.succeeded() {
-                // Another writer won, or the cache was stale: plan again on
-                // the current object, read by the else branch.
-                let current = resp.op_responses().into_iter().find_map(|op| match op {
+                let mut gets = resp.op_responses().into_iter().filter_map(|op| match op {
                     etcd_client::TxnOpResponse::Get(g) => Some(g),
                     _ => None,
                 });
+                // Another writer won, or the cache was stale: plan again on
+                // the current object, read by the else branch. Unless this
+                // agent lost the lease it writes under (then nothing is
+                // written again: another agent's controllers run now).
+                let current = gets.next();
+                if let Some(f) = &self.fence
+                    && let Some(held) = gets.next()
+                    && held.kvs().first().map(|kv| kv.lease()) != Some(f.id)
+                {
+                    return Err(self.fenced_out(f));
+                }
                 let Some(current) = current else {
                     (prev, prev_rev) = self.read(r).await?;
                     fresh = true;

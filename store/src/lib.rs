@@ -45,7 +45,7 @@ use vmctl_api::{ApplySource, Kind, Note, Object, ObjectRef, Time};
 
 pub use compact::{CompactReport, Retention};
 pub use error::{BoxError, Result, StoreError};
-pub use etcd::{AgentLease, EtcdOptions, EtcdStore, LeaseHolder, LeaseOutcome};
+pub use etcd::{AgentLease, EtcdOptions, EtcdStore, Fence, LeaseHolder, LeaseOutcome};
 pub use event::{Change, Event};
 pub use plan::Outcome;
 pub use sled_store::{Durability, OpenReport, Options, RebuildReport, SCHEMA_VERSION, SledStore};

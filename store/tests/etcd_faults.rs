@@ -549,3 +549,80 @@ async fn a_node_lease_has_one_holder_apart_from_the_agent_lease_and_other_nodes(
         l.release().await.unwrap();
     }
 }
+
+/// The fault behind a flaky takeover test: agent A, cut off from etcd,
+/// stopped its controllers, but a reconcile under way went on once the
+/// cut healed, read the VM again (after agent B had taken over and
+/// reported it `NodeLost`) and wrote its own view back over B's. Writes
+/// through a store fenced by an agent lease are refused once that lease
+/// is gone, and change nothing; the unfenced store (the API's) and the
+/// new holder's fenced store write on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_fenced_by_a_lost_agent_lease_is_refused_and_changes_nothing() {
+    let store = connect(&unique_prefix()).await;
+    let holder = |pid: u32| vmctl_store::LeaseHolder {
+        host: "test".into(),
+        boot_id: None,
+        pid,
+        socket: format!("/agent-{pid}.sock"),
+        data_dir: format!("/data-{pid}"),
+        since: chrono::Utc::now(),
+    };
+    let taken = |o: vmctl_store::LeaseOutcome| match o {
+        vmctl_store::LeaseOutcome::Acquired(l) => l,
+        held => panic!("not taken: {held:?}"),
+    };
+    let ttl = Duration::from_secs(10);
+    let a = taken(store.acquire_lease(&holder(1), ttl).await.unwrap());
+    let fenced_a = store.fenced(a.fence());
+    let r = ObjectRef::new(Kind::VirtualMachine, "vm0");
+    let written = fenced_a.apply(vm("vm0", 1), None, None).await.unwrap();
+    let rv = written.object.unwrap().metadata.resource_version;
+    fenced_a
+        .update_status(&r, json!({ "by": "a" }), Some(rv))
+        .await
+        .expect("written while A holds the lease");
+    // A's lease goes (revoked here; expired in the takeover), B takes it.
+    a.release().await.unwrap();
+    let b = taken(store.acquire_lease(&holder(2), ttl).await.unwrap());
+    let fenced_b = store.fenced(b.fence());
+    let now = store.get(&r).await.unwrap().unwrap();
+    fenced_b
+        .update_status(
+            &r,
+            json!({ "by": "b" }),
+            Some(now.metadata.resource_version),
+        )
+        .await
+        .expect("B writes under its own lease");
+    // A's late writes, from what it read before or reads now: refused.
+    let now = store.get(&r).await.unwrap().unwrap();
+    for expected in [Some(now.metadata.resource_version), None] {
+        let err = fenced_a
+            .update_status(&r, json!({ "by": "a, late" }), expected)
+            .await
+            .expect_err("A no longer holds the lease");
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+        assert!(
+            vmctl_api::error_chain(&err).contains("no longer holds the agent lease"),
+            "{}",
+            vmctl_api::error_chain(&err)
+        );
+    }
+    let err = fenced_a
+        .apply(vm("vm0", 2), None, None)
+        .await
+        .expect_err("fenced");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    let err = fenced_a
+        .set_finalizers(&r, vec!["x".into()], None)
+        .await
+        .expect_err("fenced");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    let after = store.get(&r).await.unwrap().unwrap();
+    assert_eq!(after, now, "nothing changed");
+    assert_eq!(after.status, Some(json!({ "by": "b" })));
+    // The API's store is not fenced.
+    store.apply(vm("vm0", 3), None, None).await.unwrap();
+    b.release().await.unwrap();
+}

@@ -332,6 +332,13 @@ fn apply_vm(socket: &Path, name: &str) {
 /// heartbeat gets through; B's, when B stops, is `AgentStopped`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
+    // `VMCTL_TEST_LOG=debug` shows the agents' logs (to chase a flake).
+    if let Ok(filter) = std::env::var("VMCTL_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
         .await
         .unwrap()

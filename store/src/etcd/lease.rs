@@ -231,6 +231,15 @@ impl EtcdStore {
 }
 
 impl AgentLease {
+    /// What object writes are fenced by while this lease is held (see
+    /// [`EtcdStore::fenced`]).
+    pub fn fence(&self) -> super::Fence {
+        super::Fence {
+            key: self.key.clone(),
+            id: self.id,
+        }
+    }
+
     /// The etcd lease id.
     pub fn id(&self) -> i64 {
         self.id
