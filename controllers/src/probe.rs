@@ -7,7 +7,7 @@
 //! polling the store.
 //!
 //! ```text
-//!   watch(vm) ──▶ worker ──┬─ Booting: a fresh attempt every 250 ms (several
+//!   watch(vm) ──▶ worker ──┬─ Booting: a fresh attempt every 100 ms (several
 //!                          │   in flight, each bounded) ── one succeeds ──┐
 //!                          │                                             ▼
 //!                          └─ Ready: one attempt every 10 s ◀── SshReady True
@@ -19,7 +19,12 @@
 //! Why fresh short attempts: with QEMU's user networking the host accepts
 //! a TCP connection before the guest listens and retries the guest side
 //! with TCP backoff, so one long attempt can stall for many seconds after
-//! sshd is up; a new connection every 250 ms sees sshd within a period.
+//! sshd is up; a new connection every 100 ms sees sshd within a period.
+//! Each waits for the banner 1 s at most, so that stalled ones never fill
+//! the attempts allowed in flight (with 3 s each and 4 in flight, fresh
+//! connections came in bursts 3 s apart, and sshd was found up to 3 s
+//! late); one attempt that waits longer (3 s) is kept in flight as well,
+//! for a guest so busy that its banner takes more than 1 s.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,13 +40,26 @@ use vmctl_api::Probe;
 
 use crate::drivers::{Provisioner, SshTarget};
 
-/// Period of SSH attempts while the guest boots.
-pub const BOOT_PERIOD: Duration = Duration::from_millis(250);
-/// Bound on one attempt: connect, banner, handshake, host key.
+/// Period of SSH attempts while the guest boots: sshd is found within
+/// about this long of its start (a raw boot polled by hand finds it as
+/// soon, with a fresh connection every 100 ms).
+pub const BOOT_PERIOD: Duration = Duration::from_millis(100);
+/// Bound on the connection and banner of one attempt (and the banner of
+/// the long attempt kept in flight while booting, see
+/// [`wait_until_answered`]); the handshake after the banner has its own
+/// bound (the driver's).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on the banner of the short attempts made every [`BOOT_PERIOD`]
+/// while booting. Short, because with QEMU's user networking a connection
+/// made before the guest listens stalls (the host side is accepted, the
+/// guest side retried with TCP backoff) and only a fresh one finds sshd
+/// soon after it starts; long enough that a slow but answering guest is
+/// still seen by most of them.
+pub const BOOT_BANNER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Attempts in flight at once while booting (a stalled one does not delay
-/// the next).
-const MAX_IN_FLIGHT: usize = 4;
+/// the next): [`BOOT_BANNER_TIMEOUT`] / [`BOOT_PERIOD`] short ones, and
+/// some room.
+const MAX_IN_FLIGHT: usize = 16;
 /// Period of SSH attempts once SSH answered, and after the SSH timeout.
 pub const READY_PERIOD: Duration = Duration::from_secs(10);
 /// Failed attempts in a row that make a ready VM not ready again
@@ -446,8 +464,10 @@ async fn probe_ssh(
 
 /// Booting: fresh attempts every [`BOOT_PERIOD`] (several in flight, so a
 /// stalled one delays nothing) until one succeeds; then the result says
-/// so. After the VM's SSH timeout the result says SSH timed out, and
-/// attempts slow to every [`READY_PERIOD`].
+/// so. Each waits [`BOOT_BANNER_TIMEOUT`] for the banner, except that one
+/// attempt waiting [`ATTEMPT_TIMEOUT`] is always among those in flight.
+/// After the VM's SSH timeout the result says SSH timed out, and
+/// attempts (all long) slow to every [`READY_PERIOD`].
 async fn wait_until_answered(
     p: &Arc<dyn Provisioner>,
     name: &str,
@@ -458,6 +478,7 @@ async fn wait_until_answered(
     let t = &w.target;
     let started = Instant::now();
     let mut attempts = JoinSet::new();
+    let mut long_in_flight = false;
     let mut tick = tokio::time::interval(BOOT_PERIOD);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut timed_out = false;
@@ -471,30 +492,215 @@ async fn wait_until_answered(
                     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
                 }
                 if attempts.len() < MAX_IN_FLIGHT {
+                    let long = timed_out || !long_in_flight;
+                    long_in_flight |= long;
+                    let within = if long { ATTEMPT_TIMEOUT } else { BOOT_BANNER_TIMEOUT };
                     let (p, t) = (p.clone(), t.clone());
-                    attempts.spawn(async move { p.probe_ssh(&t, ATTEMPT_TIMEOUT).await });
+                    attempts.spawn(async move { (long, p.probe_ssh(&t, within).await) });
                 }
             }
             // Cancel-safe: JoinSet::join_next loses no finished task.
             Some(done) = attempts.join_next() => match done {
-                Ok(Ok(())) => break,
-                Ok(Err(e)) if timed_out => {
-                    let message = format!(
-                        "no SSH on {} after {} s: {e}",
-                        addr(t),
-                        w.ssh_timeout.as_secs()
-                    );
-                    let check = Check { ok: false, since: None, reason: "SshTimeout", message };
-                    publish(name, result, changes, check);
+                Ok((_, Ok(()))) => break,
+                Ok((long, Err(e))) => {
+                    if long {
+                        long_in_flight = false;
+                    }
+                    if timed_out {
+                        let message = format!(
+                            "no SSH on {} after {} s: {e}",
+                            addr(t),
+                            w.ssh_timeout.as_secs()
+                        );
+                        let check = Check { ok: false, since: None, reason: "SshTimeout", message };
+                        publish(name, result, changes, check);
+                    } else {
+                        // Each attempt's error is kept out of the status
+                        // while booting: it changes with every attempt.
+                        tracing::trace!(vm = %name, long, "SSH not ready: {e}");
+                    }
                 }
-                // Each attempt's error is kept out of the status while
-                // booting: it changes with every attempt.
-                Ok(Err(e)) => tracing::trace!(vm = %name, "SSH not ready: {e}"),
-                Err(_) => {}
+                // A panicked attempt, long or not: at worst two long
+                // ones are in flight for a while.
+                Err(_) => long_in_flight = false,
             },
         }
     }
     // Dropping the set aborts the attempts still in flight.
     drop(attempts);
     publish(name, result, changes, connected(t, Some(Utc::now())));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drivers::{DriverError, OutputFn, StepOutcome};
+
+    /// A guest behind QEMU's user networking whose sshd starts at `up`:
+    /// an attempt made before then stalls until its banner deadline (the
+    /// host side was accepted; the guest side is retried with TCP
+    /// backoff, and here never answered in time), one made after answers
+    /// at once.
+    #[derive(Debug)]
+    struct SlirpGuest {
+        up: Instant,
+        attempts: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Provisioner for SlirpGuest {
+        fn wait_ssh<'a>(&'a self, _: &'a SshTarget, _: Duration) -> BoxFuture<'a, Result<()>> {
+            unreachable!()
+        }
+        fn probe_ssh<'a>(
+            &'a self,
+            _: &'a SshTarget,
+            timeout: Duration,
+        ) -> BoxFuture<'a, Result<()>> {
+            self.attempts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let up = self.up;
+            Box::pin(async move {
+                if Instant::now() >= up {
+                    return Ok(());
+                }
+                tokio::time::sleep(timeout).await;
+                Err(DriverError::Backend("no SSH banner".into()))
+            })
+        }
+        fn run_probe<'a>(
+            &'a self,
+            _: &'a SshTarget,
+            _: &'a Probe,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<()>> {
+            unreachable!()
+        }
+        fn run_step<'a>(
+            &'a self,
+            _: &'a SshTarget,
+            _: u32,
+            _: &'a vmctl_api::ProvisionStep,
+            _: OutputFn<'a>,
+        ) -> BoxFuture<'a, Result<StepOutcome>> {
+            unreachable!()
+        }
+    }
+
+    use crate::drivers::{BoxFuture, Result};
+
+    fn watched() -> Watched {
+        Watched {
+            target: SshTarget {
+                vm: "web".into(),
+                runtime: vmctl_api::VmRuntime {
+                    ssh_host: Some("127.0.0.1".into()),
+                    ssh_port: Some(2222),
+                    ..Default::default()
+                },
+                ssh: None,
+            },
+            ssh_timeout: Duration::from_secs(120),
+            probes: Vec::new(),
+        }
+    }
+
+    /// How long after its sshd starts the prober says a booting guest
+    /// answers, when attempts made before then stall.
+    async fn found_after(sshd_at: Duration) -> (Duration, usize) {
+        let start = Instant::now();
+        let guest = Arc::new(SlirpGuest {
+            up: start + sshd_at,
+            attempts: Default::default(),
+        });
+        let prober = Prober::new(guest.clone());
+        let mut changes = prober.changes();
+        let first = prober.watch("web", watched(), Answered::default());
+        if !first.ssh.ok {
+            tokio::time::timeout(sshd_at + Duration::from_secs(10), changes.recv())
+                .await
+                .expect("found")
+                .unwrap();
+        }
+        let r = prober.watch("web", watched(), Answered::default());
+        assert!(r.ssh.ok, "{r:?}");
+        assert_eq!(r.ssh.reason, "Connected");
+        let attempts = guest.attempts.load(std::sync::atomic::Ordering::Relaxed);
+        (Instant::now() - (start + sshd_at), attempts)
+    }
+
+    /// Stalled attempts do not hold back fresh ones: sshd is found within
+    /// about one boot period of starting, wherever in the boot that is
+    /// (with four 3 s attempts in flight it was found up to 3 s late).
+    #[tokio::test(start_paused = true)]
+    async fn the_ssh_probe_finds_sshd_within_a_boot_period_though_earlier_attempts_stall() {
+        for ms in [0, 450, 1_030, 2_990, 7_250, 30_010] {
+            let (late, attempts) = found_after(Duration::from_millis(ms)).await;
+            assert!(
+                late <= BOOT_PERIOD,
+                "sshd up at {ms} ms was found {late:?} late"
+            );
+            // A fresh attempt per period, not a burst (and the one
+            // `watch` tries at once).
+            assert!(
+                attempts as u128 <= ms as u128 / BOOT_PERIOD.as_millis() + 3,
+                "{attempts} attempts in {ms} ms"
+            );
+        }
+    }
+
+    /// A guest whose banner takes longer than the short attempts wait is
+    /// still found, by the long attempt kept in flight.
+    #[tokio::test(start_paused = true)]
+    async fn the_ssh_probe_keeps_one_long_attempt_for_a_slow_banner() {
+        /// Answers only attempts that wait longer than the short ones.
+        #[derive(Debug)]
+        struct SlowBanner;
+        impl Provisioner for SlowBanner {
+            fn wait_ssh<'a>(&'a self, _: &'a SshTarget, _: Duration) -> BoxFuture<'a, Result<()>> {
+                unreachable!()
+            }
+            fn probe_ssh<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                timeout: Duration,
+            ) -> BoxFuture<'a, Result<()>> {
+                Box::pin(async move {
+                    let banner = BOOT_BANNER_TIMEOUT + Duration::from_millis(500);
+                    if timeout < banner {
+                        tokio::time::sleep(timeout).await;
+                        return Err(DriverError::Backend("no SSH banner".into()));
+                    }
+                    tokio::time::sleep(banner).await;
+                    Ok(())
+                })
+            }
+            fn run_probe<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                _: &'a Probe,
+                _: Duration,
+            ) -> BoxFuture<'a, Result<()>> {
+                unreachable!()
+            }
+            fn run_step<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                _: u32,
+                _: &'a vmctl_api::ProvisionStep,
+                _: OutputFn<'a>,
+            ) -> BoxFuture<'a, Result<StepOutcome>> {
+                unreachable!()
+            }
+        }
+        let start = Instant::now();
+        let prober = Prober::new(Arc::new(SlowBanner));
+        let mut changes = prober.changes();
+        prober.watch("web", watched(), Answered::default());
+        tokio::time::timeout(Duration::from_secs(10), changes.recv())
+            .await
+            .expect("found")
+            .unwrap();
+        assert!(prober.watch("web", watched(), Answered::default()).ssh.ok);
+        assert!(Instant::now() - start < Duration::from_secs(3));
+    }
 }

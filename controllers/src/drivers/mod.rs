@@ -403,10 +403,11 @@ pub trait Provisioner: Send + Sync + Debug {
         target: &'a SshTarget,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<()>>;
-    /// One readiness probe of the VM's sshd, within `timeout`: a fresh
-    /// connection answered by an SSH banner, a handshake, and the host key
-    /// the VM was given. `Err` says why not (nothing listening yet,
-    /// another host key, …); the prober ([`crate::probe`]) repeats it.
+    /// One readiness probe of the VM's sshd: a fresh connection answered
+    /// by an SSH banner within `timeout`, then a handshake and the host
+    /// key the VM was given (bounded by the driver). `Err` says why not
+    /// (nothing listening yet, another host key, …); the prober
+    /// ([`crate::probe`]) repeats it.
     fn probe_ssh<'a>(
         &'a self,
         target: &'a SshTarget,

@@ -27,7 +27,7 @@ async fn a_running_vm_is_not_ready_until_its_guest_answers_ssh() {
         st.phase == VmPhase::Running && cond(&st, "SshReady").is_some()
     })
     .await;
-    // Probed every 250 ms, it stays not Ready while SSH does not answer.
+    // Probed every 100 ms, it stays not Ready while SSH does not answer.
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     let (obj, st) = vm_status(&s, "slow").await.unwrap();
     assert!(!is_ready(&obj), "Ready before SSH answers: {st:?}");

@@ -359,74 +359,90 @@ impl QemuDriver {
             .mode(0o700)
             .create(&l.root)
             .map_err(io_err(format!("Cannot create {}", l.root.display())))?;
-        let keys = ensure_vm_keys(&l.root, &format!("vmctl@{name}")).map_err(|source| {
-            QemuError::Keys {
-                name: name.clone(),
-                source,
-            }
-        })?;
-        let instance_id = match std::fs::read_to_string(l.instance_id_file()) {
-            Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
-            _ => {
-                let id = format!("{name}-{}", uuid::Uuid::new_v4().simple());
-                std::fs::write(l.instance_id_file(), &id)
-                    .map_err(io_err("Cannot write the instance id"))?;
-                id
-            }
-        };
-        // Shares: virtio-fs or 9p, decided now, as the seed mounts them.
-        let share_plans = if process::running_pid(&l).is_some() {
-            // The running QEMU serves the shares it started with; a changed
-            // `spec.shares` waits for the restart (and its seed with it).
-            read_config(&l).map(|c| c.shares).unwrap_or_default()
-        } else if spec.spec.shares.is_empty() {
-            Vec::new()
-        } else {
-            let v = tokio::task::spawn_blocking(shares::find_virtiofsd)
-                .await
-                .map_err(|e| io_err("virtiofsd lookup panicked")(std::io::Error::other(e)))?;
-            shares::plan(&spec.spec.shares, v.as_ref())
-        };
-        let mut seed = seed_spec(spec, instance_id, &keys)?;
-        seed.bootcmd = share_plans
-            .iter()
-            .map(shares::SharePlan::mount_command)
-            .collect();
-        let seed_digest = seed.digest();
-        let seed_current =
-            std::fs::read_to_string(l.seed_digest_file()).is_ok_and(|d| d.trim() == seed_digest);
-        // A changed cloud-init config gets a new seed at the next start
-        // (same instance id: per-boot modules see it, per-instance ones
-        // ran already). A running QEMU keeps the one it has open.
-        if !l.seed().exists() || (!seed_current && process::running_pid(&l).is_none()) {
-            let (out, tool) = (l.seed(), self.config.seed_tool);
-            tokio::task::spawn_blocking(move || build_seed(&seed, &out, tool))
-                .await
-                .map_err(|e| io_err("Seed builder panicked")(std::io::Error::other(e)))?
-                .map_err(|source| QemuError::Seed {
-                    name: name.clone(),
-                    source,
-                })?;
-            std::fs::write(l.seed_digest_file(), &seed_digest)
-                .map_err(io_err("Cannot record the seed digest"))?;
-        }
         let disk_err = |source| QemuError::Disk {
             name: name.clone(),
             source,
         };
-        if process::running_pid(&l).is_some() && l.disk().exists() {
-            // A running QEMU holds the image's lock: grow it through QMP,
-            // and the guest sees the new size at once.
-            let current = disk::virtual_size(&l.disk()).await.map_err(disk_err)?;
-            let want = spec.spec.disk_gib.map(|g| g.saturating_mul(disk::GIB));
-            if let Some(bytes) = disk::growth(current, want) {
-                self.block_resize(name, &l, ROOT_DISK, bytes).await?;
+        // The root disk on one side; the keys, the seed and what it needs
+        // on the other, at once: two external tools (qemu-img,
+        // genisoimage) that take a few tens of ms each, and key files
+        // synced to disk, all of which the QEMU start waits for. The
+        // disk goes first so that qemu-img runs while the keys are made.
+        let root_disk_made = async {
+            if process::running_pid(&l).is_some() && l.disk().exists() {
+                // A running QEMU holds the image's lock: grow it through
+                // QMP, and the guest sees the new size at once.
+                let current = disk::virtual_size(&l.disk()).await.map_err(disk_err)?;
+                let want = spec.spec.disk_gib.map(|g| g.saturating_mul(disk::GIB));
+                if let Some(bytes) = disk::growth(current, want) {
+                    self.block_resize(name, &l, ROOT_DISK, bytes).await?;
+                }
+            } else {
+                disk::ensure_overlay(&spec.image, &l.disk(), spec.spec.disk_gib)
+                    .await
+                    .map_err(disk_err)?;
             }
-        } else {
-            disk::ensure_overlay(&spec.image, &l.disk(), spec.spec.disk_gib)
-                .await
-                .map_err(disk_err)?;
-        }
+            Ok::<(), QemuError>(())
+        };
+        let seed_made = async {
+            let keys = ensure_vm_keys(&l.root, &format!("vmctl@{name}")).map_err(|source| {
+                QemuError::Keys {
+                    name: name.clone(),
+                    source,
+                }
+            })?;
+            let instance_id = match std::fs::read_to_string(l.instance_id_file()) {
+                Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
+                _ => {
+                    let id = format!("{name}-{}", uuid::Uuid::new_v4().simple());
+                    std::fs::write(l.instance_id_file(), &id)
+                        .map_err(io_err("Cannot write the instance id"))?;
+                    id
+                }
+            };
+            // Shares: virtio-fs or 9p, decided now, as the seed mounts them.
+            let share_plans = if process::running_pid(&l).is_some() {
+                // The running QEMU serves the shares it started with; a
+                // changed `spec.shares` waits for the restart (and its
+                // seed with it).
+                read_config(&l).map(|c| c.shares).unwrap_or_default()
+            } else if spec.spec.shares.is_empty() {
+                Vec::new()
+            } else {
+                let v = tokio::task::spawn_blocking(shares::find_virtiofsd)
+                    .await
+                    .map_err(|e| io_err("virtiofsd lookup panicked")(std::io::Error::other(e)))?;
+                shares::plan(&spec.spec.shares, v.as_ref())
+            };
+            let mut seed = seed_spec(spec, instance_id, &keys)?;
+            seed.bootcmd = share_plans
+                .iter()
+                .map(shares::SharePlan::mount_command)
+                .collect();
+            let seed_digest = seed.digest();
+            let seed_current = std::fs::read_to_string(l.seed_digest_file())
+                .is_ok_and(|d| d.trim() == seed_digest);
+            // A changed cloud-init config gets a new seed at the next
+            // start (same instance id: per-boot modules see it,
+            // per-instance ones ran already). A running QEMU keeps the
+            // one it has open.
+            if !l.seed().exists() || (!seed_current && process::running_pid(&l).is_none()) {
+                let (out, tool) = (l.seed(), self.config.seed_tool);
+                tokio::task::spawn_blocking(move || build_seed(&seed, &out, tool))
+                    .await
+                    .map_err(|e| io_err("Seed builder panicked")(std::io::Error::other(e)))?
+                    .map_err(|source| QemuError::Seed {
+                        name: name.clone(),
+                        source,
+                    })?;
+                std::fs::write(l.seed_digest_file(), &seed_digest)
+                    .map_err(io_err("Cannot record the seed digest"))?;
+            }
+            Ok::<_, QemuError>(share_plans)
+        };
+        let (root_disk_made, seed_made) = tokio::join!(root_disk_made, seed_made);
+        let share_plans = seed_made?;
+        root_disk_made?;
         // Extra disks: made empty once, grown while QEMU is not running
         // (a running one is grown live through `resize_disk`). A disk left
         // out of the spec is detached at the next start; its file stays

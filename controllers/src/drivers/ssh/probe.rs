@@ -10,6 +10,9 @@
 //! there. The caller ([`crate::probe`]) starts fresh attempts on a short
 //! period rather than waiting on one.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -22,9 +25,22 @@ use crate::drivers::SshTarget;
 /// What an SSH server sends first (RFC 4253, 4.2).
 const BANNER: &[u8] = b"SSH-";
 
-/// Probes `target` once within `timeout`: TCP connect, the `SSH-` banner
-/// (peeked, so that the handshake on the same connection reads it again),
-/// the handshake and the pinned host key.
+/// Bound on a probe's handshake once the banner came: waiting for its turn
+/// (see [`probe_ssh`]), the key exchange and the host key check.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Probes `target` once: TCP connect and the `SSH-` banner (peeked, so
+/// that the handshake on the same connection reads it again) within
+/// `timeout`, then the handshake and the pinned host key within
+/// [`HANDSHAKE_TIMEOUT`] of the banner.
+///
+/// Two bounds, because they bound different things: the first, how long
+/// one connection may sit unanswered (with QEMU's user networking a
+/// connection opened before the guest listens can stall for seconds, so
+/// the prober keeps it short while the guest boots and opens fresh
+/// ones); the second, the guest's work once sshd is there (a key
+/// exchange and a signature, slow on a busy TCG guest), which no fresh
+/// connection would do sooner.
 ///
 /// Errors: [`SshError::Connect`] when nothing answers with a banner in
 /// time (refused, closed, silent), [`SshError::Handshake`],
@@ -72,15 +88,33 @@ pub async fn probe_ssh(target: &SshTarget, timeout: Duration) -> Result<(), SshE
         // Part of the banner arrived: peek again once more is there.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    tracing::debug!(vm = %ep.vm, %addr, "SSH banner seen");
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let timed_out = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no {what} within {} ms", HANDSHAKE_TIMEOUT.as_millis()),
+        )
+    };
     // sshd is there. One handshake at a time per address: the prober has
     // several attempts in flight while the guest boots, and when sshd comes
     // up they all pass the banner at once; their handshakes would share
     // the guest's CPU (one vCPU under TCG), so each would take longer than
     // one alone. The others wait here, their connections open, until the
     // first one's handshake ends (the prober stops them once one passes).
-    let turn = tokio::time::timeout_at(deadline, handshake_lock(&addr).lock_owned())
+    // One that gets its turn after another's handshake passed (after this
+    // one's banner came) has its answer without shaking hands again: a
+    // second handshake would only compete with whatever the first one's
+    // success set off (a `vmctl ssh` that waited for it).
+    let hs = handshakes(&addr);
+    let passed_before = hs.passed.load(Ordering::Acquire);
+    let turn = tokio::time::timeout_at(deadline, hs.turn.clone().lock_owned())
         .await
         .map_err(|_| connect_err(timed_out("turn to shake hands")))?;
+    if hs.passed.load(Ordering::Acquire) != passed_before {
+        tracing::debug!(vm = %ep.vm, "another probe's SSH handshake passed since the banner");
+        return Ok(());
+    }
     let tcp = tcp.into_std().map_err(connect_err)?;
     tcp.set_nonblocking(false).map_err(connect_err)?;
     let left = deadline
@@ -89,22 +123,30 @@ pub async fn probe_ssh(target: &SshTarget, timeout: Duration) -> Result<(), SshE
     super::blocking(move || {
         let _turn = turn;
         let sess = ep.handshake(tcp, left)?;
+        // Before the turn is released (the end of this closure).
+        hs.passed.fetch_add(1, Ordering::AcqRel);
+        tracing::debug!(vm = %ep.vm, "SSH handshake done, host key pinned");
         connect::disconnect(&sess);
         Ok(())
     })
     .await
 }
 
-/// The lock that lets one probe handshake with `addr` at a time. One per
-/// address ever probed (a few bytes each; addresses are reused).
-fn handshake_lock(addr: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
-    static LOCKS: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
-    > = std::sync::OnceLock::new();
-    LOCKS
-        .get_or_init(Default::default)
+/// The probe handshakes with one address: whose turn it is, and how many
+/// have passed.
+#[derive(Debug, Default)]
+struct Handshakes {
+    turn: Arc<tokio::sync::Mutex<()>>,
+    passed: AtomicU64,
+}
+
+/// The handshakes with `addr` (see [`Handshakes`]). One per address ever
+/// probed (a few bytes each; addresses are reused).
+fn handshakes(addr: &str) -> Arc<Handshakes> {
+    static ALL: OnceLock<Mutex<HashMap<String, Arc<Handshakes>>>> = OnceLock::new();
+    ALL.get_or_init(Default::default)
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(PoisonError::into_inner)
         .entry(addr.to_owned())
         .or_default()
         .clone()
