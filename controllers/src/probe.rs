@@ -20,11 +20,14 @@
 //! a TCP connection before the guest listens and retries the guest side
 //! with TCP backoff, so one long attempt can stall for many seconds after
 //! sshd is up; a new connection every 100 ms sees sshd within a period.
-//! Each waits for the banner 1 s at most, so that stalled ones never fill
-//! the attempts allowed in flight (with 3 s each and 4 in flight, fresh
-//! connections came in bursts 3 s apart, and sshd was found up to 3 s
-//! late); one attempt that waits longer (3 s) is kept in flight as well,
-//! for a guest so busy that its banner takes more than 1 s.
+//! Each waits for the banner 0.7 s at most, so that stalled ones never
+//! fill the attempts allowed in flight (with 3 s each and 4 in flight,
+//! fresh connections came in bursts 3 s apart, and sshd was found up to
+//! 3 s late); one attempt that waits longer (3 s) is kept in flight as
+//! well, for a guest so busy that its banner takes longer. At most 8 are
+//! in flight, fewer than OpenSSH's `MaxStartups`; once sshd answers one,
+//! that one alone shakes hands and the others close (see
+//! [`crate::drivers::ssh::probe_ssh`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,11 +58,13 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// guest side retried with TCP backoff) and only a fresh one finds sshd
 /// soon after it starts; long enough that a slow but answering guest is
 /// still seen by most of them.
-pub const BOOT_BANNER_TIMEOUT: Duration = Duration::from_secs(1);
+pub const BOOT_BANNER_TIMEOUT: Duration = Duration::from_millis(700);
 /// Attempts in flight at once while booting (a stalled one does not delay
-/// the next): [`BOOT_BANNER_TIMEOUT`] / [`BOOT_PERIOD`] short ones, and
-/// some room.
-const MAX_IN_FLIGHT: usize = 16;
+/// the next): [`BOOT_BANNER_TIMEOUT`] / [`BOOT_PERIOD`] short ones and
+/// the long one, so that one starts every period. Fewer than OpenSSH's `MaxStartups` (10, sshd_config(5)), past which
+/// sshd drops new connections: each attempt that reached sshd holds one
+/// of those until it is closed.
+const MAX_IN_FLIGHT: usize = 8;
 /// Period of SSH attempts once SSH answered, and after the SSH timeout.
 pub const READY_PERIOD: Duration = Duration::from_secs(10);
 /// Failed attempts in a row that make a ready VM not ready again

@@ -25,9 +25,12 @@ use crate::drivers::SshTarget;
 /// What an SSH server sends first (RFC 4253, 4.2).
 const BANNER: &[u8] = b"SSH-";
 
-/// Bound on a probe's handshake once the banner came: waiting for its turn
-/// (see [`probe_ssh`]), the key exchange and the host key check.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on a probe's handshake once the banner came: the key exchange and
+/// the host key check. Generous, because only one probe of an address
+/// shakes hands at a time (see [`probe_ssh`]) and a guest still booting
+/// under TCG (OpenSSH re-executing itself per connection, cloud-init
+/// running) can take seconds for it.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Probes `target` once: TCP connect and the `SSH-` banner (peeked, so
 /// that the handshake on the same connection reads it again) within
@@ -43,7 +46,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// connection would do sooner.
 ///
 /// Errors: [`SshError::Connect`] when nothing answers with a banner in
-/// time (refused, closed, silent), [`SshError::Handshake`],
+/// time (refused, closed, silent), or (kind `WouldBlock`, at once) when
+/// another probe of the address is shaking hands, [`SshError::Handshake`],
 /// [`SshError::HostKeyMismatch`], and what resolving the target fails with
 /// (no address, no work directory, no pinned key).
 pub async fn probe_ssh(target: &SshTarget, timeout: Duration) -> Result<(), SshError> {
@@ -54,6 +58,19 @@ pub async fn probe_ssh(target: &SshTarget, timeout: Duration) -> Result<(), SshE
         addr: addr.clone(),
         source,
     };
+    let busy = || {
+        connect_err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "another probe of this address is shaking hands with its sshd",
+        ))
+    };
+    // sshd answered another probe, which is shaking hands with it now: no
+    // new connection (each one costs the guest an sshd process).
+    let hs = handshakes(&addr);
+    if hs.turn.try_lock().is_err() {
+        return Err(busy());
+    }
+    let passed_before = hs.passed.load(Ordering::Acquire);
     let timed_out = |what: &str| {
         std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -90,27 +107,21 @@ pub async fn probe_ssh(target: &SshTarget, timeout: Duration) -> Result<(), SshE
     }
     tracing::debug!(vm = %ep.vm, %addr, "SSH banner seen");
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let timed_out = |what: &str| {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no {what} within {} ms", HANDSHAKE_TIMEOUT.as_millis()),
-        )
+    // sshd is there. One handshake at a time per address, and none of
+    // the other attempts waits for its turn: the prober has several in
+    // flight while the guest boots, and when sshd comes up they all pass
+    // the banner at once. Their handshakes would share the guest's CPU
+    // (one vCPU under TCG), and connections held open waiting count
+    // against sshd's MaxStartups (10 by default, sshd_config(5)) and keep
+    // an sshd process each busy: with 16 of them a Debian cloud guest's
+    // OpenSSH never finished a handshake in 10 minutes. So the others
+    // close their connection at once (and new attempts make none, above)
+    // while one shakes hands; the prober stops them all once it passed.
+    // One that takes its turn after another's handshake passed (since
+    // this one began) has its answer without shaking hands again.
+    let Ok(turn) = hs.turn.clone().try_lock_owned() else {
+        return Err(busy());
     };
-    // sshd is there. One handshake at a time per address: the prober has
-    // several attempts in flight while the guest boots, and when sshd comes
-    // up they all pass the banner at once; their handshakes would share
-    // the guest's CPU (one vCPU under TCG), so each would take longer than
-    // one alone. The others wait here, their connections open, until the
-    // first one's handshake ends (the prober stops them once one passes).
-    // One that gets its turn after another's handshake passed (after this
-    // one's banner came) has its answer without shaking hands again: a
-    // second handshake would only compete with whatever the first one's
-    // success set off (a `vmctl ssh` that waited for it).
-    let hs = handshakes(&addr);
-    let passed_before = hs.passed.load(Ordering::Acquire);
-    let turn = tokio::time::timeout_at(deadline, hs.turn.clone().lock_owned())
-        .await
-        .map_err(|_| connect_err(timed_out("turn to shake hands")))?;
     if hs.passed.load(Ordering::Acquire) != passed_before {
         tracing::debug!(vm = %ep.vm, "another probe's SSH handshake passed since the banner");
         return Ok(());

@@ -758,3 +758,101 @@ fn access_hands_out_the_pinned_host_key_and_the_generated_key() {
     );
     let _ = keys;
 }
+
+/// The fault of issue 15's first faster probe: up to 16 probe connections
+/// were in flight when a Debian cloud guest's OpenSSH came up, all passed
+/// the banner, and the ones waiting for their turn to shake hands held
+/// their connections (and an sshd process each) open; under TCG the guest
+/// never finished a handshake in 10 minutes. Now, while one probe shakes
+/// hands with an address, another that saw the banner closes its
+/// connection at once, and a new one opens none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_do_not_pile_onto_an_sshd_slow_to_shake_hands() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // An "sshd" that sends its banner 300 ms after each connection and
+    // then never answers the key exchange, until told to hang up.
+    let work = tempfile::tempdir().unwrap();
+    ensure_vm_keys(work.path(), "vmctl@test").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let (hang_up, hung_up) = tokio::sync::watch::channel(false);
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut hung_up = hung_up.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = conn.write_all(b"SSH-2.0-Slow_1.0\r\n").await;
+                let mut buf = [0u8; 4096];
+                loop {
+                    tokio::select! {
+                        r = conn.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { break },
+                        _ = hung_up.changed() => break,
+                    }
+                }
+            });
+        }
+    });
+    let target = SshTarget {
+        vm: "slow-vm".into(),
+        runtime: VmRuntime {
+            work_dir: Some(work.path().display().to_string()),
+            ssh_host: Some("127.0.0.1".into()),
+            ssh_port: Some(port),
+            ..Default::default()
+        },
+        ssh: None,
+    };
+
+    // Two probes at once: both see the banner; one shakes hands (and
+    // stalls), the other closes at once instead of waiting for its turn.
+    let (t1, t2) = (target.clone(), target.clone());
+    let mut first = tokio::spawn(async move { probe_ssh(&t1, Duration::from_secs(3)).await });
+    let started = std::time::Instant::now();
+    let mut second = tokio::spawn(async move { probe_ssh(&t2, Duration::from_secs(3)).await });
+    let (done, other) = tokio::select! {
+        r = &mut first => (r.unwrap(), second),
+        r = &mut second => (r.unwrap(), first),
+    };
+    let err = done.expect_err("a probe waiting for its turn gives up");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "it gave up at once, not after the handshake bound: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(&err, SshError::Connect { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock),
+        "{err:?}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    // While that handshake lasts, a new probe makes no connection at all.
+    let err = probe_ssh(&target, Duration::from_secs(3))
+        .await
+        .expect_err("busy");
+    assert!(
+        matches!(&err, SshError::Connect { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock),
+        "{err:?}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "no new connection");
+
+    // The handshake ends (here: the server hangs up); the next probe
+    // connects again.
+    hang_up.send_replace(true);
+    let err = other.await.unwrap().expect_err("the server hung up");
+    assert!(
+        matches!(err, SshError::Handshake { .. } | SshError::Connect { .. }),
+        "{err:?}"
+    );
+    assert!(
+        !matches!(&err, SshError::Connect { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock),
+        "{err:?}"
+    );
+    let _ = probe_ssh(&target, Duration::from_secs(1)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "a fresh connection");
+}
