@@ -65,6 +65,13 @@ pub const BOOT_BANNER_TIMEOUT: Duration = Duration::from_millis(700);
 /// sshd drops new connections: each attempt that reached sshd holds one
 /// of those until it is closed.
 const MAX_IN_FLIGHT: usize = 8;
+/// Bound on the banner of an attempt once the guest's network answered
+/// (see [`wait_until_answered`]): a connection that is neither refused
+/// nor answered by then has reached a listening sshd that is slow to
+/// answer (OpenSSH re-executes itself for each connection; a guest busy
+/// booting under TCG takes seconds for it), and a fresh one would only
+/// make it slower.
+pub const ANSWERING_BANNER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Period of SSH attempts once SSH answered, and after the SSH timeout.
 pub const READY_PERIOD: Duration = Duration::from_secs(10);
 /// Failed attempts in a row that make a ready VM not ready again
@@ -471,6 +478,17 @@ async fn probe_ssh(
 /// stalled one delays nothing) until one succeeds; then the result says
 /// so. Each waits [`BOOT_BANNER_TIMEOUT`] for the banner, except that one
 /// attempt waiting [`ATTEMPT_TIMEOUT`] is always among those in flight.
+///
+/// Until the guest's network answers, that is. A stalled attempt is one
+/// whose connection the guest never took (QEMU's user networking retries
+/// it with TCP backoff); once an attempt was refused or closed by the
+/// guest, or saw a banner, connections reach the guest at once, and one
+/// that stalls has reached an sshd that is slow to answer. Fresh
+/// attempts would then only pile onto it (each one an sshd process, and
+/// past OpenSSH's `MaxStartups` dropped: with them a Debian cloud guest
+/// under TCG never answered at all). So from then on one attempt is in
+/// flight at a time, waiting [`ANSWERING_BANNER_TIMEOUT`] for the banner.
+///
 /// After the VM's SSH timeout the result says SSH timed out, and
 /// attempts (all long) slow to every [`READY_PERIOD`].
 async fn wait_until_answered(
@@ -484,6 +502,8 @@ async fn wait_until_answered(
     let started = Instant::now();
     let mut attempts = JoinSet::new();
     let mut long_in_flight = false;
+    // The guest's network answered an attempt (see above).
+    let mut answering = false;
     let mut tick = tokio::time::interval(BOOT_PERIOD);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut timed_out = false;
@@ -496,10 +516,17 @@ async fn wait_until_answered(
                     tick = tokio::time::interval(READY_PERIOD);
                     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
                 }
-                if attempts.len() < MAX_IN_FLIGHT {
-                    let long = timed_out || !long_in_flight;
+                let room = if answering { 1 } else { MAX_IN_FLIGHT };
+                if attempts.len() < room {
+                    let long = timed_out || answering || !long_in_flight;
                     long_in_flight |= long;
-                    let within = if long { ATTEMPT_TIMEOUT } else { BOOT_BANNER_TIMEOUT };
+                    let within = if answering && !timed_out {
+                        ANSWERING_BANNER_TIMEOUT
+                    } else if long {
+                        ATTEMPT_TIMEOUT
+                    } else {
+                        BOOT_BANNER_TIMEOUT
+                    };
                     let (p, t) = (p.clone(), t.clone());
                     attempts.spawn(async move { (long, p.probe_ssh(&t, within).await) });
                 }
@@ -510,6 +537,10 @@ async fn wait_until_answered(
                 Ok((long, Err(e))) => {
                     if long {
                         long_in_flight = false;
+                    }
+                    if !answering && !matches!(e, crate::drivers::DriverError::Timeout(_)) {
+                        tracing::debug!(vm = %name, "the guest's network answered: one SSH attempt at a time from now on");
+                        answering = true;
                     }
                     if timed_out {
                         let message = format!(
@@ -569,7 +600,7 @@ mod tests {
                     return Ok(());
                 }
                 tokio::time::sleep(timeout).await;
-                Err(DriverError::Backend("no SSH banner".into()))
+                Err(DriverError::Timeout("no SSH banner".into()))
             })
         }
         fn run_probe<'a>(
@@ -673,7 +704,7 @@ mod tests {
                     let banner = BOOT_BANNER_TIMEOUT + Duration::from_millis(500);
                     if timeout < banner {
                         tokio::time::sleep(timeout).await;
-                        return Err(DriverError::Backend("no SSH banner".into()));
+                        return Err(DriverError::Timeout("no SSH banner".into()));
                     }
                     tokio::time::sleep(banner).await;
                     Ok(())
@@ -707,5 +738,101 @@ mod tests {
             .unwrap();
         assert!(prober.watch("web", watched(), Answered::default()).ssh.ok);
         assert!(Instant::now() - start < Duration::from_secs(3));
+    }
+
+    /// The fault of issue 15's first faster probe, on a Debian cloud guest
+    /// under TCG: its OpenSSH took longer to send the banner than the
+    /// short attempts waited, so they were closed and made again, 10 a
+    /// second, each one more sshd process for the guest to start, and the
+    /// guest never answered in 10 minutes. Once the guest's network has
+    /// answered (here: refused the connections before sshd listened), one
+    /// attempt at a time waits for the banner.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_sshd_behind_an_answering_network_is_not_flooded_with_attempts() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        /// Refuses until `up`; then each connection gets its banner
+        /// after `banner` (counting those at sshd at once).
+        #[derive(Debug)]
+        struct SlowSshd {
+            up: Instant,
+            banner: Duration,
+            at_sshd: AtomicUsize,
+            most_at_sshd: AtomicUsize,
+            reached_sshd: AtomicUsize,
+        }
+        impl Provisioner for SlowSshd {
+            fn wait_ssh<'a>(&'a self, _: &'a SshTarget, _: Duration) -> BoxFuture<'a, Result<()>> {
+                unreachable!()
+            }
+            fn probe_ssh<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                timeout: Duration,
+            ) -> BoxFuture<'a, Result<()>> {
+                Box::pin(async move {
+                    if Instant::now() < self.up {
+                        return Err(DriverError::Unreachable(
+                            "closed before the SSH banner".into(),
+                        ));
+                    }
+                    self.reached_sshd.fetch_add(1, Relaxed);
+                    let now = self.at_sshd.fetch_add(1, Relaxed) + 1;
+                    self.most_at_sshd.fetch_max(now, Relaxed);
+                    let r = if timeout < self.banner {
+                        tokio::time::sleep(timeout).await;
+                        Err(DriverError::Timeout("no SSH banner".into()))
+                    } else {
+                        tokio::time::sleep(self.banner).await;
+                        Ok(())
+                    };
+                    self.at_sshd.fetch_sub(1, Relaxed);
+                    r
+                })
+            }
+            fn run_probe<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                _: &'a Probe,
+                _: Duration,
+            ) -> BoxFuture<'a, Result<()>> {
+                unreachable!()
+            }
+            fn run_step<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                _: u32,
+                _: &'a vmctl_api::ProvisionStep,
+                _: OutputFn<'a>,
+            ) -> BoxFuture<'a, Result<StepOutcome>> {
+                unreachable!()
+            }
+        }
+        let start = Instant::now();
+        let guest = Arc::new(SlowSshd {
+            up: start + Duration::from_secs(5),
+            banner: Duration::from_secs(8),
+            at_sshd: Default::default(),
+            most_at_sshd: Default::default(),
+            reached_sshd: Default::default(),
+        });
+        let prober = Prober::new(guest.clone());
+        let mut changes = prober.changes();
+        prober.watch("web", watched(), Answered::default());
+        tokio::time::timeout(Duration::from_secs(60), changes.recv())
+            .await
+            .expect("found")
+            .unwrap();
+        assert!(prober.watch("web", watched(), Answered::default()).ssh.ok);
+        let found = Instant::now() - start;
+        assert!(
+            found <= Duration::from_secs(5 + 8) + BOOT_PERIOD,
+            "{found:?}"
+        );
+        assert_eq!(guest.most_at_sshd.load(Relaxed), 1, "one at a time at sshd");
+        assert_eq!(
+            guest.reached_sshd.load(Relaxed),
+            1,
+            "no attempt wasted at sshd"
+        );
     }
 }

@@ -287,6 +287,22 @@ pub(super) fn chain(e: &dyn std::error::Error) -> String {
     vmctl_api::error_chain(e)
 }
 
+/// A readiness probe's error as the prober reads it
+/// ([`crate::probe`]): [`DriverError::Timeout`] when nothing answered in
+/// time (with QEMU's user networking: the guest's network may not be up
+/// yet), [`DriverError::Unreachable`] when the guest's side answered but
+/// no sshd took the connection (refused, closed before the banner) or
+/// another probe is shaking hands with it, else as [`From`] maps it.
+pub(super) fn probe_error(e: SshError) -> DriverError {
+    match &e {
+        SshError::Connect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
+            DriverError::Timeout(chain(&e))
+        }
+        SshError::Connect { .. } => DriverError::Unreachable(chain(&e)),
+        _ => e.into(),
+    }
+}
+
 impl From<SshError> for DriverError {
     fn from(e: SshError) -> Self {
         match e {

@@ -103,7 +103,7 @@ impl Provisioner for SshProvisioner {
         target: &'a SshTarget,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move { Ok(probe_ssh(target, timeout).await?) })
+        Box::pin(async move { probe_ssh(target, timeout).await.map_err(error::probe_error) })
     }
 
     fn run_probe<'a>(
