@@ -12,7 +12,8 @@
 //!   short connections (banner within 300 ms, every 100 ms), then `ssh`.
 //!
 //! Run: `cargo build --release -p vmctl -p vmctl-agent && cargo bench -p vmctl --bench ssh_ready`
-//! (`BENCH_RUNS`, default 5 pairs). Needs qemu-system-x86_64, qemu-img,
+//! (`BENCH_RUNS`, default 5 pairs; `BENCH_AGENT_LOG=FILE` keeps the
+//! agent's log). Needs qemu-system-x86_64, qemu-img,
 //! genisoimage, ssh and the tiny image (`tests/images/build.sh tiny`).
 
 use std::path::{Path, PathBuf};
@@ -136,7 +137,11 @@ impl Agent {
             .arg(&data)
             .env("VMCTL_ACCEL", "tcg")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // `BENCH_AGENT_LOG=FILE` keeps the agent's log (with RUST_LOG).
+            .stderr(match std::env::var_os("BENCH_AGENT_LOG") {
+                Some(f) => Stdio::from(std::fs::File::create(f).unwrap()),
+                None => Stdio::null(),
+            })
             .spawn()
             .unwrap();
         let a = Agent { data, child };
