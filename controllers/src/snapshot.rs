@@ -61,6 +61,7 @@ impl SnapshotReconciler {
             status: s.status.unwrap_or_default(),
             vm_view: VmView::Missing,
             saved: None,
+            vm_blocked: None,
             now: Utc::now(),
         };
         if o.deleting {
@@ -68,7 +69,8 @@ impl SnapshotReconciler {
         }
         let vm_ref = ObjectRef::new(Kind::VirtualMachine, o.vm.clone());
         let hv = &self.ctx.drivers.hypervisor;
-        o.vm_view = match self.ctx.get(&vm_ref).await? {
+        let vm = self.ctx.get(&vm_ref).await?;
+        o.vm_view = match &vm {
             None => VmView::Missing,
             Some(vm) if vm.metadata.deletion_timestamp.is_some() => VmView::Deleting,
             Some(_) => match hv
@@ -80,6 +82,11 @@ impl SnapshotReconciler {
                 Some(i) => VmView::Instance(i.state),
             },
         };
+        if o.vm_view == VmView::NoInstance
+            && let Some(vm) = &vm
+        {
+            o.vm_blocked = self.vm_blocked(vm).await?;
+        }
         if matches!(o.vm_view, VmView::Instance(_)) {
             o.saved = hv
                 .snapshots(&o.vm)
@@ -89,6 +96,45 @@ impl SnapshotReconciler {
                 .find(|i| i.name == o.name);
         }
         Ok(o)
+    }
+
+    /// Why the VM `vm`, which has no instance, will not get one until its
+    /// user acts ([`Observed::vm_blocked`]).
+    async fn vm_blocked(&self, vm: &Object) -> Result<Option<String>, Error> {
+        let Ok(v) = vmctl_api::VirtualMachine::from_object(vm) else {
+            return Ok(None);
+        };
+        let name = &v.metadata.name;
+        if v.spec.power_state != vmctl_api::PowerState::Running {
+            return Ok(Some(format!(
+                "it has never run (its powerState is {:?}): start it (`vmctl start {name}`)",
+                v.spec.power_state
+            )));
+        }
+        let image_ref = ObjectRef::new(Kind::Image, v.spec.image.clone());
+        let Some(image) = self.ctx.get(&image_ref).await? else {
+            return Ok(Some(format!(
+                "its image {} does not exist: apply it, or give the VM another image",
+                v.spec.image
+            )));
+        };
+        let failed = vmctl_api::Image::from_object(&image)
+            .ok()
+            .and_then(|i| i.status)
+            .filter(|s| s.phase == vmctl_api::ImagePhase::Failed);
+        Ok(failed.map(|s| {
+            let why = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| format!(": {}", c.message))
+                .unwrap_or_default();
+            format!(
+                "its image {} failed{why}: fix the image's source and apply it again (or \
+                 `vmctl image pull URL --name {}`)",
+                v.spec.image, v.spec.image
+            )
+        }))
     }
 
     /// Records a note about the Snapshot and the same one about its VM

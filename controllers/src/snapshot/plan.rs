@@ -11,7 +11,10 @@
 //!   not saved ── was Ready ──▶ Fail SnapshotLost
 //!             ├── Failed already ──▶ Keep (a failed save is not retried)
 //!             ├── VM missing / being deleted ──▶ Fail
-//!             ├── VM has no instance yet ──▶ WaitForVm
+//!             ├── VM has no instance ── none until its user acts
+//!             │   (never run and not asked to; image missing or failed)
+//!             │                          ──▶ Fail VmNotStarted
+//!             │                      └── else ──▶ WaitForVm
 //!             └── else ──▶ Create
 //! ```
 
@@ -56,6 +59,12 @@ pub struct Observed {
     pub vm_view: VmView,
     /// The saved state as the hypervisor has it, `None` if it has none.
     pub saved: Option<SnapshotInfo>,
+    /// Why the VM, which has no instance ([`VmView::NoInstance`]), will
+    /// not get one until its user acts (it was never started and is not
+    /// asked to run; its image is missing, invalid or failed to
+    /// download), with what to do. `None`: it may still come (the image
+    /// downloading, the VM starting).
+    pub vm_blocked: Option<String>,
     /// When it was observed.
     pub now: DateTime<Utc>,
 }
@@ -136,7 +145,18 @@ pub fn plan(o: &Observed) -> Step {
             reason: "VmDeleting",
             message: format!("VM {} is being deleted", o.vm),
         },
-        VmView::NoInstance => Step::WaitForVm,
+        VmView::NoInstance => match &o.vm_blocked {
+            // Found as: `snapshot create --wait` on a VM whose image
+            // download failed (404) waited its whole 600 s.
+            Some(why) => Step::Fail {
+                reason: "VmNotStarted",
+                message: format!(
+                    "VM {} has no disks to snapshot: {why}; then create the snapshot again",
+                    o.vm
+                ),
+            },
+            None => Step::WaitForVm,
+        },
         VmView::Instance(_) => Step::Create,
     }
 }

@@ -236,3 +236,78 @@ async fn a_vm_whose_hypervisor_stops_answering_is_not_ready_and_is_deleted_with_
     drop(s);
     agent.stop().await;
 }
+
+/// Found as: `snapshot create --wait` on a VM whose image download failed
+/// waited its whole 600 s, the Snapshot `Pending` ("VM has no disks yet").
+/// A Snapshot of a VM that has no disks and will get none until its user
+/// acts (never started and asked to stay stopped; its image missing or
+/// failed) fails at once, saying why and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_a_vm_that_cannot_start_fails_at_once_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    // An image whose download failed for good (as on a 404), before the
+    // controllers start: they leave a Failed image alone.
+    {
+        let s = open(dir.path()).await;
+        let img = apply(&s, image("gone")).await;
+        let failed = serde_json::json!({
+            "phase": "Failed",
+            "observedGeneration": img.metadata.generation,
+            "conditions": [{
+                "type": "Ready", "status": "False", "reason": "Failed",
+                "message": "HTTP 404 Not Found", "observedGeneration": img.metadata.generation,
+                "lastTransitionTime": "2026-12-01T00:00:00Z"
+            }]
+        });
+        s.update_status(&img.object_ref(), failed, None)
+            .await
+            .unwrap();
+    }
+    let agent = Agent::start(dir.path(), world()).await;
+    let s = agent.store.clone();
+    apply(&s, vm("broken", "gone")).await;
+    apply(&s, snapshot("of-broken", "broken")).await;
+    apply(
+        &s,
+        vm_with(
+            "parked",
+            serde_json::json!({"image": "img", "powerState": "Stopped"}),
+        ),
+    )
+    .await;
+    apply(&s, vm("orphan", "nosuch")).await;
+    apply(&s, snapshot("of-parked", "parked")).await;
+    apply(&s, snapshot("of-orphan", "orphan")).await;
+    for (snap, why) in [
+        (
+            "of-parked",
+            "VM parked has no disks to snapshot: it has never run (its powerState is Stopped): start it (`vmctl start parked`)",
+        ),
+        (
+            "of-orphan",
+            "VM orphan has no disks to snapshot: its image nosuch does not exist: apply it",
+        ),
+        (
+            "of-broken",
+            "VM broken has no disks to snapshot: its image gone failed: HTTP 404 Not Found: fix the image's source",
+        ),
+    ] {
+        eventually(&format!("{snap} Failed"), WAIT, async || {
+            snapshot_status(&s, snap)
+                .await
+                .is_some_and(|st| st.phase == SnapshotPhase::Failed)
+        })
+        .await;
+        let st = snapshot_status(&s, snap).await.unwrap();
+        let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.reason, "VmNotStarted");
+        assert!(ready.message.contains(why), "{}", ready.message);
+        assert!(
+            ready.message.ends_with("then create the snapshot again"),
+            "{}",
+            ready.message
+        );
+    }
+    drop(s);
+    agent.stop().await;
+}

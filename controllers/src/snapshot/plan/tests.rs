@@ -31,6 +31,7 @@ fn fresh() -> Observed {
         status: SnapshotStatus::default(),
         vm_view: VmView::Instance(InstanceState::Running),
         saved: None,
+        vm_blocked: None,
         now: now(),
     }
 }
@@ -97,6 +98,18 @@ fn each_observation_leads_to_its_step() {
                 ..fresh()
             },
             Box::new(|s| *s == Step::WaitForVm),
+        ),
+        (
+            "a VM without disks that will not get any until its user acts fails the snapshot",
+            Observed {
+                vm_view: VmView::NoInstance,
+                vm_blocked: Some("its image img failed: HTTP 404".into()),
+                ..fresh()
+            },
+            Box::new(|s| {
+                matches!(s, Step::Fail { reason: "VmNotStarted", message }
+                    if message.contains("VM web has no disks to snapshot: its image img failed: HTTP 404"))
+            }),
         ),
         (
             "a snapshot of a VM that does not exist fails",
