@@ -90,6 +90,12 @@ pub struct Watched {
     /// The VM's readiness probes of its own (`spec.readinessProbes`), run
     /// once SSH answers.
     pub probes: Vec<Probe>,
+    /// Whether the guest has brought its network up since its instance
+    /// started ([`crate::drivers::Hypervisor::guest_network_up`]; `None`:
+    /// not known). While `Some(false)`, SSH is tried only every
+    /// [`QUIET_PERIOD`] (see [`wait_until_answered`]); the change to
+    /// `Some(true)` starts a new worker, which tries every [`BOOT_PERIOD`].
+    pub network_up: Option<bool>,
 }
 
 /// One probe's latest result: the shape of a condition.
@@ -487,6 +493,14 @@ enum Attempt {
     Answering,
 }
 
+/// How often SSH is tried while the guest's network is known to be down
+/// ([`Watched::network_up`] `Some(false)`), one attempt at a time: with
+/// QEMU's user networking each connection made then waits inside QEMU
+/// (up to 75 s) and reaches sshd once the network comes up, all of them
+/// at once (a Debian cloud guest booting a minute had 730 of them, and
+/// its OpenSSH dropped the user's first `vmctl ssh` past `MaxStartups`).
+pub const QUIET_PERIOD: Duration = Duration::from_secs(1);
+
 /// Attempts in flight at once after the guest's network answered (see
 /// [`wait_until_answered`]).
 const ANSWERING_IN_FLIGHT: usize = 2;
@@ -513,6 +527,10 @@ const ANSWERING_SECOND_AFTER: Duration = Duration::from_secs(1);
 /// a refused one is made again the next period. Attempts made before
 /// the switch end on their own.
 ///
+/// Before all that, while the guest's network is known to be down
+/// ([`Watched::network_up`] `Some(false)`), one long attempt at a time, at
+/// most every [`QUIET_PERIOD`].
+///
 /// After the VM's SSH timeout the result says SSH timed out, and
 /// attempts (all long) slow to every [`READY_PERIOD`].
 async fn wait_until_answered(
@@ -535,6 +553,8 @@ async fn wait_until_answered(
     // last attempt since was made.
     let mut answering = false;
     let mut last_answering: Option<Instant> = None;
+    let quiet = w.network_up == Some(false);
+    let mut last_quiet: Option<Instant> = None;
     let mut tick = tokio::time::interval(BOOT_PERIOD);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut timed_out = false;
@@ -553,6 +573,13 @@ async fn wait_until_answered(
                         || (now < ANSWERING_IN_FLIGHT
                             && last_answering.is_some_and(|at| at.elapsed() >= ANSWERING_SECOND_AFTER));
                     room.then_some(Attempt::Answering)
+                } else if quiet && !timed_out {
+                    let room = attempts.is_empty()
+                        && last_quiet.is_none_or(|at| at.elapsed() >= QUIET_PERIOD);
+                    if room {
+                        last_quiet = Some(Instant::now());
+                    }
+                    room.then_some(Attempt::Long)
                 } else if attempts.len() < MAX_IN_FLIGHT {
                     Some(if timed_out || count(&kinds, Attempt::Long) == 0 {
                         Attempt::Long
@@ -685,6 +712,7 @@ mod tests {
             },
             ssh_timeout: Duration::from_secs(120),
             probes: Vec::new(),
+            network_up: None,
         }
     }
 
@@ -885,5 +913,51 @@ mod tests {
         );
         assert!(most <= 2, "at sshd at once: {most}");
         assert!(reached <= 2, "reached sshd: {reached}");
+    }
+
+    /// While the guest's network is known to be down, SSH is tried one
+    /// long attempt at a time (each one a connection QEMU keeps waiting
+    /// for the guest); once it is up, a new worker tries every period and
+    /// finds sshd within one.
+    #[tokio::test(start_paused = true)]
+    async fn while_the_guests_network_is_down_ssh_is_tried_sparingly() {
+        let start = Instant::now();
+        let guest = Arc::new(SlirpGuest {
+            up: start + Duration::from_secs(30),
+            attempts: Default::default(),
+        });
+        let prober = Prober::new(guest.clone());
+        let mut changes = prober.changes();
+        let down = Watched {
+            network_up: Some(false),
+            ..watched()
+        };
+        assert!(
+            !prober
+                .watch("web", down.clone(), Answered::default())
+                .ssh
+                .ok
+        );
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let tried = guest.attempts.load(std::sync::atomic::Ordering::Relaxed);
+        // One at the watch, then one per ATTEMPT_TIMEOUT (each stalls).
+        assert!(
+            tried as u64 <= 2 + 20 / ATTEMPT_TIMEOUT.max(QUIET_PERIOD).as_secs(),
+            "{tried} attempts in 20 s"
+        );
+        // The network comes up at 29.5 s; sshd at 30 s.
+        tokio::time::sleep(Duration::from_millis(9_500)).await;
+        let up = Watched {
+            network_up: Some(true),
+            ..watched()
+        };
+        assert!(!prober.watch("web", up.clone(), Answered::default()).ssh.ok);
+        tokio::time::timeout(Duration::from_secs(5), changes.recv())
+            .await
+            .expect("found")
+            .unwrap();
+        assert!(prober.watch("web", up, Answered::default()).ssh.ok);
+        let late = Instant::now() - (start + Duration::from_secs(30));
+        assert!(late <= BOOT_PERIOD, "found {late:?} after sshd started");
     }
 }

@@ -180,6 +180,7 @@ impl VmReconciler {
             },
             ssh_timeout,
             probes: o.spec.readiness_probes.clone(),
+            network_up: self.ctx.drivers.hypervisor.guest_network_up(&o.name),
         };
         let answered = Answered {
             ssh: crate::conditions::is_true(&o.status.conditions, "SshReady"),

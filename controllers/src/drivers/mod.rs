@@ -153,6 +153,17 @@ pub trait Hypervisor: Send + Sync + Debug {
         let _ = name;
         None
     }
+    /// Whether the guest of the instance `name` has brought its network
+    /// interface up since this backend started the instance: `Some(false)`
+    /// until then, `None` when the backend cannot tell (an instance it did
+    /// not start itself, or no such signal). The SSH probe ([`crate::probe`])
+    /// connects sparingly before: with QEMU's user networking each
+    /// connection made while the guest's network is down waits inside
+    /// QEMU (up to 75 s) and reaches sshd later, all at once.
+    fn guest_network_up(&self, name: &str) -> Option<bool> {
+        let _ = name;
+        None
+    }
     /// Creates the instance's disk, seed and configuration if it does not
     /// exist yet; a prepared instance is brought to the spec where that
     /// can be done while stopped (a disk grows; one the spec asks smaller

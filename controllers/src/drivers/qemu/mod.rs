@@ -180,7 +180,17 @@ pub struct QemuDriver {
     changes: tokio::sync::broadcast::Sender<String>,
     /// The QEMU pid whose events monitor this driver holds (or tried), per VM.
     watched: Arc<Mutex<HashMap<String, u32>>>,
+    /// Per VM started by this driver: its QEMU's pid, and whether the
+    /// guest has brought its NIC up since (QMP event
+    /// `NIC_RX_FILTER_CHANGED`, emitted when the guest first changes the
+    /// NIC's receive filter, as it does bringing the interface up: QEMU's
+    /// qapi/net.json). See [`Hypervisor::guest_network_up`].
+    nic_up: Arc<Mutex<HashMap<String, (u32, bool)>>>,
 }
+
+/// The QMP event that says the guest brought its NIC up (see
+/// [`QemuDriver::nic_up`]).
+const NIC_EVENT: &str = "NIC_RX_FILTER_CHANGED";
 
 /// QMP events that change what `status` reports.
 const STATE_EVENTS: &[&str] = &[
@@ -211,6 +221,7 @@ impl QemuDriver {
             locks: Mutex::new(HashMap::new()),
             changes: tokio::sync::broadcast::channel(1024).0,
             watched: Arc::new(Mutex::new(HashMap::new())),
+            nic_up: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -236,13 +247,28 @@ impl QemuDriver {
             }
         };
         let name = name.to_owned();
-        let (tx, watched) = (self.changes.clone(), self.watched.clone());
+        let (tx, watched, nic_up) = (
+            self.changes.clone(),
+            self.watched.clone(),
+            self.nic_up.clone(),
+        );
         tokio::spawn(async move {
             tracing::debug!(vm = %name, "watching QMP events");
             loop {
                 match q.next_event().await {
                     Ok(ev) => {
                         let kind = ev.get("event").and_then(serde_json::Value::as_str);
+                        if kind == Some(NIC_EVENT) {
+                            let mut n = nic_up.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some((p, up)) = n.get_mut(&name)
+                                && *p == pid
+                                && !*up
+                            {
+                                *up = true;
+                                tracing::debug!(vm = %name, "the guest brought its NIC up");
+                                let _ = tx.send(name.clone());
+                            }
+                        }
                         if kind.is_some_and(|k| STATE_EVENTS.contains(&k)) {
                             tracing::info!(vm = %name, event = kind.unwrap_or("?"), "QMP event");
                             let _ = tx.send(name.clone());
@@ -725,6 +751,14 @@ impl QemuDriver {
             shares::stop_virtiofsd(&l, cfg.shares.len()).await;
         }
         started?;
+        if let Some(pid) = process::running_pid(&l) {
+            // Before the events monitor is connected (by observe): the
+            // NIC comes up seconds into the boot, well after that.
+            self.nic_up
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_owned(), (pid, false));
+        }
         self.observe(name, &l).await
     }
 
@@ -1141,6 +1175,16 @@ fn not_running(op: &'static str, name: &str) -> DriverError {
 }
 
 impl Hypervisor for QemuDriver {
+    fn guest_network_up(&self, name: &str) -> Option<bool> {
+        let (pid, up) = *self
+            .nic_up
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)?;
+        // Only while that QEMU runs (not one started since by another agent).
+        (process::running_pid(&self.layout(name)) == Some(pid)).then_some(up)
+    }
+
     fn backend(&self) -> &'static str {
         "qemu"
     }
