@@ -203,7 +203,7 @@ pub(crate) async fn tunnel(
             StatusCode::BAD_GATEWAY,
             "vmctl::ssh::failed",
             format!("cannot connect to VM {name}'s SSH port {host}:{port}: {e}"),
-            Some("wait until it has booted (`vmctl wait vm/NAME`), or see `vmctl log NAME`"),
+            Some("wait until it has booted (`vmctl get vm NAME -w` shows when it is Ready), or see `vmctl log NAME --console`"),
         )
     })?;
     let _ = tcp.set_nodelay(true);

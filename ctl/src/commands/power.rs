@@ -191,7 +191,9 @@ pub fn destroy(g: &Globals, name: &str, timeout: Duration) -> miette::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-fn network(vm: &VirtualMachine) -> String {
+/// The VM's network as `status` shows it: `user`, `tap:BRIDGE`,
+/// `vnic:NAME` or `none`.
+pub(super) fn network(vm: &VirtualMachine) -> String {
     match &vm.spec.network {
         vmctl_api::Network::User => "user".into(),
         vmctl_api::Network::Tap { bridge } => format!("tap:{bridge}"),

@@ -55,14 +55,60 @@ fn why(vm: &VirtualMachine) -> String {
     }
 }
 
+/// Refuses, with what to do, a VM whose guest cannot answer SSH now
+/// however long one waits: suspended (its guest is paused: a connection
+/// would hang until it is resumed), stopped or asked to stop, failed, or
+/// running without an SSH address (`network "none"`). Found as: `vmctl
+/// ssh` on a suspended VM hung silently for good, and `exec` failed after
+/// 30 s with a handshake timeout.
+///
+/// Errors: `vmctl::vm::invalid_state` (suspended, stopped),
+/// `vmctl::vm::failed`, `vmctl::ssh::no_address`.
+fn cannot_answer(vm: &VirtualMachine) -> miette::Result<()> {
+    let name = &vm.metadata.name;
+    let phase = vm.status.as_ref().map(|s| s.phase);
+    if vm.spec.power_state == PowerState::Suspended || phase == Some(VmPhase::Suspended) {
+        return Err(miette::miette!(
+            code = "vmctl::vm::invalid_state",
+            help = format!("resume it first: `vmctl resume {name}`"),
+            "vm/{name} is suspended: its guest is paused and cannot answer SSH"
+        ));
+    }
+    if vm.spec.power_state == PowerState::Stopped {
+        return Err(miette::miette!(
+            code = "vmctl::vm::invalid_state",
+            help = format!("start it first: `vmctl start {name}`"),
+            "vm/{name} is stopped (its powerState is Stopped)"
+        ));
+    }
+    if phase == Some(VmPhase::Failed) {
+        return Err(miette::miette!(
+            code = "vmctl::vm::failed",
+            help = format!("see why: `vmctl describe vm {name}`"),
+            "vm/{name} failed ({})",
+            why(vm)
+        ));
+    }
+    if vm.spec.network == vmctl_api::Network::None {
+        let network = super::power::network(vm);
+        return Err(miette::miette!(
+            code = "vmctl::ssh::no_address",
+            help = "give it a network with SSH (`network \"user\"`, the default, or `network \"tap\"`) and apply again; `vmctl console NAME` reaches it meanwhile",
+            "vm/{name} has no SSH address: its network is \"{network}\""
+        ));
+    }
+    Ok(())
+}
+
 /// Waits (watching) until VM `name` answers SSH, at most its SSH timeout
 /// (`ssh { timeout … }`, default 120 s). Returns at once, printing
 /// nothing, when it already does or waiting cannot help; otherwise prints
 /// one line to stderr (`waiting for vm/web to answer SSH …`).
 ///
-/// Errors: the VM does not exist (`vmctl::vm::not_found`), SSH did not
-/// answer in time (`vmctl::ssh::not_ready`, with the VM's last state), or
-/// the agent failed.
+/// Errors: the VM does not exist (`vmctl::vm::not_found`), cannot answer
+/// SSH now (see [`cannot_answer`]), SSH did not answer in time
+/// (`vmctl::ssh::not_ready`, with the VM's last state), or the agent
+/// failed.
 pub(crate) fn wait_ssh_ready(g: &Globals, name: &str) -> miette::Result<()> {
     let client = g.client()?;
     let r = ObjectRef::new(Kind::VirtualMachine, name);
@@ -74,6 +120,7 @@ pub(crate) fn wait_ssh_ready(g: &Globals, name: &str) -> miette::Result<()> {
         Kind::VirtualMachine,
         name,
     )?)?;
+    cannot_answer(&vm)?;
     if settled(&vm) {
         return Ok(());
     }
@@ -99,7 +146,7 @@ pub(crate) fn wait_ssh_ready(g: &Globals, name: &str) -> miette::Result<()> {
         done.then_some(Ok(()))
     };
     match client.await_condition(std::slice::from_ref(&r), check, Some(timeout))? {
-        Awaited::Done(Ok(())) => Ok(()),
+        Awaited::Done(Ok(())) => cannot_answer(&last),
         Awaited::Done(Err(())) => Err(crate::diag::not_found(Kind::VirtualMachine, name)),
         Awaited::TimedOut(_) if unaddressed(&last) => Err(miette::miette!(
             code = "vmctl::network::ip_discovery_timeout",

@@ -55,3 +55,75 @@ fn ssh_exec_and_cp_say_what_they_wait_for_and_give_up_clearly() {
         );
     }
 }
+
+/// Found as: `vmctl ssh` on a suspended VM hung silently for good (its
+/// guest paused, the connection never answered), `exec` and `cp` failed
+/// after 30 s with a handshake timeout, and a stopped VM's error pointed
+/// to a `vmctl wait` that does not exist. A VM whose guest cannot answer
+/// SSH now is refused at once, saying what to do.
+#[test]
+fn ssh_exec_and_cp_refuse_at_once_a_vm_that_cannot_answer_ssh_now() {
+    let a = Agent::start();
+    let vmfile = "vm \"web\" {\n  image-url \"https://e.com/x.img\"\n}\n\
+                  vm \"dark\" {\n  image-url \"https://e.com/x.img\"\n  network \"none\"\n}\n";
+    let out = a.vmctl(
+        &["apply", "-f", "-", "--wait", "--timeout", "60"],
+        Some(vmfile),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("f");
+    std::fs::write(&local, "x").unwrap();
+    let local = local.to_str().unwrap();
+    let refused = |vm: &str, code: &str, says: &str, help: &str| {
+        for args in [
+            vec!["exec", vm, "--", "true"],
+            vec!["ssh", vm, "--", "true"],
+            vec!["cp", local, &format!("{vm}:/tmp/f")],
+        ] {
+            let t0 = Instant::now();
+            let out = std::process::Command::new(crate::vmctl_bin())
+                .arg("--no-autostart")
+                .arg("--data-dir")
+                .arg(a.data_dir())
+                .args(&args)
+                .env("NO_COLOR", "1")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+            for part in [code, says, help] {
+                assert!(err.contains(part), "{args:?}: {part:?} not in: {err}");
+            }
+            assert!(!err.contains("waiting for"), "{args:?}: no wait: {err}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "{args:?}: at once, took {:?}",
+                t0.elapsed()
+            );
+        }
+    };
+    refused(
+        "dark",
+        "vmctl::ssh::no_address",
+        "vm/dark has no SSH address: its network is \"none\"",
+        "vmctl console NAME",
+    );
+    let out = a.vmctl(&["suspend", "web"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    refused(
+        "web",
+        "vmctl::vm::invalid_state",
+        "vm/web is suspended: its guest is paused and cannot answer SSH",
+        "vmctl resume web",
+    );
+    let out = a.vmctl(&["stop", "web"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    refused(
+        "web",
+        "vmctl::vm::invalid_state",
+        "vm/web is stopped",
+        "vmctl start web",
+    );
+}
