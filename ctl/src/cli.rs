@@ -221,6 +221,11 @@ pub enum Command {
     ///
     /// The host key is the one vmctl generated and pinned for the VM; the
     /// name may be left out when VMFile.kdl in this directory has one VM.
+    ///
+    /// A VM that is still booting is waited for until it answers SSH (its
+    /// `SshReady` condition; one line on stderr says so), at most its SSH
+    /// timeout (`ssh { timeout … }`, default 120 s). A suspended, stopped
+    /// or failed VM, or one without a network, is refused at once.
     Ssh {
         /// The VM.
         name: Option<String>,
@@ -235,6 +240,11 @@ pub enum Command {
         command: Vec<String>,
     },
     /// Run a command on a VM without a terminal; exits with its exit code.
+    ///
+    /// A VM that is still booting is waited for until it answers SSH (its
+    /// `SshReady` condition; one line on stderr says so), at most its SSH
+    /// timeout (`ssh { timeout … }`, default 120 s). A suspended, stopped
+    /// or failed VM, or one without a network, is refused at once.
     Exec {
         /// The VM.
         name: String,
@@ -459,6 +469,11 @@ pub enum Command {
     /// Print the man page (roff), generated from these definitions.
     Man,
     /// Copy a file to or from a VM through the agent (SFTP on its side; the mode is kept both ways).
+    ///
+    /// A VM that is still booting is waited for until it answers SSH (its
+    /// `SshReady` condition; one line on stderr says so), at most its SSH
+    /// timeout (`ssh { timeout … }`, default 120 s). A suspended, stopped
+    /// or failed VM, or one without a network, is refused at once.
     Cp {
         /// LOCAL or NAME:/path.
         src: String,

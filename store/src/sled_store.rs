@@ -626,6 +626,12 @@ impl SledStore {
                         repaired: false,
                     });
                 }
+                // A new store has no checkpoint and nothing to check: no
+                // warning at an agent's first start (found as one).
+                Err(why) if *w == 0 => tracing::debug!(
+                    path = %self.inner.path.display(), %why,
+                    "new store: checking its (empty) log"
+                ),
                 Err(why) => tracing::warn!(
                     path = %self.inner.path.display(), %why,
                     "store view does not match its checkpoint; checking it against the whole log"

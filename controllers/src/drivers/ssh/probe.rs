@@ -71,10 +71,13 @@ pub async fn probe_ssh(target: &SshTarget, timeout: Duration) -> Result<(), SshE
         return Err(busy());
     }
     let passed_before = hs.passed.load(Ordering::Acquire);
+    // Read as the prober shows it, after "… timed out" is appended
+    // (DriverError::Timeout): "Cannot connect to ADDR: the wait of 650 ms
+    // for the SSH banner timed out".
     let timed_out = |what: &str| {
         std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("no {what} within {} ms", timeout.as_millis()),
+            format!("the wait of {} ms for the {what}", timeout.as_millis()),
         )
     };
     let tcp = tokio::time::timeout_at(deadline, TcpStream::connect((ep.host.as_str(), ep.port)))
