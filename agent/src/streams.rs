@@ -50,8 +50,51 @@ type ApiResult<T> = Result<T, ApiError>;
 /// provisioning upload (256 MiB); the agent holds the whole file in memory.
 pub const MAX_COPY_BYTES: usize = vmctl_api::limits::FileUse::Upload.max_bytes() as usize;
 
-/// How long opening the guest's SSH port for a tunnel may take.
+/// How long opening the guest's SSH port for a tunnel may take, with the
+/// retries of [`open_guest_ssh`].
 const TUNNEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a tunnel's new connection is watched for being closed before
+/// the guest's sshd said anything (see [`open_guest_ssh`]).
+const TUNNEL_BANNER_WATCH: Duration = Duration::from_millis(300);
+/// Pause between a tunnel's connections closed before the banner.
+const TUNNEL_RETRY: Duration = Duration::from_millis(200);
+
+/// Opens the guest's SSH port `host:port` for a tunnel: a connection that
+/// is closed before sshd sent anything (with QEMU's user networking the
+/// host side is accepted and then closed when the guest refuses: sshd
+/// restarting, as cloud-init does seconds after the first boot's
+/// `SshReady`) is made again, every [`TUNNEL_RETRY`], within
+/// [`TUNNEL_CONNECT_TIMEOUT`]. A connection on which sshd said something
+/// (its banner, RFC 4253 4.2), or still silent after
+/// [`TUNNEL_BANNER_WATCH`] (a slow guest, or a server that waits for the
+/// client), is handed over with nothing read from it.
+///
+/// Errors: the last connect error, or `UnexpectedEof` when every
+/// connection was closed before the banner.
+async fn open_guest_ssh(host: &str, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let deadline = tokio::time::Instant::now() + TUNNEL_CONNECT_TIMEOUT;
+    loop {
+        let tcp = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let mut first = [0u8; 1];
+        let closed = match tokio::time::timeout(TUNNEL_BANNER_WATCH, tcp.peek(&mut first)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => true,
+            Ok(Ok(_)) | Err(_) => false,
+        };
+        if !closed {
+            return Ok(tcp);
+        }
+        drop(tcp);
+        if tokio::time::Instant::now() + TUNNEL_RETRY >= deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "every connection was closed before the SSH banner (is sshd running in the guest?)",
+            ));
+        }
+        tokio::time::sleep(TUNNEL_RETRY).await;
+    }
+}
 
 /// The VM `name` with a runtime (it has been started); a 409 otherwise.
 async fn running_vm(store: &dyn Store, name: &str) -> ApiResult<VirtualMachine> {
@@ -191,14 +234,7 @@ pub(crate) async fn tunnel(
     let on_upgrade = upgrade.accept()?;
     let host = t.runtime.ssh_host.clone().unwrap_or_default();
     let port = t.runtime.ssh_port.unwrap_or(22);
-    let tcp = tokio::time::timeout(
-        TUNNEL_CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect((host.as_str(), port)),
-    )
-    .await
-    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
-    .and_then(|r| r)
-    .map_err(|e| {
+    let tcp = open_guest_ssh(&host, port).await.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "vmctl::ssh::failed",

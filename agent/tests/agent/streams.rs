@@ -131,6 +131,54 @@ async fn console_and_ssh_tunnel_carry_bytes_both_ways_through_an_upgrade() {
     .unwrap();
 }
 
+/// Found as: on a Debian cloud guest, cloud-init restarts sshd seconds
+/// after the first boot's `SshReady`, and a `vmctl ssh` then failed with
+/// "Connection closed by remote host" (QEMU's user networking accepts the
+/// host side, then closes it when the guest refuses). The tunnel connects
+/// again while connections close before sshd's banner, and hands over the
+/// first one that carries it, unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssh_tunnel_connects_again_while_sshd_restarts() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let sshd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = sshd.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    std::thread::spawn(move || {
+        for mut s in sshd.incoming().flatten() {
+            // The first three are closed at once: sshd is restarting.
+            if counted.fetch_add(1, Ordering::SeqCst) < 3 {
+                drop(s);
+                continue;
+            }
+            s.write_all(b"SSH-2.0-Restarted\r\n").unwrap();
+            echo(s);
+        }
+    });
+    let sock = serve(
+        dir.path(),
+        Some(json!({"phase": "Running", "runtime": {
+            "backend": "qemu", "workDir": dir.path().display().to_string(),
+            "sshHost": "127.0.0.1", "sshPort": port}})),
+    )
+    .await;
+    tokio::task::spawn_blocking(move || {
+        let (head, mut s) = upgrade(&sock, "/v1/vms/vm0/tunnel");
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let mut banner = vec![0u8; b"SSH-2.0-Restarted\r\n".len()];
+        s.read_exact(&mut banner).unwrap();
+        assert_eq!(
+            banner, b"SSH-2.0-Restarted\r\n",
+            "the banner, unread by the agent"
+        );
+        round_trip(s, "tunnel");
+    })
+    .await
+    .unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_of_a_vm_that_is_not_running_is_a_json_error_not_a_dead_stream() {
     let dir = tempfile::tempdir().unwrap();
