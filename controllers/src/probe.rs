@@ -446,17 +446,27 @@ async fn probe_ssh(
     (mut answered, ssh_ok, _user_probes): (bool, tokio::sync::watch::Sender<bool>, JoinSet<()>),
 ) {
     let t = &w.target;
+    // SSH answered before in this worker (this boot): the guest's network
+    // is up, and a stalled attempt means a busy sshd, not a network that
+    // is not there yet.
+    let mut answered_before = answered;
     loop {
         if !std::mem::take(&mut answered) {
             ssh_ok.send_replace(false);
-            wait_until_answered(&p, &name, &w, &result, &changes).await;
+            wait_until_answered(&p, &name, &w, &result, &changes, answered_before).await;
         }
+        answered_before = true;
         ssh_ok.send_replace(true);
-        // Ready: one attempt every READY_PERIOD.
+        // Ready: one attempt every READY_PERIOD, waiting as long for the
+        // banner as once the network answered: a guest busy enough to be
+        // slow to answer is not one that stopped answering. Found as: a
+        // Debian cloud guest under load was said to have lost SSH (3 s
+        // banners), and the fresh attempts every 100 ms that followed
+        // flooded its port 22 ("Possible SYN flooding") for good.
         let mut failures = 0;
         let lost = loop {
             tokio::time::sleep(READY_PERIOD).await;
-            match p.probe_ssh(t, ATTEMPT_TIMEOUT).await {
+            match p.probe_ssh(t, ANSWERING_BANNER_TIMEOUT).await {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
@@ -527,6 +537,9 @@ const ANSWERING_SECOND_AFTER: Duration = Duration::from_secs(1);
 /// a refused one is made again the next period. Attempts made before
 /// the switch end on their own.
 ///
+/// `answered_before`: SSH answered earlier in this boot (and stopped):
+/// the guest's network is up, so this starts as if it had answered.
+///
 /// Before all that, while the guest's network is known to be down
 /// ([`Watched::network_up`] `Some(false)`), one long attempt at a time, at
 /// most every [`QUIET_PERIOD`].
@@ -539,6 +552,7 @@ async fn wait_until_answered(
     w: &Watched,
     result: &Mutex<Readiness>,
     changes: &broadcast::Sender<String>,
+    answered_before: bool,
 ) {
     let t = &w.target;
     let started = Instant::now();
@@ -551,7 +565,7 @@ async fn wait_until_answered(
     };
     // The guest's network answered an attempt (see above), and when the
     // last attempt since was made.
-    let mut answering = false;
+    let mut answering = answered_before;
     let mut last_answering: Option<Instant> = None;
     let quiet = w.network_up == Some(false);
     let mut last_quiet: Option<Instant> = None;
@@ -567,7 +581,7 @@ async fn wait_until_answered(
                     tick = tokio::time::interval(READY_PERIOD);
                     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
                 }
-                let kind = if answering && !timed_out {
+                let kind = if answering {
                     let now = count(&kinds, Attempt::Answering);
                     let room = now == 0
                         || (now < ANSWERING_IN_FLIGHT
@@ -959,5 +973,81 @@ mod tests {
         assert!(prober.watch("web", up, Answered::default()).ssh.ok);
         let late = Instant::now() - (start + Duration::from_secs(30));
         assert!(late <= BOOT_PERIOD, "found {late:?} after sshd started");
+    }
+
+    /// Found as: a Debian cloud guest under load answered SSH, then was
+    /// said to have lost it (its banners took over 3 s), and the fresh
+    /// attempts every 100 ms that followed flooded its port 22 ("Possible
+    /// SYN flooding on port 22") so that it never answered again. A guest
+    /// that answered once is waited for, not flooded: at most two attempts
+    /// in flight, each waiting long for the banner.
+    #[tokio::test(start_paused = true)]
+    async fn a_guest_that_answered_and_went_quiet_is_not_flooded() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        /// Answers at once until `quiet`; then every attempt stalls.
+        #[derive(Debug)]
+        struct GoesQuiet {
+            quiet: Instant,
+            in_flight: AtomicUsize,
+            most: AtomicUsize,
+        }
+        impl Provisioner for GoesQuiet {
+            fn wait_ssh<'a>(&'a self, _: &'a SshTarget, _: Duration) -> BoxFuture<'a, Result<()>> {
+                unreachable!()
+            }
+            fn probe_ssh<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                timeout: Duration,
+            ) -> BoxFuture<'a, Result<()>> {
+                Box::pin(async move {
+                    if Instant::now() < self.quiet {
+                        return Ok(());
+                    }
+                    let now = self.in_flight.fetch_add(1, Relaxed) + 1;
+                    self.most.fetch_max(now, Relaxed);
+                    tokio::time::sleep(timeout).await;
+                    self.in_flight.fetch_sub(1, Relaxed);
+                    Err(DriverError::Timeout("no SSH banner".into()))
+                })
+            }
+            fn run_probe<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                _: &'a Probe,
+                _: Duration,
+            ) -> BoxFuture<'a, Result<()>> {
+                unreachable!()
+            }
+            fn run_step<'a>(
+                &'a self,
+                _: &'a SshTarget,
+                _: u32,
+                _: &'a vmctl_api::ProvisionStep,
+                _: OutputFn<'a>,
+            ) -> BoxFuture<'a, Result<StepOutcome>> {
+                unreachable!()
+            }
+        }
+        let guest = Arc::new(GoesQuiet {
+            quiet: Instant::now() + Duration::from_secs(5),
+            in_flight: Default::default(),
+            most: Default::default(),
+        });
+        let prober = Prober::new(guest.clone());
+        let w = Watched {
+            network_up: Some(true),
+            ..watched()
+        };
+        assert!(prober.watch("web", w.clone(), Answered::default()).ssh.ok);
+        // Lost after FAILURE_THRESHOLD long attempts, then waited for.
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let r = prober.watch("web", w, Answered::default());
+        assert!(!r.ssh.ok, "{r:?}");
+        let most = guest.most.load(Relaxed);
+        assert!(
+            most <= ANSWERING_IN_FLIGHT,
+            "{most} attempts at once at a quiet guest"
+        );
     }
 }
