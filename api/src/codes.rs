@@ -471,6 +471,11 @@ pub const CODES: &[Code] = &[
         "internal error; please report it",
     ),
     c(
+        "vmctl::ssh::no_address",
+        "`vmctl ssh`, `exec` or `cp` on a VM without an SSH address (its network is \"none\")",
+        "give it a network with SSH (`network \"user\"`, the default, or `network \"tap\"`) and apply again; `vmctl console NAME` reaches it meanwhile",
+    ),
+    c(
         "vmctl::ssh::not_ready",
         "`vmctl ssh`, `exec` or `cp` waited for the VM to answer SSH (its `SshReady` condition) longer than its SSH timeout",
         "check the guest's console (`vmctl log NAME --console`) and `vmctl describe vm NAME`; raise `ssh { timeout … }` if it boots slowly",
@@ -504,6 +509,11 @@ pub const CODES: &[Code] = &[
         "vmctl::vm::exists",
         "`vmctl create` was given the name of an existing VM",
         "pick another name, or `vmctl destroy NAME` first",
+    ),
+    c(
+        "vmctl::vm::failed",
+        "`vmctl ssh`, `exec` or `cp` on a VM whose phase is Failed",
+        "see why with `vmctl describe vm NAME`",
     ),
     c(
         "vmctl::vm::invalid_state",
