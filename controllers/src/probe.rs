@@ -659,20 +659,15 @@ async fn wait_until_answered(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::drivers::{DriverError, OutputFn, StepOutcome};
+    use crate::drivers::{BoxFuture, DriverError, OutputFn, Result, StepOutcome};
 
-    /// A guest behind QEMU's user networking whose sshd starts at `up`:
-    /// an attempt made before then stalls until its banner deadline (the
-    /// host side was accepted; the guest side is retried with TCP
-    /// backoff, and here never answered in time), one made after answers
-    /// at once.
-    #[derive(Debug)]
-    struct SlirpGuest {
-        up: Instant,
-        attempts: std::sync::atomic::AtomicUsize,
+    /// A provisioner for the prober's tests: only its SSH probe is used.
+    trait SshProbeMock: std::fmt::Debug + Send + Sync {
+        /// [`Provisioner::probe_ssh`] with this banner `timeout`.
+        fn probe(&self, timeout: Duration) -> BoxFuture<'_, Result<()>>;
     }
 
-    impl Provisioner for SlirpGuest {
+    impl<T: SshProbeMock> Provisioner for T {
         fn wait_ssh<'a>(&'a self, _: &'a SshTarget, _: Duration) -> BoxFuture<'a, Result<()>> {
             unreachable!()
         }
@@ -681,16 +676,7 @@ mod tests {
             _: &'a SshTarget,
             timeout: Duration,
         ) -> BoxFuture<'a, Result<()>> {
-            self.attempts
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let up = self.up;
-            Box::pin(async move {
-                if Instant::now() >= up {
-                    return Ok(());
-                }
-                tokio::time::sleep(timeout).await;
-                Err(DriverError::Timeout("no SSH banner".into()))
-            })
+            self.probe(timeout)
         }
         fn run_probe<'a>(
             &'a self,
@@ -711,7 +697,31 @@ mod tests {
         }
     }
 
-    use crate::drivers::{BoxFuture, Result};
+    /// A guest behind QEMU's user networking whose sshd starts at `up`:
+    /// an attempt made before then stalls until its banner deadline (the
+    /// host side was accepted; the guest side is retried with TCP
+    /// backoff, and here never answered in time), one made after answers
+    /// at once.
+    #[derive(Debug)]
+    struct SlirpGuest {
+        up: Instant,
+        attempts: std::sync::atomic::AtomicUsize,
+    }
+
+    impl SshProbeMock for SlirpGuest {
+        fn probe(&self, timeout: Duration) -> BoxFuture<'_, Result<()>> {
+            self.attempts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let up = self.up;
+            Box::pin(async move {
+                if Instant::now() >= up {
+                    return Ok(());
+                }
+                tokio::time::sleep(timeout).await;
+                Err(DriverError::Timeout("no SSH banner".into()))
+            })
+        }
+    }
 
     fn watched() -> Watched {
         Watched {
@@ -781,15 +791,8 @@ mod tests {
         /// Answers only attempts that wait longer than the short ones.
         #[derive(Debug)]
         struct SlowBanner;
-        impl Provisioner for SlowBanner {
-            fn wait_ssh<'a>(&'a self, _: &'a SshTarget, _: Duration) -> BoxFuture<'a, Result<()>> {
-                unreachable!()
-            }
-            fn probe_ssh<'a>(
-                &'a self,
-                _: &'a SshTarget,
-                timeout: Duration,
-            ) -> BoxFuture<'a, Result<()>> {
+        impl SshProbeMock for SlowBanner {
+            fn probe(&self, timeout: Duration) -> BoxFuture<'_, Result<()>> {
                 Box::pin(async move {
                     let banner = BOOT_BANNER_TIMEOUT + Duration::from_millis(500);
                     if timeout < banner {
@@ -799,23 +802,6 @@ mod tests {
                     tokio::time::sleep(banner).await;
                     Ok(())
                 })
-            }
-            fn run_probe<'a>(
-                &'a self,
-                _: &'a SshTarget,
-                _: &'a Probe,
-                _: Duration,
-            ) -> BoxFuture<'a, Result<()>> {
-                unreachable!()
-            }
-            fn run_step<'a>(
-                &'a self,
-                _: &'a SshTarget,
-                _: u32,
-                _: &'a vmctl_api::ProvisionStep,
-                _: OutputFn<'a>,
-            ) -> BoxFuture<'a, Result<StepOutcome>> {
-                unreachable!()
             }
         }
         let start = Instant::now();
@@ -851,15 +837,8 @@ mod tests {
             most_at_sshd: AtomicUsize,
             reached_sshd: AtomicUsize,
         }
-        impl Provisioner for SlowSshd {
-            fn wait_ssh<'a>(&'a self, _: &'a SshTarget, _: Duration) -> BoxFuture<'a, Result<()>> {
-                unreachable!()
-            }
-            fn probe_ssh<'a>(
-                &'a self,
-                _: &'a SshTarget,
-                timeout: Duration,
-            ) -> BoxFuture<'a, Result<()>> {
+        impl SshProbeMock for SlowSshd {
+            fn probe(&self, timeout: Duration) -> BoxFuture<'_, Result<()>> {
                 Box::pin(async move {
                     if Instant::now() < self.up {
                         return Err(DriverError::Unreachable(
@@ -879,23 +858,6 @@ mod tests {
                     self.at_sshd.fetch_sub(1, Relaxed);
                     r
                 })
-            }
-            fn run_probe<'a>(
-                &'a self,
-                _: &'a SshTarget,
-                _: &'a Probe,
-                _: Duration,
-            ) -> BoxFuture<'a, Result<()>> {
-                unreachable!()
-            }
-            fn run_step<'a>(
-                &'a self,
-                _: &'a SshTarget,
-                _: u32,
-                _: &'a vmctl_api::ProvisionStep,
-                _: OutputFn<'a>,
-            ) -> BoxFuture<'a, Result<StepOutcome>> {
-                unreachable!()
             }
         }
         let start = Instant::now();
@@ -991,15 +953,8 @@ mod tests {
             in_flight: AtomicUsize,
             most: AtomicUsize,
         }
-        impl Provisioner for GoesQuiet {
-            fn wait_ssh<'a>(&'a self, _: &'a SshTarget, _: Duration) -> BoxFuture<'a, Result<()>> {
-                unreachable!()
-            }
-            fn probe_ssh<'a>(
-                &'a self,
-                _: &'a SshTarget,
-                timeout: Duration,
-            ) -> BoxFuture<'a, Result<()>> {
+        impl SshProbeMock for GoesQuiet {
+            fn probe(&self, timeout: Duration) -> BoxFuture<'_, Result<()>> {
                 Box::pin(async move {
                     if Instant::now() < self.quiet {
                         return Ok(());
@@ -1010,23 +965,6 @@ mod tests {
                     self.in_flight.fetch_sub(1, Relaxed);
                     Err(DriverError::Timeout("no SSH banner".into()))
                 })
-            }
-            fn run_probe<'a>(
-                &'a self,
-                _: &'a SshTarget,
-                _: &'a Probe,
-                _: Duration,
-            ) -> BoxFuture<'a, Result<()>> {
-                unreachable!()
-            }
-            fn run_step<'a>(
-                &'a self,
-                _: &'a SshTarget,
-                _: u32,
-                _: &'a vmctl_api::ProvisionStep,
-                _: OutputFn<'a>,
-            ) -> BoxFuture<'a, Result<StepOutcome>> {
-                unreachable!()
             }
         }
         let guest = Arc::new(GoesQuiet {
