@@ -5,6 +5,20 @@ use std::time::{Duration, Instant};
 
 use crate::agent::{Agent, stderr};
 
+/// Runs `vmctl ARGS` (an `ssh`, `exec` or `cp`) against agent `a`, its
+/// global flags first (what follows `--` goes to the guest).
+fn guest_command(a: &Agent, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(crate::vmctl_bin())
+        .arg("--no-autostart")
+        .arg("--data-dir")
+        .arg(a.data_dir())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// The fault: `vmctl ssh` right after `up` blocked silently ~19 s inside a
 /// stalled TCP connect. Now it says what it waits for, and a guest that
 /// never answers ends in a clear error when the VM's SSH timeout passes.
@@ -26,16 +40,7 @@ fn ssh_exec_and_cp_say_what_they_wait_for_and_give_up_clearly() {
         vec!["cp", local, "mute:/tmp/f"],
     ] {
         let t0 = Instant::now();
-        // Global flags first: what follows `--` goes to the guest.
-        let out = std::process::Command::new(crate::vmctl_bin())
-            .arg("--no-autostart")
-            .arg("--data-dir")
-            .arg(a.data_dir())
-            .args(&args)
-            .env("NO_COLOR", "1")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
+        let out = guest_command(&a, &args);
         let took = t0.elapsed();
         let err = stderr(&out);
         assert!(!out.status.success(), "{args:?}: {err}");
@@ -82,15 +87,7 @@ fn ssh_exec_and_cp_refuse_at_once_a_vm_that_cannot_answer_ssh_now() {
             vec!["cp", local, &format!("{vm}:/tmp/f")],
         ] {
             let t0 = Instant::now();
-            let out = std::process::Command::new(crate::vmctl_bin())
-                .arg("--no-autostart")
-                .arg("--data-dir")
-                .arg(a.data_dir())
-                .args(&args)
-                .env("NO_COLOR", "1")
-                .stdin(std::process::Stdio::null())
-                .output()
-                .unwrap();
+            let out = guest_command(&a, &args);
             let err = stderr(&out);
             assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
             for part in [code, says, help] {
