@@ -199,6 +199,26 @@ async fn one_dead_member_fails_no_request() {
     drop(cluster);
 }
 
+/// A lease holder for the lease tests: agent `pid` on host `test`.
+fn holder(pid: u32) -> vmctl_store::LeaseHolder {
+    vmctl_store::LeaseHolder {
+        host: "test".into(),
+        boot_id: None,
+        pid,
+        socket: format!("/agent-{pid}.sock"),
+        data_dir: format!("/data-{pid}"),
+        since: chrono::Utc::now(),
+    }
+}
+
+/// The lease `o` acquired; panics if another holder has it.
+fn taken(o: vmctl_store::LeaseOutcome) -> vmctl_store::AgentLease {
+    match o {
+        vmctl_store::LeaseOutcome::Acquired(l) => l,
+        held => panic!("not taken: {held:?}"),
+    }
+}
+
 async fn connect(prefix: &str) -> EtcdStore {
     let cluster = tokio::task::spawn_blocking(EtcdCluster::shared)
         .await
@@ -496,19 +516,7 @@ async fn a_node_lease_has_one_holder_apart_from_the_agent_lease_and_other_nodes(
     let mut opts = EtcdOptions::new(cluster.endpoints());
     opts.prefix = unique_prefix();
     let store = EtcdStore::connect(opts).await.unwrap();
-    let holder = |pid: u32| vmctl_store::LeaseHolder {
-        host: "test".into(),
-        boot_id: None,
-        pid,
-        socket: format!("/agent-{pid}.sock"),
-        data_dir: format!("/data-{pid}"),
-        since: chrono::Utc::now(),
-    };
     let ttl = Duration::from_secs(10);
-    let taken = |o: vmctl_store::LeaseOutcome| match o {
-        vmctl_store::LeaseOutcome::Acquired(l) => l,
-        held => panic!("not taken: {held:?}"),
-    };
     let first = taken(
         store
             .acquire_node_lease("n1", &holder(1), ttl)
@@ -560,18 +568,6 @@ async fn a_node_lease_has_one_holder_apart_from_the_agent_lease_and_other_nodes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_fenced_by_a_lost_agent_lease_is_refused_and_changes_nothing() {
     let store = connect(&unique_prefix()).await;
-    let holder = |pid: u32| vmctl_store::LeaseHolder {
-        host: "test".into(),
-        boot_id: None,
-        pid,
-        socket: format!("/agent-{pid}.sock"),
-        data_dir: format!("/data-{pid}"),
-        since: chrono::Utc::now(),
-    };
-    let taken = |o: vmctl_store::LeaseOutcome| match o {
-        vmctl_store::LeaseOutcome::Acquired(l) => l,
-        held => panic!("not taken: {held:?}"),
-    };
     let ttl = Duration::from_secs(10);
     let a = taken(store.acquire_lease(&holder(1), ttl).await.unwrap());
     let fenced_a = store.fenced(a.fence());
