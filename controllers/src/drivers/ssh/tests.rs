@@ -43,6 +43,21 @@ fn current_user() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// VM `vm`'s SSH target on 127.0.0.1:`port`, its keys in `work`, with
+/// the default user.
+fn local_target(vm: &str, work: &Path, port: u16) -> SshTarget {
+    SshTarget {
+        vm: vm.into(),
+        runtime: VmRuntime {
+            work_dir: Some(work.display().to_string()),
+            ssh_host: Some("127.0.0.1".into()),
+            ssh_port: Some(port),
+            ..Default::default()
+        },
+        ssh: None,
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -435,16 +450,7 @@ async fn wait_ssh_timeout_says_what_was_tried() {
     let work = tempfile::tempdir().unwrap();
     ensure_vm_keys(work.path(), "t").unwrap();
     let port = free_port();
-    let target = SshTarget {
-        vm: "down".into(),
-        runtime: VmRuntime {
-            work_dir: Some(work.path().display().to_string()),
-            ssh_host: Some("127.0.0.1".into()),
-            ssh_port: Some(port),
-            ..Default::default()
-        },
-        ssh: None,
-    };
+    let target = local_target("down", work.path(), port);
     let err: DriverError = SshProvisioner::new()
         .wait_ssh(&target, Duration::from_millis(1500))
         .await
@@ -798,16 +804,7 @@ async fn probes_do_not_pile_onto_an_sshd_slow_to_shake_hands() {
             });
         }
     });
-    let target = SshTarget {
-        vm: "slow-vm".into(),
-        runtime: VmRuntime {
-            work_dir: Some(work.path().display().to_string()),
-            ssh_host: Some("127.0.0.1".into()),
-            ssh_port: Some(port),
-            ..Default::default()
-        },
-        ssh: None,
-    };
+    let target = local_target("slow-vm", work.path(), port);
 
     // Two probes at once: both see the banner; one shakes hands (and
     // stalls), the other closes at once instead of waiting for its turn.
