@@ -308,6 +308,26 @@ pub struct VirtualMachineSpec {
     /// needs a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<Share>,
+    /// Labels a node must carry for the VM to be placed on it (VMFile
+    /// `node-selector { zone "a" }`), as Kubernetes' `nodeSelector`: every
+    /// pair must match the Node's `metadata.labels`. Empty: any node.
+    /// Read by the scheduler (etcd clusters); a one-host agent on sled
+    /// runs every VM itself.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+    /// The node the VM must run on (VMFile `node "host-b"`), as Kubernetes'
+    /// `nodeName` asked by the user: the scheduler binds the VM to that
+    /// node only, when it is Ready and has room. `None`: the scheduler
+    /// chooses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// Seconds after its node is lost (`NodeLost`) before the VM is
+    /// re-placed on another node (VMFile `evict-after 300`), with a fresh
+    /// disk from its image, provisioned again: what was on the lost node's
+    /// disk is not carried over. `None`: never re-placed; the VM waits for
+    /// its node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evict_after_seconds: Option<u64>,
 }
 
 /// A host directory shared with the guest (VMFile `share "./src"

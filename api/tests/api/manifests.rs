@@ -275,6 +275,9 @@ fn vm() -> impl Strategy<Value = Resource> {
                         display: Display::None,
                         readiness_probes: Vec::new(),
                         shares: Vec::new(),
+                        node_selector: Default::default(),
+                        node_name: None,
+                        evict_after_seconds: None,
                     },
                 ))
             },

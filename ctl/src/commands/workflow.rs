@@ -246,6 +246,9 @@ pub fn create(g: &Globals, a: CreateArgs) -> miette::Result<ExitCode> {
         display: Default::default(),
         readiness_probes: Vec::new(),
         shares: Vec::new(),
+        node_selector: Default::default(),
+        node_name: None,
+        evict_after_seconds: None,
     };
     let vm = VirtualMachine::new(a.name.clone(), spec);
     let resources = vec![Resource::Image(image), Resource::VirtualMachine(vm)];
