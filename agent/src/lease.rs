@@ -140,24 +140,28 @@ async fn take_one(
     }
 }
 
-/// At start: the lease, or `Err(holder)` when another agent holds it, or
-/// `Ok(None)` when etcd cannot be reached now (the agent starts anyway and
-/// [`run_while_held`] takes it later).
-pub async fn at_start(
-    store: &EtcdStore,
-    me: &LeaseHolder,
-    ttl: Duration,
-) -> Result<Option<AgentLease>, LeaseHolder> {
+/// At start: the lease, or `None` when another agent holds it (this one
+/// stands by for it: [`run_while_held`] takes it once it is free) or etcd
+/// cannot be reached now (the agent starts anyway and takes it later).
+pub async fn at_start(store: &EtcdStore, me: &LeaseHolder, ttl: Duration) -> Option<AgentLease> {
     match take(store, me, ttl).await {
-        Ok(Take::Taken(l)) => Ok(Some(l)),
-        Ok(Take::HeldBy(h)) => Err(h),
+        Ok(Take::Taken(l)) => Some(l),
+        Ok(Take::HeldBy(h)) => {
+            tracing::info!(
+                holder = %h,
+                "another agent runs this cluster's scheduler and node lifecycle controller (it \
+                 holds the agent lease): this agent runs its own node's controllers and stands \
+                 by for those"
+            );
+            None
+        }
         Err(e) => {
             tracing::warn!(
                 error = %vmctl_api::error_chain(&e),
-                "etcd is not reachable yet; the API serves, the controllers start once this \
-                 agent holds the agent lease"
+                "etcd is not reachable yet; the API serves, the controllers start once etcd \
+                 answers"
             );
-            Ok(None)
+            None
         }
     }
 }
@@ -203,11 +207,11 @@ pub async fn run_while_held(
                         Ok(Take::Taken(l)) => break l,
                         Ok(Take::HeldBy(h)) => {
                             if last_holder.as_ref() != Some(&h) {
-                                tracing::warn!(
+                                tracing::info!(
                                     holder = %h,
                                     "another agent holds this etcd prefix's agent lease: this \
-                                     agent serves the API but runs no controllers until it \
-                                     takes the lease"
+                                     agent runs no scheduler or node lifecycle controller until \
+                                     it takes the lease"
                                 );
                             }
                             last_holder = Some(h.clone());
@@ -283,6 +287,70 @@ pub async fn run_while_held(
                     return Err(e);
                 }
             }
+        }
+    }
+}
+
+/// Runs this node's controllers (`start` spawns them with a stop signal
+/// and the fence their store writes through) while `fences` holds the
+/// node lease's fence ([`crate::node::NodeAgent::fences`]): they stop when
+/// it is withdrawn (the lease may expire) and start again, fenced by the
+/// new lease, when it is taken again. Returns when `stopped` turns true
+/// (after stopping them) or when they fail.
+pub async fn run_per_fence(
+    mut fences: watch::Receiver<Option<vmctl_store::Fence>>,
+    start: impl Fn(
+        watch::Receiver<bool>,
+        Option<vmctl_store::Fence>,
+    ) -> JoinHandle<Result<(), vmctl_controllers::RunError>>,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(), vmctl_controllers::RunError> {
+    loop {
+        let fence = loop {
+            if *stopped.borrow() {
+                return Ok(());
+            }
+            if let Some(f) = fences.borrow_and_update().clone() {
+                break f;
+            }
+            tokio::select! {
+                r = fences.changed() => if r.is_err() { return Ok(()) },
+                _ = stopped.changed() => {}
+            }
+        };
+        tracing::info!("holding the node lease: this node's controllers run");
+        let (term_stop, term_stopped) = watch::channel(false);
+        let mut controllers = start(term_stopped, Some(fence.clone()));
+        let stop_all = loop {
+            tokio::select! {
+                r = &mut controllers => {
+                    return r.unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "controller task failed");
+                        Ok(())
+                    });
+                }
+                _ = stopped.changed() => break true,
+                r = fences.changed() => {
+                    if r.is_err() {
+                        break true;
+                    }
+                    if fences.borrow().as_ref() != Some(&fence) {
+                        tracing::warn!(
+                            "the node lease may have expired: this node's controllers stop \
+                             until this agent holds it again"
+                        );
+                        break false;
+                    }
+                }
+            }
+        };
+        let _ = term_stop.send(true);
+        let r = (&mut controllers).await;
+        if stop_all {
+            return r.unwrap_or(Ok(()));
+        }
+        if let Ok(Err(e)) = r {
+            return Err(e);
         }
     }
 }

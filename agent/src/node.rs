@@ -102,6 +102,71 @@ pub fn capacity(data_dir: &Path) -> NodeResources {
     }
 }
 
+/// How many vCPUs and MiB of memory VMs may be given per CPU and MiB of
+/// the host: the node's `allocatable` is its capacity times these, as
+/// OpenStack Nova's `cpu_allocation_ratio` (default 16.0) and
+/// `ram_allocation_ratio` (here 1.0: memory is not overcommitted unless
+/// asked). Set by `VMCTL_CPU_ALLOCATION_RATIO` and
+/// `VMCTL_MEMORY_ALLOCATION_RATIO` (positive numbers).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AllocationRatios {
+    /// vCPUs per host CPU.
+    pub cpu: f64,
+    /// MiB of VM memory per MiB of host memory.
+    pub memory: f64,
+}
+
+impl Default for AllocationRatios {
+    fn default() -> Self {
+        AllocationRatios {
+            cpu: 16.0,
+            memory: 1.0,
+        }
+    }
+}
+
+impl AllocationRatios {
+    /// The ratios from the environment (see the type's docs).
+    ///
+    /// Errors: a message naming the variable when one is set but not a
+    /// positive number.
+    pub fn from_env() -> Result<Self, String> {
+        let mut r = AllocationRatios::default();
+        for (var, slot) in [
+            ("VMCTL_CPU_ALLOCATION_RATIO", &mut r.cpu),
+            ("VMCTL_MEMORY_ALLOCATION_RATIO", &mut r.memory),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                match v.trim().parse::<f64>() {
+                    Ok(x) if x.is_finite() && x > 0.0 => *slot = x,
+                    _ => {
+                        return Err(format!(
+                            "{var}={v:?} is not a positive number (e.g. 16 or 1.5)"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// `capacity` times these ratios (rounded down).
+    pub fn allocatable(&self, capacity: NodeResources) -> NodeResources {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "ratios are positive and the products far below u64::MAX"
+        )]
+        let times = |x: u64, r: f64| (x as f64 * r).floor() as u64;
+        NodeResources {
+            vcpus: u32::try_from(times(capacity.vcpus.into(), self.cpu)).unwrap_or(u32::MAX),
+            memory_mib: times(capacity.memory_mib, self.memory),
+            disk_gib: capacity.disk_gib,
+        }
+    }
+}
+
 /// `MemTotal` of `/proc/meminfo`'s text, in KiB.
 fn mem_total_kib(meminfo: &str) -> Option<u64> {
     meminfo
@@ -129,6 +194,12 @@ pub struct NodeAgent {
     me: LeaseHolder,
     /// The node lease, while held (etcd).
     lease: Option<AgentLease>,
+    /// The node lease's fence while this agent surely holds it (its
+    /// node's controllers write through it; `crate::lease::run_per_fence`),
+    /// `None` once it may expire.
+    fence: watch::Sender<Option<vmctl_store::Fence>>,
+    /// Allocatable = capacity × these.
+    ratios: AllocationRatios,
     /// The last holder of the node lease this agent warned about.
     warned: Option<LeaseHolder>,
     accelerator: Option<String>,
@@ -163,11 +234,44 @@ impl NodeAgent {
             ttl: cfg.node_lease_ttl,
             me,
             lease: None,
+            fence: watch::channel(None).0,
+            ratios: AllocationRatios::from_env().unwrap_or_default(),
             warned: None,
             accelerator: None,
             current: None,
             registered: false,
             failing: false,
+        }
+    }
+
+    /// The node lease's fence while this agent surely holds it (`None`:
+    /// not held, or it may expire within a fifth of its TTL); see
+    /// `crate::lease::run_per_fence`.
+    pub fn fences(&self) -> watch::Receiver<Option<vmctl_store::Fence>> {
+        self.fence.subscribe()
+    }
+
+    /// Publishes the node lease's fence as it stands now.
+    fn publish_fence(&self) {
+        let now = std::time::Instant::now();
+        let f = self
+            .lease
+            .as_ref()
+            .filter(|l| l.expires() > now + l.ttl() / 5)
+            .map(AgentLease::fence);
+        self.fence.send_if_modified(|old| {
+            let changed = *old != f;
+            *old = f;
+            changed
+        });
+    }
+
+    /// When the published fence must be withdrawn unless the lease is kept
+    /// alive before (far away when none is published).
+    fn fence_deadline(&self) -> tokio::time::Instant {
+        match (&self.lease, self.fence.borrow().is_some()) {
+            (Some(l), true) => (l.expires() - l.ttl() / 5).into(),
+            _ => tokio::time::Instant::now() + Duration::from_secs(3600),
         }
     }
 
@@ -182,7 +286,10 @@ impl NodeAgent {
     pub async fn start(&mut self) -> Result<(), LeaseHolder> {
         if let Some(etcd) = self.etcd.clone() {
             match crate::lease::take_node_lease(&etcd, &self.name, &self.me, self.ttl).await {
-                Ok(Ok(l)) => self.lease = Some(l),
+                Ok(Ok(l)) => {
+                    self.lease = Some(l);
+                    self.publish_fence();
+                }
                 Ok(Err(holder)) => return Err(holder),
                 Err(e) => {
                     tracing::warn!(
@@ -220,9 +327,19 @@ impl NodeAgent {
                     None => std::future::pending().await,
                 }
             };
+            let deadline = self.fence_deadline();
             tokio::select! {
                 // A sleep, made anew each turn: cancel-safe.
                 () = tick => self.beat().await,
+                // The lease may expire soon: the node's controllers stop.
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        node = %self.name,
+                        "the node lease was not kept alive and may expire: this node's \
+                         controllers stop until it is"
+                    );
+                    self.publish_fence();
+                }
                 // Polled to its end across turns (pinned), never dropped
                 // half-way while the loop runs.
                 a = &mut accel, if !accel_known => {
@@ -249,8 +366,12 @@ impl NodeAgent {
     /// One heartbeat: on etcd keeps the node lease (or takes it again),
     /// then writes the status.
     async fn beat(&mut self) {
-        if self.etcd.is_some() && !self.keep_lease().await {
-            return;
+        if self.etcd.is_some() {
+            let kept = self.keep_lease().await;
+            self.publish_fence();
+            if !kept {
+                return;
+            }
         }
         self.post_ready().await;
     }
@@ -372,6 +493,7 @@ impl NodeAgent {
             ),
             Err(_) => tracing::warn!("cannot mark this node stopped: the store did not answer"),
         }
+        self.fence.send_replace(None);
         if let Some(l) = self.lease.take() {
             // Revoked, so that a next agent of this name need not wait.
             let _ = tokio::time::timeout(STOP_BUDGET, l.release()).await;
@@ -429,7 +551,7 @@ impl NodeAgent {
                 conditions: old.conditions.clone(),
                 observed_generation: cur.metadata.generation,
                 capacity,
-                allocatable: capacity,
+                allocatable: self.ratios.allocatable(capacity),
                 accelerator: self.accelerator.clone(),
                 driver: self.driver.clone(),
                 address: NodeAddress {

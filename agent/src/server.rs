@@ -1,8 +1,8 @@
 //! Starting and stopping the agent: lock, store, socket, signals.
 //!
 //! Order: driver settings → data directory lock → socket probe (a second
-//! agent stops here) → store → on etcd, the agent lease (another agent on
-//! the prefix stops this one here; [`crate::lease`]) → this agent's Node
+//! agent stops here) → store → on etcd, the agent lease (held by another
+//! agent on the prefix: this one stands by for it; [`crate::lease`]) → this agent's Node
 //! registered (on etcd its node lease: another live agent of the same
 //! node name stops this one here; [`crate::node`]) → socket bound
 //! ([`crate::socket`]) → API served with limits ([`crate::http`]) until
@@ -32,21 +32,6 @@ pub enum AgentError {
     /// The store could not be opened.
     #[error("cannot open the store")]
     Store(#[source] StoreError),
-    /// Another agent holds the agent lease of this etcd prefix (it runs
-    /// the controllers there; see [`crate::lease`]).
-    #[error(
-        "another vmctl agent runs the controllers of etcd prefix `{prefix}` ({store}): {holder}"
-    )]
-    LeaseHeld {
-        /// The key prefix.
-        prefix: String,
-        /// `etcd at URL,…`.
-        store: String,
-        /// Who holds it.
-        holder: Box<vmctl_store::LeaseHolder>,
-        /// The lease's TTL: a killed holder's lease is gone after it.
-        ttl: std::time::Duration,
-    },
     /// Another live agent holds the node lease of this agent's node name
     /// (two agents must not post one Node's status; see [`crate::node`]).
     #[error("another vmctl agent runs as node `{node}` ({store}): {holder}")]
@@ -79,6 +64,10 @@ pub enum AgentError {
     /// The fake driver's environment settings are invalid.
     #[error("invalid fake driver settings")]
     FakeConfig(#[source] vmctl_controllers::drivers::fake::FakeConfigError),
+    /// `VMCTL_CPU_ALLOCATION_RATIO` or `VMCTL_MEMORY_ALLOCATION_RATIO` is
+    /// not a positive number.
+    #[error("invalid allocation ratio: {0}")]
+    Allocation(String),
     /// The controllers stopped with an error.
     #[error("the controllers failed")]
     Controllers(#[source] vmctl_controllers::RunError),
@@ -91,14 +80,6 @@ impl AgentError {
             AgentError::Locked(_) => {
                 "use the running agent (vmctl talks to it), or stop it first".into()
             }
-            AgentError::LeaseHeld { holder, ttl, .. } => format!(
-                "use that agent (vmctl --socket {} on {}), or stop it first; if it was killed, \
-                 its lease expires within {} s (the TTL): start this one again then. To run \
-                 another installation on this etcd, give it its own --etcd-prefix",
-                holder.socket,
-                holder.host,
-                ttl.as_secs()
-            ),
             AgentError::NodeNameTaken { holder, ttl, .. } => format!(
                 "give this agent another node name (--node-name, VMCTL_NODE_NAME), or stop that \
                  agent (pid {} on {}) first; if it was killed, its node lease expires within {} s \
@@ -132,6 +113,9 @@ impl AgentError {
             AgentError::Controllers(_) => "see the agent log".into(),
             AgentError::FakeConfig(_) => "fix the VMCTL_FAKE_* environment variables".into(),
             AgentError::Accel(_) => "set VMCTL_ACCEL to kvm, tcg or auto".into(),
+            AgentError::Allocation(_) => "unset it (defaults: 16 vCPUs per CPU, memory 1.0), or \
+                 give a positive number"
+                .into(),
             AgentError::SeedTool(_) => {
                 "set VMCTL_SEED_TOOL to auto, genisoimage, mkisofs, xorriso or builtin".into()
             }
@@ -317,6 +301,7 @@ pub async fn run_until(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let drivers = drivers(&cfg)?;
+    crate::node::AllocationRatios::from_env().map_err(AgentError::Allocation)?;
     let _lock = lock(&cfg)?;
     crate::socket::check_free(&cfg.socket).map_err(AgentError::Socket)?;
     let nofile = crate::http::raise_nofile_limit();
@@ -324,17 +309,12 @@ pub async fn run_until(
     let (store, etcd) = open_store(&cfg, stop.subscribe()).await?;
     // Every request of the API, the cache and the controllers is timed.
     let store: Arc<dyn Store> = Arc::new(vmctl_controllers::metrics::MeteredStore(store));
-    // On etcd, one agent per prefix runs the controllers (crate::lease).
+    // On etcd, the agent that holds the prefix's agent lease runs the
+    // cluster's controllers (the scheduler, the node lifecycle controller);
+    // the others stand by for it (crate::lease).
     let me = crate::lease::me(&cfg);
     let first_lease = match &etcd {
-        Some(e) => crate::lease::at_start(e, &me, cfg.lease_ttl)
-            .await
-            .map_err(|holder| AgentError::LeaseHeld {
-                prefix: e.options().prefix.clone(),
-                store: e.describe(),
-                holder: Box::new(holder),
-                ttl: cfg.lease_ttl,
-            })?,
+        Some(e) => crate::lease::at_start(e, &me, cfg.lease_ttl).await,
         None => None,
     };
     // This agent's Node, before the API answers (a client sees it at once).
@@ -374,20 +354,28 @@ pub async fn run_until(
     let (controllers_state, _) =
         tokio::sync::watch::channel(crate::lease::ControllersState::Running);
     // The VMs this agent runs are recorded as its node's; it leaves the
-    // instances of other nodes and data dirs alone.
+    // instances of other nodes and data dirs alone. On etcd it is a node of
+    // a cluster: it runs the VMs the scheduler binds to it.
     let runtime = vmctl_controllers::RuntimeConfig {
         node: vmctl_controllers::NodeIdentity {
             name: cfg.node_name.clone(),
             data_dir: Some(cfg.data_dir.clone()),
         },
         dnsmasq_leases: cfg.dnsmasq_leases.clone(),
+        cluster: etcd.is_some(),
         ..Default::default()
     };
-    // On etcd the controllers write through a store fenced by the agent
-    // lease of the term they run in: none of their writes lands once
+    // On etcd the controllers write through a store fenced by the lease of
+    // the term they run in (the agent lease for the cluster's controllers,
+    // the node lease for this node's): none of their writes lands once
     // another agent could hold it (EtcdStore::fenced).
-    let start = {
-        let (store, drivers, etcd) = (store.clone(), drivers, etcd.clone());
+    let start = |scope: vmctl_controllers::Scope| {
+        let (store, drivers, etcd, runtime) = (
+            store.clone(),
+            drivers.clone(),
+            etcd.clone(),
+            runtime.clone(),
+        );
         move |stopped, fence: Option<vmctl_store::Fence>| {
             let store = match (&etcd, fence) {
                 (Some(e), Some(f)) => Arc::new(vmctl_controllers::metrics::MeteredStore(Arc::new(
@@ -395,7 +383,8 @@ pub async fn run_until(
                 ))) as Arc<dyn Store>,
                 _ => store.clone(),
             };
-            tokio::spawn(vmctl_controllers::run(
+            tokio::spawn(vmctl_controllers::run_some(
+                scope,
                 store,
                 drivers.clone(),
                 runtime.clone(),
@@ -403,22 +392,28 @@ pub async fn run_until(
             ))
         }
     };
-    let controllers = match etcd {
-        None => start(stopped, None),
+    let (controllers, node_controllers) = match etcd.clone() {
+        None => (start(vmctl_controllers::Scope::All)(stopped, None), None),
         Some(e) => {
             if first_lease.is_none() {
                 controllers_state
                     .send_replace(crate::lease::ControllersState::Standby { holder: None });
             }
-            tokio::spawn(crate::lease::run_while_held(
+            let per_node = tokio::spawn(crate::lease::run_per_fence(
+                node.fences(),
+                start(vmctl_controllers::Scope::Node),
+                stopped.clone(),
+            ));
+            let cluster = tokio::spawn(crate::lease::run_while_held(
                 e,
                 first_lease,
                 me,
                 cfg.lease_ttl,
-                start,
+                start(vmctl_controllers::Scope::Cluster),
                 stopped,
                 controllers_state.clone(),
-            ))
+            ));
+            (cluster, Some(per_node))
         }
     };
     let node = tokio::spawn(node.run(stop.subscribe()));
@@ -430,6 +425,10 @@ pub async fn run_until(
     crate::http::serve(listener, app, limits, shutdown).await;
     let _ = stop.send(true);
     let ctl = controllers.await;
+    let node_ctl = match node_controllers {
+        Some(h) => h.await.ok(),
+        None => None,
+    };
     // Marked stopped within its own budget (crate::node).
     if let Err(e) = node.await {
         tracing::error!(error = %e, "node task failed");
@@ -439,6 +438,9 @@ pub async fn run_until(
     // stopped and the etcd agent lease is released (crate::lease), so a
     // next agent on the prefix is not refused.
     drop(socket);
+    if let Some(Err(e)) = node_ctl {
+        return Err(AgentError::Controllers(e));
+    }
     match ctl {
         Ok(r) => r.map_err(AgentError::Controllers),
         Err(e) => {

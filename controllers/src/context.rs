@@ -21,7 +21,19 @@ pub struct Context {
     pub config: RuntimeConfig,
 }
 
+/// The node a VM is bound to: its `status.nodeName` (`None`: unbound).
+pub fn vm_node(vm: &Object) -> Option<&str> {
+    vm.status.as_ref()?.get("nodeName")?.as_str()
+}
+
 impl Context {
+    /// Whether this agent acts on a VM bound to `node` (its
+    /// `status.nodeName`): always on one host; in a cluster
+    /// ([`RuntimeConfig::cluster`]) only when it is this agent's node.
+    pub fn acts_on(&self, node: Option<&str>) -> bool {
+        !self.config.cluster || node == Some(self.config.node.name.as_str())
+    }
+
     /// The object, read fresh from the store.
     pub async fn get(&self, r: &ObjectRef) -> Result<Option<Object>, ControllerError> {
         Ok(self.store.get(r).await?)

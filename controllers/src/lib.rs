@@ -47,6 +47,7 @@ pub mod node;
 pub mod probe;
 pub mod provision;
 pub mod runtime;
+pub mod scheduler;
 pub mod seed;
 pub mod snapshot;
 pub mod vm;
@@ -150,6 +151,13 @@ pub struct RuntimeConfig {
     /// Stopped is stopped without inspecting it. A monitor busy for a
     /// moment (another QMP client, a snapshot job) is not a fault.
     pub inspect_grace: Duration,
+    /// Whether this agent is one node of a cluster (etcd): VMs are bound
+    /// to nodes by the scheduler ([`scheduler`], `status.nodeName`), and
+    /// the VM, Provision and Snapshot controllers act only on the VMs bound
+    /// to [`node`](Self::node) (and their Provisions and Snapshots); an
+    /// Image's status is kept per node (`status.nodes`). `false` (sled, one
+    /// host): this agent runs every VM, as it always did.
+    pub cluster: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -168,6 +176,7 @@ impl Default for RuntimeConfig {
             ssh_timeout: Duration::from_secs(120),
             dnsmasq_leases: Vec::new(),
             inspect_grace: Duration::from_secs(30),
+            cluster: false,
         }
     }
 }
@@ -190,12 +199,40 @@ pub enum RunError {
     Panicked,
 }
 
+/// Which controllers [`run_some`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything (one host on sled: there is no scheduler there unless
+    /// [`RuntimeConfig::cluster`]).
+    All,
+    /// The controllers of this agent's node: Image, VirtualMachine,
+    /// Provision, Snapshot (in a cluster they act on what is bound to it).
+    Node,
+    /// The controllers of which one runs in a cluster: the node lifecycle
+    /// controller and the scheduler.
+    Cluster,
+}
+
 /// Runs the Image, VirtualMachine, Provision, Snapshot and node lifecycle
-/// controllers until
-/// `shutdown` becomes true (or its sender is dropped). In-flight reconciles
-/// finish before it returns. Aborting the returned future instead stops
-/// everything at once, as a killed agent would.
+/// controllers (and, in a cluster, the scheduler) until `shutdown` becomes
+/// true (or its sender is dropped); see [`run_some`].
 pub async fn run(
+    store: Arc<dyn Store>,
+    drivers: Drivers,
+    config: RuntimeConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    run_some(Scope::All, store, drivers, config, shutdown).await
+}
+
+/// Runs the controllers of `scope` until `shutdown` becomes true (or its
+/// sender is dropped). In-flight reconciles finish before it returns.
+/// Aborting the returned future instead stops everything at once, as a
+/// killed agent would.
+///
+/// Errors: [`RunError::Panicked`] when a controller task panicked.
+pub async fn run_some(
+    scope: Scope,
     store: Arc<dyn Store>,
     drivers: Drivers,
     config: RuntimeConfig,
@@ -207,52 +244,67 @@ pub async fn run(
         config: config.clone(),
     });
     let cc = config.controller();
-    let images = Controller::new(
-        image::ImageReconciler::new(ctx.clone()),
-        store.clone(),
-        cc.clone(),
-    );
-    let vms = Controller::new(
-        vm::VmReconciler::new(ctx.clone()),
-        store.clone(),
-        cc.clone(),
-    );
-    let provisions = Controller::new(
-        provision::ProvisionReconciler::new(ctx.clone()),
-        store.clone(),
-        cc.clone(),
-    );
-    let nodes = Controller::new(
-        node::NodeReconciler::new(ctx.clone()),
-        store.clone(),
-        cc.clone(),
-    );
-    let snapshots = Controller::new(snapshot::SnapshotReconciler::new(ctx), store, cc);
+    let node = matches!(scope, Scope::All | Scope::Node);
+    let cluster = matches!(scope, Scope::All | Scope::Cluster);
     let mut set = tokio::task::JoinSet::new();
-    let sd = shutdown.clone();
-    set.spawn(async move {
-        images.run(sd).await;
-        "image"
-    });
-    let sd = shutdown.clone();
-    set.spawn(async move {
-        vms.run(sd).await;
-        "virtualmachine"
-    });
-    let sd = shutdown.clone();
-    set.spawn(async move {
-        provisions.run(sd).await;
-        "provision"
-    });
-    let sd = shutdown.clone();
-    set.spawn(async move {
-        nodes.run(sd).await;
-        "node"
-    });
-    set.spawn(async move {
-        snapshots.run(shutdown).await;
-        "snapshot"
-    });
+    if node {
+        let images = Controller::new(
+            image::ImageReconciler::new(ctx.clone()),
+            store.clone(),
+            cc.clone(),
+        );
+        let vms = Controller::new(
+            vm::VmReconciler::new(ctx.clone()),
+            store.clone(),
+            cc.clone(),
+        );
+        let provisions = Controller::new(
+            provision::ProvisionReconciler::new(ctx.clone()),
+            store.clone(),
+            cc.clone(),
+        );
+        let snapshots = Controller::new(
+            snapshot::SnapshotReconciler::new(ctx.clone()),
+            store.clone(),
+            cc.clone(),
+        );
+        let sd = shutdown.clone();
+        set.spawn(async move {
+            images.run(sd).await;
+            "image"
+        });
+        let sd = shutdown.clone();
+        set.spawn(async move {
+            vms.run(sd).await;
+            "virtualmachine"
+        });
+        let sd = shutdown.clone();
+        set.spawn(async move {
+            provisions.run(sd).await;
+            "provision"
+        });
+        let sd = shutdown.clone();
+        set.spawn(async move {
+            snapshots.run(sd).await;
+            "snapshot"
+        });
+    }
+    if cluster {
+        let nodes = Controller::new(node::NodeReconciler::new(ctx), store.clone(), cc);
+        let sd = shutdown.clone();
+        set.spawn(async move {
+            nodes.run(sd).await;
+            "node"
+        });
+        if config.cluster {
+            let sd = shutdown.clone();
+            set.spawn(async move {
+                scheduler::run(store, sd).await;
+                "scheduler"
+            });
+        }
+    }
+    drop(shutdown);
     while let Some(res) = set.join_next().await {
         match res {
             Ok(name) => tracing::debug!(controller = name, "controller stopped"),

@@ -17,6 +17,8 @@
 //! | `vmctl_store_request_duration_seconds` | histogram | `operation` (`apply`, `update_status`, …) |
 //! | `vmctl_store_errors_total` | counter | `operation`, `error` (`unavailable`, `conflict`, `not_found`, `too_old`, `other`) |
 //! | `vmctl_watch_delay_seconds` | histogram | none: from an event's commit time to its delivery to a watcher |
+//! | `vmctl_scheduler_bindings_total` | counter | none: VMs bound by this agent's scheduler |
+//! | `vmctl_scheduler_unschedulable_vms` | gauge | none: VMs its last pass could not place |
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -101,6 +103,10 @@ pub struct Metrics {
     pub store_errors: Family<ErrorLabels, Counter>,
     /// From an event's commit to its delivery to a watcher, in seconds.
     pub watch_delay_seconds: Histogram,
+    /// VMs bound to a node by this agent's scheduler.
+    pub bindings: Counter,
+    /// VMs this agent's scheduler could not place at its last pass.
+    pub unschedulable: Gauge,
 }
 
 impl Metrics {
@@ -114,6 +120,8 @@ impl Metrics {
             store_seconds: Family::new_with_constructor(seconds_histogram),
             store_errors: Family::default(),
             watch_delay_seconds: seconds_histogram(),
+            bindings: Counter::default(),
+            unschedulable: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -147,6 +155,16 @@ impl Metrics {
             "vmctl_watch_delay_seconds",
             "From an event's commit to its delivery to a watcher",
             m.watch_delay_seconds.clone(),
+        );
+        r.register(
+            "vmctl_scheduler_bindings",
+            "VMs bound to a node by this agent's scheduler",
+            m.bindings.clone(),
+        );
+        r.register(
+            "vmctl_scheduler_unschedulable_vms",
+            "VMs this agent's scheduler could not place at its last pass",
+            m.unschedulable.clone(),
         );
         Metrics { registry, ..m }
     }

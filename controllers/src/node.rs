@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use vmctl_api::node::{HEARTBEAT_GRACE_SECONDS, REASON_STATUS_UNKNOWN};
-use vmctl_api::{Condition, Kind, Node, NodeStatus, NoteType, Object, Time};
+use vmctl_api::{
+    Condition, Kind, Node, NodeStatus, NoteType, Object, Time, VirtualMachine, VirtualMachineStatus,
+};
 
 use crate::runtime::{Action, Reconciler};
 use crate::{Context, Error};
@@ -161,10 +163,10 @@ impl Reconciler for NodeReconciler {
             status,
             generation: node.metadata.generation,
         };
-        match plan(&o) {
-            Step::Keep => Ok(Action::await_change()),
+        let status = match plan(&o) {
+            Step::Keep => o.status,
             // A little late rather than early: the heartbeat is overdue then.
-            Step::Recheck(d) => Ok(Action::requeue(d + Duration::from_millis(20))),
+            Step::Recheck(d) => return Ok(Action::requeue(d + Duration::from_millis(20))),
             Step::MarkUnknown(cond) => {
                 let mut status = o.status.unwrap_or_default();
                 let message = cond.message.clone();
@@ -180,9 +182,141 @@ impl Reconciler for NodeReconciler {
                         format!("Node {name} is not Ready: {message}"),
                     )
                     .await;
-                Ok(Action::await_change())
+                Some(status)
+            }
+        };
+        // In a cluster, the VMs of a node that is not Ready are lost with
+        // it (and re-placed after their evict-after).
+        match status {
+            Some(st) if self.ctx.config.cluster && !o.own && !st.is_ready() => {
+                let next = self.vms_lost(&name, &st).await?;
+                Ok(next.map_or_else(Action::await_change, Action::requeue))
+            }
+            _ => Ok(Action::await_change()),
+        }
+    }
+}
+
+impl NodeReconciler {
+    /// Marks the VMs bound to node `name` (not Ready, as `status` says)
+    /// `Ready=False`, reason `NodeLost`, and unbinds those whose
+    /// `evictAfterSeconds` has passed since, for the scheduler to place
+    /// them again. When the next of them is due (`None`: none).
+    async fn vms_lost(&self, name: &str, status: &NodeStatus) -> Result<Option<Duration>, Error> {
+        let ctx = &self.ctx;
+        let ready = status.ready();
+        let (reason, why) =
+            ready.map_or(("Unknown", ""), |c| (c.reason.as_str(), c.message.as_str()));
+        let seen = status.last_heartbeat_time.map_or_else(
+            || "never".to_owned(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        );
+        let mut next: Option<Duration> = None;
+        for obj in ctx.list(Kind::VirtualMachine).await? {
+            if crate::context::vm_node(&obj) != Some(name) {
+                continue;
+            }
+            let Ok(vm) = VirtualMachine::from_object(&obj) else {
+                continue;
+            };
+            let vm_name = &vm.metadata.name;
+            let mut st: VirtualMachineStatus = vm.status.clone().unwrap_or_default();
+            let lost_since = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready" && c.reason == crate::vm::NODE_LOST)
+                .and_then(|c| c.last_transition_time);
+            if let (Some(after), Some(since), None) = (
+                vm.spec.evict_after_seconds,
+                lost_since,
+                vm.metadata.deletion_timestamp,
+            ) {
+                let lost_for = (Utc::now() - since).to_std().unwrap_or_default();
+                let after = Duration::from_secs(after);
+                if lost_for >= after {
+                    self.evict(&obj, name, after).await?;
+                } else {
+                    let left = after - lost_for;
+                    next = Some(next.map_or(left, |n| n.min(left)));
+                }
+                continue;
+            }
+            let message = format!(
+                "node {name} is not Ready ({reason}: {why}); the VM was last seen {:?} on node                  {name}, whose last heartbeat was at {seen}. Its agent must run again to manage                  it{}",
+                st.phase,
+                match vm.spec.evict_after_seconds {
+                    Some(s) => format!(
+                        "; it is re-placed on another node after {s} s (evictAfterSeconds),                          with a fresh disk"
+                    ),
+                    None => String::new(),
+                },
+            );
+            let cond = crate::conditions::condition(
+                "Ready",
+                false,
+                crate::vm::NODE_LOST,
+                message,
+                vm.metadata.generation,
+            );
+            if !crate::conditions::would_change(&st.conditions, &cond) {
+                continue;
+            }
+            vmctl_api::set_condition(&mut st.conditions, cond, Utc::now());
+            match ctx.write_status(&obj, &st).await {
+                Ok(_) => {
+                    ctx.note(
+                        &obj.object_ref(),
+                        NoteType::Warning,
+                        Self::NAME,
+                        crate::vm::NODE_LOST,
+                        format!("VM {vm_name} is lost with node {name}, which is not Ready"),
+                    )
+                    .await;
+                    if let Some(s) = vm.spec.evict_after_seconds {
+                        let d = Duration::from_secs(s);
+                        next = Some(next.map_or(d, |n| n.min(d)));
+                    }
+                }
+                // Changed meanwhile: looked at again at the next pass.
+                Err(e) => {
+                    tracing::debug!(vm = %vm_name, error = %e, "cannot mark the VM NodeLost yet");
+                    next = Some(Duration::from_secs(1));
+                }
             }
         }
+        Ok(next)
+    }
+
+    /// Unbinds VM `obj`, lost with node `node` for `after` or longer, so
+    /// that the scheduler places it again (a fresh disk from its image,
+    /// provisioned again).
+    async fn evict(&self, obj: &Object, node: &str, after: Duration) -> Result<(), Error> {
+        let name = &obj.metadata.name;
+        let message = format!(
+            "evicted from node {node}, lost for {} s or more (evictAfterSeconds): to be placed              on another node with a fresh disk from its image; what was on its disk on node              {node} is not carried over",
+            after.as_secs()
+        );
+        let mut st = VirtualMachineStatus::default();
+        let cond = crate::conditions::condition(
+            crate::scheduler::SCHEDULED,
+            false,
+            "Evicted",
+            message.clone(),
+            0,
+        );
+        vmctl_api::set_condition(&mut st.conditions, cond, Utc::now());
+        self.ctx.write_status(obj, &st).await?;
+        tracing::warn!(vm = %name, %node, "evicted");
+        self.ctx
+            .note(
+                &obj.object_ref(),
+                NoteType::Warning,
+                Self::NAME,
+                "Evicted",
+                format!("VM {name} {message}"),
+            )
+            .await;
+        Ok(())
     }
 }
 

@@ -121,8 +121,17 @@ impl Reconciler for ProvisionReconciler {
             vm: None,
             now: Utc::now(),
         };
+        let vm = ctx.get(&vm_ref).await?;
+        // In a cluster, the agent of the VM's node runs its Provisions
+        // (any agent reports one whose VM does not exist).
+        if vm
+            .as_ref()
+            .is_some_and(|v| !ctx.acts_on(crate::context::vm_node(v)))
+        {
+            return Ok(Action::await_change());
+        }
         if !deleting {
-            o.vm = ready_vm(ctx.get(&vm_ref).await?.as_ref());
+            o.vm = ready_vm(vm.as_ref());
         }
         match plan(&o) {
             Step::Forget | Step::Keep => {}

@@ -353,6 +353,18 @@ impl Reconciler for SnapshotReconciler {
     const NAME: &'static str = "snapshot-controller";
 
     async fn reconcile(&self, obj: Arc<Object>) -> Result<Action, Error> {
+        // In a cluster, the agent of the VM's node (its disks are there)
+        // runs its Snapshots; any agent reports one whose VM does not exist.
+        if self.ctx.config.cluster
+            && let Some(vm) = obj.spec.get("vm").and_then(|v| v.as_str())
+            && let Some(vm) = self
+                .ctx
+                .get(&ObjectRef::new(Kind::VirtualMachine, vm.to_owned()))
+                .await?
+            && !self.ctx.acts_on(crate::context::vm_node(&vm))
+        {
+            return Ok(Action::await_change());
+        }
         let mut o = match self.observe(&obj).await {
             Ok(o) => o,
             Err(e @ Error::Driver { .. }) => {

@@ -786,12 +786,52 @@ impl VmReconciler {
     }
 }
 
+impl VmReconciler {
+    /// In a cluster: destroys this node's instance of a VM bound to
+    /// another node (re-placed there while this node was lost: see the
+    /// node lifecycle controller's eviction), so that no second copy runs.
+    async fn destroy_stray(&self, obj: &Object) -> Result<(), Error> {
+        let Some(node) = crate::context::vm_node(obj) else {
+            return Ok(());
+        };
+        let name = &obj.metadata.name;
+        let hv = &self.ctx.drivers.hypervisor;
+        let r = obj.object_ref();
+        if hv
+            .status(name)
+            .await
+            .map_err(Error::driver("inspect", &r))?
+            .is_none()
+        {
+            return Ok(());
+        }
+        self.forget(name);
+        hv.destroy(name)
+            .await
+            .map_err(Error::driver("destroy", &r))?;
+        let me = &self.ctx.config.node.name;
+        let msg = format!(
+            "Destroyed node {me}'s copy of VM {name} and its disk: the VM was re-placed on node {node} while node {me} was lost"
+        );
+        tracing::warn!(vm = %name, %node, "{msg}");
+        self.note(&r, NoteType::Warning, "Destroyed", msg).await;
+        Ok(())
+    }
+}
+
 impl Reconciler for VmReconciler {
     type Error = Error;
     const KIND: Kind = Kind::VirtualMachine;
     const NAME: &'static str = "vm-controller";
 
     async fn reconcile(&self, obj: Arc<Object>) -> Result<Action, Error> {
+        // In a cluster, a VM is the business of its node's agent only; the
+        // scheduler binds it, the node lifecycle controller reports it
+        // `NodeLost` when its node is.
+        if !self.ctx.acts_on(crate::context::vm_node(&obj)) {
+            self.destroy_stray(&obj).await?;
+            return Ok(Action::await_change());
+        }
         let mut o = match self.observe(&obj).await {
             Ok(o) => o,
             Err(e @ Error::Driver { .. }) => {
@@ -840,6 +880,20 @@ impl Reconciler for VmReconciler {
             "the VM plan did not end; looking again later"
         );
         Ok(Action::requeue(self.ctx.config.liveness))
+    }
+
+    /// In a cluster, the scheduler's binding of a VM to this node (a
+    /// status naming this node that no VM controller wrote yet: its
+    /// `observedGeneration` is 0) starts this agent's work on it.
+    fn status_triggers(&self, status: &serde_json::Value) -> bool {
+        self.ctx.config.cluster
+            && status.get("nodeName").and_then(|n| n.as_str())
+                == Some(self.ctx.config.node.name.as_str())
+            && status
+                .get("observedGeneration")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+                == 0
     }
 
     fn external_triggers(&self) -> Vec<tokio::sync::broadcast::Receiver<String>> {

@@ -321,7 +321,7 @@ impl<R: Reconciler> Watcher<R> {
                 // Status is written only by this controller (unless it says
                 // otherwise), and notes change nothing: neither needs
                 // another run.
-                Change::StatusUpdated { .. } if R::STATUS_TRIGGERS => {
+                Change::StatusUpdated { status } if self.reconciler.status_triggers(status) => {
                     self.queue.trigger(ev.object.clone())
                 }
                 Change::StatusUpdated { .. } | Change::Noted { .. } => {}

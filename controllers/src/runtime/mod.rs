@@ -74,6 +74,15 @@ pub trait Reconciler: Send + Sync + 'static {
     /// writes (the heartbeat) for the node lifecycle controller to judge.
     const STATUS_TRIGGERS: bool = false;
 
+    /// Whether a status write of `status` (an object of [`KIND`](Self::KIND)
+    /// named by the event) triggers a run; by default
+    /// [`STATUS_TRIGGERS`](Self::STATUS_TRIGGERS). The VM controller of a
+    /// cluster node uses it to hear of the scheduler's bindings to its node.
+    fn status_triggers(&self, status: &serde_json::Value) -> bool {
+        let _ = status;
+        Self::STATUS_TRIGGERS
+    }
+
     /// Brings the world closer to what `obj` asks for.
     fn reconcile(
         &self,
