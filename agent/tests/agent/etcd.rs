@@ -13,7 +13,7 @@ use vmctl_agent::{AgentConfig, StoreConfig, run_until};
 use vmctl_store::testing::{EtcdCluster, unique_prefix};
 
 /// One HTTP request over the agent's socket: status and JSON body.
-fn request(
+pub(super) fn request(
     socket: &Path,
     method: &str,
     path: &str,
@@ -57,7 +57,7 @@ fn assert_plain(message: &str) {
     }
 }
 
-async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub(super) async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
@@ -301,12 +301,17 @@ fn vm_ready(socket: &Path, name: &str) -> bool {
     })
 }
 
-fn apply_vm(socket: &Path, name: &str) {
+/// Applies VM `name` (pinned to node `node`, if given) with its Image.
+fn apply_vm_on(socket: &Path, name: &str, node: Option<&str>) {
+    let mut spec = json!({"image": "img"});
+    if let Some(n) = node {
+        spec["nodeName"] = json!(n);
+    }
     let body = json!({"objects": [
         {"apiVersion": "vmctl/v1alpha1", "kind": "Image", "metadata": {"name": "img"},
          "spec": {"source": {"path": "/images/img.qcow2"}}},
         {"apiVersion": "vmctl/v1alpha1", "kind": "VirtualMachine", "metadata": {"name": name},
-         "spec": {"image": "img"}},
+         "spec": spec},
     ]});
     let (code, body) = request(socket, "POST", "/v1/apply", &body.to_string()).unwrap();
     assert_eq!(code, 200, "{body}");
@@ -314,24 +319,27 @@ fn apply_vm(socket: &Path, name: &str) {
 
 /// The fault (new-user tryout): two agents on one etcd prefix both ran
 /// the controllers: every action twice, with QEMU two copies of one VM.
-/// Now the agent lease lets one run them: a second agent is refused,
-/// naming the holder and the prefix; a holder cut off from etcd for
-/// longer than the TTL stops its controllers and another agent takes
-/// over; healed, the old holder stands by (and does not act) until the
-/// new one stops, then takes over at once.
+/// Then the agent lease let one of them run the controllers. Now (issue
+/// 17) both run, each its own node's VMs (bound by the scheduler, here
+/// pinned), and the agent lease elects the one that runs the scheduler
+/// and the node lifecycle controller: a second agent on the prefix stands
+/// by for it. A holder cut off from etcd for longer than the TTL stops its
+/// controllers (its node's too: its node lease may expire), and the other
+/// agent takes the cluster's over; healed, the old holder runs its node
+/// again and stands by for the rest until the new holder stops, then
+/// takes over at once.
 ///
-/// And the fault of the second tryout: the agent that took over (another
-/// node or data dir) found no instance of A's VM in its own data dir,
-/// noted a false `Crashed` and started a second copy on a new empty disk.
-/// Now B reports A's VM `NodeLost` and starts nothing for it; A, back,
-/// adopts it and reports B's VM `NodeLost`.
+/// And the fault of the second tryout: the agent that took over found no
+/// instance of A's VM and started a second copy on a new empty disk. Now
+/// A's VM is reported `NodeLost` with its node and started nowhere else;
+/// A, back, adopts it.
 ///
-/// And issue 17 item 1: each agent registers its Node (node lease TTL
-/// 2 s here); A's, its heartbeat cut off with A, is marked `Ready=False`
+/// And issue 17 item 1: each agent registers its Node (node lease TTL 2 s
+/// here); A's, its heartbeat cut off with A, is marked `Ready=False`
 /// `NodeStatusUnknown` by B's controllers, and is Ready again once A's
 /// heartbeat gets through; B's, when B stops, is `AgentStopped`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
+async fn two_agents_on_one_etcd_prefix_run_their_own_nodes_and_one_scheduler() {
     // `VMCTL_TEST_LOG=debug` shows the agents' logs (to chase a flake).
     if let Ok(filter) = std::env::var("VMCTL_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
@@ -349,13 +357,12 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
         partitions.push(Partition::to(&cluster.endpoint(i)).await);
     }
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let cfg_a = etcd_agent(
+    let mut cfg_a = etcd_agent(
         dir_a.path(),
         partitions.iter().map(|p| p.addr.clone()).collect(),
         &prefix,
     );
     let mut cfg_b = etcd_agent(dir_b.path(), cluster.endpoints(), &prefix);
-    let mut cfg_a = cfg_a;
     cfg_a.node_name = "node-a".into();
     cfg_b.node_name = "node-b".into();
     cfg_a.node_lease_ttl = Duration::from_secs(2);
@@ -371,47 +378,42 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
     })
     .await;
 
-    // A second agent on the prefix is refused, and told who holds it.
-    let refused = tokio::time::timeout(
-        Duration::from_secs(20),
-        run_until(cfg_b.clone(), std::future::pending()),
-    )
-    .await
-    .expect("refused at once, not run")
-    .expect_err("a second agent on the prefix is refused");
-    assert!(
-        matches!(refused, vmctl_agent::AgentError::LeaseHeld { .. }),
-        "{refused:?}"
-    );
-    let shown = refused.to_string();
-    for part in [
-        prefix.as_str(),
-        &socket_a.display().to_string(),
-        &format!("pid {}", std::process::id()),
-        &cluster.endpoint(0),
-    ] {
-        assert!(shown.contains(part), "{part:?} not in: {shown}");
-    }
-    assert!(
-        refused.help().contains("expires within 3 s"),
-        "{}",
-        refused.help()
-    );
-    assert!(
-        refused.help().contains("--etcd-prefix"),
-        "{}",
-        refused.help()
-    );
+    // A second agent on the prefix starts, runs its node and stands by
+    // for the scheduler, naming its holder.
+    let (stop_b, stopped_b) = tokio::sync::oneshot::channel::<()>();
+    let agent_b = tokio::spawn(run_until(cfg_b.clone(), async {
+        let _ = stopped_b.await;
+    }));
+    let (s, a) = (socket_b.clone(), socket_a.display().to_string());
+    eventually("B stands by, naming A", Duration::from_secs(30), || {
+        health(&s).is_some_and(|h| {
+            h["controllers"] == "standby"
+                && h["leaseHolder"].as_str().is_some_and(|l| l.contains(&a))
+        })
+    })
+    .await;
     assert_eq!(
         node_ready(&socket_a, "node-a"),
         Some(("True".into(), "AgentReady".into()))
     );
-    apply_vm(&socket_a, "vm0");
     let s = socket_a.clone();
-    eventually("vm0 Ready through A", Duration::from_secs(30), || {
-        vm_ready(&s, "vm0")
+    eventually("node-b Ready", Duration::from_secs(10), || {
+        node_ready(&s, "node-b") == Some(("True".into(), "AgentReady".into()))
     })
     .await;
+    apply_vm_on(&socket_a, "vm0", Some("node-a"));
+    apply_vm_on(&socket_a, "vm1", Some("node-b"));
+    let s = socket_a.clone();
+    eventually("vm0 and vm1 Ready", Duration::from_secs(30), || {
+        vm_ready(&s, "vm0") && vm_ready(&s, "vm1")
+    })
+    .await;
+    for (vm, node) in [("vm0", "node-a"), ("vm1", "node-b")] {
+        assert_eq!(
+            vm_ready_reason(&socket_b, vm).map(|r| r.2).as_deref(),
+            Some(node)
+        );
+    }
 
     // A cut off from etcd for longer than the TTL stops its controllers.
     for p in &partitions {
@@ -422,36 +424,12 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
         controllers(&s).as_deref() == Some("standby")
     })
     .await;
-    // B takes over once A's lease expired.
-    let started = Instant::now();
-    let (stop_b, agent_b) = loop {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "B never took over"
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(run_until(cfg_b.clone(), async {
-            let _ = stopped.await;
-        }));
-        let s = socket_b.clone();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !task.is_finished() && controllers(&s).as_deref() != Some("running") {
-            assert!(Instant::now() < deadline, "B neither ran nor was refused");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if !task.is_finished() {
-            break (stop, task);
-        }
-        let err = task
-            .await
-            .unwrap()
-            .expect_err("refused while A's lease lives");
-        assert!(
-            matches!(err, vmctl_agent::AgentError::LeaseHeld { .. }),
-            "{err:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    // B takes over the cluster's controllers once A's lease expired.
+    let s = socket_b.clone();
+    eventually("B runs the controllers", Duration::from_secs(20), || {
+        controllers(&s).as_deref() == Some("running")
+    })
+    .await;
     // B's controllers mark A's Node, silent since the cut: within its
     // TTL (2 s) + 2 s of its last heartbeat, or at once if that is past.
     let took = Instant::now();
@@ -467,14 +445,24 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
         node_ready(&socket_b, "node-b"),
         Some(("True".into(), "AgentReady".into()))
     );
-    apply_vm(&socket_b, "vm1");
+    // B's VM runs on, under B.
+    assert!(vm_ready(&socket_b, "vm1"));
+
+    // A's VM, lost with its node: reported NodeLost, started nowhere else.
     let s = socket_b.clone();
-    eventually("vm1 Ready through B", Duration::from_secs(30), || {
-        vm_ready(&s, "vm1")
+    eventually("vm0 NodeLost under B", Duration::from_secs(10), || {
+        let r = vm_ready_reason(&s, "vm0");
+        let lost = r == Some(("False".into(), "NodeLost".into(), "node-a".into()));
+        if !lost {
+            // What it is instead, should this time out.
+            eprintln!("vm0 under B: {r:?}");
+        }
+        lost
     })
     .await;
 
-    // Healed, A stands by: B holds the lease, and A does not act.
+    // Healed, A stands by for the cluster's controllers (B holds the lease)
+    // and runs its own node again.
     for p in &partitions {
         p.heal();
     }
@@ -509,16 +497,10 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
         .filter(|n| n["reason"] == "Started")
         .count();
     assert_eq!(starts, 1, "vm1 started by one agent only: {notes}");
-    // A's VM, under B: reported NodeLost, never started a second time.
+    // A adopts its VM: Ready again, started once in all.
     let s = socket_b.clone();
-    eventually("vm0 NodeLost under B", Duration::from_secs(10), || {
-        let r = vm_ready_reason(&s, "vm0");
-        let lost = r == Some(("False".into(), "NodeLost".into(), "node-a".into()));
-        if !lost {
-            // What it is instead, should this time out.
-            eprintln!("vm0 under B: {r:?}");
-        }
-        lost
+    eventually("vm0 Ready again under A", Duration::from_secs(10), || {
+        vm_ready(&s, "vm0")
     })
     .await;
     let reasons = note_reasons(&socket_b, "vm0");
@@ -549,12 +531,9 @@ async fn two_agents_on_one_etcd_prefix_never_both_run_the_controllers() {
         node_ready(&socket_a, "node-b"),
         Some(("False".into(), "AgentStopped".into()))
     );
-    // A adopts its own VM (still one start) and leaves B's alone.
+    // A keeps its own VM (still one start) and reports B's lost.
     let s = socket_a.clone();
-    eventually("vm0 Ready again under A", Duration::from_secs(10), || {
-        vm_ready(&s, "vm0")
-    })
-    .await;
+    assert!(vm_ready(&s, "vm0"));
     eventually("vm1 NodeLost under A", Duration::from_secs(10), || {
         vm_ready_reason(&s, "vm1") == Some(("False".into(), "NodeLost".into(), "node-b".into()))
     })

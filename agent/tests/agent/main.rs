@@ -1,6 +1,7 @@
 //! The agent's API in process: the OpenAPI document and the router agree;
 //! errors, limits, the socket, concurrency and finalizers.
 
+mod cluster;
 mod concurrency;
 mod errors;
 mod etcd;
