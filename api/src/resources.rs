@@ -999,6 +999,14 @@ pub struct ImageStatus {
     /// Download progress while downloading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// In a cluster (etcd), each node's own state of the image, by node
+    /// name: every node keeps its own copy (its cache is per host), and
+    /// fetches it once a VM bound to it needs it. The fields above then
+    /// sum the nodes up: `phase` is `Ready` once the image is ready on
+    /// some node (its `Ready` condition says on which), and `path` is not
+    /// set (each node's is in its entry). Empty on one host (sled).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub nodes: std::collections::BTreeMap<String, ImageStatus>,
 }
 
 // ------------------------------------------------------------- Provision ----

@@ -108,7 +108,7 @@ impl ImageReconciler {
         // Each retry follows a write by someone else; a bound keeps a
         // pathological writer from holding the fetch here forever.
         for _ in 0..16 {
-            match self.ctx.write_status(&current, status).await {
+            match self.put(&current, status).await {
                 Ok(o) => return Ok(Some(o)),
                 Err(e) if e.is_conflict() => match self.ctx.get(&obj.object_ref()).await? {
                     Some(o)
@@ -123,7 +123,133 @@ impl ImageReconciler {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(Some(self.ctx.write_status(&current, status).await?))
+        Ok(Some(self.put(&current, status).await?))
+    }
+}
+
+impl ImageReconciler {
+    /// This node's view of an Image's status: in a cluster its entry in
+    /// `status.nodes` (default when it has none), else the whole status.
+    fn mine(&self, status: Option<ImageStatus>) -> ImageStatus {
+        let s = status.unwrap_or_default();
+        if self.ctx.config.cluster {
+            s.nodes
+                .get(&self.ctx.config.node.name)
+                .cloned()
+                .unwrap_or_default()
+        } else {
+            s
+        }
+    }
+
+    /// Writes `mine` as this node's status of Image `obj` (expecting its
+    /// resourceVersion): the whole status on one host; in a cluster its
+    /// entry in `status.nodes`, the top-level fields summing the nodes up
+    /// ([`summary`]). Returns the object as it now is.
+    async fn put(
+        &self,
+        obj: &Object,
+        mine: &ImageStatus,
+    ) -> Result<Object, crate::runtime::controller::ControllerError> {
+        if !self.ctx.config.cluster {
+            return self.ctx.write_status(obj, mine).await;
+        }
+        let full: ImageStatus = obj
+            .status
+            .clone()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        let mut nodes = full.nodes.clone();
+        let mut entry = mine.clone();
+        entry.nodes.clear();
+        nodes.insert(self.ctx.config.node.name.clone(), entry);
+        let mut top = summary(&nodes, &full);
+        top.nodes = nodes;
+        self.ctx.write_status(obj, &top).await
+    }
+
+    /// In a cluster: whether a VM bound to this node boots from Image
+    /// `name` (only then does this node fetch it).
+    async fn needed_here(&self, name: &str) -> Result<bool, Error> {
+        let me = Some(self.ctx.config.node.name.as_str());
+        Ok(self.ctx.list(Kind::VirtualMachine).await?.iter().any(|vm| {
+            crate::context::vm_node(vm) == me
+                && vm.spec.get("image").and_then(|v| v.as_str()) == Some(name)
+        }))
+    }
+}
+
+/// The top-level fields of a cluster Image's status, from its nodes'
+/// entries (`prev`: the status as it was, whose `Ready` condition keeps
+/// its transition time while its status stays): `Ready` once ready on
+/// some node, else `Downloading` while some node fetches it, `Pending`
+/// while some node has not tried, `Failed` when every node failed. The
+/// `Ready` condition's message names the nodes in each phase. No `path`
+/// (each node's is in its entry). Pure.
+pub fn summary(
+    nodes: &std::collections::BTreeMap<String, ImageStatus>,
+    prev: &ImageStatus,
+) -> ImageStatus {
+    let rank = |p: ImagePhase| match p {
+        ImagePhase::Ready => 3,
+        ImagePhase::Downloading => 2,
+        ImagePhase::Pending => 1,
+        ImagePhase::Failed => 0,
+    };
+    let phase = nodes
+        .values()
+        .map(|s| s.phase)
+        .max_by_key(|p| rank(*p))
+        .unwrap_or_default();
+    let ready = nodes.values().find(|s| s.phase == ImagePhase::Ready);
+    let mut parts = Vec::new();
+    for p in [
+        ImagePhase::Ready,
+        ImagePhase::Downloading,
+        ImagePhase::Pending,
+        ImagePhase::Failed,
+    ] {
+        let names: Vec<&str> = nodes
+            .iter()
+            .filter(|(_, s)| s.phase == p)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !names.is_empty() {
+            parts.push(format!("{p:?} on {}", names.join(", ")));
+        }
+    }
+    let generation = nodes
+        .values()
+        .map(|s| s.observed_generation)
+        .min()
+        .unwrap_or_default();
+    let reason = match ready {
+        Some(_) => "Available".to_owned(),
+        None => nodes
+            .values()
+            .filter(|s| s.phase == phase)
+            .find_map(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map_or_else(|| "Pending".to_owned(), |c| c.reason.clone()),
+    };
+    let mut conditions = prev.conditions.clone();
+    let cond = condition(
+        "Ready",
+        ready.is_some(),
+        &reason,
+        parts.join("; "),
+        generation,
+    );
+    set_condition(&mut conditions, cond, Utc::now());
+    ImageStatus {
+        phase,
+        conditions,
+        observed_generation: generation,
+        path: None,
+        format: ready.and_then(|s| s.format.clone()),
+        size_bytes: ready.and_then(|s| s.size_bytes),
+        virtual_size_bytes: ready.and_then(|s| s.virtual_size_bytes),
+        progress: None,
+        nodes: Default::default(),
     }
 }
 
@@ -155,7 +281,7 @@ impl ImageReconciler {
             .map(|vm| vm.metadata.name.clone())
             .collect();
         if !users.is_empty() {
-            let mut status = image.status.clone().unwrap_or_default();
+            let mut status = self.mine(image.status.clone());
             let cond = condition(
                 "Ready",
                 false,
@@ -167,7 +293,7 @@ impl ImageReconciler {
                 image.metadata.generation,
             );
             if set_condition(&mut status.conditions, cond, Utc::now()) {
-                ctx.write_status(obj, &status).await?;
+                self.put(obj, &status).await?;
                 let msg = format!("Image {name} is kept while VM {} uses it", users.join(", "));
                 ctx.note(&r, NoteType::Warning, Self::NAME, "InUse", msg)
                     .await;
@@ -204,6 +330,31 @@ impl Reconciler for ImageReconciler {
     const KIND: Kind = Kind::Image;
     const NAME: &'static str = "image-controller";
 
+    /// In a cluster, a VM bound to this node (or changed while bound to
+    /// it) wakes its Image: this node fetches it then.
+    fn related(
+        &self,
+        rel: &crate::runtime::controller::Relations,
+        ev: &vmctl_store::Event,
+    ) -> Vec<vmctl_api::ObjectRef> {
+        if !self.ctx.config.cluster || ev.object.kind != Kind::VirtualMachine {
+            return Vec::new();
+        }
+        let me = self.ctx.config.node.name.as_str();
+        let here = match &ev.change {
+            vmctl_store::Change::StatusUpdated { status } => {
+                status.get("nodeName").and_then(|n| n.as_str()) == Some(me)
+            }
+            vmctl_store::Change::Applied { .. } => true,
+            _ => false,
+        };
+        if here {
+            rel.image_of(&ev.object.name).into_iter().collect()
+        } else {
+            Vec::new()
+        }
+    }
+
     async fn reconcile(&self, obj: Arc<Object>) -> Result<Action, Error> {
         let ctx = &self.ctx;
         let image = Image::from_object(&obj).map_err(Error::decode(Kind::Image))?;
@@ -217,7 +368,14 @@ impl Reconciler for ImageReconciler {
         let name = image.metadata.name.as_str();
         let generation = image.metadata.generation;
         let r = obj.object_ref();
-        let old = image.status.clone().unwrap_or_default();
+        let old = self.mine(image.status.clone());
+        // In a cluster a node fetches an image once a VM bound to it needs it.
+        if self.ctx.config.cluster
+            && old.phase == ImagePhase::Pending
+            && !self.needed_here(name).await?
+        {
+            return Ok(Action::await_change());
+        }
         let mut status = old.clone();
         let fetcher = &ctx.drivers.images;
 
@@ -226,7 +384,7 @@ impl Reconciler for ImageReconciler {
         if let Some(img) = found {
             set_ready(&mut status, &img, generation);
             if status != old {
-                ctx.write_status(&obj, &status).await?;
+                self.put(&obj, &status).await?;
                 if old.phase != ImagePhase::Ready {
                     let msg = format!("Image {name} is available at {}", img.path);
                     ctx.note(&r, NoteType::Normal, Self::NAME, "Pulled", msg)

@@ -197,8 +197,9 @@ const SNAPSHOT_WAIT: Duration = Duration::from_millis(250);
 /// changes itself (QMP events): only to catch a lost event.
 const EVENT_DRIVEN_LIVENESS: Duration = Duration::from_secs(60);
 
-/// The image a VM boots from, if it is Ready.
-fn ready_image(obj: Option<&Object>) -> Result<LocalImage, ImageNotReady> {
+/// The image a VM boots from, if it is Ready (in a cluster: on `node`,
+/// by its entry in the Image's `status.nodes`).
+fn ready_image(obj: Option<&Object>, node: Option<&str>) -> Result<LocalImage, ImageNotReady> {
     let not_ready = |reason, message| ImageNotReady { reason, message };
     let Some(obj) = obj else {
         return Err(not_ready(
@@ -207,7 +208,10 @@ fn ready_image(obj: Option<&Object>) -> Result<LocalImage, ImageNotReady> {
         ));
     };
     let image = Image::from_object(obj).map_err(|e| not_ready("ImageInvalid", e.to_string()))?;
-    let status = image.status.unwrap_or_default();
+    let mut status = image.status.unwrap_or_default();
+    if let Some(n) = node {
+        status = status.nodes.remove(n).unwrap_or_default();
+    }
     match (status.phase, status.path) {
         (ImagePhase::Ready, Some(path)) => Ok(LocalImage {
             path,
@@ -267,7 +271,11 @@ impl VmReconciler {
             return Ok(o);
         }
         let image_ref = ObjectRef::new(Kind::Image, o.spec.image.clone());
-        o.image = ready_image(self.ctx.get(&image_ref).await?.as_ref());
+        let cfg = &self.ctx.config;
+        o.image = ready_image(
+            self.ctx.get(&image_ref).await?.as_ref(),
+            cfg.cluster.then_some(cfg.node.name.as_str()),
+        );
         o.instance = self
             .ctx
             .drivers

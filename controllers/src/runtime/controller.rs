@@ -125,6 +125,13 @@ impl Relations {
             .map(|n| ObjectRef::new(Kind::VirtualMachine, n.clone()))
     }
 
+    /// The Image `vm` boots from, if known.
+    pub fn image_of(&self, vm: &str) -> Option<ObjectRef> {
+        self.image_of_vm
+            .get(vm)
+            .map(|i| ObjectRef::new(Kind::Image, i.clone()))
+    }
+
     /// The Provisions of `vm`.
     pub fn provisions_of(&self, vm: &str) -> impl Iterator<Item = ObjectRef> + '_ {
         let set = self.provisions_by_vm.get(vm);
