@@ -20,38 +20,17 @@
 //! `/v1/healthz`'s `lastSeq`, over N: every write, note or status of the
 //! run, the Image's few included, counts once).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::{env_usize, follow, last_seq, median, request};
 use serde_json::json;
 use vmctl_agent::{AgentConfig, StoreConfig, run_until};
 use vmctl_api::Kind;
+use vmctl_store::Change;
 use vmctl_store::testing::{EtcdCluster, unique_prefix};
-use vmctl_store::{Change, Event};
-
-/// One HTTP/1.1 request over the agent's socket: status and JSON body.
-fn request(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> Option<(u16, serde_json::Value)> {
-    let mut s = UnixStream::connect(socket).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n")?.1;
-    Some((status, serde_json::from_str(body).unwrap_or_default()))
-}
 
 fn ready(status: &serde_json::Value) -> bool {
     status["conditions"].as_array().is_some_and(|cs| {
@@ -60,69 +39,26 @@ fn ready(status: &serde_json::Value) -> bool {
     })
 }
 
-/// Follows `/v1/watch?after=AFTER` (NDJSON, chunked) until `n` VMs are
-/// Ready by their last status event; returns when the last one became so.
+/// Follows `/v1/watch?after=AFTER` until `n` VMs are Ready by their last
+/// status event; returns when the last one became so.
 fn watch_until_ready(socket: &Path, after: u64, n: usize) -> Instant {
-    let mut s = UnixStream::connect(socket).expect("the agent listens");
-    s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
-    write!(
-        s,
-        "GET /v1/watch?after={after} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "the watch ended before its headers did");
-        if line == "\r\n" {
-            break;
-        }
-    }
     let mut ready_vms = std::collections::HashSet::new();
-    let mut pending = Vec::new();
-    loop {
-        // One chunk: its size in hex, the bytes, CRLF.
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        let size = usize::from_str_radix(line.trim(), 16).expect("a chunk size");
-        assert!(
-            size > 0,
-            "the watch ended with {} VMs Ready",
-            ready_vms.len()
-        );
-        let mut chunk = vec![0; size + 2];
-        r.read_exact(&mut chunk).unwrap();
-        pending.extend_from_slice(&chunk[..size]);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let rest = pending.split_off(end + 1);
-            let ev: Event = serde_json::from_slice(&pending)
-                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&pending)));
-            pending = rest;
-            if ev.object.kind != Kind::VirtualMachine {
-                continue;
-            }
-            match &ev.change {
-                Change::StatusUpdated { status } if ready(status) => {
-                    ready_vms.insert(ev.object.name);
-                }
-                Change::StatusUpdated { .. } | Change::Deleted => {
-                    ready_vms.remove(&ev.object.name);
-                }
-                _ => {}
-            }
-            if ready_vms.len() == n {
-                return Instant::now();
-            }
+    follow(socket, after, |ev| {
+        if ev.object.kind != Kind::VirtualMachine {
+            return false;
         }
-    }
-}
-
-/// The store's resourceVersion, as `/v1/healthz` reports it.
-fn last_seq(socket: &Path) -> u64 {
-    let (_, h) = request(socket, "GET", "/v1/healthz", "").expect("healthz answers");
-    h["lastSeq"].as_u64().unwrap_or(0)
+        match &ev.change {
+            Change::StatusUpdated { status } if ready(status) => {
+                ready_vms.insert(ev.object.name.clone());
+            }
+            Change::StatusUpdated { .. } | Change::Deleted => {
+                ready_vms.remove(&ev.object.name);
+            }
+            _ => {}
+        }
+        ready_vms.len() == n
+    });
+    Instant::now()
 }
 
 /// One run: seconds from the first apply request to every one of `n` VMs
@@ -187,18 +123,6 @@ fn ready_time(rt: &tokio::runtime::Runtime, store: StoreConfig, n: usize) -> (Du
     let _ = stop.send(());
     rt.block_on(agent).unwrap().unwrap();
     (took, writes)
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {
