@@ -1,32 +1,35 @@
-//! One agent runs the controllers of an etcd prefix: the agent lease.
+//! Which agent runs what on an etcd prefix: the agent lease elects the one
+//! that runs the cluster's controllers (the scheduler, the node lifecycle
+//! controller); each agent runs its own node's controllers while it holds
+//! its node lease ([`run_per_fence`]).
 //!
-//! The guard sled's data-directory lock gives on one host, for agents that
-//! share an etcd key prefix from anywhere (before it, two agents on one
-//! prefix both ran the controllers: every action twice, with QEMU two
-//! copies of one VM). Until issue 17's per-node leases:
+//! Before the agent lease, two agents on one prefix both ran every
+//! controller: every action twice, with QEMU two copies of one VM. Now
+//! (issue 17) VMs are bound to nodes, each agent acts on its node's only,
+//! and one agent at a time runs what must run once:
 //!
 //! * At start, when etcd answers, the agent takes the prefix's agent lease
-//!   ([`vmctl_store::EtcdStore::acquire_lease`], TTL [`DEFAULT_TTL`]) or is
-//!   refused ([`crate::AgentError::LeaseHeld`], naming the holder: host,
-//!   pid, socket, data directory).
+//!   ([`vmctl_store::EtcdStore::acquire_lease`], TTL [`DEFAULT_TTL`]) or,
+//!   held by another, stands by for it ([`ControllersState::Standby`],
+//!   naming the holder: host, pid, socket, data directory).
 //! * A holder that is this agent's own dead predecessor (same host, boot
 //!   and data directory, whose lock this agent holds: it was killed before
-//!   it could revoke its lease) is no reason to refuse or wait: its lease
-//!   is revoked and taken at once.
+//!   it could revoke its lease) is no reason to wait: its lease is revoked
+//!   and taken at once.
 //! * With etcd unreachable the agent still starts and serves the API; it
-//!   takes the lease once etcd answers, and if another agent took it
-//!   meanwhile it stands by (no controllers) until that one gives it up.
-//! * The controllers run only while the lease is held. The holder keeps
-//!   it alive every third of the TTL; when it cannot (etcd unreachable or
-//!   the lease gone) for so long that the lease may expire within a fifth
-//!   of the TTL, it stops its controllers and tries to take the lease
+//!   takes the lease once etcd answers, unless another agent took it.
+//! * The cluster's controllers run only while the lease is held. The
+//!   holder keeps it alive every third of the TTL; when it cannot (etcd
+//!   unreachable or the lease gone) for so long that the lease may expire
+//!   within a fifth of the TTL, it stops them and tries to take the lease
 //!   again, as at start. Another agent can take it only once etcd expired
 //!   it: a cut-off holder's controllers are stopping by then (stopping
 //!   waits for the action in progress). That action may outlast the cut
 //!   (its requests held up until it heals), so the controllers write
 //!   through a store fenced by the lease ([`vmctl_store::EtcdStore::fenced`]):
-//!   once the lease is gone, none of their writes lands.
-//! * A holder that stops (SIGTERM) revokes its lease: the next agent takes
+//!   once the lease is gone, none of their writes lands. A node's
+//!   controllers are fenced by its node lease the same way.
+//! * A holder that stops (SIGTERM) revokes its lease: another agent takes
 //!   it at once; one killed with SIGKILL holds it until the TTL runs out,
 //!   unless restarted on the same host and data directory (above).
 
@@ -45,7 +48,8 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 /// How often an agent that does not hold the lease tries to take it.
 const RETRY: Duration = Duration::from_secs(1);
 
-/// Whether this agent runs the controllers (for `/v1/healthz`).
+/// Whether this agent runs the cluster's controllers (for `/v1/healthz`;
+/// its own node's run whenever it holds its node lease).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControllersState {
     /// They run (sled, or the etcd agent lease is held).
