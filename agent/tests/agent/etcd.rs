@@ -550,3 +550,102 @@ async fn two_agents_on_one_etcd_prefix_run_their_own_nodes_and_one_scheduler() {
     agent_a.await.unwrap().unwrap();
     drop(cluster);
 }
+
+/// Issue 17 item 5: a VM that opts into `evictAfterSeconds` is re-placed
+/// on another node once its node has been lost that long (a fresh disk,
+/// started again there), and the lost node, back, destroys its own copy
+/// instead of running a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evictable_vm_is_replaced_on_another_node_and_its_old_copy_destroyed() {
+    let cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .unwrap()
+        .expect("etcd starts (scripts/install-prereqs installs etcd-server)");
+    let prefix = unique_prefix();
+    let mut partitions = Vec::new();
+    for i in 0..cluster.len() {
+        partitions.push(Partition::to(&cluster.endpoint(i)).await);
+    }
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut cfg_a = etcd_agent(
+        dir_a.path(),
+        partitions.iter().map(|p| p.addr.clone()).collect(),
+        &prefix,
+    );
+    let mut cfg_b = etcd_agent(dir_b.path(), cluster.endpoints(), &prefix);
+    cfg_a.node_name = "node-a".into();
+    cfg_b.node_name = "node-b".into();
+    cfg_a.node_lease_ttl = Duration::from_secs(2);
+    cfg_b.node_lease_ttl = Duration::from_secs(2);
+    let (socket_a, socket_b) = (cfg_a.socket.clone(), cfg_b.socket.clone());
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let agent_a = tokio::spawn(run_until(cfg_a, async {
+        let _ = stopped_a.await;
+    }));
+    let s = socket_a.clone();
+    eventually("A runs the controllers", Duration::from_secs(30), || {
+        controllers(&s).as_deref() == Some("running")
+    })
+    .await;
+    // Only node-a exists: the VM is placed there.
+    let body = json!({"objects": [
+        {"apiVersion": "vmctl/v1alpha1", "kind": "Image", "metadata": {"name": "img"},
+         "spec": {"source": {"path": "/images/img.qcow2"}}},
+        {"apiVersion": "vmctl/v1alpha1", "kind": "VirtualMachine", "metadata": {"name": "ev"},
+         "spec": {"image": "img", "evictAfterSeconds": 2}},
+    ]});
+    let (code, out) = request(&socket_a, "POST", "/v1/apply", &body.to_string()).unwrap();
+    assert_eq!(code, 200, "{out}");
+    eventually("ev Ready on node-a", Duration::from_secs(30), || {
+        vm_ready(&s, "ev") && vm_ready_reason(&s, "ev").is_some_and(|r| r.2 == "node-a")
+    })
+    .await;
+    let (stop_b, stopped_b) = tokio::sync::oneshot::channel::<()>();
+    let agent_b = tokio::spawn(run_until(cfg_b, async {
+        let _ = stopped_b.await;
+    }));
+    let s = socket_b.clone();
+    eventually("node-b Ready", Duration::from_secs(30), || {
+        node_ready(&s, "node-b") == Some(("True".into(), "AgentReady".into()))
+    })
+    .await;
+
+    // node-a lost: after its TTL + 2 s the VM is NodeLost, 2 s later
+    // evicted and placed on node-b, where it runs.
+    for p in &partitions {
+        p.cut();
+    }
+    eventually("ev Ready on node-b", Duration::from_secs(30), || {
+        vm_ready(&s, "ev") && vm_ready_reason(&s, "ev").is_some_and(|r| r.2 == "node-b")
+    })
+    .await;
+    let reasons = note_reasons(&socket_b, "ev");
+    for r in ["NodeLost", "Evicted"] {
+        assert!(reasons.iter().any(|x| x == r), "{r} not in {reasons:?}");
+    }
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "Started").count(),
+        2,
+        "started on node-a, then on node-b: {reasons:?}"
+    );
+
+    // node-a back: it destroys its copy, and the VM stays on node-b.
+    for p in &partitions {
+        p.heal();
+    }
+    eventually("node-a destroyed its copy", Duration::from_secs(30), || {
+        note_reasons(&s, "ev").iter().any(|r| r == "Destroyed")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(vm_ready(&s, "ev"));
+    assert_eq!(
+        vm_ready_reason(&s, "ev").map(|r| r.2).as_deref(),
+        Some("node-b")
+    );
+    let _ = stop_b.send(());
+    agent_b.await.unwrap().unwrap();
+    let _ = stop_a.send(());
+    agent_a.await.unwrap().unwrap();
+    drop(cluster);
+}
