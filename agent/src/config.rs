@@ -87,6 +87,12 @@ pub struct AgentConfig {
     /// heartbeat is written every third of it, and the Node is marked not
     /// Ready once its heartbeat is older than it + 2 s.
     pub node_lease_ttl: Duration,
+    /// Whether this agent stops its VMs when it loses its node lease
+    /// (store etcd; `--fence` / `VMCTL_FENCE`): cut off from the cluster,
+    /// its VMs may be re-placed elsewhere (`evictAfterSeconds`), and a
+    /// fenced host does not run a second copy beside them. Default off:
+    /// the VMs run on, unmanaged, until the lease is back.
+    pub fence: bool,
     /// dnsmasq lease files read (before the usual ones) to find the
     /// address of a guest on a `tap` network: `--dnsmasq-leases`,
     /// `VMCTL_DNSMASQ_LEASES` or `dnsmasq-leases` in the config file.
@@ -664,6 +670,7 @@ impl AgentConfig {
             node_name: default_node_name(),
             node_labels: BTreeMap::new(),
             node_lease_ttl: Duration::from_secs(vmctl_api::node::DEFAULT_LEASE_TTL_SECONDS),
+            fence: false,
             dnsmasq_leases: Vec::new(),
         }
     }

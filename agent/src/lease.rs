@@ -301,7 +301,12 @@ pub async fn run_while_held(
 /// it is withdrawn (the lease may expire) and start again, fenced by the
 /// new lease, when it is taken again. Returns when `stopped` turns true
 /// (after stopping them) or when they fail.
+///
+/// With `fencing` (the agent's `--fence`), losing the lease also stops
+/// every instance that hypervisor has ([`fence_vms`]), so that a partitioned
+/// host cannot fight a replacement.
 pub async fn run_per_fence(
+    fencing: Option<std::sync::Arc<dyn vmctl_controllers::drivers::Hypervisor>>,
     mut fences: watch::Receiver<Option<vmctl_store::Fence>>,
     start: impl Fn(
         watch::Receiver<bool>,
@@ -355,6 +360,70 @@ pub async fn run_per_fence(
         }
         if let Ok(Err(e)) = r {
             return Err(e);
+        }
+        if let Some(hv) = &fencing {
+            fence_vms(hv.as_ref()).await;
+        }
+    }
+}
+
+/// How long [`fence_vms`] gives each guest to shut down before its
+/// hypervisor process is ended.
+pub const FENCE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Stops every instance `hv` has (each given [`FENCE_STOP_TIMEOUT`]),
+/// logging what it does: this node lost its lease, and a replacement
+/// may start its VMs elsewhere.
+pub async fn fence_vms(hv: &dyn vmctl_controllers::drivers::Hypervisor) {
+    let names = match hv.instances().await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %vmctl_api::error_chain(&e), "fencing: cannot list this node's VMs");
+            return;
+        }
+    };
+    tracing::warn!(
+        vms = names.len(),
+        "fencing (--fence): this node's lease may have expired; stopping its VMs so that a \
+         replacement elsewhere cannot run beside them"
+    );
+    for name in names {
+        if let Err(e) = hv.stop(&name, FENCE_STOP_TIMEOUT).await {
+            tracing::error!(vm = %name, error = %vmctl_api::error_chain(&e), "fencing: cannot stop the VM");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vmctl_controllers::drivers::{InstanceSpec, InstanceState, LocalImage};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn fencing_stops_every_vm_the_driver_has() {
+        let drivers = vmctl_controllers::Drivers::fake(vmctl_controllers::FakeConfig::default());
+        let hv = drivers.hypervisor;
+        for name in ["a", "b"] {
+            let spec = InstanceSpec {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                spec: serde_json::from_value(serde_json::json!({"image": "i"})).unwrap(),
+                image: LocalImage {
+                    path: "/i".into(),
+                    format: "raw".into(),
+                    size_bytes: 1,
+                    virtual_size_bytes: None,
+                },
+            };
+            hv.prepare(&spec).await.unwrap();
+            hv.start(name).await.unwrap();
+        }
+        assert_eq!(hv.instances().await.unwrap(), ["a", "b"]);
+        fence_vms(hv.as_ref()).await;
+        for name in ["a", "b"] {
+            let st = hv.status(name).await.unwrap().expect("kept, stopped");
+            assert_eq!(st.state, InstanceState::Stopped, "{name}");
         }
     }
 }

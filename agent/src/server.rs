@@ -400,6 +400,7 @@ pub async fn run_until(
                     .send_replace(crate::lease::ControllersState::Standby { holder: None });
             }
             let per_node = tokio::spawn(crate::lease::run_per_fence(
+                cfg.fence.then(|| drivers.hypervisor.clone()),
                 node.fences(),
                 start(vmctl_controllers::Scope::Node),
                 stopped.clone(),

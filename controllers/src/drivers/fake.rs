@@ -643,6 +643,10 @@ impl Hypervisor for FakeHypervisor {
         })
     }
 
+    fn instances(&self) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(async move { Ok(self.0.lock().instances.keys().cloned().collect()) })
+    }
+
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<InstanceStatus>>> {
         Box::pin(async move {
             // Observing is cheap in every real backend too: no latency.

@@ -182,6 +182,13 @@ pub trait Hypervisor: Send + Sync + Debug {
     fn destroy<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>>;
     /// The instance's state, `None` if it does not exist.
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<InstanceStatus>>>;
+    /// The names of the instances this driver has made (running or not),
+    /// whatever the store says: what the agent stops when it fences itself
+    /// (`--fence`, having lost its node lease). Default: none known (a
+    /// driver that cannot list its instances cannot fence).
+    fn instances(&self) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
     /// Whether [`resize_disk`](Self::resize_disk) grows the disk of a
     /// running instance live (the guest sees the new size at once). When
     /// not, a growth waits for the next start, where

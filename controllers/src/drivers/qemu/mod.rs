@@ -1197,6 +1197,33 @@ impl Hypervisor for QemuDriver {
         Some(self.config.data_dir.join("vms").join(name))
     }
 
+    /// The work dirs under `<data-dir>/vms`, by name.
+    fn instances(&self) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(async move {
+            let dir = self.config.data_dir.join("vms");
+            let mut names = Vec::new();
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+                Err(source) => {
+                    return Err(DriverError::Io {
+                        context: format!("cannot list {}", dir.display()),
+                        source,
+                    });
+                }
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir())
+                    && let Some(n) = entry.file_name().to_str()
+                {
+                    names.push(n.to_owned());
+                }
+            }
+            names.sort();
+            Ok(names)
+        })
+    }
+
     fn prepare<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<InstanceStatus>> {
         Box::pin(async move {
             let lock = self.lock(&spec.name);
