@@ -202,14 +202,25 @@ pub fn parse_label(label: &str) -> Result<(String, String), String> {
     let Some((key, value)) = label.split_once('=') else {
         return Err(format!("label `{label}` has no `=`; write KEY=VALUE"));
     };
-    let name_part = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
-    };
+    check_label_key(key)?;
+    check_label_value(key, value)?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// Whether `s` is a label name part: 1–63 letters, digits, `-`, `_` and
+/// `.`, starting and ending with a letter or digit.
+fn label_name_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Checks a label key, as [`parse_label`] does (also the keys of a VM's
+/// `nodeSelector`). Returns what is wrong.
+pub fn check_label_key(key: &str) -> Result<(), String> {
     let (prefix, name) = match key.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
@@ -221,20 +232,31 @@ pub fn parse_label(label: &str) -> Result<(String, String), String> {
             "label key `{key}`: its prefix `{p}` is not a DNS subdomain (lowercase letters, digits, `-` and `.`)"
         ));
     }
-    if !name_part(name) {
+    if !label_name_part(name) {
         return Err(format!(
             "label key `{key}` must be 1 to 63 letters, digits, `-`, `_` or `.`, starting and \
              ending with a letter or digit"
         ));
     }
-    if !value.is_empty() && !name_part(value) {
+    Ok(())
+}
+
+/// Checks the value of the label `key`, as [`parse_label`] does (also the
+/// values of a VM's `nodeSelector`). Returns what is wrong.
+pub fn check_label_value(key: &str, value: &str) -> Result<(), String> {
+    if !value.is_empty() && !label_name_part(value) {
         return Err(format!(
             "label value `{value}` (of `{key}`) must be empty or 1 to 63 letters, digits, `-`, \
              `_` or `.`, starting and ending with a letter or digit"
         ));
     }
-    Ok((key.to_owned(), value.to_owned()))
+    Ok(())
 }
+
+/// The help line shown with a label error.
+pub const LABEL_HELP: &str = "label keys are 1-63 letters, digits, '-', '_' or '.' (starting and \
+ending with a letter or digit), optionally after a DNS prefix and '/' (`topology.vmctl.dev/zone`); \
+values are empty or the same characters";
 
 #[cfg(test)]
 mod tests {

@@ -25,6 +25,10 @@ pub const SSH_TIMEOUT: (u64, u64) = (1, 24 * 3600);
 pub const PROBE_SECONDS: (u64, u64) = (1, 3600);
 /// Allowed readiness probe failure threshold.
 pub const PROBE_FAILURE_THRESHOLD: (u64, u64) = (1, 100);
+/// Valid range of `evictAfterSeconds`: at least a second (`0` would
+/// re-place a VM, and throw its disk away, on the first missed
+/// heartbeat), at most 30 days (leave it out to never re-place).
+pub const EVICT_AFTER: (u64, u64) = (1, 30 * 24 * 3600);
 
 /// The hypervisor backend that will run the VMs, for the checks only it
 /// can decide ([`for_backend`]). The VMFile does not name it: the agent's
@@ -269,6 +273,7 @@ fn validate_vm(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
     validate_port_forwards(spec, errs);
     validate_probes(spec, errs);
     validate_shares(spec, errs);
+    validate_placement(spec, errs);
     match &spec.network {
         Network::Tap { bridge } => {
             if let Err(m) = check_ifname(bridge) {
@@ -306,6 +311,33 @@ fn validate_vm(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
         if let Some(k) = &ssh.private_key {
             check_abs("spec.ssh.privateKey", k, errs);
         }
+    }
+}
+
+/// Checks the placement fields (issue 17): `nodeSelector` pairs follow
+/// the syntax of node labels, `nodeName` that of node names. A VMFile's
+/// selector is checked as it is read (its keys and values have spans of
+/// their own there), so only manifests' bad pairs reach here.
+fn validate_placement(spec: &VirtualMachineSpec, errs: &mut Vec<FieldError>) {
+    use crate::node::{LABEL_HELP, NODE_NAME_HELP, check_label_key, check_label_value};
+    for (key, value) in &spec.node_selector {
+        let at = format!("spec.nodeSelector.{key}");
+        if let Err(m) = check_label_key(key).and_then(|()| check_label_value(key, value)) {
+            errs.push(FieldError::new(at, m).help(LABEL_HELP));
+        }
+    }
+    if let Some(n) = &spec.node_name
+        && let Err(m) = crate::node::check_node_name(n)
+    {
+        errs.push(FieldError::new("spec.nodeName", m).help(NODE_NAME_HELP));
+    }
+    if let Some(t) = spec.evict_after_seconds {
+        errs.extend(check_range(
+            "spec.evictAfterSeconds",
+            "evict-after (seconds)",
+            t,
+            EVICT_AFTER,
+        ));
     }
 }
 

@@ -221,14 +221,16 @@ impl Reader {
                 Err(_) if *i < 0 => {
                     self.push(
                         Problem::error(CODE, span, format!("{what} must be positive, found {i}"))
-                            .label("negative"),
+                            .label("negative")
+                            .help("write a whole number of 1 or more, without a sign"),
                     );
                     None
                 }
                 Err(_) => {
                     self.push(
                         Problem::error(CODE, span, format!("{what} {i} is out of range"))
-                            .label("too large"),
+                            .label("too large")
+                            .help("write a smaller whole number"),
                     );
                     None
                 }

@@ -8,6 +8,7 @@ use super::{Context, SpanMap};
 use crate::diag::Problem;
 use crate::limits::{FileUse, human_bytes};
 use crate::localfile::LocalFileError;
+use crate::node::{LABEL_HELP, check_label_key, check_label_value};
 use crate::resources::{
     CloudInit, DEFAULT_FORWARD_ADDRESS, Disk, Display, ExecAction, ImageSource, LocalFile, Network,
     PortForward, PowerState, Probe, Protocol, Provision, ProvisionSpec, ProvisionStep, Resource,
@@ -32,6 +33,9 @@ const VM_NODES: &[&str] = &[
     "display",
     "probe",
     "share",
+    "node-selector",
+    "node",
+    "evict-after",
 ];
 
 /// A VM block read from the file, with the spans of its fields.
@@ -226,6 +230,27 @@ pub fn read_vm(rd: &mut Reader, node: &KdlNode, ctx: &Context) -> Option<VmDraft
                     d.spec.stop_timeout_seconds = Some(u32::try_from(v.value).unwrap_or(u32::MAX));
                 }
             }
+            "evict-after" => {
+                if let Some(v) = rd
+                    .leaf(child, "evict-after 300")
+                    .and_then(|e| rd.integer(e, "evict-after"))
+                {
+                    // Range-checked by validation, with this span.
+                    d.vm_spans.insert("spec.evictAfterSeconds".into(), v.span);
+                    d.spec.evict_after_seconds = Some(v.value);
+                }
+            }
+            "node" => {
+                if let Some(s) = rd
+                    .leaf(child, "node \"host-b\"")
+                    .and_then(|e| rd.string(e, "node"))
+                {
+                    // Checked by validation, with this span.
+                    d.vm_spans.insert("spec.nodeName".into(), s.span);
+                    d.spec.node_name = Some(s.value);
+                }
+            }
+            "node-selector" => read_node_selector(rd, child, &mut d),
             "network" => read_network(rd, child, &mut d),
             "cloud-init" => read_cloud_init(rd, child, ctx, &mut d),
             "ssh" => read_ssh(rd, child, ctx, &mut d),
@@ -329,6 +354,50 @@ fn read_extra_disk(rd: &mut Reader, node: &KdlNode, d: &mut VmDraft) {
         name: name.value,
         size_gib: size.value,
     });
+}
+
+/// Reads `node-selector { zone "a"; disk "ssd" }`: the labels the VM's
+/// node must carry, one child per label, named by its key, with its value
+/// as argument (a key with `/` is quoted: `"topology.vmctl.dev/zone"
+/// "eu-1"`). Keys and values are checked here, each at its own span, with
+/// the rules of node labels; a bad pair is left out of the spec so that
+/// validation does not report it again.
+fn read_node_selector(rd: &mut Reader, node: &KdlNode, d: &mut VmDraft) {
+    rd.entries(node, &[], 0);
+    d.vm_spans
+        .insert("spec.nodeSelector".into(), name_span(node));
+    let mut seen: std::collections::HashMap<&str, SourceSpan> = Default::default();
+    for c in node.children().map(|c| c.nodes()).unwrap_or_default() {
+        let key = c.name().value();
+        if let Some(f) = seen.get(key) {
+            rd.duplicate(c, *f);
+            continue;
+        }
+        seen.insert(key, name_span(c));
+        let value = rd
+            .leaf(c, &format!("{key} \"value\""))
+            .and_then(|e| rd.string(e, "a node-selector value"));
+        if let Err(m) = check_label_key(key) {
+            rd.push(
+                Problem::error(CODE, name_span(c), m)
+                    .label("not a label key")
+                    .help(LABEL_HELP),
+            );
+            continue;
+        }
+        let Some(value) = value else { continue };
+        if let Err(m) = check_label_value(key, &value.value) {
+            rd.push(
+                Problem::error(CODE, value.span, m)
+                    .label("not a label value")
+                    .help(LABEL_HELP),
+            );
+            continue;
+        }
+        d.vm_spans
+            .insert(format!("spec.nodeSelector.{key}"), value.span);
+        d.spec.node_selector.insert(key.to_owned(), value.value);
+    }
 }
 
 /// Reads `port-forward host=8080 guest=80 [protocol="udp"]

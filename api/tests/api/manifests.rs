@@ -1,5 +1,7 @@
 //! YAML/JSON manifests: same validation, and manifest → YAML → manifest is identity.
 
+use std::collections::BTreeMap;
+
 use proptest::prelude::*;
 use vmctl_api::manifest::{parse, to_yaml};
 use vmctl_api::resources::*;
@@ -26,6 +28,92 @@ spec: {}
     assert!(text.contains("vcpus 70000 is out of range"), "{text}");
     assert!(text.contains("unknown kind `Gadget`"), "{text}");
     crate::settings().bind(|| insta::assert_snapshot!("manifest_errors", text));
+}
+
+#[test]
+fn manifest_placement_fields_are_validated_at_their_field() {
+    let good = r#"apiVersion: vmctl/v1alpha1
+kind: VirtualMachine
+metadata:
+  name: web
+spec:
+  image: base
+  nodeSelector:
+    zone: a
+    topology.vmctl.dev/rack: r-1
+    gpu: ""
+  nodeName: host-b
+  evictAfterSeconds: 300
+"#;
+    let (res, _) = parse("vm.yaml", good).unwrap_or_else(|d| panic!("{}", d.render_plain()));
+    let Resource::VirtualMachine(v) = &res[0] else {
+        panic!()
+    };
+    assert_eq!(v.spec.node_selector["zone"], "a");
+    assert_eq!(v.spec.node_selector["topology.vmctl.dev/rack"], "r-1");
+    assert_eq!(v.spec.node_selector["gpu"], "");
+    assert_eq!(v.spec.node_name.as_deref(), Some("host-b"));
+    assert_eq!(v.spec.evict_after_seconds, Some(300));
+    for (from, to, says, at) in [
+        (
+            "zone: a",
+            "\"zo ne\": a",
+            "spec.nodeSelector.zo ne: label key `zo ne`",
+            "\"zo ne\"",
+        ),
+        (
+            "zone: a",
+            "zone: a b",
+            "spec.nodeSelector.zone: label value `a b` (of `zone`)",
+            "zone:",
+        ),
+        (
+            "nodeName: host-b",
+            "nodeName: Host_B",
+            "spec.nodeName: node name `Host_B` contains an uppercase letter",
+            "nodeName:",
+        ),
+        (
+            "evictAfterSeconds: 300",
+            "evictAfterSeconds: 0",
+            "spec.evictAfterSeconds: evict-after (seconds) 0 is out of range",
+            "evictAfterSeconds:",
+        ),
+    ] {
+        let bad = good.replace(from, to);
+        let d = parse("vm.yaml", &bad).unwrap_err();
+        let text = d.render_plain();
+        assert_eq!(d.error_count(), 1, "{to}: {text}");
+        let p = &d.problems[0];
+        assert!(p.message.contains(says), "{to}: {text}");
+        assert!(p.help.is_some(), "{to}: no help in {text}");
+        // Located at the field, not at the top of the document.
+        assert_eq!(p.span.offset(), bad.find(at).unwrap(), "{to}: {text}");
+    }
+    // A negative or a string is no number of seconds; a key given twice
+    // is refused by the YAML reader.
+    for (from, to, says) in [
+        (
+            "evictAfterSeconds: 300",
+            "evictAfterSeconds: -5",
+            "spec.evictAfterSeconds: invalid type: integer `-5`",
+        ),
+        (
+            "evictAfterSeconds: 300",
+            "evictAfterSeconds: soon",
+            "spec.evictAfterSeconds: invalid type: string \"soon\"",
+        ),
+        (
+            "    gpu: \"\"",
+            "    gpu: \"\"\n    zone: b",
+            "spec.nodeSelector: duplicate entry with key \"zone\"",
+        ),
+    ] {
+        let d = parse("vm.yaml", &good.replace(from, to)).unwrap_err();
+        let text = d.render_plain();
+        assert_eq!(d.error_count(), 1, "{to}: {text}");
+        assert!(d.problems[0].message.contains(says), "{to}: {text}");
+    }
 }
 
 #[test]
@@ -246,9 +334,11 @@ fn vm() -> impl Strategy<Value = Resource> {
             Just(PowerState::Stopped),
             Just(PowerState::Suspended)
         ],
+        placement(),
     )
         .prop_map(
-            |(n, image, vcpus, memory_mib, disk_gib, network, ci, ssh, power_state)| {
+            |(n, image, vcpus, memory_mib, disk_gib, network, ci, ssh, power_state, placement)| {
+                let (node_selector, node_name, evict_after_seconds) = placement;
                 Resource::VirtualMachine(VirtualMachine::new(
                     n,
                     VirtualMachineSpec {
@@ -275,13 +365,35 @@ fn vm() -> impl Strategy<Value = Resource> {
                         display: Display::None,
                         readiness_probes: Vec::new(),
                         shares: Vec::new(),
-                        node_selector: Default::default(),
-                        node_name: None,
-                        evict_after_seconds: None,
+                        node_selector,
+                        node_name,
+                        evict_after_seconds,
                     },
                 ))
             },
         )
+}
+
+/// `nodeSelector`, `nodeName` and `evictAfterSeconds` (issue 17), valid
+/// ones: keys with and without a prefix, empty values, values that YAML
+/// would read as numbers or booleans if they were not quoted.
+fn placement() -> impl Strategy<Value = (BTreeMap<String, String>, Option<String>, Option<u64>)> {
+    let key = prop_oneof![
+        "[a-z][a-z0-9_.-]{0,10}[a-z0-9]",
+        "[a-z]{1,8}\\.vmctl\\.dev/[a-z]{1,8}",
+    ];
+    let value = prop_oneof![
+        "[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,10}[a-zA-Z0-9])?",
+        Just(String::new()),
+        Just("true".to_owned()),
+        Just("1e3".to_owned()),
+        Just("0x1f".to_owned()),
+    ];
+    (
+        proptest::collection::btree_map(key, value, 0..4),
+        proptest::option::of(name()),
+        proptest::option::of(1u64..=30 * 24 * 3600),
+    )
 }
 
 fn image() -> impl Strategy<Value = Resource> {

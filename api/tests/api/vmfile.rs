@@ -714,3 +714,130 @@ fn bad_shares_are_located_errors() {
     );
     assert_eq!(d.error_count(), 7, "{text}");
 }
+
+#[test]
+fn placement_reads_node_selector_pin_and_evict_after() {
+    let res = parse_ok(
+        r#"vm "web" {
+    image-url "https://example.com/a.qcow2"
+    node-selector {
+        zone "a"
+        disk "ssd"
+        "topology.vmctl.dev/rack" "r-1"
+        gpu ""
+    }
+    node "host-b"
+    evict-after 300
+}"#,
+    );
+    let v = vm(&res, "web");
+    let selector: Vec<(&str, &str)> = v
+        .spec
+        .node_selector
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        selector,
+        [
+            ("disk", "ssd"),
+            ("gpu", ""),
+            ("topology.vmctl.dev/rack", "r-1"),
+            ("zone", "a")
+        ]
+    );
+    assert_eq!(v.spec.node_name.as_deref(), Some("host-b"));
+    assert_eq!(v.spec.evict_after_seconds, Some(300));
+    // Left out, they stay unset: any node, never re-placed.
+    let v = vm(
+        &parse_ok(r#"vm "min" { image-url "https://example.com/a.qcow2" }"#),
+        "min",
+    );
+    assert!(v.spec.node_selector.is_empty());
+    assert_eq!(v.spec.node_name, None);
+    assert_eq!(v.spec.evict_after_seconds, None);
+}
+
+#[test]
+fn bad_placement_settings_are_located_errors() {
+    for (setting, bad, says) in [
+        (
+            r#"node-selector { "zo ne" "a" }"#,
+            r#""zo ne""#,
+            "label key `zo ne`",
+        ),
+        (
+            r#"node-selector { -zone "a" }"#,
+            "-zone",
+            "label key `-zone`",
+        ),
+        (
+            r#"node-selector { "Bad_/zone" "a" }"#,
+            r#""Bad_/zone""#,
+            "prefix `Bad_`",
+        ),
+        (
+            r#"node-selector { zone "a b" }"#,
+            r#""a b""#,
+            "label value `a b`",
+        ),
+        (
+            r#"node-selector { zone "-a" }"#,
+            r#""-a""#,
+            "label value `-a`",
+        ),
+        (r#"node-selector { zone 3 }"#, "3", "must be a string"),
+        ("node-selector { zone }", "zone", "`zone` needs a value"),
+        (
+            r#"node-selector { zone "a"; zone "b" }"#,
+            "zone",
+            "`zone` is given twice",
+        ),
+        (
+            r#"node-selector "a" { zone "a" }"#,
+            r#""a""#,
+            "`node-selector` takes no arguments",
+        ),
+        (r#"node "Host-B""#, r#""Host-B""#, "uppercase"),
+        (r#"node "host_b""#, r#""host_b""#, "contains `_`"),
+        (r#"node """#, r#""""#, "1 to 253"),
+        ("node 7", "7", "node must be a string"),
+        ("node", "node", "`node` needs a value"),
+        (
+            "evict-after 0",
+            "0",
+            "evict-after (seconds) 0 is out of range",
+        ),
+        ("evict-after 9999999999", "9999999999", "is out of range"),
+        ("evict-after -5", "-5", "evict-after must be positive"),
+        (r#"evict-after "300""#, r#""300""#, "must be an integer"),
+        ("evict-after 1.5", "1.5", "must be an integer"),
+    ] {
+        let src = format!(
+            "vm \"a\" {{\n    image-url \"https://example.com/a.qcow2\"\n    {setting}\n}}"
+        );
+        let d = parse_err(&src);
+        let text = d.render_plain();
+        assert_eq!(d.error_count(), 1, "{setting}: {text}");
+        let p = &d.problems[0];
+        assert!(p.message.contains(says), "{setting}: {}", p.message);
+        assert_eq!(spanned(&src, p), bad, "{setting}");
+        // On the setting's own line, with what to do.
+        assert_eq!(d.line_col(p.span.offset()).0, 3, "{setting}");
+        assert!(p.help.is_some(), "{setting}: no help in {text}");
+    }
+    // A second `node-selector` block, `node` or `evict-after` is refused
+    // like any other setting given twice.
+    for twice in [
+        "node-selector { zone \"a\" }\n    node-selector { disk \"ssd\" }",
+        "node \"a\"\n    node \"b\"",
+        "evict-after 1\n    evict-after 2",
+    ] {
+        let src =
+            format!("vm \"a\" {{\n    image-url \"https://example.com/a.qcow2\"\n    {twice}\n}}");
+        let d = parse_err(&src);
+        assert_eq!(d.error_count(), 1, "{}", d.render_plain());
+        assert!(d.problems[0].message.contains("is given twice"));
+        assert_eq!(d.line_col(d.problems[0].span.offset()).0, 4, "{twice}");
+    }
+}

@@ -54,6 +54,15 @@ pub(crate) fn ports_cell(vm: &vmctl_api::VirtualMachine) -> String {
         .join(",")
 }
 
+/// The node a VM's instance is on (`status.nodeName`), `<none>` before
+/// one made it (kubectl's NODE column of pods).
+pub(crate) fn node_cell(vm: &vmctl_api::VirtualMachine) -> String {
+    vm.status
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_else(|| "<none>".into())
+}
+
 /// A VM's disks and their sizes, `root:10GiB,data:1GiB`: as the
 /// hypervisor reports them when it does (what the guest sees), else as
 /// the spec asks (`root:image` when the root disk is the image's size).
@@ -189,6 +198,7 @@ pub(crate) fn row_in(o: &Object, wide: bool, cx: &RowContext) -> Vec<String> {
             r.push(vm.spec.image.clone());
             if wide {
                 r.push(format!("{:?}", vm.spec.power_state));
+                r.push(node_cell(&vm));
                 let ports = ports_cell(&vm);
                 let disks = disks_cell(&vm);
                 let rt = vm.status.and_then(|s| s.runtime).unwrap_or_default();
@@ -263,7 +273,7 @@ pub(crate) fn header(kind: Kind, wide: bool) -> Vec<String> {
     };
     if wide {
         match kind {
-            Kind::VirtualMachine => h.extend(["POWER", "PID", "SSH", "PORTS", "DISKS"]),
+            Kind::VirtualMachine => h.extend(["POWER", "NODE", "PID", "SSH", "PORTS", "DISKS"]),
             Kind::Image => h.extend(["FORMAT", "SIZE"]),
             Kind::Provision => {}
             Kind::Snapshot => h.extend(["DISKS", "RESTORED"]),
@@ -515,5 +525,43 @@ fn watch_rows(
             "watch ended: {m}"
         )),
         None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmctl_api::{VirtualMachine, VirtualMachineSpec, VirtualMachineStatus};
+
+    fn vm(node: Option<&str>) -> Object {
+        let spec: VirtualMachineSpec =
+            serde_json::from_value(serde_json::json!({"image": "base"})).unwrap();
+        let mut vm = VirtualMachine::new("web", spec);
+        vm.status = Some(VirtualMachineStatus {
+            node_name: node.map(str::to_owned),
+            ..Default::default()
+        });
+        vm.to_object()
+    }
+
+    /// The NODE cell of a row under `get vm -o wide`, found by its header.
+    fn node_of(o: &Object) -> String {
+        let h = header(Kind::VirtualMachine, true);
+        let r = row_in(o, true, &RowContext::default());
+        assert_eq!(h.len(), r.len(), "{h:?} / {r:?}");
+        let col = h.iter().position(|c| c == "NODE").expect("a NODE column");
+        r[col].clone()
+    }
+
+    #[test]
+    fn get_vm_wide_shows_the_node_of_the_instance_or_none() {
+        assert_eq!(node_of(&vm(Some("host-b"))), "host-b");
+        // Not placed yet: kubectl's `<none>`.
+        assert_eq!(node_of(&vm(None)), "<none>");
+        let mut no_status = vm(None);
+        no_status.status = None;
+        assert_eq!(node_of(&no_status), "<none>");
+        // Only the wide table has it.
+        assert!(!header(Kind::VirtualMachine, false).contains(&"NODE".to_owned()));
     }
 }

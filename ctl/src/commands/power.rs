@@ -212,7 +212,9 @@ fn network_mode(vm: &VirtualMachine) -> &'static str {
     }
 }
 
-/// `vmctl list`: the manual's columns (MEM in MiB, NETWORK the mode), then STATE.
+/// `vmctl list`: the manual's columns (MEM in MiB, NETWORK the mode), then
+/// PORTS, STATE and NODE (`status.nodeName`, `<none>` before the VM was
+/// placed), last so that the manual's columns keep their places.
 pub fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
     let client = g.client()?;
     let vms = client.list(Some(Kind::VirtualMachine), &[])?;
@@ -229,7 +231,7 @@ pub fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
     }
     let mut rows = vec![
         [
-            "NAME", "BACKEND", "VCPUS", "MEM", "NETWORK", "PID", "SSH", "PORTS", "STATE",
+            "NAME", "BACKEND", "VCPUS", "MEM", "NETWORK", "PID", "SSH", "PORTS", "STATE", "NODE",
         ]
         .map(String::from)
         .to_vec(),
@@ -254,6 +256,7 @@ pub fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
             rt.ssh_port.map_or("-".into(), |p| p.to_string()),
             super::get::ports_cell(&vm),
             format!("{:?}", st.phase),
+            super::get::node_cell(&vm),
         ]);
     }
     print(&table(&rows))?;

@@ -42,6 +42,11 @@ pub fn etcd_env() -> Vec<(String, String)> {
     ]
 }
 
+/// The node name of the tests' agents, rather than the host's name, so
+/// that tables with a NODE column (`get vm -o wide`, `list`) line up the
+/// same on every machine.
+pub const TEST_NODE: &str = "test-node";
+
 impl Agent {
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("vmctl")
@@ -57,9 +62,13 @@ impl Agent {
 
     /// An agent on `driver` with extra environment (e.g. `VMCTL_FAKE_*`,
     /// read at start), on the tests' store ([`test_store_env`]), up and
-    /// answering /v1/healthz.
+    /// answering /v1/healthz. Its node is [`TEST_NODE`] unless `env` names
+    /// one (`VMCTL_NODE_NAME`).
     pub fn start_with(driver: &str, env: &[(&str, &str)]) -> Agent {
         let mut all = test_store_env();
+        if !env.iter().any(|(k, _)| *k == "VMCTL_NODE_NAME") {
+            all.push(("VMCTL_NODE_NAME".into(), TEST_NODE.into()));
+        }
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Agent::start_env(driver, all)
     }

@@ -145,17 +145,32 @@ fn missing_vmfile_is_a_clear_error() {
 
 #[test]
 fn convert_output_is_a_manifest_that_validates_again() {
-    for fmt in ["yaml", "json"] {
-        let out = vmctl(
-            &["convert", "-f", "examples/multi-vm/VMFile.kdl", "-o", fmt],
-            None,
-        );
+    let files = [
+        "examples/multi-vm/VMFile.kdl",
+        // nodeSelector, nodeName and evictAfterSeconds survive the trip.
+        "examples/placement/VMFile.kdl",
+    ];
+    for (file, fmt) in files
+        .iter()
+        .flat_map(|f| ["yaml", "json"].map(|fmt| (*f, fmt)))
+    {
+        let out = vmctl(&["convert", "-f", file, "-o", fmt], None);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
         let text = String::from_utf8(out.stdout).unwrap();
+        if file.contains("placement") {
+            for field in [
+                "nodeSelector",
+                "topology.vmctl.dev/rack",
+                "nodeName",
+                "evictAfterSeconds",
+            ] {
+                assert!(text.contains(field), "{field} not in ({fmt}):\n{text}");
+            }
+        }
         let back = vmctl(&["convert", "-f", "-", "-o", fmt], Some(&text));
         assert!(
             back.status.success(),

@@ -118,6 +118,17 @@ fn get_nodes_shows_the_agents_node_ready_with_its_labels_and_capacity() {
     ok(&a, &["apply", "-f", fs, "--wait", "--timeout", "60"]);
     let t = rows(&ok(&a, &["get", "nodes", "-o", "wide"]));
     assert_eq!(t[1][6], "1", "{t:?}");
+    // Where the VM's instance is (status.nodeName), in `get vm -o wide`
+    // and, last, in `list`.
+    let t = rows(&ok(&a, &["get", "vm", "-o", "wide"]));
+    let col = t[0]
+        .iter()
+        .position(|h| h == "NODE")
+        .expect("a NODE column");
+    assert_eq!(t[1][col], "node-a", "{t:?}");
+    let t = rows(&ok(&a, &["list"]));
+    assert_eq!(t[0].last().map(String::as_str), Some("NODE"), "{t:?}");
+    assert_eq!(t[1].last().map(String::as_str), Some("node-a"), "{t:?}");
     let d = ok(&a, &["describe", "node", "node-a"]);
     for want in [
         "Name:             node-a",
