@@ -136,12 +136,14 @@ pub(crate) fn labels_cell(o: &Object) -> String {
 pub(crate) struct RowContext {
     /// VMs per node name.
     pub vms_per_node: HashMap<String, usize>,
+    /// vCPUs and memory (MiB) the VMs bound to each node ask, by node name.
+    pub allocated: HashMap<String, (u64, u64)>,
 }
 
 impl RowContext {
-    /// Counts the VMs of each node among `vms`.
+    /// Counts the VMs of each node among `vms`, and what they ask.
     pub(crate) fn from_vms(vms: &[Object]) -> Self {
-        let mut vms_per_node = HashMap::new();
+        let mut cx = RowContext::default();
         for vm in vms {
             if let Some(n) = vm
                 .status
@@ -149,10 +151,15 @@ impl RowContext {
                 .and_then(|s| s.get("nodeName"))
                 .and_then(|n| n.as_str())
             {
-                *vms_per_node.entry(n.to_owned()).or_default() += 1;
+                *cx.vms_per_node.entry(n.to_owned()).or_default() += 1;
+                if let Ok(v) = vmctl_api::VirtualMachine::from_object(vm) {
+                    let a = cx.allocated.entry(n.to_owned()).or_default();
+                    a.0 += u64::from(v.spec.vcpus);
+                    a.1 += v.spec.memory_mib;
+                }
             }
         }
-        RowContext { vms_per_node }
+        cx
     }
 }
 
@@ -185,6 +192,15 @@ pub(crate) fn row_in(o: &Object, wide: bool, cx: &RowContext) -> Vec<String> {
                     .unwrap_or(0)
                     .to_string(),
             );
+            let (cpu, mem) = cx
+                .allocated
+                .get(&n.metadata.name)
+                .copied()
+                .unwrap_or_default();
+            r.push(format!(
+                "{cpu}/{}vCPU,{mem}/{}Mi",
+                st.allocatable.vcpus, st.allocatable.memory_mib
+            ));
             r.push(st.address.tcp.clone().unwrap_or(st.address.socket.clone()));
         }
         r.push(age(o.metadata.creation_timestamp));
@@ -277,7 +293,7 @@ pub(crate) fn header(kind: Kind, wide: bool) -> Vec<String> {
             Kind::Image => h.extend(["FORMAT", "SIZE"]),
             Kind::Provision => {}
             Kind::Snapshot => h.extend(["DISKS", "RESTORED"]),
-            Kind::Node => h.extend(["ACCEL", "LABELS", "VMS", "ADDRESS"]),
+            Kind::Node => h.extend(["ACCEL", "LABELS", "VMS", "ALLOCATED", "ADDRESS"]),
         }
         if kind != Kind::Node {
             h.extend(["GEN", "OBSERVED"]);

@@ -56,12 +56,23 @@ fn get_nodes_shows_the_agents_node_ready_with_its_labels_and_capacity() {
     assert_eq!(
         t[0],
         [
-            "NAME", "STATUS", "VCPUS", "MEMORY", "ACCEL", "LABELS", "VMS", "ADDRESS", "AGE"
+            "NAME",
+            "STATUS",
+            "VCPUS",
+            "MEMORY",
+            "ACCEL",
+            "LABELS",
+            "VMS",
+            "ALLOCATED",
+            "ADDRESS",
+            "AGE"
         ]
     );
     let socket = a.socket().display().to_string();
+    // Allocatable: 16 vCPUs per CPU, memory as it is.
+    let allocated = format!("0/{}vCPU,0/{}", host_cpus() * 16, row[3]);
     assert_eq!(
-        t[1][..8],
+        t[1][..9],
         [
             "node-a",
             "Ready",
@@ -70,6 +81,7 @@ fn get_nodes_shows_the_agents_node_ready_with_its_labels_and_capacity() {
             "-",
             "rack=1,zone=a",
             "0",
+            &allocated,
             &socket
         ]
     );
@@ -83,7 +95,12 @@ fn get_nodes_shows_the_agents_node_ready_with_its_labels_and_capacity() {
     assert_eq!(st["capacity"]["vcpus"], host_cpus() as u64);
     assert_eq!(st["capacity"]["memoryMib"], mib);
     assert!(st["capacity"]["diskGib"].is_u64(), "{st}");
-    assert_eq!(st["allocatable"], st["capacity"]);
+    assert_eq!(
+        st["allocatable"]["vcpus"].as_u64(),
+        Some(host_cpus() as u64 * 16),
+        "{st}"
+    );
+    assert_eq!(st["allocatable"]["memoryMib"], st["capacity"]["memoryMib"]);
     assert_eq!(st["address"]["socket"], socket.as_str());
     assert_eq!(st["driver"], "fake");
     assert!(!st["agentVersion"].as_str().unwrap().is_empty());
@@ -118,6 +135,9 @@ fn get_nodes_shows_the_agents_node_ready_with_its_labels_and_capacity() {
     ok(&a, &["apply", "-f", fs, "--wait", "--timeout", "60"]);
     let t = rows(&ok(&a, &["get", "nodes", "-o", "wide"]));
     assert_eq!(t[1][6], "1", "{t:?}");
+    // Its vCPU and memory (the default 1024 MiB) are allocated on the node.
+    assert!(t[1][7].starts_with("1/"), "{t:?}");
+    assert!(t[1][7].contains(",1024/"), "{t:?}");
     // Where the VM's instance is (status.nodeName), in `get vm -o wide`
     // and, last, in `list`.
     let t = rows(&ok(&a, &["get", "vm", "-o", "wide"]));
