@@ -1001,7 +1001,8 @@ pub struct ImageStatus {
     pub progress: Option<Progress>,
     /// In a cluster (etcd), each node's own state of the image, by node
     /// name: every node keeps its own copy (its cache is per host), and
-    /// fetches it once a VM bound to it needs it. The fields above then
+    /// fetches it once a VM bound to it needs it (every node fetches an
+    /// image no VM uses: one pulled or applied for its own sake). The fields above then
     /// sum the nodes up: `phase` is `Ready` once the image is ready on
     /// some node (its `Ready` condition says on which), and `path` is not
     /// set (each node's is in its entry). Empty on one host (sled).

@@ -168,14 +168,21 @@ impl ImageReconciler {
         self.ctx.write_status(obj, &top).await
     }
 
-    /// In a cluster: whether a VM bound to this node boots from Image
-    /// `name` (only then does this node fetch it).
+    /// In a cluster: whether this node fetches Image `name`: when a VM
+    /// bound to it boots from it, or when no VM uses it at all (an image
+    /// applied or pulled for its own sake is fetched on every node, so
+    /// that `vmctl image pull` and `apply --wait` of an Image end).
     async fn needed_here(&self, name: &str) -> Result<bool, Error> {
         let me = Some(self.ctx.config.node.name.as_str());
-        Ok(self.ctx.list(Kind::VirtualMachine).await?.iter().any(|vm| {
-            crate::context::vm_node(vm) == me
-                && vm.spec.get("image").and_then(|v| v.as_str()) == Some(name)
-        }))
+        let vms = self.ctx.list(Kind::VirtualMachine).await?;
+        let mut users = vms
+            .iter()
+            .filter(|vm| vm.spec.get("image").and_then(|v| v.as_str()) == Some(name))
+            .peekable();
+        if users.peek().is_none() {
+            return Ok(true);
+        }
+        Ok(users.any(|vm| crate::context::vm_node(vm) == me))
     }
 }
 
@@ -202,21 +209,28 @@ pub fn summary(
         .max_by_key(|p| rank(*p))
         .unwrap_or_default();
     let ready = nodes.values().find(|s| s.phase == ImagePhase::Ready);
+    // "Ready on a, b; c: Downloading (BackOff: …)": the nodes where it is
+    // ready together, each other one with its own reason and message.
     let mut parts = Vec::new();
-    for p in [
-        ImagePhase::Ready,
-        ImagePhase::Downloading,
-        ImagePhase::Pending,
-        ImagePhase::Failed,
-    ] {
-        let names: Vec<&str> = nodes
+    let ready_on: Vec<&str> = nodes
+        .iter()
+        .filter(|(_, s)| s.phase == ImagePhase::Ready)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !ready_on.is_empty() {
+        parts.push(format!("Ready on {}", ready_on.join(", ")));
+    }
+    for (n, st) in nodes.iter().filter(|(_, s)| s.phase != ImagePhase::Ready) {
+        let why = st
+            .conditions
             .iter()
-            .filter(|(_, s)| s.phase == p)
-            .map(|(n, _)| n.as_str())
-            .collect();
-        if !names.is_empty() {
-            parts.push(format!("{p:?} on {}", names.join(", ")));
-        }
+            .find(|c| c.type_ == "Ready")
+            .map(|c| match c.message.as_str() {
+                "" => format!(" ({})", c.reason),
+                m => format!(" ({}: {m})", c.reason),
+            })
+            .unwrap_or_default();
+        parts.push(format!("{n}: {:?}{why}", st.phase));
     }
     let generation = nodes
         .values()
@@ -369,7 +383,8 @@ impl Reconciler for ImageReconciler {
         let generation = image.metadata.generation;
         let r = obj.object_ref();
         let old = self.mine(image.status.clone());
-        // In a cluster a node fetches an image once a VM bound to it needs it.
+        // In a cluster a node fetches an image once a VM bound to it needs
+        // it (or when no VM uses it).
         if self.ctx.config.cluster
             && old.phase == ImagePhase::Pending
             && !self.needed_here(name).await?

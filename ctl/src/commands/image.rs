@@ -158,12 +158,22 @@ fn pull(
     )?;
     let o = super::objects::get_object(&client, Kind::Image, &r.name)?;
     let st = o.status.unwrap_or_default();
+    // In a cluster each node has its own copy (status.nodes).
+    let at = match (st["path"].as_str(), st["nodes"].as_object()) {
+        (Some(p), _) => p.to_owned(),
+        (None, Some(nodes)) => nodes
+            .iter()
+            .filter_map(|(n, s)| Some(format!("{} on {n}", s["path"].as_str()?)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        (None, None) => "?".to_owned(),
+    };
     println!(
         "image/{} {} {} at {}",
         r.name,
         st["format"].as_str().unwrap_or("?"),
         size(st["sizeBytes"].as_u64()),
-        st["path"].as_str().unwrap_or("?")
+        at
     );
     Ok(code)
 }

@@ -490,6 +490,11 @@ fn snapshot_settings() -> insta::Settings {
     s.add_filter(r#"("?nodeName"?:\s*"?)[^\s",]+"#, "$1[NODE]");
     s.set_snapshot_path("snapshots");
     s.set_prepend_module_to_snapshot(false);
+    // On etcd every VM is bound by the scheduler (a `Scheduled`
+    // condition): those snapshots are kept apart (`…@etcd.snap`).
+    if !test_store_env().is_empty() {
+        s.set_snapshot_suffix("etcd");
+    }
     s
 }
 

@@ -226,6 +226,18 @@ fn stdout(o: &Output) -> String {
 }
 
 /// Snapshot settings: placeholders for what changes between runs.
+/// [`settings`], for output that differs on a cluster: on etcd every VM
+/// is bound by the scheduler (a `Scheduled` condition, its node shown
+/// before it first runs) and an Image's status is kept per node
+/// (`status.nodes`), so those snapshots are kept apart (`…@etcd.snap`).
+fn store_settings() -> insta::Settings {
+    let mut s = settings();
+    if !crate::agent::test_store_env().is_empty() {
+        s.set_snapshot_suffix("etcd");
+    }
+    s
+}
+
 fn settings() -> insta::Settings {
     let mut s = insta::Settings::clone_current();
     s.add_filter(
@@ -619,7 +631,7 @@ fn get_in_every_format_and_describe() {
             assert!(said.contains("vm/alpha unchanged"), "{args:?}: {said}");
         }
     }
-    settings().bind(|| {
+    store_settings().bind(|| {
         insta::assert_snapshot!("cmd_get_formats", formats);
         insta::assert_snapshot!("cmd_get_json", json);
         insta::assert_snapshot!("cmd_describe", describe);
@@ -996,7 +1008,7 @@ fn create_power_list_status_destroy() {
         !w.run(&["get", "vm", "db"]).status.success(),
         "destroy waits until the VM is gone"
     );
-    settings().bind(|| {
+    store_settings().bind(|| {
         insta::assert_snapshot!("cmd_create", create);
         insta::assert_snapshot!("cmd_power", power);
         insta::assert_snapshot!("cmd_create_start", started);
@@ -1275,7 +1287,7 @@ fn image_commands() {
         serde_json::from_str(&w.ok(&["image", "list", "-o", "json"])).unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["usedBy"], serde_json::json!(["user"]));
-    settings().bind(|| insta::assert_snapshot!("cmd_image", text));
+    store_settings().bind(|| insta::assert_snapshot!("cmd_image", text));
 }
 
 // ---------------------------------------------------------------- the rest
@@ -1480,7 +1492,7 @@ fn port_forwards_in_get_wide_list_status_describe_and_create() {
         w.vm_json("api")["status"]["portForwards"][1]["state"],
         "Active"
     );
-    settings().bind(|| {
+    store_settings().bind(|| {
         insta::assert_snapshot!("cmd_port_forwards_apply", apply);
         insta::assert_snapshot!("cmd_port_forwards_shown", shown);
         insta::assert_snapshot!("cmd_port_forwards_describe", describe);

@@ -369,32 +369,55 @@ fn start_when_free(
 }
 
 /// The agent lease (found by a new-user tryout: two agents on one prefix
-/// both ran the controllers). A second agent on the prefix is refused,
-/// naming the holder; the holder killed with SIGKILL and restarted on its
+/// both ran the controllers). Now (issue 17) a second agent of another
+/// node starts and stands by for the cluster's controllers, naming their
+/// holder; one of the same node name is refused, naming the agent that
+/// runs as that node. The holder killed with SIGKILL and restarted on its
 /// data directory takes the lease at once (its dead predecessor's is
 /// revoked, no wait); killed again, another agent takes over within the
 /// lease's TTL (10 s).
 #[test]
 fn a_killed_agents_lease_goes_to_its_restart_at_once_and_to_another_agent_within_the_ttl() {
     let env = etcd_env();
-    let prefix = env
-        .iter()
-        .find(|(k, _)| k == "VMCTL_ETCD_PREFIX")
-        .unwrap()
-        .1
-        .clone();
-    let mut a = Agent::start_env("fake", env.clone());
+    let mut env_a = env.clone();
+    env_a.push(("VMCTL_NODE_NAME".into(), crate::agent::TEST_NODE.into()));
+    let mut a = Agent::start_env("fake", env_a);
     let other = tempfile::tempdir().unwrap();
     let data_b = other.path().join("b");
+    let pid_a = a.child.as_ref().unwrap().id();
+    let mut env_b = env.clone();
+    env_b.push(("VMCTL_NODE_NAME".into(), "node-b".into()));
 
-    // Refused at once, and told who holds the prefix.
+    // Another node's agent stands by, naming the holder.
+    let log = other.path().join("b.log");
+    let mut b = agent_process(&data_b, &env_b, &log);
+    let socket_b = data_b.join("agent.sock");
+    let holder = format!("pid {pid_a}");
+    wait_until("B stands by, naming A", Duration::from_secs(20), || {
+        try_raw(&socket_b, "GET", "/v1/healthz", "").is_some_and(|(_, h)| {
+            h["controllers"] == "standby"
+                && h["leaseHolder"]
+                    .as_str()
+                    .is_some_and(|l| l.contains(&holder))
+        })
+    });
+    let _ = b.kill();
+    let _ = b.wait();
+
+    // An agent of the same node name is refused at once, and told who
+    // runs as that node.
     let log = other.path().join("refused.log");
-    let mut b = agent_process(&data_b, &env, &log);
+    let mut env_c = env.clone();
+    env_c.push(("VMCTL_NODE_NAME".into(), crate::agent::TEST_NODE.into()));
+    let mut c = agent_process(&other.path().join("c"), &env_c, &log);
     let t = Instant::now();
-    while b.try_wait().unwrap().is_none() {
+    while c.try_wait().unwrap().is_none() {
         if t.elapsed() > Duration::from_secs(20) {
-            let _ = b.kill();
-            panic!("a second agent on the prefix was not refused");
+            let _ = c.kill();
+            panic!(
+                "a second agent of one node was not refused:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -405,10 +428,9 @@ fn a_killed_agents_lease_goes_to_its_restart_at_once_and_to_another_agent_within
             .filter(|c| !c.is_whitespace() && *c != '│')
             .collect::<String>()
     };
-    let pid_a = a.child.as_ref().unwrap().id();
     for part in [
-        prefix.as_str(),
-        &format!("pid {pid_a}"),
+        &format!("runs as node `{}`", crate::agent::TEST_NODE),
+        &holder,
         &a.socket().display().to_string(),
         "expires within 10 s",
     ] {
@@ -442,7 +464,7 @@ fn a_killed_agents_lease_goes_to_its_restart_at_once_and_to_another_agent_within
     a.child.as_mut().unwrap().kill().unwrap();
     a.child.take().unwrap().wait().unwrap();
     let killed = Instant::now();
-    let (mut b, refusals) = start_when_free(&data_b, &env, Duration::from_secs(13));
+    let (mut b, refusals) = start_when_free(&data_b, &env_b, Duration::from_secs(13));
     let took = killed.elapsed();
     eprintln!(
         "another agent took over {took:?} after the kill ({} refusals)",
