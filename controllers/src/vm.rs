@@ -85,6 +85,9 @@ pub struct VmReconciler {
     /// VM name → when its hypervisor first failed to answer, since it last
     /// did ([`RuntimeConfig::inspect_grace`](crate::RuntimeConfig)).
     failing_since: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// In a cluster: the VMs last seen bound to this node (see
+    /// `applied_triggers`).
+    bound: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl VmReconciler {
@@ -101,6 +104,7 @@ impl VmReconciler {
             prober,
             discoverer,
             failing_since: Default::default(),
+            bound: Default::default(),
         }
     }
 
@@ -795,6 +799,19 @@ impl VmReconciler {
 }
 
 impl VmReconciler {
+    /// Records whether VM `name` is bound to this node (cluster).
+    fn bound_here(&self, name: &str, here: bool) {
+        let mut b = self
+            .bound
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if here {
+            b.insert(name.to_owned());
+        } else {
+            b.remove(name);
+        }
+    }
+
     /// In a cluster: destroys this node's instance of a VM bound to
     /// another node (re-placed there while this node was lost: see the
     /// node lifecycle controller's eviction), so that no second copy runs.
@@ -836,7 +853,11 @@ impl Reconciler for VmReconciler {
         // In a cluster, a VM is the business of its node's agent only; the
         // scheduler binds it, the node lifecycle controller reports it
         // `NodeLost` when its node is.
-        if !self.ctx.acts_on(crate::context::vm_node(&obj)) {
+        let ours = self.ctx.acts_on(crate::context::vm_node(&obj));
+        if self.ctx.config.cluster {
+            self.bound_here(&obj.metadata.name, ours);
+        }
+        if !ours {
             self.destroy_stray(&obj).await?;
             return Ok(Action::await_change());
         }
@@ -893,15 +914,30 @@ impl Reconciler for VmReconciler {
     /// In a cluster, the scheduler's binding of a VM to this node (a
     /// status naming this node that no VM controller wrote yet: its
     /// `observedGeneration` is 0) starts this agent's work on it.
-    fn status_triggers(&self, status: &serde_json::Value) -> bool {
-        self.ctx.config.cluster
-            && status.get("nodeName").and_then(|n| n.as_str())
-                == Some(self.ctx.config.node.name.as_str())
-            && status
-                .get("observedGeneration")
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0)
-                == 0
+    fn status_triggers(&self, name: &str, status: &serde_json::Value) -> bool {
+        if !self.ctx.config.cluster {
+            return false;
+        }
+        let here = status.get("nodeName").and_then(|n| n.as_str())
+            == Some(self.ctx.config.node.name.as_str());
+        self.bound_here(name, here);
+        here && status
+            .get("observedGeneration")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+            == 0
+    }
+
+    /// In a cluster, a VM's spec change concerns this agent only when the
+    /// VM is bound to its node (as last seen); a new VM is bound by the
+    /// scheduler first, and its binding triggers the run.
+    fn applied_triggers(&self, name: &str) -> bool {
+        !self.ctx.config.cluster
+            || self
+                .bound
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(name)
     }
 
     fn external_triggers(&self) -> Vec<tokio::sync::broadcast::Receiver<String>> {

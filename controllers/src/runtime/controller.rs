@@ -328,9 +328,12 @@ impl<R: Reconciler> Watcher<R> {
                 // Status is written only by this controller (unless it says
                 // otherwise), and notes change nothing: neither needs
                 // another run.
-                Change::StatusUpdated { status } if self.reconciler.status_triggers(status) => {
+                Change::StatusUpdated { status }
+                    if self.reconciler.status_triggers(&ev.object.name, status) =>
+                {
                     self.queue.trigger(ev.object.clone())
                 }
+                Change::Applied { .. } if !self.reconciler.applied_triggers(&ev.object.name) => {}
                 Change::StatusUpdated { .. } | Change::Noted { .. } => {}
                 Change::Deleted => self.queue.forget(&ev.object),
                 _ => self.queue.trigger(ev.object.clone()),

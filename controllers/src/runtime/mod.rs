@@ -74,13 +74,22 @@ pub trait Reconciler: Send + Sync + 'static {
     /// writes (the heartbeat) for the node lifecycle controller to judge.
     const STATUS_TRIGGERS: bool = false;
 
-    /// Whether a status write of `status` (an object of [`KIND`](Self::KIND)
-    /// named by the event) triggers a run; by default
+    /// Whether a status write of `status` to object `name` of
+    /// [`KIND`](Self::KIND) triggers a run; by default
     /// [`STATUS_TRIGGERS`](Self::STATUS_TRIGGERS). The VM controller of a
     /// cluster node uses it to hear of the scheduler's bindings to its node.
-    fn status_triggers(&self, status: &serde_json::Value) -> bool {
-        let _ = status;
+    fn status_triggers(&self, name: &str, status: &serde_json::Value) -> bool {
+        let _ = (name, status);
         Self::STATUS_TRIGGERS
+    }
+
+    /// Whether a change of object `name`'s spec or metadata (created,
+    /// applied) triggers a run; by default always. The VM controller of a
+    /// cluster node skips the VMs it does not know to be bound to it (the
+    /// scheduler's binding, a status write, brings them).
+    fn applied_triggers(&self, name: &str) -> bool {
+        let _ = name;
+        true
     }
 
     /// Brings the world closer to what `obj` asks for.
