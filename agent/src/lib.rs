@@ -15,6 +15,7 @@ pub mod api;
 pub mod cache;
 pub mod compaction;
 pub mod config;
+pub mod door;
 pub mod finalizers;
 pub mod http;
 pub mod lease;

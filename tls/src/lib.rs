@@ -277,3 +277,22 @@ pub fn explain(e: &rustls::Error) -> String {
         other => other.to_string(),
     }
 }
+
+/// Why an agent refused a client's handshake, in words for its log.
+pub fn explain_refusal(e: &std::io::Error) -> String {
+    use rustls::{CertificateError as C, Error as E};
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
+        return e.to_string();
+    };
+    match tls {
+        E::InvalidMessage(_) => "the client does not speak TLS (plaintext?)".into(),
+        E::NoCertificatesPresented => "the client presented no certificate".into(),
+        E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            "the client's certificate is not issued by the cluster CA".into()
+        }
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the client's certificate has expired".into()
+        }
+        other => other.to_string(),
+    }
+}
