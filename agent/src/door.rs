@@ -126,14 +126,16 @@ impl Incoming for Door {
         let acceptor = self.acceptor.clone();
         async move {
             let _ = tcp.set_nodelay(true);
-            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            let accept = acceptor.accept(tcp).into_fallible();
+            match tokio::time::timeout(timeout, accept).await {
                 Ok(Ok(tls)) => Some(tls),
-                Ok(Err(e)) => {
+                Ok(Err((e, tcp))) => {
                     tracing::warn!(
                         %peer,
                         error = %vmctl_tls::explain_refusal(&e),
                         "TLS handshake refused"
                     );
+                    linger(tcp).await;
                     None
                 }
                 Err(_) => {
@@ -147,6 +149,28 @@ impl Incoming for Door {
             }
         }
     }
+}
+
+/// Closes a refused connection so that the client reads the TLS alert
+/// that says why: our end is shut for writing (after the alert), and
+/// what the client sent meanwhile (with TLS 1.3 its request follows its
+/// half of the handshake at once) is read and dropped for up to 1 s.
+/// Closed with unread data, the socket would answer with a reset, which
+/// can overtake the alert.
+async fn linger(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = tcp.shutdown().await;
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// Serves `app` on the socket `listener` and, when there is one, on the

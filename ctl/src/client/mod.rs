@@ -559,6 +559,7 @@ impl Client {
                 self.handshake(stream)
                     .await
                     .map_err(|e| hyper_error(e, "before the request was sent"))?
+                    .0
             }
             Some(r) => {
                 let tcp = tokio::net::TcpStream::connect((r.host.as_str(), r.port))
@@ -573,35 +574,58 @@ impl Client {
                     .connect(r.name.clone(), tcp)
                     .await
                     .map_err(|e| r.refused(&e).unwrap_or(ClientError::Io(e)))?;
-                self.handshake(tls)
+                let (mut sender, conn_error) = self
+                    .handshake(tls)
                     .await
-                    .map_err(|e| r.or_refused(e, "before the request was sent"))?
+                    .map_err(|e| r.or_refused(e, "before the request was sent"))?;
+                return match sender.send_request(req).await {
+                    Ok(resp) => Ok(resp),
+                    // The request may only hear "connection closed" while
+                    // the connection itself failed on the agent's TLS
+                    // alert (a refused certificate): that says why.
+                    Err(e) => {
+                        let conn = tokio::time::timeout(Duration::from_millis(500), conn_error)
+                            .await
+                            .ok()
+                            .and_then(Result::ok);
+                        Err(conn
+                            .and_then(|c| r.refused(&c))
+                            .unwrap_or_else(|| r.or_refused(e, "without answering")))
+                    }
+                };
             }
         };
         sender
             .send_request(req)
             .await
-            .map_err(|e| match &self.remote {
-                Some(r) => r.or_refused(e, "without answering"),
-                None => hyper_error(e, "without answering"),
-            })
+            .map_err(|e| hyper_error(e, "without answering"))
     }
 
     /// HTTP/1.1 on `io`, its connection driven (with upgrades) by the
-    /// client's runtime.
+    /// client's runtime; the receiver gets the connection's error if it
+    /// fails.
     async fn handshake<IO>(
         &self,
         io: IO,
-    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, hyper::Error>
+    ) -> Result<
+        (
+            hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+            tokio::sync::oneshot::Receiver<hyper::Error>,
+        ),
+        hyper::Error,
+    >
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
         self.rt.spawn(async move {
-            // Its errors reach the request or the body reader.
-            let _ = conn.with_upgrades().await;
+            // Its errors reach the request or the body reader, and `rx`.
+            if let Err(e) = conn.with_upgrades().await {
+                let _ = tx.send(e);
+            }
         });
-        Ok(sender)
+        Ok((sender, rx))
     }
 
     /// Sends a request and waits (within the request timeout) for the head
