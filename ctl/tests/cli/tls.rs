@@ -21,8 +21,8 @@ fn free_addr(ip: &str) -> SocketAddr {
     TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
 }
 
-/// A cluster directory, its contexts file, and an empty data directory
-/// that no command may start a local agent in.
+/// A cluster directory and its contexts file; commands run with an
+/// XDG data directory of their own, where no local agent may appear.
 struct Cluster {
     dir: tempfile::TempDir,
 }
@@ -40,10 +40,6 @@ impl Cluster {
 
     fn contexts(&self) -> PathBuf {
         self.dir.path().join("config.yaml")
-    }
-
-    fn empty_data_dir(&self) -> PathBuf {
-        self.dir.path().join("no-agent-here")
     }
 
     /// `vmctl ARGS` with this cluster's contexts file and an empty local
