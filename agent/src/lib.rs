@@ -17,6 +17,7 @@ pub mod compaction;
 pub mod config;
 pub mod door;
 pub mod finalizers;
+pub mod forward;
 pub mod http;
 pub mod lease;
 pub mod node;

@@ -66,6 +66,11 @@ pub const CODES: &[Code] = &[
         "see the message and the agent's log (<data-dir>/agent.log)",
     ),
     c(
+        "vmctl::agent::forward_failed",
+        "a request about a VM of another node could not be forwarded to that node's agent: it has no TLS address (--listen), does not answer, or refused this agent's certificate",
+        "check that node's agent (`vmctl get node NODE -o wide`, its log) and that both agents have certificates of the same cluster CA; or send the request to it directly with `vmctl --server`",
+    ),
+    c(
         "vmctl::agent::io",
         "talking to the agent over its socket failed",
         "the agent may have stopped; run the command again (it starts one) or see <data-dir>/agent.log",

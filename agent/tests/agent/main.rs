@@ -4,6 +4,7 @@
 mod concurrency;
 mod errors;
 mod etcd;
+mod forward;
 mod full_disk;
 mod limits;
 mod socket;
