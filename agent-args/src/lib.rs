@@ -106,6 +106,30 @@ pub struct AgentArgs {
         value_name = "PATH"
     )]
     pub dnsmasq_leases: Vec<PathBuf>,
+    /// Settings of the TLS listener.
+    #[command(flatten)]
+    pub door: DoorArgs,
+}
+
+/// The agent's TCP listener for other hosts: mutual TLS only, never
+/// plaintext (issue 17, "any agent is the door").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+#[command(next_help_heading = "TLS listener (other hosts)")]
+pub struct DoorArgs {
+    /// Also serve the API on this TCP address with mutual TLS (needs
+    /// --tls-dir): every client must present a certificate of the cluster
+    /// CA, and a failed handshake is refused and logged with the peer's
+    /// address. Recorded as the Node's status.address.tcp [default:
+    /// `listen` in <data-dir>/agent.toml, else none: the Unix socket only].
+    #[arg(long, env = "VMCTL_LISTEN", value_name = "IP:PORT")]
+    pub listen: Option<String>,
+    /// The directory of this agent's TLS files, as `vmctl cluster issue
+    /// agent NAME --address IP` writes them: ca.crt (the cluster CA that
+    /// client certificates must chain to), agent.crt (its certificate,
+    /// naming the --listen address) and agent.key (its private key)
+    /// [default: `tls-dir` in <data-dir>/agent.toml].
+    #[arg(long, env = "VMCTL_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -152,6 +176,14 @@ impl AgentArgs {
         for p in &self.dnsmasq_leases {
             out.push("--dnsmasq-leases".into());
             out.push(p.clone().into_os_string());
+        }
+        if let Some(l) = &self.door.listen {
+            out.push("--listen".into());
+            out.push(l.into());
+        }
+        if let Some(d) = &self.door.tls_dir {
+            out.push("--tls-dir".into());
+            out.push(d.clone().into_os_string());
         }
         out
     }

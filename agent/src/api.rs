@@ -35,18 +35,30 @@ pub struct AppState {
     last_seq: Arc<std::sync::atomic::AtomicU64>,
     /// Whether this agent runs the controllers (the etcd agent lease).
     controllers: Option<tokio::sync::watch::Receiver<crate::lease::ControllersState>>,
+    /// Forwarding to other nodes' agents (with a TLS listener only).
+    forwarder: Option<Arc<crate::forward::Forwarder>>,
 }
 
 impl AppState {
     /// State over a store; lists read the store directly.
     pub fn new(store: Arc<dyn Store>, cfg: AgentConfig) -> Self {
+        let forwarder = cfg
+            .door
+            .as_ref()
+            .and_then(|d| crate::forward::Forwarder::new(&cfg.node_name, &d.tls_dir));
         AppState {
             store,
             cfg: Arc::new(cfg),
             cache: None,
             last_seq: Default::default(),
             controllers: None,
+            forwarder,
         }
+    }
+
+    /// Forwarding to other nodes' agents, when this agent has a TLS identity.
+    pub(crate) fn forwarder(&self) -> Option<Arc<crate::forward::Forwarder>> {
+        self.forwarder.clone()
     }
 
     /// Reports whether the controllers run (`/v1/healthz`: `controllers`,
@@ -312,6 +324,10 @@ pub fn routes() -> ApiRouter<AppState> {
 pub fn router(state: AppState) -> Router {
     let (routes, _) = routes().into_parts();
     routes
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::forward::forward,
+        ))
         .fallback(crate::rejection::no_route)
         .method_not_allowed_fallback(crate::rejection::method_not_allowed)
         .layer(axum::middleware::map_response(

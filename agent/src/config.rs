@@ -29,7 +29,9 @@
 //! adds dnsmasq lease files to those read to find the address of a guest
 //! on a `tap` network. `node-labels = ["zone=a", "rack=1"]` labels this
 //! agent's Node, and `node-lease-ttl = 10` (seconds; store etcd) sets the
-//! TTL of its node lease (top level too).
+//! TTL of its node lease (top level too). `listen = "10.0.0.2:7443"` and
+//! `tls-dir = "/etc/vmctl/tls"` (top level) serve the API on TCP with
+//! mutual TLS too ([`DoorConfig`]).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -97,6 +99,20 @@ pub struct AgentConfig {
     /// address of a guest on a `tap` network: `--dnsmasq-leases`,
     /// `VMCTL_DNSMASQ_LEASES` or `dnsmasq-leases` in the config file.
     pub dnsmasq_leases: Vec<PathBuf>,
+    /// The TCP listener with mutual TLS (`--listen` and `--tls-dir`, or
+    /// `listen` and `tls-dir` in the config file); `None`: the Unix socket
+    /// only.
+    pub door: Option<DoorConfig>,
+}
+
+/// The agent's TCP listener for other hosts: mutual TLS only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoorConfig {
+    /// The address to listen on.
+    pub listen: std::net::SocketAddr,
+    /// The directory of `ca.crt`, `agent.crt` and `agent.key`
+    /// ([`vmctl_tls::Identity::agent_dir`]), absolute.
+    pub tls_dir: PathBuf,
 }
 
 /// Settings of the Propolis driver, each `None` when given nowhere (the
@@ -203,6 +219,10 @@ pub struct AgentOverrides {
     pub propolis: PropolisSettings,
     /// `--dnsmasq-leases` / `VMCTL_DNSMASQ_LEASES`.
     pub dnsmasq_leases: Option<Vec<PathBuf>>,
+    /// `--listen` / `VMCTL_LISTEN` (`IP:PORT`).
+    pub listen: Option<String>,
+    /// `--tls-dir` / `VMCTL_TLS_DIR`.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// The config file's keys; anything else is refused.
@@ -219,6 +239,9 @@ struct FileSettings {
     node_labels: Option<Vec<Spanned<String>>>,
     #[serde(rename = "node-lease-ttl")]
     node_lease_ttl: Option<Spanned<u64>>,
+    listen: Option<Spanned<String>>,
+    #[serde(rename = "tls-dir")]
+    tls_dir: Option<Spanned<PathBuf>>,
     /// `node_labels`, checked by [`read_file`].
     #[serde(skip)]
     node_labels_checked: Option<BTreeMap<String, String>>,
@@ -310,6 +333,7 @@ impl ConfigError {
                  under [etcd]: endpoints = [\"http://HOST:2379\", …], prefix = \"/vmctl/\", \
                  dnsmasq-leases = [\"/ABSOLUTE/PATH\", …], \
                  node-labels = [\"KEY=VALUE\", …], node-lease-ttl = SECONDS, \
+                 listen = \"IP:PORT\", tls-dir = \"/ABSOLUTE/PATH\", \
                  under [propolis]: host, addr, pool, brand, zone-root, vnic-link, start-timeout), \
                  or remove it to use the defaults",
                 path.display()
@@ -402,6 +426,22 @@ fn read_file(path: &Path) -> Result<Option<FileSettings>, ConfigError> {
         && let Err(why) = check_lease_ttl(*t.get_ref())
     {
         return Err(invalid(t.span(), why));
+    }
+    if let Some(l) = &file.listen
+        && let Err(why) = parse_listen(l.get_ref())
+    {
+        return Err(invalid(l.span(), why));
+    }
+    if let Some(d) = &file.tls_dir
+        && !d.get_ref().is_absolute()
+    {
+        return Err(invalid(
+            d.span(),
+            format!(
+                "tls-dir `{}` is not an absolute path",
+                d.get_ref().display()
+            ),
+        ));
     }
     let mut file = file;
     if let Some(labels) = &file.node_labels {
@@ -553,6 +593,55 @@ fn check_given(given: &AgentOverrides, file_store: Option<StoreKind>) -> Result<
     Ok(())
 }
 
+/// Parses a listen address, `IP:PORT` (`[IPv6]:PORT`).
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!("listen address `{s}` is not IP:PORT (e.g. 10.0.0.2:7443 or [::1]:7443)")
+    })
+}
+
+/// The TLS listener from the flags (`given`) or else the file: both the
+/// address and the directory, or neither. The agent never listens on TCP
+/// without TLS, and refuses a directory it would ignore.
+fn door(given: &AgentOverrides, file: &FileSettings) -> Result<Option<DoorConfig>, ConfigError> {
+    const LISTEN: &str = "--listen / VMCTL_LISTEN";
+    const TLS_DIR: &str = "--tls-dir / VMCTL_TLS_DIR";
+    let listen = match (&given.listen, &file.listen) {
+        (Some(l), _) => Some(parse_listen(l).map_err(|message| ConfigError::Flag {
+            flag: LISTEN,
+            message,
+            help: "give an IP address and port of this host, e.g. --listen 10.0.0.2:7443".into(),
+        })?),
+        // Checked by read_file.
+        (None, Some(l)) => parse_listen(l.get_ref()).ok(),
+        (None, None) => None,
+    };
+    let tls_dir = match (&given.tls_dir, &file.tls_dir) {
+        (Some(d), _) => Some(absolute(d).unwrap_or_else(|_| d.clone())),
+        (None, Some(d)) => Some(d.get_ref().clone()),
+        (None, None) => None,
+    };
+    match (listen, tls_dir) {
+        (Some(listen), Some(tls_dir)) => Ok(Some(DoorConfig { listen, tls_dir })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::Flag {
+            flag: LISTEN,
+            message: "given without --tls-dir: the agent never listens on TCP without TLS".into(),
+            help: "add --tls-dir DIR (VMCTL_TLS_DIR, or tls-dir in agent.toml) with the files \
+                   `vmctl cluster issue agent NAME --address IP` writes (ca.crt, agent.crt, \
+                   agent.key)"
+                .into(),
+        }),
+        (None, Some(_)) => Err(ConfigError::Flag {
+            flag: TLS_DIR,
+            message: "given without --listen, which would leave it unused".into(),
+            help: "add --listen IP:PORT (VMCTL_LISTEN, or listen in agent.toml), or drop \
+                   --tls-dir"
+                .into(),
+        }),
+    }
+}
+
 /// The flag and variable of the node lease TTL, for messages.
 const NODE_LEASE_TTL: &str = "--node-lease-ttl / VMCTL_NODE_LEASE_TTL";
 
@@ -672,6 +761,7 @@ impl AgentConfig {
             node_lease_ttl: Duration::from_secs(vmctl_api::node::DEFAULT_LEASE_TTL_SECONDS),
             fence: false,
             dnsmasq_leases: Vec::new(),
+            door: None,
         }
     }
 
@@ -690,6 +780,7 @@ impl AgentConfig {
         let path = cfg.config_file();
         let file = read_file(&path)?.unwrap_or_default();
         check_given(&given, file.store.as_ref().map(|s| *s.get_ref()))?;
+        cfg.door = door(&given, &file)?;
         if let Some(n) = &given.node_name {
             check_node_name(n)?;
             cfg.node_name = n.clone();

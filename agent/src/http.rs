@@ -13,6 +13,11 @@
 //! Connections beyond the cap wait in the kernel's listen backlog until a
 //! permit is free; a connection that sends no complete header within the
 //! timeout (idle keep-alive included) is closed, which frees its permit.
+//!
+//! The same loop serves the Unix socket and the TLS listener
+//! ([`crate::door`]), each with its own cap: a connection is made ready
+//! ([`Incoming::ready`]: a TLS handshake, within the header timeout) in
+//! its own task, holding its permit, so a slow handshake stalls nothing.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,8 +26,45 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
+
+/// Where connections come from: the agent's Unix socket, or its TLS
+/// listener ([`crate::door`]).
+pub trait Incoming: Send {
+    /// An accepted connection, before [`Incoming::ready`].
+    type Accepted: Send + 'static;
+    /// A connection ready for HTTP.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Accepts the next connection; cancel-safe (no connection is lost
+    /// when the future is dropped).
+    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Accepted>> + Send;
+    /// Makes an accepted connection ready within `timeout`; `None` (logged)
+    /// when it cannot be, and it is closed.
+    fn ready(
+        &self,
+        conn: Self::Accepted,
+        timeout: Duration,
+    ) -> impl Future<Output = Option<Self::Io>> + Send + 'static;
+}
+
+impl Incoming for UnixListener {
+    type Accepted = tokio::net::UnixStream;
+    type Io = tokio::net::UnixStream;
+
+    async fn accept(&self) -> std::io::Result<Self::Accepted> {
+        UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+
+    fn ready(
+        &self,
+        conn: Self::Accepted,
+        _: Duration,
+    ) -> impl Future<Output = Option<Self::Io>> + Send + 'static {
+        std::future::ready(Some(conn))
+    }
+}
 
 /// Limits of the HTTP server.
 #[derive(Debug, Clone)]
@@ -80,10 +122,11 @@ pub fn raise_nofile_limit() -> u64 {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then lets open
-/// requests finish for up to `limits.shutdown_grace`.
-pub async fn serve(
-    listener: UnixListener,
+/// Serves `app` on `listener` (the socket, or the TLS listener) until
+/// `shutdown` resolves, then lets open requests finish for up to
+/// `limits.shutdown_grace`.
+pub async fn serve<L: Incoming>(
+    listener: L,
     app: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
@@ -119,9 +162,9 @@ pub async fn serve(
             }
         };
         let stream = tokio::select! {
-            // Cancel-safe: UnixListener::accept loses no connection when dropped.
+            // Cancel-safe: Incoming::accept loses no connection when dropped.
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(s) => s,
                 Err(e) => {
                     // EMFILE and the like: wait for descriptors to be freed
                     // instead of spinning (as axum::serve does).
@@ -133,15 +176,21 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let service = TowerToHyperService::new(app.clone());
-        // With upgrades: the console and the SSH tunnel switch the
-        // connection to a raw byte stream (`crate::streams`). hyper-util's
-        // `GracefulShutdown` does not take an upgradeable HTTP/1
-        // connection, so shutdown reaches it through `closing`.
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
+        let ready = listener.ready(stream, limits.header_read_timeout);
+        let builder = builder.clone();
         let mut closing = closing_rx.clone();
         tokio::spawn(async move {
+            let Some(stream) = ready.await else {
+                drop(permit);
+                return;
+            };
+            // With upgrades: the console and the SSH tunnel switch the
+            // connection to a raw byte stream (`crate::streams`). hyper-util's
+            // `GracefulShutdown` does not take an upgradeable HTTP/1
+            // connection, so shutdown reaches it through `closing`.
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             let ended = tokio::select! {
                 // Cancel-safe: the pinned connection is polled again below.

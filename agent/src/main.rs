@@ -59,6 +59,7 @@ fn run(cli: Cli) -> miette::Result<ExitCode> {
         node_labels,
         node_lease_ttl,
         dnsmasq_leases,
+        door,
     } = cli.agent;
     // Flags and environment (merged by clap) win over <data-dir>/agent.toml.
     let given = AgentOverrides {
@@ -70,6 +71,8 @@ fn run(cli: Cli) -> miette::Result<ExitCode> {
         node_labels: (!node_labels.is_empty()).then_some(node_labels),
         node_lease_ttl,
         dnsmasq_leases: (!dnsmasq_leases.is_empty()).then_some(dnsmasq_leases),
+        listen: door.listen,
+        tls_dir: door.tls_dir,
         propolis: PropolisSettings {
             host: propolis.host,
             addr: propolis.addr,
@@ -103,6 +106,7 @@ fn run(cli: Cli) -> miette::Result<ExitCode> {
             }
             let code = match e {
                 AgentError::Driver(_) | AgentError::Propolis(_) => "vmctl::backend::not_available",
+                AgentError::Door(vmctl_agent::door::DoorError::Files { .. }) => "vmctl::tls::files",
                 _ => "vmctl::agent::failed",
             };
             Err(error(code, e.help(), msg))

@@ -187,6 +187,8 @@ pub struct NodeAgent {
     labels: BTreeMap<String, String>,
     data_dir: PathBuf,
     socket: String,
+    /// `IP:PORT` of the TLS listener (`--listen`), if any.
+    tcp: Option<String>,
     driver: String,
     /// The node lease's TTL (etcd).
     ttl: Duration,
@@ -230,6 +232,7 @@ impl NodeAgent {
             labels: cfg.node_labels.clone(),
             data_dir: cfg.data_dir.clone(),
             socket: cfg.socket.display().to_string(),
+            tcp: cfg.door.as_ref().map(|d| d.listen.to_string()),
             driver: cfg.driver.clone(),
             ttl: cfg.node_lease_ttl,
             me,
@@ -556,7 +559,7 @@ impl NodeAgent {
                 driver: self.driver.clone(),
                 address: NodeAddress {
                     socket: self.socket.clone(),
-                    tcp: None,
+                    tcp: self.tcp.clone(),
                 },
                 agent_version: env!("CARGO_PKG_VERSION").into(),
                 last_heartbeat_time: Some(now),

@@ -5,7 +5,8 @@
 //! agent on the prefix: this one stands by for it; [`crate::lease`]) → this agent's Node
 //! registered (on etcd its node lease: another live agent of the same
 //! node name stops this one here; [`crate::node`]) → socket bound
-//! ([`crate::socket`]) → API served with limits ([`crate::http`]) until
+//! ([`crate::socket`]) → the TLS listener bound, if configured
+//! ([`crate::door`]) → API served with limits ([`crate::http`]) until
 //! SIGTERM/SIGINT → controllers stopped (and the agent lease released),
 //! the Node marked stopped (and its lease released) → socket removed if
 //! still ours.
@@ -71,6 +72,9 @@ pub enum AgentError {
     /// The controllers stopped with an error.
     #[error("the controllers failed")]
     Controllers(#[source] vmctl_controllers::RunError),
+    /// The TLS listener (`--listen`, `--tls-dir`) cannot start.
+    #[error("cannot start the TLS listener")]
+    Door(#[source] crate::door::DoorError),
 }
 
 impl AgentError {
@@ -111,6 +115,7 @@ impl AgentError {
                     .into()
             }
             AgentError::Controllers(_) => "see the agent log".into(),
+            AgentError::Door(e) => e.help(),
             AgentError::FakeConfig(_) => "fix the VMCTL_FAKE_* environment variables".into(),
             AgentError::Accel(_) => "set VMCTL_ACCEL to kvm, tcg or auto".into(),
             AgentError::Allocation(_) => "unset it (defaults: 16 vCPUs per CPU, memory 1.0), or \
@@ -343,12 +348,18 @@ pub async fn run_until(
     };
     let (listener, socket) =
         crate::socket::bind_for(&cfg.socket, group).map_err(AgentError::Socket)?;
+    // The TLS listener for other hosts, if configured (crate::door).
+    let door = match &cfg.door {
+        Some(d) => Some(crate::door::bind(d).await.map_err(AgentError::Door)?),
+        None => None,
+    };
     let limits = crate::http::Limits::for_nofile(nofile);
     tracing::info!(
         socket = %cfg.socket.display(),
         driver = %cfg.driver,
         max_connections = limits.max_connections,
         store = %store.describe(),
+        tls = %cfg.door.as_ref().map_or("-".into(), |d| d.listen.to_string()),
         "agent listening"
     );
     let (controllers_state, _) =
@@ -423,7 +434,7 @@ pub async fn run_until(
         .with_cache(cache)
         .with_controllers(controllers_state.subscribe());
     let app = api::router(state);
-    crate::http::serve(listener, app, limits, shutdown).await;
+    crate::door::serve(listener, door, app, limits, shutdown).await;
     let _ = stop.send(true);
     let ctl = controllers.await;
     let node_ctl = match node_controllers {

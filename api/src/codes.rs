@@ -66,6 +66,11 @@ pub const CODES: &[Code] = &[
         "see the message and the agent's log (<data-dir>/agent.log)",
     ),
     c(
+        "vmctl::agent::forward_failed",
+        "a request about a VM of another node could not be forwarded to that node's agent: it has no TLS address (--listen), does not answer, or refused this agent's certificate",
+        "check that node's agent (`vmctl get node NODE -o wide`, its log) and that both agents have certificates of the same cluster CA; or send the request to it directly with `vmctl --server`",
+    ),
+    c(
         "vmctl::agent::io",
         "talking to the agent over its socket failed",
         "the agent may have stopped; run the command again (it starts one) or see <data-dir>/agent.log",
@@ -229,6 +234,26 @@ pub const CODES: &[Code] = &[
         "vmctl::cloudinit::iso_failed",
         "writing the cloud-init seed ISO failed",
         "install genisoimage, mkisofs or xorriso, or set VMCTL_SEED_TOOL=builtin (pure-Rust writer)",
+    ),
+    c(
+        "vmctl::cluster::exists",
+        "`vmctl cluster init` found a CA in its directory, or `cluster issue` a certificate of that name, and --force was not given",
+        "pass --force to replace it (a new CA makes every certificate of the old one useless), or use another --dir or name",
+    ),
+    c(
+        "vmctl::cluster::failed",
+        "`vmctl cluster` could not make or write a key or certificate",
+        "check the permissions of the cluster directory (--dir)",
+    ),
+    c(
+        "vmctl::cluster::no_ca",
+        "`vmctl cluster issue` found no ca.crt and ca.key in the cluster directory",
+        "run `vmctl cluster init --dir DIR` first, or pass the --dir that has the CA",
+    ),
+    c(
+        "vmctl::config::contexts",
+        "the contexts file cannot be read or written, is invalid, has no context of the name asked for, or --server is not https://HOST:PORT or has no certificate to go with it",
+        "`vmctl config get-contexts` lists the contexts; `vmctl cluster issue user NAME --server URL` or `vmctl config set-context` writes one",
     ),
     c(
         "vmctl::delete::timeout",
@@ -501,6 +526,16 @@ pub const CODES: &[Code] = &[
         "see the agent log",
     ),
     c(
+        "vmctl::tls::files",
+        "a certificate, private key or CA file of the TLS listener (`--tls-dir`) or of a context cannot be read, is not PEM, or the key does not match the certificate",
+        "issue them again with `vmctl cluster issue agent NAME --address IP` (or `issue user`) and point --tls-dir (or the context) at the directory it writes",
+    ),
+    c(
+        "vmctl::tls::handshake",
+        "the TLS handshake with a remote agent failed: it refused this client's certificate (none, or of another CA), or its own certificate is not of the context's CA or does not name the host",
+        "use a certificate of the cluster's CA (`vmctl cluster issue user NAME`), that CA's ca.crt as certificate-authority, and an agent certificate issued for the host in --server",
+    ),
+    c(
         "vmctl::validate::unsupported_by_backend",
         "the file asks for what the agent's backend cannot run (e.g. `network \"user\"` or `\"tap\"` with --driver propolis, `\"vnic\"` with --driver qemu); each place is shown in the file",
         "change the file as the diagnostic says, or run an agent with the driver the file is written for",
@@ -652,6 +687,7 @@ mod tests {
             "agent/src",
             "agent-args/src",
             "ctl/src",
+            "tls/src",
         ] {
             rust_files(&root.join(dir), &mut files);
         }

@@ -28,6 +28,38 @@ pub struct Cli {
     #[arg(long, global = true, env = "VMCTL_REQUEST_TIMEOUT",
           value_parser = crate::client::parse_request_timeout)]
     pub request_timeout: Option<std::time::Duration>,
+    /// Which remote agent to talk to, and with which certificate.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// A remote agent over mutual TLS instead of the local socket (see
+/// `vmctl config --help` for how the agent is chosen).
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Remote agent (mutual TLS)")]
+pub struct RemoteArgs {
+    /// Talk to the agent at https://HOST:PORT (its --listen address) over
+    /// mutual TLS, never starting one, with the certificates of --context
+    /// or the current context (or the three flags below).
+    #[arg(long, global = true, env = "VMCTL_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// Use this context of the contexts file (`local`: the local agent's
+    /// socket) [default: the file's current-context].
+    #[arg(long, global = true, env = "VMCTL_CONTEXT", value_name = "NAME")]
+    pub context: Option<String>,
+    /// The contexts file [default: $XDG_CONFIG_HOME/vmctl/config.yaml, or
+    /// ~/.config/vmctl/config.yaml].
+    #[arg(long, global = true, env = "VMCTL_CONFIG", value_name = "FILE")]
+    pub contexts: Option<PathBuf>,
+    /// The cluster CA's certificate (PEM) the agent's must chain to.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub certificate_authority: Option<PathBuf>,
+    /// This user's certificate (PEM), from `vmctl cluster issue user`.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub client_certificate: Option<PathBuf>,
+    /// This user's private key (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub client_key: Option<PathBuf>,
 }
 
 /// Output formats of `get`.
@@ -480,6 +512,33 @@ pub enum Command {
         /// NAME:/path or LOCAL.
         dst: String,
     },
+    /// Create the cluster CA and the certificates of agents and users, for
+    /// mutual TLS between hosts (`vmctl-agent --listen`, `vmctl --server`).
+    ///
+    /// The CA's key stays in the cluster directory; each agent gets a
+    /// directory of its own (`agents/NAME`: ca.crt, agent.crt, agent.key)
+    /// to copy to its host and pass as `--tls-dir`, and each user one
+    /// (`users/NAME`: ca.crt, user.crt, user.key) that a context names.
+    /// Private keys are written with mode 0600.
+    Cluster {
+        /// The cluster command.
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Show and choose contexts: the remote agents vmctl talks to, each
+    /// with the certificates to reach it (as kubectl's kubeconfig).
+    ///
+    /// The agent a command talks to: `--server URL` (with the certificates
+    /// of --context or the current context, or the --certificate-authority,
+    /// --client-certificate and --client-key flags); else `--context NAME`;
+    /// else the local agent when --socket or --data-dir is given; else the
+    /// file's current context; else the local agent's socket. vmctl never
+    /// starts a remote agent.
+    Config {
+        /// The config command.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Print the JSON Schema of a kind (vm, image, provision, snapshot), or of all kinds.
     Schema {
         /// The kind: VirtualMachine (vm), Image (image), Provision (provision)
@@ -585,4 +644,107 @@ pub enum ImageCommand {
     },
     /// Delete every image no VM uses.
     Prune,
+}
+
+/// `vmctl cluster` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Create the cluster CA (DIR/ca.crt, DIR/ca.key) and a certificate
+    /// for the first user (DIR/users/USER); with --server, a context for
+    /// that user, made current.
+    ///
+    /// Refused when DIR already has a CA, unless --force: a new CA makes
+    /// every certificate of the old one useless.
+    Init {
+        /// The cluster directory [default: $XDG_CONFIG_HOME/vmctl/cluster].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Replace an existing CA (and the first user's certificate).
+        #[arg(long)]
+        force: bool,
+        /// The first user's name (its certificate's common name).
+        #[arg(long, default_value = "admin", value_name = "NAME")]
+        user: String,
+        /// With --server https://HOST:PORT: also write a context of that
+        /// name for this user and that agent, and make it the current one
+        /// [default name: USER@HOST].
+        #[arg(long = "context-name", value_name = "NAME")]
+        context_name: Option<String>,
+    },
+    /// Issue a certificate of the cluster CA to an agent or a user.
+    Issue {
+        /// Whom to issue it to.
+        #[command(subcommand)]
+        command: IssueCommand,
+    },
+}
+
+/// `vmctl cluster issue` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum IssueCommand {
+    /// An agent's certificate (server and client authentication) in
+    /// DIR/agents/NAME: ca.crt, agent.crt, agent.key. Copy that directory
+    /// to the agent's host and start it with `--listen IP:PORT --tls-dir
+    /// DIR/agents/NAME`.
+    Agent {
+        /// The agent's name (its node name, by custom).
+        name: String,
+        /// An IP address or DNS name clients reach the agent at; the
+        /// certificate is valid for these only (repeatable).
+        #[arg(long = "address", required = true, value_name = "IP|DNS")]
+        addresses: Vec<String>,
+        /// The cluster directory [default: $XDG_CONFIG_HOME/vmctl/cluster].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Replace an existing certificate of that name.
+        #[arg(long)]
+        force: bool,
+    },
+    /// A user's certificate (client authentication; the common name is
+    /// the user's name) in DIR/users/NAME: ca.crt, user.crt, user.key.
+    User {
+        /// The user's name.
+        name: String,
+        /// The cluster directory [default: $XDG_CONFIG_HOME/vmctl/cluster].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Replace an existing certificate of that name.
+        #[arg(long)]
+        force: bool,
+        /// With --server https://HOST:PORT: also write a context of that
+        /// name for this user and that agent, and make it the current one
+        /// [default name: NAME@HOST].
+        #[arg(long = "context-name", value_name = "NAME")]
+        context_name: Option<String>,
+    },
+}
+
+/// `vmctl config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// List the contexts; the current one is marked `*`.
+    GetContexts {
+        /// Output format: a table (text), or the file's contexts as YAML or JSON.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Print the current context's name (`local` when there is none).
+    CurrentContext,
+    /// Make NAME the current context (`local`: the local agent's socket).
+    UseContext {
+        /// The context.
+        name: String,
+    },
+    /// Add a context, or change one: its agent (--server), CA
+    /// (--certificate-authority), certificate (--client-certificate) and
+    /// key (--client-key); a new one needs all four.
+    SetContext {
+        /// The context's name.
+        name: String,
+    },
+    /// Remove a context (the current one too: then the local agent is).
+    DeleteContext {
+        /// The context.
+        name: String,
+    },
 }

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod contexts;
 pub mod diag;
 pub mod output;
 

@@ -496,3 +496,47 @@ fn dnsmasq_lease_files_come_from_the_flag_else_the_file_and_must_be_absolute() {
     assert!(err.to_string().contains("--dnsmasq-leases"), "{err}");
     assert!(err.help().contains("absolute"), "{err}");
 }
+
+/// Issue 17 item 4: the TLS listener needs both an address and a TLS
+/// directory, from flags or the file; never TCP without TLS, and never
+/// a directory that would be ignored.
+#[test]
+fn listen_needs_a_tls_dir_and_a_tls_dir_needs_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_path_buf();
+    let given = |listen: Option<&str>, tls: Option<&str>| {
+        AgentConfig::resolve(
+            data.clone(),
+            AgentOverrides {
+                listen: listen.map(str::to_owned),
+                tls_dir: tls.map(PathBuf::from),
+                ..Default::default()
+            },
+        )
+    };
+    assert_eq!(given(None, None).unwrap().door, None);
+    let door = given(Some("127.0.0.2:7443"), Some("/etc/vmctl/tls"))
+        .unwrap()
+        .door
+        .unwrap();
+    assert_eq!(door.listen.to_string(), "127.0.0.2:7443");
+    assert_eq!(door.tls_dir, Path::new("/etc/vmctl/tls"));
+    let err = given(Some("127.0.0.2:7443"), None).unwrap_err();
+    assert!(err.to_string().contains("without --tls-dir"), "{err}");
+    let err = given(None, Some("/etc/vmctl/tls")).unwrap_err();
+    assert!(err.to_string().contains("without --listen"), "{err}");
+    let err = given(Some("host-a:7443"), Some("/t")).unwrap_err();
+    assert!(err.to_string().contains("is not IP:PORT"), "{err}");
+
+    std::fs::write(
+        data.join(CONFIG_FILE),
+        "listen = \"127.0.0.3:7443\"\ntls-dir = \"/srv/tls\"\n",
+    )
+    .unwrap();
+    let door = given(None, None).unwrap().door.unwrap();
+    assert_eq!(door.listen.to_string(), "127.0.0.3:7443");
+    assert_eq!(door.tls_dir, Path::new("/srv/tls"));
+    std::fs::write(data.join(CONFIG_FILE), "tls-dir = \"relative\"\n").unwrap();
+    let err = given(None, None).unwrap_err();
+    assert!(err.to_string().contains("not an absolute path"), "{err}");
+}

@@ -5,6 +5,7 @@ mod cluster;
 mod concurrency;
 mod errors;
 mod etcd;
+mod forward;
 mod full_disk;
 mod limits;
 mod socket;

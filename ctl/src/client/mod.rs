@@ -1,6 +1,7 @@
-//! The client of the agent's API: typed methods over HTTP/1.1 on the
-//! agent's Unix socket (hyper), with connect and request timeouts that name
-//! the socket, and the agent auto-start.
+//! The client of the agent's API: typed methods over HTTP/1.1 (hyper) on
+//! the agent's Unix socket or, for a remote agent (`--server`, a context),
+//! over TCP with mutual TLS (tokio-rustls), with connect and request
+//! timeouts that name the agent, and the local agent's auto-start.
 //!
 //! This module is the only place that knows the API's paths: commands call
 //! [`Client::get`], [`Client::list`], [`Client::apply`], [`Client::watch`],
@@ -92,18 +93,40 @@ pub enum ClientError {
     },
     /// Something accepted the connection but gave no (complete) answer in
     /// time: a hung or overloaded agent.
-    #[error(
-        "the vmctl agent on {} did not answer within {}",
-        socket.display(),
-        seconds(*after)
-    )]
+    #[error("the vmctl agent on {agent} did not answer within {}", seconds(*after))]
     Timeout {
-        /// The socket.
-        socket: PathBuf,
+        /// The socket path or `https://HOST:PORT`.
+        agent: String,
         /// The request timeout that passed.
         after: Duration,
-        /// The agent's log file.
-        log: PathBuf,
+        /// The agent's log file (a local agent's only).
+        log: Option<PathBuf>,
+    },
+    /// Nothing accepts TCP connections at a remote agent's address.
+    #[error("no vmctl agent answers at {server}: {why}")]
+    RemoteUnreachable {
+        /// `https://HOST:PORT`.
+        server: String,
+        /// The connection's error.
+        why: String,
+    },
+    /// The TLS handshake with a remote agent failed: it refused this
+    /// client's certificate, or its own did not verify.
+    #[error("the TLS handshake with {server} failed: {why}")]
+    Handshake {
+        /// `https://HOST:PORT`.
+        server: String,
+        /// rustls' reason.
+        why: String,
+    },
+    /// The certificates of the context (or flags) cannot be used.
+    #[error("the TLS settings for {server} cannot be used")]
+    TlsFiles {
+        /// `https://HOST:PORT`.
+        server: String,
+        /// Why.
+        #[source]
+        source: vmctl_tls::TlsError,
     },
     /// The agent answered with an error.
     #[error("{}", body.message)]
@@ -162,6 +185,9 @@ impl ClientError {
         match self {
             ClientError::Unreachable { .. } => "vmctl::agent::unreachable",
             ClientError::Timeout { .. } => "vmctl::agent::timeout",
+            ClientError::RemoteUnreachable { .. } => "vmctl::agent::unreachable",
+            ClientError::Handshake { .. } => "vmctl::tls::handshake",
+            ClientError::TlsFiles { .. } => "vmctl::tls::files",
             ClientError::Api { body, .. } if !body.code.is_empty() => &body.code,
             ClientError::Api { .. } => "vmctl::agent::error",
             ClientError::Io(_) | ClientError::HungUp(_) => "vmctl::agent::io",
@@ -192,10 +218,27 @@ impl miette::Diagnostic for ClientError {
                 "its log is {}: fix what it says and run the command again; `vmctl agent` runs one in the foreground, its output on the terminal",
                 log.display()
             ))),
-            ClientError::Timeout { log, .. } => Some(Box::new(format!(
+            ClientError::Timeout { log: Some(log), .. } => Some(Box::new(format!(
                 "see its log, {}; if it is only busy, raise --request-timeout (0: no limit)",
                 log.display()
             ))),
+            ClientError::Timeout { log: None, .. } => Some(Box::new(
+                "see the agent's log on its host; if it is only busy, raise --request-timeout (0: no limit)",
+            )),
+            ClientError::Handshake { .. } => Some(Box::new(
+                "the client certificate (the context's client-certificate, or --client-certificate) \
+                 must be issued by the cluster's CA (`vmctl cluster issue user NAME`), the \
+                 certificate-authority must be that CA's ca.crt, and the agent's certificate must \
+                 name the host of --server (`vmctl cluster issue agent NAME --address HOST`)",
+            )),
+            ClientError::TlsFiles { .. } => Some(Box::new(
+                "check the context's certificate-authority, client-certificate and client-key \
+                 (`vmctl config get-contexts -o yaml`), or reissue them with `vmctl cluster issue user`",
+            )),
+            ClientError::RemoteUnreachable { .. } => Some(Box::new(
+                "check the address (--server, or the context's server: `vmctl config get-contexts`) \
+                 and that the agent there runs with --listen on it; vmctl never starts a remote agent",
+            )),
             ClientError::Api { help: Some(h), .. } => Some(Box::new(h)),
             _ => vmctl_api::codes::help(ClientError::code(self))
                 .map(|h| Box::new(h) as Box<dyn std::fmt::Display>),
@@ -203,13 +246,15 @@ impl miette::Diagnostic for ClientError {
     }
 }
 
-/// A connection target: the agent's socket, the request timeout, and the
-/// runtime that drives the connections. Cheap to clone (clones share the
-/// runtime).
+/// A connection target: the agent's socket or TLS address, the request
+/// timeout, and the runtime that drives the connections. Cheap to clone
+/// (clones share the runtime).
 #[derive(Debug, Clone)]
 pub struct Client {
-    /// The socket path.
+    /// The socket path (of a local agent; for a remote one, unused).
     pub socket: PathBuf,
+    /// A remote agent, reached over TLS instead of the socket.
+    remote: Option<Arc<Remote>>,
     /// The agent's log, named in errors.
     log: PathBuf,
     /// The request timeout.
@@ -226,6 +271,57 @@ pub struct Response {
     pub status: u16,
     body: Incoming,
     rt: Arc<tokio::runtime::Runtime>,
+}
+
+/// A remote agent: where it is, and the TLS connector with this user's
+/// certificate.
+struct Remote {
+    /// `https://HOST:PORT`.
+    server: String,
+    host: String,
+    port: u16,
+    /// What the agent's certificate must name.
+    name: vmctl_tls::ServerNameOwned,
+    connector: vmctl_tls::TlsConnector,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Remote {
+    /// [`ClientError::Handshake`] when `e` is (or was caused by) a TLS
+    /// error: with TLS 1.3 the agent refuses a client certificate after
+    /// the client's side of the handshake is done, so the refusal arrives
+    /// as an alert on the first read.
+    fn refused(&self, e: &(dyn std::error::Error + 'static)) -> Option<ClientError> {
+        let mut source = Some(e);
+        while let Some(s) = source {
+            let tls = s.downcast_ref::<vmctl_tls::rustls::Error>().or_else(|| {
+                s.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .and_then(|inner| inner.downcast_ref::<vmctl_tls::rustls::Error>())
+            });
+            if let Some(t) = tls {
+                return Some(ClientError::Handshake {
+                    server: self.server.clone(),
+                    why: vmctl_tls::explain(t),
+                });
+            }
+            source = s.source();
+        }
+        None
+    }
+
+    /// [`ClientError::Handshake`] when a TLS error caused `e`, else
+    /// [`hyper_error`]`(e, when)`.
+    fn or_refused(&self, e: hyper::Error, when: &str) -> ClientError {
+        self.refused(&e).unwrap_or_else(|| hyper_error(e, when))
+    }
 }
 
 /// Maps hyper's errors: a connection the agent closed or reset before its
@@ -353,6 +449,7 @@ impl Client {
             .map_err(ClientError::Io)?;
         Ok(Client {
             socket: socket.to_path_buf(),
+            remote: None,
             log: log.to_path_buf(),
             request_timeout,
             rt: Arc::new(rt),
@@ -360,11 +457,49 @@ impl Client {
         })
     }
 
+    /// A client of the remote agent `remote` over mutual TLS.
+    ///
+    /// Errors: [`ClientError::TlsFiles`] when its certificates cannot be
+    /// used; [`ClientError::Io`] when the runtime cannot be created.
+    pub fn over_tls(
+        remote: &crate::contexts::Remote,
+        request_timeout: RequestTimeout,
+    ) -> Result<Self, ClientError> {
+        let files = |source| ClientError::TlsFiles {
+            server: remote.server.clone(),
+            source,
+        };
+        let config = vmctl_tls::client_config(&remote.identity).map_err(files)?;
+        let name = vmctl_tls::server_name(&remote.host).map_err(files)?;
+        let mut client = Client::new(Path::new(""), Path::new(""), request_timeout)?;
+        client.remote = Some(Arc::new(Remote {
+            server: remote.server.clone(),
+            host: remote.host.clone(),
+            port: remote.port,
+            name,
+            connector: vmctl_tls::TlsConnector::from(config),
+        }));
+        Ok(client)
+    }
+
+    /// The agent, as errors name it: its socket or `https://HOST:PORT`.
+    pub fn agent(&self) -> String {
+        match &self.remote {
+            Some(r) => r.server.clone(),
+            None => self.socket.display().to_string(),
+        }
+    }
+
+    /// Whether this client talks to a remote agent over TLS.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
     fn timeout_error(&self, after: Duration) -> ClientError {
         ClientError::Timeout {
-            socket: self.socket.clone(),
+            agent: self.agent(),
             after,
-            log: self.log.clone(),
+            log: self.remote.is_none().then(|| self.log.clone()),
         }
     }
 
@@ -416,20 +551,81 @@ impl Client {
         &self,
         req: Request<Full<Bytes>>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(ClientError::Io)?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| hyper_error(e, "before the request was sent"))?;
-        self.rt.spawn(async move {
-            // Its errors reach the request or the body reader.
-            let _ = conn.with_upgrades().await;
-        });
+        let mut sender = match &self.remote {
+            None => {
+                let stream = tokio::net::UnixStream::connect(&self.socket)
+                    .await
+                    .map_err(ClientError::Io)?;
+                self.handshake(stream)
+                    .await
+                    .map_err(|e| hyper_error(e, "before the request was sent"))?
+                    .0
+            }
+            Some(r) => {
+                let tcp = tokio::net::TcpStream::connect((r.host.as_str(), r.port))
+                    .await
+                    .map_err(|e| ClientError::RemoteUnreachable {
+                        server: r.server.clone(),
+                        why: e.to_string(),
+                    })?;
+                let _ = tcp.set_nodelay(true);
+                let tls = r
+                    .connector
+                    .connect(r.name.clone(), tcp)
+                    .await
+                    .map_err(|e| r.refused(&e).unwrap_or(ClientError::Io(e)))?;
+                let (mut sender, conn_error) = self
+                    .handshake(tls)
+                    .await
+                    .map_err(|e| r.or_refused(e, "before the request was sent"))?;
+                return match sender.send_request(req).await {
+                    Ok(resp) => Ok(resp),
+                    // The request may only hear "connection closed" while
+                    // the connection itself failed on the agent's TLS
+                    // alert (a refused certificate): that says why.
+                    Err(e) => {
+                        let conn = tokio::time::timeout(Duration::from_millis(500), conn_error)
+                            .await
+                            .ok()
+                            .and_then(Result::ok);
+                        Err(conn
+                            .and_then(|c| r.refused(&c))
+                            .unwrap_or_else(|| r.or_refused(e, "without answering")))
+                    }
+                };
+            }
+        };
         sender
             .send_request(req)
             .await
             .map_err(|e| hyper_error(e, "without answering"))
+    }
+
+    /// HTTP/1.1 on `io`, its connection driven (with upgrades) by the
+    /// client's runtime; the receiver gets the connection's error if it
+    /// fails.
+    async fn handshake<IO>(
+        &self,
+        io: IO,
+    ) -> Result<
+        (
+            hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+            tokio::sync::oneshot::Receiver<hyper::Error>,
+        ),
+        hyper::Error,
+    >
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.rt.spawn(async move {
+            // Its errors reach the request or the body reader, and `rx`.
+            if let Err(e) = conn.with_upgrades().await {
+                let _ = tx.send(e);
+            }
+        });
+        Ok((sender, rx))
     }
 
     /// Sends a request and waits (within the request timeout) for the head
@@ -783,6 +979,23 @@ pub fn agent_program() -> Result<PathBuf, ClientError> {
         Err(e) => format!("cannot be read ({e})"),
     };
     Err(ClientError::AgentNotInstalled { path, why })
+}
+
+/// Connects to the remote agent `remote` over mutual TLS and asks its
+/// `/v1/healthz`; never starts an agent.
+///
+/// Errors: [`ClientError::TlsFiles`] when the certificates cannot be used,
+/// [`ClientError::RemoteUnreachable`] when nothing accepts at its address,
+/// [`ClientError::Handshake`] when either side refuses the other's
+/// certificate, [`ClientError::Timeout`] when it does not answer in time.
+pub fn connect_remote(
+    remote: &crate::contexts::Remote,
+    request_timeout: RequestTimeout,
+) -> Result<Client, ClientError> {
+    let client = Client::over_tls(remote, request_timeout)?;
+    let h = client.health()?;
+    let _ = client.first_health.set(h);
+    Ok(client)
 }
 
 /// Connects to the agent, starting one in the background when none answers

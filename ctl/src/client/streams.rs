@@ -3,9 +3,12 @@
 //! comes, files both ways, SSH material and image inspection.
 //!
 //! An upgraded connection (hyper's `upgrade::on` after `101 Switching
-//! Protocols`) is handed back as the plain blocking [`UnixStream`] it was,
-//! with the bytes hyper had already read past the answer's head, so the
-//! terminal and pipe code stays simple blocking I/O.
+//! Protocols`) is handed back as a plain blocking [`UnixStream`], so the
+//! terminal and pipe code stays simple blocking I/O: on the agent's
+//! socket, the socket it was, with the bytes hyper had already read past
+//! the answer's head; over TLS, one end of a socket pair whose other end
+//! a task of the client's runtime relays to and from the TLS stream
+//! (decrypting cannot happen in the caller's blocking reads).
 
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -39,6 +42,9 @@ pub struct Upgraded {
     /// Bytes of the stream that arrived together with the agent's answer,
     /// to be used before reading `stream`.
     pub early: Vec<u8>,
+    /// The runtime whose task relays a TLS stream to `stream`, kept
+    /// running as long as this is.
+    _relay: Option<std::sync::Arc<tokio::runtime::Runtime>>,
 }
 
 /// A file read from a guest.
@@ -110,16 +116,34 @@ impl Client {
             let upgraded = hyper::upgrade::on(resp)
                 .await
                 .map_err(|e| ClientError::Protocol(format!("switching protocols failed: {e}")))?;
-            let parts = upgraded
-                .downcast::<TokioIo<tokio::net::UnixStream>>()
-                .map_err(|_| {
-                    ClientError::Protocol("the upgraded connection is not the socket".into())
-                })?;
-            let stream = parts.io.into_inner().into_std().map_err(ClientError::Io)?;
-            stream.set_nonblocking(false).map_err(ClientError::Io)?;
+            let upgraded = match upgraded.downcast::<TokioIo<tokio::net::UnixStream>>() {
+                Ok(parts) => {
+                    let stream = parts.io.into_inner().into_std().map_err(ClientError::Io)?;
+                    stream.set_nonblocking(false).map_err(ClientError::Io)?;
+                    return Ok(Upgraded {
+                        stream,
+                        early: parts.read_buf.to_vec(),
+                        _relay: None,
+                    });
+                }
+                Err(other) => other,
+            };
+            // TLS: relay through a socket pair (hyper's `Upgraded` replays
+            // the bytes it had read, so nothing comes early).
+            let (ours, theirs) = UnixStream::pair().map_err(ClientError::Io)?;
+            theirs.set_nonblocking(true).map_err(ClientError::Io)?;
+            let theirs = tokio::net::UnixStream::from_std(theirs).map_err(ClientError::Io)?;
+            self.rt.spawn(async move {
+                let mut tls = TokioIo::new(upgraded);
+                let mut theirs = theirs;
+                // Each side's end is passed on as a shutdown of the other's
+                // writing half, as the socket's own would be.
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut theirs).await;
+            });
             Ok(Upgraded {
-                stream,
-                early: parts.read_buf.to_vec(),
+                stream: ours,
+                early: Vec::new(),
+                _relay: Some(self.rt.clone()),
             })
         })
     }

@@ -2,6 +2,8 @@
 
 mod agent;
 mod apply;
+mod cluster;
+mod config;
 mod console;
 mod convert;
 mod delete;
@@ -26,7 +28,7 @@ mod workflow;
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, ClusterCommand, Command, IssueCommand};
 
 /// Runs the command.
 pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
@@ -235,6 +237,33 @@ pub fn dispatch(cli: Cli) -> miette::Result<ExitCode> {
         Command::Validate { file, output } => validate::run(&file, output),
         Command::Convert { file, output } => convert::run(&file, output),
         Command::Schema { kind } => schema::run(kind.as_deref()),
+        Command::Cluster { command } => match command {
+            ClusterCommand::Init {
+                dir,
+                force,
+                user,
+                context_name,
+            } => cluster::init(&g, dir, force, &user, context_name.as_deref()),
+            ClusterCommand::Issue {
+                command:
+                    IssueCommand::Agent {
+                        name,
+                        addresses,
+                        dir,
+                        force,
+                    },
+            } => cluster::issue_agent(dir, &name, &addresses, force),
+            ClusterCommand::Issue {
+                command:
+                    IssueCommand::User {
+                        name,
+                        dir,
+                        force,
+                        context_name,
+                    },
+            } => cluster::issue_user(&g, dir, &name, force, context_name.as_deref()),
+        },
+        Command::Config { command } => config::run(&g, command),
     }
 }
 
@@ -351,6 +380,11 @@ pub struct Globals {
     pub autostart: bool,
     /// How long one request may take (`--request-timeout`).
     pub request_timeout: crate::client::RequestTimeout,
+    /// `--server`, `--context` and the like: a remote agent.
+    pub remote: crate::cli::RemoteArgs,
+    /// Whether `--socket` or `--data-dir` (or their variables) were given:
+    /// the local agent then, unless `--server` or `--context` is.
+    pub local_paths: bool,
 }
 
 impl Globals {
@@ -368,7 +402,32 @@ impl Globals {
             socket,
             autostart: !cli.no_autostart,
             request_timeout: crate::client::RequestTimeout::from_arg(cli.request_timeout),
+            remote: cli.remote.clone(),
+            local_paths: cli.paths.data_dir.is_some() || cli.paths.socket.is_some(),
         })
+    }
+
+    /// The contexts file: `--contexts`, `VMCTL_CONFIG`, else the default.
+    pub fn contexts_file(&self) -> std::path::PathBuf {
+        self.remote
+            .contexts
+            .clone()
+            .unwrap_or_else(crate::contexts::default_path)
+    }
+
+    /// Which agent commands talk to ([`crate::contexts::Selection::resolve`]).
+    pub fn selection(&self) -> miette::Result<crate::contexts::Selection> {
+        let r = &self.remote;
+        crate::contexts::Selection::resolve(&crate::contexts::Flags {
+            file: Some(self.contexts_file()),
+            server: r.server.clone(),
+            context: r.context.clone(),
+            ca: r.certificate_authority.clone(),
+            cert: r.client_certificate.clone(),
+            key: r.client_key.clone(),
+            local_paths: self.local_paths,
+        })
+        .map_err(config::context_error)
     }
 
     /// The socket, checked to fit a Unix socket address.
@@ -377,8 +436,12 @@ impl Globals {
         Ok(&self.socket)
     }
 
-    /// A client of the agent, started when needed.
+    /// A client of the agent: a remote one over TLS (never started), else
+    /// the local one, started when needed.
     pub fn client(&self) -> miette::Result<crate::client::Client> {
+        if let crate::contexts::Selection::Remote(r) = self.selection()? {
+            return Ok(crate::client::connect_remote(&r, self.request_timeout)?);
+        }
         self.checked_socket()?;
         Ok(crate::client::connect(
             &self.data_dir,

@@ -162,14 +162,28 @@ fn ssh_args(g: &Globals, name: &str, files: &SshFiles) -> miette::Result<Vec<Str
     let exe = std::env::current_exe().map_err(|e| {
         crate::diag::error("vmctl::ssh::failed", format!("cannot find this vmctl: {e}"))
     })?;
-    let mut proxy = vec![
-        exe.display().to_string(),
-        "--data-dir".into(),
-        g.data_dir.display().to_string(),
-        "--socket".into(),
-        g.socket.display().to_string(),
-        "--no-autostart".into(),
-    ];
+    let mut proxy = vec![exe.display().to_string()];
+    match g.selection()? {
+        // The tunnel goes through the same remote agent, with the same
+        // certificates (resolved: the proxy needs no contexts file).
+        crate::contexts::Selection::Remote(r) => proxy.extend([
+            "--server".into(),
+            r.server.clone(),
+            "--certificate-authority".into(),
+            r.identity.ca.display().to_string(),
+            "--client-certificate".into(),
+            r.identity.cert.display().to_string(),
+            "--client-key".into(),
+            r.identity.key.display().to_string(),
+        ]),
+        crate::contexts::Selection::Local => proxy.extend([
+            "--data-dir".into(),
+            g.data_dir.display().to_string(),
+            "--socket".into(),
+            g.socket.display().to_string(),
+            "--no-autostart".into(),
+        ]),
+    }
     match g.request_timeout {
         crate::client::RequestTimeout::Default => {}
         crate::client::RequestTimeout::Limit(d) => {
@@ -413,6 +427,8 @@ mod tests {
             request_timeout: crate::client::RequestTimeout::Limit(std::time::Duration::from_secs(
                 90,
             )),
+            remote: crate::cli::RemoteArgs::default(),
+            local_paths: true,
         };
         let access = SshAccess {
             user: "vm".into(),

@@ -16,6 +16,7 @@ mod propolis;
 mod ready;
 mod separate_agent;
 mod socket;
+mod tls;
 mod tunnel;
 mod watch_mode;
 

@@ -36,6 +36,7 @@ fn check_agent_program() {
         "controllers/src",
         "agent/src",
         "agent-args/src",
+        "tls/src",
     ] {
         newest_in(&root.join(dir), &mut newest);
     }
