@@ -78,6 +78,11 @@ pub struct NodeInfo {
     pub vcpus: u64,
     /// `status.allocatable.memoryMib`, MiB.
     pub memory_mib: u64,
+    /// On etcd: when its heartbeat is overdue (its last heartbeat plus its
+    /// lease TTL + 2 s). A node past it is not chosen though still marked
+    /// Ready: its agent is gone, and the node lifecycle controller is
+    /// about to say so.
+    pub fresh_until: Option<chrono::DateTime<Utc>>,
 }
 
 impl NodeInfo {
@@ -90,6 +95,12 @@ impl NodeInfo {
             ready: status.is_ready(),
             vcpus: status.allocatable.vcpus.into(),
             memory_mib: status.allocatable.memory_mib,
+            fresh_until: match (status.lease_ttl_seconds, status.last_heartbeat_time) {
+                (Some(_), Some(t)) => chrono::Duration::from_std(status.heartbeat_deadline())
+                    .ok()
+                    .map(|d| t + d),
+                _ => None,
+            },
         })
     }
 }
@@ -145,8 +156,14 @@ pub enum Decision {
 
 /// Why a node cannot take a VM (the first filter that fails, in this
 /// order).
-fn refusal(req: &Request, name: &str, node: &NodeInfo, used: Usage) -> Option<&'static str> {
-    if !node.ready {
+fn refusal(
+    req: &Request,
+    name: &str,
+    node: &NodeInfo,
+    used: Usage,
+    now: chrono::DateTime<Utc>,
+) -> Option<&'static str> {
+    if !node.ready || node.fresh_until.is_some_and(|t| now > t) {
         return Some("not Ready");
     }
     if req.pin.as_deref().is_some_and(|p| p != name) {
@@ -180,18 +197,20 @@ fn allocated_ppm(req: &Request, node: &NodeInfo, used: Usage) -> u64 {
 }
 
 /// Chooses a node for `req` among `nodes`, given what is bound to each
-/// (`used`): of the nodes that can take it, the least allocated once it
-/// is there (spread), then the one with fewest VMs, then by name. Pure.
+/// (`used`): of the nodes that can take it (at `now`: a node whose
+/// heartbeat is overdue cannot), the least allocated once it is there
+/// (spread), then the one with fewest VMs, then by name. Pure.
 pub fn choose(
     req: &Request,
     nodes: &BTreeMap<String, NodeInfo>,
     used: &HashMap<String, Usage>,
+    now: chrono::DateTime<Utc>,
 ) -> Decision {
     let mut refused: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut best: Option<((u64, u64), &str)> = None;
     for (name, node) in nodes {
         let u = used.get(name).copied().unwrap_or_default();
-        match refusal(req, name, node, u) {
+        match refusal(req, name, node, u, now) {
             Some(why) => *refused.entry(why).or_default() += 1,
             None => {
                 let score = (allocated_ppm(req, node, u), u.vms);
@@ -531,9 +550,10 @@ async fn pass(store: &Arc<dyn Store>, view: &mut View) -> bool {
         .map(|(n, _)| n.clone())
         .collect();
     let mut writes = Vec::new();
+    let now = Utc::now();
     for name in pending {
         let e = view.vms[&name].clone();
-        match choose(&e.request, &view.nodes, &view.used) {
+        match choose(&e.request, &view.nodes, &view.used, now) {
             Decision::Bind(node) => {
                 let status = bound_status(&e.status, &node, 0);
                 // Counted at once, so that the next decision sees it.

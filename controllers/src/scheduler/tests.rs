@@ -9,7 +9,12 @@ fn node(labels: &[(&str, &str)], ready: bool, vcpus: u64, memory_mib: u64) -> No
         ready,
         vcpus,
         memory_mib,
+        fresh_until: None,
     }
+}
+
+fn now() -> chrono::DateTime<Utc> {
+    Utc::now()
 }
 
 fn req(vcpus: u64, memory_mib: u64) -> Request {
@@ -29,7 +34,7 @@ fn the_least_allocated_node_that_fits_is_chosen_and_ties_go_by_vms_then_name() {
     .into();
     let mut used = HashMap::new();
     assert_eq!(
-        choose(&req(1, 512), &nodes, &used),
+        choose(&req(1, 512), &nodes, &used, now()),
         Decision::Bind("a".into())
     );
     used.insert(
@@ -41,7 +46,7 @@ fn the_least_allocated_node_that_fits_is_chosen_and_ties_go_by_vms_then_name() {
         },
     );
     assert_eq!(
-        choose(&req(1, 512), &nodes, &used),
+        choose(&req(1, 512), &nodes, &used, now()),
         Decision::Bind("b".into())
     );
 }
@@ -54,7 +59,7 @@ fn spread_stays_even_over_many_unconstrained_vms() {
     let mut used: HashMap<String, Usage> = HashMap::new();
     for _ in 0..999 {
         let r = req(1, 64);
-        let Decision::Bind(n) = choose(&r, &nodes, &used) else {
+        let Decision::Bind(n) = choose(&r, &nodes, &used, now()) else {
             panic!("unschedulable")
         };
         used.entry(n).or_default().add(&r);
@@ -76,7 +81,7 @@ fn an_unschedulable_vm_is_told_why_per_node() {
     let mut r = req(1, 4096);
     r.selector.insert("zone".into(), "a".into());
     assert_eq!(
-        choose(&r, &nodes, &HashMap::new()),
+        choose(&r, &nodes, &HashMap::new(), now()),
         Decision::Unschedulable(
             "0/4 nodes available: 2 insufficient memory, 1 did not match the node selector, 1 not Ready"
                 .into()
@@ -96,12 +101,13 @@ fn an_unschedulable_vm_is_told_why_per_node() {
         choose(
             &req(1, 64),
             &[("c".to_owned(), nodes["c"].clone())].into(),
-            &used
+            &used,
+            now()
         ),
         Decision::Unschedulable("0/1 nodes available: 1 insufficient vCPUs".into())
     );
     assert_eq!(
-        choose(&req(1, 64), &BTreeMap::new(), &HashMap::new()),
+        choose(&req(1, 64), &BTreeMap::new(), &HashMap::new(), now()),
         Decision::Unschedulable(
             "0/0 nodes available: no node is registered (start an agent on etcd)".into()
         )
@@ -118,12 +124,12 @@ fn a_pinned_vm_goes_to_its_node_only() {
     let mut r = req(1, 512);
     r.pin = Some("b".into());
     assert_eq!(
-        choose(&r, &nodes, &HashMap::new()),
+        choose(&r, &nodes, &HashMap::new(), now()),
         Decision::Bind("b".into())
     );
     r.pin = Some("z".into());
     assert_eq!(
-        choose(&r, &nodes, &HashMap::new()),
+        choose(&r, &nodes, &HashMap::new(), now()),
         Decision::Unschedulable("0/2 nodes available: 2 not the VM's node (spec.nodeName)".into())
     );
 }
@@ -137,4 +143,18 @@ fn a_binding_names_the_node_and_leaves_observed_generation_at_zero() {
     let u = unschedulable_status(&Value::Null, "0/1 nodes available: 1 not Ready").unwrap();
     assert!(marked_unschedulable(&u));
     assert!(unschedulable_status(&u, "0/1 nodes available: 1 not Ready").is_none());
+}
+
+#[test]
+fn a_node_whose_heartbeat_is_overdue_is_not_chosen_though_still_marked_ready() {
+    let mut late = node(&[], true, 8, 8192);
+    late.fresh_until = Some(now() - chrono::Duration::seconds(1));
+    let mut fresh = node(&[], true, 8, 8192);
+    fresh.fresh_until = Some(now() + chrono::Duration::seconds(10));
+    let nodes: BTreeMap<String, NodeInfo> =
+        [("a".to_owned(), late), ("b".to_owned(), fresh)].into();
+    assert_eq!(
+        choose(&req(1, 64), &nodes, &HashMap::new(), now()),
+        Decision::Bind("b".into())
+    );
 }
