@@ -95,6 +95,13 @@ pub struct AgentArgs {
     /// <data-dir>/agent.toml, else 10].
     #[arg(long, env = "VMCTL_NODE_LEASE_TTL", value_name = "SECONDS")]
     pub node_lease_ttl: Option<u64>,
+    /// Stop this node's VMs when its node lease is lost (store etcd): cut
+    /// off from the cluster, its VMs may be re-placed on other nodes
+    /// (`evict-after`), and a fenced host does not run a second copy beside
+    /// them [default: `fence` in <data-dir>/agent.toml, else off: the VMs
+    /// run on, unmanaged, until the lease is back].
+    #[arg(long, env = "VMCTL_FENCE")]
+    pub fence: bool,
     /// dnsmasq lease files to read, comma-separated absolute paths, to find
     /// the address of a guest on a `tap` network (after the bridge's
     /// neighbour table, before /var/lib/misc/dnsmasq.leases and the other
@@ -173,6 +180,9 @@ impl AgentArgs {
             (!self.node_labels.is_empty()).then(|| self.node_labels.join(",")),
         );
         flag("node-lease-ttl", self.node_lease_ttl.map(|t| t.to_string()));
+        if self.fence {
+            out.push("--fence".into());
+        }
         for p in &self.dnsmasq_leases {
             out.push("--dnsmasq-leases".into());
             out.push(p.clone().into_os_string());

@@ -215,6 +215,8 @@ pub struct AgentOverrides {
     pub node_labels: Option<Vec<String>>,
     /// `--node-lease-ttl` / `VMCTL_NODE_LEASE_TTL`, seconds.
     pub node_lease_ttl: Option<u64>,
+    /// `--fence` / `VMCTL_FENCE` (`Some(true)` when given).
+    pub fence: Option<bool>,
     /// `--propolis-*` / `VMCTL_PROPOLIS_*`.
     pub propolis: PropolisSettings,
     /// `--dnsmasq-leases` / `VMCTL_DNSMASQ_LEASES`.
@@ -239,6 +241,7 @@ struct FileSettings {
     node_labels: Option<Vec<Spanned<String>>>,
     #[serde(rename = "node-lease-ttl")]
     node_lease_ttl: Option<Spanned<u64>>,
+    fence: Option<Spanned<bool>>,
     listen: Option<Spanned<String>>,
     #[serde(rename = "tls-dir")]
     tls_dir: Option<Spanned<PathBuf>>,
@@ -332,7 +335,7 @@ impl ConfigError {
                 "fix {} (keys: driver = \"qemu\"|\"propolis\"|\"fake\", store = \"sled\"|\"etcd\", \
                  under [etcd]: endpoints = [\"http://HOST:2379\", …], prefix = \"/vmctl/\", \
                  dnsmasq-leases = [\"/ABSOLUTE/PATH\", …], \
-                 node-labels = [\"KEY=VALUE\", …], node-lease-ttl = SECONDS, \
+                 node-labels = [\"KEY=VALUE\", …], node-lease-ttl = SECONDS, fence = true, \
                  listen = \"IP:PORT\", tls-dir = \"/ABSOLUTE/PATH\", \
                  under [propolis]: host, addr, pool, brand, zone-root, vnic-link, start-timeout), \
                  or remove it to use the defaults",
@@ -546,6 +549,15 @@ fn check_given(given: &AgentOverrides, file_store: Option<StoreKind>) -> Result<
             flag: "--dnsmasq-leases / VMCTL_DNSMASQ_LEASES",
             message: format!("`{}` is not an absolute path", p.display()),
             help: "give absolute paths, comma-separated: --dnsmasq-leases /run/br0.leases".into(),
+        });
+    }
+    if let (Some(true), false) = (given.fence, etcd) {
+        return Err(ConfigError::Flag {
+            flag: "--fence / VMCTL_FENCE",
+            message: "given, but the store is sled: one host has no node lease to lose".into(),
+            help: "add --store etcd (or VMCTL_STORE=etcd, or store = \"etcd\" in agent.toml), \
+                   or drop --fence"
+                .into(),
         });
     }
     if let (Some(ttl), false) = (given.node_lease_ttl, etcd) {
@@ -803,6 +815,10 @@ impl AgentConfig {
         {
             cfg.node_lease_ttl = Duration::from_secs(t);
         }
+        cfg.fence = given
+            .fence
+            .or(file.fence.as_ref().map(|f| *f.get_ref()))
+            .unwrap_or(false);
         cfg.propolis = given.propolis.clone().or(file.propolis_settings.clone());
         cfg.dnsmasq_leases = match (&given.dnsmasq_leases, &file.dnsmasq_leases) {
             (Some(g), _) => g.clone(),

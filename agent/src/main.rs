@@ -58,6 +58,7 @@ fn run(cli: Cli) -> miette::Result<ExitCode> {
         node_name,
         node_labels,
         node_lease_ttl,
+        fence,
         dnsmasq_leases,
         door,
     } = cli.agent;
@@ -70,6 +71,7 @@ fn run(cli: Cli) -> miette::Result<ExitCode> {
         node_name,
         node_labels: (!node_labels.is_empty()).then_some(node_labels),
         node_lease_ttl,
+        fence: fence.then_some(true),
         dnsmasq_leases: (!dnsmasq_leases.is_empty()).then_some(dnsmasq_leases),
         listen: door.listen,
         tls_dir: door.tls_dir,

@@ -100,6 +100,14 @@ fn node_labels_and_lease_ttl_are_parsed_and_bad_ones_refused_naming_the_flag() {
             "--node-lease-ttl",
             "the store is sled",
         ),
+        (
+            AgentOverrides {
+                fence: Some(true),
+                ..Default::default()
+            },
+            "--fence",
+            "the store is sled",
+        ),
     ] {
         let err = AgentConfig::resolve(data.clone(), given).unwrap_err();
         assert!(matches!(err, ConfigError::Flag { .. }), "{err}");
@@ -108,8 +116,15 @@ fn node_labels_and_lease_ttl_are_parsed_and_bad_ones_refused_naming_the_flag() {
         assert!(shown.contains(says), "{shown}");
     }
 
-    let (_d, data) = with_file("node-labels = [\"zone=b\"]\nnode-lease-ttl = 3\n");
+    // Fencing: off unless asked, by flag or file (store etcd).
+    assert!(!cfg.fence);
+    let mut given = etcd(&[], None);
+    given.fence = Some(true);
+    assert!(AgentConfig::resolve(data.clone(), given).unwrap().fence);
+
+    let (_d, data) = with_file("node-labels = [\"zone=b\"]\nnode-lease-ttl = 3\nfence = true\n");
     let cfg = AgentConfig::resolve(data.clone(), AgentOverrides::default()).unwrap();
+    assert!(cfg.fence);
     assert_eq!(cfg.node_labels.get("zone").map(String::as_str), Some("b"));
     assert_eq!(cfg.node_lease_ttl, Duration::from_secs(3));
     // The flag wins over the file.
