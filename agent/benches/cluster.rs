@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{env_usize, follow, last_seq, median, request};
+use common::{apply_in_batches, env_usize, follow, last_seq, median, request};
 use serde_json::json;
 use vmctl_api::Kind;
 use vmctl_store::Change;
@@ -136,8 +136,6 @@ fn run(cluster: &EtcdCluster, n: usize) -> Run {
         })
     };
     let start = Instant::now();
-    let image = json!({"apiVersion": "vmctl/v1alpha1", "kind": "Image", "metadata": {"name": "img"},
-        "spec": {"source": {"path": "/images/img.qcow2"}}});
     let vms: Vec<_> = (0..n)
         .map(|i| {
             json!({"apiVersion": "vmctl/v1alpha1", "kind": "VirtualMachine",
@@ -145,18 +143,7 @@ fn run(cluster: &EtcdCluster, n: usize) -> Run {
                 "spec": {"image": "img", "memoryMib": 64}})
         })
         .collect();
-    let mut batches: Vec<Vec<serde_json::Value>> = vec![vec![image]];
-    batches.extend(vms.chunks(250).map(<[_]>::to_vec));
-    for objects in batches {
-        let (code, body) = request(
-            &socket,
-            "POST",
-            "/v1/apply",
-            &json!({ "objects": objects }).to_string(),
-        )
-        .expect("the agent answers apply");
-        assert_eq!(code, 200, "{body}");
-    }
+    apply_in_batches(&socket, vms);
     let (first_bound, all_bound, all_running, node) =
         watcher.join().expect("the watch saw every VM Running");
     let mut per_node = BTreeMap::new();

@@ -25,7 +25,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{env_usize, follow, last_seq, median, request};
+use common::{apply_in_batches, env_usize, follow, last_seq, median, request};
 use serde_json::json;
 use vmctl_agent::{AgentConfig, StoreConfig, run_until};
 use vmctl_api::Kind;
@@ -92,26 +92,13 @@ fn ready_time(rt: &tokio::runtime::Runtime, store: StoreConfig, n: usize) -> (Du
         std::thread::spawn(move || watch_until_ready(&socket, seq_before, n))
     };
     let start = Instant::now();
-    let image = json!({"apiVersion": "vmctl/v1alpha1", "kind": "Image", "metadata": {"name": "img"},
-        "spec": {"source": {"path": "/images/img.qcow2"}}});
     let vms: Vec<_> = (0..n)
         .map(|i| {
             json!({"apiVersion": "vmctl/v1alpha1", "kind": "VirtualMachine",
                 "metadata": {"name": format!("vm{i}")}, "spec": {"image": "img"}})
         })
         .collect();
-    let mut batches: Vec<Vec<serde_json::Value>> = vec![vec![image]];
-    batches.extend(vms.chunks(250).map(<[_]>::to_vec));
-    for objects in batches {
-        let (code, body) = request(
-            &socket,
-            "POST",
-            "/v1/apply",
-            &json!({ "objects": objects }).to_string(),
-        )
-        .expect("the agent answers apply");
-        assert_eq!(code, 200, "{body}");
-    }
+    apply_in_batches(&socket, vms);
     eprintln!("  applied in {:.2} s", start.elapsed().as_secs_f64());
     let took = watcher.join().expect("the watch saw every VM Ready") - start;
     // What the watch said, as a listing says it.

@@ -93,3 +93,24 @@ pub fn env_usize(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// Posts one Image (`img`, a local path) and `vms` to `/v1/apply` in
+/// batches of 250, as `vmctl apply` would.
+///
+/// Panics when a request is not answered 200.
+pub fn apply_in_batches(socket: &Path, vms: Vec<serde_json::Value>) {
+    let image = serde_json::json!({"apiVersion": "vmctl/v1alpha1", "kind": "Image",
+        "metadata": {"name": "img"}, "spec": {"source": {"path": "/images/img.qcow2"}}});
+    let mut batches: Vec<Vec<serde_json::Value>> = vec![vec![image]];
+    batches.extend(vms.chunks(250).map(<[_]>::to_vec));
+    for objects in batches {
+        let (code, body) = request(
+            socket,
+            "POST",
+            "/v1/apply",
+            &serde_json::json!({ "objects": objects }).to_string(),
+        )
+        .expect("the agent answers apply");
+        assert_eq!(code, 200, "{body}");
+    }
+}

@@ -317,6 +317,32 @@ fn apply_vm_on(socket: &Path, name: &str, node: Option<&str>) {
     assert_eq!(code, 200, "{body}");
 }
 
+/// Two agents on a new prefix of `cluster`, node lease TTL 2 s: A
+/// (`node-a`, data in `dir_a`) reaches etcd through the returned
+/// partitions, so that a test can cut it off; B (`node-b`) directly.
+async fn two_agents(
+    cluster: &EtcdCluster,
+    dir_a: &Path,
+    dir_b: &Path,
+) -> (Vec<Partition>, AgentConfig, AgentConfig) {
+    let prefix = unique_prefix();
+    let mut partitions = Vec::new();
+    for i in 0..cluster.len() {
+        partitions.push(Partition::to(&cluster.endpoint(i)).await);
+    }
+    let mut cfg_a = etcd_agent(
+        dir_a,
+        partitions.iter().map(|p| p.addr.clone()).collect(),
+        &prefix,
+    );
+    let mut cfg_b = etcd_agent(dir_b, cluster.endpoints(), &prefix);
+    cfg_a.node_name = "node-a".into();
+    cfg_b.node_name = "node-b".into();
+    cfg_a.node_lease_ttl = Duration::from_secs(2);
+    cfg_b.node_lease_ttl = Duration::from_secs(2);
+    (partitions, cfg_a, cfg_b)
+}
+
 /// The fault (new-user tryout): two agents on one etcd prefix both ran
 /// the controllers: every action twice, with QEMU two copies of one VM.
 /// Then the agent lease let one of them run the controllers. Now (issue
@@ -351,22 +377,8 @@ async fn two_agents_on_one_etcd_prefix_run_their_own_nodes_and_one_scheduler() {
         .await
         .unwrap()
         .expect("etcd starts (scripts/install-prereqs installs etcd-server)");
-    let prefix = unique_prefix();
-    let mut partitions = Vec::new();
-    for i in 0..cluster.len() {
-        partitions.push(Partition::to(&cluster.endpoint(i)).await);
-    }
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut cfg_a = etcd_agent(
-        dir_a.path(),
-        partitions.iter().map(|p| p.addr.clone()).collect(),
-        &prefix,
-    );
-    let mut cfg_b = etcd_agent(dir_b.path(), cluster.endpoints(), &prefix);
-    cfg_a.node_name = "node-a".into();
-    cfg_b.node_name = "node-b".into();
-    cfg_a.node_lease_ttl = Duration::from_secs(2);
-    cfg_b.node_lease_ttl = Duration::from_secs(2);
+    let (partitions, cfg_a, cfg_b) = two_agents(&cluster, dir_a.path(), dir_b.path()).await;
     let (socket_a, socket_b) = (cfg_a.socket.clone(), cfg_b.socket.clone());
     let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
     let agent_a = tokio::spawn(run_until(cfg_a, async {
@@ -561,22 +573,8 @@ async fn an_evictable_vm_is_replaced_on_another_node_and_its_old_copy_destroyed(
         .await
         .unwrap()
         .expect("etcd starts (scripts/install-prereqs installs etcd-server)");
-    let prefix = unique_prefix();
-    let mut partitions = Vec::new();
-    for i in 0..cluster.len() {
-        partitions.push(Partition::to(&cluster.endpoint(i)).await);
-    }
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut cfg_a = etcd_agent(
-        dir_a.path(),
-        partitions.iter().map(|p| p.addr.clone()).collect(),
-        &prefix,
-    );
-    let mut cfg_b = etcd_agent(dir_b.path(), cluster.endpoints(), &prefix);
-    cfg_a.node_name = "node-a".into();
-    cfg_b.node_name = "node-b".into();
-    cfg_a.node_lease_ttl = Duration::from_secs(2);
-    cfg_b.node_lease_ttl = Duration::from_secs(2);
+    let (partitions, cfg_a, cfg_b) = two_agents(&cluster, dir_a.path(), dir_b.path()).await;
     let (socket_a, socket_b) = (cfg_a.socket.clone(), cfg_b.socket.clone());
     let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
     let agent_a = tokio::spawn(run_until(cfg_a, async {
