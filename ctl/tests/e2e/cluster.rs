@@ -144,8 +144,8 @@ fn a_vm_placed_on_node_b_is_reached_through_agent_a_and_a_foreign_ca_is_refused(
     let ca_s = ca.to_str().unwrap();
     let home_ok = |args: &[&str]| remote_ok(home, &contexts, args);
 
-    // The CA, the admin's context (its server set once A's port is known:
-    // `--server` names it on each command instead), and the agents' files.
+    // The CA and the admin's certificate (commands name agent A with
+    // `--server` and the admin's files), and each agent's files.
     home_ok(&["cluster", "init", "--dir", ca_s]);
     for (name, ip) in [("node-a", "127.0.0.2"), ("node-b", "127.0.0.3")] {
         home_ok(&[
@@ -255,15 +255,17 @@ fn a_vm_placed_on_node_b_is_reached_through_agent_a_and_a_foreign_ca_is_refused(
 
     // Placed on B, shown so through A's door; B runs the QEMU, A none.
     let wide = tls_a_ok(&["get", "vm", "-o", "wide"]);
-    let header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
-    let col = header.iter().position(|c| *c == "NODE").expect("NODE");
-    let row: Vec<&str> = wide
+    // The cell under the header's NODE (columns are left-aligned).
+    let col = wide.lines().next().unwrap().find("NODE").expect("NODE");
+    let row = wide
         .lines()
         .find(|l| l.starts_with("far "))
-        .unwrap_or_else(|| panic!("no row for far:\n{wide}"))
-        .split_whitespace()
-        .collect();
-    assert_eq!(row[col], "node-b", "{wide}");
+        .unwrap_or_else(|| panic!("no row for far:\n{wide}"));
+    assert_eq!(
+        row[col..].split_whitespace().next(),
+        Some("node-b"),
+        "{wide}"
+    );
     assert_eq!(b.world.qemu_pids().len(), 1, "B runs the guest");
     assert!(aw.qemu_pids().is_empty(), "A runs nothing");
 
@@ -344,13 +346,30 @@ fn a_vm_placed_on_node_b_is_reached_through_agent_a_and_a_foreign_ca_is_refused(
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("vmctl::tls::handshake"), "{err}");
+    assert!(err.contains("not issued by the cluster's CA"), "{err}");
     wait_until("A to log the refusal", Duration::from_secs(5), || {
         a.log().contains("TLS handshake refused")
     });
 
     // Deleted through A: B's agent stops QEMU and removes the instance.
-    tls_a_ok(&["delete", "vm", "far", "--wait", "--timeout", "120"]);
+    // Deleted through A (the file's objects: the Provision uses the VM):
+    // B's agent stops QEMU and removes the instance.
+    let vmfile = aw.project().join("VMFile.kdl");
+    tls_a_ok(&[
+        "delete",
+        "-f",
+        vmfile.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "120",
+    ]);
     assert!(b.world.qemu_pids().is_empty(), "delete stopped B's QEMU");
+    assert!(
+        !b.world.data().join("vms/far").exists(),
+        "delete removed the instance's directory on B"
+    );
+    let gone = tls_a(&["get", "vm", "far"]);
+    assert_eq!(gone.status.code(), Some(1), "vm/far is gone");
     drop(b);
     drop(a);
     eprintln!("whole test: {:.1}s", t0.elapsed().as_secs_f64());
