@@ -14,6 +14,7 @@ use nix::sys::signal::Signal;
 mod agent_program;
 pub use agent_program::vmctl_bin;
 mod cloud;
+mod cluster;
 mod disks;
 mod etcd;
 mod host_faults;
