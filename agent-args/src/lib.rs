@@ -274,12 +274,18 @@ mod tests {
     }
 
     /// Every flag the agent has, each with a value it accepts: the first
-    /// possible value, else a number (which text and numbers both take).
+    /// possible value, else a number (which text and numbers both take);
+    /// a switch alone.
     fn every_flag() -> Vec<String> {
         let mut argv = vec!["agent".to_owned()];
         for arg in Cli::command().get_arguments() {
             let Some(long) = arg.get_long() else { continue };
             if long == "help" {
+                continue;
+            }
+            // A switch (`--fence`) takes no value.
+            if !arg.get_action().takes_values() {
+                argv.push(format!("--{long}"));
                 continue;
             }
             let value = arg

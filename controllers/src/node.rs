@@ -205,8 +205,7 @@ impl NodeReconciler {
     async fn vms_lost(&self, name: &str, status: &NodeStatus) -> Result<Option<Duration>, Error> {
         let ctx = &self.ctx;
         let ready = status.ready();
-        let (reason, why) =
-            ready.map_or(("Unknown", ""), |c| (c.reason.as_str(), c.message.as_str()));
+        let reason = ready.map_or("Unknown", |c| c.reason.as_str());
         let seen = status.last_heartbeat_time.map_or_else(
             || "never".to_owned(),
             |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -242,11 +241,13 @@ impl NodeReconciler {
                 continue;
             }
             let message = format!(
-                "node {name} is not Ready ({reason}: {why}); the VM was last seen {:?} on node                  {name}, whose last heartbeat was at {seen}. Its agent must run again to manage                  it{}",
+                "node {name} is not Ready ({reason}); the VM was last seen {:?} on node {name}, \
+                 whose last heartbeat was at {seen}. Its agent must run again to manage it{}",
                 st.phase,
                 match vm.spec.evict_after_seconds {
                     Some(s) => format!(
-                        "; it is re-placed on another node after {s} s (evictAfterSeconds),                          with a fresh disk"
+                        "; it is re-placed on another node after {s} s (evictAfterSeconds), \
+                         with a fresh disk"
                     ),
                     None => String::new(),
                 },
@@ -293,7 +294,9 @@ impl NodeReconciler {
     async fn evict(&self, obj: &Object, node: &str, after: Duration) -> Result<(), Error> {
         let name = &obj.metadata.name;
         let message = format!(
-            "evicted from node {node}, lost for {} s or more (evictAfterSeconds): to be placed              on another node with a fresh disk from its image; what was on its disk on node              {node} is not carried over",
+            "evicted from node {node}, lost for {} s or more (evictAfterSeconds): to be placed \
+             on another node with a fresh disk from its image; what was on its disk on node \
+             {node} is not carried over",
             after.as_secs()
         );
         let mut st = VirtualMachineStatus::default();

@@ -29,6 +29,9 @@
 //! * The binding sets no `observedGeneration`: the bound node's VM
 //!   controller hears of it by that (see the VM controller's
 //!   `status_triggers`).
+//! * A VM deleted before any node took it has no instance anywhere: the
+//!   scheduler releases its teardown finalizer (`vmctl.dev/vm-teardown`,
+//!   set when it was created), so that it goes at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -59,6 +62,10 @@ pub const REASON_FAILED_SCHEDULING: &str = "FailedScheduling";
 
 /// Binding writes sent at once.
 pub const WRITES_IN_FLIGHT: usize = 32;
+
+/// The VM controller's teardown finalizer, which the scheduler releases
+/// for a VM deleted before it was placed.
+const VM_FINALIZER: &str = crate::vm::FINALIZER;
 
 /// The note source of the scheduler.
 const SOURCE: &str = "scheduler";
@@ -223,6 +230,15 @@ pub fn choose(
     if let Some((_, name)) = best {
         return Decision::Bind(name.to_owned());
     }
+    if let Some(pin) = req.pin.as_deref()
+        && !nodes.contains_key(pin)
+    {
+        return Decision::Unschedulable(format!(
+            "0/{} nodes available: no node is named {pin} (spec.nodeName); `vmctl get nodes` \
+             lists them",
+            nodes.len()
+        ));
+    }
     if nodes.is_empty() {
         return Decision::Unschedulable(
             "0/0 nodes available: no node is registered (start an agent on etcd)".into(),
@@ -249,6 +265,8 @@ struct VmEntry {
     node: Option<String>,
     /// The spec could not be read: never bound.
     invalid: bool,
+    /// `metadata.finalizers`.
+    finalizers: Vec<String>,
 }
 
 impl VmEntry {
@@ -260,6 +278,7 @@ impl VmEntry {
             status: obj.status.clone().unwrap_or(Value::Null),
             node: None,
             invalid: false,
+            finalizers: obj.metadata.finalizers.clone(),
         };
         e.set_spec(obj);
         e.set_status(e.status.clone());
@@ -268,6 +287,7 @@ impl VmEntry {
 
     fn set_spec(&mut self, obj: &Object) {
         self.deleting = obj.metadata.deletion_timestamp.is_some();
+        self.finalizers = obj.metadata.finalizers.clone();
         match VirtualMachine::from_object(&Object {
             status: None,
             ..obj.clone()
@@ -295,6 +315,12 @@ impl VmEntry {
 
     fn pending(&self) -> bool {
         self.node.is_none() && !self.deleting && !self.invalid
+    }
+
+    /// Deleted before any node took it: nobody else will release its
+    /// teardown finalizer (it has no instance anywhere to tear down).
+    fn unplaced_deleted(&self) -> bool {
+        self.node.is_none() && self.deleting && self.finalizers.iter().any(|f| f == VM_FINALIZER)
     }
 }
 
@@ -350,7 +376,7 @@ impl View {
             self.count(&old, false);
         }
         if let Some(e) = new {
-            if e.pending() {
+            if e.pending() || e.unplaced_deleted() {
                 self.dirty = true;
             }
             self.count(&e, true);
@@ -422,7 +448,8 @@ impl View {
                         e.rv = e.rv.max(ev.seq);
                         Some(e)
                     }
-                    (Change::FinalizersSet { .. }, Some(mut e)) => {
+                    (Change::FinalizersSet { finalizers }, Some(mut e)) => {
+                        e.finalizers = finalizers.clone();
                         e.rv = e.rv.max(ev.seq);
                         Some(e)
                     }
@@ -549,6 +576,35 @@ async fn pass(store: &Arc<dyn Store>, view: &mut View) -> bool {
         .filter(|(_, e)| e.pending())
         .map(|(n, _)| n.clone())
         .collect();
+    // Deleted before placement: nothing to tear down anywhere.
+    for (name, e) in view
+        .vms
+        .iter()
+        .filter(|(_, e)| e.unplaced_deleted())
+        .map(|(n, e)| (n.clone(), e.clone()))
+        .collect::<Vec<_>>()
+    {
+        let r = ObjectRef::new(Kind::VirtualMachine, name.clone());
+        let rest: Vec<String> = e
+            .finalizers
+            .iter()
+            .filter(|f| *f != VM_FINALIZER)
+            .cloned()
+            .collect();
+        match store.set_finalizers(&r, rest, Some(e.rv)).await {
+            Ok(w) => {
+                tracing::debug!(vm = %name, "deleted before placement: teardown finalizer released");
+                view.replace_vm(&name, w.object.as_ref().map(VmEntry::of));
+            }
+            Err(err) => {
+                failed = true;
+                tracing::debug!(vm = %name, error = %err, "cannot release the finalizer yet");
+                if let Ok(fresh) = store.get(&r).await {
+                    view.replace_vm(&name, fresh.as_ref().map(VmEntry::of));
+                }
+            }
+        }
+    }
     let mut writes = Vec::new();
     let now = Utc::now();
     for name in pending {

@@ -647,3 +647,60 @@ async fn an_evictable_vm_is_replaced_on_another_node_and_its_old_copy_destroyed(
     agent_a.await.unwrap().unwrap();
     drop(cluster);
 }
+
+/// Tryout of issue 17: a VM deleted before any node took it (pinned to a
+/// node that does not exist) waited for its teardown finalizer forever.
+/// Now the scheduler says why it cannot place it, and releases the
+/// finalizer once it is deleted: it goes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_deleted_before_any_node_took_it_goes_at_once() {
+    let cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .unwrap()
+        .expect("etcd starts (scripts/install-prereqs installs etcd-server)");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = etcd_agent(dir.path(), cluster.endpoints(), &unique_prefix());
+    cfg.node_name = "node-a".into();
+    let socket = cfg.socket.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(run_until(cfg, async {
+        let _ = stopped.await;
+    }));
+    let s = socket.clone();
+    eventually(
+        "the agent runs the scheduler",
+        Duration::from_secs(30),
+        || controllers(&s).as_deref() == Some("running"),
+    )
+    .await;
+    apply_vm_on(&socket, "nowhere", Some("node-z"));
+    let scheduled = |s: &Path| {
+        request(s, "GET", "/v1/objects/vm/nowhere", "").and_then(|(_, o)| {
+            o["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "Scheduled")
+                .map(|c| {
+                    (
+                        c["reason"].as_str().unwrap_or("").to_owned(),
+                        c["message"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+        })
+    };
+    eventually("nowhere Unschedulable", Duration::from_secs(10), || {
+        scheduled(&s).is_some_and(|(r, m)| {
+            r == "Unschedulable" && m.starts_with("0/1 nodes available: no node is named node-z")
+        })
+    })
+    .await;
+    let (code, out) = request(&socket, "DELETE", "/v1/objects/vm/nowhere", "").unwrap();
+    assert!(code < 300, "{code}: {out}");
+    eventually("nowhere gone", Duration::from_secs(10), || {
+        request(&s, "GET", "/v1/objects/vm/nowhere", "").is_some_and(|(c, _)| c == 404)
+    })
+    .await;
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+    drop(cluster);
+}

@@ -127,10 +127,23 @@ fn a_pinned_vm_goes_to_its_node_only() {
         choose(&r, &nodes, &HashMap::new(), now()),
         Decision::Bind("b".into())
     );
+    // Pinned to a node that is there but not Ready: said per node.
+    let mut down = nodes.clone();
+    down.get_mut("b").unwrap().ready = false;
+    r.pin = Some("b".into());
+    assert_eq!(
+        choose(&r, &down, &HashMap::new(), now()),
+        Decision::Unschedulable(
+            "0/2 nodes available: 1 not Ready, 1 not the VM's node (spec.nodeName)".into()
+        )
+    );
     r.pin = Some("z".into());
     assert_eq!(
         choose(&r, &nodes, &HashMap::new(), now()),
-        Decision::Unschedulable("0/2 nodes available: 2 not the VM's node (spec.nodeName)".into())
+        Decision::Unschedulable(
+            "0/2 nodes available: no node is named z (spec.nodeName); `vmctl get nodes` lists them"
+                .into()
+        )
     );
 }
 

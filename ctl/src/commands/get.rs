@@ -10,7 +10,23 @@ use crate::cli::GetOutput;
 use crate::client::WatchItem;
 use crate::output::print;
 
-fn phase(o: &Object) -> String {
+/// The PHASE (STATE) cell of an object: its `status.phase`, `NodeLost`
+/// for a VM lost with its node, `Terminating`/`Pending` without a status.
+pub(crate) fn phase(o: &Object) -> String {
+    // A VM lost with its node shows so (as kubectl shows a Pod's reason,
+    // `NodeLost`, in its STATUS column); its phase stays as last reported.
+    let lost = o
+        .status
+        .as_ref()
+        .and_then(|s| s.get("conditions"))
+        .and_then(|c| c.as_array())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["reason"] == "NodeLost")
+        });
+    if o.kind == vmctl_api::Kind::VirtualMachine && lost {
+        return "NodeLost".into();
+    }
     o.status
         .as_ref()
         .and_then(|s| s.get("phase"))
@@ -579,5 +595,23 @@ mod tests {
         assert_eq!(node_of(&no_status), "<none>");
         // Only the wide table has it.
         assert!(!header(Kind::VirtualMachine, false).contains(&"NODE".to_owned()));
+    }
+
+    /// Tryout of issue 17: a VM lost with its node still read `Running`
+    /// in `get vm` and `list`; only `describe` said `NodeLost`.
+    #[test]
+    fn a_vm_lost_with_its_node_shows_node_lost_as_its_phase() {
+        let mut o = vm(Some("host-b"));
+        o.status = Some(serde_json::json!({"phase": "Running", "nodeName": "host-b",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "NodeLost",
+            "message": "node host-b is not Ready"}]}));
+        assert_eq!(row_in(&o, false, &RowContext::default())[1], "NodeLost");
+        let mut running = vm(Some("host-b"));
+        running.status = Some(serde_json::json!({"phase": "Running", "nodeName": "host-b",
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Running"}]}));
+        assert_eq!(
+            row_in(&running, false, &RowContext::default())[1],
+            "Running"
+        );
     }
 }

@@ -255,7 +255,7 @@ pub fn list(g: &Globals, output: Output) -> miette::Result<ExitCode> {
             rt.pid.map_or("-".into(), |p| p.to_string()),
             rt.ssh_port.map_or("-".into(), |p| p.to_string()),
             super::get::ports_cell(&vm),
-            format!("{:?}", st.phase),
+            super::get::phase(o),
             super::get::node_cell(&vm),
         ]);
     }

@@ -255,6 +255,19 @@ pub(crate) fn state(o: &Object) -> State {
         };
         return State::Progressing(format!("Downloading {done}"));
     }
+    // In a cluster, a VM not placed yet says why (the scheduler's
+    // `Scheduled=False`, e.g. Unschedulable: 0/3 nodes available: …).
+    if let Some(c) = st
+        .and_then(|s| s.get("conditions"))
+        .and_then(|c| serde_json::from_value::<Vec<vmctl_api::Condition>>(c.clone()).ok())
+        .and_then(|cs| {
+            cs.into_iter()
+                .find(|c| c.type_ == "Scheduled" && c.status == vmctl_api::ConditionStatus::False)
+        })
+        && st.and_then(|s| s.get("nodeName")).is_none()
+    {
+        return State::Progressing(format!("{phase} ({})", reason_message(&c)));
+    }
     if observed < o.metadata.generation {
         return State::Progressing(format!(
             "{phase} (waiting for generation {} to be observed)",
@@ -600,6 +613,31 @@ mod tests {
             "conditions": [{"type": "Ready", "status": "True", "reason": "Running", "message": ""}]});
         assert_eq!(state(&obj(1, ready.clone())), State::Ready);
         assert!(matches!(state(&obj(2, ready)), State::Progressing(_)));
+    }
+
+    /// Tryout of issue 17: `apply --wait` of a VM no node could take said
+    /// "waiting for generation 1 to be observed" until its timeout; it
+    /// shows the scheduler's reason now.
+    #[test]
+    fn a_vm_no_node_can_take_shows_why_while_waited_for() {
+        let st = serde_json::json!({"phase": "Pending", "observedGeneration": 0,
+            "conditions": [{"type": "Scheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/2 nodes available: 2 did not match the node selector"}]});
+        assert_eq!(
+            state(&obj(1, st)),
+            State::Progressing(
+                "Pending (Unschedulable: 0/2 nodes available: 2 did not match the node selector)"
+                    .into()
+            )
+        );
+        // Once bound, the usual wait for the VM controller.
+        let bound = serde_json::json!({"phase": "Pending", "nodeName": "b",
+            "conditions": [{"type": "Scheduled", "status": "True", "reason": "Scheduled",
+            "message": "bound"}]});
+        assert_eq!(
+            state(&obj(1, bound)),
+            State::Progressing("Pending (waiting for generation 1 to be observed)".into())
+        );
     }
 
     /// Issue 16 fault 4: a refused shrink left the wait "all Ready".
