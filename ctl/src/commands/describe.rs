@@ -169,12 +169,8 @@ pub(crate) fn render_node(o: &Object, vms: &[Object], notes: &[AggregatedNote]) 
             let field = |f: &str| vm.spec.get(f).map_or("-".into(), |v| v.to_string());
             rows.push(vec![
                 format!("  {}", vm.metadata.name),
-                vm.status
-                    .as_ref()
-                    .and_then(|st| st.get("phase"))
-                    .and_then(|p| p.as_str())
-                    .unwrap_or("-")
-                    .to_owned(),
+                // As `get vm` shows it (`NodeLost` for a VM lost with it).
+                super::get::phase(vm),
                 field("vcpus"),
                 format!("{}Mi", field("memoryMib")),
             ]);
