@@ -216,13 +216,15 @@ pub struct NodeAgent {
 
 impl NodeAgent {
     /// The Node of the agent configured by `cfg`, kept in `store` (`etcd`:
-    /// the same store as such, for the node lease), `me` holding the lease.
+    /// the same store as such, for the node lease), `me` holding the lease,
+    /// its allocatable its capacity times `ratios`.
     pub fn new(
         cfg: &AgentConfig,
         store: Arc<dyn Store>,
         etcd: Option<EtcdStore>,
         hypervisor: Arc<dyn Hypervisor>,
         me: LeaseHolder,
+        ratios: AllocationRatios,
     ) -> Self {
         NodeAgent {
             store,
@@ -238,7 +240,7 @@ impl NodeAgent {
             me,
             lease: None,
             fence: watch::channel(None).0,
-            ratios: AllocationRatios::from_env().unwrap_or_default(),
+            ratios,
             warned: None,
             accelerator: None,
             current: None,

@@ -306,7 +306,7 @@ pub async fn run_until(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let drivers = drivers(&cfg)?;
-    crate::node::AllocationRatios::from_env().map_err(AgentError::Allocation)?;
+    let ratios = crate::node::AllocationRatios::from_env().map_err(AgentError::Allocation)?;
     let _lock = lock(&cfg)?;
     crate::socket::check_free(&cfg.socket).map_err(AgentError::Socket)?;
     let nofile = crate::http::raise_nofile_limit();
@@ -329,6 +329,7 @@ pub async fn run_until(
         etcd.clone(),
         drivers.hypervisor.clone(),
         me.clone(),
+        ratios,
     );
     if let Err(holder) = node.start().await {
         if let Some(l) = first_lease {

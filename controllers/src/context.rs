@@ -27,6 +27,21 @@ pub fn vm_node(vm: &Object) -> Option<&str> {
 }
 
 impl Context {
+    /// Whether a VM `status` is the scheduler's binding to this agent's
+    /// node that no VM controller has written after (`nodeName` is this
+    /// node, `observedGeneration` still 0): what wakes this node's work on
+    /// the VM and its Image (cluster only).
+    pub fn is_fresh_binding_here(&self, status: &serde_json::Value) -> bool {
+        self.config.cluster
+            && status.get("nodeName").and_then(|n| n.as_str())
+                == Some(self.config.node.name.as_str())
+            && status
+                .get("observedGeneration")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+                == 0
+    }
+
     /// Whether this agent acts on a VM bound to `node` (its
     /// `status.nodeName`): always on one host; in a cluster
     /// ([`RuntimeConfig::cluster`]) only when it is this agent's node.

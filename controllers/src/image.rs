@@ -354,19 +354,11 @@ impl Reconciler for ImageReconciler {
         if !self.ctx.config.cluster || ev.object.kind != Kind::VirtualMachine {
             return Vec::new();
         }
-        let me = self.ctx.config.node.name.as_str();
         // A binding to this node (no VM controller wrote since), or a VM
         // changed after its creation (its image may be another now). A
         // new VM is not bound yet: its binding comes next.
         let here = match &ev.change {
-            vmctl_store::Change::StatusUpdated { status } => {
-                status.get("nodeName").and_then(|n| n.as_str()) == Some(me)
-                    && status
-                        .get("observedGeneration")
-                        .and_then(serde_json::Value::as_u64)
-                        .unwrap_or(0)
-                        == 0
-            }
+            vmctl_store::Change::StatusUpdated { status } => self.ctx.is_fresh_binding_here(status),
             vmctl_store::Change::Applied { created, .. } => !created,
             _ => false,
         };

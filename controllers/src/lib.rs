@@ -199,6 +199,25 @@ pub enum RunError {
     Panicked,
 }
 
+/// Runs reconciler `r` under a [`Controller`] on `store` on a task of
+/// `set` until `shutdown`; the task ends with the reconciler's name.
+fn spawn_controller<R: Reconciler>(
+    set: &mut tokio::task::JoinSet<&'static str>,
+    r: R,
+    store: &Arc<dyn Store>,
+    cc: &ControllerConfig,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let (c, sd) = (
+        Controller::new(r, store.clone(), cc.clone()),
+        shutdown.clone(),
+    );
+    set.spawn(async move {
+        c.run(sd).await;
+        R::NAME
+    });
+}
+
 /// Which controllers [`run_some`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -248,54 +267,29 @@ pub async fn run_some(
     let cluster = matches!(scope, Scope::All | Scope::Cluster);
     let mut set = tokio::task::JoinSet::new();
     if node {
-        let images = Controller::new(
+        let sd = &shutdown;
+        spawn_controller(
+            &mut set,
             image::ImageReconciler::new(ctx.clone()),
-            store.clone(),
-            cc.clone(),
+            &store,
+            &cc,
+            sd,
         );
-        let vms = Controller::new(
+        spawn_controller(
+            &mut set,
             vm::VmReconciler::new(ctx.clone()),
-            store.clone(),
-            cc.clone(),
+            &store,
+            &cc,
+            sd,
         );
-        let provisions = Controller::new(
-            provision::ProvisionReconciler::new(ctx.clone()),
-            store.clone(),
-            cc.clone(),
-        );
-        let snapshots = Controller::new(
-            snapshot::SnapshotReconciler::new(ctx.clone()),
-            store.clone(),
-            cc.clone(),
-        );
-        let sd = shutdown.clone();
-        set.spawn(async move {
-            images.run(sd).await;
-            "image"
-        });
-        let sd = shutdown.clone();
-        set.spawn(async move {
-            vms.run(sd).await;
-            "virtualmachine"
-        });
-        let sd = shutdown.clone();
-        set.spawn(async move {
-            provisions.run(sd).await;
-            "provision"
-        });
-        let sd = shutdown.clone();
-        set.spawn(async move {
-            snapshots.run(sd).await;
-            "snapshot"
-        });
+        let provisions = provision::ProvisionReconciler::new(ctx.clone());
+        spawn_controller(&mut set, provisions, &store, &cc, sd);
+        let snapshots = snapshot::SnapshotReconciler::new(ctx.clone());
+        spawn_controller(&mut set, snapshots, &store, &cc, sd);
     }
     if cluster {
-        let nodes = Controller::new(node::NodeReconciler::new(ctx), store.clone(), cc);
-        let sd = shutdown.clone();
-        set.spawn(async move {
-            nodes.run(sd).await;
-            "node"
-        });
+        let nodes = node::NodeReconciler::new(ctx);
+        spawn_controller(&mut set, nodes, &store, &cc, &shutdown);
         if config.cluster {
             let sd = shutdown.clone();
             set.spawn(async move {

@@ -41,8 +41,8 @@ use chrono::Utc;
 use serde_json::Value;
 use tokio::sync::watch;
 use vmctl_api::{
-    Condition, Kind, Node, NoteType, Object, ObjectRef, VirtualMachine, VirtualMachineStatus,
-    set_condition,
+    Condition, Kind, Node, NodeStatus, NoteType, Object, ObjectRef, VirtualMachine,
+    VirtualMachineStatus, set_condition,
 };
 use vmctl_store::{Change, Event, Store, StoreError};
 
@@ -96,9 +96,17 @@ impl NodeInfo {
     /// What the scheduler needs of Node `obj`.
     pub fn of(obj: &Object) -> Option<NodeInfo> {
         let node = Node::from_object(obj).ok()?;
-        let status = node.status.unwrap_or_default();
-        Some(NodeInfo {
-            labels: node.metadata.labels.clone(),
+        Some(NodeInfo::from_status(
+            node.metadata.labels.clone(),
+            &node.status.unwrap_or_default(),
+        ))
+    }
+
+    /// What the scheduler needs of a Node labelled `labels` whose status
+    /// is `status`.
+    pub fn from_status(labels: BTreeMap<String, String>, status: &NodeStatus) -> NodeInfo {
+        NodeInfo {
+            labels,
             ready: status.is_ready(),
             vcpus: status.allocatable.vcpus.into(),
             memory_mib: status.allocatable.memory_mib,
@@ -108,7 +116,7 @@ impl NodeInfo {
                     .map(|d| t + d),
                 _ => None,
             },
-        })
+        }
     }
 }
 
@@ -402,17 +410,10 @@ impl View {
                         }
                     }
                     Change::StatusUpdated { status } => {
-                        let labels = before.as_ref().map(|n| n.labels.clone());
-                        let obj = Object {
-                            status: Some(status.clone()),
-                            ..Object::new(
-                                Kind::Node,
-                                vmctl_api::ObjectMeta::named(name),
-                                Value::Object(Default::default()),
-                            )
-                        };
-                        if let Some(mut n) = NodeInfo::of(&obj) {
-                            n.labels = labels.unwrap_or_default();
+                        // Labels live in the metadata: kept from before.
+                        if let Ok(st) = serde_json::from_value::<NodeStatus>(status.clone()) {
+                            let labels = before.as_ref().map(|n| n.labels.clone());
+                            let n = NodeInfo::from_status(labels.unwrap_or_default(), &st);
                             self.nodes.insert(name.to_owned(), n);
                         }
                     }

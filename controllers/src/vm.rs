@@ -921,11 +921,7 @@ impl Reconciler for VmReconciler {
         let here = status.get("nodeName").and_then(|n| n.as_str())
             == Some(self.ctx.config.node.name.as_str());
         self.bound_here(name, here);
-        here && status
-            .get("observedGeneration")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0)
-            == 0
+        self.ctx.is_fresh_binding_here(status)
     }
 
     /// In a cluster, a VM's spec change concerns this agent only when the

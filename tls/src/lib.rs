@@ -133,6 +133,18 @@ impl Identity {
         })
     }
 
+    /// Why rustls refused this identity's certificate with its key.
+    fn pair_refused(&self, e: rustls::Error) -> TlsError {
+        TlsError::Refused {
+            what: format!(
+                "the certificate {} with the key {}",
+                self.cert.display(),
+                self.key.display()
+            ),
+            why: e.to_string(),
+        }
+    }
+
     fn roots(&self) -> Result<RootCertStore, TlsError> {
         let mut roots = RootCertStore::empty();
         for c in certificates(&self.ca)? {
@@ -204,14 +216,7 @@ pub fn server_config(id: &Identity) -> Result<Arc<ServerConfig>, TlsError> {
         .map_err(refused("the TLS protocol versions"))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(id.certs()?, id.private_key()?)
-        .map_err(|e| TlsError::Refused {
-            what: format!(
-                "the certificate {} with the key {}",
-                id.cert.display(),
-                id.key.display()
-            ),
-            why: e.to_string(),
-        })?;
+        .map_err(|e| id.pair_refused(e))?;
     Ok(Arc::new(config))
 }
 
@@ -228,14 +233,7 @@ pub fn client_config(id: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
         .map_err(refused("the TLS protocol versions"))?
         .with_root_certificates(id.roots()?)
         .with_client_auth_cert(id.certs()?, id.private_key()?)
-        .map_err(|e| TlsError::Refused {
-            what: format!(
-                "the certificate {} with the key {}",
-                id.cert.display(),
-                id.key.display()
-            ),
-            why: e.to_string(),
-        })?;
+        .map_err(|e| id.pair_refused(e))?;
     Ok(Arc::new(config))
 }
 

@@ -15,16 +15,11 @@ use crate::output::print;
 pub(crate) fn phase(o: &Object) -> String {
     // A VM lost with its node shows so (as kubectl shows a Pod's reason,
     // `NodeLost`, in its STATUS column); its phase stays as last reported.
-    let lost = o
-        .status
-        .as_ref()
-        .and_then(|s| s.get("conditions"))
-        .and_then(|c| c.as_array())
-        .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["type"] == "Ready" && c["reason"] == "NodeLost")
-        });
-    if o.kind == vmctl_api::Kind::VirtualMachine && lost {
+    if o.kind == vmctl_api::Kind::VirtualMachine
+        && super::wait::conditions(o)
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == "NodeLost")
+    {
         return "NodeLost".into();
     }
     o.status

@@ -32,7 +32,9 @@ pub(crate) enum State {
 /// unless the spec changes again: waiting longer cannot help.
 const REFUSED_CHANGES: &[&str] = &["DiskShrinkRefused"];
 
-fn conditions(o: &Object) -> Vec<vmctl_api::Condition> {
+/// `o`'s status conditions (none when it has no status or they do not
+/// parse).
+pub(crate) fn conditions(o: &Object) -> Vec<vmctl_api::Condition> {
     o.status
         .as_ref()
         .and_then(|s| s.get("conditions"))
@@ -257,13 +259,9 @@ pub(crate) fn state(o: &Object) -> State {
     }
     // In a cluster, a VM not placed yet says why (the scheduler's
     // `Scheduled=False`, e.g. Unschedulable: 0/3 nodes available: …).
-    if let Some(c) = st
-        .and_then(|s| s.get("conditions"))
-        .and_then(|c| serde_json::from_value::<Vec<vmctl_api::Condition>>(c.clone()).ok())
-        .and_then(|cs| {
-            cs.into_iter()
-                .find(|c| c.type_ == "Scheduled" && c.status == vmctl_api::ConditionStatus::False)
-        })
+    if let Some(c) = conditions(o)
+        .into_iter()
+        .find(|c| c.type_ == "Scheduled" && c.status == vmctl_api::ConditionStatus::False)
         && st.and_then(|s| s.get("nodeName")).is_none()
     {
         return State::Progressing(format!("{phase} ({})", reason_message(&c)));
